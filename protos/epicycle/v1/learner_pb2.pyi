@@ -1,0 +1,148 @@
+from protos.epicycle.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PredictRequest(_message.Message):
+    __slots__ = ("structure", "compute_stress", "atom_indices", "sequence")
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_STRESS_FIELD_NUMBER: _ClassVar[int]
+    ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    structure: _common_pb2.Structure
+    compute_stress: bool
+    atom_indices: _containers.RepeatedScalarFieldContainer[int]
+    sequence: int
+    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., compute_stress: _Optional[bool] = ..., atom_indices: _Optional[_Iterable[int]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("prediction", "sequence")
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    prediction: _common_pb2.Prediction
+    sequence: int
+    def __init__(self, prediction: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class AddDataRequest(_message.Message):
+    __slots__ = ("structure", "labels", "atom_indices", "use_energy", "use_stress", "train")
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
+    USE_ENERGY_FIELD_NUMBER: _ClassVar[int]
+    USE_STRESS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_FIELD_NUMBER: _ClassVar[int]
+    structure: _common_pb2.Structure
+    labels: _common_pb2.Labels
+    atom_indices: _containers.RepeatedScalarFieldContainer[int]
+    use_energy: bool
+    use_stress: bool
+    train: bool
+    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., labels: _Optional[_Union[_common_pb2.Labels, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ..., use_energy: _Optional[bool] = ..., use_stress: _Optional[bool] = ..., train: _Optional[bool] = ...) -> None: ...
+
+class AddDataResponse(_message.Message):
+    __slots__ = ("model_version", "n_environments", "n_labels")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    N_ENVIRONMENTS_FIELD_NUMBER: _ClassVar[int]
+    N_LABELS_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    n_environments: int
+    n_labels: int
+    def __init__(self, model_version: _Optional[int] = ..., n_environments: _Optional[int] = ..., n_labels: _Optional[int] = ...) -> None: ...
+
+class OptimizeRequest(_message.Message):
+    __slots__ = ("max_iterations", "tolerance")
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    max_iterations: int
+    tolerance: float
+    def __init__(self, max_iterations: _Optional[int] = ..., tolerance: _Optional[float] = ...) -> None: ...
+
+class OptimizeResponse(_message.Message):
+    __slots__ = ("hyperparameters", "log_likelihood", "iterations", "converged", "message", "seconds", "model_version")
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    hyperparameters: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hyperparameter]
+    log_likelihood: float
+    iterations: int
+    converged: bool
+    message: str
+    seconds: float
+    model_version: int
+    def __init__(self, hyperparameters: _Optional[_Iterable[_Union[_common_pb2.Hyperparameter, _Mapping]]] = ..., log_likelihood: _Optional[float] = ..., iterations: _Optional[int] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., seconds: _Optional[float] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_version", "hyperparameters", "noise_std", "n_environments", "n_labels", "species", "cutoff_two_body", "cutoff_three_body", "log_likelihood", "ready")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    N_ENVIRONMENTS_FIELD_NUMBER: _ClassVar[int]
+    N_LABELS_FIELD_NUMBER: _ClassVar[int]
+    SPECIES_FIELD_NUMBER: _ClassVar[int]
+    CUTOFF_TWO_BODY_FIELD_NUMBER: _ClassVar[int]
+    CUTOFF_THREE_BODY_FIELD_NUMBER: _ClassVar[int]
+    LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    hyperparameters: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hyperparameter]
+    noise_std: float
+    n_environments: int
+    n_labels: int
+    species: _containers.RepeatedScalarFieldContainer[int]
+    cutoff_two_body: float
+    cutoff_three_body: float
+    log_likelihood: float
+    ready: bool
+    def __init__(self, model_version: _Optional[int] = ..., hyperparameters: _Optional[_Iterable[_Union[_common_pb2.Hyperparameter, _Mapping]]] = ..., noise_std: _Optional[float] = ..., n_environments: _Optional[int] = ..., n_labels: _Optional[int] = ..., species: _Optional[_Iterable[int]] = ..., cutoff_two_body: _Optional[float] = ..., cutoff_three_body: _Optional[float] = ..., log_likelihood: _Optional[float] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class ExportModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExportModelResponse(_message.Message):
+    __slots__ = ("model", "format", "format_version", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: bytes
+    format: str
+    format_version: int
+    model_version: int
+    def __init__(self, model: _Optional[bytes] = ..., format: _Optional[str] = ..., format_version: _Optional[int] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: bytes
+    def __init__(self, model: _Optional[bytes] = ...) -> None: ...
+
+class MapModelRequest(_message.Message):
+    __slots__ = ("grid_points_two_body", "grid_points_three_body")
+    GRID_POINTS_TWO_BODY_FIELD_NUMBER: _ClassVar[int]
+    GRID_POINTS_THREE_BODY_FIELD_NUMBER: _ClassVar[int]
+    grid_points_two_body: int
+    grid_points_three_body: int
+    def __init__(self, grid_points_two_body: _Optional[int] = ..., grid_points_three_body: _Optional[int] = ...) -> None: ...
+
+class MapModelResponse(_message.Message):
+    __slots__ = ("mapped_model", "format", "model_version")
+    MAPPED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    mapped_model: bytes
+    format: str
+    model_version: int
+    def __init__(self, mapped_model: _Optional[bytes] = ..., format: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...

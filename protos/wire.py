@@ -1,0 +1,184 @@
+"""Conversions between protobuf messages and NumPy / ASE objects.
+
+Arrays cross as raw little-endian bytes (:class:`Array`), so encoding and
+decoding a 10,000-atom structure costs a few memory copies, not a Python loop.
+Every decoder checks dtype, shape and byte length and raises
+:class:`protos.errors.InvalidInput` naming the field, so servicers can hand
+client data straight to these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from ase import Atoms
+
+from protos.epicycle.v1 import common_pb2 as pb
+from protos.errors import InvalidInput
+
+# Velocities cross the wire in Å/fs; ASE stores them in Å/(ASE time unit).
+from ase import units as _units
+
+ASE_VELOCITY_PER_A_FS = 1.0 / _units.fs  # multiply Å/fs by this to get ASE units
+A_FS_PER_ASE_VELOCITY = _units.fs
+
+_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT64: np.dtype("<f8"),
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_BOOL: np.dtype("?"),
+}
+_CODES: dict[np.dtype, int] = {v: k for k, v in _DTYPES.items()}
+
+
+def encode_array(values: Any, dtype: str | np.dtype = "<f8", out: pb.Array | None = None) -> pb.Array:
+    """Encode an array-like as an :class:`Array` message of the given dtype."""
+    dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).kind != "b" else np.dtype("?")
+    arr = np.ascontiguousarray(values, dtype=dt)
+    msg = out if out is not None else pb.Array()
+    msg.dtype = _CODES[dt]
+    msg.shape[:] = arr.shape
+    msg.data = arr.tobytes()
+    return msg
+
+
+def decode_array(
+    msg: pb.Array,
+    name: str,
+    shape: Sequence[int | None] | None = None,
+    dtype: str | np.dtype | None = None,
+    writable: bool = False,
+) -> np.ndarray:
+    """Decode an :class:`Array`, checking its byte length and (optionally) shape.
+
+    ``shape`` may contain ``None`` for "any length" along that axis.  With
+    ``dtype`` the result is converted (e.g. float32 on the wire -> float64).
+    The returned array is read-only (a view on the message bytes) unless
+    ``writable`` is true.
+    """
+    try:
+        wire_dtype = _DTYPES[msg.dtype]
+    except KeyError:
+        raise InvalidInput(f"{name}: unknown or unspecified dtype code {msg.dtype}") from None
+    dims = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in dims):
+        raise InvalidInput(f"{name}: negative dimension in shape {dims}")
+    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    if len(msg.data) != count * wire_dtype.itemsize:
+        raise InvalidInput(
+            f"{name}: {len(msg.data)} bytes do not match shape {dims} of {wire_dtype.name} "
+            f"({count * wire_dtype.itemsize} bytes expected)"
+        )
+    if shape is not None:
+        if len(dims) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dims)):
+            want = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ")"
+            raise InvalidInput(f"{name}: expected shape {want}, got {dims}")
+    arr = np.frombuffer(msg.data, dtype=wire_dtype).reshape(dims)
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        arr = arr.astype(dtype)
+    elif writable:
+        arr = arr.copy()
+    if dtype is not None and arr.dtype == np.dtype(dtype) and writable and not arr.flags.writeable:
+        arr = arr.copy()
+    return arr
+
+
+def has_array(msg: Any, field: str) -> bool:
+    return msg.HasField(field) and len(getattr(msg, field).shape) > 0
+
+
+# --------------------------------------------------------------------------- structures
+
+
+def structure_to_proto(atoms: Atoms, out: pb.Structure | None = None, velocities: bool = True) -> pb.Structure:
+    """Encode ``atoms``: positions Å, numbers, cell Å, pbc, velocities Å/fs (if any)."""
+    msg = out if out is not None else pb.Structure()
+    encode_array(atoms.positions, "<f8", msg.positions)
+    encode_array(atoms.numbers, "<i4", msg.numbers)
+    encode_array(atoms.cell.array, "<f8", msg.cell)
+    msg.pbc[:] = [bool(p) for p in atoms.pbc]
+    if velocities and atoms.has("momenta"):
+        encode_array(atoms.get_velocities() * A_FS_PER_ASE_VELOCITY, "<f8", msg.velocities)
+    if atoms.has("masses"):
+        encode_array(atoms.get_masses(), "<f8", msg.masses)
+    return msg
+
+
+def structure_from_proto(msg: pb.Structure, name: str = "structure") -> Atoms:
+    """Decode a :class:`Structure` into ASE ``Atoms``, checking every shape.
+
+    Raises :class:`InvalidInput` for missing positions/numbers, inconsistent
+    lengths or a wrong cell/pbc shape.  Values (NaN, overlapping atoms,
+    singular cell) are the service's validator's job.
+    """
+    if not has_array(msg, "positions"):
+        raise InvalidInput(f"{name}.positions is missing")
+    if not has_array(msg, "numbers"):
+        raise InvalidInput(f"{name}.numbers is missing")
+    positions = decode_array(msg.positions, f"{name}.positions", (None, 3), "<f8")
+    numbers = decode_array(msg.numbers, f"{name}.numbers", (None,), "<i8")
+    n = len(numbers)
+    if len(positions) != n:
+        raise InvalidInput(f"{name}: {len(positions)} positions but {n} atomic numbers")
+    if has_array(msg, "cell"):
+        cell = decode_array(msg.cell, f"{name}.cell", (3, 3), "<f8")
+    else:
+        cell = np.zeros((3, 3))
+    if len(msg.pbc) not in (0, 3):
+        raise InvalidInput(f"{name}.pbc must have 3 flags (or none), got {len(msg.pbc)}")
+    pbc = list(msg.pbc) if len(msg.pbc) == 3 else [False, False, False]
+    atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
+    if has_array(msg, "masses"):
+        masses = decode_array(msg.masses, f"{name}.masses", (n,), "<f8")
+        atoms.set_masses(masses)
+    if has_array(msg, "velocities"):
+        vel = decode_array(msg.velocities, f"{name}.velocities", (n, 3), "<f8")
+        atoms.set_velocities(vel * ASE_VELOCITY_PER_A_FS)
+    if msg.info:
+        atoms.info.update(dict(msg.info))
+    return atoms
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def labels_to_proto(
+    energy: float | None = None,
+    forces: np.ndarray | None = None,
+    stress: np.ndarray | None = None,
+    out: pb.Labels | None = None,
+) -> pb.Labels:
+    msg = out if out is not None else pb.Labels()
+    if energy is not None:
+        msg.energy = float(energy)
+    if forces is not None:
+        encode_array(forces, "<f8", msg.forces)
+    if stress is not None:
+        encode_array(stress, "<f8", msg.stress)
+    return msg
+
+
+def labels_from_proto(
+    msg: pb.Labels, n_atoms: int | None = None, name: str = "labels"
+) -> tuple[float | None, np.ndarray | None, np.ndarray | None]:
+    """Decode labels to ``(energy eV, forces (n,3) eV/Å, stress (6,) eV/Å³)``; absent -> None."""
+    energy = msg.energy if msg.HasField("energy") else None
+    forces = (
+        decode_array(msg.forces, f"{name}.forces", (n_atoms, 3), "<f8") if has_array(msg, "forces") else None
+    )
+    stress = decode_array(msg.stress, f"{name}.stress", (6,), "<f8") if has_array(msg, "stress") else None
+    return energy, forces, stress
+
+
+def check_finite(name: str, values: np.ndarray | float | None) -> None:
+    """Raise :class:`InvalidInput` if ``values`` contains NaN or inf (naming the first bad index)."""
+    if values is None:
+        return
+    arr = np.asarray(values)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0]) if arr.ndim else ()
+        where = f" at index {idx}" if idx else ""
+        raise InvalidInput(f"{name} contains a non-finite value ({arr[idx] if idx else arr}){where}")
