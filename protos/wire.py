@@ -36,7 +36,9 @@ _CODES: dict[np.dtype, int] = {v: k for k, v in _DTYPES.items()}
 def encode_array(values: Any, dtype: str | np.dtype = "<f8", out: pb.Array | None = None) -> pb.Array:
     """Encode an array-like as an :class:`Array` message of the given dtype."""
     dt = np.dtype(dtype).newbyteorder("<") if np.dtype(dtype).kind != "b" else np.dtype("?")
-    arr = np.ascontiguousarray(values, dtype=dt)
+    arr = np.asarray(values, dtype=dt)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
     msg = out if out is not None else pb.Array()
     msg.dtype = _CODES[dt]
     msg.shape[:] = arr.shape

@@ -1,0 +1,108 @@
+"""Encoding of arrays, structures and labels on the wire."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+
+from protos import wire
+from protos.epicycle.v1 import common_pb2 as pb
+from protos.errors import InvalidInput
+
+
+@pytest.mark.parametrize("dtype", ["<f8", "<f4", "<i4", "<i8", "?"])
+def test_array_round_trip_every_dtype(dtype: str) -> None:
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(7, 3)) * 10
+    if dtype == "?":
+        values = values > 0
+    arr = np.asarray(values, dtype=dtype)
+    msg = pb.Array.FromString(wire.encode_array(arr, dtype).SerializeToString())
+    back = wire.decode_array(msg, "x", (7, 3))
+    assert back.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_scalar_and_empty_arrays() -> None:
+    empty = wire.decode_array(wire.encode_array(np.zeros((0, 3))), "e", (None, 3))
+    assert empty.shape == (0, 3)
+    scalar = wire.decode_array(wire.encode_array(np.float64(2.5)), "s", ())
+    assert scalar.shape == () and float(scalar) == 2.5
+
+
+def test_structure_round_trip_is_exact() -> None:
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=1)
+    rng = np.random.default_rng(1)
+    atoms.set_velocities(rng.normal(size=(len(atoms), 3)) * 0.01)
+    atoms.pbc = [True, True, False]
+    data = wire.structure_to_proto(atoms).SerializeToString()
+    back = wire.structure_from_proto(pb.Structure.FromString(data))
+    np.testing.assert_array_equal(back.positions, atoms.positions)
+    np.testing.assert_array_equal(back.numbers, atoms.numbers)
+    np.testing.assert_array_equal(back.cell.array, atoms.cell.array)
+    assert list(back.pbc) == [True, True, False]
+    # velocities cross in Å/fs: one multiplication each way, exact to rounding
+    np.testing.assert_allclose(back.get_velocities(), atoms.get_velocities(), rtol=1e-14, atol=0)
+
+
+def test_velocities_are_angstrom_per_fs_on_the_wire() -> None:
+    from ase import units
+
+    atoms = Atoms("H", positions=[[0, 0, 0]])
+    atoms.set_velocities([[1.0 / units.fs, 0, 0]])  # 1 Å/fs in ASE units
+    msg = wire.structure_to_proto(atoms)
+    v = wire.decode_array(msg.velocities, "v", (1, 3))
+    np.testing.assert_allclose(v, [[1.0, 0, 0]], rtol=1e-14)
+
+
+def test_molecule_without_cell_round_trips() -> None:
+    atoms = molecule("H2O")
+    back = wire.structure_from_proto(wire.structure_to_proto(atoms))
+    assert not back.pbc.any()
+    np.testing.assert_array_equal(back.positions, atoms.positions)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda m: m.ClearField("positions"), "positions is missing"),
+        (lambda m: m.ClearField("numbers"), "numbers is missing"),
+        (lambda m: m.positions.shape.__setitem__(slice(None), [5, 3]), "bytes do not match shape"),
+        (lambda m: wire.encode_array(np.zeros((4, 2)), out=m.positions), "expected shape (n, 3)"),
+        (lambda m: wire.encode_array(np.zeros((3, 3)), out=m.positions), "3 positions but 4 atomic numbers"),
+        (lambda m: wire.encode_array(np.zeros((2, 3)), out=m.cell), "cell: expected shape (3, 3)"),
+        (lambda m: m.pbc.extend([True]), "pbc must have 3 flags"),
+        (lambda m: setattr(m.positions, "dtype", 0), "unknown or unspecified dtype"),
+        (lambda m: wire.encode_array(np.zeros((2, 3)), out=m.velocities), "velocities: expected shape (4, 3)"),
+    ],
+)
+def test_malformed_structures_are_rejected_with_a_named_field(mutate, message: str) -> None:
+    msg = wire.structure_to_proto(bulk("Al", "fcc", a=4.05, cubic=True))
+    mutate(msg)
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
+        wire.structure_from_proto(msg)
+
+
+def test_labels_round_trip_and_shape_check() -> None:
+    forces = np.arange(12.0).reshape(4, 3)
+    stress = np.linspace(-1, 1, 6)
+    msg = pb.Labels.FromString(wire.labels_to_proto(-3.5, forces, stress).SerializeToString())
+    e, f, s = wire.labels_from_proto(msg, 4)
+    assert e == -3.5
+    np.testing.assert_array_equal(f, forces)
+    np.testing.assert_array_equal(s, stress)
+    with pytest.raises(InvalidInput, match="labels.forces: expected shape"):
+        wire.labels_from_proto(msg, 5)
+    e, f, s = wire.labels_from_proto(pb.Labels(), 4)
+    assert e is None and f is None and s is None
+
+
+def test_check_finite_names_the_first_bad_index() -> None:
+    arr = np.zeros((3, 3))
+    arr[2, 1] = np.nan
+    with pytest.raises(InvalidInput, match=r"positions contains a non-finite value .* at index \(2, 1\)"):
+        wire.check_finite("positions", arr)
+    wire.check_finite("ok", np.ones(3))
