@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Run the reference classic GP of FLARE (mir-flare 0.2.4) on a problem file.
+
+Usage (under the FLARE venv's python, see setup_flare_env.sh):
+
+    $EPICYCLE_FLARE_PYTHON benchmarks/flare_reference/run_flare.py PROBLEM.npz RESULT.npz
+
+Standalone on purpose: imports only numpy and flare (never Epicycle packages), so it runs in
+the Python 3.9 / numpy 1.20 environment that mir-flare 0.2.4 needs. The problem / result
+formats are documented in README.md next to this file.
+
+FLARE objects used (default 2+3-body multi-element "mc_simple" kernel, no hyps_mask):
+    GaussianProcess(kernels=["twobody", "threebody"], hyps, cutoffs={"twobody", "threebody"})
+    gp.update_db(Structure, forces, custom_range=train_atoms)
+    gp.set_L_alpha()                                      -> covariance build + factorisation
+    flare.gp_algebra.get_neg_like_grad(hyps, ...)         -> -lml, -grad at the given hyps
+    gp.predict_force_xyz(AtomicEnvironment)               -> mean force, epistemic variance
+    gp.predict_local_energy(AtomicEnvironment)            -> local energy
+    gp.train()                                            -> L-BFGS-B optimisation (optional)
+"""
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+# FLARE logs every likelihood evaluation at INFO on the root logger and writes
+# log.gp_algebra into the working directory during train(); keep both quiet/out of the way.
+logging.disable(logging.INFO)
+
+from flare import gp_algebra  # noqa: E402
+from flare.env import AtomicEnvironment  # noqa: E402
+from flare.gp import GaussianProcess  # noqa: E402
+from flare.struc import Structure  # noqa: E402
+
+
+def _flag(problem, name, default):
+    if name in problem.files:
+        value = problem[name]
+        return value.item() if np.ndim(value) == 0 else value
+    return default
+
+
+def _median_time(fn, repeats):
+    times = []
+    out = None
+    for _ in range(max(1, int(repeats))):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), times, out
+
+
+def _versions():
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["mir-flare"] = version("mir-flare")
+        out["numba"] = version("numba")
+        out["scipy"] = version("scipy")
+    except Exception:  # pragma: no cover - informational only
+        pass
+    return out
+
+
+def build_gp(problem, hyps, maxiter):
+    cutoffs = np.asarray(problem["cutoffs"], dtype=float)
+    gp = GaussianProcess(
+        kernels=["twobody", "threebody"],
+        component="mc",
+        hyps=np.array(hyps, dtype=float),
+        cutoffs={"twobody": float(cutoffs[0]), "threebody": float(cutoffs[1])},
+        hyp_labels=["sig2", "ls2", "sig3", "ls3", "noise"],
+        opt_algorithm="L-BFGS-B",
+        maxiter=int(maxiter),
+        parallel=False,
+        n_cpus=1,
+        name="epicycle_reference_gp",
+    )
+    n_train = int(problem["n_train"])
+    for k in range(n_train):
+        atoms = [int(a) for a in np.asarray(problem["train_atoms_%d" % k]).ravel()]
+        if not atoms:  # FLARE treats an empty custom_range as "all atoms"
+            continue
+        struc = Structure(
+            cell=np.asarray(problem["train_cell_%d" % k], dtype=float),
+            species=[int(z) for z in problem["train_numbers_%d" % k]],
+            positions=np.asarray(problem["train_positions_%d" % k], dtype=float),
+        )
+        forces = np.asarray(problem["train_forces_%d" % k], dtype=float)
+        gp.update_db(struc, forces, custom_range=atoms)
+    return gp
+
+
+def test_structures(problem):
+    out = []
+    for k in range(int(_flag(problem, "n_test", 0))):
+        out.append(
+            Structure(
+                cell=np.asarray(problem["test_cell_%d" % k], dtype=float),
+                species=[int(z) for z in problem["test_numbers_%d" % k]],
+                positions=np.asarray(problem["test_positions_%d" % k], dtype=float),
+            )
+        )
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("problem")
+    ap.add_argument("result")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    def log(msg):
+        if not args.quiet:
+            print("[run_flare] " + msg, file=sys.stderr, flush=True)
+
+    problem = np.load(args.problem, allow_pickle=False)
+    hyps = np.asarray(problem["hyps"], dtype=float)
+    if hyps.shape != (5,):
+        raise SystemExit("hyps must have shape (5,): sig2, ls2, sig3, ls3, noise")
+    repeats = int(_flag(problem, "repeats", 1))
+    predict_repeats = int(_flag(problem, "predict_repeats", 1))
+    do_lml = bool(_flag(problem, "compute_lml", 1))
+    do_predict = bool(_flag(problem, "compute_predictions", 1))
+    do_local_energies = bool(_flag(problem, "compute_local_energies", 1))
+    do_optimize = bool(_flag(problem, "optimize", 0))
+    maxiter = int(_flag(problem, "maxiter", 10))
+    max_predict_atoms = int(_flag(problem, "max_predict_atoms", -1))
+
+    result = {}
+    timings = {}
+
+    t0 = time.perf_counter()
+    gp = build_gp(problem, hyps, maxiter)
+    timings["t_build_envs"] = time.perf_counter() - t0
+    n_envs = len(gp.training_data)
+    if n_envs == 0:
+        raise SystemExit("problem has no training environments")
+    log("%d training environments, %d labels" % (n_envs, 3 * n_envs))
+    result["n_train_envs"] = np.array(n_envs)
+    result["hyps"] = hyps.copy()
+    result["cutoffs"] = np.asarray(problem["cutoffs"], dtype=float)
+    result["train_labels"] = np.array(gp.training_labels_np, dtype=float)
+
+    # Numba compiles FLARE's kernels on first use (no on-disk cache in 0.2.4): trigger every
+    # kernel used below once on a single pair, outside the timed regions.
+    t0 = time.perf_counter()
+    env0 = gp.training_data[0]
+    args_k = (hyps, [gp.cutoffs["twobody"], gp.cutoffs["threebody"], 0])
+    gp.kernel(env0, env0, 1, 1, *args_k)
+    gp.kernel_grad(env0, env0, 1, 1, *args_k)
+    gp.energy_force_kernel(env0, env0, 1, *args_k)
+    gp.energy_kernel(env0, env0, *args_k)
+    timings["t_jit_warmup"] = time.perf_counter() - t0
+
+    # 1) covariance build (K + sig_n^2 I: get_Ky_mat) and the full set_L_alpha
+    gp.sync_data()
+
+    def cov_build():
+        return gp_algebra.get_Ky_mat(
+            gp.hyps, gp.name, gp.kernel, gp.energy_kernel, gp.energy_force_kernel,
+            gp.energy_noise, cutoffs=gp.cutoffs, hyps_mask=gp.hyps_mask, n_cpus=1,
+            n_sample=gp.n_sample,
+        )
+
+    timings["t_cov_build"], timings["t_cov_build_all"], ky = _median_time(cov_build, repeats)
+    result["ky_mat"] = ky
+    log("covariance build %.3f s" % timings["t_cov_build"])
+    timings["t_set_L_alpha"], timings["t_set_L_alpha_all"], _ = _median_time(gp.set_L_alpha, 1)
+    result["alpha"] = np.array(gp.alpha)
+    result["lml_from_set_L_alpha"] = np.array(gp.likelihood)
+
+    # 2) log marginal likelihood and gradient at the given hyps (force labels only)
+    if do_lml:
+        def like_grad():
+            return gp_algebra.get_neg_like_grad(
+                hyps, gp.name, gp.kernel_grad, None, gp.cutoffs, gp.hyps_mask, 1, gp.n_sample
+            )
+
+        timings["t_lml_grad"], timings["t_lml_grad_all"], (neg_like, neg_grad) = _median_time(
+            like_grad, repeats
+        )
+        result["lml"] = np.array(-float(neg_like))
+        result["lml_grad"] = -np.asarray(neg_grad, dtype=float)
+        log("lml %.10g, likelihood+gradient %.3f s" % (-neg_like, timings["t_lml_grad"]))
+
+    # 3) forces + variances on test frames (per-atom timing includes the environment build,
+    #    exactly like flare.predict.predict_on_structure)
+    if do_predict:
+        strucs = test_structures(problem)
+        result["n_test"] = np.array(len(strucs))
+        per_atom = []
+        for k, struc in enumerate(strucs):
+            nat = struc.nat
+            forces = np.zeros((nat, 3))
+            variances = np.zeros((nat, 3))
+            local_e = np.zeros(nat)
+            for i in range(nat):
+                if 0 <= max_predict_atoms <= len(per_atom):
+                    forces[i] = variances[i] = np.nan
+                    local_e[i] = np.nan
+                    continue
+                reps = []
+                for _ in range(max(1, predict_repeats)):
+                    t0 = time.perf_counter()
+                    env = AtomicEnvironment(struc, i, gp.cutoffs, cutoffs_mask=gp.hyps_mask)
+                    f, v = gp.predict_force_xyz(env)
+                    reps.append(time.perf_counter() - t0)
+                per_atom.append(float(np.median(reps)))
+                forces[i] = f
+                variances[i] = v
+                if do_local_energies:
+                    local_e[i] = gp.predict_local_energy(env)
+            result["pred_forces_%d" % k] = forces
+            result["pred_vars_%d" % k] = variances
+            result["pred_stds_%d" % k] = np.sqrt(np.abs(variances))
+            if do_local_energies:
+                result["local_energies_%d" % k] = local_e
+        if per_atom:
+            timings["t_predict_per_atom"] = float(np.median(per_atom))
+            timings["t_predict_per_atom_all"] = per_atom
+            log("forces+variance %.4f s per atom (median of %d atoms)"
+                % (timings["t_predict_per_atom"], len(per_atom)))
+
+    # 4) optional full hyperparameter optimisation (FLARE's own gp.train(): L-BFGS-B)
+    if do_optimize:
+        cwd = os.getcwd()
+        os.chdir(os.path.dirname(os.path.abspath(args.result)) or ".")  # log.gp_algebra
+        try:
+            t0 = time.perf_counter()
+            res = gp.train()
+            timings["t_optimize"] = time.perf_counter() - t0
+        finally:
+            os.chdir(cwd)
+        result["opt_hyps"] = np.asarray(gp.hyps, dtype=float)
+        result["opt_lml"] = np.array(float(gp.likelihood))
+        result["opt_lml_grad"] = np.asarray(gp.likelihood_gradient, dtype=float)
+        result["opt_nit"] = np.array(int(getattr(res, "nit", -1)))
+        result["opt_nfev"] = np.array(int(getattr(res, "nfev", -1)))
+        result["opt_message"] = np.array(str(getattr(res, "message", "")))
+        log("optimisation %.2f s, nit=%s nfev=%s, hyps=%s"
+            % (timings["t_optimize"], res.nit, res.nfev, list(gp.hyps)))
+
+    for key, value in timings.items():
+        result[key] = np.asarray(value, dtype=float)
+    result["versions_json"] = np.array(json.dumps(_versions()))
+    tmp = args.result + ".tmp.npz"
+    np.savez(tmp, **result)
+    os.replace(tmp, args.result)
+    log("wrote " + args.result)
+
+
+if __name__ == "__main__":
+    main()
