@@ -26,7 +26,7 @@ class OracleMetrics:
         yield calls
         seconds = CounterMetricFamily("epicycle_oracle_compute_seconds",
                                       "Wall time spent in backend calculations, seconds.", labels=["backend"])
-        seconds.add_metric([backend], float(stats.get("compute_seconds", 0.0)))
+        seconds.add_metric([backend], float(stats.get("compute_seconds_total", 0.0)))
         yield seconds
         for name, key, help_text in (
             ("epicycle_oracle_in_flight", "in_flight", "Calculations running now."),

@@ -40,17 +40,16 @@ class OracleServiceConfig:
 
 
 def build_label_service(config: OracleServiceConfig, registry: CollectorRegistry | None = None):
-    from oracle_service.core import LabelService
+    from oracle_service.core import LabelService, ServiceConfig
     from oracle_service.validation import Limits
 
     oracle = create_oracle(config.backend, **dict(config.settings))
-    return LabelService(
-        oracle,
-        limits=Limits(min_distance=config.min_distance, max_atoms=config.max_atoms),
+    return LabelService(oracle, ServiceConfig(
         workers=config.workers,
         queue_limit=config.queue_limit,
         cache_size=config.cache_size,
-    )
+        limits=Limits(min_distance=config.min_distance, max_atoms=config.max_atoms),
+    ))
 
 
 def start_oracle_server(config: OracleServiceConfig, registry: CollectorRegistry | None = None) -> RunningServer:

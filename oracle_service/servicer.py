@@ -21,7 +21,11 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):
 
     def Label(self, request: oracle_pb2.LabelRequest, context) -> oracle_pb2.LabelResponse:
         atoms = wire.structure_from_proto(request.structure)
-        outcome = self._service.label(atoms, tuple(request.properties))
+        outcome = self._service.label(
+            atoms, tuple(request.properties),
+            timeout=context.time_remaining(),  # never wait past the caller's deadline
+            cancelled=lambda: not context.is_active(),
+        )
         reply = oracle_pb2.LabelResponse(
             backend=self._service.oracle.name,
             structure_hash=outcome.structure_hash,
