@@ -1,0 +1,224 @@
+"""Opt-in cross-check of our GP against the reference implementation, mir-flare 0.2.4.
+
+Not a hidden skip: this runs only when the FLARE reference environment is configured, because
+FLARE 0.2.4 needs Python 3.9 / numpy <= 1.20.3 and therefore lives in its own venv:
+
+    benchmarks/flare_reference/setup_flare_env.sh            # once; prints the python path
+    export EPICYCLE_FLARE_PYTHON=$PWD/.flare-ref/venv/bin/python
+    .venv/bin/python -m pytest -m flare_reference tests/learner/test_flare_crosscheck.py -v
+
+Each case builds a problem with our data generator, runs the real FLARE GP through
+benchmarks/flare_reference/run_flare.py (subprocess, FLARE venv), runs our GP on the same
+problem at the same fixed hyperparameters, and requires agreement to 1e-6 relative in
+  * predicted forces,
+  * predicted epistemic variances (noise excluded; FLARE's gp.predict_force_xyz),
+  * log marginal likelihood and its gradient w.r.t. (sig2, ls2, sig3, ls3, noise).
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HARNESS = REPO / "benchmarks" / "flare_reference"
+ENV_VAR = "EPICYCLE_FLARE_PYTHON"
+FLARE_PYTHON = os.environ.get(ENV_VAR, "").strip()
+
+pytestmark = [
+    pytest.mark.flare_reference,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not FLARE_PYTHON,
+        reason=f"opt-in FLARE 0.2.4 cross-check: set {ENV_VAR} to the FLARE venv python "
+        "(run benchmarks/flare_reference/setup_flare_env.sh; see its README)",
+    ),
+]
+
+RTOL = 1e-6
+R2, R3 = 6.0, 4.0
+# Fixed hyperparameters of the comparison (order: sig2, ls2, sig3, ls3, noise). sig2/ls2 are
+# close to what FLARE's own optimiser reaches on the Al case (0.197, 0.975); sig3 is set well
+# above its optimum (~1e-4, EMT Al is nearly pairwise) so that the 3-body kernel carries
+# ~20 % of the covariance and its conventions are really tested; the noise is the one FLARE
+# would use with a less converged data set (better conditioned K).
+HYPS = {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04}
+
+
+def _load_harness():
+    spec = importlib.util.spec_from_file_location("flare_problem", HARNESS / "flare_problem.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("flare_problem", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fp = _load_harness()
+
+
+def _gp_class():
+    try:
+        from learner_service.gp import GaussianProcess
+    except ImportError as exc:  # opted in, so a missing GP is a failure, not a skip
+        pytest.fail(f"learner_service.gp.GaussianProcess is not importable: {exc}")
+    return GaussianProcess
+
+
+# ------------------------------------------------------------------------------------------
+# Cases
+# ------------------------------------------------------------------------------------------
+
+def _frames(pairs, per_frame, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for atoms, forces in pairs:
+        idx = sorted(rng.choice(len(atoms), size=min(per_frame, len(atoms)), replace=False))
+        out.append(fp.Frame.from_atoms(atoms, forces, [int(i) for i in idx]))
+    return out
+
+
+def case_al_single():
+    """The issue's system: perturbed 32-atom FCC Al (a = 4.05 Å, ±5 % of a), EMT labels."""
+    data = fp.perturbed_fcc_al(3, seed=11)
+    train = _frames(data[:2], per_frame=12, seed=1)
+    test = [fp.Frame.from_atoms(a) for a, _ in data[2:]]
+    return [13], train, test
+
+
+def case_al_cu():
+    """Two species: random 50/50 Al/Cu FCC, a = 3.85 Å, 32 atoms, EMT labels."""
+    data = fp.perturbed_fcc("Al", a=3.85, reps=(2, 2, 2), n_frames=3, seed=12, other="Cu")
+    train = _frames(data[:2], per_frame=12, seed=2)
+    test = [fp.Frame.from_atoms(a) for a, _ in data[2:]]
+    return [13, 29], train, test
+
+
+def case_small_cell():
+    """4-atom cubic Al cell (4.05 Å < r2 = 6 Å, ~ r3): every atom sees several periodic images
+    of every atom, itself included, in both the 2- and the 3-body environments."""
+    data = fp.perturbed_fcc("Al", a=4.05, reps=(1, 1, 1), n_frames=8, seed=13)
+    train = _frames(data[:6], per_frame=4, seed=3)
+    test = [fp.Frame.from_atoms(a) for a, _ in data[6:]]
+    return [13], train, test
+
+
+def case_small_cell_two_species():
+    """8-atom Al/Cu cell (1x1x2 conventional, a = 3.85 Å): images and two species together."""
+    data = fp.perturbed_fcc("Al", a=3.85, reps=(1, 1, 2), n_frames=5, seed=14, other="Cu")
+    train = _frames(data[:4], per_frame=5, seed=4)
+    test = [fp.Frame.from_atoms(a) for a, _ in data[4:]]
+    return [13, 29], train, test
+
+
+CASES = {
+    "al_single_species": case_al_single,
+    "al_cu_two_species": case_al_cu,
+    "al_small_cell_images": case_small_cell,
+    "alcu_small_cell_images": case_small_cell_two_species,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Running both sides
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    name = request.param
+    species, train, test = CASES[name]()
+    work = tmp_path_factory.mktemp(f"flare_{name}")
+    problem = fp.write_problem(work / "problem.npz", (R2, R3), HYPS, species, train, test,
+                               compute_local_energies=0)
+    ref = fp.run_flare(problem, work / "result.npz", python=FLARE_PYTHON, timeout=1800)
+    ours = _run_ours(species, train, test)
+    return name, ref, ours
+
+
+def _call(fn, *args, **kwargs):
+    """Call fn with only the keyword arguments it accepts."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+def _run_ours(species, train, test):
+    GaussianProcess = _gp_class()
+    gp = GaussianProcess(species=species, cutoffs=(R2, R3), hyperparameters=dict(HYPS))
+    for fr in train:
+        gp.add_structure(fr.to_atoms(), forces=fr.forces, atom_indices=list(fr.atoms))
+    # Fixed hyperparameters: factorise only, never optimise here.
+    _call(gp.train, optimize=False)
+    out = {"n_envs": sum(len(fr.atoms) for fr in train)}
+    for k, fr in enumerate(test):
+        p = gp.predict(fr.to_atoms())
+        out[f"forces_{k}"] = np.asarray(p.forces, dtype=float)
+        var = getattr(p, "force_var", None)
+        if var is None:
+            var = np.asarray(p.force_std, dtype=float) ** 2
+        out[f"vars_{k}"] = np.asarray(var, dtype=float)
+        out[f"stds_{k}"] = np.asarray(p.force_std, dtype=float)
+    lml, grad = gp.log_likelihood(gradient=True)
+    out["lml"] = float(lml)
+    grad = np.asarray([grad[k] for k in fp.HYP_NAMES] if isinstance(grad, dict) else grad,
+                      dtype=float)
+    out["lml_grad"] = grad
+    return out
+
+
+def _assert_close(name, ours, ref, rtol=RTOL):
+    """Element-wise |ours - ref| <= rtol * max(|ref|, scale) with scale = max|ref| of the array
+    (a relative criterion that does not blow up on components that happen to be ~0)."""
+    ours = np.asarray(ours, dtype=float)
+    ref = np.asarray(ref, dtype=float)
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} vs FLARE {ref.shape}"
+    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    err = np.abs(ours - ref)
+    denom = np.maximum(np.abs(ref), scale)
+    worst = float(np.max(err / np.where(denom > 0, denom, 1.0))) if ref.size else 0.0
+    if not worst <= rtol:
+        i = np.unravel_index(int(np.argmax(err / np.where(denom > 0, denom, 1.0))), ref.shape)
+        pytest.fail(f"{name}: max relative deviation {worst:.3e} > {rtol:.0e} at {i}: "
+                    f"ours {ours[i]!r} vs FLARE {ref[i]!r}")
+    return worst
+
+
+# ------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------
+
+def test_same_training_set_size(case):
+    name, ref, ours = case
+    assert int(ref["n_train_envs"]) == ours["n_envs"], name
+
+
+def test_forces_match_flare(case):
+    name, ref, ours = case
+    for k in range(int(ref["n_test"])):
+        _assert_close(f"{name} forces[{k}]", ours[f"forces_{k}"], ref[f"pred_forces_{k}"])
+
+
+def test_variances_match_flare(case):
+    """FLARE: var = k(x,x) - k^T (K + sig_n^2 I)^-1 k, noise excluded; std = sqrt(|var|)."""
+    name, ref, ours = case
+    for k in range(int(ref["n_test"])):
+        _assert_close(f"{name} variances[{k}]", ours[f"vars_{k}"], ref[f"pred_vars_{k}"])
+        _assert_close(f"{name} stds[{k}]", ours[f"stds_{k}"], ref[f"pred_stds_{k}"])
+
+
+def test_log_likelihood_matches_flare(case):
+    name, ref, ours = case
+    _assert_close(f"{name} lml", ours["lml"], float(ref["lml"]))
+
+
+def test_log_likelihood_gradient_matches_flare(case):
+    name, ref, ours = case
+    # compare each component on its own scale (sig3 and ls3 gradients are much smaller
+    # than the noise gradient, and they must each agree)
+    for i, hyp in enumerate(fp.HYP_NAMES):
+        _assert_close(f"{name} dlml/d{hyp}", ours["lml_grad"][i], ref["lml_grad"][i])
