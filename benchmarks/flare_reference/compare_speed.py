@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Side-by-side speed comparison: FLARE 0.2.4 (reference) vs our GP, same problems, same run.
+
+    EPICYCLE_FLARE_PYTHON=$PWD/.flare-ref/venv/bin/python \\
+        .venv/bin/python benchmarks/flare_reference/compare_speed.py [--sizes 25 50 100 200]
+
+The problem is the issue's benchmark: perturbed 32-atom FCC Al (a = 4.05 Å, ±5 % of a, seeded),
+EMT labels, r2 = 6 Å, r3 = 4 Å, N training environments taken from ceil(N/32) frames; a fresh
+frame is the test structure. For each N, FLARE runs in a subprocess (run_flare.py, its own venv,
+JIT warm-up excluded) and our GP in this process (after a warm-up on a small problem). Reported
+medians:
+
+  cov      covariance build: FLARE get_Ky_mat (+ factorisation) vs ours train(optimize=False)
+  lml+grad one log marginal likelihood and its gradient from scratch at new hyperparameters
+  predict  forces + σ for one atom (environment build included), median over test atoms
+  optim    (--optimize, sizes <= --optimize-max-envs) full hyperparameter optimisation
+
+FLARE is slow (≈ 21 s / 31 s / 0.22 s at 200 envs on this kind of machine), so its repeats are
+kept small (--flare-repeats, default 1); ours default to 3. Both are stated in the table.
+The machine may be shared: treat single FLARE numbers as ±10 %.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+_spec = importlib.util.spec_from_file_location("flare_problem", HERE / "flare_problem.py")
+fp = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("flare_problem", fp)
+_spec.loader.exec_module(fp)
+
+R2, R3 = 6.0, 4.0
+HYPS = {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04}
+# a second point, so "likelihood + gradient" cannot be served from a cache of the first
+HYPS_LML = {"sig2": 0.21, "ls2": 0.95, "sig3": 0.018, "ls3": 0.8, "noise": 0.035}
+
+
+def _median(fn, repeats):
+    times, out = [], None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
+
+
+def _call(fn, *args, **kwargs):
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# our GP (adapter: keep every API assumption in this block)
+# --------------------------------------------------------------------------------------------
+
+def _ours_build(train, hyps):
+    from learner_service.gp import GaussianProcess
+
+    gp = GaussianProcess(species=[13], cutoffs=(R2, R3), hyperparameters=dict(hyps))
+    for fr in train:
+        gp.add_structure(fr.to_atoms(), forces=fr.forces, atom_indices=list(fr.atoms))
+    return gp
+
+
+def _ours_set_hyps(gp, hyps):
+    if hasattr(gp, "set_hyperparameters"):
+        gp.set_hyperparameters(dict(hyps))
+    else:
+        gp.hyperparameters = dict(hyps)
+
+
+def _ours_lml_grad(gp, hyps):
+    fn = gp.log_likelihood
+    if "hyperparameters" in inspect.signature(fn).parameters:
+        return fn(gradient=True, hyperparameters=dict(hyps))
+    _ours_set_hyps(gp, hyps)
+    return fn(gradient=True)
+
+
+def run_ours(train, test, repeats, optimize, maxiter):
+    out = {}
+    build_t, gp = _median(lambda: _ours_build(train, HYPS), 1)
+    out["build_envs"] = build_t
+    out["cov"], _ = _median(lambda: _call(gp.train, optimize=False), repeats)
+    # likelihood + gradient at a different point than the one factorised above (no caching)
+    out["lml_grad"], _ = _median(lambda: _ours_lml_grad(gp, HYPS_LML), repeats)
+    _ours_set_hyps(gp, HYPS)
+    _call(gp.train, optimize=False)
+    atoms = test[0].to_atoms()
+    t_pred, _ = _median(lambda: gp.predict(atoms), repeats)
+    out["predict"] = t_pred / len(atoms)
+    # single-atom prediction, if the API allows selecting atoms
+    if "atom_indices" in inspect.signature(gp.predict).parameters:
+        out["predict_one"], _ = _median(lambda: gp.predict(atoms, atom_indices=[0]), repeats)
+    if optimize:
+        gp2 = _ours_build(train, HYPS)
+        t0 = time.perf_counter()
+        res = _call(gp2.train, optimize=True, maxiter=maxiter)
+        out["optim"] = time.perf_counter() - t0
+        out["optim_info"] = str(res)[:200] if res is not None else ""
+    return out
+
+
+def warm_up_ours():
+    tr, te = fp.benchmark_problem(4, seed=99)
+    run_ours(tr, te, 1, False, 1)
+
+
+# --------------------------------------------------------------------------------------------
+
+def run_flare(train, test, work, repeats, optimize, maxiter, predict_atoms):
+    problem = fp.write_problem(
+        Path(work) / "problem.npz", (R2, R3), HYPS, [13], train, test,
+        repeats=repeats, compute_local_energies=0, max_predict_atoms=predict_atoms,
+        optimize=int(optimize), maxiter=maxiter,
+    )
+    res = fp.run_flare(problem, Path(work) / "result.npz", timeout=6 * 3600, quiet=False)
+    out = {
+        "build_envs": float(res["t_build_envs"]),
+        "cov_only": float(res["t_cov_build"]),
+        "cov": float(res["t_cov_build"]) + float(res["t_factorize"]),
+        "lml_grad": float(res["t_lml_grad"]),
+        "predict": float(res["t_predict_per_atom"]),
+        "jit": float(res["t_jit_warmup"]),
+    }
+    if optimize:
+        out["optim"] = float(res["t_optimize"])
+        out["optim_info"] = "nit=%d nfev=%d" % (int(res["opt_nit"]), int(res["opt_nfev"]))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100, 200])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flare-repeats", type=int, default=1)
+    ap.add_argument("--ours-repeats", type=int, default=3)
+    ap.add_argument("--predict-atoms", type=int, default=8,
+                    help="FLARE predicts this many test atoms (median per atom); ours predicts "
+                         "the whole 32-atom frame and divides")
+    ap.add_argument("--optimize", action="store_true", help="also time a full optimisation")
+    ap.add_argument("--optimize-max-envs", type=int, default=50)
+    ap.add_argument("--maxiter", type=int, default=10, help="optimiser iterations (FLARE default 10)")
+    ap.add_argument("--skip-flare", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "flare_speed.json"))
+    args = ap.parse_args(argv)
+
+    if not args.skip_flare and not fp.flare_python():
+        sys.exit("set EPICYCLE_FLARE_PYTHON (benchmarks/flare_reference/setup_flare_env.sh)")
+
+    print("warming up our GP (numba)...", file=sys.stderr, flush=True)
+    warm_up_ours()
+
+    rows = []
+    for n in args.sizes:
+        train, test = fp.benchmark_problem(n, seed=args.seed)
+        opt = args.optimize and n <= args.optimize_max_envs
+        print(f"--- {n} environments ---", file=sys.stderr, flush=True)
+        ours = run_ours(train, test, args.ours_repeats, opt, args.maxiter)
+        print("ours:", {k: v for k, v in ours.items()}, file=sys.stderr, flush=True)
+        flare = None
+        if not args.skip_flare:
+            with tempfile.TemporaryDirectory(prefix="flare_speed_") as work:
+                flare = run_flare(train, test, work, args.flare_repeats, opt, args.maxiter,
+                                  args.predict_atoms)
+            print("flare:", flare, file=sys.stderr, flush=True)
+        rows.append({"n_envs": n, "ours": ours, "flare": flare})
+
+    def fmt(v, unit):
+        if v is None:
+            return "—"
+        return f"{v * 1e3:.2f} ms" if unit == "ms" else f"{v:.3f} s"
+
+    cols = [("cov", "s", "covariance build"), ("lml_grad", "s", "lml + gradient"),
+            ("predict", "ms", "forces+σ per atom"), ("optim", "s", "optimisation")]
+    print()
+    print(f"FLARE 0.2.4 vs ours — perturbed FCC Al 32-atom frames, EMT, r2={R2} Å, r3={R3} Å; "
+          f"medians (FLARE repeats={args.flare_repeats}, ours repeats={args.ours_repeats})")
+    header = "| envs | " + " | ".join(f"{title}: FLARE | ours | ratio" for _, _, title in cols) + " |"
+    print(header)
+    print("|" + "---|" * (1 + 3 * len(cols)))
+    for row in rows:
+        cells = [str(row["n_envs"])]
+        for key, unit, _ in cols:
+            f = (row["flare"] or {}).get(key)
+            o = row["ours"].get(key)
+            ratio = f"{f / o:.1f}×" if (f is not None and o) else "—"
+            cells += [fmt(f, unit), fmt(o, unit), ratio]
+        print("| " + " | ".join(cells) + " |")
+    print("\ncovariance build = K + σn²I and its factorisation (FLARE: get_Ky_mat + set_L_alpha's "
+          "Cholesky/inverse; ours: train(optimize=False)).")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
