@@ -28,20 +28,18 @@ class PredictResponse(_message.Message):
     def __init__(self, prediction: _Optional[_Union[_common_pb2.Prediction, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class AddDataRequest(_message.Message):
-    __slots__ = ("structure", "labels", "atom_indices", "use_energy", "use_stress", "train")
+    __slots__ = ("structure", "labels", "atom_indices", "use_energy", "use_stress")
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
     USE_ENERGY_FIELD_NUMBER: _ClassVar[int]
     USE_STRESS_FIELD_NUMBER: _ClassVar[int]
-    TRAIN_FIELD_NUMBER: _ClassVar[int]
     structure: _common_pb2.Structure
     labels: _common_pb2.Labels
     atom_indices: _containers.RepeatedScalarFieldContainer[int]
     use_energy: bool
     use_stress: bool
-    train: bool
-    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., labels: _Optional[_Union[_common_pb2.Labels, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ..., use_energy: _Optional[bool] = ..., use_stress: _Optional[bool] = ..., train: _Optional[bool] = ...) -> None: ...
+    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., labels: _Optional[_Union[_common_pb2.Labels, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ..., use_energy: _Optional[bool] = ..., use_stress: _Optional[bool] = ...) -> None: ...
 
 class AddDataResponse(_message.Message):
     __slots__ = ("model_version", "n_environments", "n_labels")
@@ -128,21 +126,3 @@ class LoadModelRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: bytes
     def __init__(self, model: _Optional[bytes] = ...) -> None: ...
-
-class MapModelRequest(_message.Message):
-    __slots__ = ("grid_points_two_body", "grid_points_three_body")
-    GRID_POINTS_TWO_BODY_FIELD_NUMBER: _ClassVar[int]
-    GRID_POINTS_THREE_BODY_FIELD_NUMBER: _ClassVar[int]
-    grid_points_two_body: int
-    grid_points_three_body: int
-    def __init__(self, grid_points_two_body: _Optional[int] = ..., grid_points_three_body: _Optional[int] = ...) -> None: ...
-
-class MapModelResponse(_message.Message):
-    __slots__ = ("mapped_model", "format", "model_version")
-    MAPPED_MODEL_FIELD_NUMBER: _ClassVar[int]
-    FORMAT_FIELD_NUMBER: _ClassVar[int]
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    mapped_model: bytes
-    format: str
-    model_version: int
-    def __init__(self, mapped_model: _Optional[bytes] = ..., format: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...

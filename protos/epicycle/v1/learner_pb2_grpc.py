@@ -69,11 +69,6 @@ class LearnerStub:
                 request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.LoadModelRequest.SerializeToString,
                 response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.FromString,
                 _registered_method=True)
-        self.MapModel = channel.unary_unary(
-                '/epicycle.v1.Learner/MapModel',
-                request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.MapModelRequest.SerializeToString,
-                response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.MapModelResponse.FromString,
-                _registered_method=True)
 
 
 class LearnerServicer:
@@ -99,6 +94,8 @@ class LearnerServicer:
     def AddData(self, request, context):
         """Add a labelled structure; the environments of `atom_indices` enter the
         training set (with their force components), plus energy/stress if asked.
+        Every change bumps the model version; predictions running meanwhile see
+        the previous model, never a half-updated one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,13 +122,7 @@ class LearnerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def MapModel(self, request, context):
-        """Map the 2- and 3-body parts of the mean to cubic splines.
+        """(Mapping the mean to cubic splines will be added as a new RPC.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,11 +165,6 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.LoadModel,
                     request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.LoadModelRequest.FromString,
                     response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.SerializeToString,
-            ),
-            'MapModel': grpc.unary_unary_rpc_method_handler(
-                    servicer.MapModel,
-                    request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.MapModelRequest.FromString,
-                    response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.MapModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -370,33 +356,6 @@ class Learner:
             '/epicycle.v1.Learner/LoadModel',
             protos_dot_epicycle_dot_v1_dot_learner__pb2.LoadModelRequest.SerializeToString,
             protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def MapModel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/epicycle.v1.Learner/MapModel',
-            protos_dot_epicycle_dot_v1_dot_learner__pb2.MapModelRequest.SerializeToString,
-            protos_dot_epicycle_dot_v1_dot_learner__pb2.MapModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

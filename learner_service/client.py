@@ -1,0 +1,157 @@
+"""Client of the Learner service, including the MD stream."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from ase import Atoms
+
+from protos import wire
+from protos.client import ClientTLS, make_channel, wait_until_serving
+from protos.epicycle.v1 import common_pb2, learner_pb2, learner_pb2_grpc
+from protos.errors import CalculationFailed
+from protos.status import error_from_rpc
+
+
+@dataclass(frozen=True)
+class RemotePrediction:
+    """A prediction received from the learner (units as in the proto)."""
+
+    forces: np.ndarray          # (n, 3) eV/Å
+    force_std: np.ndarray       # (n, 3) eV/Å
+    energy: float | None        # eV
+    stress: np.ndarray | None   # (6,) eV/Å³
+    local_energies: np.ndarray | None
+    noise: float                # σn, eV/Å
+    model_version: int
+
+
+def prediction_from_proto(msg: common_pb2.Prediction, n_atoms: int) -> RemotePrediction:
+    return RemotePrediction(
+        forces=wire.decode_array(msg.forces, "prediction.forces", (n_atoms, 3), "<f8"),
+        force_std=wire.decode_array(msg.force_std, "prediction.force_std", (n_atoms, 3), "<f8"),
+        energy=msg.energy if msg.HasField("energy") else None,
+        stress=wire.decode_array(msg.stress, "prediction.stress", (6,), "<f8") if wire.has_array(msg, "stress") else None,
+        local_energies=(wire.decode_array(msg.local_energies, "prediction.local_energies", (n_atoms,), "<f8")
+                        if wire.has_array(msg, "local_energies") else None),
+        noise=msg.noise_std,
+        model_version=msg.model_version,
+    )
+
+
+class LearnerClient:
+    """Deadlines on every call (``timeout`` for quick RPCs, ``train_timeout`` for updates)."""
+
+    def __init__(self, address: str, tls: ClientTLS | None = None, timeout: float = 60.0,
+                 train_timeout: float = 3600.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.train_timeout = train_timeout
+        self._channel = make_channel(address, tls=tls)
+        self._stub = learner_pb2_grpc.LearnerStub(self._channel)
+
+    def _call(self, method, request, timeout):
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"learner {self.address}") from None
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        wait_until_serving(self._channel, "epicycle.v1.Learner", timeout)
+
+    def predict(self, atoms: Atoms, stress: bool = False) -> RemotePrediction:
+        req = learner_pb2.PredictRequest(compute_stress=stress)
+        wire.structure_to_proto(atoms, out=req.structure, velocities=False)
+        reply = self._call(self._stub.Predict, req, self.timeout)
+        return prediction_from_proto(reply.prediction, len(atoms))
+
+    def add_data(self, atoms: Atoms, forces=None, atom_indices=(), energy=None, stress=None,
+                 use_energy: bool = False, use_stress: bool = False) -> learner_pb2.AddDataResponse:
+        req = learner_pb2.AddDataRequest(atom_indices=[int(i) for i in atom_indices], use_energy=use_energy,
+                                         use_stress=use_stress)
+        wire.structure_to_proto(atoms, out=req.structure, velocities=False)
+        wire.labels_to_proto(energy, forces, stress, out=req.labels)
+        return self._call(self._stub.AddData, req, self.train_timeout)
+
+    def optimize(self, max_iterations: int = 0, tolerance: float = 0.0) -> learner_pb2.OptimizeResponse:
+        req = learner_pb2.OptimizeRequest(max_iterations=max_iterations, tolerance=tolerance)
+        return self._call(self._stub.Optimize, req, self.train_timeout)
+
+    def info(self) -> learner_pb2.ModelInfo:
+        return self._call(self._stub.GetModelInfo, learner_pb2.GetModelInfoRequest(), self.timeout)
+
+    def export_model(self) -> learner_pb2.ExportModelResponse:
+        return self._call(self._stub.ExportModel, learner_pb2.ExportModelRequest(), self.timeout)
+
+    def load_model(self, data: bytes) -> learner_pb2.ModelInfo:
+        return self._call(self._stub.LoadModel, learner_pb2.LoadModelRequest(model=data), self.train_timeout)
+
+    def stream(self, timeout: float | None = None) -> "PredictionStream":
+        return PredictionStream(self._stub, self.address, timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "LearnerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_END = object()
+
+
+class PredictionStream:
+    """One long-lived PredictStream call: send a structure, receive its prediction, in order.
+
+    After the first request only positions (and the cell, if it changes) are
+    sent; numbers and pbc are reused by the server.  ``timeout`` is the deadline
+    of the whole stream (None: no limit — the MD run decides when to stop).
+    """
+
+    def __init__(self, stub, address: str, timeout: float | None = None) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._address = address
+        self._sequence = 0
+        self._sent_static = False
+        self._cell: np.ndarray | None = None
+        self._lock = threading.Lock()
+        self._responses = stub.PredictStream(iter(self._requests.get, _END), timeout=timeout)
+
+    def predict(self, positions: np.ndarray, numbers: np.ndarray, cell: np.ndarray, pbc,
+                stress: bool = False) -> RemotePrediction:
+        with self._lock:
+            self._sequence += 1
+            req = learner_pb2.PredictRequest(compute_stress=stress, sequence=self._sequence)
+            s = req.structure
+            wire.encode_array(positions, "<f8", s.positions)
+            if not self._sent_static:
+                wire.encode_array(numbers, "<i4", s.numbers)
+                s.pbc[:] = [bool(p) for p in pbc]
+                self._sent_static = True
+            if self._cell is None or not np.array_equal(self._cell, cell):
+                wire.encode_array(cell, "<f8", s.cell)
+                self._cell = np.array(cell, copy=True)
+            self._requests.put(req)
+            try:
+                reply = next(self._responses)
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc, f"learner {self._address} (stream)") from None
+            except StopIteration:
+                raise CalculationFailed(f"learner {self._address} closed the prediction stream") from None
+            if reply.sequence != self._sequence:
+                raise CalculationFailed(f"learner stream out of order: sent {self._sequence}, got {reply.sequence}")
+            return prediction_from_proto(reply.prediction, len(positions))
+
+    def close(self) -> None:
+        self._requests.put(_END)
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError:
+            pass

@@ -1,0 +1,171 @@
+"""Build and run a Learner service: GP model store + gRPC plumbing + metrics."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+
+from protos.epicycle.v1 import learner_pb2, learner_pb2_grpc
+from protos.errors import InvalidInput
+from protos.server import RunningServer, ServerConfig, create_server
+
+log = logging.getLogger("epicycle.learner")
+SERVICE_NAME = learner_pb2.DESCRIPTOR.services_by_name["Learner"].full_name
+
+DEFAULT_HYPERPARAMETERS = {"sig2": 1.0, "ls2": 1.0, "sig3": 0.1, "ls3": 1.0, "noise": 0.05}
+
+
+@dataclass(frozen=True)
+class LearnerServiceConfig:
+    """A new empty model (species, cutoffs, hyperparameters) or one loaded from ``model_path``."""
+
+    species: tuple[int, ...] = ()
+    cutoffs: tuple[float, float] = (6.0, 4.0)               # (r2, r3), Å
+    hyperparameters: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_HYPERPARAMETERS))
+    energy_noise: float | None = None                         # eV
+    stress_noise: float | None = None                         # eV/Å³
+    model_path: Path | None = None
+    max_iterations: int = 200                                 # Optimize default
+    warm_up: bool = True                                      # compile kernels before SERVING
+    server: ServerConfig = ServerConfig()
+
+    def __post_init__(self) -> None:
+        if self.model_path is None and not self.species:
+            raise InvalidInput("learner: give the species (atomic numbers) of a new model, or a model_path")
+        if len(self.cutoffs) != 2 or not all(c > 0 for c in self.cutoffs):
+            raise InvalidInput(f"learner cutoffs must be two positive lengths (r2, r3) in Å, got {self.cutoffs}")
+        if self.cutoffs[1] > self.cutoffs[0]:
+            raise InvalidInput(f"learner: the 3-body cutoff {self.cutoffs[1]} Å exceeds the 2-body cutoff "
+                               f"{self.cutoffs[0]} Å")
+
+
+def build_model(config: LearnerServiceConfig):
+    from learner_service.gp import GaussianProcess
+
+    if config.model_path is not None:
+        if not Path(config.model_path).is_file():
+            raise InvalidInput(f"learner model file not found: {config.model_path}")
+        return GaussianProcess.load(config.model_path)
+    return GaussianProcess(species=list(config.species), cutoffs=tuple(config.cutoffs),
+                           hyperparameters=dict(config.hyperparameters),
+                           energy_noise=config.energy_noise, stress_noise=config.stress_noise)
+
+
+def warm_up(gp) -> None:
+    """Run one prediction on a tiny structure of the model's species so the JIT is compiled."""
+    import numpy as np
+    from ase import Atoms
+
+    species = list(gp.species)
+    n = max(3, len(species))
+    rng = np.random.default_rng(0)
+    numbers = [species[i % len(species)] for i in range(n)]
+    r = min(gp.cutoffs) * 0.45
+    positions = rng.uniform(0, 1, size=(n, 3)) * r + 5.0
+    atoms = Atoms(numbers=numbers, positions=positions, cell=np.eye(3) * 10.0 + np.eye(3) * 2 * max(gp.cutoffs),
+                  pbc=True)
+    gp.predict(atoms, stress=True)
+
+
+class LearnerMetrics:
+    """Collector reading the model store at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry, store) -> None:
+        self.store = store
+        registry.register(self)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        gp, version = self.store.snapshot()
+        for name, value, help_text in (
+            ("epicycle_learner_model_version", version, "Version of the served model."),
+            ("epicycle_learner_training_environments", gp.n_environments, "Environments in the training set."),
+            ("epicycle_learner_training_labels", gp.n_labels, "Rows of the covariance matrix."),
+            ("epicycle_learner_noise_ev_per_angstrom", dict(gp.hyperparameters).get("noise", 0.0),
+             "Force noise σn, eV/Å."),
+            ("epicycle_learner_last_update_seconds", self.store.last_update_seconds,
+             "Duration of the last model update (add data / optimise), seconds."),
+        ):
+            g = GaugeMetricFamily(name, help_text)
+            g.add_metric([], float(value))
+            yield g
+        h = GaugeMetricFamily("epicycle_learner_hyperparameter", "Current hyperparameters.", labels=["name"])
+        for k, v in dict(gp.hyperparameters).items():
+            h.add_metric([k], float(v))
+        yield h
+
+
+def start_learner_server(config: LearnerServiceConfig, registry: CollectorRegistry | None = None) -> RunningServer:
+    from learner_service.servicer import LearnerServicer, ModelStore
+
+    registry = registry if registry is not None else CollectorRegistry()
+    gp = build_model(config)
+    store = ModelStore(gp)
+
+    def add(server):
+        learner_pb2_grpc.add_LearnerServicer_to_server(LearnerServicer(store, config.max_iterations), server)
+        return [SERVICE_NAME]
+
+    running = create_server(config.server, add, registry=registry)
+    LearnerMetrics(registry, store)
+    running.model_store = store  # type: ignore[attr-defined]
+    if config.warm_up:
+        warm_up(gp)
+    running.mark_ready()
+    return running
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _species(text: str) -> tuple[int, ...]:
+    from ase.data import atomic_numbers
+
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item.isdigit():
+            out.append(int(item))
+        elif item in atomic_numbers:
+            out.append(atomic_numbers[item])
+        else:
+            raise InvalidInput(f"unknown element {item!r} in --species")
+    return tuple(out)
+
+
+def register_serve_cli(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--species", default="", help="elements of a new model, e.g. Al,Cu (or atomic numbers)")
+    p.add_argument("--cutoffs", default="6.0,4.0", help="2- and 3-body cutoffs, Å (default 6.0,4.0)")
+    p.add_argument("--model", type=Path, help="load this saved model instead of starting empty")
+    p.add_argument("--hyperparameters", default="",
+                   help="sig2,ls2,sig3,ls3,noise (eV, Å, eV, Å, eV/Å) of a new model")
+    p.add_argument("--max-iterations", type=int, default=200, help="default iteration cap of Optimize")
+    p.set_defaults(func=serve_learner)
+
+
+def serve_learner(args: argparse.Namespace) -> int:
+    from protos.server import serve_until_signalled
+
+    cutoffs = tuple(float(c) for c in args.cutoffs.split(","))
+    hyps = dict(DEFAULT_HYPERPARAMETERS)
+    if args.hyperparameters:
+        values = [float(v) for v in args.hyperparameters.split(",")]
+        if len(values) != 5:
+            raise InvalidInput("--hyperparameters needs 5 values: sig2,ls2,sig3,ls3,noise")
+        hyps = dict(zip(("sig2", "ls2", "sig3", "ls3", "noise"), values))
+    config = LearnerServiceConfig(species=_species(args.species), cutoffs=cutoffs, hyperparameters=hyps,
+                                  model_path=args.model, max_iterations=args.max_iterations,
+                                  server=args.server_config(args))
+    print("learner: compiling kernels ...", flush=True)
+    running = start_learner_server(config)
+    print(f"learner serving on {running.address}; SIGTERM to stop", flush=True)
+    serve_until_signalled(running)
+    print("learner stopped", flush=True)
+    return 0
