@@ -32,8 +32,9 @@ def pack(engine: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> by
     return buf.getvalue()
 
 
-def unpack(blob: bytes, engine: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Decode a blob made by :func:`pack`; :class:`InvalidInput` if it is not one, or of another engine."""
+def unpack(blob: bytes, engine: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Decode a blob made by :func:`pack`; :class:`InvalidInput` if it is not one, or of another engine
+    (``engine=None``: any engine)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise InvalidInput(f"checkpoint must be bytes, got {type(blob).__name__}")
     try:
@@ -48,7 +49,7 @@ def unpack(blob: bytes, engine: str) -> tuple[dict[str, Any], dict[str, np.ndarr
         raise InvalidInput(
             f"sampler checkpoint version {doc.get('version')!r} is not supported (this code reads {VERSION})"
         )
-    if doc.get("engine") != engine:
+    if engine is not None and doc.get("engine") != engine:
         raise InvalidInput(f"checkpoint is from engine {doc.get('engine')!r}, cannot restore into {engine!r}")
     return doc, arrays
 

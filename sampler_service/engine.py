@@ -266,6 +266,11 @@ class MDEngine(abc.ABC):
     def supply_forces(self, result: ForceResult) -> None:
         """Use ``result`` (forces for the current positions) for the next step instead of the provider."""
 
+    @classmethod
+    @abc.abstractmethod
+    def from_checkpoint(cls, blob: bytes, provider: ForceProvider) -> "MDEngine":
+        """A new engine in exactly the state of ``blob`` (settings included)."""
+
     @abc.abstractmethod
     def checkpoint(self) -> bytes:
         """The complete state as an opaque, versioned blob."""

