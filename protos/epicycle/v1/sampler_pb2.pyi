@@ -8,26 +8,11 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Ensemble(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    ENSEMBLE_UNSPECIFIED: _ClassVar[Ensemble]
-    ENSEMBLE_NVE: _ClassVar[Ensemble]
-    ENSEMBLE_NVT_LANGEVIN: _ClassVar[Ensemble]
-    ENSEMBLE_NVT_BERENDSEN: _ClassVar[Ensemble]
-    ENSEMBLE_NVT_VELOCITY_RESCALE: _ClassVar[Ensemble]
-    ENSEMBLE_NPT: _ClassVar[Ensemble]
-
 class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
     STOP_REASON_UNCERTAIN: _ClassVar[StopReason]
     STOP_REASON_MAX_STEPS: _ClassVar[StopReason]
-ENSEMBLE_UNSPECIFIED: Ensemble
-ENSEMBLE_NVE: Ensemble
-ENSEMBLE_NVT_LANGEVIN: Ensemble
-ENSEMBLE_NVT_BERENDSEN: Ensemble
-ENSEMBLE_NVT_VELOCITY_RESCALE: Ensemble
-ENSEMBLE_NPT: Ensemble
 STOP_REASON_UNSPECIFIED: StopReason
 STOP_REASON_UNCERTAIN: StopReason
 STOP_REASON_MAX_STEPS: StopReason
@@ -41,7 +26,7 @@ class TemperatureEvent(_message.Message):
     def __init__(self, time_fs: _Optional[float] = ..., temperature_k: _Optional[float] = ...) -> None: ...
 
 class MDSettings(_message.Message):
-    __slots__ = ("engine", "ensemble", "timestep_fs", "temperature_k", "friction_per_fs", "taut_fs", "pressure_gpa", "taup_fs", "compressibility_per_gpa", "seed", "schedule", "initialize_velocities", "wrap_positions")
+    __slots__ = ("engine", "ensemble", "timestep_fs", "temperature_k", "friction_per_fs", "taut_fs", "pressure_gpa", "taup_fs", "compressibility_per_gpa", "seed", "schedule", "initial_temperature_k", "wrap_positions")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FS_FIELD_NUMBER: _ClassVar[int]
@@ -53,10 +38,10 @@ class MDSettings(_message.Message):
     COMPRESSIBILITY_PER_GPA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
-    INITIALIZE_VELOCITIES_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_TEMPERATURE_K_FIELD_NUMBER: _ClassVar[int]
     WRAP_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     engine: str
-    ensemble: Ensemble
+    ensemble: str
     timestep_fs: float
     temperature_k: float
     friction_per_fs: float
@@ -66,9 +51,9 @@ class MDSettings(_message.Message):
     compressibility_per_gpa: float
     seed: int
     schedule: _containers.RepeatedCompositeFieldContainer[TemperatureEvent]
-    initialize_velocities: bool
+    initial_temperature_k: float
     wrap_positions: bool
-    def __init__(self, engine: _Optional[str] = ..., ensemble: _Optional[_Union[Ensemble, str]] = ..., timestep_fs: _Optional[float] = ..., temperature_k: _Optional[float] = ..., friction_per_fs: _Optional[float] = ..., taut_fs: _Optional[float] = ..., pressure_gpa: _Optional[float] = ..., taup_fs: _Optional[float] = ..., compressibility_per_gpa: _Optional[float] = ..., seed: _Optional[int] = ..., schedule: _Optional[_Iterable[_Union[TemperatureEvent, _Mapping]]] = ..., initialize_velocities: _Optional[bool] = ..., wrap_positions: _Optional[bool] = ...) -> None: ...
+    def __init__(self, engine: _Optional[str] = ..., ensemble: _Optional[str] = ..., timestep_fs: _Optional[float] = ..., temperature_k: _Optional[float] = ..., friction_per_fs: _Optional[float] = ..., taut_fs: _Optional[float] = ..., pressure_gpa: _Optional[float] = ..., taup_fs: _Optional[float] = ..., compressibility_per_gpa: _Optional[float] = ..., seed: _Optional[int] = ..., schedule: _Optional[_Iterable[_Union[TemperatureEvent, _Mapping]]] = ..., initial_temperature_k: _Optional[float] = ..., wrap_positions: _Optional[bool] = ...) -> None: ...
 
 class RunControl(_message.Message):
     __slots__ = ("sigma_threshold", "max_steps", "frame_interval")
@@ -172,6 +157,6 @@ class SamplerDescribeResponse(_message.Message):
     ENSEMBLES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_LEARNER_FIELD_NUMBER: _ClassVar[int]
     engines: _containers.RepeatedScalarFieldContainer[str]
-    ensembles: _containers.RepeatedScalarFieldContainer[Ensemble]
+    ensembles: _containers.RepeatedScalarFieldContainer[str]
     default_learner: str
-    def __init__(self, engines: _Optional[_Iterable[str]] = ..., ensembles: _Optional[_Iterable[_Union[Ensemble, str]]] = ..., default_learner: _Optional[str] = ...) -> None: ...
+    def __init__(self, engines: _Optional[_Iterable[str]] = ..., ensembles: _Optional[_Iterable[str]] = ..., default_learner: _Optional[str] = ...) -> None: ...

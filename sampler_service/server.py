@@ -1,0 +1,114 @@
+"""Build and run a Sampler service."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from protos.epicycle.v1 import sampler_pb2, sampler_pb2_grpc
+from protos.server import RunningServer, ServerConfig, create_server
+from sampler_service.forces import ForceResult
+from sampler_service.settings import ENGINES
+
+SERVICE_NAME = sampler_pb2.DESCRIPTOR.services_by_name["Sampler"].full_name
+
+#: a learner address of this form runs MD on an oracle backend in-process
+#: (e.g. "oracle:emt") — for equilibration, benchmarks and engine tests
+ORACLE_PREFIX = "oracle:"
+
+
+class OracleProvider:
+    """Forces from an oracle backend in the sampler's own process (σ = None: never gates)."""
+
+    def __init__(self, backend: str, stress: bool = False) -> None:
+        from oracle_service.base import create_oracle
+
+        self.oracle = create_oracle(backend)
+        self.want_stress = stress
+
+    def compute(self, positions, cell, numbers, pbc) -> ForceResult:
+        from ase import Atoms
+
+        props = ("energy", "forces") + (("stress",) if self.want_stress else ())
+        labels = self.oracle.calculate(Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc), props)
+        return ForceResult(energy=labels.energy, forces=labels.forces, stress=labels.stress)
+
+
+def default_provider_factory(address: str, want_stress: bool):
+    if address.startswith(ORACLE_PREFIX):
+        return OracleProvider(address[len(ORACLE_PREFIX):], stress=want_stress)
+    from sampler_service.learner_forces import LearnerStreamProvider
+
+    return LearnerStreamProvider(address, stress=want_stress)
+
+
+@dataclass(frozen=True)
+class SamplerServiceConfig:
+    default_learner: str = ""          # "host:port" of the learner, or "oracle:emt"
+    engines: tuple[str, ...] = ENGINES
+    server: ServerConfig = ServerConfig()
+
+
+class SamplerMetrics:
+    def __init__(self, registry: CollectorRegistry, servicer) -> None:
+        self.servicer = servicer
+        registry.register(self)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        s = self.servicer
+        c = CounterMetricFamily("epicycle_sampler_steps", "MD steps integrated.")
+        c.add_metric([], float(s.steps_total))
+        yield c
+        for name, value, help_text in (
+            ("epicycle_sampler_temperature_kelvin", s.last_temperature_k, "Temperature of the last stop frame, K."),
+            ("epicycle_sampler_energy_drift_ev_per_atom_ps", s.last_drift,
+             "Drift of the conserved energy in the last run call, eV/atom/ps."),
+            ("epicycle_sampler_steps_per_second", s.last_steps_per_second, "MD throughput of the last run call."),
+        ):
+            g = GaugeMetricFamily(name, help_text)
+            g.add_metric([], float(value))
+            yield g
+
+
+def start_sampler_server(config: SamplerServiceConfig, provider_factory=None,
+                         registry: CollectorRegistry | None = None) -> RunningServer:
+    from sampler_service.servicer import SamplerServicer
+
+    registry = registry if registry is not None else CollectorRegistry()
+    servicer = SamplerServicer(provider_factory or default_provider_factory, config.default_learner,
+                               config.engines)
+
+    def add(server):
+        sampler_pb2_grpc.add_SamplerServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    running = create_server(config.server, add, registry=registry)
+    SamplerMetrics(registry, servicer)
+    running.servicer = servicer  # type: ignore[attr-defined]
+    running.mark_ready()
+    return running
+
+
+def register_serve_cli(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--learner", default="", help="default learner address host:port (or oracle:emt for "
+                   "MD on an oracle backend in-process)")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"engines to offer (default {','.join(ENGINES)})")
+    p.set_defaults(func=serve_sampler)
+
+
+def serve_sampler(args: argparse.Namespace) -> int:
+    from protos.server import serve_until_signalled
+
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    config = SamplerServiceConfig(default_learner=args.learner, engines=engines, server=args.server_config(args))
+    running = start_sampler_server(config)
+    print(f"sampler serving on {running.address}; SIGTERM to stop", flush=True)
+    serve_until_signalled(running)
+    print("sampler stopped", flush=True)
+    return 0
