@@ -99,7 +99,7 @@ def atoms_from_arrays(
     if numbers_arr.dtype.kind == "f":
         if not np.all(np.isfinite(numbers_arr)) or np.any(numbers_arr != np.round(numbers_arr)):
             bad = int(np.flatnonzero(~np.isfinite(numbers_arr) | (numbers_arr != np.round(numbers_arr)))[0])
-            raise InvalidInput(f"atomic number of atom {bad} is not an integer: {numbers_arr[bad]!r}")
+            raise InvalidInput(f"atomic number of atom {bad} is not an integer: {float(numbers_arr[bad])!r}")
     elif numbers_arr.dtype.kind not in "iub" and n > 0:
         raise InvalidInput(f"atomic numbers must be integers, got dtype {numbers_arr.dtype}")
     numbers_arr = numbers_arr.astype(np.int64) if n else np.zeros(0, np.int64)
@@ -213,12 +213,22 @@ def check_geometry(atoms: Atoms, limits: Limits = Limits()) -> None:
     """
     if limits.min_distance <= 0 or len(atoms) == 0:
         return
+    symbols = atoms.get_chemical_symbols()
+    if atoms.pbc.any():
+        # a cell shorter than the minimum distance: every atom clashes with
+        # its own images (and a neighbour search would be needlessly costly)
+        period = shortest_period(atoms.cell.array, atoms.pbc)
+        if period < limits.min_distance:
+            raise InvalidInput(
+                f"atom 0 ({symbols[0]}) is {period:.4g} Å from its own periodic image, closer than "
+                f"the minimum distance {limits.min_distance:g} Å: the cell is too small "
+                "(shortest lattice vector)"
+            )
     pairs = close_pairs(atoms.positions, atoms.cell.array, atoms.pbc, limits.min_distance)
     if pairs.i.size == 0:
         return
     k = int(np.argmin(pairs.d))
     i, j, d = int(pairs.i[k]), int(pairs.j[k]), float(pairs.d[k])
-    symbols = atoms.get_chemical_symbols()
     n_pairs = len({(min(a, b), max(a, b)) for a, b in zip(pairs.i.tolist(), pairs.j.tolist())})
     others = f" ({n_pairs - 1} more pair(s) too close)" if n_pairs > 1 else ""
     if i == j:
@@ -272,7 +282,8 @@ def close_pairs(positions: np.ndarray, cell: np.ndarray, pbc: Any, cutoff: float
         d = np.linalg.norm(positions[i] - positions[j], axis=1)
         return ClosePairs(i, j, d, np.zeros(len(i), bool))
 
-    full = _complete_cell(cell)
+    # same lattice, most compact basis: bounds the number of images to visit
+    full = _complete_cell(reduced_cell(cell, pbc))
     inv = np.linalg.inv(full)
     frac = positions @ inv
     frac[:, periodic_axes] %= 1.0
@@ -309,11 +320,27 @@ def close_pairs(positions: np.ndarray, cell: np.ndarray, pbc: Any, cutoff: float
     return ClosePairs(np.minimum(oi, oj), np.maximum(oi, oj), d, shifted[b])
 
 
+def reduced_cell(cell: np.ndarray, pbc: Any) -> np.ndarray:
+    """Minkowski-reduced basis of the periodic lattice (non-periodic rows kept)."""
+    from ase.geometry.minkowski_reduction import minkowski_reduce
+
+    rcell, _ = minkowski_reduce(np.asarray(cell, dtype=float), pbc=np.asarray(pbc, dtype=bool))
+    return np.array(rcell, dtype=float)
+
+
+def shortest_period(cell: np.ndarray, pbc: Any) -> float:
+    """Length of the shortest non-zero periodic lattice vector, Å (inf if no pbc)."""
+    pbc = np.asarray(pbc, dtype=bool)
+    if not pbc.any():
+        return float("inf")
+    return float(np.linalg.norm(reduced_cell(cell, pbc)[pbc], axis=1).min())
+
+
 def _close_pairs_ase(positions, cell, pbc, cutoff) -> ClosePairs:
     """Fallback for cells thinner than twice the cutoff: ASE's neighbour list."""
     from ase.neighborlist import neighbor_list
 
-    atoms = Atoms(positions=positions, cell=cell, pbc=pbc)
+    atoms = Atoms(positions=positions, cell=reduced_cell(cell, pbc), pbc=pbc)
     i, j, d, shifts = neighbor_list("ijdS", atoms, cutoff, self_interaction=False)
     keep = i <= j
     i, j, d, shifts = i[keep], j[keep], d[keep], shifts[keep]
