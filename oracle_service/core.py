@@ -540,5 +540,9 @@ def _copy_error(exc: BaseException) -> BaseException:
 
 
 def _one_line(exc: BaseException, limit: int = 500) -> str:
-    text = " ".join(str(exc).split())
+    """The first non-empty line of an exception's message (the rest is often a dump)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else repr(exc)
+    if len(lines) > 1:
+        text += " [...]"
     return text if len(text) <= limit else text[: limit - 3] + "..."
