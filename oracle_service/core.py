@@ -291,6 +291,8 @@ class LabelService:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
+            if isinstance(properties, str):
+                properties = (properties,)
             props = requested_properties(self.oracle, properties)
             check_cheap(atoms, self.config.limits, self.oracle, props)
             key = content_hash(atoms, props, self.identity)

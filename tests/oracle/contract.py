@@ -32,7 +32,8 @@ What is checked (units eV, Å, eV/Å, eV/Å³; ASE stress sign and Voigt order):
 * the registry builds an equivalent backend; the LabelService returns the
   same labels as the bare backend.
 
-Expensive backends tune the class attributes below (fewer finite-difference
+A backend whose program is missing (``make_oracle`` raises SetupError)
+skips the whole class.  Expensive backends tune the class attributes below (fewer finite-difference
 components, looser tolerances, skip the supercell or thread checks); the
 reference labels of the sample are computed once per class.
 """
@@ -49,6 +50,7 @@ from ase import Atoms
 from oracle_service.base import ALL_PROPERTIES, Labels, Oracle, create_oracle
 from oracle_service.core import LabelService, ServiceConfig
 from oracle_service.validation import Limits, validate_structure
+from protos.errors import SetupError
 
 VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
 
@@ -137,7 +139,10 @@ class OracleContract:
     @pytest.fixture(scope="class")
     @classmethod
     def oracle(cls):
-        oracle = cls().make_oracle()
+        try:
+            oracle = cls().make_oracle()
+        except SetupError as exc:  # optional code (pw.x, GPAW, ...) not installed here
+            pytest.skip(f"{cls.__name__}: backend not set up: {exc}")
         yield oracle
         oracle.close()
 

@@ -220,6 +220,7 @@ def test_labels_contain_exactly_the_requested_properties():
     assert outcome.labels.properties() == ("forces",)
     assert outcome.labels.info["backend"] == "test-counting"
     assert outcome.labels.info["structure_hash"] == outcome.structure_hash
+    assert service.label(argon(1), "forces").cached  # a bare string is one property
     full = service.label(argon(1))  # None -> everything implemented
     assert full.labels.properties() == ("energy", "forces", "stress")
 
