@@ -93,6 +93,9 @@ def stop_to_proto(report: StopReport, checkpoint: bytes, drift: float | None, st
     out.checkpoint = checkpoint
     out.energy_drift_ev_per_atom_ps = float(drift) if drift is not None else float("nan")
     out.steps_per_second = steps_per_second
+    out.step = int(report.step)
+    out.time_fs = float(report.time_fs)
+    out.steps_taken = int(report.steps_taken)
     return out
 
 

@@ -120,7 +120,7 @@ class UncertainComponent(_message.Message):
     def __init__(self, atom: _Optional[int] = ..., component: _Optional[int] = ..., sigma: _Optional[float] = ...) -> None: ...
 
 class StopReport(_message.Message):
-    __slots__ = ("reason", "frame", "uncertain", "max_sigma", "threshold", "checkpoint", "energy_drift_ev_per_atom_ps", "steps_per_second")
+    __slots__ = ("reason", "frame", "uncertain", "max_sigma", "threshold", "checkpoint", "energy_drift_ev_per_atom_ps", "steps_per_second", "step", "time_fs", "steps_taken")
     REASON_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     UNCERTAIN_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +129,9 @@ class StopReport(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     ENERGY_DRIFT_EV_PER_ATOM_PS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TIME_FS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TAKEN_FIELD_NUMBER: _ClassVar[int]
     reason: StopReason
     frame: Frame
     uncertain: _containers.RepeatedCompositeFieldContainer[UncertainComponent]
@@ -137,7 +140,10 @@ class StopReport(_message.Message):
     checkpoint: bytes
     energy_drift_ev_per_atom_ps: float
     steps_per_second: float
-    def __init__(self, reason: _Optional[_Union[StopReason, str]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., uncertain: _Optional[_Iterable[_Union[UncertainComponent, _Mapping]]] = ..., max_sigma: _Optional[float] = ..., threshold: _Optional[float] = ..., checkpoint: _Optional[bytes] = ..., energy_drift_ev_per_atom_ps: _Optional[float] = ..., steps_per_second: _Optional[float] = ...) -> None: ...
+    step: int
+    time_fs: float
+    steps_taken: int
+    def __init__(self, reason: _Optional[_Union[StopReason, str]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., uncertain: _Optional[_Iterable[_Union[UncertainComponent, _Mapping]]] = ..., max_sigma: _Optional[float] = ..., threshold: _Optional[float] = ..., checkpoint: _Optional[bytes] = ..., energy_drift_ev_per_atom_ps: _Optional[float] = ..., steps_per_second: _Optional[float] = ..., step: _Optional[int] = ..., time_fs: _Optional[float] = ..., steps_taken: _Optional[int] = ...) -> None: ...
 
 class RunResponse(_message.Message):
     __slots__ = ("frame", "stop")

@@ -1,0 +1,314 @@
+"""The run configuration: one YAML file, validated up front.
+
+Every error names the offending key by its dotted path and says what is
+allowed, e.g. ``sampler.timestep_fs: must be > 0 fs, got -1``.  Unknown keys
+are errors too (a typo must not silently fall back to a default).
+
+Units: Å, eV, eV/Å, fs, K, GPa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from protos.errors import InvalidInput
+
+
+class ConfigError(InvalidInput):
+    """A bad run configuration (the message names the key)."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class StructureConfig:
+    """Either ``file`` (any format ASE reads; ``index`` picks the frame) or a built-in generator."""
+
+    file: str | None = None
+    index: int = 0
+    generator: str | None = "fcc"            # fcc | bcc | sc | diamond | l12 (A3B)
+    element: str | list[str] = "Al"          # l12: [A, B]
+    a: float = 4.05                          # lattice constant, Å
+    repeat: tuple[int, int, int] = (2, 2, 2)
+    rattle: float = 0.0                      # σ of random displacements, Å (seeded by run seed)
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    backend: str = "emt"                     # embedded backend (ignored when addresses are given)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    addresses: tuple[str, ...] = ()          # remote workers "host:port" or one "dns:///name:port"
+    timeout_s: float = 600.0                 # deadline of one label call
+    attempts: int = 3                        # workers tried for one label before giving up
+    workers: int = 1                         # embedded: concurrent calculations
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    every: int = 1             # re-optimise hyperparameters after every N-th oracle call (0: never)
+    until_calls: int = 30      # ... and stop re-optimising after this many oracle calls
+    max_iterations: int = 50
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    address: str | None = None               # remote learner; None: embedded
+    cutoffs: tuple[float, float] = (6.0, 4.0)  # (r2, r3), Å
+    hyperparameters: Mapping[str, float] = field(
+        default_factory=lambda: {"sig2": 1.0, "ls2": 1.0, "sig3": 0.1, "ls3": 1.0, "noise": 0.05})
+    use_energy: bool = False
+    use_stress: bool = False
+    optimize: OptimizeConfig = OptimizeConfig()
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    address: str | None = None               # remote sampler; None: embedded
+    engine: str = "builtin"
+    ensemble: str = "nve"
+    timestep_fs: float = 5.0
+    temperature_K: float = 300.0             # initial Maxwell–Boltzmann temperature (and thermostat target)
+    friction_per_fs: float | None = None
+    taut_fs: float | None = None
+    pressure_GPa: float | None = None
+    schedule: tuple[tuple[float, float], ...] = ()   # ((time_fs, T_K), ...) velocity rescaling
+    steps: int = 500
+    frame_interval: int = 10                 # frames streamed/written every k steps
+    checkpoint_interval: int = 100           # durable MD checkpoint every k steps
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    sigma_factor: float = 1.0                # threshold = sigma_factor · σn ...
+    absolute_threshold: float | None = None  # ... or this many eV/Å (wins when set)
+    initial_atoms: int | tuple[int, ...] = 4  # atoms of the first frame trained on (count or indices)
+    atoms_per_call: int = 1                  # environments added per oracle call
+    acquisition: str = "max_sigma"
+    update: str = "accept"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    structure: StructureConfig = StructureConfig()
+    oracle: OracleConfig = OracleConfig()
+    learner: LearnerConfig = LearnerConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    policy: PolicyConfig = PolicyConfig()
+    #: embedded services expose /metrics on these ports (None: off); coordinator's own too
+    metrics_port: int | None = None
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _plain(x):
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _convert(path: str, value: Any, default: Any, annotation: str) -> Any:
+    """Convert ``value`` to the type implied by the field's default/annotation."""
+    if dataclasses.is_dataclass(default):
+        return _build(type(default), value, path)
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise ConfigError(f"{path}: must not be empty")
+    if annotation.startswith("tuple[tuple"):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list of [time_fs, temperature_K] pairs, got {value!r}")
+        pairs = []
+        for i, item in enumerate(value):
+            if isinstance(item, Mapping):
+                unknown = set(item) - {"time_fs", "temperature_K"}
+                if unknown or not {"time_fs", "temperature_K"} <= set(item):
+                    raise ConfigError(f"{path}[{i}]: expected keys time_fs and temperature_K, got {sorted(item)}")
+                item = (item["time_fs"], item["temperature_K"])
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise ConfigError(f"{path}[{i}]: expected [time_fs, temperature_K], got {item!r}")
+            pairs.append((_number(f"{path}[{i}][0]", item[0]), _number(f"{path}[{i}][1]", item[1])))
+        return tuple(pairs)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if annotation.startswith("int | tuple"):
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an atom count or a list of atom indices, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{path}: expected an atom count or a list of atom indices, got {value!r}")
+    if annotation.startswith("tuple[float") or annotation.startswith("tuple[int"):
+        n = annotation.count(",") + 1 if "..." not in annotation else None
+        if not isinstance(value, (list, tuple)) or (n is not None and len(value) != n):
+            raise ConfigError(f"{path}: expected a list of {n} numbers, got {value!r}")
+        conv = int if annotation.startswith("tuple[int") else float
+        out = []
+        for i, v in enumerate(value):
+            num = _number(f"{path}[{i}]", v)
+            if conv is int and num != int(num):
+                raise ConfigError(f"{path}[{i}]: expected an integer, got {v!r}")
+            out.append(conv(num))
+        return tuple(out)
+    if annotation.startswith("tuple[str"):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: expected a list of addresses, got {value!r}")
+        return tuple(value)
+    if annotation.startswith("Mapping"):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation.startswith("str | list"):
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        raise ConfigError(f"{path}: expected an element symbol or a list of symbols, got {value!r}")
+    if annotation.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if annotation.startswith("float"):
+        return _number(path, value)
+    if annotation.startswith("str"):
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _number(path: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    import math
+
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: must be finite, got {value!r}")
+    return float(value)
+
+
+def _build(cls, data: Any, path: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of settings, got {type(data).__name__}")
+    defaults = cls()
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(where + k for k in unknown)}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        f = names[name]
+        kwargs[name] = _convert(f"{path}.{name}" if path else name, value, getattr(defaults, name), str(f.type))
+    return cls(**kwargs)
+
+
+def parse_config(data: Any) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from parsed YAML."""
+    config = _build(RunConfig, data, "")
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    config = parse_config(data)
+    s = config.structure
+    if s.file is not None and not Path(s.file).is_absolute():
+        config = dataclasses.replace(config, structure=dataclasses.replace(s, file=str(path.parent / s.file)))
+    return config
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def validate(c: RunConfig) -> None:
+    from coordinator.policies import ACQUISITION, UPDATE
+    from sampler_service.settings import ENGINES, ENSEMBLES
+
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise ConfigError(message)
+
+    s = c.structure
+    need(s.file is not None or s.generator in ("fcc", "bcc", "sc", "diamond", "l12"),
+         f"structure.generator: allowed fcc, bcc, sc, diamond, l12 (or give structure.file), got {s.generator!r}")
+    need(s.a > 0, f"structure.a: lattice constant must be > 0 Å, got {s.a}")
+    need(all(r >= 1 for r in s.repeat), f"structure.repeat: each repeat must be >= 1, got {list(s.repeat)}")
+    need(s.rattle >= 0, f"structure.rattle: must be >= 0 Å, got {s.rattle}")
+    if s.generator == "l12" and s.file is None:
+        need(isinstance(s.element, list) and len(s.element) == 2,
+             f"structure.element: l12 needs two elements [A, B] (A3B), got {s.element!r}")
+    o = c.oracle
+    need(o.timeout_s > 0, f"oracle.timeout_s: must be > 0 s, got {o.timeout_s}")
+    need(o.attempts >= 1, f"oracle.attempts: must be >= 1, got {o.attempts}")
+    need(o.workers >= 1, f"oracle.workers: must be >= 1, got {o.workers}")
+    if o.addresses and any(a.startswith("dns:///") for a in o.addresses):
+        need(len(o.addresses) == 1, "oracle.addresses: a dns:/// name must be the only address")
+    if not o.addresses:
+        from oracle_service.base import available_backends
+
+        need(o.backend in available_backends(),
+             f"oracle.backend: unknown backend {o.backend!r}; allowed: {', '.join(available_backends())}")
+    le = c.learner
+    need(all(x > 0 for x in le.cutoffs), f"learner.cutoffs: must be positive lengths in Å, got {list(le.cutoffs)}")
+    need(le.cutoffs[1] <= le.cutoffs[0],
+         f"learner.cutoffs: the 3-body cutoff ({le.cutoffs[1]} Å) must not exceed the 2-body cutoff ({le.cutoffs[0]} Å)")
+    allowed_h = {"sig2", "ls2", "sig3", "ls3", "noise"}
+    unknown = set(le.hyperparameters) - allowed_h
+    need(not unknown, f"learner.hyperparameters: unknown {sorted(unknown)}; allowed: {sorted(allowed_h)}")
+    for k, v in le.hyperparameters.items():
+        need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+             f"learner.hyperparameters.{k}: must be a positive number, got {v!r}")
+    need(le.optimize.every >= 0, f"learner.optimize.every: must be >= 0, got {le.optimize.every}")
+    need(le.optimize.max_iterations >= 1,
+         f"learner.optimize.max_iterations: must be >= 1, got {le.optimize.max_iterations}")
+    sm = c.sampler
+    need(sm.engine in ENGINES, f"sampler.engine: allowed {', '.join(ENGINES)}, got {sm.engine!r}")
+    need(sm.ensemble in ENSEMBLES, f"sampler.ensemble: allowed {', '.join(ENSEMBLES)}, got {sm.ensemble!r}")
+    need(sm.timestep_fs > 0, f"sampler.timestep_fs: must be > 0 fs, got {sm.timestep_fs}")
+    need(sm.temperature_K >= 0, f"sampler.temperature_K: must be >= 0 K, got {sm.temperature_K}")
+    need(sm.steps >= 1, f"sampler.steps: must be >= 1, got {sm.steps}")
+    need(sm.frame_interval >= 1, f"sampler.frame_interval: must be >= 1, got {sm.frame_interval}")
+    need(sm.checkpoint_interval >= 1, f"sampler.checkpoint_interval: must be >= 1, got {sm.checkpoint_interval}")
+    for i, (t, temp) in enumerate(sm.schedule):
+        need(t >= 0 and temp >= 0, f"sampler.schedule[{i}]: time_fs and temperature_K must be >= 0, got {[t, temp]}")
+    p = c.policy
+    need(p.sigma_factor > 0, f"policy.sigma_factor: must be > 0, got {p.sigma_factor}")
+    need(p.absolute_threshold is None or p.absolute_threshold > 0,
+         f"policy.absolute_threshold: must be > 0 eV/Å, got {p.absolute_threshold}")
+    need(p.atoms_per_call >= 1, f"policy.atoms_per_call: must be >= 1, got {p.atoms_per_call}")
+    if isinstance(p.initial_atoms, int):
+        need(p.initial_atoms >= 1, f"policy.initial_atoms: must be >= 1, got {p.initial_atoms}")
+    need(p.acquisition in ACQUISITION, f"policy.acquisition: allowed {', '.join(sorted(ACQUISITION))}, "
+         f"got {p.acquisition!r}")
+    need(p.update in UPDATE, f"policy.update: allowed {', '.join(sorted(UPDATE))}, got {p.update!r}")

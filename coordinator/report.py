@@ -1,0 +1,203 @@
+"""The run report: plots a scientist reads at a glance, and the key numbers.
+
+* ``temperature.png`` — temperature against time with oracle calls marked (paper Fig. 3a)
+* ``oracle_calls.png`` — cumulative oracle calls and σn against time (Fig. 3b)
+* ``rdf.png`` — radial distribution function of the early and late trajectory (Fig. 3c)
+* ``errors.png`` — at every oracle call: the model's force error against its predicted σ
+* ``summary.json`` and ``report.md`` — the numbers
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.rundir import RunDirectory
+
+
+def radial_distribution(frames, r_max: float | None = None, bins: int = 120):
+    """g(r) averaged over ``frames`` (periodic, minimum image through a neighbour list); r in Å."""
+    from ase.neighborlist import neighbor_list
+
+    if not frames:
+        return np.zeros(0), np.zeros(0)
+    cell = frames[0].cell
+    if r_max is None:
+        heights = 1.0 / np.linalg.norm(np.linalg.inv(cell.array).T, axis=1) if frames[0].pbc.all() else [12.0]
+        r_max = min(6.0, 0.5 * float(np.min(heights)) if frames[0].pbc.all() else 6.0)
+    edges = np.linspace(0.0, r_max, bins + 1)
+    hist = np.zeros(bins)
+    for atoms in frames:
+        d = neighbor_list("d", atoms, r_max)
+        hist += np.histogram(d, bins=edges)[0]
+    n = len(frames[0])
+    volume = frames[0].get_volume() if frames[0].pbc.all() else 1.0
+    rho = n / volume
+    shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    g = hist / (len(frames) * n * rho * shell)
+    return 0.5 * (edges[1:] + edges[:-1]), g
+
+
+def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
+    rd = RunDirectory.open(run_dir)
+    events = list(rd.events())
+    frames = [e for e in events if e["event"] == "frame"]
+    calls = [e for e in events if e["event"] == "oracle_call"]
+    optim = [e for e in events if e["event"] == "optimize"]
+    decisions = [e for e in events if e["event"] == "update_decision"]
+    finished = [e for e in events if e["event"] == "run_finished"]
+    state = rd.load_state()
+    started = [e for e in events if e["event"] == "run_started"]
+    summary = {
+        "run_dir": str(rd.path),
+        "finished": state.finished,
+        "steps": state.step,
+        "simulated_time_ps": state.time_fs / 1000.0,
+        "oracle_calls": state.oracle_calls,
+        "oracle_calls_per_ps": state.oracle_calls / (state.time_fs / 1000.0) if state.time_fs > 0 else None,
+        "oracle_seconds_total": float(sum(e.get("seconds", 0.0) for e in calls)),
+        "training_environments": finished[-1]["n_environments"] if finished else None,
+        "noise_ev_per_angstrom": decisions[-1]["noise"] if decisions else None,
+        "threshold_ev_per_angstrom": decisions[-1]["threshold"] if decisions else None,
+        "hyperparameters": optim[-1]["hyperparameters"] if optim else None,
+        "optimisations": len(optim),
+        "optimisations_not_converged": sum(1 for e in optim if not e.get("converged", True)),
+        "oracle_call_steps": [e["step"] for e in calls],
+        "resumed": sum(1 for e in events if e["event"] == "resumed"),
+        "temperature_K_mean_last_quarter": (float(np.mean([f["temperature_K"] for f in frames[-max(1, len(frames) // 4):]]))
+                                            if frames else None),
+        "force_error_at_oracle_calls_rmse": [e.get("rmse_force_error") for e in calls if "rmse_force_error" in e],
+        "wall_seconds": wall_seconds if wall_seconds is not None else (
+            (finished[-1]["wall_time"] - started[0]["wall_time"]) if finished and started else None),
+    }
+    return summary
+
+
+def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rd = RunDirectory.open(run_dir)
+    events = list(rd.events())
+    frames = [e for e in events if e["event"] == "frame"]
+    calls = [e for e in events if e["event"] == "oracle_call"]
+    decisions = [e for e in events if e["event"] == "update_decision"]
+    summary = summarize(run_dir, wall_seconds)
+
+    t = np.array([f["time_fs"] for f in frames]) / 1000.0
+    temp = np.array([f["temperature_K"] for f in frames])
+    call_t = np.array([c["time_fs"] for c in calls]) / 1000.0
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(t, temp, lw=1.2, color="tab:blue", label="MD temperature")
+    if len(call_t):
+        ymax = float(temp.max()) if len(temp) else 1.0
+        ax.plot(call_t, np.full(len(call_t), ymax * 1.05), "v", color="tab:red", ms=6, label="oracle call")
+        for x in call_t:
+            ax.axvline(x, color="tab:red", lw=0.4, alpha=0.35)
+    ax.set_xlabel("time (ps)")
+    ax.set_ylabel("temperature (K)")
+    ax.set_title("Temperature and oracle calls")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "temperature.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if len(call_t):
+        ax.step(np.r_[call_t, t[-1] if len(t) else call_t[-1]], np.r_[np.arange(1, len(call_t) + 1), len(call_t)],
+                where="post", color="tab:red", label="cumulative oracle calls")
+    ax.set_xlabel("time (ps)")
+    ax.set_ylabel("oracle calls")
+    ax2 = ax.twinx()
+    if decisions:
+        dt = np.array([d.get("time_fs", 0.0) for d in decisions], dtype=float)
+        label_time = {c["label"]: c["time_fs"] for c in calls}
+        dt = np.array([label_time.get(d["label"], 0.0) for d in decisions]) / 1000.0
+        ax2.step(dt, [d["noise"] for d in decisions], where="post", color="tab:green", label="σn")
+    ax2.set_ylabel("σn (eV/Å)", color="tab:green")
+    ax.set_title("Cumulative oracle calls and noise σn")
+    fig.tight_layout()
+    fig.savefig(run_dir / "oracle_calls.png", dpi=120)
+    plt.close(fig)
+
+    traj = []
+    if (run_dir / "trajectory.xyz").exists():
+        import ase.io
+
+        traj = ase.io.read(run_dir / "trajectory.xyz", index=":")
+    if traj:
+        k = max(1, len(traj) // 5)
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        r, g = radial_distribution(traj[:k])
+        ax.plot(r, g, label=f"early ({traj[0].info.get('time_fs', 0) / 1000:.2f}–"
+                f"{traj[k - 1].info.get('time_fs', 0) / 1000:.2f} ps)")
+        r, g = radial_distribution(traj[-k:])
+        ax.plot(r, g, label=f"late ({traj[-k].info.get('time_fs', 0) / 1000:.2f}–"
+                f"{traj[-1].info.get('time_fs', 0) / 1000:.2f} ps)")
+        ax.set_xlabel("r (Å)")
+        ax.set_ylabel("g(r)")
+        ax.set_title("Radial distribution function")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run_dir / "rdf.png", dpi=120)
+        plt.close(fig)
+
+    errs = [c for c in calls if "rmse_force_error" in c]
+    if errs:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.plot([c["max_sigma"] for c in errs], [c["max_force_error"] for c in errs], "o", color="tab:purple")
+        lim = max(max(c["max_sigma"] for c in errs), max(c["max_force_error"] for c in errs)) * 1.1
+        ax.plot([0, lim], [0, lim], "--", color="grey", lw=0.8, label="error = σ")
+        ax.set_xlabel("largest predicted σ at the oracle call (eV/Å)")
+        ax.set_ylabel("largest |F_model − F_oracle| (eV/Å)")
+        ax.set_title("Model error vs predicted σ")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run_dir / "errors.png", dpi=120)
+        plt.close(fig)
+
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    lines = [
+        f"# Epicycle run report — {run_dir.name}",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| finished | {summary['finished']} |",
+        f"| MD steps | {summary['steps']} |",
+        f"| simulated time | {summary['simulated_time_ps']:.3f} ps |",
+        f"| oracle calls | {summary['oracle_calls']} |",
+        f"| oracle time | {summary['oracle_seconds_total']:.1f} s |",
+        f"| training environments | {summary['training_environments']} |",
+        f"| noise σn | {_fmt(summary['noise_ev_per_angstrom'])} eV/Å |",
+        f"| final threshold | {_fmt(summary['threshold_ev_per_angstrom'])} eV/Å |",
+        f"| hyperparameters | {summary['hyperparameters']} |",
+        f"| mean T, last quarter | {_fmt(summary['temperature_K_mean_last_quarter'])} K |",
+        f"| times resumed | {summary['resumed']} |",
+        f"| wall time | {_fmt(summary['wall_seconds'])} s |",
+        "",
+        "![temperature](temperature.png)",
+        "",
+        "![oracle calls](oracle_calls.png)",
+        "",
+        "![rdf](rdf.png)",
+        "",
+        "![errors](errors.png)",
+        "",
+    ]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)

@@ -1,0 +1,102 @@
+"""``epicycle run CONFIG.yaml`` / ``epicycle run --resume RUN_DIR`` / ``epicycle report RUN_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from protos.errors import InvalidInput
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run an on-the-fly training (FLARE cycle) from a YAML config",
+                       description="Start (or resume) an on-the-fly run. Without service addresses in the "
+                       "config, the oracle, learner and sampler services are started on 127.0.0.1 and driven "
+                       "over gRPC exactly as in a deployment.")
+    p.add_argument("config", nargs="?", type=Path, help="run configuration (YAML)")
+    p.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/<name>-<time>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    p.set_defaults(func=run_command)
+
+    r = sub.add_parser("report", help="write the report (plots + key numbers) of a run directory")
+    r.add_argument("run_dir", type=Path)
+    r.set_defaults(func=report_command)
+
+    c = sub.add_parser("check-config", help="validate a run configuration and print it with defaults filled in")
+    c.add_argument("config", type=Path)
+    c.set_defaults(func=check_command)
+
+
+def check_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    from coordinator.config import load_config
+
+    config = load_config(args.config)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import yaml
+
+    from coordinator.config import load_config, parse_config
+    from coordinator.cycle import OnTheFlyRun, Progress, build_structure
+    from coordinator.report import write_report
+    from coordinator.rundir import RunDirectory
+    from coordinator.services import start_services
+
+    if args.resume:
+        if args.config:
+            raise InvalidInput("give either CONFIG (new run) or --resume RUN_DIR, not both")
+        rd = RunDirectory.open(args.resume)
+        config = parse_config(yaml.safe_load((rd.path / "config.yaml").read_text()))
+        if rd.load_state().finished:
+            print(f"{rd.path}: the run is already finished")
+            return 0
+    else:
+        if not args.config:
+            raise InvalidInput("give a run configuration (YAML) or --resume RUN_DIR")
+        config = load_config(args.config)
+        run_dir = args.run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        rd = RunDirectory.create(run_dir, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    structure = build_structure(config)
+    species = sorted(set(int(z) for z in structure.numbers))
+    print(f"run directory: {rd.path}", flush=True)
+    metrics = None
+    if config.metrics_port is not None:
+        from prometheus_client import CollectorRegistry
+
+        from coordinator.metrics import CoordinatorMetrics
+        from protos.metrics import serve_metrics
+
+        registry = CollectorRegistry()
+        metrics = CoordinatorMetrics(registry)
+        _, port = serve_metrics(registry, config.metrics_port)
+        print(f"coordinator metrics on http://127.0.0.1:{port}/metrics", flush=True)
+    started = time.perf_counter()
+    services = start_services(config, species)
+    try:
+        run = OnTheFlyRun(config, rd, services,
+                          Progress(config.sampler.steps, config.sampler.timestep_fs, quiet=args.quiet), metrics)
+        state = run.run()
+    finally:
+        services.close()
+        rd.close()
+    elapsed = time.perf_counter() - started
+    print(f"finished: {state.step} steps, {state.time_fs / 1000:.3f} ps, {state.oracle_calls} oracle calls, "
+          f"{elapsed:.1f} s wall time", flush=True)
+    if not args.no_report:
+        report = write_report(rd.path, wall_seconds=elapsed)
+        print(f"report: {report}", flush=True)
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from coordinator.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0

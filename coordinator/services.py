@@ -1,0 +1,140 @@
+"""Connect the coordinator to its services: embedded on loopback, or remote by address.
+
+Embedded mode starts real gRPC servers (oracle, learner, sampler) on
+127.0.0.1 ephemeral ports in this process and talks to them through the same
+clients as a deployment — nothing is bypassed.
+
+:class:`OraclePool` spreads label requests over several oracle workers (or
+one ``dns:///`` name with client-side round-robin) and sends a request that
+failed for reasons of the *worker* (unreachable, overloaded, deadline) to
+another one.  A calculation failure (the structure itself) is not retried
+here: the oracle's own retry/quarantine policy owns that.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from ase import Atoms
+
+from coordinator.config import RunConfig
+from oracle_service.client import LabelResult, OracleClient
+from protos.errors import CalculationFailed, CalculationTimeout, EpicycleError, NotReady, Overloaded
+
+log = logging.getLogger("epicycle.coordinator")
+
+#: worker problems: the same request may succeed on another worker
+RETRY_ELSEWHERE = (NotReady, Overloaded, CalculationTimeout)
+
+
+class OraclePool:
+    def __init__(self, addresses: list[str], timeout: float, attempts: int) -> None:
+        if not addresses:
+            raise ValueError("OraclePool needs at least one address")
+        self.timeout = timeout
+        self.attempts = attempts
+        self.clients = [OracleClient(a, timeout=timeout, round_robin=a.startswith("dns:///")) for a in addresses]
+        self._next = itertools.cycle(range(len(self.clients)))
+        self._lock = threading.Lock()
+        self.failovers = 0
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        errors = []
+        for c in self.clients:
+            try:
+                c.wait_ready(timeout)
+            except NotReady as exc:
+                errors.append(str(exc))
+        if len(errors) == len(self.clients):
+            raise NotReady("no oracle worker is SERVING: " + "; ".join(errors))
+
+    def label(self, atoms: Atoms, properties: tuple[str, ...] = ()) -> LabelResult:
+        request_id = uuid.uuid4().hex
+        last: EpicycleError | None = None
+        tries = max(self.attempts, len(self.clients))
+        for attempt in range(tries):
+            with self._lock:
+                client = self.clients[next(self._next)]
+            try:
+                return client.label(atoms, properties, request_id=request_id)
+            except RETRY_ELSEWHERE as exc:
+                last = exc
+                self.failovers += 1
+                log.warning("oracle %s failed (%s); trying another worker (%d/%d)", client.address, exc,
+                            attempt + 1, tries)
+        raise CalculationFailed(f"no oracle worker could label the structure after {tries} attempts: {last}")
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+
+
+@dataclass
+class Services:
+    oracle: OraclePool
+    learner_address: str
+    sampler_address: str
+    servers: list = field(default_factory=list)     # embedded RunningServers
+    metrics_ports: dict = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.oracle.close()
+        for s in reversed(self.servers):
+            s.stop(grace=1)
+
+
+def start_services(config: RunConfig, species: list[int]) -> Services:
+    """Start what the config does not name by address, on 127.0.0.1 ephemeral ports."""
+    from protos.server import ServerConfig
+
+    servers = []
+    metrics = {}
+    mport = config.metrics_port
+
+    def server_config(offset: int) -> ServerConfig:
+        return ServerConfig(metrics_port=None if mport is None else (0 if mport == 0 else mport + offset))
+
+    try:
+        if config.oracle.addresses:
+            oracle_addresses = list(config.oracle.addresses)
+        else:
+            from oracle_service.server import OracleServiceConfig, start_oracle_server
+
+            s = start_oracle_server(OracleServiceConfig(backend=config.oracle.backend,
+                                                        settings=dict(config.oracle.settings),
+                                                        workers=config.oracle.workers, server=server_config(1)))
+            servers.append(s)
+            metrics["oracle"] = s.metrics_port
+            oracle_addresses = [s.address]
+        if config.learner.address:
+            learner_address = config.learner.address
+        else:
+            from learner_service.server import LearnerServiceConfig, start_learner_server
+
+            le = config.learner
+            s = start_learner_server(LearnerServiceConfig(species=tuple(species), cutoffs=tuple(le.cutoffs),
+                                                          hyperparameters=dict(le.hyperparameters),
+                                                          server=server_config(2)))
+            servers.append(s)
+            metrics["learner"] = s.metrics_port
+            learner_address = s.address
+        if config.sampler.address:
+            sampler_address = config.sampler.address
+        else:
+            from sampler_service.server import SamplerServiceConfig, start_sampler_server
+
+            s = start_sampler_server(SamplerServiceConfig(default_learner=learner_address, server=server_config(3)))
+            servers.append(s)
+            metrics["sampler"] = s.metrics_port
+            sampler_address = s.address
+        pool = OraclePool(oracle_addresses, config.oracle.timeout_s, config.oracle.attempts)
+    except BaseException:
+        for s in reversed(servers):
+            s.stop(grace=0)
+        raise
+    return Services(oracle=pool, learner_address=learner_address, sampler_address=sampler_address,
+                    servers=servers, metrics_ports=metrics)
