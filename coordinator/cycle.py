@@ -56,7 +56,7 @@ def build_structure(config: RunConfig) -> Atoms:
 
         if s.generator == "l12":
             a_el, b_el = s.element
-            from ase.lattice.cubic import L1_2
+            from ase.lattice.compounds import L1_2
 
             atoms = L1_2(symbol=(b_el, a_el), latticeconstant=s.a, size=(1, 1, 1))
         else:
