@@ -348,3 +348,18 @@ class EngineContract:
         assert eng.time_fs == pytest.approx(22.0)
         assert eng.settings.timestep_fs == 0.5
         eng.close()
+
+    def test_nve_on_a_triclinic_rotated_cell(self):
+        """A general (non-lower-triangular) cell: forces must be rotated consistently (energy is conserved)."""
+        atoms = bulk("Cu", "fcc", a=3.61).repeat((3, 3, 3))  # primitive FCC: 60° cell
+        atoms.rotate(30, "z", rotate_cell=True)
+        atoms.rotate(20, "x", rotate_cell=True)
+        eng = self.make(atoms=atoms, ensemble="nve", initial_temperature_K=300.0)
+        rec = Recorder()
+        eng.run(100, frame_interval=5, on_frame=rec)
+        e = np.array([f.observables.conserved_eV for f in rec.frames])
+        assert np.max(np.abs(e - e[0])) / len(atoms) < NVE_MAX_DEV
+        frac = np.linalg.solve(eng.cell().T, eng.positions().T).T
+        assert np.all(frac >= -1e-9) and np.all(frac < 1 + 1e-9)
+        np.testing.assert_allclose(eng.cell(), atoms.cell.array)
+        eng.close()
