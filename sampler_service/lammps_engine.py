@@ -558,12 +558,14 @@ class LammpsEngine(MDEngine):
             dtfm = (0.5 * dt_ps * self._ftm2v / self._masses)[:, None]
             v_m = v_pre + dtfm * (f_lang + f_l)
             self._heat += self._kick_work(f_lang, v_pre, v_m, dt_ps)
-            self._kick_dt_ps = 0.0
             self._complete_frame(result, False, x_ase, v_m, f_lang,
                                  want=self._frame_interval > 0 and self._step % self._frame_interval == 0,
                                  last=self._step == self._final_step - 1)
+            self._kick_dt_ps = 0.0
         except BaseException as exc:  # noqa: BLE001 — must not propagate into C
+            # leave step m pending (its forces unused), as after an uncertainty stop
             self._error = exc
+            self._kick_dt_ps = self.settings.timestep_fs / _FS_PER_PS
             self._halt(f)
 
     def _pending_langevin_work(self, idx: np.ndarray, dt_ps: float) -> None:

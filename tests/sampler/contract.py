@@ -363,3 +363,41 @@ class EngineContract:
         assert np.all(frac >= -1e-9) and np.all(frac < 1 + 1e-9)
         np.testing.assert_allclose(eng.cell(), atoms.cell.array)
         eng.close()
+
+    def test_a_failing_provider_or_callback_leaves_a_resumable_state(self):
+        from protos.errors import CalculationFailed
+
+        class Flaky:
+            """EMT, but fails once at the 15th call (a learner that dropped its stream)."""
+
+            def __init__(self):
+                self.base, self.calls, self.failed = emt_provider(), 0, False
+
+            def compute(self, *a):
+                self.calls += 1
+                if self.calls == 15 and not self.failed:
+                    self.failed = True
+                    raise CalculationFailed("learner went away")
+                return self.base.compute(*a)
+
+        kw = dict(ensemble="nve", initial_temperature_K=400.0)
+        ref = self.make(**kw)
+        ref.run(30)
+        eng = self.make(provider=Flaky(), **kw)
+        with pytest.raises(CalculationFailed, match="went away"):
+            eng.run(30)
+        assert eng.step == 14
+        eng.run(30 - eng.step)
+        np.testing.assert_allclose(eng.positions(), ref.positions(), atol=1e-12)
+
+        def bad_callback(frame):
+            if frame.step == 40:
+                raise RuntimeError("disk full")
+
+        with pytest.raises(RuntimeError, match="disk full"):
+            eng.run(20, on_frame=bad_callback)
+        ref.run(20)
+        eng.run(ref.step - eng.step)
+        np.testing.assert_allclose(eng.positions(), ref.positions(), atol=1e-12)
+        for e in (eng, ref):
+            e.close()
