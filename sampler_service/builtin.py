@@ -202,6 +202,9 @@ class BuiltinEngine(MDEngine):
         taken = 0
         frame: Frame | None = None
         while taken < max_steps:
+            if self._take_cancel():
+                return StopReport(reason="cancelled", step=self._step, time_fs=self._time, steps_taken=taken,
+                                  frame=frame, threshold=threshold)
             if self._supplied is not None:
                 result, supplied = self._supplied, True
             else:

@@ -28,6 +28,7 @@ State machine of an engine (the FLARE loop of seed 004, Fig. 1b)::
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -124,9 +125,10 @@ class Frame:
 class StopReport:
     """Why and where :meth:`MDEngine.run` returned.
 
-    reason: ``"max_steps"`` (the requested steps are done) or ``"uncertain"``
+    reason: ``"max_steps"`` (the requested steps are done), ``"uncertain"``
     (some σ_iα > threshold at step ``step``; nothing of step ``step`` has been
-    integrated).  ``uncertain_components`` is (k, 2) [atom, component 0..2],
+    integrated) or ``"cancelled"`` (:meth:`MDEngine.request_stop` was called;
+    the state is the same kind as at an uncertainty stop).  ``uncertain_components`` is (k, 2) [atom, component 0..2],
     ``uncertain_std`` (k,) their σ (eV/Å), ``uncertain_atoms`` the unique
     atoms, in increasing order.  ``frame`` is the frame at the stop: the
     uncertain configuration with its prediction, or the last integrated frame.
@@ -302,6 +304,27 @@ class MDEngine(abc.ABC):
     @abc.abstractmethod
     def energy_drift(self) -> float | None:
         """Drift of the conserved energy, eV/atom/ps, over the frames of the current model version."""
+
+    def request_stop(self) -> None:
+        """Ask a running :meth:`run` (in another thread) to return ``"cancelled"`` before its next step.
+
+        Thread-safe.  If no run is active, the next :meth:`run` returns at once.
+        """
+        self._cancel_event().set()
+
+    def _cancel_event(self) -> threading.Event:
+        ev = self.__dict__.get("_cancel")
+        if ev is None:
+            ev = self.__dict__.setdefault("_cancel", threading.Event())
+        return ev
+
+    def _take_cancel(self) -> bool:
+        """True (once) if a stop was requested."""
+        ev = self._cancel_event()
+        if ev.is_set():
+            ev.clear()
+            return True
+        return False
 
     def initialize_velocities(self, temperature_K: float, exact: bool = True) -> None:
         """Maxwell–Boltzmann velocities at ``temperature_K`` with zero momentum from the engine's RNG."""

@@ -370,6 +370,9 @@ class LammpsEngine(MDEngine):
         taken = 0
         last_frame: Frame | None = None
         while taken < max_steps:
+            if self._take_cancel():
+                return StopReport(reason="cancelled", step=self._step, time_fs=self._time, steps_taken=taken,
+                                  frame=last_frame, threshold=threshold)
             # -- step n, first half, in Python: forces for x_n ---------------------------
             x_ase = self.positions()
             if self._supplied is not None:
@@ -418,7 +421,8 @@ class LammpsEngine(MDEngine):
                 raise err
             if self._stop is not None:
                 stop = self._stop
-                return StopReport(**{**stop.__dict__, "steps_taken": taken})
+                return StopReport(**{**stop.__dict__, "steps_taken": taken,
+                                     "frame": stop.frame if stop.frame is not None else last_frame})
         return StopReport(reason="max_steps", step=self._step, time_fs=self._time, steps_taken=taken,
                           frame=last_frame, threshold=threshold)
 
@@ -533,6 +537,12 @@ class LammpsEngine(MDEngine):
             dt_ps = self.settings.timestep_fs / _FS_PER_PS
             self._kick_dt_ps = dt_ps  # until this step's forces are applied
             idx = np.asarray(tag, dtype=np.int64) - 1
+            if self._step < self._segment_end and self._take_cancel():
+                self._stop = StopReport(reason="cancelled", step=self._step, time_fs=self._time,
+                                        steps_taken=0, threshold=self._threshold)
+                self._pending_langevin_work(idx, dt_ps)
+                self._halt(f)
+                return
             if self._step == self._segment_end:
                 f[:] = 0.0  # forces for x_{n+M} stay pending (evaluated by the next run())
                 self._pending_langevin_work(idx, dt_ps)

@@ -401,3 +401,23 @@ class EngineContract:
         np.testing.assert_allclose(eng.positions(), ref.positions(), atol=1e-12)
         for e in (eng, ref):
             e.close()
+
+    def test_request_stop_cancels_before_the_next_step_and_resumes_exactly(self):
+        kw = dict(ensemble="nve", initial_temperature_K=400.0)
+        ref = self.make(**kw)
+        ref.run(30)
+        eng = self.make(**kw)
+
+        def stop_at_7(frame):
+            if frame.step == 7:
+                eng.request_stop()
+
+        report = eng.run(30, on_frame=stop_at_7)
+        assert report.reason == "cancelled" and report.step == 8 and report.steps_taken == 8
+        eng.run(22)
+        np.testing.assert_array_equal(eng.positions(), ref.positions())
+        eng.request_stop()  # with no run active: the next run returns at once
+        assert eng.run(5).reason == "cancelled" and eng.step == 30
+        assert eng.run(1).reason == "max_steps"
+        for e in (eng, ref):
+            e.close()
