@@ -147,10 +147,6 @@ def _lower_triangular(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return low, q
 
 
-class _Stop(Exception):
-    pass
-
-
 class LammpsEngine(MDEngine):
     """LAMMPS integrating with forces from a :class:`ForceProvider` (see module docstring)."""
 
@@ -252,7 +248,6 @@ class LammpsEngine(MDEngine):
         self._view("v")[:] = v[self._order()]
         if f is not None:
             self._view("f")[:] = f[self._order()]
-        self._dtfm_mass = self._masses  # dtfm = dtf / mass[type]; masses per atom equal mass[type]
 
     def _reset_timestep(self, step: int) -> None:
         self._lmp.command(f"reset_timestep {int(step)}")
