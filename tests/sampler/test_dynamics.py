@@ -1,6 +1,5 @@
 """Unit tests of the pure MD pieces: MB velocities, temperature, thermostat factors, wrapping, settings."""
 
-
 import numpy as np
 import pytest
 
