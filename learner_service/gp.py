@@ -1,0 +1,788 @@
+"""Gaussian-process force field (seed 004, Eqs. 5–7) over the 2+3-body kernels.
+
+Conventions follow the classic GP of FLARE 0.2.4 (``flare/gp.py``,
+``flare/gp_algebra.py``): hyperparameters ``(sig2, ls2, sig3, ls3, noise)``; the
+covariance ``K_y = K + sigma_n^2 I``; forces ``f = k^T alpha`` with
+``alpha = K_y^-1 y`` and epistemic variance ``k(x, x) - k^T K_y^-1 k`` (noise
+*excluded*; the total predictive variance adds ``sigma_n^2``); ``std = sqrt(|var|)``;
+log marginal likelihood ``-1/2 y^T alpha - sum log diag L - n/2 log 2 pi``.
+
+Labels are force components of single environments, and optionally total energies
+(eV) and stresses (eV/Å^3, ASE Voigt order and sign) of whole structures.  Each label
+type has its own noise: ``noise`` (eV/Å, optimised as in FLARE), ``energy_noise``
+(eV, default 0.01 as FLARE's) and ``stress_noise`` (eV/Å^3, default 0.001); the last
+two are hyperparameters only when such labels are present.
+
+Work is kept: adding data computes only the new rows of the covariance and extends
+the Cholesky factor by blocks; changing only signal variances or noises rescales the
+stored unit-variance kernel matrices; changing length scales recomputes them.
+:meth:`GaussianProcess.predict` does not change the model (it may fill caches keyed
+by the model version).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy.linalg import LinAlgError, cho_solve, cholesky, solve_triangular
+from scipy.optimize import minimize
+
+from protos.errors import InvalidInput, ModelError, NotFound
+
+from .environment import Cutoffs, EnvironmentBatch, build_environments
+from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks
+
+__all__ = ["GaussianProcess", "Prediction", "OptimizationResult", "FORMAT_VERSION", "BASE_HYPERPARAMETERS"]
+
+FORMAT_VERSION = 1
+BASE_HYPERPARAMETERS = ("sig2", "ls2", "sig3", "ls3", "noise")
+DEFAULT_HYPERPARAMETERS = {"sig2": 0.2, "ls2": 1.0, "sig3": 0.02, "ls3": 0.8, "noise": 0.05}
+DEFAULT_ENERGY_NOISE = 0.01  # eV, FLARE 0.2.4 default
+DEFAULT_STRESS_NOISE = 0.001  # eV/Å^3 (0.16 GPa)
+HYPERPARAMETER_UNITS = {
+    "sig2": "eV",
+    "ls2": "Å",
+    "sig3": "eV",
+    "ls3": "Å",
+    "noise": "eV/Å",
+    "energy_noise": "eV",
+    "stress_noise": "eV/Å^3",
+}
+DEFAULT_BOUNDS = {
+    "sig2": (1e-6, 1e4),
+    "ls2": (1e-2, 1e2),
+    "sig3": (1e-6, 1e4),
+    "ls3": (1e-2, 1e2),
+    "noise": (1e-4, 1e2),
+    "energy_noise": (1e-5, 1e3),
+    "stress_noise": (1e-7, 1e1),
+}
+
+_FORCE, _ENERGY, _STRESS = 0, 1, 2
+_CHOLESKY_HINT = (
+    "the covariance matrix is not positive definite; increase the noise σn (or the energy/stress "
+    "noise), or remove duplicate environments from the training set"
+)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Posterior mean and epistemic uncertainty for one structure.
+
+    ``forces`` (n, 3) eV/Å; ``force_std`` (n, 3) eV/Å epistemic σ of each component
+    (noise excluded; total σ = sqrt(force_std² + noise²)); ``force_var`` (n, 3) the raw
+    epistemic variance (eV²/Å², may be ~-1e-16 from round-off); ``energy`` eV;
+    ``local_energies`` (n,) eV; ``stress`` (6,) eV/Å^3 ASE Voigt or None; ``noise``
+    σn in eV/Å.
+    """
+
+    forces: np.ndarray
+    force_std: np.ndarray
+    force_var: np.ndarray
+    energy: float
+    local_energies: np.ndarray
+    stress: np.ndarray | None
+    noise: float
+    model_version: int = 0
+
+
+@dataclass(frozen=True)
+class OptimizationResult:
+    """Outcome of :meth:`GaussianProcess.optimize` (hyperparameters are those of the model afterwards)."""
+
+    converged: bool
+    iterations: int
+    evaluations: int
+    message: str
+    log_likelihood: float
+    gradient: dict
+    hyperparameters: dict
+    max_iterations: int
+    seconds: float
+
+    def __str__(self) -> str:
+        hyps = ", ".join(f"{k}={v:.6g} {HYPERPARAMETER_UNITS.get(k, '')}" for k, v in self.hyperparameters.items())
+        state = "converged" if self.converged else "NOT converged"
+        return (f"{state} after {self.iterations} iterations ({self.evaluations} evaluations, "
+                f"{self.seconds:.1f} s): {self.message}; log likelihood {self.log_likelihood:.6f}; {hyps}")
+
+
+@dataclass
+class _Group:
+    kind: str  # "force" or "structure"
+    envs: np.ndarray  # environment indices into the training batch
+    rows: np.ndarray  # (10,) output row per functional, -1 unused
+    scale: np.ndarray  # (10,)
+
+
+@dataclass
+class _State:
+    """Cached linear algebra for one set of hyperparameters and training rows."""
+
+    key: tuple
+    n: int
+    L: np.ndarray
+    alpha: np.ndarray
+
+
+class GaussianProcess:
+    """2+3-body GP force field.
+
+    ``species``: atomic numbers the model knows; ``cutoffs = (r2, r3)`` in Å;
+    ``pair_cutoffs`` optionally overrides single species pairs, e.g.
+    ``{"threebody": {(13, 29): 3.5}}``; ``hyperparameters``: dict with any of
+    ``sig2, ls2, sig3, ls3, noise`` (and ``energy_noise``, ``stress_noise``).
+    """
+
+    def __init__(
+        self,
+        species: Sequence[int],
+        cutoffs: Sequence[float],
+        hyperparameters: Mapping[str, float] | None = None,
+        energy_noise: float | None = None,
+        stress_noise: float | None = None,
+        pair_cutoffs: Mapping | None = None,
+    ) -> None:
+        self.cutoffs = Cutoffs.create(species, cutoffs, pair_cutoffs)
+        self.species = self.cutoffs.species
+        self._hyps = dict(DEFAULT_HYPERPARAMETERS)
+        self._hyps["energy_noise"] = DEFAULT_ENERGY_NOISE if energy_noise is None else float(energy_noise)
+        self._hyps["stress_noise"] = DEFAULT_STRESS_NOISE if stress_noise is None else float(stress_noise)
+        if hyperparameters:
+            self._set_hyps(hyperparameters)
+        self._batch = EnvironmentBatch.empty()
+        self._batch_parts: list[EnvironmentBatch] = []
+        self._n_env_total = 0
+        self._groups: list[_Group] = []
+        self._labels: list[float] = []
+        self._kinds: list[int] = []
+        self._n_force_envs = 0
+        self._version = 0
+        # unit-variance kernel matrices for the first _k_rows rows at length scales _k_ls
+        self._K2 = np.zeros((0, 0))
+        self._K3 = np.zeros((0, 0))
+        self._k_rows = 0
+        self._k_ls: tuple | None = None
+        self._state: _State | None = None
+        self._grad_cache: tuple | None = None  # (ls2, ls3, n, dK2, dK3)
+
+    # ------------------------------------------------------------------
+    # hyperparameters
+    # ------------------------------------------------------------------
+
+    @property
+    def hyperparameter_names(self) -> tuple[str, ...]:
+        """Names of the hyperparameters the likelihood depends on, in gradient order."""
+        names = list(BASE_HYPERPARAMETERS)
+        kinds = set(self._kinds)
+        if _ENERGY in kinds:
+            names.append("energy_noise")
+        if _STRESS in kinds:
+            names.append("stress_noise")
+        return tuple(names)
+
+    @property
+    def hyperparameters(self) -> dict:
+        return {k: float(v) for k, v in self._hyps.items()}
+
+    @hyperparameters.setter
+    def hyperparameters(self, values: Mapping[str, float]) -> None:
+        self.set_hyperparameters(values)
+
+    def set_hyperparameters(self, values: Mapping[str, float]) -> None:
+        """Set some or all hyperparameters (no refactorisation until needed)."""
+        self._set_hyps(values)
+        self._version += 1
+
+    def _set_hyps(self, values: Mapping[str, float]) -> None:
+        for k, v in dict(values).items():
+            if k not in self._hyps:
+                raise InvalidInput(f"unknown hyperparameter {k!r}; known: {sorted(self._hyps)}")
+            v = float(v)
+            if not math.isfinite(v) or v <= 0:
+                raise InvalidInput(f"hyperparameter {k} must be positive and finite, got {v}")
+            self._hyps[k] = v
+
+    @property
+    def noise(self) -> float:
+        return float(self._hyps["noise"])
+
+    # ------------------------------------------------------------------
+    # training data
+    # ------------------------------------------------------------------
+
+    @property
+    def n_environments(self) -> int:
+        """Number of training environments with force labels."""
+        return self._n_force_envs
+
+    @property
+    def n_labels(self) -> int:
+        return len(self._labels)
+
+    @property
+    def version(self) -> int:
+        """Increases whenever data or hyperparameters change."""
+        return self._version
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self._labels, dtype=np.float64)
+
+    def _training_batch(self) -> EnvironmentBatch:
+        if len(self._batch) != self._n_env_total:
+            self._batch = EnvironmentBatch.concatenate([self._batch] + self._batch_parts)
+            self._batch_parts = []
+        return self._batch
+
+    def _label_groups(self, groups: Sequence[_Group]) -> LabelGroups:
+        if not groups:
+            return LabelGroups(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros((0, N_FUNCTIONALS), np.int64),
+                               np.zeros((0, N_FUNCTIONALS)))
+        ptr = np.concatenate([[0], np.cumsum([len(g.envs) for g in groups])])
+        return LabelGroups(ptr, np.concatenate([g.envs for g in groups]), np.stack([g.rows for g in groups]),
+                           np.stack([g.scale for g in groups]))
+
+    def add_structure(
+        self,
+        atoms,
+        forces=None,
+        atom_indices: Iterable[int] | None = None,
+        energy: float | None = None,
+        stress=None,
+    ) -> int:
+        """Add labelled data from one structure (an ``ase.Atoms``).
+
+        ``forces`` (n, 3) eV/Å with ``atom_indices`` the atoms whose environments
+        (and force labels) are added (default: all); ``energy`` total energy in eV;
+        ``stress`` (6,) ASE Voigt or (3, 3), eV/Å^3, ASE sign.  Returns the number of
+        labels added.
+        """
+        n = len(atoms)
+        numbers = atoms.get_atomic_numbers()
+        positions = atoms.get_positions()
+        cell = atoms.get_cell().array
+        pbc = atoms.get_pbc()
+        if forces is None and energy is None and stress is None:
+            raise InvalidInput("add_structure needs forces, an energy or a stress")
+        if n == 0:
+            raise InvalidInput("the structure has no atoms")
+        new_groups: list[_Group] = []
+        new_labels: list[float] = []
+        new_kinds: list[int] = []
+        row = len(self._labels)
+        env_base = self._n_env_total
+        parts: list[EnvironmentBatch] = []
+
+        if forces is not None:
+            forces = np.asarray(forces, dtype=np.float64)
+            if forces.shape != (n, 3):
+                raise InvalidInput(f"forces must have shape ({n}, 3) for {n} atoms, got {forces.shape}")
+            idx = np.arange(n) if atom_indices is None else np.asarray(list(atom_indices), dtype=np.int64)
+            if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+                raise InvalidInput(f"atom indices {idx.tolist()} out of range for {n} atoms")
+            if len(set(idx.tolist())) != len(idx):
+                raise InvalidInput("atom indices contain duplicates")
+            if not np.isfinite(forces[idx]).all():
+                raise InvalidInput("forces contain NaN or infinite values")
+        else:
+            idx = np.zeros(0, np.int64)
+        need_all = energy is not None or stress is not None
+        if stress is not None:
+            stress = np.asarray(stress, dtype=np.float64)
+            if stress.shape == (3, 3):
+                stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+            if stress.shape != (6,) or not np.isfinite(stress).all():
+                raise InvalidInput("stress must be 6 finite numbers (xx yy zz yz xz xy, eV/Å^3) or a 3x3 matrix")
+            if not np.all(pbc):
+                raise InvalidInput("a stress label needs a fully periodic cell")
+        if energy is not None:
+            energy = float(energy)
+            if not math.isfinite(energy):
+                raise InvalidInput("energy is not finite")
+
+        if need_all:
+            all_envs = build_environments(positions, numbers, cell, pbc, self.cutoffs)
+            force_envs = all_envs.subset(idx) if len(idx) else EnvironmentBatch.empty()
+        else:
+            all_envs = None
+            force_envs = build_environments(positions, numbers, cell, pbc, self.cutoffs, idx)
+
+        for k, i in enumerate(idx):
+            rows = np.full(N_FUNCTIONALS, -1, np.int64)
+            rows[1:4] = row + np.arange(3)
+            row += 3
+            new_groups.append(_Group("force", np.array([env_base + k]), rows, np.ones(N_FUNCTIONALS)))
+            new_labels.extend(forces[i].tolist())
+            new_kinds.extend([_FORCE] * 3)
+        parts.append(force_envs)
+        n_new_envs = len(force_envs)
+
+        if need_all:
+            rows = np.full(N_FUNCTIONALS, -1, np.int64)
+            scale = np.ones(N_FUNCTIONALS)
+            if energy is not None:
+                rows[0] = row
+                row += 1
+                new_labels.append(energy)
+                new_kinds.append(_ENERGY)
+            if stress is not None:
+                volume = abs(np.linalg.det(cell))
+                if volume < 1e-12:
+                    raise InvalidInput("a stress label needs a cell with non-zero volume")
+                rows[4:10] = row + np.arange(6)
+                row += 6
+                scale[4:10] = -1.0 / volume
+                new_labels.extend(stress.tolist())
+                new_kinds.extend([_STRESS] * 6)
+            envs = env_base + n_new_envs + np.arange(len(all_envs))
+            new_groups.append(_Group("structure", envs, rows, scale))
+            parts.append(all_envs)
+            n_new_envs += len(all_envs)
+
+        # commit
+        self._batch_parts.extend(p for p in parts if len(p))
+        self._n_env_total += n_new_envs
+        self._groups.extend(new_groups)
+        self._labels.extend(new_labels)
+        self._kinds.extend(new_kinds)
+        self._n_force_envs += len(idx)
+        self._version += 1
+        return len(new_labels)
+
+    # ------------------------------------------------------------------
+    # covariance and factorisation
+    # ------------------------------------------------------------------
+
+    def _ensure_kernel(self) -> None:
+        """K2/K3 (unit signal variance) for all rows at the current length scales."""
+        ls = (self._hyps["ls2"], self._hyps["ls3"])
+        n = len(self._labels)
+        if self._k_ls != ls:
+            self._k_rows = 0
+            self._K2 = np.zeros((0, 0))
+            self._K3 = np.zeros((0, 0))
+            self._k_ls = ls
+        if self._k_rows == n:
+            return
+        batch = self._training_batch()
+        old = self._k_rows
+        old_groups = [g for g in self._groups if g.rows.max() < old]
+        new_groups = self._groups[len(old_groups):]
+        K2 = np.zeros((n, n))
+        K3 = np.zeros((n, n))
+        K2[:old, :old] = self._K2
+        K3[:old, :old] = self._K3
+        gnew = self._label_groups(new_groups)
+        a2, a3 = kernel_blocks(batch, gnew, None, ls[0], ls[1])
+        K2[old:, old:] = a2[old:, old:]
+        K3[old:, old:] = a3[old:, old:]
+        if old:
+            gold = self._label_groups(old_groups)
+            c2, c3 = kernel_blocks(batch, gold, gnew, ls[0], ls[1])
+            K2[:old, old:] = c2[:old, old:]
+            K3[:old, old:] = c3[:old, old:]
+            K2[old:, :old] = c2[:old, old:].T
+            K3[old:, :old] = c3[:old, old:].T
+        self._K2, self._K3, self._k_rows = K2, K3, n
+
+    def _noise_vector(self, hyps: Mapping[str, float] | None = None) -> np.ndarray:
+        h = self._hyps if hyps is None else hyps
+        var = np.array([h["noise"] ** 2, h["energy_noise"] ** 2, h["stress_noise"] ** 2])
+        return var[np.asarray(self._kinds, dtype=np.int64)] if self._kinds else np.zeros(0)
+
+    def _ky(self, hyps: Mapping[str, float] | None = None, rows: int | None = None) -> np.ndarray:
+        h = self._hyps if hyps is None else hyps
+        n = len(self._labels) if rows is None else rows
+        K = h["sig2"] ** 2 * self._K2[:n, :n] + h["sig3"] ** 2 * self._K3[:n, :n]
+        K[np.diag_indices(n)] += self._noise_vector(h)[:n]
+        return K
+
+    def _state_key(self) -> tuple:
+        return tuple(self._hyps[k] for k in sorted(self._hyps))
+
+    def train(self, optimize: bool = False, max_iterations: int = 200) -> "GaussianProcess":
+        """(Re)factorise the covariance; cheap when nothing changed, incremental when
+        only data were added.  With ``optimize`` the hyperparameters are optimised first
+        (:meth:`optimize`)."""
+        if optimize and self.n_labels:
+            self.optimize(max_iterations=max_iterations)
+        self._factorize()
+        return self
+
+    def _factorize(self) -> _State | None:
+        n = len(self._labels)
+        if n == 0:
+            return None
+        key = self._state_key()
+        st = self._state
+        if st is not None and st.key == key and st.n == n:
+            return st
+        self._ensure_kernel()
+        y = self.labels
+        if st is not None and st.key == key and st.n < n:
+            # extend the Cholesky factor by blocks: [[L11, 0], [L21, L22]]
+            m = st.n
+            Ky = self._ky()
+            L21 = solve_triangular(st.L, Ky[:m, m:], lower=True, check_finite=False).T
+            S = Ky[m:, m:] - L21 @ L21.T
+            try:
+                L22 = cholesky(S, lower=True, check_finite=False)
+            except LinAlgError as exc:
+                raise ModelError(_CHOLESKY_HINT) from exc
+            L = np.zeros((n, n))
+            L[:m, :m] = st.L
+            L[m:, :m] = L21
+            L[m:, m:] = L22
+        else:
+            L = self._cholesky(self._ky())
+        alpha = cho_solve((L, True), y, check_finite=False)
+        self._state = _State(key, n, L, alpha)
+        return self._state
+
+    @staticmethod
+    def _cholesky(Ky: np.ndarray) -> np.ndarray:
+        try:
+            L = cholesky(Ky, lower=True, check_finite=False)
+        except (LinAlgError, ValueError) as exc:
+            raise ModelError(_CHOLESKY_HINT) from exc
+        if not np.isfinite(L).all():
+            raise ModelError(_CHOLESKY_HINT)
+        return L
+
+    def covariance_matrix(self) -> np.ndarray:
+        """K_y = K + noise (n_labels, n_labels) at the current hyperparameters."""
+        self._ensure_kernel()
+        return self._ky()
+
+    @property
+    def alpha(self) -> np.ndarray:
+        st = self._factorize()
+        return np.zeros(0) if st is None else st.alpha.copy()
+
+    # ------------------------------------------------------------------
+    # likelihood
+    # ------------------------------------------------------------------
+
+    def log_likelihood(self, gradient: bool = False, hyperparameters: Mapping[str, float] | None = None):
+        """Log marginal likelihood (Eq. 6) and, with ``gradient``, its analytic gradient
+        (Eq. 7) as an array ordered like :attr:`hyperparameter_names`.
+
+        ``hyperparameters`` optionally sets (some) hyperparameters first.
+        """
+        if hyperparameters is not None:
+            self.set_hyperparameters(hyperparameters)
+        if not self._labels:
+            raise ModelError("the model has no training data")
+        if not gradient:
+            st = self._factorize()
+            return self._lml(st.L, st.alpha)
+        value, grad = self._lml_and_grad(self._hyps)
+        return value, grad
+
+    def _lml(self, L, alpha) -> float:
+        y = self.labels
+        return float(-0.5 * y @ alpha - np.log(np.diag(L)).sum() - 0.5 * len(y) * math.log(2 * math.pi))
+
+    def _grad_kernels(self):
+        ls2, ls3 = self._hyps["ls2"], self._hyps["ls3"]
+        n = len(self._labels)
+        gc = self._grad_cache
+        if gc is not None and gc[0] == ls2 and gc[1] == ls3 and gc[2] == n and self._k_ls == (ls2, ls3) \
+                and self._k_rows == n:
+            return gc[3], gc[4]
+        groups = self._label_groups(self._groups)
+        K2, K3, dK2, dK3 = kernel_blocks(self._training_batch(), groups, None, ls2, ls3, grad=True)
+        self._K2, self._K3, self._k_rows, self._k_ls = K2, K3, n, (ls2, ls3)
+        self._grad_cache = (ls2, ls3, n, dK2, dK3)
+        return dK2, dK3
+
+    def _lml_and_grad(self, hyps: Mapping[str, float]):
+        dK2, dK3 = self._grad_kernels()
+        Ky = self._ky(hyps)
+        L = self._cholesky(Ky)
+        y = self.labels
+        alpha = cho_solve((L, True), y, check_finite=False)
+        value = self._lml(L, alpha)
+        Kinv = cho_solve((L, True), np.eye(len(y)), check_finite=False)
+        W = np.outer(alpha, alpha) - Kinv  # Eq. 7: 1/2 tr(W dK/dθ)
+        kinds = np.asarray(self._kinds)
+        s2, s3 = hyps["sig2"], hyps["sig3"]
+        grad = []
+        for name in self.hyperparameter_names:
+            if name == "sig2":
+                g = 0.5 * np.vdot(W, self._K2) * 2 * s2
+            elif name == "sig3":
+                g = 0.5 * np.vdot(W, self._K3) * 2 * s3
+            elif name == "ls2":
+                g = 0.5 * np.vdot(W, dK2) * s2 ** 2
+            elif name == "ls3":
+                g = 0.5 * np.vdot(W, dK3) * s3 ** 2
+            else:
+                kind = {"noise": _FORCE, "energy_noise": _ENERGY, "stress_noise": _STRESS}[name]
+                g = 0.5 * np.diag(W)[kinds == kind].sum() * 2 * hyps[name]
+            grad.append(float(g))
+        return value, np.asarray(grad)
+
+    # ------------------------------------------------------------------
+    # hyperparameter optimisation
+    # ------------------------------------------------------------------
+
+    def optimize(
+        self,
+        max_iterations: int = 200,
+        fix: Iterable[str] = (),
+        bounds: Mapping[str, tuple[float, float]] | None = None,
+        gtol: float = 1e-4,
+        ftol: float = 1e-10,
+        progress: Callable[[int, float, dict], None] | None = None,
+    ) -> OptimizationResult:
+        """Maximise the log marginal likelihood with L-BFGS-B over log-hyperparameters.
+
+        Converged when the projected gradient with respect to log θ is below ``gtol``
+        (the paper's ε = 1e-4) or the relative likelihood change per step is below
+        ``ftol``; reaching ``max_iterations`` is reported as *not* converged.
+        ``fix`` names hyperparameters to hold; ``bounds`` overrides the default boxes;
+        ``progress(iteration, log_likelihood, hyperparameters)`` is called per iteration.
+        """
+        if not self._labels:
+            raise ModelError("the model has no training data to optimise on")
+        if max_iterations < 1:
+            raise InvalidInput("max_iterations must be >= 1")
+        names = [n for n in self.hyperparameter_names if n not in set(fix)]
+        unknown = set(fix) - set(self._hyps)
+        if unknown:
+            raise InvalidInput(f"cannot fix unknown hyperparameters {sorted(unknown)}")
+        if not names:
+            raise InvalidInput("every hyperparameter is fixed; nothing to optimise")
+        box = dict(DEFAULT_BOUNDS)
+        box.update(bounds or {})
+        all_names = list(self.hyperparameter_names)
+        idx = [all_names.index(n) for n in names]
+        x0 = np.log([min(max(self._hyps[n], box[n][0]), box[n][1]) for n in names])
+        log_bounds = [(math.log(box[n][0]), math.log(box[n][1])) for n in names]
+        t0 = time.perf_counter()
+        best = {"f": math.inf, "x": x0.copy(), "g": None}
+        evals = [0]
+        scale = [None]
+
+        def fun(x):
+            evals[0] += 1
+            hyps = dict(self._hyps)
+            hyps.update({n: float(math.exp(v)) for n, v in zip(names, x)})
+            self._hyps.update({"ls2": hyps["ls2"], "ls3": hyps["ls3"]})
+            try:
+                value, grad = self._lml_and_grad(hyps)
+            except ModelError:
+                # outside the region where K_y is numerically positive definite
+                return (abs(best["f"]) + 1e6 if math.isfinite(best["f"]) else 1e30), np.zeros(len(x))
+            g = -np.asarray(grad)[idx] * np.exp(x)
+            f = -value
+            if scale[0] is None:
+                scale[0] = 1.0
+            if f < best["f"]:
+                best.update(f=f, x=np.array(x), g=-g)
+            return f, g
+
+        it = [0]
+
+        def callback(xk):
+            it[0] += 1
+            if progress is not None:
+                hyps = {n: float(math.exp(v)) for n, v in zip(names, xk)}
+                progress(it[0], -best["f"], hyps)
+
+        saved = dict(self._hyps)
+        try:
+            res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=log_bounds, callback=callback,
+                           options={"maxiter": int(max_iterations), "gtol": gtol, "ftol": ftol,
+                                    "maxfun": 20 * int(max_iterations) + 20, "maxls": 30})
+        except Exception:
+            self._hyps = saved
+            raise
+        if not math.isfinite(best["f"]):
+            self._hyps = saved
+            raise ModelError("no hyperparameters tried gave a positive-definite covariance; " + _CHOLESKY_HINT)
+        x = best["x"]
+        self._hyps.update({n: float(math.exp(v)) for n, v in zip(names, x)})
+        self._version += 1
+        self._factorize()
+        value, grad = self._lml_and_grad(self._hyps)
+        iterations = int(res.nit)
+        hit_cap = iterations >= max_iterations or res.status == 1
+        converged = bool(res.success) and not hit_cap
+        message = str(res.message)
+        if hit_cap:
+            message = f"iteration limit {max_iterations} reached before convergence ({message})"
+        return OptimizationResult(
+            converged=converged,
+            iterations=iterations,
+            evaluations=evals[0],
+            message=message,
+            log_likelihood=float(value),
+            gradient=dict(zip(self.hyperparameter_names, map(float, grad))),
+            hyperparameters={n: self._hyps[n] for n in self.hyperparameter_names},
+            max_iterations=int(max_iterations),
+            seconds=time.perf_counter() - t0,
+        )
+
+    # ------------------------------------------------------------------
+    # prediction
+    # ------------------------------------------------------------------
+
+    def predict(self, atoms, stress: bool = False, atom_indices: Iterable[int] | None = None) -> Prediction:
+        """Forces, per-component epistemic σ, local and total energy (and stress) of ``atoms``.
+
+        With ``atom_indices`` only those atoms are predicted (rows of the other atoms are
+        zero; energy and stress then need all atoms and are not available -> NaN/None).
+        Does not change the model.
+        """
+        n = len(atoms)
+        positions = atoms.get_positions()
+        cell = atoms.get_cell().array
+        pbc = atoms.get_pbc()
+        subset = atom_indices is not None
+        idx = np.arange(n) if not subset else np.asarray(list(atom_indices), dtype=np.int64)
+        if stress and subset:
+            raise InvalidInput("stress needs all atoms; do not pass atom_indices with stress=True")
+        volume = abs(np.linalg.det(cell)) if np.all(pbc) else 0.0
+        if stress and volume < 1e-12:
+            raise InvalidInput("stress needs a fully periodic cell with non-zero volume")
+        envs = build_environments(positions, atoms.get_atomic_numbers(), cell, pbc, self.cutoffs, idx)
+        m = len(envs)
+        h = self._hyps
+        gp_rows = LabelGroups.per_environment(np.arange(m), energy=True, force=True, stress=stress)
+        width = 10 if stress else 4
+        st = self._factorize()
+        if st is not None:
+            groups = self._label_groups(self._groups)
+            K2, K3 = kernel_blocks(self._training_batch(), groups, gp_rows, h["ls2"], h["ls3"], batch_b=envs)
+            Kp = h["sig2"] ** 2 * K2 + h["sig3"] ** 2 * K3  # (n_train, m*width)
+            mean = (Kp.T @ st.alpha).reshape(m, width)
+            Kf = Kp.reshape(-1, m, width)[:, :, 1:4].reshape(Kp.shape[0], m * 3)
+            V = solve_triangular(st.L, Kf, lower=True, check_finite=False)
+            explained = np.einsum("ij,ij->j", V, V).reshape(m, 3)
+        else:
+            mean = np.zeros((m, width))
+            explained = np.zeros((m, 3))
+        self_groups = LabelGroups.per_environment(np.arange(m), energy=False, force=True)
+        s2, s3 = kernel_blocks(envs, self_groups, None, h["ls2"], h["ls3"], diagonal=True)
+        prior = (h["sig2"] ** 2 * np.diag(s2) + h["sig3"] ** 2 * np.diag(s3)).reshape(m, 3)
+        var = prior - explained
+
+        forces = np.zeros((n, 3))
+        force_var = np.zeros((n, 3))
+        local = np.zeros(n)
+        forces[idx] = mean[:, 1:4]
+        force_var[idx] = var
+        local[idx] = mean[:, 0]
+        if subset:
+            energy = float("nan")
+        else:
+            energy = float(local.sum())
+        stress_out = None
+        if stress:
+            partial = mean[:, 4:10]
+            stress_out = -partial.sum(axis=0) / volume
+        return Prediction(
+            forces=forces,
+            force_std=np.sqrt(np.abs(force_var)),
+            force_var=force_var,
+            energy=energy,
+            local_energies=local,
+            stress=stress_out,
+            noise=self.noise,
+            model_version=self._version,
+        )
+
+    # ------------------------------------------------------------------
+    # persistence
+    # ------------------------------------------------------------------
+
+    def save(self, path) -> Path:
+        """Write the model to ``path`` (.npz with a JSON header, ``format_version`` 1)."""
+        path = Path(path)
+        batch = self._training_batch()
+        meta = {
+            "format": "epicycle-gp",
+            "format_version": FORMAT_VERSION,
+            "species": list(self.species),
+            "cutoffs": [self.cutoffs.r2, self.cutoffs.r3],
+            "pair_cutoffs": self.cutoffs.pair_dict(),
+            "hyperparameters": self.hyperparameters,
+            "n_environments": self.n_environments,
+            "n_labels": self.n_labels,
+            "kernel": "two_plus_three_body_mc (FLARE 0.2.4 conventions)",
+            "units": HYPERPARAMETER_UNITS,
+        }
+        arrays = {f"env_{k}": v for k, v in batch.arrays().items()}
+        arrays["labels"] = self.labels
+        arrays["label_kinds"] = np.asarray(self._kinds, dtype=np.int64)
+        arrays["group_kind"] = np.array([0 if g.kind == "force" else 1 for g in self._groups], dtype=np.int64)
+        arrays["group_ptr"] = np.concatenate([[0], np.cumsum([len(g.envs) for g in self._groups])]).astype(np.int64)
+        arrays["group_env"] = (np.concatenate([g.envs for g in self._groups]) if self._groups
+                               else np.zeros(0, np.int64))
+        arrays["group_rows"] = (np.stack([g.rows for g in self._groups]) if self._groups
+                                else np.zeros((0, N_FUNCTIONALS), np.int64))
+        arrays["group_scale"] = (np.stack([g.scale for g in self._groups]) if self._groups
+                                 else np.zeros((0, N_FUNCTIONALS)))
+        if self._k_rows == self.n_labels and self._k_ls == (self._hyps["ls2"], self._hyps["ls3"]):
+            arrays["K2"] = self._K2
+            arrays["K3"] = self._K3
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "GaussianProcess":
+        path = Path(path)
+        if not path.exists():
+            raise NotFound(f"model file {path} does not exist")
+        try:
+            data = np.load(path, allow_pickle=False)
+            meta = json.loads(bytes(data["meta"]).decode())
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            raise InvalidInput(f"{path} is not an Epicycle GP model file: {exc}") from exc
+        if meta.get("format") != "epicycle-gp":
+            raise InvalidInput(f"{path} is not an Epicycle GP model file")
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise InvalidInput(
+                f"{path} has model format_version {version!r}; this Epicycle reads version {FORMAT_VERSION}")
+        gp = cls(meta["species"], meta["cutoffs"], hyperparameters=meta["hyperparameters"],
+                 pair_cutoffs=Cutoffs.parse_pair_dict(meta.get("pair_cutoffs")))
+        batch = EnvironmentBatch.from_arrays({k[4:]: data[k] for k in data.files if k.startswith("env_")})
+        gp._batch = batch
+        gp._n_env_total = len(batch)
+        ptr = data["group_ptr"]
+        kinds = data["group_kind"]
+        for g in range(len(kinds)):
+            gp._groups.append(_Group("force" if kinds[g] == 0 else "structure", data["group_env"][ptr[g]:ptr[g + 1]],
+                                     data["group_rows"][g], data["group_scale"][g]))
+        gp._labels = data["labels"].tolist()
+        gp._kinds = data["label_kinds"].tolist()
+        gp._n_force_envs = int(meta["n_environments"])
+        if "K2" in data.files:
+            gp._K2 = data["K2"]
+            gp._K3 = data["K3"]
+            gp._k_rows = gp._K2.shape[0]
+            gp._k_ls = (gp._hyps["ls2"], gp._hyps["ls3"])
+        gp._version = 1
+        return gp
+
+    def __repr__(self) -> str:
+        hyps = ", ".join(f"{k}={self._hyps[k]:.4g}" for k in self.hyperparameter_names)
+        return (f"GaussianProcess(species={list(self.species)}, cutoffs=({self.cutoffs.r2}, {self.cutoffs.r3}), "
+                f"{self.n_environments} environments, {self.n_labels} labels, {hyps})")
