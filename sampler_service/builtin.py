@@ -115,18 +115,6 @@ class BuiltinEngine(MDEngine):
         return len(self._numbers)
 
     @property
-    def numbers(self) -> np.ndarray:
-        return self._numbers.copy()
-
-    @property
-    def masses(self) -> np.ndarray:
-        return self._masses.copy()
-
-    @property
-    def pbc(self) -> np.ndarray:
-        return self._pbc.copy()
-
-    @property
     def images(self) -> np.ndarray:
         """Integer image shifts: unwrapped positions = positions + images @ cell (fixed cell)."""
         return self._images.copy()
@@ -152,15 +140,7 @@ class BuiltinEngine(MDEngine):
         # estimate v_n with the last forces (exact v_n needs F_n, not yet known)
         return self._velocities + 0.5 * self._pending_kick_fs * self._last.forces / self._masses[:, None] * dyn.ACCEL
 
-    def atoms(self) -> Atoms:
-        """The current configuration as ASE Atoms (velocities in ASE units)."""
-        a = Atoms(numbers=self._numbers, positions=self._positions, cell=self._cell, pbc=self._pbc,
-                  masses=self._masses)
-        a.set_velocities(self.velocities() / units.fs)
-        return a
-
     def observables(self) -> Observables | None:
-        """Observables of the last integrated frame (None before the first step)."""
         return self._last_observables
 
     def energy_drift(self) -> float | None:

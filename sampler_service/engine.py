@@ -293,6 +293,36 @@ class MDEngine(abc.ABC):
     @abc.abstractmethod
     def cell(self) -> np.ndarray: ...
 
+    @property
+    @abc.abstractmethod
+    def images(self) -> np.ndarray:
+        """(n, 3) integer image shifts: unwrapped positions = positions + images @ cell."""
+
+    @abc.abstractmethod
+    def observables(self) -> Observables | None:
+        """Observables of the last integrated frame (None before the first step)."""
+
+    @property
+    def numbers(self) -> np.ndarray:
+        """Atomic numbers (n,)."""
+        return self._numbers.copy()
+
+    @property
+    def masses(self) -> np.ndarray:
+        """Masses (n,), amu."""
+        return self._masses.copy()
+
+    @property
+    def pbc(self) -> np.ndarray:
+        return self._pbc.copy()
+
+    def atoms(self) -> Atoms:
+        """The current configuration as ASE Atoms (velocities converted to ASE units)."""
+        a = Atoms(numbers=self.numbers, positions=self.positions(), cell=self.cell(), pbc=self.pbc,
+                  masses=self.masses)
+        a.set_velocities(self.velocities() / units.fs)
+        return a
+
     @abc.abstractmethod
     def set_velocities(self, velocities: np.ndarray) -> None:
         """Replace the velocities (Å/fs) at the current time (the next step starts from them)."""

@@ -301,12 +301,14 @@ class LammpsEngine(MDEngine):
         """LAMMPS keeps atoms in the box; with ``wrap=False`` report x + image·cell."""
         if self.settings.wrap:
             return x_ase
-        return x_ase + self.images() @ self._cell
+        return x_ase + self.images @ self._cell
 
     def cell(self) -> np.ndarray:
         return self._cell.copy()
 
+    @property
     def images(self) -> np.ndarray:
+        """Integer image shifts from LAMMPS's image flags: unwrapped = positions + images @ cell."""
         img = np.empty(len(self._numbers), dtype=np.int64)
         img[self._order()] = self._lmp.numpy.extract_atom("image")[: self._nlocal()]
         return np.stack([(img & 1023) - 512, ((img >> 10) & 1023) - 512, (img >> 20) - 512], axis=1)
@@ -493,7 +495,7 @@ class LammpsEngine(MDEngine):
             stress=None if result.stress is None else result.stress.copy(),
             force_std=None if result.force_std is None else result.force_std.copy(),
             noise=result.noise, model_version=result.model_version, forces_supplied=supplied,
-            observables=obs, images=self.images() if self._lmp is not None else None,
+            observables=obs, images=self.images if self._lmp is not None else None,
         )
 
     def _uncertain_report(self, result, x_ase, crossing, taken) -> StopReport:

@@ -421,3 +421,18 @@ class EngineContract:
         assert eng.run(1).reason == "max_steps"
         for e in (eng, ref):
             e.close()
+
+    def test_atoms_snapshot_and_image_flags(self):
+        from ase import units
+
+        eng = self.make(ensemble="nve")
+        eng.set_velocities(np.tile([0.05, 0.0, 0.0], (32, 1)))
+        x0 = eng.positions()
+        eng.run(100)  # 10 Å along x in a 7.22 Å cell
+        unwrapped = eng.positions() + eng.images @ eng.cell()
+        np.testing.assert_allclose((unwrapped - x0)[:, 0], 10.0, atol=1e-6)
+        a = eng.atoms()
+        assert len(a) == 32 and list(a.numbers) == [29] * 32
+        np.testing.assert_allclose(a.get_velocities() * units.fs, eng.velocities())
+        np.testing.assert_allclose(a.get_masses(), eng.masses)
+        eng.close()
