@@ -66,10 +66,11 @@ def warm_up(gp) -> None:
     n = max(3, len(species))
     rng = np.random.default_rng(0)
     numbers = [species[i % len(species)] for i in range(n)]
-    r = min(gp.cutoffs) * 0.45
-    positions = rng.uniform(0, 1, size=(n, 3)) * r + 5.0
-    atoms = Atoms(numbers=numbers, positions=positions, cell=np.eye(3) * 10.0 + np.eye(3) * 2 * max(gp.cutoffs),
-                  pbc=True)
+    r2 = float(np.max(gp.cutoffs.twobody))
+    positions = np.array([[0.0, 0.0, 0.0], [2.2, 0.0, 0.0], [1.1, 1.9, 0.0]] + [[1.1, 0.6, 1.8 * k] for k in
+                                                                                 range(1, n - 2)])[:n]
+    positions += rng.uniform(-0.05, 0.05, size=positions.shape)
+    atoms = Atoms(numbers=numbers, positions=positions + 1.0, cell=np.eye(3) * (2 * r2 + 6.0), pbc=True)
     gp.predict(atoms, stress=True)
 
 

@@ -106,7 +106,7 @@ def hyperparameters_to_proto(values: dict) -> list[common_pb2.Hyperparameter]:
 
 def model_info(gp, version: int) -> learner_pb2.ModelInfo:
     hyps = dict(gp.hyperparameters)
-    cutoffs = tuple(gp.cutoffs)
+    cutoffs = (float(np.max(gp.cutoffs.twobody)), float(np.max(gp.cutoffs.threebody)))
     info = learner_pb2.ModelInfo(
         model_version=version,
         hyperparameters=hyperparameters_to_proto(hyps),
@@ -115,7 +115,7 @@ def model_info(gp, version: int) -> learner_pb2.ModelInfo:
         n_labels=int(gp.n_labels),
         species=[int(z) for z in gp.species],
         cutoff_two_body=float(cutoffs[0]),
-        cutoff_three_body=float(cutoffs[1]) if len(cutoffs) > 1 else 0.0,
+        cutoff_three_body=cutoffs[1],
         ready=True,
     )
     return info
@@ -249,10 +249,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         gp, version = self.store.snapshot()
         info = model_info(gp, version)
         if gp.n_labels:
-            try:
-                info.log_likelihood = float(gp.log_likelihood(gradient=False)[0])
-            except Exception:  # noqa: BLE001 - informational only
-                pass
+            value = gp.log_likelihood(gradient=False)
+            info.log_likelihood = float(value[0] if isinstance(value, tuple) else value)
         return info
 
     def ExportModel(self, request, context):

@@ -1,0 +1,208 @@
+"""The Learner service over real gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from learner_service.client import LearnerClient
+from learner_service.server import LearnerServiceConfig, start_learner_server
+from protos import errors, wire
+from protos.client import make_channel
+from protos.epicycle.v1 import learner_pb2, learner_pb2_grpc
+
+HYPS = {"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05}
+
+
+def al32(seed: int, amplitude: float = 0.1) -> Atoms:
+    atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat((2, 2, 2))
+    rng = np.random.default_rng(seed)
+    atoms.positions += rng.uniform(-amplitude, amplitude, size=atoms.positions.shape)
+    return atoms
+
+
+def emt_labels(atoms: Atoms):
+    a = atoms.copy()
+    a.calc = EMT()
+    return a.get_potential_energy(), a.get_forces(), a.get_stress()
+
+
+@pytest.fixture(scope="module")
+def server():
+    running = start_learner_server(LearnerServiceConfig(species=(13, 29), cutoffs=(5.0, 3.5), hyperparameters=HYPS))
+    yield running
+    running.stop(grace=0)
+
+
+@pytest.fixture(scope="module")
+def trained(server):
+    """A learner with two Al frames (4 atoms each) in its training set."""
+    with LearnerClient(server.address) as c:
+        c.wait_ready(120)
+        for seed in (1, 2):
+            atoms = al32(seed)
+            e, f, s = emt_labels(atoms)
+            c.add_data(atoms, forces=f, atom_indices=[0, 5, 10, 20], energy=e, stress=s)
+        yield c
+
+
+def test_add_data_bumps_the_version_and_grows_the_training_set(server) -> None:
+    with LearnerClient(server.address) as c:
+        before = c.info()
+        atoms = al32(7)
+        _, f, _ = emt_labels(atoms)
+        reply = c.add_data(atoms, forces=f, atom_indices=[3])
+        after = c.info()
+    assert reply.model_version == before.model_version + 1 == after.model_version
+    assert after.n_environments == before.n_environments + 1
+    assert after.n_labels == before.n_labels + 3
+
+
+def test_unary_and_stream_predictions_agree_and_carry_the_version(trained) -> None:
+    atoms = al32(11)
+    unary = trained.predict(atoms)
+    version = trained.info().model_version
+    assert unary.model_version == version
+    assert unary.forces.shape == (32, 3) and unary.force_std.shape == (32, 3)
+    assert np.all(unary.force_std > 0) and unary.noise == pytest.approx(HYPS["noise"])
+    stream = trained.stream(timeout=60)
+    try:
+        for k in range(3):
+            moved = atoms.copy()
+            moved.positions[0, 0] += 0.01 * k
+            p = stream.predict(moved.positions, moved.numbers, moved.cell.array, moved.pbc)
+            ref = trained.predict(moved)
+            np.testing.assert_array_equal(p.forces, ref.forces)
+            np.testing.assert_array_equal(p.force_std, ref.force_std)
+            assert p.model_version == version
+    finally:
+        stream.close()
+
+
+def test_model_predicts_unseen_structures(trained) -> None:
+    atoms = al32(21, amplitude=0.08)
+    _, f_ref, _ = emt_labels(atoms)
+    p = trained.predict(atoms)
+    assert np.sqrt(np.mean((p.forces - f_ref) ** 2)) < 0.5 * np.sqrt(np.mean(f_ref ** 2))
+
+
+def test_untrained_species_has_prior_sigma(trained) -> None:
+    """Cu is a species of the model without training data: its σ is the prior σ of an empty model."""
+    from learner_service.gp import GaussianProcess
+
+    cu = al32(3)
+    cu.numbers[:] = 29
+    p = trained.predict(cu)
+    empty = GaussianProcess(species=[13, 29], cutoffs=(5.0, 3.5), hyperparameters=HYPS).predict(cu)
+    np.testing.assert_allclose(p.force_std, empty.force_std, rtol=1e-10)
+    np.testing.assert_array_equal(p.forces, np.zeros_like(p.forces))  # prior mean
+    al = trained.predict(al32(3))
+    assert np.median(p.force_std) > 2 * np.median(al.force_std)
+
+
+def test_predictions_during_an_update_see_one_consistent_model(server) -> None:
+    with LearnerClient(server.address) as c:
+        probe = al32(31)
+        seen: list = []
+        stop = threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                seen.append(c.predict(probe))
+
+        t = threading.Thread(target=hammer)
+        t.start()
+        try:
+            for seed in (41, 42):
+                atoms = al32(seed)
+                _, f, _ = emt_labels(atoms)
+                c.add_data(atoms, forces=f, atom_indices=[1, 2])
+        finally:
+            stop.set()
+            t.join()
+        by_version: dict[int, object] = {}
+        for p in seen:
+            ref = by_version.setdefault(p.model_version, p)
+            np.testing.assert_array_equal(p.forces, ref.forces)  # one model per version
+            np.testing.assert_array_equal(p.force_std, ref.force_std)
+        assert len(seen) > 0
+
+
+def test_optimize_reports_convergence(trained) -> None:
+    reply = trained.optimize(max_iterations=40)
+    assert reply.iterations >= 1 and np.isfinite(reply.log_likelihood)
+    assert {h.name for h in reply.hyperparameters} >= {"sig2", "ls2", "sig3", "ls3", "noise"}
+    assert reply.converged or "iteration" in reply.message.lower()
+    info = trained.info()
+    assert info.model_version == reply.model_version
+    assert info.log_likelihood == pytest.approx(reply.log_likelihood, rel=1e-6, abs=1e-6)
+
+
+def test_export_and_load_round_trip(trained, server) -> None:
+    exported = trained.export_model()
+    assert exported.format == "epicycle-gp" and exported.format_version >= 1
+    probe = al32(51)
+    before = trained.predict(probe)
+    other = start_learner_server(LearnerServiceConfig(species=(13,), cutoffs=(4.0, 3.0), hyperparameters=HYPS))
+    try:
+        with LearnerClient(other.address) as c2:
+            info = c2.load_model(exported.model)
+            assert info.n_environments == trained.info().n_environments
+            after = c2.predict(probe)
+        np.testing.assert_allclose(after.forces, before.forces, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(after.force_std, before.force_std, rtol=1e-12, atol=1e-12)
+        with LearnerClient(other.address) as c2:
+            with pytest.raises(errors.InvalidInput, match="cannot load the model|model"):
+                c2.load_model(b"this is not a model")
+    finally:
+        other.stop(grace=0)
+
+
+def _raw(server, method: str, request):
+    stub = learner_pb2_grpc.LearnerStub(make_channel(server.address))
+    with pytest.raises(grpc.RpcError) as info:
+        getattr(stub, method)(request, timeout=30)
+    return info.value
+
+
+def test_bad_requests_are_invalid_argument(server) -> None:
+    atoms = al32(61)
+    _, f, _ = emt_labels(atoms)
+
+    def add(atom_indices, forces=f, structure_atoms=atoms):
+        req = learner_pb2.AddDataRequest(atom_indices=atom_indices)
+        wire.structure_to_proto(structure_atoms, out=req.structure)
+        if forces is not None:
+            wire.labels_to_proto(None, forces, None, out=req.labels)
+        return req
+
+    cases = [
+        ("AddData", add([40]), "atom index 40 is out of range"),
+        ("AddData", add([-1]), "atom index -1 is out of range"),
+        ("AddData", add([1, 1]), "unique"),
+        ("AddData", add([1], forces=f[:5]), "labels.forces: expected shape"),
+        ("AddData", add([1], forces=None), "labels.forces is required"),
+        ("AddData", add([1], forces=np.where(np.arange(96).reshape(32, 3) == 7, np.nan, f)), "non-finite"),
+    ]
+    nan_atoms = atoms.copy()
+    nan_atoms.positions[2, 1] = np.nan
+    req = learner_pb2.PredictRequest()
+    wire.structure_to_proto(nan_atoms, out=req.structure)
+    cases.append(("Predict", req, "positions contains a non-finite value"))
+    req = learner_pb2.PredictRequest(atom_indices=[99])
+    wire.structure_to_proto(atoms, out=req.structure)
+    cases.append(("Predict", req, "atom index 99 is out of range"))
+    req = learner_pb2.PredictRequest()
+    wire.structure_to_proto(atoms, out=req.structure)
+    req.structure.positions.shape[:] = [16, 6]
+    cases.append(("Predict", req, "positions: expected shape"))
+    for method, request, message in cases:
+        err = _raw(server, method, request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (message, err.details())
+        assert message in err.details(), (message, err.details())
