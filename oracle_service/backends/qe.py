@@ -197,13 +197,21 @@ def _num(s: str) -> float:
     return float(s.replace("d", "e").replace("D", "e"))
 
 
+def pw_log_tail(text: str, lines: int = 30) -> str:
+    """The informative end of a pw.x output: the lines before the timing report, then its last lines."""
+    cut = re.search(r"^\s+init_run\s+:", text, re.M)
+    if cut is None:
+        return tail_text(text, lines)
+    return tail_text(text[: cut.start()], lines) + "\n     [... timing report ...]\n" + tail_text(text[cut.start():], 4)
+
+
 def parse_pw_output(text: str, n_atoms: int, want_stress: bool, returncode: int = 0) -> dict[str, Any]:
     """Energy (eV), forces (eV/Å), stress (eV/Å³, ASE sign, Voigt) from a pw.x scf output.
 
     Raises :class:`CalculationFailed` (message = the reason, ``log_tail`` =
     the end of ``text``) unless the output proves a converged calculation.
     """
-    tail = tail_text(text)
+    tail = pw_log_tail(text)
     err = _ERROR.search(text)
     if err:
         message = " ".join(line.strip() for line in err.group(3).splitlines() if line.strip())
