@@ -1,0 +1,1 @@
+"""Deployment checks: kustomize builds, schemas, Prometheus rules, dashboard, images."""

@@ -1,0 +1,505 @@
+"""k8s/: every overlay and component combination builds, validates and means what it should.
+
+* built-in kinds: strict schema validation with ``kubernetes-validate``
+  (unknown fields are errors) against :data:`K8S_VERSION`;
+* custom resources (KEDA ScaledObject, Prometheus Operator ServiceMonitor and
+  PrometheusRule): JSON schemas in k8s/schemas/, written from their CRDs;
+* semantics: hardened containers, gRPC probes, grace periods consistent with
+  the services' --grace and the coordinator's label timeout, the oracle
+  reached only through a headless Service, NetworkPolicies that let exactly
+  the right pods in, resolvable references, pinned images.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from .conftest import get_build
+from .manifests import (
+    Build,
+    build_plan,
+    container_ports,
+    flag,
+    pod_labels,
+    pod_spec,
+    role,
+    selector_matches,
+)
+from .tools import K8S, REPO
+
+#: Kubernetes version the built-in objects are validated against (the oldest
+#: the manifests need is 1.32: StatefulSet PVC retention, PDB unhealthy-pod
+#: eviction policy and gRPC probes are GA there).
+K8S_VERSIONS = ("1.32.0", "1.33.0")
+
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.json",
+}
+ROLES = ("oracle", "learner", "sampler", "coordinator")
+GRPC_PORT = {"oracle": 50051, "learner": 50052, "sampler": 50053}
+HEALTH_SERVICE = {"oracle": "epicycle.v1.Oracle", "learner": "epicycle.v1.Learner", "sampler": "epicycle.v1.Sampler"}
+#: who may open a gRPC connection to whom (NetworkPolicy ingress)
+GRPC_CLIENTS = {"oracle": {"coordinator"}, "learner": {"coordinator", "sampler"}, "sampler": {"coordinator"},
+                "coordinator": set()}
+PROMETHEUS_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
+PROMETHEUS_POD = {"app.kubernetes.io/name": "prometheus"}
+RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/part-of",
+                      "app.kubernetes.io/managed-by", "app.kubernetes.io/instance", "app.kubernetes.io/version")
+
+
+def _workload(build: Build, component: str) -> dict:
+    found = [w for w in build.workloads() if role(w) == component]
+    assert len(found) == 1, f"{build.name}: expected one {component} workload, found {len(found)}"
+    return found[0]
+
+
+def _containers(build: Build):
+    for w in build.workloads():
+        spec = pod_spec(w)
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            yield w, spec, c
+
+
+def _run_config(build: Build) -> tuple[dict, dict]:
+    """(ConfigMap, parsed run.yaml) mounted into the coordinator."""
+    job = _workload(build, "coordinator")
+    names = [v["configMap"]["name"] for v in pod_spec(job)["volumes"] if "configMap" in v]
+    cms = [cm for cm in build.of_kind("ConfigMap") if cm["metadata"]["name"] in names and "run.yaml" in cm["data"]]
+    assert len(cms) == 1, f"{build.name}: the coordinator must mount one ConfigMap with run.yaml"
+    return cms[0], yaml.safe_load(cms[0]["data"]["run.yaml"])
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def test_build_plan_covers_every_overlay_and_component():
+    names = {n for n, _, _ in build_plan()}
+    on_disk_overlays = {p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file()}
+    on_disk_components = {p.name for p in (K8S / "components").iterdir() if (p / "kustomization.yaml").is_file()}
+    from .manifests import COMPONENTS, OVERLAYS
+
+    assert on_disk_overlays == set(OVERLAYS), "add new overlays to tests/deploy/manifests.py:OVERLAYS"
+    assert on_disk_components == set(COMPONENTS), "add new components to tests/deploy/manifests.py:COMPONENTS"
+    assert {"base", "dev", "prod", "dev+keda+monitoring+oracle-qe+resume", "prod+keda+resume"} <= names
+
+
+@lru_cache(maxsize=None)
+def _validate_builtin(text: str, version: str) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(json.loads(text), version, strict=True)
+
+
+@lru_cache(maxsize=None)
+def _crd_validator(filename: str) -> jsonschema.protocols.Validator:
+    schema = json.loads((K8S / "schemas" / filename).read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def test_objects_pass_schema_validation(any_build: Build):
+    import kubernetes_validate
+
+    assert any_build.objects, f"{any_build.name}: kustomize produced nothing"
+    errors = []
+    for obj in any_build.objects:
+        key = (obj["apiVersion"], obj["kind"])
+        where = f"{obj['kind']}/{obj['metadata'].get('name')}"
+        if key in CRD_SCHEMAS:
+            for err in _crd_validator(CRD_SCHEMAS[key]).iter_errors(obj):
+                errors.append(f"{where}: {'/'.join(map(str, err.absolute_path))}: {err.message}")
+            continue
+        for version in K8S_VERSIONS:
+            try:
+                _validate_builtin(json.dumps(obj, sort_keys=True), version)
+            except kubernetes_validate.SchemaNotFoundError:
+                errors.append(f"{where}: {key} is neither a built-in kind of Kubernetes {version} nor has a "
+                              f"schema in k8s/schemas/ (add one and register it in CRD_SCHEMAS)")
+            except kubernetes_validate.ValidationError as exc:
+                errors.append(f"{where} (k8s {version}): {exc.message} at {'/'.join(map(str, exc.path))}")
+    assert not errors, f"{any_build.name}:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"spec": {"triggers": [{"type": "prometheus", "metadata": {"threshold": 1}}]}}, "is not of type 'string'"),
+    ({"spec": {"minReplicas": 1}}, "Additional properties"),
+])
+def test_scaledobject_schema_rejects_mistakes(bad, message):
+    """The hand-written CRD schemas are strict where the CRDs are (guards against a permissive schema)."""
+    obj = yaml.safe_load((K8S / "components" / "keda" / "scaledobject.yaml").read_text())
+    for key, value in bad["spec"].items():
+        obj["spec"][key] = value
+    errors = [e.message for e in _crd_validator(CRD_SCHEMAS[("keda.sh/v1alpha1", "ScaledObject")]).iter_errors(obj)]
+    assert any(message in e for e in errors), errors
+
+
+def test_strict_validation_rejects_unknown_fields():
+    """kubernetes-validate in strict mode really rejects a misspelt field."""
+    import kubernetes_validate
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+           "spec": {"containers": [{"name": "c", "image": "i:1", "readinesProbe": {"grcp": {"port": 1}}}]}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pod, K8S_VERSIONS[-1], strict=True)
+
+
+# --------------------------------------------------------------------------- containers
+
+
+def test_containers_are_hardened(any_build: Build):
+    problems = []
+    for w, spec, c in _containers(any_build):
+        where = f"{w['kind']}/{w['metadata']['name']}/{c['name']}"
+        pod_sc, sc = spec.get("securityContext", {}), c.get("securityContext", {})
+        if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True):
+            problems.append(f"{where}: runAsNonRoot is not true")
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        if uid in (None, 0):
+            problems.append(f"{where}: runAsUser must be a non-zero uid (the image's user is 10001), got {uid}")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{where}: readOnlyRootFilesystem is not true")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation is not false")
+        if "ALL" not in (sc.get("capabilities", {}).get("drop") or []) or sc.get("capabilities", {}).get("add"):
+            problems.append(f"{where}: capabilities must drop ALL and add none")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+        if seccomp.get("type") != "RuntimeDefault":
+            problems.append(f"{where}: seccompProfile must be RuntimeDefault")
+        if sc.get("privileged"):
+            problems.append(f"{where}: privileged")
+        res = c.get("resources", {})
+        for kind in ("requests", "limits"):
+            for r in ("cpu", "memory"):
+                if r not in res.get(kind, {}):
+                    problems.append(f"{where}: no {kind}.{r}")
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        if "emptyDir" not in volumes.get(mounts.get("/tmp"), {}):
+            problems.append(f"{where}: /tmp must be an emptyDir (the root filesystem is read-only)")
+        for mount, name in mounts.items():
+            claim_templates = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+            if name not in volumes and name not in claim_templates:
+                problems.append(f"{where}: volumeMount {mount} names no volume {name!r}")
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: the pod needs no API token: automountServiceAccountToken must be false")
+        if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+            problems.append(f"{where}: host namespaces")
+    assert not problems, f"{any_build.name}:\n" + "\n".join(problems)
+
+
+def test_services_have_grpc_health_probes(any_build: Build):
+    problems = []
+    for w in any_build.workloads():
+        if w["kind"] == "Job":
+            continue  # the coordinator is a batch job: it serves no gRPC health
+        r = role(w)
+        c = pod_spec(w)["containers"][0]
+        assert c.get("args", [])[:2] == ["serve", r], f"{w['metadata']['name']}: runs {c.get('args')}"
+        port = int(flag(c["args"], "--port"))
+        assert port == GRPC_PORT[r] == container_ports(w)["grpc"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            spec = c.get(probe)
+            if not spec or "grpc" not in spec:
+                problems.append(f"{r}: {probe} must be a native grpc probe")
+                continue
+            if spec["grpc"]["port"] != port:
+                problems.append(f"{r}: {probe} probes port {spec['grpc']['port']}, the server listens on {port}")
+        ready = c.get("readinessProbe", {}).get("grpc", {}).get("service")
+        if ready != HEALTH_SERVICE[r]:
+            problems.append(f"{r}: readinessProbe must ask for service {HEALTH_SERVICE[r]!r}, asks {ready!r}")
+        assert flag(c["args"], "--host") == "0.0.0.0", f"{r}: must bind 0.0.0.0 in a pod"
+        assert flag(c["args"], "--metrics-port") == "9100" and container_ports(w)["metrics"] == 9100
+    assert not problems, f"{any_build.name}:\n" + "\n".join(problems)
+
+
+def test_grace_periods_are_consistent(any_build: Build):
+    """terminationGracePeriodSeconds > --grace (drain finishes before SIGKILL) and, for the
+    oracle, --grace covers one label call (the coordinator's timeout_seconds)."""
+    for w in any_build.workloads():
+        if w["kind"] == "Job":
+            assert pod_spec(w).get("terminationGracePeriodSeconds", 30) >= 60, "coordinator needs time to checkpoint"
+            continue
+        c = pod_spec(w)["containers"][0]
+        grace = flag(c["args"], "--grace")
+        assert grace is not None, f"{role(w)}: set --grace explicitly"
+        period = pod_spec(w).get("terminationGracePeriodSeconds", 30)
+        assert period >= float(grace) + 5, (f"{role(w)}: terminationGracePeriodSeconds={period} must exceed "
+                                            f"--grace={grace} (by >= 5 s)")
+    if any_build.overlay is not None:
+        oracle_grace = float(flag(pod_spec(_workload(any_build, "oracle"))["containers"][0]["args"], "--grace"))
+        _, run = _run_config(any_build)
+        timeout = float(run["services"]["oracle"]["timeout_seconds"])
+        assert oracle_grace >= timeout, (f"oracle --grace={oracle_grace} is shorter than one label call "
+                                         f"(run.yaml timeout_seconds={timeout}): scale-down would kill labels")
+
+
+def test_images_are_pinned(deployable: Build):
+    for _, _, c in _containers(deployable):
+        image = c["image"]
+        name, _, tag = image.rpartition(":") if "@" not in image else (image, "", "digest")
+        assert name and "/" not in tag, f"{image}: no tag (means :latest)"
+        assert tag != "latest", f"{image}: :latest is not allowed"
+        assert c.get("imagePullPolicy") == "IfNotPresent"
+        if deployable.overlay == "prod":
+            registry = image.split("/")[0]
+            assert "." in registry or ":" in registry, f"{image}: prod images come from a named registry"
+            assert re.fullmatch(r"\d+\.\d+\.\d+|sha256:[0-9a-f]{64}|digest", tag), f"{image}: prod pins a release"
+
+
+def test_recommended_labels(deployable: Build):
+    problems = []
+    for obj in deployable.objects:
+        labels = obj["metadata"].get("labels", {})
+        keys = RECOMMENDED_LABELS if obj["kind"] != "Namespace" else RECOMMENDED_LABELS[2:]
+        missing = [k for k in keys if k not in labels]
+        if obj["kind"] == "NetworkPolicy" and obj["metadata"]["name"] == "default-deny-ingress":
+            missing = [k for k in missing if k not in ("app.kubernetes.io/name", "app.kubernetes.io/component")]
+        if missing:
+            problems.append(f"{obj['kind']}/{obj['metadata']['name']}: missing {missing}")
+    for w in deployable.workloads():
+        missing = [k for k in RECOMMENDED_LABELS if k not in pod_labels(w)]
+        if missing:
+            problems.append(f"pods of {w['metadata']['name']}: missing {missing}")
+        for key in w["spec"]["selector"]["matchLabels"] if w["kind"] != "Job" else []:
+            if key in ("app.kubernetes.io/version", "app.kubernetes.io/managed-by"):
+                problems.append(f"{w['metadata']['name']}: {key} in a selector makes upgrades impossible")
+    assert not problems, f"{deployable.name}:\n" + "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def test_oracle_is_reached_only_through_a_headless_service(any_build: Build):
+    oracle = _workload(any_build, "oracle")
+    selecting = [s for s in any_build.of_kind("Service") if s["spec"].get("selector")
+                 and selector_matches({"matchLabels": s["spec"]["selector"]}, pod_labels(oracle))]
+    assert [s["metadata"]["name"] for s in selecting] == ["oracle-headless"]
+    svc = selecting[0]
+    assert svc["spec"].get("clusterIP") == "None", "a ClusterIP would pin the coordinator's connection to one pod"
+    assert not svc["spec"].get("publishNotReadyAddresses"), "draining workers must leave the DNS answer"
+    grpc = [p for p in svc["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc and grpc[0]["port"] == 50051
+
+
+def test_services_select_pods_and_their_ports(any_build: Build):
+    for svc in any_build.of_kind("Service"):
+        matched = [w for w in any_build.workloads()
+                   if selector_matches({"matchLabels": svc["spec"]["selector"]}, pod_labels(w))]
+        assert len(matched) == 1, f"Service {svc['metadata']['name']} selects {len(matched)} workloads"
+        ports = container_ports(matched[0])
+        for p in svc["spec"]["ports"]:
+            target = p.get("targetPort", p["port"])
+            assert target in ports or target in ports.values(), f"{svc['metadata']['name']}: no port {target}"
+    for w in any_build.workloads():
+        if w["kind"] != "Job":
+            assert selector_matches(w["spec"]["selector"], pod_labels(w)), f"{w['metadata']['name']}: selector"
+
+
+def test_run_config_names_the_services(deployable: Build):
+    _, run = _run_config(deployable)
+    ns = deployable.namespace
+    services = run["services"]
+    assert services["oracle"]["address"] == f"dns:///oracle-headless.{ns}.svc.cluster.local:50051"
+    assert services["oracle"]["load_balancing"] == "round_robin"
+    for name, port in (("learner", 50052), ("sampler", 50053)):
+        assert services[name]["address"] == f"{name}:{port}"
+        svc = deployable.get("Service", name)
+        assert svc and any(p["port"] == port for p in svc["spec"]["ports"])
+    sampler = pod_spec(_workload(deployable, "sampler"))["containers"][0]
+    assert flag(sampler["args"], "--learner") == "learner:50052"
+
+
+def test_coordinator_job(any_build: Build):
+    job = _workload(any_build, "coordinator")
+    spec = pod_spec(job)
+    assert job["kind"] == "Job" and spec["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0
+    c = spec["containers"][0]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    claim = volumes[mounts["/runs"]]["persistentVolumeClaim"]["claimName"]
+    assert any_build.get("PersistentVolumeClaim", claim), f"run directory PVC {claim} missing"
+    config_volume = volumes[mounts["/etc/epicycle"]]["configMap"]["name"]
+    cm = any_build.get("ConfigMap", config_volume)
+    assert cm is not None, f"ConfigMap {config_volume} not in the build (generated names must be rewritten)"
+    run = yaml.safe_load(cm["data"]["run.yaml"])
+    structure = Path(run["structure"])
+    assert structure.parent == Path("/etc/epicycle") and structure.name in cm["data"]
+    run_dir = f"/runs/{run['name']}"
+    if "resume" in any_build.components:
+        assert c["args"] == ["run", "--resume", run_dir]
+    else:
+        assert c["args"][:2] == ["run", "/etc/epicycle/run.yaml"] and flag(c["args"], "--run-dir") == run_dir
+
+
+def test_config_maps_and_claims_resolve(any_build: Build):
+    for w in any_build.workloads():
+        for v in pod_spec(w).get("volumes", []):
+            if "configMap" in v:
+                assert any_build.get("ConfigMap", v["configMap"]["name"]), f"{v['configMap']['name']} missing"
+            if "persistentVolumeClaim" in v:
+                assert any_build.get("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"])
+
+
+def test_learner_is_a_single_stateful_replica(any_build: Build):
+    learner = _workload(any_build, "learner")
+    assert learner["kind"] == "StatefulSet" and learner["spec"]["replicas"] == 1
+    claims = learner["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in pod_spec(learner)["containers"][0]["volumeMounts"]}
+    assert claims and mounts[claims[0]["metadata"]["name"]] == "/var/lib/epicycle/model"
+
+
+def test_oracle_disruption_budget(any_build: Build):
+    oracle = _workload(any_build, "oracle")
+    pdbs = [p for p in any_build.of_kind("PodDisruptionBudget") if selector_matches(p["spec"]["selector"],
+                                                                                     pod_labels(oracle))]
+    assert len(pdbs) == 1 and pdbs[0]["spec"].get("maxUnavailable") == 1
+
+
+def test_oracle_autoscaling(any_build: Build):
+    hpas = [h for h in any_build.of_kind("HorizontalPodAutoscaler")
+            if h["spec"]["scaleTargetRef"]["name"] == "oracle"]
+    scaled = any_build.of_kind("ScaledObject")
+    oracle = _workload(any_build, "oracle")
+    if "keda" in any_build.components:
+        assert not hpas, "KEDA owns the oracle's HPA: the base HPA must be removed"
+        assert len(scaled) == 1
+        so = scaled[0]
+        target = so["spec"]["scaleTargetRef"]
+        assert (target.get("kind", "Deployment"), target["name"]) == (oracle["kind"], oracle["metadata"]["name"])
+        trigger = so["spec"]["triggers"][0]
+        query = trigger["metadata"]["query"]
+        assert "epicycle_oracle_queued" in query and "epicycle_oracle_in_flight" in query
+        namespaces = set(re.findall(r'namespace="([^"]*)"', query))
+        assert namespaces == {any_build.namespace}, f"query selects {namespaces}, pods run in {any_build.namespace}"
+        workers = flag(pod_spec(oracle)["containers"][0]["args"], "--workers")
+        assert float(trigger["metadata"]["threshold"]) == float(workers), "target demand per pod = --workers"
+        assert trigger["metricType"] == "AverageValue"
+    else:
+        assert len(hpas) == 1 and not scaled
+        hpa = hpas[0]
+        assert hpa["spec"]["scaleTargetRef"]["kind"] == oracle["kind"]
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+# --------------------------------------------------------------------------- network policy
+
+
+def _allowed_peers(build: Build, target: dict, port: int) -> list[dict] | None:
+    """Ingress peers allowed to reach ``port`` of the target's pods (None: no policy, all allowed)."""
+    labels, ports = pod_labels(target), container_ports(target)
+    policies = [p for p in build.of_kind("NetworkPolicy")
+                if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                and selector_matches(p["spec"]["podSelector"], labels)]
+    if not policies:
+        return None
+    peers: list[dict] = []
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            rule_ports = [ports.get(p["port"], p["port"]) for p in rule.get("ports", [])]
+            for p in rule.get("ports", []):
+                assert isinstance(p["port"], int) or p["port"] in ports, (
+                    f"NetworkPolicy {policy['metadata']['name']}: named port {p['port']!r} not on {role(target)}")
+            if rule_ports and port not in rule_ports:
+                continue
+            peers.extend(rule.get("from", [{"podSelector": {}, "namespaceSelector": {}}]))
+    return peers
+
+
+def test_network_policies(any_build: Build):
+    workloads = {role(w): w for w in any_build.workloads()}
+    assert set(workloads) == set(ROLES)
+    for name, target in workloads.items():
+        ports = container_ports(target)
+        if "grpc" in ports:
+            peers = _allowed_peers(any_build, target, ports["grpc"])
+            assert peers is not None, f"no NetworkPolicy selects the {name} pods"
+            allowed = {src for src, w in workloads.items()
+                       if any("namespaceSelector" not in p and "ipBlock" not in p
+                              and selector_matches(p.get("podSelector"), pod_labels(w)) for p in peers)}
+            assert allowed == GRPC_CLIENTS[name], f"{name} gRPC reachable from {allowed}"
+            assert all("namespaceSelector" not in p and "ipBlock" not in p for p in peers), (
+                f"{name} gRPC reachable from outside the namespace: {peers}")
+        peers = _allowed_peers(any_build, target, ports["metrics"])
+        assert peers is not None
+        assert peers and all(set(p) == {"namespaceSelector", "podSelector"} for p in peers), (
+            f"{name} metrics must be reachable only from Prometheus pods in another namespace: {peers}")
+        assert any(selector_matches(p["namespaceSelector"], PROMETHEUS_NAMESPACE)
+                   and selector_matches(p["podSelector"], PROMETHEUS_POD) for p in peers)
+
+
+# --------------------------------------------------------------------------- monitoring component
+
+
+def test_monitoring_component(any_build: Build):
+    if "monitoring" not in any_build.components:
+        assert not any_build.of_kind("ServiceMonitor") and not any_build.of_kind("PrometheusRule")
+        return
+    (monitor,) = any_build.of_kind("ServiceMonitor")
+    scraped = {s["metadata"]["name"] for s in any_build.of_kind("Service")
+               if selector_matches(monitor["spec"]["selector"], s["metadata"].get("labels", {}))}
+    assert scraped == {"oracle-headless", "learner", "sampler", "coordinator-metrics"}
+    endpoint_ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+    for name in scraped:
+        assert endpoint_ports <= {p["name"] for p in any_build.get("Service", name)["spec"]["ports"]}
+    (rule,) = any_build.of_kind("PrometheusRule")
+    assert rule["spec"] == yaml.safe_load((K8S / "monitoring" / "rules.yaml").read_text())
+    (dash,) = [cm for cm in any_build.of_kind("ConfigMap") if cm["metadata"].get("labels", {}).get("grafana_dashboard")]
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dash["data"]["epicycle.json"]) == json.loads(
+        (K8S / "monitoring" / "dashboards" / "epicycle.json").read_text())
+
+
+def test_prod_overlay_is_what_the_docs_say():
+    prod = get_build("prod")
+    assert prod.namespace == "epicycle"
+    oracle = pod_spec(_workload(prod, "oracle"))["containers"][0]
+    assert flag(oracle["args"], "--backend") == "qe" and "epicycle-oracle" in oracle["image"]
+    assert "monitoring" in prod.components
+    dev = get_build("dev")
+    assert dev.namespace == "epicycle-dev"
+    assert flag(pod_spec(_workload(dev, "oracle"))["containers"][0]["args"], "--backend") == "emt"
+
+
+def test_docs_mention_every_component():
+    text = (REPO / "docs" / "deploy.md").read_text()
+    from .manifests import COMPONENTS
+
+    for c in COMPONENTS:
+        assert f"components/{c}" in text, f"docs/deploy.md does not explain k8s/components/{c}"
+
+
+def test_oracle_backend_settings_fit_the_timeouts(deployable: Build):
+    """backend wall time x attempts <= coordinator's label timeout <= oracle --grace."""
+    oracle = pod_spec(_workload(deployable, "oracle"))
+    args = oracle["containers"][0]["args"]
+    settings_file = Path(flag(args, "--settings-file"))
+    volumes = {v["name"]: v for v in oracle["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in oracle["containers"][0]["volumeMounts"]}
+    cm = deployable.get("ConfigMap", volumes[mounts[str(settings_file.parent)]]["configMap"]["name"])
+    settings = yaml.safe_load(cm["data"][settings_file.name]) or {}
+    _, run = _run_config(deployable)
+    label_timeout = float(run["services"]["oracle"]["timeout_seconds"])
+    backend = flag(args, "--backend")
+    if backend == "qe":
+        from oracle_service.backends.qe import DEFAULT_RETRIES
+
+        attempts = 1 + len(settings.get("retries", DEFAULT_RETRIES))
+        worst = attempts * float(settings["timeout"])
+        assert worst <= label_timeout, (f"qe: {attempts} attempts x timeout {settings['timeout']} s = {worst} s "
+                                        f"exceeds the coordinator's timeout_seconds={label_timeout}")
+        containerfile = (K8S / "images" / "Containerfile.oracle").read_text()
+        assert f"--out {settings['pseudo_dir']}" in containerfile, "pseudo_dir must be where the image generated them"
+        assert settings.get("generate_pseudopotentials") is False, "the image's filesystem is read-only"
+        assert "epicycle-oracle" in oracle["containers"][0]["image"]
+    else:
+        assert backend == "emt" and settings == {}
