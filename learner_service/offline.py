@@ -1,0 +1,303 @@
+"""Offline commands: ``epicycle fit / predict / evaluate`` on extended-XYZ data sets.
+
+``register_cli(subparsers)`` adds the three sub-commands to an argparse
+sub-parsers object; each sets ``func(args) -> int`` (exit status).  The work itself
+is in plain functions (:func:`fit_model`, :func:`predict_file`, :func:`evaluate_model`)
+so it can be used without argparse.  Units: eV, Å, eV/Å, eV/Å^3.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from protos.errors import EpicycleError, InvalidInput
+
+from .gp import HYPERPARAMETER_UNITS, GaussianProcess
+
+__all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate_model"]
+
+
+# ---------------------------------------------------------------------------
+# reading data
+# ---------------------------------------------------------------------------
+
+
+def read_frames(path) -> list:
+    """All frames of an (extended) XYZ file; clear errors for missing/empty/broken files."""
+    from ase.io import read
+
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInput(f"{path}: no such file")
+    try:
+        frames = read(str(path), index=":")
+    except Exception as exc:  # ase raises many types for malformed files
+        raise InvalidInput(f"{path}: cannot read as extended XYZ ({type(exc).__name__}: {exc})") from exc
+    if not frames:
+        raise InvalidInput(f"{path}: contains no structures")
+    return frames
+
+
+def _labels(atoms, path, k, want_energy=False, want_stress=False, need_forces=True):
+    calc = atoms.calc
+    results = getattr(calc, "results", {}) if calc is not None else {}
+    forces = results.get("forces")
+    if forces is None and "forces" in atoms.arrays:
+        forces = atoms.arrays["forces"]
+    if need_forces and forces is None:
+        raise InvalidInput(f"{path}: frame {k} has no forces (expected a per-atom 'forces' array in eV/Å)")
+    energy = results.get("energy") if want_energy else None
+    if want_energy and energy is None:
+        raise InvalidInput(f"{path}: frame {k} has no energy but --energy was given")
+    stress = results.get("stress") if want_stress else None
+    if want_stress and stress is None:
+        raise InvalidInput(f"{path}: frame {k} has no stress but --stress was given")
+    return (None if forces is None else np.asarray(forces, dtype=float)), energy, stress
+
+
+def _parse_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise InvalidInput(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _parse_cutoffs(text: str) -> tuple[float, float]:
+    try:
+        r2, r3 = (float(x) for x in text.split(","))
+    except ValueError as exc:
+        raise InvalidInput(f"--cutoffs expects 'r2,r3' in Å, e.g. 6.0,4.0; got {text!r}") from exc
+    return r2, r3
+
+
+# ---------------------------------------------------------------------------
+# the work
+# ---------------------------------------------------------------------------
+
+
+def fit_model(
+    train_path,
+    cutoffs: Sequence[float],
+    atoms: Sequence[int] | None = None,
+    atoms_per_frame: int | None = None,
+    energy: bool = False,
+    stress: bool = False,
+    max_iterations: int = 200,
+    optimize: bool = True,
+    seed: int = 0,
+    hyperparameters: dict | None = None,
+    out=None,
+    log=print,
+):
+    """Build a GP from a labelled XYZ file, optimise its hyperparameters, save it to ``out``."""
+    frames = read_frames(train_path)
+    species = sorted({int(z) for f in frames for z in f.get_atomic_numbers()})
+    gp = GaussianProcess(species, cutoffs, hyperparameters=hyperparameters)
+    rng = np.random.default_rng(seed)
+    for k, frame in enumerate(frames):
+        forces, e, s = _labels(frame, train_path, k, energy, stress)
+        n = len(frame)
+        if atoms is not None:
+            bad = [i for i in atoms if not 0 <= i < n]
+            if bad:
+                raise InvalidInput(f"--atoms {bad} out of range for frame {k} with {n} atoms")
+            idx = list(atoms)
+        elif atoms_per_frame is not None:
+            idx = sorted(rng.choice(n, size=min(atoms_per_frame, n), replace=False).tolist())
+        else:
+            idx = list(range(n))
+        gp.add_structure(frame, forces=forces, atom_indices=idx, energy=e, stress=s)
+    log(f"training set: {len(frames)} frames, {gp.n_environments} environments, {gp.n_labels} labels, "
+        f"species {species}, cutoffs r2={gp.cutoffs.r2} Å r3={gp.cutoffs.r3} Å")
+    result = None
+    if optimize:
+        def progress(it, lml, hyps):
+            text = ", ".join(f"{k}={v:.4g}" for k, v in hyps.items())
+            log(f"  iteration {it:4d}: log likelihood {lml:.6f}  ({text})")
+
+        result = gp.optimize(max_iterations=max_iterations, progress=progress)
+        log(("optimisation converged" if result.converged else "WARNING: optimisation did NOT converge")
+            + f" after {result.iterations} iterations: {result.message}")
+    gp.train()
+    lml = gp.log_likelihood()
+    log("hyperparameters:")
+    for name in gp.hyperparameter_names:
+        log(f"  {name:13s} = {gp.hyperparameters[name]:.6g} {HYPERPARAMETER_UNITS.get(name, '')}")
+    log(f"log marginal likelihood: {lml:.6f}")
+    if out is not None:
+        gp.save(out)
+        log(f"model written to {out}")
+    return gp, result
+
+
+def predict_file(model_path, in_path, out_path, log=print) -> int:
+    """Predict every frame of ``in_path``; write forces, energy and per-atom ``force_std``."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    gp = GaussianProcess.load(model_path)
+    frames = read_frames(in_path)
+    out = []
+    for frame in frames:
+        p = gp.predict(frame, stress=bool(all(frame.get_pbc())))
+        new = frame.copy()
+        new.arrays.pop("forces", None)
+        new.arrays["force_std"] = p.force_std
+        new.arrays["local_energy"] = p.local_energies
+        results = {"energy": p.energy, "forces": p.forces}
+        if p.stress is not None:
+            results["stress"] = p.stress
+        new.calc = SinglePointCalculator(new, **results)
+        new.info["noise"] = p.noise
+        out.append(new)
+    write(str(out_path), out, format="extxyz")
+    log(f"predicted {len(out)} frames -> {out_path}")
+    return len(out)
+
+
+def evaluate_model(model_path, test_path) -> dict:
+    """Force errors and calibration of a model on a labelled test set.
+
+    RMSE/MAE in eV/Å overall and per species, P95 of |force components| and the
+    RMSE/P95 ratio (seed 004 Table 1), mean epistemic σ, and calibration against the
+    total predictive σ = sqrt(σ² + σn²): fractions of errors within 1σ and 2σ and the
+    mean squared z-score (1 for a calibrated model).
+    """
+    gp = GaussianProcess.load(model_path)
+    frames = read_frames(test_path)
+    errs, refs, stds, numbers = [], [], [], []
+    for k, frame in enumerate(frames):
+        forces, _, _ = _labels(frame, test_path, k)
+        p = gp.predict(frame)
+        errs.append(p.forces - forces)
+        refs.append(forces)
+        stds.append(p.force_std)
+        numbers.append(np.repeat(frame.get_atomic_numbers(), 3))
+    err = np.concatenate(errs).reshape(-1)
+    ref = np.concatenate(refs).reshape(-1)
+    std = np.concatenate(stds).reshape(-1)
+    z_num = np.concatenate(numbers)
+    total = np.sqrt(std ** 2 + gp.noise ** 2)
+    z = err / total
+    rmse = float(np.sqrt(np.mean(err ** 2)))
+    p95 = float(np.percentile(np.abs(ref), 95))
+    report = {
+        "frames": len(frames),
+        "force_components": int(err.size),
+        "rmse": rmse,
+        "mae": float(np.mean(np.abs(err))),
+        "p95_abs_force": p95,
+        "rmse_over_p95": rmse / p95 if p95 > 0 else math.nan,
+        "mean_sigma": float(np.mean(std)),
+        "noise": gp.noise,
+        "mean_total_sigma": float(np.mean(total)),
+        "within_1_sigma": float(np.mean(np.abs(z) <= 1)),
+        "within_2_sigma": float(np.mean(np.abs(z) <= 2)),
+        "mean_squared_z": float(np.mean(z ** 2)),
+        "per_species": {},
+        "units": {"forces": "eV/Å"},
+    }
+    from ase.data import chemical_symbols
+
+    for zz in sorted(set(z_num.tolist())):
+        m = z_num == zz
+        report["per_species"][chemical_symbols[zz]] = {
+            "rmse": float(np.sqrt(np.mean(err[m] ** 2))),
+            "mae": float(np.mean(np.abs(err[m]))),
+            "force_components": int(m.sum()),
+        }
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"{r['frames']} frames, {r['force_components']} force components",
+        f"force RMSE {r['rmse']:.4f} eV/Å   MAE {r['mae']:.4f} eV/Å",
+        f"P95 |F| {r['p95_abs_force']:.4f} eV/Å   RMSE/P95 {r['rmse_over_p95']:.4f}",
+        f"mean epistemic σ {r['mean_sigma']:.4f} eV/Å   noise σn {r['noise']:.4f} eV/Å",
+        f"calibration (total σ): within 1σ {100 * r['within_1_sigma']:.1f} % (ideal 68.3), "
+        f"within 2σ {100 * r['within_2_sigma']:.1f} % (ideal 95.4), mean z² {r['mean_squared_z']:.3f} (ideal 1)",
+    ]
+    for sym, s in r["per_species"].items():
+        lines.append(f"  {sym:2s}: RMSE {s['rmse']:.4f} eV/Å  MAE {s['mae']:.4f} eV/Å  ({s['force_components']} components)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# argparse wiring
+# ---------------------------------------------------------------------------
+
+
+def _guard(fn):
+    def run(args) -> int:
+        try:
+            return fn(args)
+        except EpicycleError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _cmd_fit(args) -> int:
+    if args.atoms is not None and args.atoms_per_frame is not None:
+        raise InvalidInput("give either --atoms or --atoms-per-frame, not both")
+    fit_model(
+        args.train,
+        _parse_cutoffs(args.cutoffs),
+        atoms=_parse_ints(args.atoms) if args.atoms is not None else None,
+        atoms_per_frame=args.atoms_per_frame,
+        energy=args.energy,
+        stress=args.stress,
+        max_iterations=args.max_iterations,
+        optimize=not args.no_optimize,
+        seed=args.seed,
+        out=args.out,
+    )
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    predict_file(args.model, args.input, args.out)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    report = evaluate_model(args.model, args.test)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``fit``, ``predict`` and ``evaluate`` to an argparse sub-parsers object."""
+    p = subparsers.add_parser("fit", help="train a GP force field on labelled extended XYZ")
+    p.add_argument("train", help="training set (extended XYZ with forces; energies/stresses optional)")
+    p.add_argument("--cutoffs", required=True, help="2- and 3-body cutoffs in Å, e.g. 6.0,4.0")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--atoms", help="comma-separated atom indices to train on in every frame")
+    sel.add_argument("--atoms-per-frame", type=int, help="train on N randomly chosen atoms per frame")
+    p.add_argument("--energy", action="store_true", help="also train on total energies")
+    p.add_argument("--stress", action="store_true", help="also train on stresses")
+    p.add_argument("--max-iterations", type=int, default=200, help="hyperparameter optimisation cap (default 200)")
+    p.add_argument("--no-optimize", action="store_true", help="keep the default hyperparameters")
+    p.add_argument("--seed", type=int, default=0, help="seed for --atoms-per-frame")
+    p.add_argument("--out", required=True, help="model file to write (.npz)")
+    p.set_defaults(func=_guard(_cmd_fit))
+
+    p = subparsers.add_parser("predict", help="predict forces and uncertainties with a trained GP")
+    p.add_argument("model", help="model file written by 'fit'")
+    p.add_argument("input", help="structures (extended XYZ)")
+    p.add_argument("--out", required=True, help="output extended XYZ with forces and force_std per atom")
+    p.set_defaults(func=_guard(_cmd_predict))
+
+    p = subparsers.add_parser("evaluate", help="force errors and calibration on a labelled test set")
+    p.add_argument("model", help="model file written by 'fit'")
+    p.add_argument("test", help="labelled test set (extended XYZ with forces)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_guard(_cmd_evaluate))

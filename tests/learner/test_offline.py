@@ -1,0 +1,70 @@
+"""epicycle fit / predict / evaluate on extended XYZ files."""
+
+import argparse
+import json
+
+import numpy as np
+from ase.io import read, write
+
+from learner_service.datasets import perturbed_fcc_al
+from learner_service.offline import register_cli
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="epicycle")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _run(argv):
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+def test_fit_predict_evaluate(tmp_path, capsys):
+    write(tmp_path / "train.xyz", perturbed_fcc_al(2, seed=1))
+    write(tmp_path / "test.xyz", perturbed_fcc_al(1, seed=2))
+    model = tmp_path / "model.npz"
+    assert _run(["fit", str(tmp_path / "train.xyz"), "--cutoffs", "5.0,3.5", "--atoms-per-frame", "6",
+                 "--energy", "--max-iterations", "30", "--out", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "log marginal likelihood" in out and "eV/Å" in out and model.exists()
+
+    assert _run(["predict", str(model), str(tmp_path / "test.xyz"), "--out", str(tmp_path / "pred.xyz")]) == 0
+    pred = read(tmp_path / "pred.xyz")
+    assert pred.arrays["force_std"].shape == (32, 3) and pred.get_forces().shape == (32, 3)
+
+    capsys.readouterr()
+    assert _run(["evaluate", str(model), str(tmp_path / "test.xyz"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["force_components"] == 96
+    assert 0 < report["rmse"] < report["p95_abs_force"]
+    assert report["rmse_over_p95"] == report["rmse"] / report["p95_abs_force"]
+    assert 0 <= report["within_1_sigma"] <= report["within_2_sigma"] <= 1
+    assert set(report["per_species"]) == {"Al"}
+    assert _run(["evaluate", str(model), str(tmp_path / "test.xyz")]) == 0
+    assert "RMSE/P95" in capsys.readouterr().out
+
+
+def test_clear_errors(tmp_path, capsys):
+    unlabeled = perturbed_fcc_al(1, seed=1, label=False)
+    write(tmp_path / "nolabels.xyz", unlabeled)
+    assert _run(["fit", str(tmp_path / "nolabels.xyz"), "--cutoffs", "5,3.5", "--out", str(tmp_path / "m.npz")]) == 2
+    assert "frame 0 has no forces" in capsys.readouterr().err
+    assert _run(["fit", str(tmp_path / "missing.xyz"), "--cutoffs", "5,3.5", "--out", str(tmp_path / "m.npz")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert _run(["fit", str(tmp_path / "nolabels.xyz"), "--cutoffs", "5", "--out", str(tmp_path / "m.npz")]) == 2
+    assert "--cutoffs" in capsys.readouterr().err
+    # a model that does not know an element of the test set
+    frames = perturbed_fcc_al(1, seed=1)
+    write(tmp_path / "al.xyz", frames)
+    model = tmp_path / "al.npz"
+    assert _run(["fit", str(tmp_path / "al.xyz"), "--cutoffs", "5,3.5", "--atoms", "0,1",
+                 "--max-iterations", "5", "--out", str(model)]) == 0
+    cu = frames[0].copy()
+    cu.numbers[0] = 29
+    cu.calc = frames[0].calc
+    write(tmp_path / "cu.xyz", cu)
+    capsys.readouterr()
+    assert _run(["evaluate", str(model), str(tmp_path / "cu.xyz")]) == 2
+    assert "not in the model" in capsys.readouterr().err
