@@ -1,5 +1,5 @@
 # Epicycle — everything a fresh machine needs, installed by these targets.
-#   make demo   start an EMT oracle service and label a structure through it
+#   make demo   the FLARE aluminium melt on-the-fly (embedded services, EMT oracle); prints the report path
 #   make test   create the virtual environment (first time) and run the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,10 +8,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_PORT ?= 50151
 
-.PHONY: help venv test demo protos bench clean
+.PHONY: help venv test demo demo-oracle protos bench clean
 
 help:
-	@echo "make demo    - start an EMT oracle on 127.0.0.1:$(DEMO_PORT) and label examples/cu_rattled.xyz"
+	@echo "make demo    - on-the-fly training of the aluminium melt (examples/al_melt.yaml); writes runs/al-melt-*/report.md"
+	@echo "make demo-oracle - start an EMT oracle on 127.0.0.1:$(DEMO_PORT) and label examples/cu_rattled.xyz"
 	@echo "make test    - run the test suite (creates $(VENV) on first use)"
 	@echo "make protos  - regenerate the Python gRPC code from protos/epicycle/v1/*.proto"
 	@echo "make bench   - run the benchmarks in benchmarks/"
@@ -32,6 +33,9 @@ protos: venv
 	$(BIN)/python -m protos.generate
 
 demo: venv
+	$(BIN)/epicycle run examples/al_melt.yaml
+
+demo-oracle: venv
 	@mkdir -p out
 	@set -e; \
 	$(BIN)/epicycle serve oracle --backend emt --port $(DEMO_PORT) & pid=$$!; \
