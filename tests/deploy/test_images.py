@@ -91,7 +91,8 @@ def test_oracle_image_has_the_dft_codes():
     assert "python -m oracle_service.pseudo generate --out /opt/epicycle/pseudo" in builder
 
 
-def test_dockerignore_keeps_the_context_small():
-    ignore = (IMAGES / "Containerfile.dockerignore").read_text().split()
+@pytest.mark.parametrize("name", FILES)
+def test_dockerignore_keeps_the_context_small(name):
+    ignore = (IMAGES / f"{name}.dockerignore").read_text().split()
     for pattern in (".venv", ".git", "out", "runs"):
         assert pattern in ignore or f"{pattern}/" in ignore
