@@ -185,6 +185,15 @@ def benchmark_problem(n_envs, seed=0, n_test_frames=1, envs_per_frame=None):
     per = envs_per_frame or 32
     n_frames = -(-n_envs // per)
     data = perturbed_fcc_al(n_frames + n_test_frames, seed)
+    try:  # the shared selection rule (frames in order, atoms in index order), if available
+        from learner_service.datasets import training_selection  # type: ignore
+    except Exception:
+        training_selection = None
+    if training_selection is not None and envs_per_frame is None:
+        train = [Frame.from_atoms(data[f][0], data[f][1], idx)
+                 for f, idx in training_selection(n_envs)]
+        test = [Frame.from_atoms(atoms) for atoms, _ in data[len(train):len(train) + n_test_frames]]
+        return train, test
     rng = np.random.default_rng(seed + 1000)
     train, left = [], n_envs
     for atoms, forces in data[:n_frames]:

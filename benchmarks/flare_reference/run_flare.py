@@ -12,7 +12,7 @@ formats are documented in README.md next to this file.
 FLARE objects used (default 2+3-body multi-element "mc_simple" kernel, no hyps_mask):
     GaussianProcess(kernels=["twobody", "threebody"], hyps, cutoffs={"twobody", "threebody"})
     gp.update_db(Structure, forces, custom_range=train_atoms)
-    gp.set_L_alpha()                                      -> covariance build + factorisation
+    gp_algebra.get_Ky_mat + the factorisation of gp.set_L_alpha() -> covariance, L, alpha
     flare.gp_algebra.get_neg_like_grad(hyps, ...)         -> -lml, -grad at the given hyps
     gp.predict_force_xyz(AtomicEnvironment)               -> mean force, epistemic variance
     gp.predict_local_energy(AtomicEnvironment)            -> local energy
@@ -133,6 +133,7 @@ def main(argv=None):
     do_optimize = bool(_flag(problem, "optimize", 0))
     maxiter = int(_flag(problem, "maxiter", 10))
     max_predict_atoms = int(_flag(problem, "max_predict_atoms", -1))
+    save_kvec = bool(_flag(problem, "save_kernel_vectors", 0))
 
     result = {}
     timings = {}
@@ -160,7 +161,7 @@ def main(argv=None):
     gp.energy_kernel(env0, env0, *args_k)
     timings["t_jit_warmup"] = time.perf_counter() - t0
 
-    # 1) covariance build (K + sig_n^2 I: get_Ky_mat) and the full set_L_alpha
+    # 1) covariance build (K + sig_n^2 I: get_Ky_mat)
     gp.sync_data()
 
     def cov_build():
@@ -173,9 +174,25 @@ def main(argv=None):
     timings["t_cov_build"], timings["t_cov_build_all"], ky = _median_time(cov_build, repeats)
     result["ky_mat"] = ky
     log("covariance build %.3f s" % timings["t_cov_build"])
-    timings["t_set_L_alpha"], timings["t_set_L_alpha_all"], _ = _median_time(gp.set_L_alpha, 1)
-    result["alpha"] = np.array(gp.alpha)
-    result["lml_from_set_L_alpha"] = np.array(gp.likelihood)
+
+    # Factorise exactly as GaussianProcess.set_L_alpha() does in 0.2.4 (reusing the K_y just
+    # built instead of building it a second time): Cholesky, explicit L^-1, K_y^-1 = L^-T L^-1,
+    # alpha = K_y^-1 y; likelihood from get_like_from_mats.
+    def factorize():
+        l_mat = np.linalg.cholesky(ky)
+        l_mat_inv = np.linalg.inv(l_mat)
+        ky_mat_inv = l_mat_inv.T @ l_mat_inv
+        alpha = np.matmul(ky_mat_inv, gp.all_labels)
+        return l_mat, ky_mat_inv, alpha
+
+    timings["t_factorize"], timings["t_factorize_all"], (l_mat, ky_inv, alpha) = _median_time(
+        factorize, repeats
+    )
+    gp.ky_mat, gp.l_mat, gp.ky_mat_inv, gp.alpha = ky, l_mat, ky_inv, alpha
+    gp.likelihood = gp_algebra.get_like_from_mats(ky, l_mat, alpha, gp.name)
+    gp.n_envs_prev = len(gp.training_data)
+    result["alpha"] = np.array(alpha)
+    result["lml_from_cholesky"] = np.array(gp.likelihood)
 
     # 2) log marginal likelihood and gradient at the given hyps (force labels only)
     if do_lml:
@@ -202,6 +219,9 @@ def main(argv=None):
             forces = np.zeros((nat, 3))
             variances = np.zeros((nat, 3))
             local_e = np.zeros(nat)
+            if save_kvec:
+                kvec = np.zeros((nat, 3, 3 * n_envs))
+                kself = np.zeros((nat, 3))
             for i in range(nat):
                 if 0 <= max_predict_atoms <= len(per_atom):
                     forces[i] = variances[i] = np.nan
@@ -213,6 +233,13 @@ def main(argv=None):
                     env = AtomicEnvironment(struc, i, gp.cutoffs, cutoffs_mask=gp.hyps_mask)
                     f, v = gp.predict_force_xyz(env)
                     reps.append(time.perf_counter() - t0)
+                if save_kvec:
+                    for d in (1, 2, 3):
+                        kvec[i, d - 1] = gp_algebra.get_kernel_vector(
+                            gp.name, gp.kernel, gp.energy_force_kernel, env, d, gp.hyps,
+                            cutoffs=gp.cutoffs, hyps_mask=gp.hyps_mask, n_cpus=1,
+                            n_sample=gp.n_sample)
+                        kself[i, d - 1] = gp.kernel(env, env, d, d, *args_k)
                 per_atom.append(float(np.median(reps)))
                 forces[i] = f
                 variances[i] = v
@@ -223,6 +250,9 @@ def main(argv=None):
             result["pred_stds_%d" % k] = np.sqrt(np.abs(variances))
             if do_local_energies:
                 result["local_energies_%d" % k] = local_e
+            if save_kvec:
+                result["kvec_%d" % k] = kvec
+                result["kself_%d" % k] = kself
         if per_atom:
             timings["t_predict_per_atom"] = float(np.median(per_atom))
             timings["t_predict_per_atom_all"] = per_atom

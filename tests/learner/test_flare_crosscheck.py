@@ -11,7 +11,9 @@ Each case builds a problem with our data generator, runs the real FLARE GP throu
 benchmarks/flare_reference/run_flare.py (subprocess, FLARE venv), runs our GP on the same
 problem at the same fixed hyperparameters, and requires agreement to 1e-6 relative in
   * predicted forces,
-  * predicted epistemic variances (noise excluded; FLARE's gp.predict_force_xyz),
+  * predicted epistemic variances (noise excluded; FLARE's gp.predict_force_xyz; the reference
+    value is FLARE's own K_y, k and k(x,x) with the final solve in extended precision,
+    because FLARE's explicit inverse alone is only good to ~1e-6 when var << k(x,x)),
   * log marginal likelihood and its gradient w.r.t. (sig2, ls2, sig3, ls3, noise).
 """
 from __future__ import annotations
@@ -133,7 +135,7 @@ def case(request, tmp_path_factory):
     species, train, test = CASES[name]()
     work = tmp_path_factory.mktemp(f"flare_{name}")
     problem = fp.write_problem(work / "problem.npz", (R2, R3), HYPS, species, train, test,
-                               compute_local_energies=0)
+                               compute_local_energies=0, save_kernel_vectors=1)
     ref = fp.run_flare(problem, work / "result.npz", python=FLARE_PYTHON, timeout=1800)
     ours = _run_ours(species, train, test)
     return name, ref, ours
@@ -203,12 +205,67 @@ def test_forces_match_flare(case):
         _assert_close(f"{name} forces[{k}]", ours[f"forces_{k}"], ref[f"pred_forces_{k}"])
 
 
-def test_variances_match_flare(case):
-    """FLARE: var = k(x,x) - k^T (K + sig_n^2 I)^-1 k, noise excluded; std = sqrt(|var|)."""
+def _forward_substitution(L, B):
+    """Solve L X = B for lower-triangular L, row by row (works in any float dtype)."""
+    X = np.zeros_like(B)
+    for i in range(L.shape[0]):
+        X[i] = (B[i] - L[i, :i] @ X[:i]) / L[i, i]
+    return X
+
+
+def _flare_variances_extended(ref):
+    """FLARE's variance k(x,x) - k^T K_y^-1 k evaluated from FLARE's own kernel values
+    (K_y, k, k(x,x) saved by run_flare.py) with the linear algebra in extended precision.
+
+    Why: the epistemic variance is a difference of two nearly equal numbers when the test
+    atom is well covered (k(x,x) ~ 10-20 eV²/Å², var ~ 1e-4 in the small-cell case), and FLARE
+    forms K_y^-1 explicitly (L^-T L^-1). With cond(K_y) ~ 3e5 its own round-off then reaches
+    ~1e-6 relative in var. The conventions are what we compare, so the reference variance is
+    FLARE's kernel numbers with an accurate solve; FLARE's returned variances are checked
+    against it at the level of that round-off in test_flare_variance_roundoff_is_small.
+    """
+    ld = np.longdouble
+    if np.finfo(ld).eps > 1e-18:
+        pytest.skip("numpy longdouble is not extended precision on this platform")
+    K = np.asarray(ref["ky_mat"]).astype(ld)
+    n = K.shape[0]
+    L = np.zeros_like(K)
+    for j in range(n):  # Cholesky in extended precision
+        L[j, j] = np.sqrt(K[j, j] - L[j, :j] @ L[j, :j])
+        L[j + 1:, j] = (K[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / L[j, j]
+    out = {}
+    for k in range(int(ref["n_test"])):
+        kv = np.asarray(ref[f"kvec_{k}"]).astype(ld)  # (nat, 3, n)
+        ks = np.asarray(ref[f"kself_{k}"]).astype(ld)  # (nat, 3)
+        V = _forward_substitution(L, kv.reshape(-1, n).T)  # (n, nat*3)
+        out[k] = (ks - (V * V).sum(axis=0).reshape(ks.shape)).astype(float)
+    return out
+
+
+@pytest.fixture(scope="module")
+def flare_exact_vars(case):
+    return _flare_variances_extended(case[1])
+
+
+def test_variances_match_flare(case, flare_exact_vars):
+    """FLARE: var = k(x,x) - k^T (K + sig_n^2 I)^-1 k, noise excluded; std = sqrt(|var|).
+    Compared with FLARE's kernel values through an accurate solve (see
+    _flare_variances_extended)."""
     name, ref, ours = case
     for k in range(int(ref["n_test"])):
-        _assert_close(f"{name} variances[{k}]", ours[f"vars_{k}"], ref[f"pred_vars_{k}"])
-        _assert_close(f"{name} stds[{k}]", ours[f"stds_{k}"], ref[f"pred_stds_{k}"])
+        exact = flare_exact_vars[k]
+        _assert_close(f"{name} variances[{k}]", ours[f"vars_{k}"], exact)
+        _assert_close(f"{name} stds[{k}]", ours[f"stds_{k}"], np.sqrt(np.abs(exact)))
+
+
+def test_flare_variance_roundoff_is_small(case, flare_exact_vars):
+    """Sanity of the reference itself: FLARE's returned variances differ from the accurate
+    solve of its own kernel numbers only by round-off (explicit inverse), < 1e-4 relative
+    (measured: up to 1.6e-6 in the small-cell case, ~1e-9 elsewhere)."""
+    name, ref, ours = case
+    for k in range(int(ref["n_test"])):
+        _assert_close(f"{name} FLARE raw variances[{k}]", ref[f"pred_vars_{k}"],
+                      flare_exact_vars[k], rtol=1e-4)
 
 
 def test_log_likelihood_matches_flare(case):
