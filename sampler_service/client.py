@@ -31,10 +31,15 @@ class SamplerClient:
         wait_until_serving(self._channel, "epicycle.v1.Sampler", timeout)
 
     def run(self, request: sampler_pb2.RunRequest, on_frame=None, timeout: float | None = None) -> RunResult:
-        """Send a Run request; collect (or hand to ``on_frame``) the frames and return the stop report."""
+        """Send a Run request; collect (or hand to ``on_frame``) the frames and return the stop report.
+
+        If ``on_frame`` raises, the call is cancelled (the sampler stops its
+        engine) and the exception propagates.
+        """
         result = RunResult()
+        call = self.open_run(request, timeout)
         try:
-            for reply in self._stub.Run(request, timeout=self.timeout if timeout is None else timeout):
+            for reply in call:
                 if reply.HasField("frame"):
                     if on_frame is not None:
                         on_frame(reply.frame)
@@ -42,9 +47,13 @@ class SamplerClient:
                         result.frames.append(reply.frame)
                 else:
                     result.stop = reply.stop
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, f"sampler {self.address}") from None
+        finally:
+            call.cancel()  # no-op after a normal end
         return result
+
+    def open_run(self, request: sampler_pb2.RunRequest, timeout: float | None = None) -> "RunCall":
+        """Start a Run call and return it: iterate it for the replies, ``cancel()`` it from any thread."""
+        return RunCall(self._stub.Run(request, timeout=self.timeout if timeout is None else timeout), self.address)
 
     def start(self, atoms: Atoms, settings: sampler_pb2.MDSettings, threshold: float = 0.0, max_steps: int = 100,
               frame_interval: int = 0, learner: str = "", on_frame=None) -> RunResult:
@@ -81,3 +90,31 @@ class SamplerClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RunCall:
+    """An open Run call: iterating yields ``RunResponse`` messages; errors arrive as domain errors.
+
+    :meth:`cancel` (thread-safe) ends the call; the sampler then stops its
+    engine before the next step, and iteration ends with :attr:`cancelled` set.
+    """
+
+    def __init__(self, call, address: str) -> None:
+        self._call = call
+        self._address = address
+        self.cancelled = False
+
+    def __iter__(self):
+        try:
+            for reply in self._call:
+                yield reply
+        except grpc.RpcError as exc:
+            if self.cancelled and exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise error_from_rpc(exc, f"sampler {self._address}") from None
+
+    def cancel(self) -> None:
+        if self._call.done():
+            return
+        self.cancelled = True
+        self._call.cancel()

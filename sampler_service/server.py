@@ -65,11 +65,15 @@ class SamplerMetrics:
         c = CounterMetricFamily("epicycle_sampler_steps", "MD steps integrated.")
         c.add_metric([], float(s.steps_total))
         yield c
+        c = CounterMetricFamily("epicycle_sampler_runs_cancelled", "Run calls stopped because the client went away.")
+        c.add_metric([], float(s.runs_cancelled_total))
+        yield c
         for name, value, help_text in (
             ("epicycle_sampler_temperature_kelvin", s.last_temperature_k, "Temperature of the last stop frame, K."),
             ("epicycle_sampler_energy_drift_ev_per_atom_ps", s.last_drift,
              "Drift of the conserved energy in the last run call, eV/atom/ps."),
             ("epicycle_sampler_steps_per_second", s.last_steps_per_second, "MD throughput of the last run call."),
+            ("epicycle_sampler_active_runs", s.active_runs, "Run calls whose engine is integrating now."),
         ):
             g = GaugeMetricFamily(name, help_text)
             g.add_metric([], float(value))

@@ -11,7 +11,7 @@ import numpy as np
 
 from protos import wire
 from protos.epicycle.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
-from protos.errors import CalculationFailed, InvalidInput, SetupError
+from protos.errors import InvalidInput
 from sampler_service.engine import Frame, StopReport
 from sampler_service.forces import ForceResult
 from sampler_service.settings import ENGINES, ENSEMBLES, SamplerSettings
@@ -81,8 +81,32 @@ def frame_to_proto(frame: Frame, out: sampler_pb2.Frame) -> sampler_pb2.Frame:
     return out
 
 
+def state_to_proto(state: "EngineState", out: common_pb2.Structure) -> common_pb2.Structure:
+    wire.encode_array(state.positions, "<f8", out.positions)
+    wire.encode_array(state.numbers, "<i4", out.numbers)
+    wire.encode_array(state.cell, "<f8", out.cell)
+    out.pbc[:] = [bool(p) for p in state.pbc]
+    wire.encode_array(state.masses, "<f8", out.masses)
+    wire.encode_array(state.velocities, "<f8", out.velocities)  # Å/fs
+    return out
+
+
+class EngineState:
+    """What an engine is at the end of a call (where its checkpoint resumes); read on the MD thread."""
+
+    def __init__(self, engine) -> None:
+        self.positions = engine.positions()
+        self.velocities = engine.velocities()
+        self.cell = engine.cell()
+        self.numbers = engine.numbers
+        self.masses = engine.masses
+        self.pbc = engine.pbc
+        self.images = engine.images
+        self.settings = engine.settings
+
+
 def stop_to_proto(report: StopReport, checkpoint: bytes, drift: float | None, steps_per_second: float,
-                  out: sampler_pb2.StopReport) -> sampler_pb2.StopReport:
+                  out: sampler_pb2.StopReport, state: EngineState | None = None) -> sampler_pb2.StopReport:
     out.reason = (sampler_pb2.STOP_REASON_UNCERTAIN if report.uncertain else sampler_pb2.STOP_REASON_MAX_STEPS)
     if report.frame is not None:
         frame_to_proto(report.frame, out.frame)
@@ -96,24 +120,15 @@ def stop_to_proto(report: StopReport, checkpoint: bytes, drift: float | None, st
     out.step = int(report.step)
     out.time_fs = float(report.time_fs)
     out.steps_taken = int(report.steps_taken)
+    if state is not None:
+        state_to_proto(state, out.state)
+        wire.encode_array(state.images, "<i8", out.images)
+        out.settings.CopyFrom(settings_to_proto(state.settings))
     return out
 
 
-class _Cancelled(Exception):
-    pass
-
-
-class _GuardedProvider:
-    """Stops the engine between steps when the client has gone away."""
-
-    def __init__(self, provider, is_active: Callable[[], bool]) -> None:
-        self.provider = provider
-        self.is_active = is_active
-
-    def compute(self, positions, cell, numbers, pbc) -> ForceResult:
-        if not self.is_active():
-            raise _Cancelled()
-        return self.provider.compute(positions, cell, numbers, pbc)
+class _ClientGone(Exception):
+    """The client cancelled or disconnected while a frame was waiting to be sent."""
 
 
 class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
@@ -122,7 +137,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         self.provider_factory = provider_factory
         self.default_learner = default_learner
         self.engines = engines
+        self._lock = threading.Lock()
         self.steps_total = 0
+        self.runs_cancelled_total = 0
+        self.active_runs = 0
         self.last_temperature_k = float("nan")
         self.last_drift = float("nan")
         self.last_steps_per_second = 0.0
@@ -135,11 +153,14 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         from sampler_service.engines import create_engine, engine_from_checkpoint
 
         control = request.control
+        if not np.isfinite(control.sigma_threshold):
+            raise InvalidInput(f"control.sigma_threshold must be finite, got {control.sigma_threshold}")
         threshold = control.sigma_threshold if control.sigma_threshold > 0 else None
         max_steps = int(control.max_steps)
         frame_interval = int(control.frame_interval)
-        if not (np.isfinite(control.sigma_threshold)):
-            raise InvalidInput(f"control.sigma_threshold must be finite, got {control.sigma_threshold}")
+        timestep = control.timestep_fs if control.HasField("timestep_fs") else None
+        if timestep is not None and not (np.isfinite(timestep) and timestep > 0):
+            raise InvalidInput(f"control.timestep_fs must be > 0 fs, got {timestep}")
         learner = request.learner_address or self.default_learner
         start = request.WhichOneof("start")
         if start is None:
@@ -150,20 +171,25 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                 raise InvalidInput(f"engine {settings.engine!r} is not available on this sampler; "
                                    f"available: {', '.join(self.engines)}")
             atoms = wire.structure_from_proto(request.new_run.structure, "new_run.structure")
+        elif not request.checkpoint:
+            raise InvalidInput("checkpoint is empty")
         if not learner:
             raise InvalidInput("no learner address: set RunRequest.learner_address (this sampler has no default)")
         want_stress = start == "new_run" and settings.ensemble.startswith("npt")
         provider = self.provider_factory(learner, want_stress)
-        guarded = _GuardedProvider(provider, context.is_active)
+        engine = None
         try:
             if start == "new_run":
-                engine = create_engine(settings, guarded, atoms)
+                engine = create_engine(settings, provider, atoms)
             else:
-                if not request.checkpoint:
-                    raise InvalidInput("checkpoint is empty")
-                engine = engine_from_checkpoint(request.checkpoint, guarded)
+                engine = engine_from_checkpoint(request.checkpoint, provider)
+                if engine.settings.engine not in self.engines:
+                    raise InvalidInput(f"checkpoint is from engine {engine.settings.engine!r}, which is not "
+                                       f"available on this sampler; available: {', '.join(self.engines)}")
                 if engine.settings.ensemble.startswith("npt") and hasattr(provider, "want_stress"):
                     provider.want_stress = True
+            if timestep is not None:
+                engine.set_timestep(timestep)
             if request.HasField("override_forces"):
                 energy, forces, stress = wire.labels_from_proto(request.override_forces, engine.n_atoms,
                                                                 "override_forces")
@@ -171,8 +197,13 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                     raise InvalidInput("override_forces.forces is required")
                 wire.check_finite("override_forces.forces", forces)
                 engine.supply_forces(ForceResult(energy=energy, forces=forces, stress=stress))
+            # the client going away (cancel, deadline, disconnect) stops the engine before its next step
+            if not context.add_callback(engine.request_stop):
+                engine.request_stop()
             yield from self._run(engine, max_steps, threshold, frame_interval, context)
         finally:
+            if engine is not None:
+                engine.close()
             close = getattr(provider, "close", None)
             if close is not None:
                 close()
@@ -188,43 +219,67 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                     return
                 except queue.Full:
                     if not context.is_active():
-                        raise _Cancelled()
+                        raise _ClientGone()
 
         def work() -> None:
             started = time.perf_counter()
             try:
-                outcome["report"] = engine.run(max_steps, threshold=threshold, frame_interval=frame_interval,
-                                               on_frame=on_frame if frame_interval else None)
-                outcome["checkpoint"] = engine.checkpoint()
+                report = engine.run(max_steps, threshold=threshold, frame_interval=frame_interval,
+                                    on_frame=on_frame if frame_interval else None)
+                outcome["report"] = report
+                if report.reason != "cancelled":
+                    outcome["checkpoint"] = engine.checkpoint()
+                    outcome["state"] = EngineState(engine)
+                    outcome["drift"] = engine.energy_drift()
             except BaseException as exc:  # noqa: BLE001 - re-raised on the RPC thread
                 outcome["error"] = exc
             finally:
                 outcome["seconds"] = time.perf_counter() - started
                 frames.put(None)
 
+        with self._lock:
+            self.active_runs += 1
         thread = threading.Thread(target=work, name="md-run", daemon=True)
         thread.start()
-        while True:
-            frame = frames.get()
-            if frame is None:
-                break
-            reply = sampler_pb2.RunResponse()
-            frame_to_proto(frame, reply.frame)
-            yield reply
-        thread.join()
+        try:
+            while True:
+                frame = frames.get()
+                if frame is None:
+                    break
+                reply = sampler_pb2.RunResponse()
+                frame_to_proto(frame, reply.frame)
+                yield reply
+        finally:
+            if thread.is_alive():  # the generator was closed early: the client went away
+                engine.request_stop()
+                while thread.is_alive():
+                    try:
+                        frames.get(timeout=0.1)  # unblock a pending put
+                    except queue.Empty:
+                        pass
+            thread.join()
+            with self._lock:
+                self.active_runs -= 1
+                report = outcome.get("report")
+                if isinstance(outcome.get("error"), _ClientGone) or (report is not None
+                                                                     and report.reason == "cancelled"):
+                    self.runs_cancelled_total += 1
+                if report is not None:
+                    self.steps_total += report.steps_taken
         if "error" in outcome:
             exc = outcome["error"]
-            if isinstance(exc, _Cancelled):
+            if isinstance(exc, _ClientGone):
                 return
             raise exc
         report: StopReport = outcome["report"]
+        if report.reason == "cancelled":
+            return  # only the client going away stops an engine here: nobody is listening
         steps_per_second = report.steps_taken / outcome["seconds"] if outcome["seconds"] > 0 else 0.0
-        drift = engine.energy_drift()
-        self.steps_total += report.steps_taken
+        drift = outcome["drift"]
         self.last_steps_per_second = steps_per_second
         if report.frame is not None and report.frame.observables is not None:
             self.last_temperature_k = report.frame.observables.temperature_K
         self.last_drift = drift if drift is not None else float("nan")
         reply = sampler_pb2.RunResponse()
-        stop_to_proto(report, outcome["checkpoint"], drift, steps_per_second, reply.stop)
+        stop_to_proto(report, outcome["checkpoint"], drift, steps_per_second, reply.stop, outcome["state"])
         yield reply

@@ -81,6 +81,10 @@ class EngineContract:
         settings = SamplerSettings(engine=self.engine, **kw)
         return create_engine(settings, provider if provider is not None else emt_provider(), atoms)
 
+    def from_checkpoint(self, blob: bytes, provider) -> MDEngine:
+        """An engine of the kind under test rebuilt from ``blob`` with ``provider``."""
+        return engine_from_checkpoint(blob, provider)
+
     @staticmethod
     def state(engine: MDEngine):
         return engine.positions(), engine.velocities()
@@ -163,7 +167,7 @@ class EngineContract:
         np.testing.assert_array_equal(self.state(first)[0], ref[0])
         np.testing.assert_array_equal(self.state(first)[1], ref[1])
 
-        again = engine_from_checkpoint(blob, emt_provider())
+        again = self.from_checkpoint(blob, emt_provider())
         assert again.step == 20
         again.run(30)
         np.testing.assert_array_equal(again.positions(), ref[0])
@@ -272,11 +276,11 @@ class EngineContract:
         eng.run(20)
         ref = self.state(eng)
 
-        a = engine_from_checkpoint(at_stop, sigma_provider(atoms))
+        a = self.from_checkpoint(at_stop, sigma_provider(atoms))
         again = a.run(5, threshold=threshold)
         assert again.reason == "uncertain" and again.step == k  # same prediction, same stop
         a.run(20, forces_for_current_step=dft)
-        b = engine_from_checkpoint(with_supplied, sigma_provider(atoms))
+        b = self.from_checkpoint(with_supplied, sigma_provider(atoms))
         b.run(20)
         for e in (a, b):
             np.testing.assert_array_equal(e.positions(), ref[0])

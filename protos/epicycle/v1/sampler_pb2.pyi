@@ -56,14 +56,16 @@ class MDSettings(_message.Message):
     def __init__(self, engine: _Optional[str] = ..., ensemble: _Optional[str] = ..., timestep_fs: _Optional[float] = ..., temperature_k: _Optional[float] = ..., friction_per_fs: _Optional[float] = ..., taut_fs: _Optional[float] = ..., pressure_gpa: _Optional[float] = ..., taup_fs: _Optional[float] = ..., compressibility_per_gpa: _Optional[float] = ..., seed: _Optional[int] = ..., schedule: _Optional[_Iterable[_Union[TemperatureEvent, _Mapping]]] = ..., initial_temperature_k: _Optional[float] = ..., wrap_positions: _Optional[bool] = ...) -> None: ...
 
 class RunControl(_message.Message):
-    __slots__ = ("sigma_threshold", "max_steps", "frame_interval")
+    __slots__ = ("sigma_threshold", "max_steps", "frame_interval", "timestep_fs")
     SIGMA_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     FRAME_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_FS_FIELD_NUMBER: _ClassVar[int]
     sigma_threshold: float
     max_steps: int
     frame_interval: int
-    def __init__(self, sigma_threshold: _Optional[float] = ..., max_steps: _Optional[int] = ..., frame_interval: _Optional[int] = ...) -> None: ...
+    timestep_fs: float
+    def __init__(self, sigma_threshold: _Optional[float] = ..., max_steps: _Optional[int] = ..., frame_interval: _Optional[int] = ..., timestep_fs: _Optional[float] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("new_run", "checkpoint", "control", "override_forces", "learner_address")
@@ -120,7 +122,7 @@ class UncertainComponent(_message.Message):
     def __init__(self, atom: _Optional[int] = ..., component: _Optional[int] = ..., sigma: _Optional[float] = ...) -> None: ...
 
 class StopReport(_message.Message):
-    __slots__ = ("reason", "frame", "uncertain", "max_sigma", "threshold", "checkpoint", "energy_drift_ev_per_atom_ps", "steps_per_second", "step", "time_fs", "steps_taken")
+    __slots__ = ("reason", "frame", "uncertain", "max_sigma", "threshold", "checkpoint", "energy_drift_ev_per_atom_ps", "steps_per_second", "step", "time_fs", "steps_taken", "state", "images", "settings")
     REASON_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     UNCERTAIN_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,9 @@ class StopReport(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     TIME_FS_FIELD_NUMBER: _ClassVar[int]
     STEPS_TAKEN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_FIELD_NUMBER: _ClassVar[int]
     reason: StopReason
     frame: Frame
     uncertain: _containers.RepeatedCompositeFieldContainer[UncertainComponent]
@@ -143,7 +148,10 @@ class StopReport(_message.Message):
     step: int
     time_fs: float
     steps_taken: int
-    def __init__(self, reason: _Optional[_Union[StopReason, str]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., uncertain: _Optional[_Iterable[_Union[UncertainComponent, _Mapping]]] = ..., max_sigma: _Optional[float] = ..., threshold: _Optional[float] = ..., checkpoint: _Optional[bytes] = ..., energy_drift_ev_per_atom_ps: _Optional[float] = ..., steps_per_second: _Optional[float] = ..., step: _Optional[int] = ..., time_fs: _Optional[float] = ..., steps_taken: _Optional[int] = ...) -> None: ...
+    state: _common_pb2.Structure
+    images: _common_pb2.Array
+    settings: MDSettings
+    def __init__(self, reason: _Optional[_Union[StopReason, str]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., uncertain: _Optional[_Iterable[_Union[UncertainComponent, _Mapping]]] = ..., max_sigma: _Optional[float] = ..., threshold: _Optional[float] = ..., checkpoint: _Optional[bytes] = ..., energy_drift_ev_per_atom_ps: _Optional[float] = ..., steps_per_second: _Optional[float] = ..., step: _Optional[int] = ..., time_fs: _Optional[float] = ..., steps_taken: _Optional[int] = ..., state: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., images: _Optional[_Union[_common_pb2.Array, _Mapping]] = ..., settings: _Optional[_Union[MDSettings, _Mapping]] = ...) -> None: ...
 
 class RunResponse(_message.Message):
     __slots__ = ("frame", "stop")
