@@ -14,7 +14,8 @@ problem at the same fixed hyperparameters, and requires agreement to 1e-6 relati
   * predicted epistemic variances (noise excluded; FLARE's gp.predict_force_xyz; the reference
     value is FLARE's own K_y, k and k(x,x) with the final solve in extended precision,
     because FLARE's explicit inverse alone is only good to ~1e-6 when var << k(x,x)),
-  * log marginal likelihood and its gradient w.r.t. (sig2, ls2, sig3, ls3, noise).
+  * log marginal likelihood and its gradient w.r.t. (sig2, ls2, sig3, ls3, noise),
+  * local energies (FLARE's predict_local_energy).
 """
 from __future__ import annotations
 
@@ -135,7 +136,7 @@ def case(request, tmp_path_factory):
     species, train, test = CASES[name]()
     work = tmp_path_factory.mktemp(f"flare_{name}")
     problem = fp.write_problem(work / "problem.npz", (R2, R3), HYPS, species, train, test,
-                               compute_local_energies=0, save_kernel_vectors=1)
+                               compute_local_energies=1, save_kernel_vectors=1)
     ref = fp.run_flare(problem, work / "result.npz", python=FLARE_PYTHON, timeout=1800)
     ours = _run_ours(species, train, test)
     return name, ref, ours
@@ -165,6 +166,7 @@ def _run_ours(species, train, test):
             var = np.asarray(p.force_std, dtype=float) ** 2
         out[f"vars_{k}"] = np.asarray(var, dtype=float)
         out[f"stds_{k}"] = np.asarray(p.force_std, dtype=float)
+        out[f"local_energies_{k}"] = np.asarray(p.local_energies, dtype=float)
     lml, grad = gp.log_likelihood(gradient=True)
     out["lml"] = float(lml)
     grad = np.asarray([grad[k] for k in fp.HYP_NAMES] if isinstance(grad, dict) else grad,
@@ -266,6 +268,14 @@ def test_flare_variance_roundoff_is_small(case, flare_exact_vars):
     for k in range(int(ref["n_test"])):
         _assert_close(f"{name} FLARE raw variances[{k}]", ref[f"pred_vars_{k}"],
                       flare_exact_vars[k], rtol=1e-4)
+
+
+def test_local_energies_match_flare(case):
+    """FLARE's gp.predict_local_energy (force/energy kernel with the 1/2, 1/3 shares)."""
+    name, ref, ours = case
+    for k in range(int(ref["n_test"])):
+        _assert_close(f"{name} local energies[{k}]", ours[f"local_energies_{k}"],
+                      ref[f"local_energies_{k}"])
 
 
 def test_log_likelihood_matches_flare(case):
