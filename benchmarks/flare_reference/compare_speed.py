@@ -45,8 +45,6 @@ _spec.loader.exec_module(fp)
 
 R2, R3 = 6.0, 4.0
 HYPS = {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04}
-# a second point, so "likelihood + gradient" cannot be served from a cache of the first
-HYPS_LML = {"sig2": 0.21, "ls2": 0.95, "sig3": 0.018, "ls3": 0.8, "noise": 0.035}
 
 
 def _median(fn, repeats):
@@ -78,42 +76,40 @@ def _ours_build(train, hyps):
     return gp
 
 
-def _ours_set_hyps(gp, hyps):
-    if hasattr(gp, "set_hyperparameters"):
-        gp.set_hyperparameters(dict(hyps))
-    else:
-        gp.hyperparameters = dict(hyps)
-
-
-def _ours_lml_grad(gp, hyps):
-    fn = gp.log_likelihood
-    if "hyperparameters" in inspect.signature(fn).parameters:
-        return fn(gradient=True, hyperparameters=dict(hyps))
-    _ours_set_hyps(gp, hyps)
-    return fn(gradient=True)
+def _fresh_timed(train, repeats, action):
+    """Median of ``action(gp)`` on a freshly built GP each time (our GP caches kernel matrices
+    and factorisations, so repeating on one object would time cache hits). Building the
+    environments is not part of the timed region (FLARE's timings exclude it as well)."""
+    times, out = [], None
+    for _ in range(max(1, repeats)):
+        gp = _ours_build(train, HYPS)
+        t0 = time.perf_counter()
+        out = action(gp)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
 
 
 def run_ours(train, test, repeats, optimize, maxiter):
     out = {}
-    build_t, gp = _median(lambda: _ours_build(train, HYPS), 1)
-    out["build_envs"] = build_t
-    out["cov"], _ = _median(lambda: _call(gp.train, optimize=False), repeats)
-    # likelihood + gradient at a different point than the one factorised above (no caching)
-    out["lml_grad"], _ = _median(lambda: _ours_lml_grad(gp, HYPS_LML), repeats)
-    _ours_set_hyps(gp, HYPS)
-    _call(gp.train, optimize=False)
+    out["build_envs"], _ = _median(lambda: _ours_build(train, HYPS), 1)
+    # covariance K + sigma_n^2 I and its Cholesky factorisation, alpha (no optimisation)
+    out["cov"], _ = _fresh_timed(train, repeats, lambda gp: gp.train(optimize=False))
+    # one log likelihood + analytic gradient from scratch (K and dK/dls built inside)
+    out["lml_grad"], lg = _fresh_timed(train, repeats, lambda gp: gp.log_likelihood(gradient=True))
+    out["lml"] = float(lg[0])
+    gp = _ours_build(train, HYPS)
+    gp.train(optimize=False)
     atoms = test[0].to_atoms()
-    t_pred, _ = _median(lambda: gp.predict(atoms), repeats)
-    out["predict"] = t_pred / len(atoms)
-    # single-atom prediction, if the API allows selecting atoms
-    if "atom_indices" in inspect.signature(gp.predict).parameters:
-        out["predict_one"], _ = _median(lambda: gp.predict(atoms, atom_indices=[0]), repeats)
+    t_frame, _ = _median(lambda: gp.predict(atoms), repeats)
+    out["predict"] = t_frame / len(atoms)  # whole frame in one call, per atom
+    out["predict_one"], _ = _median(lambda: gp.predict(atoms, atom_indices=[0]), repeats)
     if optimize:
         gp2 = _ours_build(train, HYPS)
         t0 = time.perf_counter()
-        res = _call(gp2.train, optimize=True, maxiter=maxiter)
+        res = gp2.optimize(max_iterations=maxiter)
         out["optim"] = time.perf_counter() - t0
-        out["optim_info"] = str(res)[:200] if res is not None else ""
+        out["optim_info"] = (f"nit={res.iterations} nfev={res.evaluations} "
+                             f"lml={res.log_likelihood:.4f} converged={res.converged}")
     return out
 
 
@@ -141,7 +137,9 @@ def run_flare(train, test, work, repeats, optimize, maxiter, predict_atoms):
     }
     if optimize:
         out["optim"] = float(res["t_optimize"])
-        out["optim_info"] = "nit=%d nfev=%d" % (int(res["opt_nit"]), int(res["opt_nfev"]))
+        out["optim_info"] = "nit=%d nfev=%d lml=%.4f" % (int(res["opt_nit"]), int(res["opt_nfev"]),
+                                                          float(res["opt_lml"]))
+    out["lml"] = float(res["lml"])
     return out
 
 
@@ -204,7 +202,16 @@ def main(argv=None):
             cells += [fmt(f, unit), fmt(o, unit), ratio]
         print("| " + " | ".join(cells) + " |")
     print("\ncovariance build = K + σn²I and its factorisation (FLARE: get_Ky_mat + set_L_alpha's "
-          "Cholesky/inverse; ours: train(optimize=False)).")
+          "Cholesky/inverse; ours: train(optimize=False) on a fresh model).")
+    print("forces+σ per atom: FLARE median over single atoms (environment build included); ours "
+          "one predict() of the 32-atom frame / 32, and in brackets a single-atom predict().")
+    for row in rows:
+        o, f = row["ours"], row["flare"] or {}
+        extra = f"  {row['n_envs']:4d} envs: lml FLARE {f.get('lml', float('nan')):.8f} ours {o['lml']:.8f}"
+        extra += f"; ours single-atom predict {o['predict_one'] * 1e3:.2f} ms"
+        if "optim" in o:
+            extra += f"; optimisation FLARE [{f.get('optim_info', '—')}] ours [{o['optim_info']}]"
+        print(extra)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
