@@ -406,7 +406,9 @@ class QEOracle(ScfOracle):
     def _pseudo_files(self) -> dict[str, str]:
         from ..pseudo import available_elements, upf_filename
 
-        files = {el: upf_filename(el) for el in available_elements()} if self.generate_pseudopotentials else {}
+        # the shipped set is always known; generate_pseudopotentials only decides whether a missing
+        # file is made on first use or reported as a SetupError with the command that makes it
+        files = {el: upf_filename(el) for el in available_elements()}
         if self.pseudo_dir.is_dir():
             for path in self.pseudo_dir.glob("*.pbe-tm-epicycle.UPF"):
                 files.setdefault(path.name.split(".")[0], path.name)
