@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -27,43 +28,66 @@ from protos.errors import CalculationFailed, CalculationTimeout, EpicycleError, 
 
 log = logging.getLogger("epicycle.coordinator")
 
+#: gRPC target schemes that may resolve to several workers: balanced per request on the client
+BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+
 #: worker problems: the same request may succeed on another worker
 RETRY_ELSEWHERE = (NotReady, Overloaded, CalculationTimeout)
 
 
 class OraclePool:
-    def __init__(self, addresses: list[str], timeout: float, attempts: int) -> None:
+    """Round-robin over oracle workers; a worker that was unreachable is skipped for ``cooldown`` seconds."""
+
+    def __init__(self, addresses: list[str], timeout: float, attempts: int, cooldown: float = 30.0) -> None:
         if not addresses:
             raise ValueError("OraclePool needs at least one address")
         self.timeout = timeout
         self.attempts = attempts
-        self.clients = [OracleClient(a, timeout=timeout, round_robin=a.startswith("dns:///")) for a in addresses]
+        self.cooldown = cooldown
+        self.clients = [OracleClient(a, timeout=timeout, round_robin=a.startswith(BALANCED_SCHEMES))
+                        for a in addresses]
         self._next = itertools.cycle(range(len(self.clients)))
+        self._down_until = [0.0] * len(self.clients)
         self._lock = threading.Lock()
         self.failovers = 0
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        errors = []
-        for c in self.clients:
-            try:
-                c.wait_ready(timeout)
-            except NotReady as exc:
-                errors.append(str(exc))
-        if len(errors) == len(self.clients):
-            raise NotReady("no oracle worker is SERVING: " + "; ".join(errors))
+        """Return as soon as one worker is SERVING; workers found down are skipped for a while."""
+        deadline = time.monotonic() + timeout
+        errors: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            for i, c in enumerate(self.clients):
+                try:
+                    c.wait_ready(min(1.0, max(0.1, deadline - time.monotonic())))
+                    return
+                except NotReady as exc:
+                    errors[c.address] = str(exc)
+                    self._down_until[i] = time.monotonic() + self.cooldown
+        raise NotReady("no oracle worker is SERVING: " + "; ".join(errors.values()))
+
+    def _pick(self) -> tuple[int, OracleClient]:
+        with self._lock:
+            now = time.monotonic()
+            for _ in range(len(self.clients)):
+                i = next(self._next)
+                if self._down_until[i] <= now:
+                    return i, self.clients[i]
+            i = next(self._next)  # every worker is marked down: try anyway
+            return i, self.clients[i]
 
     def label(self, atoms: Atoms, properties: tuple[str, ...] = ()) -> LabelResult:
         request_id = uuid.uuid4().hex
         last: EpicycleError | None = None
         tries = max(self.attempts, len(self.clients))
         for attempt in range(tries):
-            with self._lock:
-                client = self.clients[next(self._next)]
+            i, client = self._pick()
             try:
                 return client.label(atoms, properties, request_id=request_id)
             except RETRY_ELSEWHERE as exc:
                 last = exc
                 self.failovers += 1
+                if isinstance(exc, NotReady):
+                    self._down_until[i] = time.monotonic() + self.cooldown
                 log.warning("oracle %s failed (%s); trying another worker (%d/%d)", client.address, exc,
                             attempt + 1, tries)
         raise CalculationFailed(f"no oracle worker could label the structure after {tries} attempts: {last}")

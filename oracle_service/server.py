@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -67,11 +68,14 @@ def start_oracle_server(config: OracleServiceConfig, registry: CollectorRegistry
 
         server_cfg = replace(server_cfg, max_workers=needed)
 
+    servicer = OracleServicer(service)
+
     def add(server):
-        oracle_pb2_grpc.add_OracleServicer_to_server(OracleServicer(service), server)
+        oracle_pb2_grpc.add_OracleServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
     running = create_server(server_cfg, add, registry=registry)
+    servicer.worker = f"{socket.gethostname()}:{running.port}"
     OracleMetrics(registry, service)
     running.label_service = service  # type: ignore[attr-defined]
     running.mark_ready()

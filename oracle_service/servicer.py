@@ -17,7 +17,7 @@ from protos.epicycle.v1 import oracle_pb2, oracle_pb2_grpc
 class OracleServicer(oracle_pb2_grpc.OracleServicer):
     def __init__(self, service, worker_name: str | None = None) -> None:
         self._service = service
-        self._worker = worker_name or socket.gethostname()
+        self.worker = worker_name or socket.gethostname()
 
     def Label(self, request: oracle_pb2.LabelRequest, context) -> oracle_pb2.LabelResponse:
         atoms = wire.structure_from_proto(request.structure)
@@ -32,7 +32,7 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):
             cached=outcome.cached,
             compute_seconds=0.0 if outcome.cached else outcome.seconds,
             request_id=request.request_id,
-            worker=self._worker,
+            worker=self.worker,
         )
         labels = outcome.labels
         wire.labels_to_proto(labels.energy, labels.forces, labels.stress, out=reply.labels)
