@@ -9,8 +9,9 @@ server accepts::
     for title, expr in panel_queries(DASHBOARD):
         prometheus.query(expr)          # e.g. against an embedded run
 
-Substitutions (override with ``variables=``): ``$namespace`` -> ``.+`` (every
-query selects ``namespace=~"$namespace"``), ``$__rate_interval`` -> ``1m``,
+Substitutions (override with ``variables=``): ``$namespace`` -> ``.*`` (every
+query selects ``namespace=~"$namespace"``; ``.*`` also matches series without a
+namespace label, as from a plain scrape of an embedded run), ``$__rate_interval`` -> ``1m``,
 ``$__interval`` -> ``15s``, ``$__range`` -> ``1h``.  ``raw=True`` returns the
 expressions untouched.
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "monitoring" / "dashboards" / "epicycle.json"
 
 DEFAULT_VARIABLES = {
-    "namespace": ".+",
+    "namespace": ".*",
     "__rate_interval": "1m",
     "__interval": "15s",
     "__range": "1h",

@@ -73,16 +73,6 @@ def stop_prometheus(server: PrometheusServer) -> None:
 
 # --------------------------------------------------------------------------- metric names
 
-#: metrics the coordinator will export (planned names; it is not written yet)
-COORDINATOR_METRICS = frozenset({
-    "epicycle_coordinator_oracle_calls_total",
-    "epicycle_coordinator_simulated_time_femtoseconds",
-    "epicycle_coordinator_max_sigma_ratio",
-    "epicycle_coordinator_updates_total",
-    "epicycle_coordinator_training_environments",
-})
-
-
 def _sample_names(registry) -> set[str]:
     names: set[str] = set()
     for family in registry.collect():
@@ -97,13 +87,18 @@ def _sample_names(registry) -> set[str]:
 
 
 def exported_metric_names() -> set[str]:
-    """Series names that real oracle (EMT), learner and sampler servers export, plus the coordinator's."""
+    """Series names that real oracle (EMT), learner and sampler servers and the coordinator export."""
+    from prometheus_client import CollectorRegistry
+
+    from coordinator.metrics import CoordinatorMetrics
     from learner_service.server import LearnerServiceConfig, start_learner_server
     from oracle_service.server import OracleServiceConfig, start_oracle_server
     from protos.server import ServerConfig
     from sampler_service.server import SamplerServiceConfig, start_sampler_server
 
-    names = set(COORDINATOR_METRICS)
+    coordinator = CollectorRegistry()
+    CoordinatorMetrics(coordinator)
+    names = _sample_names(coordinator)
     local = ServerConfig(host="127.0.0.1", port=0)
     for start in (
         lambda: start_oracle_server(OracleServiceConfig(backend="emt", server=local)),

@@ -224,7 +224,7 @@ def test_services_have_grpc_health_probes(any_build: Build):
 
 def test_grace_periods_are_consistent(any_build: Build):
     """terminationGracePeriodSeconds > --grace (drain finishes before SIGKILL) and, for the
-    oracle, --grace covers one label call (the coordinator's timeout_seconds)."""
+    oracle, --grace covers one label call (the coordinator's oracle.timeout_s)."""
     for w in any_build.workloads():
         if w["kind"] == "Job":
             assert pod_spec(w).get("terminationGracePeriodSeconds", 30) >= 60, "coordinator needs time to checkpoint"
@@ -238,9 +238,9 @@ def test_grace_periods_are_consistent(any_build: Build):
     if any_build.overlay is not None:
         oracle_grace = float(flag(pod_spec(_workload(any_build, "oracle"))["containers"][0]["args"], "--grace"))
         _, run = _run_config(any_build)
-        timeout = float(run["services"]["oracle"]["timeout_seconds"])
+        timeout = float(run["oracle"]["timeout_s"])
         assert oracle_grace >= timeout, (f"oracle --grace={oracle_grace} is shorter than one label call "
-                                         f"(run.yaml timeout_seconds={timeout}): scale-down would kill labels")
+                                         f"(run.yaml oracle.timeout_s={timeout}): scale-down would kill labels")
 
 
 def test_images_are_pinned(deployable: Build):
@@ -305,18 +305,31 @@ def test_services_select_pods_and_their_ports(any_build: Build):
             assert selector_matches(w["spec"]["selector"], pod_labels(w)), f"{w['metadata']['name']}: selector"
 
 
-def test_run_config_names_the_services(deployable: Build):
-    _, run = _run_config(deployable)
+def test_run_config_is_valid_and_names_the_services(deployable: Build, tmp_path):
+    """run.yaml passes the coordinator's own validation and points at this overlay's services."""
+    from ase.data import atomic_numbers
+
+    from coordinator.config import load_config
+    from coordinator.cycle import build_structure
+
+    cm, _ = _run_config(deployable)
+    for key, text in cm["data"].items():
+        (tmp_path / key).write_text(text)
+    config = load_config(tmp_path / "run.yaml")
     ns = deployable.namespace
-    services = run["services"]
-    assert services["oracle"]["address"] == f"dns:///oracle-headless.{ns}.svc.cluster.local:50051"
-    assert services["oracle"]["load_balancing"] == "round_robin"
+    assert config.oracle.addresses == (f"dns:///oracle-headless.{ns}.svc.cluster.local:50051",), (
+        "one dns:/// name of the headless Service in the overlay's namespace (client-side round-robin)")
+    assert config.learner.address == "learner:50052" and config.sampler.address == "sampler:50053"
     for name, port in (("learner", 50052), ("sampler", 50053)):
-        assert services[name]["address"] == f"{name}:{port}"
         svc = deployable.get("Service", name)
         assert svc and any(p["port"] == port for p in svc["spec"]["ports"])
+    assert config.metrics_port == 9100 == container_ports(_workload(deployable, "coordinator"))["metrics"]
     sampler = pod_spec(_workload(deployable, "sampler"))["containers"][0]
     assert flag(sampler["args"], "--learner") == "learner:50052"
+    learner = pod_spec(_workload(deployable, "learner"))["containers"][0]["args"]
+    assert tuple(float(c) for c in flag(learner, "--cutoffs").split(",")) == tuple(config.learner.cutoffs)
+    served = {atomic_numbers[e] for e in flag(learner, "--species").split(",")}
+    assert {int(z) for z in build_structure(config).numbers} <= served, "the learner must know every species"
 
 
 def test_coordinator_job(any_build: Build):
@@ -332,8 +345,8 @@ def test_coordinator_job(any_build: Build):
     cm = any_build.get("ConfigMap", config_volume)
     assert cm is not None, f"ConfigMap {config_volume} not in the build (generated names must be rewritten)"
     run = yaml.safe_load(cm["data"]["run.yaml"])
-    structure = Path(run["structure"])
-    assert structure.parent == Path("/etc/epicycle") and structure.name in cm["data"]
+    structure = run["structure"].get("file")
+    assert structure is None or structure in cm["data"], f"structure.file {structure} is not in the ConfigMap"
     run_dir = f"/runs/{run['name']}"
     if "resume" in any_build.components:
         assert c["args"] == ["run", "--resume", run_dir]
@@ -488,7 +501,7 @@ def test_oracle_backend_settings_fit_the_timeouts(deployable: Build):
     cm = deployable.get("ConfigMap", volumes[mounts[str(settings_file.parent)]]["configMap"]["name"])
     settings = yaml.safe_load(cm["data"][settings_file.name]) or {}
     _, run = _run_config(deployable)
-    label_timeout = float(run["services"]["oracle"]["timeout_seconds"])
+    label_timeout = float(run["oracle"]["timeout_s"])
     backend = flag(args, "--backend")
     if backend == "qe":
         from oracle_service.backends.qe import DEFAULT_RETRIES
@@ -496,7 +509,7 @@ def test_oracle_backend_settings_fit_the_timeouts(deployable: Build):
         attempts = 1 + len(settings.get("retries", DEFAULT_RETRIES))
         worst = attempts * float(settings["timeout"])
         assert worst <= label_timeout, (f"qe: {attempts} attempts x timeout {settings['timeout']} s = {worst} s "
-                                        f"exceeds the coordinator's timeout_seconds={label_timeout}")
+                                        f"exceeds the coordinator's oracle.timeout_s={label_timeout}")
         containerfile = (K8S / "images" / "Containerfile.oracle").read_text()
         assert f"--out {settings['pseudo_dir']}" in containerfile, "pseudo_dir must be where the image generated them"
         assert settings.get("generate_pseudopotentials") is False, "the image's filesystem is read-only"
