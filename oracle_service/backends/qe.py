@@ -439,8 +439,10 @@ class QEOracle(ScfOracle):
             if self._version is None:
                 try:
                     exe = find_executable(self.command, PW_HINT)
-                    out = subprocess.run([exe], stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
-                                         env=thread_env(1), start_new_session=True, cwd=self.scratch_dir)
+                    # pw.x without input prints its banner and stops (writing a CRASH file: keep it out of cwd)
+                    with scratch_directory(self.scratch_dir, "epicycle-qe-version-", "never") as work:
+                        out = subprocess.run([exe], stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+                                             env=thread_env(1), start_new_session=True, cwd=work)
                     m = re.search(r"Program PWSCF v\.(\S+)", out.stdout.decode(errors="replace"))
                     self._version = f"pw.x {m.group(1)}" if m else "pw.x (unknown version)"
                 except (SetupError, OSError, subprocess.TimeoutExpired):
