@@ -173,15 +173,20 @@ class GPAWOracle(ScfOracle):
         return f"gpaw {v}" if v else "gpaw (not installed)"
 
     def supported_numbers(self) -> frozenset[int] | None:
-        """Elements with a PAW setup for ``xc`` in the setup path (``None`` if it cannot be listed)."""
-        try:
-            from ase.data import atomic_numbers
-            from gpaw import setup_paths
-        except Exception:  # noqa: BLE001
-            return None
+        """Elements with a default PAW setup for ``xc`` (``<El>.<xc>[.gz]``) in GPAW's setup path.
+
+        Looks at ``GPAW_SETUP_PATH`` and the ``gpaw-data`` package without importing GPAW into
+        this process; ``None`` ("any") if no setup directory can be listed.
+        """
+        from ase.data import atomic_numbers
+
+        directories = [d for d in os.environ.get("GPAW_SETUP_PATH", "").split(os.pathsep) if d]
+        spec = importlib.util.find_spec("gpaw_data")
+        if spec is not None and spec.submodule_search_locations:
+            directories += [os.path.join(loc, "setups") for loc in spec.submodule_search_locations]
         xc = self._params["xc"]
         found = set()
-        for directory in setup_paths:
+        for directory in directories:
             try:
                 names = os.listdir(directory)
             except OSError:
