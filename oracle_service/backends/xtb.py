@@ -42,7 +42,7 @@ __all__ = ["XTBOracle", "TBLITE_HINT", "run_job"]
 
 TBLITE_HINT = (
     "tblite is not installed: run `bash oracle_service/setup/install_python_packages.sh .venv/bin/python` "
-    "(or `pip install 'tblite>=0.4,<0.9'`)."
+    "(or `pip install 'tblite>=0.8,<0.9'`)."
 )
 METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
 #: escalation used when ``retries`` is not given

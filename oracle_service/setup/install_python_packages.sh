@@ -12,10 +12,12 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${1:-.venv/bin/python}"
 
+# Tested: gpaw 26.7.0, gpaw-data 1.2.1, tblite 0.8.0.  gpaw 26.x requires ase>=3.29, so with the
+# project's ase<3.30 the environment ends up on ase 3.29.x; GPAW 27 may need a newer ASE: pinned <27.
 REQUIREMENTS=(
-    "gpaw>=25.7,<27"
-    "gpaw-data>=1.0,<2"
-    "tblite>=0.4,<0.9"
+    "gpaw>=26.7,<27"
+    "gpaw-data>=1.2,<2"
+    "tblite>=0.8,<0.9"
 )
 
 if "$PYTHON" - "${REQUIREMENTS[@]}" <<'PY'
