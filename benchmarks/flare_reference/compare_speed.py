@@ -17,7 +17,8 @@ medians:
 
 FLARE is slow (≈ 21 s / 31 s / 0.22 s at 200 envs on this kind of machine), so its repeats are
 kept small (--flare-repeats, default 1); ours default to 3. Both are stated in the table.
-The machine may be shared: treat single FLARE numbers as ±10 %.
+The machine may be shared: the 1-min load average at the start/end of each side is printed;
+compare ratios only from runs where both sides saw a similar load.
 """
 from __future__ import annotations
 
@@ -170,13 +171,17 @@ def main(argv=None):
         train, test = fp.benchmark_problem(n, seed=args.seed)
         opt = args.optimize and n <= args.optimize_max_envs
         print(f"--- {n} environments ---", file=sys.stderr, flush=True)
+        load0 = os.getloadavg()[0]
         ours = run_ours(train, test, args.ours_repeats, opt, args.maxiter)
+        ours["loadavg"] = (load0, os.getloadavg()[0])
         print("ours:", {k: v for k, v in ours.items()}, file=sys.stderr, flush=True)
         flare = None
         if not args.skip_flare:
             with tempfile.TemporaryDirectory(prefix="flare_speed_") as work:
+                load0 = os.getloadavg()[0]
                 flare = run_flare(train, test, work, args.flare_repeats, opt, args.maxiter,
                                   args.predict_atoms)
+                flare["loadavg"] = (load0, os.getloadavg()[0])
             print("flare:", flare, file=sys.stderr, flush=True)
         rows.append({"n_envs": n, "ours": ours, "flare": flare})
 
@@ -209,6 +214,9 @@ def main(argv=None):
         o, f = row["ours"], row["flare"] or {}
         extra = f"  {row['n_envs']:4d} envs: lml FLARE {f.get('lml', float('nan')):.8f} ours {o['lml']:.8f}"
         extra += f"; ours single-atom predict {o['predict_one'] * 1e3:.2f} ms"
+        extra += "; 1-min load average (start, end) ours %.1f→%.1f" % tuple(o["loadavg"])
+        if f.get("loadavg"):
+            extra += ", FLARE %.1f→%.1f" % tuple(f["loadavg"])
         if "optim" in o:
             extra += f"; optimisation FLARE [{f.get('optim_info', '—')}] ours [{o['optim_info']}]"
         print(extra)
