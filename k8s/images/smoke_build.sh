@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Smoke-build the service image where no container registry is reachable.
+# Smoke-build an Epicycle image where no container registry is reachable.
 #
 # python:3.11-slim cannot be pulled here, so a stand-in base is made locally:
 # a minimal Debian bookworm root filesystem (debootstrap, from Debian's
-# package mirror) with Debian's python3.11, venv and `python` on PATH,
-# imported as a local image.  Then k8s/images/Containerfile is built with
+# package mirror) with Debian's python3.11, its headers (python:3.11-slim has
+# them too), venv and `python` on PATH,
+# imported as a local image (trusting this machine's CA bundle, so that pip
+# works behind a TLS-intercepting proxy).  Then k8s/images/Containerfile is built with
 # buildah (chroot isolation: works inside an unprivileged container, where
 # OCI runtimes cannot set rlimits) and the result is checked: it runs as uid
 # 10001, `epicycle` is the entrypoint and every service module imports.
 #
 # Needs root and: apt-get install -y --no-install-recommends buildah podman debootstrap
-# Usage: bash k8s/images/smoke_build.sh [Containerfile]     (about 10-15 min, network: Debian + PyPI)
+# Usage: bash k8s/images/smoke_build.sh [k8s/images/Containerfile.oracle]
+#        (2 cores: ~4.5 min service image, ~7 min oracle image; network: Debian + PyPI)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 FILE="${1:-k8s/images/Containerfile}"
@@ -24,15 +27,19 @@ if ! buildah inspect --type image "$BASE" >/dev/null 2>&1; then
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
     echo "smoke_build: debootstrap bookworm -> $BASE"
-    debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-dev,python-is-python3,ca-certificates \
         bookworm "$work/rootfs" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 \
         || { tail -20 "$work/debootstrap.log"; exit 1; }
     rm -rf "$work/rootfs/var/cache/apt/archives/"*.deb "$work/rootfs/var/lib/apt/lists/"*
+    # Trust what this machine trusts (e.g. a TLS-intercepting proxy's CA), for
+    # apt and for pip, which otherwise uses its own certifi bundle.
+    cp /etc/ssl/certs/ca-certificates.crt "$work/rootfs/etc/ssl/certs/ca-certificates.crt"
+    printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > "$work/rootfs/etc/pip.conf"
     tar -C "$work/rootfs" -c . | podman import --change 'CMD ["python3"]' - "$BASE" >/dev/null
 fi
 
 echo "smoke_build: building $FILE -> $TAG"
-buildah build --isolation chroot --network host \
+buildah build --isolation chroot --network host --layers \
     --build-arg PYTHON_IMAGE="$BASE" \
     --ignorefile "$REPO/k8s/images/Containerfile.dockerignore" \
     -f "$REPO/$FILE" -t "$TAG" "$REPO"
