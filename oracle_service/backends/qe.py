@@ -361,6 +361,7 @@ class QEOracle(ScfOracle):
         self._version: str | None = None
         self._lock = threading.Lock()
         self._hashes: dict[str, tuple[float, str]] = {}
+        self._argv()  # fail at start-up, not at the first request, when pw.x (or mpirun) is missing
 
     # -- settings -------------------------------------------------------------------
 

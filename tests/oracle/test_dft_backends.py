@@ -288,13 +288,22 @@ class TestFailureHandling:
 class TestSetup:
     def test_missing_pw_executable_is_a_setup_error(self, tmp_path):
         need_qe()
-        oracle = create_oracle("qe", **qe_settings(command="pw-does-not-exist.x"))
         with pytest.raises(SetupError, match="pw-does-not-exist.x.*install_system_packages.sh"):
-            oracle.calculate(al4(), ("energy",))
-        assert "not available" in oracle.version()
-        oracle = create_oracle("qe", **qe_settings(command=str(tmp_path / "pw.x")))
+            create_oracle("qe", **qe_settings(command="pw-does-not-exist.x"))
+        with pytest.raises(SetupError, match="does not exist"):
+            create_oracle("qe", **qe_settings(command=str(tmp_path / "pw.x")))
+        with pytest.raises(SetupError, match="MPI launcher"):
+            create_oracle("qe", **qe_settings(mpi_procs=2, mpirun="no-such-mpirun"))
+        # removed after start-up: the calculation reports it too
+        fake = tmp_path / "bin" / "pw.x"
+        fake.parent.mkdir()
+        fake.write_text("#!/bin/sh\nexit 0\n")
+        fake.chmod(0o755)
+        oracle = create_oracle("qe", **qe_settings(command=str(fake)))
+        fake.unlink()
         with pytest.raises(SetupError, match="does not exist"):
             oracle.calculate(al4(), ("energy",))
+        assert "not available" in oracle.version()
 
     def test_missing_python_packages_are_setup_errors(self, monkeypatch):
         real = importlib.util.find_spec
@@ -367,3 +376,29 @@ class TestCrossBackend:
         assert np.all(np.sign(diagonal) == sign), f"{backend}: stress {labels.stress} at a = {a} Å"
         np.testing.assert_allclose(labels.stress[3:], 0.0, atol=1e-4)  # cubic: no shear
         assert np.abs(labels.forces).max() < 1e-3  # perfect fcc: forces vanish by symmetry
+
+
+class TestBrokenExecutable:
+    """A pw.x that crashes or stops early gives CalculationFailed with its output, never labels."""
+
+    def fake_pw(self, tmp_path, body: str) -> str:
+        path = tmp_path / "fake-pw.x"
+        path.write_text("#!/bin/sh\ncat > /dev/null\n" + body)
+        path.chmod(0o755)
+        return str(path)
+
+    def test_crash_is_a_calculation_failure_with_the_log(self, tmp_path):
+        need_qe()
+        command = self.fake_pw(tmp_path, "echo '     Program PWSCF v.6.7MaX starts'\necho 'partial output'\nkill -SEGV $$\n")
+        oracle = create_oracle("qe", **qe_settings(command=command, quarantine_after=0))
+        with pytest.raises(CalculationFailed) as info:
+            oracle.calculate(al4(), ("energy", "forces"))
+        assert "pw.x crashed (killed by signal SIGSEGV)" in str(info.value)
+        assert "partial output" in info.value.log_tail
+
+    def test_output_without_job_done_is_a_calculation_failure(self, tmp_path):
+        need_qe()
+        command = self.fake_pw(tmp_path, "echo '!    total energy              =     -16.5 Ry'\nexit 0\n")
+        oracle = create_oracle("qe", **qe_settings(command=command, quarantine_after=0))
+        with pytest.raises(CalculationFailed, match="incomplete .no 'JOB DONE'."):
+            oracle.calculate(al4(), ("energy",))
