@@ -118,7 +118,31 @@ def case_small_cell_two_species():
     return [13, 29], train, test
 
 
+def case_sheared_cell():
+    """Triclinic cell: the 32-atom Al cell sheared (b += 0.25 a, c += 0.3 a + 0.2 b) before the
+    random displacements, EMT labels; checks non-orthogonal image handling (mild enough that
+    FLARE's own image sweep is complete, which run_flare.py verifies against ASE)."""
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(15)
+    base = fp.perturbed_fcc("Al", a=4.05, reps=(2, 2, 2), n_frames=1, seed=15, amplitude=0.0)[0][0]
+    cell = base.cell.array.copy()
+    cell[1] += 0.25 * cell[0]
+    cell[2] += 0.3 * cell[0] + 0.2 * cell[1]
+    base.set_cell(cell, scale_atoms=True)
+    pairs = []
+    for _ in range(3):
+        atoms = base.copy()
+        atoms.positions += rng.uniform(-0.2025, 0.2025, size=atoms.positions.shape)
+        atoms.calc = EMT()
+        pairs.append((atoms, atoms.get_forces()))
+    train = _frames(pairs[:2], per_frame=10, seed=5)
+    test = [fp.Frame.from_atoms(a) for a, _ in pairs[2:]]
+    return [13], train, test
+
+
 CASES = {
+    "al_sheared_cell": case_sheared_cell,
     "al_single_species": case_al_single,
     "al_cu_two_species": case_al_cu,
     "al_small_cell_images": case_small_cell,
@@ -199,6 +223,13 @@ def _assert_close(name, ours, ref, rtol=RTOL):
 def test_same_training_set_size(case):
     name, ref, ours = case
     assert int(ref["n_train_envs"]) == ours["n_envs"], name
+
+
+def test_flare_environments_complete(case):
+    """FLARE's image sweep found every neighbour ASE finds (else the case is not a valid
+    reference: FLARE 0.2.4 can miss neighbours in strongly sheared cells)."""
+    name, ref, _ = case
+    assert int(ref["n_incomplete_envs"]) == 0, name
 
 
 def test_forces_match_flare(case):
