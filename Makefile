@@ -6,14 +6,20 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the external codes the tests exercise for real: Quantum ESPRESSO, GPAW, tblite (oracles),
+# Prometheus/promtool, kubectl+kustomize, kubernetes-validate, hadolint (deployment checks)
+CODES_STAMP := $(VENV)/.codes-installed
+CODES_INPUTS := oracle_service/setup/install_system_packages.sh oracle_service/setup/install_python_packages.sh \
+	oracle_service/setup/gpaw_siteconfig.py tests/deploy/setup_tools.sh
 DEMO_PORT ?= 50151
 
-.PHONY: help venv test demo demo-oracle protos bench clean
+.PHONY: help venv codes test demo demo-oracle protos bench clean
 
 help:
 	@echo "make demo    - on-the-fly training of the aluminium melt (examples/al_melt.yaml); writes runs/al-melt-*/report.md"
 	@echo "make demo-oracle - start an EMT oracle on 127.0.0.1:$(DEMO_PORT) and label examples/cu_rattled.xyz"
 	@echo "make test    - run the test suite (creates $(VENV) on first use)"
+	@echo "make codes   - install QE, GPAW, tblite, Prometheus, kubectl/kustomize (root or sudo; make test does it)"
 	@echo "make protos  - regenerate the Python gRPC code from protos/epicycle/v1/*.proto"
 	@echo "make bench   - run the benchmarks in benchmarks/"
 
@@ -26,7 +32,17 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: venv
+# needs root for apt-get (CI runs as root; elsewhere the scripts use sudo)
+$(CODES_STAMP): $(STAMP) $(CODES_INPUTS)
+	bash oracle_service/setup/install_system_packages.sh
+	bash oracle_service/setup/install_python_packages.sh $(BIN)/python
+	bash tests/deploy/setup_tools.sh $(BIN)/python
+	$(BIN)/python -m oracle_service.pseudo generate
+	touch $@
+
+codes: $(CODES_STAMP)
+
+test: venv codes
 	$(BIN)/python -m pytest
 
 protos: venv

@@ -102,8 +102,10 @@ class RunConfig:
     learner: LearnerConfig = LearnerConfig()
     sampler: SamplerConfig = SamplerConfig()
     policy: PolicyConfig = PolicyConfig()
-    #: embedded services expose /metrics on these ports (None: off); coordinator's own too
+    #: the coordinator's own /metrics port (None: off; 0: any free port); embedded services use the next ones
     metrics_port: int | None = None
+    #: address the /metrics endpoints bind (0.0.0.0 in a pod, so Prometheus can scrape it)
+    metrics_host: str = "127.0.0.1"
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

@@ -75,8 +75,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         registry = CollectorRegistry()
         metrics = CoordinatorMetrics(registry)
-        _, port = serve_metrics(registry, config.metrics_port)
-        print(f"coordinator metrics on http://127.0.0.1:{port}/metrics", flush=True)
+        _, port = serve_metrics(registry, config.metrics_port, config.metrics_host)
+        print(f"coordinator metrics on http://{config.metrics_host}:{port}/metrics", flush=True)
     started = time.perf_counter()
     services = start_services(config, species)
     try:

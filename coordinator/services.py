@@ -120,7 +120,8 @@ def start_services(config: RunConfig, species: list[int]) -> Services:
     mport = config.metrics_port
 
     def server_config(offset: int) -> ServerConfig:
-        return ServerConfig(metrics_port=None if mport is None else (0 if mport == 0 else mport + offset))
+        return ServerConfig(metrics_port=None if mport is None else (0 if mport == 0 else mport + offset),
+                            metrics_host=config.metrics_host)
 
     try:
         if config.oracle.addresses:
