@@ -16,6 +16,7 @@ FLARE objects used (default 2+3-body multi-element "mc_simple" kernel, no hyps_m
     flare.gp_algebra.get_neg_like_grad(hyps, ...)         -> -lml, -grad at the given hyps
     gp.predict_force_xyz(AtomicEnvironment)               -> mean force, epistemic variance
     gp.predict_local_energy(AtomicEnvironment)            -> local energy
+    flare.predict.predict_on_structure_efs(Structure, gp) -> energy, forces, stress (optional)
     gp.train()                                            -> L-BFGS-B optimisation (optional)
 """
 import argparse
@@ -163,6 +164,7 @@ def main(argv=None):
     max_predict_atoms = int(_flag(problem, "max_predict_atoms", -1))
     save_kvec = bool(_flag(problem, "save_kernel_vectors", 0))
     do_check = bool(_flag(problem, "check_neighbours", 1))
+    do_stress = bool(_flag(problem, "compute_stress", 0))
 
     result = {}
     timings = {}
@@ -290,6 +292,19 @@ def main(argv=None):
             if save_kvec:
                 result["kvec_%d" % k] = kvec
                 result["kself_%d" % k] = kself
+        if do_stress:
+            # FLARE's efs path: local energies, forces, partial stresses (+ variances) per atom;
+            # write_efs_to_structure turns them into the ASE-convention stress of the cell.
+            from flare.predict import predict_on_structure_efs
+
+            for k, struc in enumerate(strucs):
+                out = predict_on_structure_efs(struc, gp, write_to_structure=True)
+                result["efs_local_energies_%d" % k] = np.asarray(out[0], dtype=float)
+                result["efs_forces_%d" % k] = np.asarray(out[1], dtype=float)
+                result["partial_stresses_%d" % k] = np.asarray(out[2], dtype=float)
+                result["pred_stress_%d" % k] = np.asarray(struc.stress, dtype=float)
+                result["pred_stress_stds_%d" % k] = np.asarray(struc.stress_stds, dtype=float)
+                result["pred_energy_%d" % k] = np.array(float(struc.potential_energy))
         if per_atom:
             timings["t_predict_per_atom"] = float(np.median(per_atom))
             timings["t_predict_per_atom_all"] = per_atom

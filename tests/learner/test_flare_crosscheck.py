@@ -15,7 +15,8 @@ problem at the same fixed hyperparameters, and requires agreement to 1e-6 relati
     value is FLARE's own K_y, k and k(x,x) with the final solve in extended precision,
     because FLARE's explicit inverse alone is only good to ~1e-6 when var << k(x,x)),
   * log marginal likelihood and its gradient w.r.t. (sig2, ls2, sig3, ls3, noise),
-  * local energies (FLARE's predict_local_energy).
+  * local energies (FLARE's predict_local_energy), total energy and stress (FLARE's
+    predict_on_structure_efs, ASE sign and Voigt order).
 """
 from __future__ import annotations
 
@@ -160,7 +161,8 @@ def case(request, tmp_path_factory):
     species, train, test = CASES[name]()
     work = tmp_path_factory.mktemp(f"flare_{name}")
     problem = fp.write_problem(work / "problem.npz", (R2, R3), HYPS, species, train, test,
-                               compute_local_energies=1, save_kernel_vectors=1)
+                               compute_local_energies=1, save_kernel_vectors=1,
+                               compute_stress=1)
     ref = fp.run_flare(problem, work / "result.npz", python=FLARE_PYTHON, timeout=1800)
     ours = _run_ours(species, train, test)
     return name, ref, ours
@@ -191,6 +193,9 @@ def _run_ours(species, train, test):
         out[f"vars_{k}"] = np.asarray(var, dtype=float)
         out[f"stds_{k}"] = np.asarray(p.force_std, dtype=float)
         out[f"local_energies_{k}"] = np.asarray(p.local_energies, dtype=float)
+        ps = _call(gp.predict, fr.to_atoms(), stress=True)
+        out[f"stress_{k}"] = np.asarray(ps.stress, dtype=float)
+        out[f"energy_{k}"] = float(ps.energy)
     lml, grad = gp.log_likelihood(gradient=True)
     out["lml"] = float(lml)
     grad = np.asarray([grad[k] for k in fp.HYP_NAMES] if isinstance(grad, dict) else grad,
@@ -307,6 +312,16 @@ def test_local_energies_match_flare(case):
     for k in range(int(ref["n_test"])):
         _assert_close(f"{name} local energies[{k}]", ours[f"local_energies_{k}"],
                       ref[f"local_energies_{k}"])
+
+
+def test_energy_and_stress_match_flare(case):
+    """FLARE's predict_on_structure_efs: total energy (sum of local energies) and the cell
+    stress in ASE convention (write_efs_to_structure: -(sum of partial stresses)/V, reordered
+    to xx yy zz yz xz xy, eV/Å^3)."""
+    name, ref, ours = case
+    for k in range(int(ref["n_test"])):
+        _assert_close(f"{name} energy[{k}]", ours[f"energy_{k}"], float(ref[f"pred_energy_{k}"]))
+        _assert_close(f"{name} stress[{k}]", ours[f"stress_{k}"], ref[f"pred_stress_{k}"])
 
 
 def test_log_likelihood_matches_flare(case):
