@@ -737,6 +737,12 @@ class GaussianProcess:
         if self._k_rows == self.n_labels and self._k_ls == (self._hyps["ls2"], self._hyps["ls3"]):
             arrays["K2"] = self._K2
             arrays["K3"] = self._K3
+        st = self._state
+        if st is not None and st.key == self._state_key() and st.n == self.n_labels:
+            # the factor as it was built (possibly by block updates): a reloaded model predicts
+            # bit for bit like this one, so a resumed on-the-fly run continues the same trajectory
+            arrays["chol_L"] = st.L
+            arrays["alpha"] = st.alpha
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -779,6 +785,8 @@ class GaussianProcess:
             gp._K3 = data["K3"]
             gp._k_rows = gp._K2.shape[0]
             gp._k_ls = (gp._hyps["ls2"], gp._hyps["ls3"])
+        if "chol_L" in data.files and data["chol_L"].shape == (gp.n_labels, gp.n_labels):
+            gp._state = _State(gp._state_key(), gp.n_labels, data["chol_L"], data["alpha"])
         gp._version = 1
         return gp
 
