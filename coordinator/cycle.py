@@ -138,6 +138,8 @@ class OnTheFlyRun:
         self.services = services
         self.progress = progress or Progress(config.sampler.steps, config.sampler.timestep_fs)
         self.metrics = metrics
+        if metrics is not None:
+            metrics.watch_oracle_pool(services.oracle)
         self.acquisition = ACQUISITION[config.policy.acquisition]()
         self.update_policy = UPDATE[config.policy.update]()
         self.learner = LearnerClient(services.learner_address)
@@ -161,8 +163,16 @@ class OnTheFlyRun:
     def _label(self, atoms: Atoms) -> tuple:
         props = ("energy", "forces") + (("stress",) if self.config.learner.use_stress else ())
         started = time.perf_counter()
-        result = self.services.oracle.label(atoms, props)
-        return result, time.perf_counter() - started
+        try:
+            result = self.services.oracle.label(atoms, props)
+        except CalculationFailed:
+            if self.metrics is not None:
+                self.metrics.oracle_latency(time.perf_counter() - started, ok=False)
+            raise
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.oracle_latency(seconds)
+        return result, seconds
 
     def _initial_atoms(self, n_atoms: int) -> list[int]:
         spec = self.config.policy.initial_atoms
@@ -183,6 +193,7 @@ class OnTheFlyRun:
 
     def _apply_label(self, label: StoredLabel, state: RunState) -> None:
         """AddData (+ optimise on schedule) for one stored label, then persist the model and state."""
+        started = time.perf_counter()
         atoms_idx = self._select(label)
         le = self.config.learner
         reply = self.learner.add_data(label.atoms(), forces=label.forces, atom_indices=atoms_idx,
@@ -215,6 +226,7 @@ class OnTheFlyRun:
         self.rd.event("update_decision", label=label.index, accept=decision.accept, reason=decision.reason,
                       threshold=self.threshold, noise=self.noise)
         if self.metrics is not None:
+            self.metrics.model_update(time.perf_counter() - started)
             self.metrics.update(decision)
         # the stopped step is integrated with this label's forces when MD continues
         if label.index == 0:
@@ -242,6 +254,8 @@ class OnTheFlyRun:
                 self.progress.line(f"applying label {i} written before the interruption")
                 self._apply_label(rd.read_label(i), state)
             state.oracle_calls = written
+            if self.metrics is not None:
+                self.metrics.resumed(written, state.time_fs)
             rd.truncate_trajectory(state.step)
             rd.event("resumed", step=state.step, labels=written, labels_applied=state.labels_applied)
             self.progress.line(f"resumed at step {state.step} with {written} oracle label(s) on disk "

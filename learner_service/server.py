@@ -74,12 +74,72 @@ def warm_up(gp) -> None:
     gp.predict(atoms, stress=True)
 
 
+#: GP prediction per structure, seconds (a few atoms: sub-millisecond; 10k atoms: seconds)
+PREDICTION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
+                      5, 10, 30)
+#: model updates (AddData refactorisation, hyperparameter optimisation), seconds
+UPDATE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+#: the servicer's prediction RPCs (label values of ``rpc``)
+PREDICTION_RPCS = ("Predict", "PredictStream")
+
+
 class LearnerMetrics:
-    """Collector reading the model store at scrape time."""
+    """Learner metrics: a collector reading the model store at scrape time, and histograms fed by the servicer.
+
+    * gauges ``epicycle_learner_model_version``, ``_training_environments``,
+      ``_training_labels``, ``_noise_ev_per_angstrom`` (σn), ``_last_update_seconds``,
+      ``_hyperparameter{name}``, ``_log_marginal_likelihood`` (after the first optimisation);
+    * histograms ``epicycle_learner_prediction_seconds{rpc}`` (GP work per predicted
+      structure, Predict or PredictStream), ``epicycle_learner_optimization_seconds``
+      (Optimize, refactorisation included), ``epicycle_learner_add_data_seconds``;
+    * counters ``epicycle_learner_predicted_atoms_total{rpc}``,
+      ``epicycle_learner_optimizations_total{converged}``.
+
+    It is also the servicer's :class:`~learner_service.servicer.ServicerObserver`.
+    """
 
     def __init__(self, registry: CollectorRegistry, store) -> None:
+        from prometheus_client import Counter, Histogram
+
         self.store = store
+        self.prediction_seconds = Histogram(
+            "epicycle_learner_prediction_seconds",
+            "GP prediction per structure (forces, σ, energy, stress), seconds, by RPC.",
+            ["rpc"], buckets=PREDICTION_BUCKETS, registry=registry)
+        self.predicted_atoms = Counter("epicycle_learner_predicted_atoms", "Atoms predicted, by RPC.", ["rpc"],
+                                       registry=registry)
+        for rpc in PREDICTION_RPCS:
+            self.prediction_seconds.labels(rpc)
+            self.predicted_atoms.labels(rpc)
+        self.optimization_seconds = Histogram(
+            "epicycle_learner_optimization_seconds",
+            "Hyperparameter optimisation (Optimize, refactorisation included), seconds.",
+            buckets=UPDATE_BUCKETS, registry=registry)
+        self.optimizations = Counter("epicycle_learner_optimizations", "Hyperparameter optimisations by whether "
+                                     "they converged.", ["converged"], registry=registry)
+        for flag in ("true", "false"):
+            self.optimizations.labels(flag)
+        self.add_data_seconds = Histogram(
+            "epicycle_learner_add_data_seconds",
+            "AddData: extending the training set and refactorising the model, seconds.",
+            buckets=UPDATE_BUCKETS, registry=registry)
         registry.register(self)
+
+    # -- ServicerObserver ------------------------------------------------------------------
+
+    def prediction(self, rpc: str, n_atoms: int, seconds: float) -> None:
+        self.prediction_seconds.labels(rpc).observe(seconds)
+        self.predicted_atoms.labels(rpc).inc(n_atoms)
+
+    def data_added(self, seconds: float) -> None:
+        self.add_data_seconds.observe(seconds)
+
+    def optimized(self, seconds: float, result) -> None:
+        self.optimization_seconds.observe(seconds)
+        self.optimizations.labels("true" if getattr(result, "converged", False) else "false").inc()
+
+    # -- collector -------------------------------------------------------------------------
 
     def describe(self):
         return []
@@ -102,6 +162,12 @@ class LearnerMetrics:
         for k, v in dict(gp.hyperparameters).items():
             h.add_metric([k], float(v))
         yield h
+        last = self.store.last_optimize
+        if last is not None and getattr(last, "log_likelihood", None) is not None:
+            g = GaugeMetricFamily("epicycle_learner_log_marginal_likelihood",
+                                  "Log marginal likelihood at the end of the last hyperparameter optimisation.")
+            g.add_metric([], float(last.log_likelihood))
+            yield g
 
 
 def start_learner_server(config: LearnerServiceConfig, registry: CollectorRegistry | None = None) -> RunningServer:
@@ -110,13 +176,14 @@ def start_learner_server(config: LearnerServiceConfig, registry: CollectorRegist
     registry = registry if registry is not None else CollectorRegistry()
     gp = build_model(config)
     store = ModelStore(gp)
+    metrics = LearnerMetrics(registry, store)
 
     def add(server):
-        learner_pb2_grpc.add_LearnerServicer_to_server(LearnerServicer(store, config.max_iterations), server)
+        learner_pb2_grpc.add_LearnerServicer_to_server(
+            LearnerServicer(store, config.max_iterations, observer=metrics), server)
         return [SERVICE_NAME]
 
     running = create_server(config.server, add, registry=registry)
-    LearnerMetrics(registry, store)
     running.model_store = store  # type: ignore[attr-defined]
     if config.warm_up:
         warm_up(gp)

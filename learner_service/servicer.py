@@ -166,30 +166,48 @@ def _stream_structure(msg: common_pb2.Structure, state: _StreamState) -> Atoms:
     return atoms
 
 
+class ServicerObserver:
+    """What the servicer reports for metrics; these no-ops by default
+    (``learner_service.server.LearnerMetrics`` records them in Prometheus)."""
+
+    def prediction(self, rpc: str, n_atoms: int, seconds: float) -> None:
+        """One structure predicted (``rpc``: ``Predict`` or ``PredictStream``), ``seconds`` of GP work."""
+
+    def data_added(self, seconds: float) -> None:
+        """AddData finished: the model was extended and refactorised in ``seconds``."""
+
+    def optimized(self, seconds: float, result) -> None:
+        """Optimize finished in ``seconds`` (``result``: the GP's optimisation result)."""
+
+
 class LearnerServicer(learner_pb2_grpc.LearnerServicer):
-    def __init__(self, store: ModelStore, default_max_iterations: int = 200) -> None:
+    def __init__(self, store: ModelStore, default_max_iterations: int = 200,
+                 observer: ServicerObserver | None = None) -> None:
         self.store = store
         self.default_max_iterations = default_max_iterations
+        self.observer = observer or ServicerObserver()
 
     # -- prediction -----------------------------------------------------------------------
 
-    def _predict(self, atoms: Atoms, request: learner_pb2.PredictRequest) -> learner_pb2.PredictResponse:
+    def _predict(self, atoms: Atoms, request: learner_pb2.PredictRequest, rpc: str) -> learner_pb2.PredictResponse:
+        started = time.perf_counter()
         _check_positions(atoms, "structure")
         _indices(request.atom_indices, len(atoms), "atom_indices")
         gp, version = self.store.snapshot()
         pred = gp.predict(atoms, stress=request.compute_stress)
         reply = learner_pb2.PredictResponse(sequence=request.sequence)
         prediction_to_proto(pred, version, reply.prediction)
+        self.observer.prediction(rpc, len(atoms), time.perf_counter() - started)
         return reply
 
     def Predict(self, request, context):
-        return self._predict(wire.structure_from_proto(request.structure), request)
+        return self._predict(wire.structure_from_proto(request.structure), request, "Predict")
 
     def PredictStream(self, request_iterator, context) -> Iterator[learner_pb2.PredictResponse]:
         state = _StreamState()
         for request in request_iterator:
             atoms = _stream_structure(request.structure, state)
-            yield self._predict(atoms, request)
+            yield self._predict(atoms, request, "PredictStream")
 
     # -- training -------------------------------------------------------------------------
 
@@ -218,7 +236,9 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
                              energy=energy if request.use_energy else None,
                              stress=stress if request.use_stress else None)
 
+        started = time.perf_counter()
         _, version = self.store.update(change)
+        self.observer.data_added(time.perf_counter() - started)
         gp, _ = self.store.snapshot()
         return learner_pb2.AddDataResponse(model_version=version, n_environments=gp.n_environments,
                                            n_labels=gp.n_labels)
@@ -236,12 +256,14 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             kwargs["tolerance"] = request.tolerance
         result, version = self.store.update(lambda g: g.optimize(**kwargs))
         self.store.last_optimize = result
+        seconds = time.perf_counter() - started
+        self.observer.optimized(seconds, result)
         gp, _ = self.store.snapshot()
         return learner_pb2.OptimizeResponse(
             hyperparameters=hyperparameters_to_proto(dict(gp.hyperparameters)),
             log_likelihood=float(result.log_likelihood), iterations=int(result.iterations),
             converged=bool(result.converged), message=str(result.message),
-            seconds=time.perf_counter() - started, model_version=version)
+            seconds=seconds, model_version=version)
 
     # -- model management -----------------------------------------------------------------
 

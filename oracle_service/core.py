@@ -259,6 +259,7 @@ class LabelService:
         self._waiting_followers = 0
         self._calls = dict.fromkeys(OUTCOMES, 0)
         self._compute_seconds_total = 0.0
+        self._compute_observers: list[Callable[[str, float], None]] = []
 
     @classmethod
     def from_backend(
@@ -356,6 +357,11 @@ class LabelService:
                 "compute_seconds_total": self._compute_seconds_total,
             }
 
+    def add_compute_observer(self, observer: Callable[[str, float], None]) -> None:
+        """Call ``observer(outcome, seconds)`` after every backend calculation
+        (``outcome``: ``computed``, ``failed``, ``timeout`` or ``setup_error``), e.g. for a histogram."""
+        self._compute_observers.append(observer)
+
     def clear_cache(self) -> None:
         """Forget cached labels and failure counts (not in-flight work)."""
         with self._lock:
@@ -447,10 +453,12 @@ class LabelService:
             seconds = time.perf_counter() - start
             labels = check_labels(raw, props, len(atoms), self.oracle.name)
         except (CalculationFailed, SetupError) as exc:
+            elapsed = time.perf_counter() - start
             with self._lock:
-                self._compute_seconds_total += time.perf_counter() - start
+                self._compute_seconds_total += elapsed
                 if isinstance(exc, CalculationFailed):
                     self._record_failure(key, str(exc).splitlines()[0])
+            self._observe(_outcome_of(exc), elapsed)
             raise
         info = dict(labels.info)
         info.update(backend=self.oracle.name, structure_hash=key, compute_seconds=seconds)
@@ -463,7 +471,12 @@ class LabelService:
                 self._cache.move_to_end(key)
                 while len(self._cache) > self.config.cache_size:
                     self._cache.popitem(last=False)
+        self._observe("computed", seconds)
         return labels, seconds
+
+    def _observe(self, outcome: str, seconds: float) -> None:
+        for observer in self._compute_observers:
+            observer(outcome, seconds)
 
     def _wait(self, wait: Callable[[float | None], bool], deadline, cancelled, what: str) -> None:
         """Call ``wait(timeout)`` until it returns True, honouring deadline and cancellation.

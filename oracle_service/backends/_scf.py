@@ -118,6 +118,8 @@ class ScfOracle(Oracle, abc.ABC):
         self.quarantine_file = str(quarantine_file) if quarantine_file else None
         self._records: dict[str, _Record] = {}
         self._records_lock = threading.Lock()
+        #: attempts run with escalated settings (after a failed first attempt), for metrics
+        self.retry_attempts = 0
         if self.quarantine_file:
             self._load_quarantine_file()
 
@@ -147,6 +149,9 @@ class ScfOracle(Oracle, abc.ABC):
         attempts: list[dict] = []
         last: CalculationFailed | None = None
         for number, overrides in enumerate(ladder, start=1):
+            if number > 1:
+                with self._records_lock:
+                    self.retry_attempts += 1
             start = time.monotonic()
             try:
                 labels = self.calculate_once(atoms, properties, overrides)
