@@ -69,9 +69,11 @@ class SamplerMetrics:
         c.add_metric([], float(s.runs_cancelled_total))
         yield c
         for name, value, help_text in (
-            ("epicycle_sampler_temperature_kelvin", s.last_temperature_k, "Temperature of the last stop frame, K."),
+            ("epicycle_sampler_temperature_kelvin", s.last_temperature_k,
+             "MD temperature of the last integrated frame, K (NaN before the first)."),
             ("epicycle_sampler_energy_drift_ev_per_atom_ps", s.last_drift,
-             "Drift of the conserved energy in the last run call, eV/atom/ps."),
+             "Drift of the conserved energy, eV/atom/ps, last measured in a run call (over the frames of one "
+             "model version; NaN before the first measurement)."),
             ("epicycle_sampler_steps_per_second", s.last_steps_per_second, "MD throughput of the last run call."),
             ("epicycle_sampler_active_runs", s.active_runs, "Run calls whose engine is integrating now."),
         ):

@@ -231,6 +231,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                     outcome["checkpoint"] = engine.checkpoint()
                     outcome["state"] = EngineState(engine)
                     outcome["drift"] = engine.energy_drift()
+                    outcome["observables"] = engine.observables()  # of the last integrated step
             except BaseException as exc:  # noqa: BLE001 - re-raised on the RPC thread
                 outcome["error"] = exc
             finally:
@@ -246,6 +247,8 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                 frame = frames.get()
                 if frame is None:
                     break
+                if frame.observables is not None:  # the temperature gauge follows MD frame by frame
+                    self.last_temperature_k = frame.observables.temperature_K
                 reply = sampler_pb2.RunResponse()
                 frame_to_proto(frame, reply.frame)
                 yield reply
@@ -277,9 +280,13 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         steps_per_second = report.steps_taken / outcome["seconds"] if outcome["seconds"] > 0 else 0.0
         drift = outcome["drift"]
         self.last_steps_per_second = steps_per_second
-        if report.frame is not None and report.frame.observables is not None:
-            self.last_temperature_k = report.frame.observables.temperature_K
-        self.last_drift = drift if drift is not None else float("nan")
+        # an uncertain stop frame is not integrated yet (no observables): the last integrated step's count
+        observables = (report.frame.observables if report.frame is not None and report.frame.observables is not None
+                       else outcome.get("observables"))
+        if observables is not None:
+            self.last_temperature_k = observables.temperature_K
+        if drift is not None:  # too few frames on one model version to measure: keep the last measurement
+            self.last_drift = drift
         reply = sampler_pb2.RunResponse()
         stop_to_proto(report, outcome["checkpoint"], drift, steps_per_second, reply.stop, outcome["state"])
         yield reply

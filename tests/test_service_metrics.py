@@ -8,6 +8,7 @@ failovers, update time and calls per simulated ps.
 
 from __future__ import annotations
 
+import math
 import urllib.request
 
 import numpy as np
@@ -159,7 +160,7 @@ def emt_forces(atoms):
 def test_learner_prediction_optimisation_and_add_data_metrics_over_grpc() -> None:
     config = LearnerServiceConfig(species=(13,), cutoffs=(5.0, 3.5), server=ServerConfig(metrics_port=0),
                                   hyperparameters={"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05})
-    with start_learner_server(config) as running, LearnerClient(running.address) as c:
+    with start_learner_server(config) as running, LearnerClient(running.address, timeout=600) as c:
         c.wait_ready(120)
         before = samples(scrape(running.metrics_port))
         assert value(before, "epicycle_learner_log_marginal_likelihood") is None  # nothing optimised yet
@@ -207,7 +208,7 @@ def test_learner_prediction_optimisation_and_add_data_metrics_over_grpc() -> Non
 def test_learner_bad_prediction_is_not_timed() -> None:
     """Only predictions that ran are observed (a rejected request is an RPC error, counted by the interceptor)."""
     config = LearnerServiceConfig(species=(13,), cutoffs=(5.0, 3.5), warm_up=False, server=ServerConfig())
-    with start_learner_server(config) as running, LearnerClient(running.address) as c:
+    with start_learner_server(config) as running, LearnerClient(running.address, timeout=600) as c:
         atoms = al32(1)
         atoms.positions[0, 0] = float("nan")
         with pytest.raises(errors.InvalidInput):
@@ -316,3 +317,74 @@ def test_cycle_times_oracle_calls_and_counts_failures() -> None:
     assert check_histogram(data, "epicycle_coordinator_oracle_call_seconds", outcome="ok") == 1
     assert check_histogram(data, "epicycle_coordinator_oracle_call_seconds", outcome="failed") == 1
     assert value(data, "epicycle_coordinator_oracle_failures_total") == 1
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+class _UncertainAfter:
+    """EMT forces; σ above any threshold from call ``n`` on (so the sampler stops on uncertainty)."""
+
+    def __init__(self, n: int) -> None:
+        from sampler_service.forces import AseCalculatorProvider
+
+        self.base = AseCalculatorProvider(EMT())
+        self.n, self.calls = n, 0
+
+    def compute(self, *args):
+        from dataclasses import replace
+
+        self.calls += 1
+        result = self.base.compute(*args)
+        sigma = 10.0 if self.calls > self.n else 0.0
+        return replace(result, force_std=np.full_like(result.forces, sigma))
+
+
+def _run_request(max_steps: int, frame_interval: int, threshold: float = 0.0, learner: str = ""):
+    from protos import wire
+    from protos.epicycle.v1 import sampler_pb2
+    from sampler_service.remote import md_settings
+
+    req = sampler_pb2.RunRequest(learner_address=learner)
+    wire.structure_to_proto(al32(1), out=req.new_run.structure)
+    req.new_run.settings.CopyFrom(md_settings(engine="builtin", ensemble="nve", timestep_fs=2.0, temperature_K=300.0,
+                                              initial_temperature_K=300.0, seed=1))
+    req.control.max_steps = max_steps
+    req.control.frame_interval = frame_interval
+    req.control.sigma_threshold = threshold
+    return req
+
+
+def test_sampler_steps_temperature_drift_and_throughput() -> None:
+    from sampler_service.client import SamplerClient
+    from sampler_service.server import SamplerServiceConfig, default_provider_factory, start_sampler_server
+
+    def factory(address, want_stress):
+        return _UncertainAfter(12) if address == "uncertain" else default_provider_factory(address, want_stress)
+
+    config = SamplerServiceConfig(default_learner="oracle:emt", engines=("builtin",),
+                                  server=ServerConfig(metrics_port=0))
+    with start_sampler_server(config, provider_factory=factory) as running, \
+            SamplerClient(running.address, timeout=60) as client:
+        before = samples(scrape(running.metrics_port))
+        assert math.isnan(value(before, "epicycle_sampler_temperature_kelvin"))  # nothing integrated yet
+        frames = []
+        result = client.run(_run_request(30, 5), on_frame=frames.append)
+        data = samples(scrape(running.metrics_port))
+        assert value(data, "epicycle_sampler_steps_total") == 30
+        assert value(data, "epicycle_sampler_temperature_kelvin") == pytest.approx(result.stop.frame.temperature_k)
+        assert math.isfinite(value(data, "epicycle_sampler_energy_drift_ev_per_atom_ps"))
+        assert value(data, "epicycle_sampler_energy_drift_ev_per_atom_ps") == pytest.approx(
+            result.stop.energy_drift_ev_per_atom_ps)
+        assert value(data, "epicycle_sampler_steps_per_second") > 0
+        assert value(data, "epicycle_sampler_active_runs") == 0
+        # an uncertainty stop: its frame is not integrated, the gauge keeps the last integrated temperature
+        result = client.run(_run_request(100, 1, threshold=1.0, learner="uncertain"))
+        from protos.epicycle.v1 import sampler_pb2
+
+        assert result.stop.reason == sampler_pb2.STOP_REASON_UNCERTAIN and result.stop.steps_taken < 100
+        assert not result.stop.frame.temperature_k  # the stop frame itself carries no temperature
+        data = samples(scrape(running.metrics_port))
+        assert value(data, "epicycle_sampler_steps_total") == 30 + result.stop.steps_taken
+        temperature = value(data, "epicycle_sampler_temperature_kelvin")
+        assert math.isfinite(temperature) and temperature > 0
