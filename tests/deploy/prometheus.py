@@ -20,11 +20,16 @@ class PrometheusServer:
     url: str
     process: subprocess.Popen
 
-    def query(self, expr: str) -> dict:
+    def query(self, expr: str, time: float | None = None) -> dict:
         """``/api/v1/query`` response (JSON) — also for errors, which come back as HTTP 400/422."""
-        q = urllib.parse.urlencode({"query": expr})
+        params = {"query": expr} if time is None else {"query": expr, "time": f"{time:.3f}"}
+        return self.api("query", params)
+
+    def api(self, endpoint: str, params: dict | list | None = None) -> dict:
+        """``GET /api/v1/<endpoint>?params`` (JSON), e.g. ``api("series", [("match[]", "up")])``."""
+        q = urllib.parse.urlencode(params or {})
         try:
-            with urllib.request.urlopen(f"{self.url}/api/v1/query?{q}", timeout=10) as resp:
+            with urllib.request.urlopen(f"{self.url}/api/v1/{endpoint}?{q}", timeout=10) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return json.loads(exc.read() or b"{}") | {"http_status": exc.code}
@@ -36,11 +41,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_prometheus(workdir: Path, timeout: float = 60.0) -> PrometheusServer:
-    """Start ``prometheus`` with an empty scrape configuration; wait until it is ready."""
+EMPTY_CONFIG = "global:\n  scrape_interval: 1m\nscrape_configs: []\n"
+
+
+def start_prometheus(workdir: Path, timeout: float = 60.0, config_text: str = EMPTY_CONFIG) -> PrometheusServer:
+    """Start ``prometheus`` with ``config_text`` as its configuration (default: scrape nothing);
+    wait until it is ready.  Relative paths in the configuration (``rule_files``) are relative to ``workdir``."""
     binary = require("prometheus")
     config = workdir / "prometheus.yml"
-    config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n")
+    config.write_text(config_text)
     log = open(workdir / "prometheus.log", "w")
     for _ in range(3):  # the free port may be taken between probing and binding
         port = _free_port()
