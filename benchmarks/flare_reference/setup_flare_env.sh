@@ -38,9 +38,13 @@ py="$venv/bin/python"
 # is the numba line built against numpy 1.20; scipy 1.7.3 and ase 3.22.1 / matplotlib 3.5.3
 # are the last releases with cp39 wheels that still accept numpy 1.20. --only-binary keeps it
 # to PyPI wheels (no compilers needed).
+# The transitive pins (matplotlib's dependencies) are the set that resolved and worked here
+# on 2026-11-21; they only keep the environment reproducible.
 "$py" -m pip install --quiet --only-binary=:all: \
     "numpy==1.20.3" "llvmlite==0.36.0" "numba==0.53.1" "scipy==1.7.3" \
-    "matplotlib==3.5.3" "ase==3.22.1"
+    "matplotlib==3.5.3" "ase==3.22.1" \
+    "cycler==0.12.1" "fonttools==4.60.2" "kiwisolver==1.4.7" "pillow==11.3.0" \
+    "pyparsing==3.3.3" "python-dateutil==3.0.0" "packaging==26.3" "six==1.17.0"
 # mir-flare's declared extras (nbsphinx, IPython, pytest, memory-profiler, nptyping) are for
 # its docs/tests only; the classic GP imports numpy, scipy, numba and ase.
 "$py" -m pip install --quiet --no-deps "mir-flare==0.2.4"
