@@ -38,7 +38,7 @@ from scipy.optimize import minimize
 from protos.errors import InvalidInput, ModelError, NotFound
 
 from .environment import Cutoffs, EnvironmentBatch, build_environments
-from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks
+from .kernels import N_FUNCTIONALS, LabelGroups, forward_substitution, kernel_blocks, prediction_blocks
 
 __all__ = ["GaussianProcess", "Prediction", "OptimizationResult", "FORMAT_VERSION", "BASE_HYPERPARAMETERS"]
 
@@ -67,6 +67,8 @@ DEFAULT_BOUNDS = {
 }
 
 _FORCE, _ENERGY, _STRESS = 0, 1, 2
+# k^T K^-1 k by a single-threaded forward substitution below this many multiply-adds (x2)
+_SMALL_SOLVE = 2e7
 _CHOLESKY_HINT = (
     "the covariance matrix is not positive definite; increase the noise σn (or the energy/stress "
     "noise), or remove duplicate environments from the training set"
@@ -659,24 +661,11 @@ class GaussianProcess:
         envs = build_environments(positions, atoms.get_atomic_numbers(), cell, pbc, self.cutoffs, idx)
         m = len(envs)
         h = self._hyps
-        gp_rows = LabelGroups.per_environment(np.arange(m), energy=True, force=True, stress=stress)
-        width = 10 if stress else 4
         st = self._factorize()
-        if st is not None:
-            groups = self._label_groups(self._groups)
-            K2, K3 = kernel_blocks(self._training_batch(), groups, gp_rows, h["ls2"], h["ls3"], batch_b=envs)
-            Kp = h["sig2"] ** 2 * K2 + h["sig3"] ** 2 * K3  # (n_train, m*width)
-            mean = (Kp.T @ st.alpha).reshape(m, width)
-            Kf = Kp.reshape(-1, m, width)[:, :, 1:4].reshape(Kp.shape[0], m * 3)
-            V = solve_triangular(st.L, Kf, lower=True, check_finite=False)
-            explained = np.einsum("ij,ij->j", V, V).reshape(m, 3)
+        if not stress:
+            mean, var = self._predict_fast(envs, st)
         else:
-            mean = np.zeros((m, width))
-            explained = np.zeros((m, 3))
-        self_groups = LabelGroups.per_environment(np.arange(m), energy=False, force=True)
-        s2, s3 = kernel_blocks(envs, self_groups, None, h["ls2"], h["ls3"], diagonal=True)
-        prior = (h["sig2"] ** 2 * np.diag(s2) + h["sig3"] ** 2 * np.diag(s3)).reshape(m, 3)
-        var = prior - explained
+            mean, var = self._predict_general(envs, st, stress)
 
         forces = np.zeros((n, 3))
         force_var = np.zeros((n, 3))
@@ -702,6 +691,63 @@ class GaussianProcess:
             noise=self.noise,
             model_version=self._version,
         )
+
+    def _training_groups(self) -> LabelGroups:
+        """Label groups of the training rows (cached until data are added)."""
+        cached = getattr(self, "_groups_cache", None)
+        if cached is None or cached[0] != len(self._groups):
+            cached = (len(self._groups), self._label_groups(self._groups))
+            self._groups_cache = cached
+        return cached[1]
+
+    def _predict_fast(self, envs: EnvironmentBatch, st: _State | None):
+        """Mean (E, F) and force variances of ``envs`` from :func:`prediction_blocks`: only the
+        functionals prediction needs, the prior variance from the force block diagonal
+        alone; the same numbers as :meth:`_predict_general` to round-off."""
+        m = len(envs)
+        h = self._hyps
+        s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
+        if st is not None:
+            K2, K3, P2, P3 = prediction_blocks(self._training_batch(), self._training_groups(), envs,
+                                               len(self.species), h["ls2"], h["ls3"])
+            n_rows = K2.shape[0]
+            Kp = s2 * K2 + s3 * K3  # (n_train, m, 4)
+            mean = (Kp.reshape(n_rows, m * 4).T @ st.alpha).reshape(m, 4)
+            Kf = np.ascontiguousarray(Kp[:, :, 1:4]).reshape(n_rows, m * 3)
+            if n_rows * n_rows * m * 3 <= _SMALL_SOLVE:
+                explained = forward_substitution(st.L, Kf)[1].reshape(m, 3)
+            else:
+                V = solve_triangular(st.L, Kf, lower=True, check_finite=False)
+                explained = np.einsum("ij,ij->j", V, V).reshape(m, 3)
+        else:
+            _, _, P2, P3 = prediction_blocks(EnvironmentBatch.empty(), LabelGroups.concatenate([]), envs,
+                                             len(self.species), h["ls2"], h["ls3"])
+            mean = np.zeros((m, 4))
+            explained = np.zeros((m, 3))
+        prior = s2 * P2 + s3 * P3
+        return mean, prior - explained
+
+    def _predict_general(self, envs: EnvironmentBatch, st: _State | None, stress: bool):
+        """Mean (E, F[, S]) and force variances of ``envs`` through :func:`kernel_blocks`."""
+        m = len(envs)
+        h = self._hyps
+        gp_rows = LabelGroups.per_environment(np.arange(m), energy=True, force=True, stress=stress)
+        width = 10 if stress else 4
+        if st is not None:
+            groups = self._label_groups(self._groups)
+            K2, K3 = kernel_blocks(self._training_batch(), groups, gp_rows, h["ls2"], h["ls3"], batch_b=envs)
+            Kp = h["sig2"] ** 2 * K2 + h["sig3"] ** 2 * K3  # (n_train, m*width)
+            mean = (Kp.T @ st.alpha).reshape(m, width)
+            Kf = Kp.reshape(-1, m, width)[:, :, 1:4].reshape(Kp.shape[0], m * 3)
+            V = solve_triangular(st.L, Kf, lower=True, check_finite=False)
+            explained = np.einsum("ij,ij->j", V, V).reshape(m, 3)
+        else:
+            mean = np.zeros((m, width))
+            explained = np.zeros((m, 3))
+        self_groups = LabelGroups.per_environment(np.arange(m), energy=False, force=True)
+        s2, s3 = kernel_blocks(envs, self_groups, None, h["ls2"], h["ls3"], diagonal=True)
+        prior = (h["sig2"] ** 2 * np.diag(s2) + h["sig3"] ** 2 * np.diag(s3)).reshape(m, 3)
+        return mean, prior - explained
 
     # ------------------------------------------------------------------
     # persistence

@@ -735,3 +735,727 @@ class LabelGroups:
             base += g.ptr[-1]
         return LabelGroups(np.concatenate(ptr), np.concatenate([g.env for g in groups]),
                            np.concatenate([g.rows for g in groups]), np.concatenate([g.scale for g in groups]))
+
+
+# ===========================================================================
+# Fast prediction path: the covariance of every test environment's local energy and
+# force (E, Fx, Fy, Fz) with the training labels, and the prior force self-variances
+# diag k_FF(x, x), in one parallel numba call per structure.
+#
+# Same kernels as above (the results agree to round-off), restructured for speed:
+#
+# * only the functionals prediction needs are formed (test side E and F; the training
+#   side's E/F/S as its labels require; for k(x, x) only the force block);
+# * every sum over the second cluster's bonds is contracted on the fly into a few
+#   per-cluster accumulators (no scratch rows, one pass over the inner cluster list);
+# * 3-body: exp(-|d1 - P d2|^2 / 2l^2) = prod_k exp(-(a_k - b_pk)^2 / 2l^2) over the
+#   three bonds, so the six permutation exponentials are products of the nine factors
+#   e_ab = exp(-(x_a - y_b)^2 / 2l^2).  Eight of them pair a central bond with some bond
+#   and are taken from per-environment-pair tables (central bond lengths are shared by
+#   many triplets); only the cross-bond/cross-bond factor e_22 is computed per triplet
+#   pair: one exp per triplet pair instead of six.
+# * the permutation sums are reorganised into the 13 sums S0, Sx_k, Sy_l, Sxy_kl, Sd_kl
+#   (see _tb_terms) from which value, gradients and Hessian of the six-permutation
+#   kernel follow.
+# ===========================================================================
+
+# fields of the fast pack (pack_fast)
+_F_CSPEC, _F_BOFF, _F_BR, _F_BF, _F_BDF, _F_BU, _F_BPSI, _F_BSPEC, _F_BV, _F_BW = range(10)
+(_F_TOFF, _F_X0, _F_X1, _F_X2, _F_TF, _F_TDF0, _F_TDF1, _F_TU, _F_TPSI, _F_CODE, _F_PCODE, _F_TV, _F_TW,
+ _F_UOFF, _F_UVAL, _F_I0, _F_I1, _F_MONO, _F_BN, _F_TN) = range(10, 30)
+
+
+@njit(cache=True)
+def _central_distance_index(t_off, x0, x1):
+    """Per environment, the distinct central bond lengths of its triplets (sorted) and,
+    per triplet, the local index of its two central bonds in that list."""
+    nt = x0.shape[0]
+    n_env = t_off.shape[0] - 1
+    idx0 = np.zeros(nt, np.int64)
+    idx1 = np.zeros(nt, np.int64)
+    u_off = np.zeros(n_env + 1, np.int64)
+    vals = np.zeros(2 * nt)
+    pos = 0
+    for e in range(n_env):
+        t0 = t_off[e]
+        n = t_off[e + 1] - t0
+        tmp = np.empty(2 * n)
+        for i in range(n):
+            tmp[i] = x0[t0 + i]
+            tmp[n + i] = x1[t0 + i]
+        order = np.argsort(tmp)
+        cnt = -1
+        last = 0.0
+        for k in order:
+            v = tmp[k]
+            if cnt < 0 or v != last:
+                cnt += 1
+                vals[pos + cnt] = v
+                last = v
+            if k < n:
+                idx0[t0 + k] = cnt
+            else:
+                idx1[t0 + k - n] = cnt
+        pos += cnt + 1
+        u_off[e + 1] = pos
+    return u_off, vals[:pos].copy(), idx0, idx1
+
+
+_PAD = 8  # inner lists are padded to a multiple of the SIMD width with zero-weight entries
+
+
+@njit(cache=True)
+def _padded_offsets(off, mult):
+    n = off.shape[0] - 1
+    new = np.zeros(n + 1, np.int64)
+    for e in range(n):
+        c = off[e + 1] - off[e]
+        new[e + 1] = new[e] + (c + mult - 1) // mult * mult
+    return new
+
+
+@njit(cache=True)
+def _build_fast_pack(center_species, bond_offsets, bond_r, bond_f, bond_df, bond_u, bond_species,
+                     trip_offsets, trip_r, trip_F, trip_dF, trip_u, trip_species, n_species, mult):
+    n_env = center_species.shape[0]
+    # ---- 2-body
+    b_off = _padded_offsets(bond_offsets, mult)
+    nbp = b_off[n_env]
+    br = np.zeros(nbp)
+    bf = np.zeros(nbp)
+    bdf = np.zeros(nbp)
+    bu = np.zeros((3, nbp))
+    bpsi = np.zeros((6, nbp))
+    bspec = np.full(nbp, -1, np.int64)
+    bV = np.zeros((3, nbp))
+    bW = np.zeros((3, nbp))
+    bn = np.zeros(n_env, np.int64)
+    for e in range(n_env):
+        o = bond_offsets[e]
+        c = bond_offsets[e + 1] - o
+        bn[e] = c
+        for i in range(c):
+            s = o + i
+            d = b_off[e] + i
+            r = bond_r[s]
+            br[d] = r
+            bf[d] = bond_f[s]
+            bdf[d] = bond_df[s]
+            bspec[d] = bond_species[s]
+            ux = bond_u[s, 0]
+            uy = bond_u[s, 1]
+            uz = bond_u[s, 2]
+            bu[0, d] = ux
+            bu[1, d] = uy
+            bu[2, d] = uz
+            h = -0.5 * r
+            bpsi[0, d] = h * ux * ux
+            bpsi[1, d] = h * uy * uy
+            bpsi[2, d] = h * uz * uz
+            bpsi[3, d] = h * uy * uz
+            bpsi[4, d] = h * ux * uz
+            bpsi[5, d] = h * ux * uy
+            for k in range(3):
+                bV[k, d] = bond_df[s] * bu[k, d]
+                bW[k, d] = bond_f[s] * bu[k, d]
+    # ---- 3-body
+    t_off = _padded_offsets(trip_offsets, mult)
+    ntp = t_off[n_env]
+    x0 = np.zeros(ntp)
+    x1 = np.zeros(ntp)
+    x2 = np.zeros(ntp)
+    tF = np.zeros(ntp)
+    tdF0 = np.zeros(ntp)
+    tdF1 = np.zeros(ntp)
+    tu = np.zeros((6, ntp))
+    tpsi = np.zeros((12, ntp))
+    tcode = np.full(ntp, -1, np.int64)
+    pcode = np.full((6, ntp), -1, np.int64)
+    tV = np.zeros((3, ntp))
+    tW = np.zeros((6, ntp))
+    i0 = np.zeros(ntp, np.int64)
+    i1 = np.zeros(ntp, np.int64)
+    tn = np.zeros(n_env, np.int64)
+    S = n_species
+    mono = -1
+    for e in range(n_env):
+        o = trip_offsets[e]
+        c = trip_offsets[e + 1] - o
+        tn[e] = c
+        for i in range(c):
+            s = o + i
+            d = t_off[e] + i
+            x0[d] = trip_r[s, 0]
+            x1[d] = trip_r[s, 1]
+            x2[d] = trip_r[s, 2]
+            F = trip_F[s]
+            tF[d] = F
+            tdF0[d] = trip_dF[s, 0]
+            tdF1[d] = trip_dF[s, 1]
+            for k in range(2):
+                h = -0.5 * trip_r[s, k]
+                ux = trip_u[s, k, 0]
+                uy = trip_u[s, k, 1]
+                uz = trip_u[s, k, 2]
+                tu[3 * k, d] = ux
+                tu[3 * k + 1, d] = uy
+                tu[3 * k + 2, d] = uz
+                tpsi[6 * k, d] = h * ux * ux
+                tpsi[6 * k + 1, d] = h * uy * uy
+                tpsi[6 * k + 2, d] = h * uz * uz
+                tpsi[6 * k + 3, d] = h * uy * uz
+                tpsi[6 * k + 4, d] = h * ux * uz
+                tpsi[6 * k + 5, d] = h * ux * uy
+            for k in range(3):
+                tV[k, d] = trip_dF[s, 0] * tu[k, d] + trip_dF[s, 1] * tu[3 + k, d]
+            for k in range(6):
+                tW[k, d] = F * tu[k, d]
+            c0 = trip_species[s, 0]
+            c1 = trip_species[s, 1]
+            c2 = trip_species[s, 2]
+            # species code of (centre, j, k) and, for the inner side, the codes the outer
+            # triplet must have for each of the six permutations to match (FLARE's masks)
+            tcode[d] = (c0 * S + c1) * S + c2
+            pcode[0, d] = (c0 * S + c1) * S + c2
+            pcode[1, d] = (c0 * S + c2) * S + c1
+            pcode[2, d] = (c1 * S + c2) * S + c0
+            pcode[3, d] = (c1 * S + c0) * S + c2
+            pcode[4, d] = (c2 * S + c1) * S + c0
+            pcode[5, d] = (c2 * S + c0) * S + c1
+            if c0 == c1 and c1 == c2 and (mono == -1 or mono == c0):
+                mono = c0
+            else:
+                mono = -2
+    # distinct central bond lengths per environment (padded) and each triplet's index
+    u_off_r, u_val_r, j0, j1 = _central_distance_index(trip_offsets, trip_r[:, 0].copy(), trip_r[:, 1].copy())
+    u_off = _padded_offsets(u_off_r, mult)
+    u_val = np.zeros(u_off[n_env])
+    for e in range(n_env):
+        for i in range(u_off_r[e + 1] - u_off_r[e]):
+            u_val[u_off[e] + i] = u_val_r[u_off_r[e] + i]
+        o = trip_offsets[e]
+        for i in range(trip_offsets[e + 1] - o):
+            i0[t_off[e] + i] = j0[o + i]
+            i1[t_off[e] + i] = j1[o + i]
+    monoa = np.full(1, mono, np.int64)
+    return (center_species.copy(), b_off, br, bf, bdf, bu, bpsi, bspec, bV, bW,
+            t_off, x0, x1, x2, tF, tdF0, tdF1, tu, tpsi, tcode, pcode, tV, tW, u_off, u_val, i0, i1, monoa, bn, tn)
+
+
+def pack_fast(batch, n_species):
+    """Kernel-ready tuple of an :class:`EnvironmentBatch` for :func:`prediction_covariance`
+    (cached on the batch).  Per environment, bonds, triplets and distinct central bond
+    lengths are padded to a multiple of ``_PAD`` with entries that contribute exactly
+    zero (cutoff weights 0, no species match); ``_F_BN``/``_F_TN`` hold the real counts;
+    ``_F_MONO`` is the species index if every triplet has one species in all three
+    places (all six permutations count), -1 without triplets, else -2."""
+    cached = batch.meta.get("_packed_fast")
+    if cached is not None and cached[0] == (len(batch), n_species):
+        return cached[1]
+    c = np.ascontiguousarray
+    F = _build_fast_pack(
+        c(batch.center_species, dtype=np.int64), c(batch.bond_offsets, dtype=np.int64),
+        c(batch.bond_r, dtype=np.float64), c(batch.bond_f, dtype=np.float64), c(batch.bond_df, dtype=np.float64),
+        c(batch.bond_u, dtype=np.float64).reshape(-1, 3), c(batch.bond_species, dtype=np.int64),
+        c(batch.trip_offsets, dtype=np.int64), c(batch.trip_r, dtype=np.float64).reshape(-1, 3),
+        c(batch.trip_F, dtype=np.float64), c(batch.trip_dF, dtype=np.float64).reshape(-1, 2),
+        c(batch.trip_u, dtype=np.float64).reshape(-1, 2, 3), c(batch.trip_species, dtype=np.int64).reshape(-1, 3),
+        int(n_species), _PAD)
+    batch.meta["_packed_fast"] = ((len(batch), n_species), F)
+    return F
+
+
+@njit(cache=True, fastmath=_FM)
+def _pair2_fast(a, b, PA, PB, lam, ea, fa, sa, blk):
+    """2-body (E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4)."""
+    a0 = PA[_F_BOFF][a]
+    a1 = a0 + PA[_F_BN][a]
+    b0 = PB[_F_BOFF][b]
+    b1 = PB[_F_BOFF][b + 1]
+    n = b1 - b0
+    if PB[_F_BN][b] == 0 or a1 == a0:
+        return
+    ca = PA[_F_CSPEC][a]
+    cb = PB[_F_CSPEC][b]
+    ar = PA[_F_BR]
+    af = PA[_F_BF]
+    adf = PA[_F_BDF]
+    aspec = PA[_F_BSPEC]
+    au = PA[_F_BU]
+    apsi = PA[_F_BPSI]
+    RB = PB[_F_BR][b0:b1]
+    FB = PB[_F_BF][b0:b1]
+    SB = PB[_F_BSPEC][b0:b1]
+    V0 = PB[_F_BV][0, b0:b1]
+    V1 = PB[_F_BV][1, b0:b1]
+    V2 = PB[_F_BV][2, b0:b1]
+    W0 = PB[_F_BW][0, b0:b1]
+    W1 = PB[_F_BW][1, b0:b1]
+    W2_ = PB[_F_BW][2, b0:b1]
+    hl = -0.5 * lam
+    for m in range(a0, a1):
+        r1 = ar[m]
+        e1 = aspec[m]
+        B0 = 0.0
+        Bd = 0.0
+        A10 = 0.0
+        A11 = 0.0
+        A12 = 0.0
+        A20 = 0.0
+        A21 = 0.0
+        A22 = 0.0
+        for i in range(n):
+            e2 = SB[i]
+            ok = ((ca == cb) & (e1 == e2)) | ((ca == e2) & (cb == e1))
+            dl = r1 - RB[i]
+            ex = (1.0 if ok else 0.0) * exp_neg(hl * dl * dl)
+            ed = ex * dl
+            f2 = FB[i]
+            B0 += f2 * ex
+            Bd += f2 * ed
+            led = lam * ed
+            c2 = led * dl - ex
+            A10 += ex * V0[i] + led * W0[i]
+            A11 += ex * V1[i] + led * W1[i]
+            A12 += ex * V2[i] + led * W2_[i]
+            A20 += ed * V0[i] + c2 * W0[i]
+            A21 += ed * V1[i] + c2 * W1[i]
+            A22 += ed * V2[i] + c2 * W2_[i]
+        f1 = af[m]
+        df1 = adf[m]
+        if ea:
+            blk[0, 0] += W2 * W2 * f1 * B0
+            blk[0, 1] += W2 * f1 * A10
+            blk[0, 2] += W2 * f1 * A11
+            blk[0, 3] += W2 * f1 * A12
+        if fa or sa:
+            g1 = df1 * B0 - lam * f1 * Bd
+            lf = lam * f1
+            gf0 = df1 * A10 - lf * A20
+            gf1 = df1 * A11 - lf * A21
+            gf2 = df1 * A12 - lf * A22
+            if fa:
+                for d in range(3):
+                    u = au[d, m]
+                    blk[1 + d, 0] += W2 * g1 * u
+                    blk[1 + d, 1] += u * gf0
+                    blk[1 + d, 2] += u * gf1
+                    blk[1 + d, 3] += u * gf2
+            if sa:
+                for d in range(6):
+                    p = apsi[d, m]
+                    blk[4 + d, 0] += W2 * g1 * p
+                    blk[4 + d, 1] += p * gf0
+                    blk[4 + d, 2] += p * gf1
+                    blk[4 + d, 3] += p * gf2
+
+
+@njit(cache=True, inline="always", fastmath=_FM)
+def _tb_terms(lam, X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5, F2, V0, V1, V2, W00, W01, W02, W10, W11, W12):
+    """Contributions of one triplet pair (outer x, inner y) to the 12 accumulators.
+
+    Permutations (bond k of x paired with bond pi(k) of y): pi0 = (0,1,2), pi1 = (1,0,2),
+    pi2 = (2,0,1), pi3 = (0,2,1), pi4 = (2,1,0), pi5 = (1,2,0); E_p their (masked)
+    exponentials (E0 = e00 e11 e22, E1 = e01 e10 e22, E2 = e02 e10 e21, E3 = e00 e12 e21,
+    E4 = e02 e11 e20, E5 = e01 e12 e20 with e_ab = exp(-lam (x_a - y_b)^2 / 2)), d_ab = x_a - y_b.  With S0 = sum E, Sx_k = sum E d_{k,pi k},
+    Sy_l = sum E d_{pi^-1 l, l}, Sxy_kl = sum E d_{k,pi k} d_{pi^-1 l,l}, Sd_kl = sum E [pi k = l]:
+    k = F1 F2 S0, dk/dx_k = F2 (dF1_k S0 - lam F1 Sx_k), dk/dy_l = F1 (dF2_l S0 + lam F2 Sy_l),
+    H_kl = dF1_k dF2_l S0 + lam dF1_k F2 Sy_l - lam F1 dF2_l Sx_k - lam^2 F1 F2 Sxy_kl + lam F1 F2 Sd_kl.
+    Accumulated (V_j = sum_l dF2_l u_lj, W_lj = F2 u_lj of y):
+    B0 = F2 S0, Bx_k = F2 Sx_k, A1_j = S0 V_j + lam sum_l Sy_l W_lj,
+    A2_kj = Sx_k V_j + sum_l (lam Sxy_kl - Sd_kl) W_lj.
+    """
+    d00 = X0 - y0
+    d01 = X0 - y1
+    d02 = X0 - y2
+    d10 = X1 - y0
+    d11 = X1 - y1
+    d12 = X1 - y2
+    d20 = X2 - y0
+    d21 = X2 - y1
+    P03 = E0 + E3
+    P15 = E1 + E5
+    P24 = E2 + E4
+    P04 = E0 + E4
+    P12 = E1 + E2
+    P35 = E3 + E5
+    P45 = E4 + E5
+    P23 = E2 + E3
+    S0 = P03 + P15 + P24
+    Sx0 = d00 * P03 + d01 * P15 + d02 * P24
+    Sx1 = d11 * P04 + d10 * P12 + d12 * P35
+    Sy0 = d00 * P03 + d10 * P12 + d20 * P45
+    Sy1 = d11 * P04 + d01 * P15 + d21 * P23
+    R00 = lam * (d00 * d00 * P03 + d10 * (d01 * E1 + d02 * E2) + d20 * (d02 * E4 + d01 * E5)) - P03
+    R01 = lam * (d00 * (d11 * E0 + d21 * E3) + d01 * d01 * P15 + d02 * (d21 * E2 + d11 * E4)) - P15
+    R10 = lam * (d11 * (d00 * E0 + d20 * E4) + d10 * d10 * P12 + d12 * (d00 * E3 + d20 * E5)) - P12
+    R11 = lam * (d11 * d11 * P04 + d10 * (d01 * E1 + d21 * E2) + d12 * (d21 * E3 + d01 * E5)) - P04
+    lS0 = lam * Sy0
+    lS1 = lam * Sy1
+    return (F2 * S0, F2 * Sx0, F2 * Sx1,
+            S0 * V0 + lS0 * W00 + lS1 * W10,
+            S0 * V1 + lS0 * W01 + lS1 * W11,
+            S0 * V2 + lS0 * W02 + lS1 * W12,
+            Sx0 * V0 + R00 * W00 + R01 * W10,
+            Sx0 * V1 + R00 * W01 + R01 * W11,
+            Sx0 * V2 + R00 * W02 + R01 * W12,
+            Sx1 * V0 + R10 * W00 + R11 * W10,
+            Sx1 * V1 + R10 * W01 + R11 * W11,
+            Sx1 * V2 + R10 * W02 + R11 * W12)
+
+
+@njit(cache=True, fastmath=_FM)
+def _pair3_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk, TB, AE0, AE1):
+    """3-body (E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4).
+
+    ``TB`` (flat), ``AE0, AE1`` (2D) are scratch for the tables (see the section comment).  ``mono``: all
+    triplets of both environments have the same species code (every permutation counts).
+    """
+    a0 = PA[_F_TOFF][a]
+    a1 = a0 + PA[_F_TN][a]
+    b0 = PB[_F_TOFF][b]
+    b1 = PB[_F_TOFF][b + 1]
+    n = b1 - b0
+    if PB[_F_TN][b] == 0 or a1 == a0:
+        return
+    hl = -0.5 * lam
+    ua0 = PA[_F_UOFF][a]
+    na = PA[_F_UOFF][a + 1] - ua0
+    ub0 = PB[_F_UOFF][b]
+    nb = PB[_F_UOFF][b + 1] - ub0
+    ra = PA[_F_UVAL][ua0:ua0 + na]
+    rb = PB[_F_UVAL][ub0:ub0 + nb]
+    Y0 = PB[_F_X0][b0:b1]
+    Y1 = PB[_F_X1][b0:b1]
+    Y2 = PB[_F_X2][b0:b1]
+    J0 = PB[_F_I0][b0:b1]
+    J1 = PB[_F_I1][b0:b1]
+    FB = PB[_F_TF][b0:b1]
+    PCODE = PB[_F_PCODE]
+    # tables: central-central, central(a)-cross(b), cross(a)-central(b); the squared
+    # differences are laid out flat first so that the exponentials run in one long
+    # (vectorised) loop
+    ax2 = PA[_F_X2]
+    na_ = a1 - a0
+    oB = na * nb
+    oC = oB + na * n
+    nT = oC + na_ * nb
+    for p in range(na):
+        rp = ra[p]
+        for q in range(nb):
+            dd = rp - rb[q]
+            TB[p * nb + q] = dd * dd
+        for i in range(n):
+            dd = rp - Y2[i]
+            TB[oB + p * n + i] = dd * dd
+    for t in range(na_):
+        X2 = ax2[a0 + t]
+        for q in range(nb):
+            dd = X2 - rb[q]
+            TB[oC + t * nb + q] = dd * dd
+    for k in range(nT):
+        TB[k] = exp_neg(hl * TB[k])
+    A = TB[:oB].reshape((na, nb))
+    BT = TB[oB:oC].reshape((na, n))
+    C = TB[oC:nT].reshape((na_, nb))
+    for p in range(na):
+        Ar = A[p]
+        E0r = AE0[p]
+        E1r = AE1[p]
+        for i in range(n):
+            E0r[i] = Ar[J0[i]]
+            E1r[i] = Ar[J1[i]]
+    ax0 = PA[_F_X0]
+    ax1 = PA[_F_X1]
+    aF = PA[_F_TF]
+    adF0 = PA[_F_TDF0]
+    adF1 = PA[_F_TDF1]
+    ai0 = PA[_F_I0]
+    ai1 = PA[_F_I1]
+    acode = PA[_F_CODE]
+    au = PA[_F_TU]
+    apsi = PA[_F_TPSI]
+    TV = PB[_F_TV]
+    TW = PB[_F_TW]
+    V0 = TV[0, b0:b1]
+    V1 = TV[1, b0:b1]
+    V2 = TV[2, b0:b1]
+    W00 = TW[0, b0:b1]
+    W01 = TW[1, b0:b1]
+    W02 = TW[2, b0:b1]
+    W10 = TW[3, b0:b1]
+    W11 = TW[4, b0:b1]
+    W12 = TW[5, b0:b1]
+    PC0 = PCODE[0, b0:b1]
+    PC1 = PCODE[1, b0:b1]
+    PC2 = PCODE[2, b0:b1]
+    PC3 = PCODE[3, b0:b1]
+    PC4 = PCODE[4, b0:b1]
+    PC5 = PCODE[5, b0:b1]
+    for t1 in range(a0, a1):
+        X0 = ax0[t1]
+        X1 = ax1[t1]
+        X2 = ax2[t1]
+        i0 = ai0[t1]
+        i1 = ai1[t1]
+        R00 = AE0[i0]
+        R01 = AE1[i0]
+        R10 = AE0[i1]
+        R11 = AE1[i1]
+        B0r = BT[i0]
+        B1r = BT[i1]
+        Cr = C[t1 - a0]
+        acc0 = 0.0
+        acc1 = 0.0
+        acc2 = 0.0
+        acc3 = 0.0
+        acc4 = 0.0
+        acc5 = 0.0
+        acc6 = 0.0
+        acc7 = 0.0
+        acc8 = 0.0
+        acc9 = 0.0
+        acc10 = 0.0
+        acc11 = 0.0
+        if mono:
+            for i in range(n):
+                y2 = Y2[i]
+                dd = X2 - y2
+                e22 = exp_neg(hl * dd * dd)
+                e00 = R00[i]
+                e01 = R01[i]
+                e10 = R10[i]
+                e11 = R11[i]
+                e02 = B0r[i]
+                e12 = B1r[i]
+                e20 = Cr[J0[i]]
+                e21 = Cr[J1[i]]
+                r = _tb_terms(lam, X0, X1, X2, Y0[i], Y1[i], y2, e00 * e11 * e22, e01 * e10 * e22,
+                              e02 * e10 * e21, e00 * e12 * e21, e02 * e11 * e20, e01 * e12 * e20, FB[i], V0[i], V1[i], V2[i], W00[i], W01[i], W02[i], W10[i], W11[i], W12[i])
+                acc0 += r[0]
+                acc1 += r[1]
+                acc2 += r[2]
+                acc3 += r[3]
+                acc4 += r[4]
+                acc5 += r[5]
+                acc6 += r[6]
+                acc7 += r[7]
+                acc8 += r[8]
+                acc9 += r[9]
+                acc10 += r[10]
+                acc11 += r[11]
+        else:
+            c1 = acode[t1]
+            for i in range(n):
+                y2 = Y2[i]
+                dd = X2 - y2
+                m0 = 1.0 if PC0[i] == c1 else 0.0
+                m1 = 1.0 if PC1[i] == c1 else 0.0
+                m2 = 1.0 if PC2[i] == c1 else 0.0
+                m3 = 1.0 if PC3[i] == c1 else 0.0
+                m4 = 1.0 if PC4[i] == c1 else 0.0
+                m5 = 1.0 if PC5[i] == c1 else 0.0
+                e22 = exp_neg(hl * dd * dd)
+                e00 = R00[i]
+                e01 = R01[i]
+                e10 = R10[i]
+                e11 = R11[i]
+                e02 = B0r[i]
+                e12 = B1r[i]
+                e20 = Cr[J0[i]]
+                e21 = Cr[J1[i]]
+                r = _tb_terms(lam, X0, X1, X2, Y0[i], Y1[i], y2, m0 * e00 * e11 * e22, m1 * e01 * e10 * e22,
+                              m2 * e02 * e10 * e21, m3 * e00 * e12 * e21, m4 * e02 * e11 * e20,
+                              m5 * e01 * e12 * e20, FB[i], V0[i], V1[i], V2[i], W00[i], W01[i], W02[i], W10[i], W11[i], W12[i])
+                acc0 += r[0]
+                acc1 += r[1]
+                acc2 += r[2]
+                acc3 += r[3]
+                acc4 += r[4]
+                acc5 += r[5]
+                acc6 += r[6]
+                acc7 += r[7]
+                acc8 += r[8]
+                acc9 += r[9]
+                acc10 += r[10]
+                acc11 += r[11]
+        F1 = aF[t1]
+        dF10 = adF0[t1]
+        dF11 = adF1[t1]
+        if ea:
+            blk[0, 0] += W3 * W3 * F1 * acc0
+            blk[0, 1] += W3 * F1 * acc3
+            blk[0, 2] += W3 * F1 * acc4
+            blk[0, 3] += W3 * F1 * acc5
+        if fa or sa:
+            lf = lam * F1
+            g10 = dF10 * acc0 - lf * acc1
+            g11 = dF11 * acc0 - lf * acc2
+            gf00 = dF10 * acc3 - lf * acc6
+            gf01 = dF10 * acc4 - lf * acc7
+            gf02 = dF10 * acc5 - lf * acc8
+            gf10 = dF11 * acc3 - lf * acc9
+            gf11 = dF11 * acc4 - lf * acc10
+            gf12 = dF11 * acc5 - lf * acc11
+            if fa:
+                for d in range(3):
+                    u0 = au[d, t1]
+                    u1 = au[3 + d, t1]
+                    blk[1 + d, 0] += W3 * (g10 * u0 + g11 * u1)
+                    blk[1 + d, 1] += u0 * gf00 + u1 * gf10
+                    blk[1 + d, 2] += u0 * gf01 + u1 * gf11
+                    blk[1 + d, 3] += u0 * gf02 + u1 * gf12
+            if sa:
+                for d in range(6):
+                    p0 = apsi[d, t1]
+                    p1 = apsi[6 + d, t1]
+                    blk[4 + d, 0] += W3 * (g10 * p0 + g11 * p1)
+                    blk[4 + d, 1] += p0 * gf00 + p1 * gf10
+                    blk[4 + d, 2] += p0 * gf01 + p1 * gf11
+                    blk[4 + d, 3] += p0 * gf02 + p1 * gf12
+
+
+@njit(cache=True, nogil=True)
+def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2, use3, b_lo, b_hi, K2, K3, P2, P3):
+    """Covariance of (E, Fx, Fy, Fz) of the environments ``b_lo <= b < b_hi`` of ``PB``
+    with the label groups of ``PA`` (see :func:`assemble`), and their prior force
+    self-variances.
+
+    Adds into ``K2``/``K3`` (n_rows, m, 4) and writes ``P2``/``P3`` (m, 3) =
+    diag k_FF(b, b), all at unit signal variance.  Releases the GIL, so disjoint ranges
+    of ``b`` can run in threads.
+    """
+    lam2 = 1.0 / (ls2 * ls2)
+    lam3 = 1.0 / (ls3 * ls3)
+    n_g = g_ptr.shape[0] - 1
+    # scratch sizes
+    mu = 1
+    mt = 1
+    for a in range(PA[_F_CSPEC].shape[0]):
+        mu = max(mu, PA[_F_UOFF][a + 1] - PA[_F_UOFF][a])
+        mt = max(mt, PA[_F_TOFF][a + 1] - PA[_F_TOFF][a])
+    for b in range(b_lo, b_hi):
+        mu = max(mu, PB[_F_UOFF][b + 1] - PB[_F_UOFF][b])
+        mt = max(mt, PB[_F_TOFF][b + 1] - PB[_F_TOFF][b])
+    ca = PA[_F_MONO][0]
+    cb = PB[_F_MONO][0]
+    mono_ab = ca != -2 and cb != -2 and (ca == cb or ca == -1 or cb == -1)
+    TB = np.empty(mu * mu + 2 * mu * mt)
+    AE0 = np.empty((mu, mt))
+    AE1 = np.empty((mu, mt))
+    blk2 = np.zeros((10, 4))
+    blk3 = np.zeros((10, 4))
+    for b in range(b_lo, b_hi):
+        # groups of the training set, then (g == n_g) b with itself for the prior variance
+        for g in range(n_g + 1):
+            blk2[:, :] = 0.0
+            blk3[:, :] = 0.0
+            if g < n_g:
+                PX = PA
+                ea = g_rows[g, 0] >= 0
+                fa = (g_rows[g, 1] >= 0) or (g_rows[g, 2] >= 0) or (g_rows[g, 3] >= 0)
+                sa = False
+                for t in range(4, 10):
+                    if g_rows[g, t] >= 0:
+                        sa = True
+                mono = mono_ab
+                i_lo = g_ptr[g]
+                i_hi = g_ptr[g + 1]
+            else:
+                PX = PB
+                ea = False
+                fa = True
+                sa = False
+                mono = cb != -2
+                i_lo = 0
+                i_hi = 1
+            for ia in range(i_lo, i_hi):
+                a = g_env[ia] if g < n_g else b
+                if use2:
+                    _pair2_fast(a, b, PX, PB, lam2, ea, fa, sa, blk2)
+                if use3:
+                    _pair3_fast(a, b, PX, PB, lam3, mono, ea, fa, sa, blk3, TB, AE0, AE1)
+            if g < n_g:
+                for i in range(10):
+                    r = g_rows[g, i]
+                    if r < 0:
+                        continue
+                    w = g_scale[g, i]
+                    for j in range(4):
+                        K2[r, b, j] += w * blk2[i, j]
+                        K3[r, b, j] += w * blk3[i, j]
+            else:
+                for d in range(3):
+                    P2[b, d] = blk2[1 + d, 1 + d]
+                    P3[b, d] = blk3[1 + d, 1 + d]
+
+
+def prediction_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, use2=True, use3=True, threads=1):
+    """Python front end of :func:`prediction_covariance` (``threads`` > 1 splits the test
+    environments over that many threads).
+
+    Returns ``(K2, K3, P2, P3)``: ``K*`` (groups.n_rows, m, 4) covariances of the training
+    label rows with (E, Fx, Fy, Fz) of the ``m`` environments of ``test_batch``; ``P*``
+    (m, 3) the prior variances of the test forces, all at unit signal variance.
+    Equal (to round-off) to the corresponding entries of :func:`kernel_blocks`.
+    """
+    m = len(test_batch)
+    K2 = np.zeros((groups.n_rows, m, 4))
+    K3 = np.zeros((groups.n_rows, m, 4))
+    P2 = np.zeros((m, 3))
+    P3 = np.zeros((m, 3))
+    if m == 0:
+        return K2, K3, P2, P3
+    PB = pack_fast(test_batch, n_species)
+    PA = pack_fast(batch, n_species) if len(batch) else PB
+    g = groups if len(batch) else LabelGroups.concatenate([])
+    args = (PA, PB, g.ptr, g.env, g.rows, g.scale, float(ls2), float(ls3), bool(use2), bool(use3))
+    threads = max(1, min(int(threads or 1), m))
+    if threads == 1:
+        prediction_covariance(*args, 0, m, K2, K3, P2, P3)
+    else:
+        # contiguous ranges of test environments, one per thread (the kernel releases the GIL)
+        cuts = np.linspace(0, m, threads + 1).round().astype(int)
+        futures = [_executor(threads).submit(prediction_covariance, *args, int(lo), int(hi), K2, K3, P2, P3)
+                   for lo, hi in zip(cuts[:-1], cuts[1:])]
+        for f in futures:
+            f.result()
+    return K2, K3, P2, P3
+
+
+_EXECUTORS: dict = {}
+
+
+def _executor(threads):
+    ex = _EXECUTORS.get(threads)
+    if ex is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        ex = _EXECUTORS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="epicycle-predict")
+    return ex
+
+
+@njit(cache=True)
+def forward_substitution(L, B):
+    """``L^-1 B`` for lower-triangular ``L`` (n, n) and ``B`` (n, r), row by row (the
+    same operations as LAPACK's ``dtrsm``, in another order), and the column sums of
+    its squares.  Single-threaded: for the small systems of one prediction this avoids
+    the BLAS thread pool's wake-up cost, which is far larger than the arithmetic."""
+    n, r = B.shape
+    X = np.empty((n, r))
+    sq = np.zeros(r)
+    for i in range(n):
+        xi = X[i]
+        for j in range(r):
+            xi[j] = B[i, j]
+        for k in range(i):
+            lik = L[i, k]
+            if lik != 0.0:
+                xk = X[k]
+                for j in range(r):
+                    xi[j] -= lik * xk[j]
+        d = L[i, i]
+        for j in range(r):
+            xi[j] /= d
+            sq[j] += xi[j] * xi[j]
+    return X, sq
