@@ -119,6 +119,10 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def _abort_for(self, exc: BaseException, context: grpc.ServicerContext, where: str) -> None:
         if context.code() is not None and context.code() != grpc.StatusCode.OK:
             raise exc  # the servicer already aborted with a code of its own
+        if not context.is_active():
+            # the client cancelled or its deadline passed: the error is a consequence, not a bug
+            log.debug("%s ended after the client went away: %s", where, exc)
+            return
         code = status_for(exc)
         if code is None:
             log.exception("unexpected error in %s", where)
@@ -128,7 +132,10 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
     def _record(self, service: str, method: str, context, started: float) -> None:
         code = context.code()
-        name = code.name if isinstance(code, grpc.StatusCode) else "OK"
+        if isinstance(code, grpc.StatusCode):
+            name = code.name
+        else:
+            name = "OK" if context.is_active() else "CANCELLED"
         self._metrics.handled.labels(service, method, name).inc()
         self._metrics.seconds.labels(service, method).observe(time.perf_counter() - started)
         self._metrics.in_progress.labels(service, method).dec()

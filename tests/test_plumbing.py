@@ -262,3 +262,34 @@ def test_label_command_missing_file_is_a_clear_error(tmp_path, capsys) -> None:
     code = main(["label", str(tmp_path / "missing.xyz"), "--oracle", "127.0.0.1:1", "--out", str(tmp_path / "o")])
     assert code == 2
     assert "input file not found" in capsys.readouterr().err
+
+
+def test_a_cancelled_stream_is_counted_as_cancelled_not_internal(caplog) -> None:
+    """A PredictStream client that goes away mid-stream is a cancellation, not a server bug."""
+    import logging
+
+    from learner_service.client import LearnerClient
+    from learner_service.server import LearnerServiceConfig, start_learner_server
+
+    hyps = {"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05}
+    config = LearnerServiceConfig(species=(29,), cutoffs=(4.0, 3.0), hyperparameters=hyps,
+                                  server=ServerConfig(metrics_port=0))
+    with start_learner_server(config) as running, caplog.at_level(logging.WARNING, logger="epicycle.server"):
+        client = LearnerClient(running.address)
+        stream = client.stream(timeout=60)
+        atoms = cu()
+        stream.predict(atoms.positions, atoms.numbers, atoms.cell.array, atoms.pbc)
+        stream._responses.cancel()  # the client goes away without closing the stream
+        client.close()
+        deadline = time.monotonic() + 10
+        text = ""
+        while time.monotonic() < deadline:
+            text = scrape(running.metrics_port)
+            if metric_value(text, "epicycle_grpc_server_handled_total", grpc_method="PredictStream"):
+                break
+            time.sleep(0.05)
+    assert metric_value(text, "epicycle_grpc_server_handled_total", grpc_method="PredictStream",
+                        grpc_code="CANCELLED") == 1
+    assert metric_value(text, "epicycle_grpc_server_handled_total", grpc_method="PredictStream",
+                        grpc_code="INTERNAL") == 0
+    assert "unexpected error" not in caplog.text
