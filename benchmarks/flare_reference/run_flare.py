@@ -165,6 +165,7 @@ def main(argv=None):
     save_kvec = bool(_flag(problem, "save_kernel_vectors", 0))
     do_check = bool(_flag(problem, "check_neighbours", 1))
     do_stress = bool(_flag(problem, "compute_stress", 0))
+    save_grad_terms = bool(_flag(problem, "save_grad_terms", 0))
 
     result = {}
     timings = {}
@@ -246,6 +247,19 @@ def main(argv=None):
         result["lml"] = np.array(-float(neg_like))
         result["lml_grad"] = -np.asarray(neg_grad, dtype=float)
         log("lml %.10g, likelihood+gradient %.3f s" % (-neg_like, timings["t_lml_grad"]))
+        if save_grad_terms:
+            # The two terms of dlml/dθ = ½ αᵀ(∂K/∂θ)α − ½ tr(K_y⁻¹ ∂K/∂θ), from FLARE's own
+            # ∂K/∂θ: near an optimum they cancel, so they set the scale a gradient is judged on.
+            hyp_mat, ky_g = gp_algebra.get_ky_and_hyp(
+                hyps, gp.name, gp.kernel_grad, cutoffs=gp.cutoffs, hyps_mask=gp.hyps_mask, n_cpus=1
+            )
+            ky_g_inv = np.linalg.inv(ky_g)
+            alpha_g = ky_g_inv @ gp.training_labels_np
+            terms = np.zeros((hyp_mat.shape[0], 2))
+            for n in range(hyp_mat.shape[0]):
+                terms[n, 0] = 0.5 * alpha_g @ hyp_mat[n] @ alpha_g
+                terms[n, 1] = -0.5 * np.sum(ky_g_inv * hyp_mat[n].T)
+            result["lml_grad_terms"] = terms
 
     # 3) forces + variances on test frames (per-atom timing includes the environment build,
     #    exactly like flare.predict.predict_on_structure)

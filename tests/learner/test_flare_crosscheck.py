@@ -52,6 +52,13 @@ R2, R3 = 6.0, 4.0
 # ~20 % of the covariance and its conventions are really tested; noise 0.04 eV/Å is above
 # FLARE's optimum here (0.007) to keep K_y reasonably conditioned.
 HYPS = {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04}
+# Per-case overrides. "al_at_flare_optimum": the Al case at the hyperparameters FLARE's own
+# L-BFGS-B reaches on it (maxiter 30): tiny sig3 and sig_n, the realistic, worse-conditioned
+# regime (cond(K_y) ~ 1e6-1e7).
+CASE_HYPS = {
+    "al_at_flare_optimum": {"sig2": 0.19747, "ls2": 0.97498, "sig3": 1.2531e-4, "ls3": 1.55188,
+                            "noise": 0.0073086},
+}
 
 
 def _load_harness():
@@ -143,6 +150,7 @@ def case_sheared_cell():
 
 
 CASES = {
+    "al_at_flare_optimum": case_al_single,
     "al_sheared_cell": case_sheared_cell,
     "al_single_species": case_al_single,
     "al_cu_two_species": case_al_cu,
@@ -159,12 +167,13 @@ CASES = {
 def case(request, tmp_path_factory):
     name = request.param
     species, train, test = CASES[name]()
+    hyps = CASE_HYPS.get(name, HYPS)
     work = tmp_path_factory.mktemp(f"flare_{name}")
-    problem = fp.write_problem(work / "problem.npz", (R2, R3), HYPS, species, train, test,
+    problem = fp.write_problem(work / "problem.npz", (R2, R3), hyps, species, train, test,
                                compute_local_energies=1, save_kernel_vectors=1,
-                               compute_stress=1)
+                               compute_stress=1, save_grad_terms=1)
     ref = fp.run_flare(problem, work / "result.npz", python=FLARE_PYTHON, timeout=1800)
-    ours = _run_ours(species, train, test)
+    ours = _run_ours(species, train, test, hyps)
     return name, ref, ours
 
 
@@ -176,9 +185,9 @@ def _call(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def _run_ours(species, train, test):
+def _run_ours(species, train, test, hyps=None):
     GaussianProcess = _gp_class()
-    gp = GaussianProcess(species=species, cutoffs=(R2, R3), hyperparameters=dict(HYPS))
+    gp = GaussianProcess(species=species, cutoffs=(R2, R3), hyperparameters=dict(hyps or HYPS))
     for fr in train:
         gp.add_structure(fr.to_atoms(), forces=fr.forces, atom_indices=list(fr.atoms))
     # Fixed hyperparameters: factorise only, never optimise here.
@@ -204,20 +213,21 @@ def _run_ours(species, train, test):
     return out
 
 
-def _assert_close(name, ours, ref, rtol=RTOL):
-    """Element-wise |ours - ref| <= rtol * max(|ref|, scale) with scale = max|ref| of the array
-    (a relative criterion that does not blow up on components that happen to be ~0)."""
+def _assert_close(name, ours, ref, rtol=RTOL, scale=None, labels=("ours", "FLARE")):
+    """Element-wise |ours - ref| <= rtol * max(|ref|, scale), scale defaulting to max|ref| of the
+    array (a relative criterion that does not blow up on components that happen to be ~0)."""
     ours = np.asarray(ours, dtype=float)
     ref = np.asarray(ref, dtype=float)
-    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} vs FLARE {ref.shape}"
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} vs {labels[1]} {ref.shape}"
+    if scale is None:
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
     err = np.abs(ours - ref)
     denom = np.maximum(np.abs(ref), scale)
     worst = float(np.max(err / np.where(denom > 0, denom, 1.0))) if ref.size else 0.0
     if not worst <= rtol:
         i = np.unravel_index(int(np.argmax(err / np.where(denom > 0, denom, 1.0))), ref.shape)
         pytest.fail(f"{name}: max relative deviation {worst:.3e} > {rtol:.0e} at {i}: "
-                    f"ours {ours[i]!r} vs FLARE {ref[i]!r}")
+                    f"{labels[0]} {ours[i]!r} vs {labels[1]} {ref[i]!r}")
     return worst
 
 
@@ -298,12 +308,18 @@ def test_variances_match_flare(case, flare_exact_vars):
 
 def test_flare_variance_roundoff_is_small(case, flare_exact_vars):
     """Sanity of the reference itself: FLARE's returned variances differ from the accurate
-    solve of its own kernel numbers only by round-off (explicit inverse), < 1e-4 relative
-    (measured: up to 1.6e-6 in the small-cell case, ~1e-9 elsewhere)."""
+    solve of its own kernel numbers by no more than round-off of the explicit inverse,
+    |Δvar| <= 10 eps cond(K_y) max k(x,x) (or 1e-6 relative). Measured: ≤ 2.6e-7 relative at
+    the fixed test hyperparameters except 1.6e-6 in the small cell, and 1.5e-4 at FLARE's own
+    optimum (cond(K_y) ~ 1e7) — FLARE's variances are only that accurate."""
     name, ref, ours = case
+    bound = 10 * np.finfo(float).eps * np.linalg.cond(ref["ky_mat"])
     for k in range(int(ref["n_test"])):
-        _assert_close(f"{name} FLARE raw variances[{k}]", ref[f"pred_vars_{k}"],
-                      flare_exact_vars[k], rtol=1e-4)
+        exact = flare_exact_vars[k]
+        tol = bound * float(np.max(ref[f"kself_{k}"]))
+        _assert_close(f"{name} FLARE raw variances[{k}]", ref[f"pred_vars_{k}"], exact,
+                      rtol=1e-6, scale=max(tol * 1e6, float(np.max(np.abs(exact)))),
+                      labels=("FLARE raw", "accurate solve"))
 
 
 def test_local_energies_match_flare(case):
@@ -331,7 +347,11 @@ def test_log_likelihood_matches_flare(case):
 
 def test_log_likelihood_gradient_matches_flare(case):
     name, ref, ours = case
-    # compare each component on its own scale (sig3 and ls3 gradients are much smaller
-    # than the noise gradient, and they must each agree)
+    # Each component on its own scale: the larger of |dlml/dθ| and the two terms it is the
+    # difference of, ½ αᵀ(∂K/∂θ)α and ½ tr(K_y⁻¹ ∂K/∂θ) (FLARE's own ∂K/∂θ). Away from an
+    # optimum that is just relative agreement; at an optimum the gradient is ~0 by
+    # construction and is judged against the size of the terms that cancel there.
+    terms = np.asarray(ref["lml_grad_terms"])
     for i, hyp in enumerate(fp.HYP_NAMES):
-        _assert_close(f"{name} dlml/d{hyp}", ours["lml_grad"][i], ref["lml_grad"][i])
+        scale = max(abs(float(ref["lml_grad"][i])), float(np.max(np.abs(terms[i]))))
+        _assert_close(f"{name} dlml/d{hyp}", ours["lml_grad"][i], ref["lml_grad"][i], scale=scale)
