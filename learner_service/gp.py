@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -175,6 +176,9 @@ class GaussianProcess:
         self._k_ls: tuple | None = None
         self._state: _State | None = None
         self._grad_cache: tuple | None = None  # (ls2, ls3, n, dK2, dK3)
+        # threads for the kernel part of predict() (test atoms split between them);
+        # 1 by default: the sampler usually shares the cores
+        self.predict_threads = int(os.environ.get("EPICYCLE_PREDICT_THREADS", "1") or 1)
 
     # ------------------------------------------------------------------
     # hyperparameters
@@ -709,7 +713,7 @@ class GaussianProcess:
         s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
         if st is not None:
             K2, K3, P2, P3 = prediction_blocks(self._training_batch(), self._training_groups(), envs,
-                                               len(self.species), h["ls2"], h["ls3"])
+                                               len(self.species), h["ls2"], h["ls3"], threads=self.predict_threads)
             n_rows = K2.shape[0]
             Kp = s2 * K2 + s3 * K3  # (n_train, m, 4)
             mean = (Kp.reshape(n_rows, m * 4).T @ st.alpha).reshape(m, 4)
@@ -721,7 +725,7 @@ class GaussianProcess:
                 explained = np.einsum("ij,ij->j", V, V).reshape(m, 3)
         else:
             _, _, P2, P3 = prediction_blocks(EnvironmentBatch.empty(), LabelGroups.concatenate([]), envs,
-                                             len(self.species), h["ls2"], h["ls3"])
+                                             len(self.species), h["ls2"], h["ls3"], threads=self.predict_threads)
             mean = np.zeros((m, 4))
             explained = np.zeros((m, 3))
         prior = s2 * P2 + s3 * P3

@@ -762,7 +762,7 @@ class LabelGroups:
 # fields of the fast pack (pack_fast)
 _F_CSPEC, _F_BOFF, _F_BR, _F_BF, _F_BDF, _F_BU, _F_BPSI, _F_BSPEC, _F_BV, _F_BW = range(10)
 (_F_TOFF, _F_X0, _F_X1, _F_X2, _F_TF, _F_TDF0, _F_TDF1, _F_TU, _F_TPSI, _F_CODE, _F_PCODE, _F_TV, _F_TW,
- _F_UOFF, _F_UVAL, _F_I0, _F_I1, _F_MONO, _F_BN, _F_TN) = range(10, 30)
+ _F_UOFF, _F_UVAL, _F_I0, _F_I1, _F_MONO, _F_BN, _F_TN, _F_BCODE, _F_BMONO) = range(10, 32)
 
 
 @njit(cache=True)
@@ -830,6 +830,9 @@ def _build_fast_pack(center_species, bond_offsets, bond_r, bond_f, bond_df, bond
     bV = np.zeros((3, nbp))
     bW = np.zeros((3, nbp))
     bn = np.zeros(n_env, np.int64)
+    # unordered species pair (centre, neighbour) of each bond: bonds match iff equal
+    bcode = np.full(nbp, -1, np.int64)
+    bmono = -1
     for e in range(n_env):
         o = bond_offsets[e]
         c = bond_offsets[e + 1] - o
@@ -837,6 +840,13 @@ def _build_fast_pack(center_species, bond_offsets, bond_r, bond_f, bond_df, bond
         for i in range(c):
             s = o + i
             d = b_off[e] + i
+            s1 = min(center_species[e], bond_species[s])
+            s2 = max(center_species[e], bond_species[s])
+            bcode[d] = s1 * n_species + s2
+            if bmono == -1 or bmono == bcode[d]:
+                bmono = bcode[d]
+            else:
+                bmono = -2
             r = bond_r[s]
             br[d] = r
             bf[d] = bond_f[s]
@@ -939,7 +949,8 @@ def _build_fast_pack(center_species, bond_offsets, bond_r, bond_f, bond_df, bond
             i1[t_off[e] + i] = j1[o + i]
     monoa = np.full(1, mono, np.int64)
     return (center_species.copy(), b_off, br, bf, bdf, bu, bpsi, bspec, bV, bW,
-            t_off, x0, x1, x2, tF, tdF0, tdF1, tu, tpsi, tcode, pcode, tV, tW, u_off, u_val, i0, i1, monoa, bn, tn)
+            t_off, x0, x1, x2, tF, tdF0, tdF1, tu, tpsi, tcode, pcode, tV, tW, u_off, u_val, i0, i1, monoa, bn, tn,
+            bcode, np.full(1, bmono, np.int64))
 
 
 def pack_fast(batch, n_species):
@@ -966,8 +977,9 @@ def pack_fast(batch, n_species):
 
 
 @njit(cache=True, fastmath=_FM)
-def _pair2_fast(a, b, PA, PB, lam, ea, fa, sa, blk):
-    """2-body (E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4)."""
+def _pair2_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk):
+    """2-body (E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4).  ``mono``: all
+    bonds of both environments have the same species pair (no mask needed)."""
     a0 = PA[_F_BOFF][a]
     a1 = a0 + PA[_F_BN][a]
     b0 = PB[_F_BOFF][b]
@@ -975,17 +987,15 @@ def _pair2_fast(a, b, PA, PB, lam, ea, fa, sa, blk):
     n = b1 - b0
     if PB[_F_BN][b] == 0 or a1 == a0:
         return
-    ca = PA[_F_CSPEC][a]
-    cb = PB[_F_CSPEC][b]
     ar = PA[_F_BR]
     af = PA[_F_BF]
     adf = PA[_F_BDF]
-    aspec = PA[_F_BSPEC]
+    acode = PA[_F_BCODE]
     au = PA[_F_BU]
     apsi = PA[_F_BPSI]
     RB = PB[_F_BR][b0:b1]
     FB = PB[_F_BF][b0:b1]
-    SB = PB[_F_BSPEC][b0:b1]
+    CB = PB[_F_BCODE][b0:b1]
     V0 = PB[_F_BV][0, b0:b1]
     V1 = PB[_F_BV][1, b0:b1]
     V2 = PB[_F_BV][2, b0:b1]
@@ -995,7 +1005,7 @@ def _pair2_fast(a, b, PA, PB, lam, ea, fa, sa, blk):
     hl = -0.5 * lam
     for m in range(a0, a1):
         r1 = ar[m]
-        e1 = aspec[m]
+        c1 = acode[m]
         B0 = 0.0
         Bd = 0.0
         A10 = 0.0
@@ -1004,23 +1014,39 @@ def _pair2_fast(a, b, PA, PB, lam, ea, fa, sa, blk):
         A20 = 0.0
         A21 = 0.0
         A22 = 0.0
-        for i in range(n):
-            e2 = SB[i]
-            ok = ((ca == cb) & (e1 == e2)) | ((ca == e2) & (cb == e1))
-            dl = r1 - RB[i]
-            ex = (1.0 if ok else 0.0) * exp_neg(hl * dl * dl)
-            ed = ex * dl
-            f2 = FB[i]
-            B0 += f2 * ex
-            Bd += f2 * ed
-            led = lam * ed
-            c2 = led * dl - ex
-            A10 += ex * V0[i] + led * W0[i]
-            A11 += ex * V1[i] + led * W1[i]
-            A12 += ex * V2[i] + led * W2_[i]
-            A20 += ed * V0[i] + c2 * W0[i]
-            A21 += ed * V1[i] + c2 * W1[i]
-            A22 += ed * V2[i] + c2 * W2_[i]
+        if mono:
+            # padded entries have f = V = W = 0 and contribute exactly zero
+            for i in range(n):
+                dl = r1 - RB[i]
+                ex = exp_neg(hl * dl * dl)
+                ed = ex * dl
+                f2 = FB[i]
+                B0 += f2 * ex
+                Bd += f2 * ed
+                led = lam * ed
+                c2 = led * dl - ex
+                A10 += ex * V0[i] + led * W0[i]
+                A11 += ex * V1[i] + led * W1[i]
+                A12 += ex * V2[i] + led * W2_[i]
+                A20 += ed * V0[i] + c2 * W0[i]
+                A21 += ed * V1[i] + c2 * W1[i]
+                A22 += ed * V2[i] + c2 * W2_[i]
+        else:
+            for i in range(n):
+                dl = r1 - RB[i]
+                ex = (1.0 if CB[i] == c1 else 0.0) * exp_neg(hl * dl * dl)
+                ed = ex * dl
+                f2 = FB[i]
+                B0 += f2 * ex
+                Bd += f2 * ed
+                led = lam * ed
+                c2 = led * dl - ex
+                A10 += ex * V0[i] + led * W0[i]
+                A11 += ex * V1[i] + led * W1[i]
+                A12 += ex * V2[i] + led * W2_[i]
+                A20 += ed * V0[i] + c2 * W0[i]
+                A21 += ed * V1[i] + c2 * W1[i]
+                A22 += ed * V2[i] + c2 * W2_[i]
         f1 = af[m]
         df1 = adf[m]
         if ea:
@@ -1340,6 +1366,9 @@ def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2,
     ca = PA[_F_MONO][0]
     cb = PB[_F_MONO][0]
     mono_ab = ca != -2 and cb != -2 and (ca == cb or ca == -1 or cb == -1)
+    ba = PA[_F_BMONO][0]
+    bb = PB[_F_BMONO][0]
+    mono2_ab = ba != -2 and bb != -2 and (ba == bb or ba == -1 or bb == -1)
     TB = np.empty(mu * mu + 2 * mu * mt)
     AE0 = np.empty((mu, mt))
     AE1 = np.empty((mu, mt))
@@ -1359,6 +1388,7 @@ def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2,
                     if g_rows[g, t] >= 0:
                         sa = True
                 mono = mono_ab
+                mono2 = mono2_ab
                 i_lo = g_ptr[g]
                 i_hi = g_ptr[g + 1]
             else:
@@ -1367,12 +1397,13 @@ def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2,
                 fa = True
                 sa = False
                 mono = cb != -2
+                mono2 = bb != -2
                 i_lo = 0
                 i_hi = 1
             for ia in range(i_lo, i_hi):
                 a = g_env[ia] if g < n_g else b
                 if use2:
-                    _pair2_fast(a, b, PX, PB, lam2, ea, fa, sa, blk2)
+                    _pair2_fast(a, b, PX, PB, lam2, mono2, ea, fa, sa, blk2)
                 if use3:
                     _pair3_fast(a, b, PX, PB, lam3, mono, ea, fa, sa, blk3, TB, AE0, AE1)
             if g < n_g:
