@@ -33,6 +33,8 @@ caller scales by ``sig^2``.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from llvmlite import ir as llvm_ir
 from numba import njit, types
@@ -1445,10 +1447,22 @@ def prediction_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, us
     if threads == 1:
         prediction_covariance(*args, 0, m, K2, K3, P2, P3)
     else:
-        # contiguous ranges of test environments, one per thread (the kernel releases the GIL)
-        cuts = np.linspace(0, m, threads + 1).round().astype(int)
-        futures = [_executor(threads).submit(prediction_covariance, *args, int(lo), int(hi), K2, K3, P2, P3)
-                   for lo, hi in zip(cuts[:-1], cuts[1:])]
+        # ranges of test environments handed out on demand (the kernel releases the GIL);
+        # the calling thread works too, so a descheduled worker delays only its own chunk
+        size = max(2, -(-m // (4 * threads)))
+        chunks = iter([(lo, min(lo + size, m)) for lo in range(0, m, size)])
+        lock = threading.Lock()
+
+        def work():
+            while True:
+                with lock:
+                    c = next(chunks, None)
+                if c is None:
+                    return
+                prediction_covariance(*args, c[0], c[1], K2, K3, P2, P3)
+
+        futures = [_executor(threads - 1).submit(work) for _ in range(threads - 1)]
+        work()
         for f in futures:
             f.result()
     return K2, K3, P2, P3
