@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -55,13 +54,6 @@ def _median(fn, repeats):
         out = fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times)), out
-
-
-def _call(fn, *args, **kwargs):
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
