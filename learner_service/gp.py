@@ -68,8 +68,9 @@ DEFAULT_BOUNDS = {
 }
 
 _FORCE, _ENERGY, _STRESS = 0, 1, 2
-# k^T K^-1 k by a single-threaded forward substitution below this many multiply-adds (x2)
-_SMALL_SOLVE = 2e7
+# k^T K^-1 k by a single-threaded forward substitution below this many multiply-adds (x2):
+# scipy's solve wakes the OpenBLAS thread pool, which then spins on the core the sampler needs
+_SMALL_SOLVE = 4e7
 _CHOLESKY_HINT = (
     "the covariance matrix is not positive definite; increase the noise σn (or the energy/stress "
     "noise), or remove duplicate environments from the training set"
@@ -176,9 +177,11 @@ class GaussianProcess:
         self._k_ls: tuple | None = None
         self._state: _State | None = None
         self._grad_cache: tuple | None = None  # (ls2, ls3, n, dK2, dK3)
-        # threads for the kernel part of predict() (test atoms split between them);
-        # 1 by default: the sampler usually shares the cores
-        self.predict_threads = int(os.environ.get("EPICYCLE_PREDICT_THREADS", "1") or 1)
+        # threads for the kernel part of predict() (test atoms handed out in small chunks;
+        # results are identical for any number).  Default 2 (if there are 2 CPUs): the MD
+        # step waits for the prediction, and on a busy machine a second thread costs no
+        # extra CPU time; EPICYCLE_PREDICT_THREADS overrides.
+        self.predict_threads = int(os.environ.get("EPICYCLE_PREDICT_THREADS", "") or min(2, os.cpu_count() or 1))
 
     # ------------------------------------------------------------------
     # hyperparameters
