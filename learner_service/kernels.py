@@ -33,6 +33,7 @@ caller scales by ``sig^2``.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -1469,6 +1470,8 @@ def prediction_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, us
 
 
 _EXECUTORS: dict = {}
+# a forked child inherits the pools but not their threads: start new ones there
+os.register_at_fork(after_in_child=_EXECUTORS.clear)
 
 
 def _executor(threads):
