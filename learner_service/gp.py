@@ -137,6 +137,11 @@ class _State:
     alpha: np.ndarray
 
 
+def default_predict_threads() -> int:
+    """Two threads on a machine with two or more CPUs (measured: no extra CPU time), else one."""
+    return min(2, os.cpu_count() or 1)
+
+
 class GaussianProcess:
     """2+3-body GP force field.
 
@@ -178,10 +183,11 @@ class GaussianProcess:
         self._state: _State | None = None
         self._grad_cache: tuple | None = None  # (ls2, ls3, n, dK2, dK3)
         # threads for the kernel part of predict() (test atoms handed out in small chunks;
-        # results are identical for any number).  Default 2 (if there are 2 CPUs): the MD
-        # step waits for the prediction, and on a busy machine a second thread costs no
-        # extra CPU time; EPICYCLE_PREDICT_THREADS overrides.
-        self.predict_threads = int(os.environ.get("EPICYCLE_PREDICT_THREADS", "") or min(2, os.cpu_count() or 1))
+        # results are bitwise identical for any number).  Default 2 if there are 2 CPUs: the
+        # MD step waits for the prediction, and on a busy machine a second thread costs no
+        # extra CPU time.  The owner sets it (LearnerServiceConfig.predict_threads); it is
+        # never read from the environment.
+        self.predict_threads = default_predict_threads()
 
     # ------------------------------------------------------------------
     # hyperparameters

@@ -32,6 +32,7 @@ class LearnerServiceConfig:
     stress_noise: float | None = None                         # eV/Å³
     model_path: Path | None = None
     max_iterations: int = 200                                 # Optimize default
+    predict_threads: int | None = None                        # kernel threads per prediction (None: 2 if 2 CPUs)
     warm_up: bool = True                                      # compile kernels before SERVING
     server: ServerConfig = ServerConfig()
 
@@ -71,7 +72,8 @@ def warm_up(gp) -> None:
                                                                                  range(1, n - 2)])[:n]
     positions += rng.uniform(-0.05, 0.05, size=positions.shape)
     atoms = Atoms(numbers=numbers, positions=positions + 1.0, cell=np.eye(3) * (2 * r2 + 6.0), pbc=True)
-    gp.predict(atoms, stress=True)
+    gp.predict(atoms)               # the fast forces + σ path used by MD
+    gp.predict(atoms, stress=True)  # the general path (stress, energies)
 
 
 #: GP prediction per structure, seconds (a few atoms: sub-millisecond; 10k atoms: seconds)
@@ -175,6 +177,10 @@ def start_learner_server(config: LearnerServiceConfig, registry: CollectorRegist
 
     registry = registry if registry is not None else CollectorRegistry()
     gp = build_model(config)
+    if config.predict_threads is not None:
+        if config.predict_threads < 1:
+            raise InvalidInput(f"learner predict_threads must be >= 1, got {config.predict_threads}")
+        gp.predict_threads = config.predict_threads
     store = ModelStore(gp)
     metrics = LearnerMetrics(registry, store)
 

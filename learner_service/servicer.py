@@ -300,5 +300,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
                 raise
             except Exception as exc:  # noqa: BLE001 - a corrupt upload is the client's problem
                 raise InvalidInput(f"cannot load the model: {type(exc).__name__}: {exc}") from None
+        current, _ = self.store.snapshot()
+        gp.predict_threads = getattr(current, "predict_threads", gp.predict_threads)  # a service setting, not the model's
         version = self.store.replace(gp)
         return model_info(gp, version)
