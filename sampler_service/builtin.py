@@ -103,18 +103,6 @@ class BuiltinEngine(MDEngine):
 
     # -- properties ----------------------------------------------------------------
     @property
-    def step(self) -> int:
-        return self._step
-
-    @property
-    def time_fs(self) -> float:
-        return self._time
-
-    @property
-    def n_atoms(self) -> int:
-        return len(self._numbers)
-
-    @property
     def images(self) -> np.ndarray:
         """Integer image shifts: unwrapped positions = positions + images @ cell (fixed cell)."""
         return self._images.copy()

@@ -234,19 +234,24 @@ class MDEngine(abc.ABC):
     settings: SamplerSettings
     provider: ForceProvider
 
+    # Engines keep their counters in ``_step``, ``_time`` (fs) and ``_numbers``.
+    _step: int
+    _time: float
+    _numbers: np.ndarray
+
     @property
-    @abc.abstractmethod
     def step(self) -> int:
         """Index of the current frame (number of completed steps since the start)."""
+        return self._step
 
     @property
-    @abc.abstractmethod
     def time_fs(self) -> float:
         """Simulation time of the current frame, fs."""
+        return self._time
 
     @property
-    @abc.abstractmethod
-    def n_atoms(self) -> int: ...
+    def n_atoms(self) -> int:
+        return len(self._numbers)
 
     @abc.abstractmethod
     def run(

@@ -279,18 +279,6 @@ class LammpsEngine(MDEngine):
 
     # -- properties ------------------------------------------------------------------
     @property
-    def step(self) -> int:
-        return self._step
-
-    @property
-    def time_fs(self) -> float:
-        return self._time
-
-    @property
-    def n_atoms(self) -> int:
-        return len(self._numbers)
-
-    @property
     def target_temperature_K(self) -> float:
         return self._target_T
 

@@ -298,18 +298,6 @@ class RemoteEngine(MDEngine):
         self._call_run(sampler_pb2.RunRequest(checkpoint=bytes(blob)), 0, None, 0, None)
         self._observables = None
 
-    @property
-    def step(self) -> int:
-        return self._step
-
-    @property
-    def time_fs(self) -> float:
-        return self._time
-
-    @property
-    def n_atoms(self) -> int:
-        return len(self._numbers)
-
     def positions(self) -> np.ndarray:
         return self._positions.copy()
 
