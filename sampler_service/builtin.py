@@ -128,13 +128,6 @@ class BuiltinEngine(MDEngine):
         # estimate v_n with the last forces (exact v_n needs F_n, not yet known)
         return self._velocities + 0.5 * self._pending_kick_fs * self._last.forces / self._masses[:, None] * dyn.ACCEL
 
-    def observables(self) -> Observables | None:
-        return self._last_observables
-
-    def energy_drift(self) -> float | None:
-        s = self._drift.slope()
-        return None if s is None else s * 1000.0 / self.n_atoms
-
     # -- state changes -------------------------------------------------------------
     def set_velocities(self, velocities: np.ndarray) -> None:
         v = np.array(velocities, dtype=np.float64, copy=True)
@@ -143,22 +136,11 @@ class BuiltinEngine(MDEngine):
         self._velocities = v
         self._pending_kick_fs = 0.0
 
-    def initialize_velocities(self, temperature_K: float, exact: bool = True) -> None:
-        if not (np.isfinite(temperature_K) and temperature_K >= 0):
-            raise InvalidInput(f"initial temperature must be ≥ 0 K, got {temperature_K!r}")
-        self.set_velocities(dyn.maxwell_boltzmann(self._masses, temperature_K, self._rng,
-                                                  zero_momentum=True, exact=exact))
-
     def set_timestep(self, timestep_fs: float) -> None:
         self.settings = self.settings.replace(timestep_fs=timestep_fs)
 
     def supply_forces(self, result: ForceResult) -> None:
-        if not isinstance(result, ForceResult):
-            raise InvalidInput(f"supplied forces must be a ForceResult, got {type(result).__name__}")
-        try:
-            self._supplied = result.checked(self.n_atoms, "supplied forces")
-        except Exception as exc:  # shape/finiteness problems of a request are the caller's fault
-            raise InvalidInput(str(exc)) from None
+        self._supplied = self._checked_supplied(result)
 
     # -- the loop ------------------------------------------------------------------
     def run(self, max_steps: int, threshold: float | None = None, frame_interval: int = 1,

@@ -234,10 +234,17 @@ class MDEngine(abc.ABC):
     settings: SamplerSettings
     provider: ForceProvider
 
-    # Engines keep their counters in ``_step``, ``_time`` (fs) and ``_numbers``.
+    # State the shared methods below read: counters ``_step``, ``_time`` (fs); ``_numbers``,
+    # ``_masses`` (amu), ``_pbc``; the engine's ``_rng``; observables of the last integrated
+    # frame and the conserved-energy ``_drift`` tracker (engines that keep these elsewhere,
+    # like the remote engine, override ``observables``/``energy_drift``).
     _step: int
     _time: float
     _numbers: np.ndarray
+    _masses: np.ndarray
+    _rng: np.random.Generator
+    _last_observables: "Observables | None" = None
+    _drift: "DriftTracker"
 
     @property
     def step(self) -> int:
@@ -273,6 +280,15 @@ class MDEngine(abc.ABC):
     def supply_forces(self, result: ForceResult) -> None:
         """Use ``result`` (forces for the current positions) for the next step instead of the provider."""
 
+    def _checked_supplied(self, result: ForceResult) -> ForceResult:
+        """``result`` checked for this engine (shape, finiteness); a bad one is the caller's fault."""
+        if not isinstance(result, ForceResult):
+            raise InvalidInput(f"supplied forces must be a ForceResult, got {type(result).__name__}")
+        try:
+            return result.checked(self.n_atoms, "supplied forces")
+        except Exception as exc:  # noqa: BLE001 - CalculationFailed from checked() becomes the caller's error
+            raise InvalidInput(str(exc)) from None
+
     @classmethod
     @abc.abstractmethod
     def from_checkpoint(cls, blob: bytes, provider: ForceProvider) -> "MDEngine":
@@ -303,9 +319,9 @@ class MDEngine(abc.ABC):
     def images(self) -> np.ndarray:
         """(n, 3) integer image shifts: unwrapped positions = positions + images @ cell."""
 
-    @abc.abstractmethod
     def observables(self) -> Observables | None:
         """Observables of the last integrated frame (None before the first step)."""
+        return self._last_observables
 
     @property
     def numbers(self) -> np.ndarray:
@@ -336,9 +352,10 @@ class MDEngine(abc.ABC):
     def set_timestep(self, timestep_fs: float) -> None:
         """Change Δt from the next step on (e.g. after a rollback)."""
 
-    @abc.abstractmethod
     def energy_drift(self) -> float | None:
         """Drift of the conserved energy, eV/atom/ps, over the frames of the current model version."""
+        s = self._drift.slope()
+        return None if s is None else s * 1000.0 / self.n_atoms
 
     def request_stop(self) -> None:
         """Ask a running :meth:`run` (in another thread) to return ``"cancelled"`` before its next step.
@@ -363,7 +380,12 @@ class MDEngine(abc.ABC):
 
     def initialize_velocities(self, temperature_K: float, exact: bool = True) -> None:
         """Maxwell–Boltzmann velocities at ``temperature_K`` with zero momentum from the engine's RNG."""
-        raise NotImplementedError
+        from sampler_service import dynamics as dyn
+
+        if not (np.isfinite(temperature_K) and temperature_K >= 0):
+            raise InvalidInput(f"initial temperature must be ≥ 0 K, got {temperature_K!r}")
+        self.set_velocities(dyn.maxwell_boltzmann(self._masses, temperature_K, self._rng,
+                                                  zero_momentum=True, exact=exact))
 
     def close(self) -> None:
         """Release resources."""

@@ -307,13 +307,6 @@ class LammpsEngine(MDEngine):
             v = v + (0.5 * self._kick_dt_ps * self._ftm2v / self._masses)[:, None] * self._to_lammps(self._last.forces)
         return self._to_ase(v) / _FS_PER_PS
 
-    def observables(self) -> Observables | None:
-        return self._last_observables
-
-    def energy_drift(self) -> float | None:
-        s = self._drift.slope()
-        return None if s is None else s * 1000.0 / self.n_atoms
-
     # -- state changes -----------------------------------------------------------------
     def set_velocities(self, velocities: np.ndarray) -> None:
         v = np.array(velocities, dtype=np.float64, copy=True)
@@ -322,23 +315,12 @@ class LammpsEngine(MDEngine):
         self._scatter("v", self._to_lammps(v) * _FS_PER_PS)
         self._kick_dt_ps = 0.0
 
-    def initialize_velocities(self, temperature_K: float, exact: bool = True) -> None:
-        if not (np.isfinite(temperature_K) and temperature_K >= 0):
-            raise InvalidInput(f"initial temperature must be ≥ 0 K, got {temperature_K!r}")
-        self.set_velocities(dyn.maxwell_boltzmann(self._masses, temperature_K, self._rng,
-                                                  zero_momentum=True, exact=exact))
-
     def set_timestep(self, timestep_fs: float) -> None:
         self.settings = self.settings.replace(timestep_fs=timestep_fs)
         self._lmp.command(f"timestep {timestep_fs / _FS_PER_PS!r}")
 
     def supply_forces(self, result: ForceResult) -> None:
-        if not isinstance(result, ForceResult):
-            raise InvalidInput(f"supplied forces must be a ForceResult, got {type(result).__name__}")
-        try:
-            self._supplied = result.checked(self.n_atoms, "supplied forces")
-        except Exception as exc:
-            raise InvalidInput(str(exc)) from None
+        self._supplied = self._checked_supplied(result)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self, max_steps: int, threshold: float | None = None, frame_interval: int = 1,

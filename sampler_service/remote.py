@@ -277,12 +277,7 @@ class RemoteEngine(MDEngine):
 
     def supply_forces(self, result: ForceResult) -> None:
         """Forces for the current positions, sent with the next call (``override_forces``)."""
-        if not isinstance(result, ForceResult):
-            raise InvalidInput(f"supplied forces must be a ForceResult, got {type(result).__name__}")
-        try:
-            self._pending = result.checked(self.n_atoms, "supplied forces")
-        except Exception as exc:  # shape/finiteness problems of a request are the caller's fault
-            raise InvalidInput(str(exc)) from None
+        self._pending = self._checked_supplied(result)
 
     def checkpoint(self) -> bytes:
         """The sampler's last checkpoint; pending supplied forces (or Δt) are folded in by a zero-step call."""
