@@ -150,20 +150,23 @@ class _StreamState:
 
 def _stream_structure(msg: common_pb2.Structure, state: _StreamState) -> Atoms:
     """Decode a stream request; numbers/cell/pbc may be omitted to reuse the previous ones."""
-    if not wire.has_array(msg, "numbers"):
-        if state.numbers is None:
-            raise InvalidInput("structure.numbers is missing (the first request of a stream must carry it)")
-        full = common_pb2.Structure()
-        full.CopyFrom(msg)
-        msg = full
-        msg.numbers.CopyFrom(wire.encode_array(state.numbers, "<i4"))
-        if not wire.has_array(msg, "cell") and state.cell is not None:
-            msg.cell.CopyFrom(wire.encode_array(state.cell, "<f8"))
-        if len(msg.pbc) == 0 and state.pbc is not None:
-            msg.pbc[:] = state.pbc
-    atoms = wire.structure_from_proto(msg)
-    state.numbers, state.cell, state.pbc = atoms.numbers.copy(), atoms.cell.array.copy(), list(atoms.pbc)
-    return atoms
+    if wire.has_array(msg, "numbers"):
+        atoms = wire.structure_from_proto(msg)
+        state.numbers, state.cell, state.pbc = atoms.numbers.copy(), atoms.cell.array.copy(), list(atoms.pbc)
+        return atoms
+    if state.numbers is None:
+        raise InvalidInput("structure.numbers is missing (the first request of a stream must carry it)")
+    if not wire.has_array(msg, "positions"):
+        raise InvalidInput("structure.positions is missing")
+    n = len(state.numbers)
+    positions = wire.decode_array(msg.positions, "structure.positions", (n, 3), "<f8")
+    if wire.has_array(msg, "cell"):
+        state.cell = wire.decode_array(msg.cell, "structure.cell", (3, 3), "<f8", writable=True)
+    if len(msg.pbc) not in (0, 3):
+        raise InvalidInput(f"structure.pbc must have 3 flags (or none), got {len(msg.pbc)}")
+    if len(msg.pbc) == 3:
+        state.pbc = list(msg.pbc)
+    return Atoms(numbers=state.numbers, positions=positions, cell=state.cell, pbc=state.pbc)
 
 
 class ServicerObserver:

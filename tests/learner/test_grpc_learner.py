@@ -225,3 +225,18 @@ def test_saved_model_reloads_bit_for_bit_after_incremental_updates(tmp_path) -> 
     a, b = gp.predict(probe), back.predict(probe)
     np.testing.assert_array_equal(a.forces, b.forces)
     np.testing.assert_array_equal(a.force_std, b.force_std)
+
+
+def test_stream_requests_after_the_first_are_checked_against_its_atoms(server) -> None:
+    atoms = al32(81)
+    first = learner_pb2.PredictRequest(sequence=1)
+    wire.structure_to_proto(atoms, out=first.structure)
+    short = learner_pb2.PredictRequest(sequence=2)  # positions only, one atom short
+    wire.encode_array(atoms.positions[:31], "<f8", short.structure.positions)
+    stub = learner_pb2_grpc.LearnerStub(make_channel(server.address))
+    replies = stub.PredictStream(iter([first, short]), timeout=30)
+    assert next(replies).sequence == 1
+    with pytest.raises(grpc.RpcError) as info:
+        next(replies)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structure.positions: expected shape (32, 3)" in info.value.details()
