@@ -357,7 +357,7 @@ class OnTheFlyRun:
         atoms = wire.structure_from_proto(frame.structure)
         n = len(atoms)
         std = np.array(wire.decode_array(frame.prediction.force_std, "force_std", (n, 3)))
-        index = rd.label_count()
+        index = state.oracle_calls  # labels 0..index-1 are on disk (run() sets it from the files on resume)
         self.progress.line(f"  σ = {stop.max_sigma:.4f} eV/Å > threshold {stop.threshold:.4f} eV/Å at step "
                            f"{frame.step} ({len(stop.uncertain)} component(s)): calling the oracle")
         try:
