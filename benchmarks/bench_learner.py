@@ -21,7 +21,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 
 from learner_service.datasets import perturbed_fcc_al, training_selection
 from learner_service.gp import GaussianProcess

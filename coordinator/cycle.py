@@ -21,7 +21,6 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from ase import Atoms

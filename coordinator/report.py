@@ -116,7 +116,6 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
     ax.set_ylabel("oracle calls")
     ax2 = ax.twinx()
     if decisions:
-        dt = np.array([d.get("time_fs", 0.0) for d in decisions], dtype=float)
         label_time = {c["label"]: c["time_fs"] for c in calls}
         dt = np.array([label_time.get(d["label"], 0.0) for d in decisions]) / 1000.0
         ax2.step(dt, [d["noise"] for d in decisions], where="post", color="tab:green", label="σn")

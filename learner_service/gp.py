@@ -22,13 +22,12 @@ by the model version).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -672,8 +671,6 @@ class GaussianProcess:
         if stress and volume < 1e-12:
             raise InvalidInput("stress needs a fully periodic cell with non-zero volume")
         envs = build_environments(positions, atoms.get_atomic_numbers(), cell, pbc, self.cutoffs, idx)
-        m = len(envs)
-        h = self._hyps
         st = self._factorize()
         if not stress:
             mean, var = self._predict_fast(envs, st)

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from oracle_service.client import OracleClient
 from oracle_service.server import OracleServiceConfig, build_label_service, start_oracle_server
 from oracle_service.servicer import OracleServicer
-from protos import errors, wire
+from protos import errors
 from protos.client import ClientTLS, make_channel, wait_until_serving
 from protos.epicycle.v1 import oracle_pb2, oracle_pb2_grpc
 from protos.server import ServerConfig, TLSConfig, create_server

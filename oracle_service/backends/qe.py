@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.data import atomic_masses, atomic_numbers, chemical_symbols
+from ase.data import atomic_masses, atomic_numbers
 from ase.units import Bohr, Ry
 
 from protos.errors import CalculationFailed, InvalidInput, SetupError

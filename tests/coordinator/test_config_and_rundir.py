@@ -12,7 +12,7 @@ import pytest
 
 from coordinator.config import ConfigError, load_config, parse_config
 from coordinator.policies import ACQUISITION, MaxSigma, RandomAtoms
-from coordinator.rundir import RunDirectory, RunState, StoredLabel
+from coordinator.rundir import RunDirectory, StoredLabel
 from protos.errors import InvalidInput, NotFound
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,7 +3,6 @@
 import argparse
 import json
 
-import numpy as np
 from ase.io import read, write
 
 from learner_service.datasets import perturbed_fcc_al
