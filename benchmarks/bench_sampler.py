@@ -81,7 +81,7 @@ def start_echo_learner(model_path: Path):
             for request in request_iterator:
                 atoms = _stream_structure(request.structure, state)
                 if len(atoms) not in cached:
-                    cached[len(atoms)] = self._predict(atoms, request)
+                    cached[len(atoms)] = self._predict(atoms, request, "PredictStream")
                 reply = cached[len(atoms)]
                 reply.sequence = request.sequence
                 yield reply
@@ -181,19 +181,33 @@ PATHS = {
 }
 
 
+def per_size(ap: argparse.ArgumentParser, flag: str, text: str, sizes: list[int]) -> dict[int, int]:
+    """``"N"`` for every size, or ``"SIZE:N,SIZE:N"``; a size without an entry is an error."""
+    try:
+        if ":" not in text:
+            return {s: int(text) for s in sizes}
+        table = {int(k): int(v) for k, v in (kv.split(":") for kv in text.split(","))}
+    except ValueError:
+        ap.error(f"{flag} takes N or SIZE:N,SIZE:N, got {text!r}")
+    missing = [s for s in sizes if s not in table]
+    if missing:
+        ap.error(f"{flag} has no entry for size(s) {missing}")
+    return table
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="32,1000")
-    ap.add_argument("--repeats", default="32:15,1000:3", help="rounds per size")
-    ap.add_argument("--steps", default="32:2,1000:1", help="steps per path per round, per size")
+    ap.add_argument("--repeats", default="32:15,1000:3", help="rounds per size: N (every size) or SIZE:N,...")
+    ap.add_argument("--steps", default="32:2,1000:1", help="steps per path per round: N or SIZE:N,...")
     ap.add_argument("--environments", type=int, default=64)
     ap.add_argument("--learner", choices=("subprocess", "in-process"), default="subprocess")
     ap.add_argument("--no-lammps", action="store_true")
     ap.add_argument("--no-sampler", action="store_true", help="skip the sampler+stream path")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    steps_for = {int(k): int(v) for k, v in (kv.split(":") for kv in args.steps.split(","))}
-    repeats_for = {int(k): int(v) for k, v in (kv.split(":") for kv in args.repeats.split(","))}
+    steps_for = per_size(ap, "--steps", args.steps, sizes)
+    repeats_for = per_size(ap, "--repeats", args.repeats, sizes)
 
     t0 = time.perf_counter()
     gp = build_gp(args.environments)
