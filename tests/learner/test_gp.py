@@ -239,3 +239,42 @@ def test_bad_labels_are_invalid_input():
         gp.add_structure(at)
     with pytest.raises(InvalidInput):
         gp.set_hyperparameters({"ls2": -1.0})
+
+
+def test_factorisation_runs_with_single_threaded_openblas(monkeypatch):
+    """Cholesky factorisations run with OpenBLAS single-threaded in the calling thread (on a
+    busy machine its thread synchronisation costs far more than the arithmetic on these
+    small matrices), and the caller's setting is restored afterwards."""
+    from learner_service import gp as gp_module
+
+    setters = gp_module._openblas_local_setters()
+    if not setters:
+        pytest.skip("no OpenBLAS with openblas_set_num_threads_local (>= 0.3.27) in this process")
+
+    def current():  # the calling thread's setting (setting returns the previous value)
+        values = [fn(1) for fn in setters]
+        for fn, n in zip(setters, values):
+            fn(n)
+        return values
+
+    seen = []
+    real = gp_module.cholesky
+
+    def recording_cholesky(*args, **kwargs):
+        seen.append(current())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gp_module, "cholesky", recording_cholesky)
+    train = perturbed_fcc_al(1, seed=3)[0]
+    gp = GaussianProcess([13], (6.0, 4.0), HYPS)
+    gp.add_structure(train, forces=train.get_forces(), atom_indices=range(4))
+    previous = [fn(2) for fn in setters]
+    try:
+        gp.train()
+        gp.log_likelihood(gradient=True)
+        after = current()
+    finally:
+        for fn, n in zip(setters, previous):
+            fn(n)
+    assert len(seen) == 2 and all(v == [1] * len(setters) for v in seen), seen
+    assert after == [2] * len(setters)
