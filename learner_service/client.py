@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -77,8 +78,13 @@ class LearnerClient:
         wire.labels_to_proto(energy, forces, stress, out=req.labels)
         return self._call(self._stub.AddData, req, self.train_timeout)
 
-    def optimize(self, max_iterations: int = 0, tolerance: float = 0.0) -> learner_pb2.OptimizeResponse:
-        req = learner_pb2.OptimizeRequest(max_iterations=max_iterations, tolerance=tolerance)
+    def optimize(self, max_iterations: int = 0, tolerance: float = 0.0,
+                 bounds: Mapping[str, tuple[float, float]] | None = None,
+                 fixed: Iterable[str] = ()) -> learner_pb2.OptimizeResponse:
+        """Maximise the likelihood; ``bounds`` {name: (lower, upper)} replace the learner's default boxes."""
+        req = learner_pb2.OptimizeRequest(max_iterations=max_iterations, tolerance=tolerance, fixed=list(fixed))
+        for name, (lo, hi) in (bounds or {}).items():
+            req.bounds.add(name=name, lower=lo, upper=hi)
         return self._call(self._stub.Optimize, req, self.train_timeout)
 
     def info(self) -> learner_pb2.ModelInfo:

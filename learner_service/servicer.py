@@ -11,6 +11,7 @@ while an update is under way — and reports that model's version.
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 import threading
 import time
@@ -102,6 +103,20 @@ def prediction_to_proto(pred, version: int, out: common_pb2.Prediction) -> commo
 def hyperparameters_to_proto(values: dict) -> list[common_pb2.Hyperparameter]:
     return [common_pb2.Hyperparameter(name=k, value=float(v), unit=HYPERPARAMETER_UNITS.get(k, ""))
             for k, v in values.items()]
+
+
+def bounds_from_proto(bounds, names) -> dict[str, tuple[float, float]]:
+    """OptimizeRequest.bounds as ``{name: (lower, upper)}``, every box checked."""
+    out: dict[str, tuple[float, float]] = {}
+    for b in bounds:
+        if b.name not in names:
+            raise InvalidInput(f"bounds: unknown hyperparameter {b.name!r}; this model has {', '.join(names)}")
+        if b.name in out:
+            raise InvalidInput(f"bounds: {b.name} given twice")
+        if not (math.isfinite(b.lower) and math.isfinite(b.upper) and 0.0 < b.lower < b.upper):
+            raise InvalidInput(f"bounds: {b.name} needs 0 < lower < upper (finite), got [{b.lower}, {b.upper}]")
+        out[b.name] = (float(b.lower), float(b.upper))
+    return out
 
 
 def model_info(gp, version: int) -> learner_pb2.ModelInfo:
@@ -254,9 +269,10 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             raise ModelError("cannot optimise hyperparameters without training data; call AddData first")
         max_it = request.max_iterations or self.default_max_iterations
         started = time.perf_counter()
-        kwargs = {"max_iterations": max_it}
+        kwargs = {"max_iterations": max_it, "bounds": bounds_from_proto(request.bounds, gp.hyperparameter_names),
+                  "fix": tuple(request.fixed)}
         if request.tolerance:
-            kwargs["tolerance"] = request.tolerance
+            kwargs["ftol"] = request.tolerance
         result, version = self.store.update(lambda g: g.optimize(**kwargs))
         self.store.last_optimize = result
         seconds = time.perf_counter() - started
@@ -266,7 +282,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             hyperparameters=hyperparameters_to_proto(dict(gp.hyperparameters)),
             log_likelihood=float(result.log_likelihood), iterations=int(result.iterations),
             converged=bool(result.converged), message=str(result.message),
-            seconds=seconds, model_version=version)
+            seconds=seconds, model_version=version, at_bounds=sorted(result.at_bounds))
 
     # -- model management -----------------------------------------------------------------
 

@@ -144,6 +144,32 @@ def test_optimize_reports_convergence(trained) -> None:
     assert info.log_likelihood == pytest.approx(reply.log_likelihood, rel=1e-6, abs=1e-6)
 
 
+def test_optimize_honours_bounds_fixed_hyperparameters_and_tolerance(trained) -> None:
+    before = {h.name: h.value for h in trained.info().hyperparameters}
+    # noise-free EMT labels: the likelihood wants σn far below 0.02 eV/Å, so the floor must hold it
+    reply = trained.optimize(max_iterations=30, tolerance=1e-8, bounds={"noise": (0.02, 0.5)}, fixed=["ls3"])
+    hyps = {h.name: h.value for h in reply.hyperparameters}
+    assert hyps["noise"] == pytest.approx(0.02, rel=1e-9)
+    assert "noise" in reply.at_bounds
+    assert hyps["ls3"] == before["ls3"]
+    assert trained.info().noise_std == pytest.approx(0.02, rel=1e-9)
+
+
+def test_bad_optimize_requests_are_invalid_argument(trained) -> None:
+    cases = [
+        ({"bounds": {"noise": (0.5, 0.1)}}, "0 < lower < upper"),
+        ({"bounds": {"noise": (0.0, 0.1)}}, "0 < lower < upper"),
+        ({"bounds": {"noise": (0.01, float("inf"))}}, "0 < lower < upper"),
+        ({"bounds": {"temperature": (1.0, 2.0)}}, "unknown hyperparameter 'temperature'"),
+        ({"fixed": ["nonsense"]}, "nonsense"),
+    ]
+    version = trained.info().model_version
+    for kwargs, message in cases:
+        with pytest.raises(errors.InvalidInput, match=message.replace("(", r"\(")):
+            trained.optimize(max_iterations=5, **kwargs)
+    assert trained.info().model_version == version  # nothing changed
+
+
 def test_export_and_load_round_trip(trained, server) -> None:
     exported = trained.export_model()
     assert exported.format == "epicycle-gp" and exported.format_version >= 1

@@ -51,16 +51,30 @@ class AddDataResponse(_message.Message):
     n_labels: int
     def __init__(self, model_version: _Optional[int] = ..., n_environments: _Optional[int] = ..., n_labels: _Optional[int] = ...) -> None: ...
 
+class HyperparameterBounds(_message.Message):
+    __slots__ = ("name", "lower", "upper")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOWER_FIELD_NUMBER: _ClassVar[int]
+    UPPER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    lower: float
+    upper: float
+    def __init__(self, name: _Optional[str] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ...) -> None: ...
+
 class OptimizeRequest(_message.Message):
-    __slots__ = ("max_iterations", "tolerance")
+    __slots__ = ("max_iterations", "tolerance", "bounds", "fixed")
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    FIXED_FIELD_NUMBER: _ClassVar[int]
     max_iterations: int
     tolerance: float
-    def __init__(self, max_iterations: _Optional[int] = ..., tolerance: _Optional[float] = ...) -> None: ...
+    bounds: _containers.RepeatedCompositeFieldContainer[HyperparameterBounds]
+    fixed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_iterations: _Optional[int] = ..., tolerance: _Optional[float] = ..., bounds: _Optional[_Iterable[_Union[HyperparameterBounds, _Mapping]]] = ..., fixed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OptimizeResponse(_message.Message):
-    __slots__ = ("hyperparameters", "log_likelihood", "iterations", "converged", "message", "seconds", "model_version")
+    __slots__ = ("hyperparameters", "log_likelihood", "iterations", "converged", "message", "seconds", "model_version", "at_bounds")
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +82,7 @@ class OptimizeResponse(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    AT_BOUNDS_FIELD_NUMBER: _ClassVar[int]
     hyperparameters: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hyperparameter]
     log_likelihood: float
     iterations: int
@@ -75,7 +90,8 @@ class OptimizeResponse(_message.Message):
     message: str
     seconds: float
     model_version: int
-    def __init__(self, hyperparameters: _Optional[_Iterable[_Union[_common_pb2.Hyperparameter, _Mapping]]] = ..., log_likelihood: _Optional[float] = ..., iterations: _Optional[int] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., seconds: _Optional[float] = ..., model_version: _Optional[int] = ...) -> None: ...
+    at_bounds: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hyperparameters: _Optional[_Iterable[_Union[_common_pb2.Hyperparameter, _Mapping]]] = ..., log_likelihood: _Optional[float] = ..., iterations: _Optional[int] = ..., converged: _Optional[bool] = ..., message: _Optional[str] = ..., seconds: _Optional[float] = ..., model_version: _Optional[int] = ..., at_bounds: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
