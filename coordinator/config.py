@@ -10,6 +10,7 @@ Units: Å, eV, eV/Å, fs, K, GPa.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -54,6 +55,9 @@ class OptimizeConfig:
     every: int = 1             # re-optimise hyperparameters after every N-th oracle call (0: never)
     until_calls: int = 30      # ... and stop re-optimising after this many oracle calls
     max_iterations: int = 50
+    # {name: [lower, upper]} replacing the learner's default boxes (units of each hyperparameter:
+    # sig eV, ls Å, noise eV/Å), e.g. noise: [0.002, 1.0] for a floor on σn and so on k·σn
+    bounds: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -202,8 +206,6 @@ def _convert(path: str, value: Any, default: Any, annotation: str) -> Any:
 def _number(path: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{path}: expected a number, got {value!r}")
-    import math
-
     if not math.isfinite(value):
         raise ConfigError(f"{path}: must be finite, got {value!r}")
     return float(value)
@@ -294,6 +296,16 @@ def validate(c: RunConfig) -> None:
     need(le.optimize.every >= 0, f"learner.optimize.every: must be >= 0, got {le.optimize.every}")
     need(le.optimize.max_iterations >= 1,
          f"learner.optimize.max_iterations: must be >= 1, got {le.optimize.max_iterations}")
+    allowed_b = allowed_h | ({"energy_noise"} if le.use_energy else set()) | ({"stress_noise"} if le.use_stress else set())
+    for k, v in le.optimize.bounds.items():
+        need(k in allowed_b, f"learner.optimize.bounds: unknown hyperparameter {k!r}; allowed: {sorted(allowed_b)}")
+        ok = (isinstance(v, (list, tuple)) and len(v) == 2
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v))
+        need(ok and 0 < v[0] < v[1], f"learner.optimize.bounds.{k}: expected [lower, upper] with 0 < lower < upper, "
+                                     f"got {v!r}")
+        h = le.hyperparameters.get(k)
+        need(h is None or v[0] <= h <= v[1],
+             f"learner.optimize.bounds.{k}: the initial value {h} lies outside [{v[0]}, {v[1]}]")
     sm = c.sampler
     need(sm.engine in ENGINES, f"sampler.engine: allowed {', '.join(ENGINES)}, got {sm.engine!r}")
     need(sm.ensemble in ENSEMBLES, f"sampler.ensemble: allowed {', '.join(ENSEMBLES)}, got {sm.ensemble!r}")

@@ -109,6 +109,21 @@ def frame_atoms(frame: sampler_pb2.Frame, threshold: float) -> Atoms:
     return atoms
 
 
+def initial_atoms(config: RunConfig, n_atoms: int) -> list[int]:
+    """The atoms of the first frame whose environments train the first model.
+
+    ``policy.initial_atoms`` is a count (drawn at random with the run seed) or explicit indices.
+    """
+    spec = config.policy.initial_atoms
+    if isinstance(spec, int):
+        rng = np.random.default_rng([config.seed, 0])
+        return sorted(int(i) for i in rng.choice(n_atoms, size=min(spec, n_atoms), replace=False))
+    bad = [i for i in spec if not 0 <= i < n_atoms]
+    if bad:
+        raise InvalidInput(f"policy.initial_atoms: indices {bad} out of range for {n_atoms} atoms")
+    return sorted(set(int(i) for i in spec))
+
+
 @dataclass
 class Progress:
     """Prints one line per streamed frame (and per oracle call) to ``stream``."""
@@ -173,19 +188,9 @@ class OnTheFlyRun:
             self.metrics.oracle_latency(seconds)
         return result, seconds
 
-    def _initial_atoms(self, n_atoms: int) -> list[int]:
-        spec = self.config.policy.initial_atoms
-        if isinstance(spec, int):
-            rng = np.random.default_rng([self.config.seed, 0])
-            return sorted(int(i) for i in rng.choice(n_atoms, size=min(spec, n_atoms), replace=False))
-        bad = [i for i in spec if not 0 <= i < n_atoms]
-        if bad:
-            raise InvalidInput(f"policy.initial_atoms: indices {bad} out of range for {n_atoms} atoms")
-        return sorted(set(int(i) for i in spec))
-
     def _select(self, label: StoredLabel) -> list[int]:
         if label.index == 0 or label.force_std is None:
-            return self._initial_atoms(len(label.numbers))
+            return initial_atoms(self.config, len(label.numbers))
         rng = np.random.default_rng([self.config.seed, label.index])
         chosen = self.acquisition.select(label.force_std, label.numbers, self.config.policy.atoms_per_call, rng)
         return [int(i) for i in chosen]
@@ -204,12 +209,16 @@ class OnTheFlyRun:
         calls = label.index + 1
         opt = le.optimize
         if opt.every and calls % opt.every == 0 and calls <= opt.until_calls:
-            result = self.learner.optimize(max_iterations=opt.max_iterations)
+            result = self.learner.optimize(max_iterations=opt.max_iterations,
+                                           bounds={k: tuple(v) for k, v in opt.bounds.items()})
             hyps = {h.name: h.value for h in result.hyperparameters}
             self.rd.event("optimize", label=label.index, step=label.step, time_fs=label.time_fs,
                           hyperparameters=hyps, log_likelihood=result.log_likelihood,
                           iterations=result.iterations, converged=result.converged, message=result.message,
-                          seconds=result.seconds)
+                          seconds=result.seconds, at_bounds=list(result.at_bounds))
+            if result.at_bounds:
+                self.progress.line(f"  hyperparameter(s) {', '.join(result.at_bounds)} ended on a bound of their "
+                                   f"box: the box decided them, not the data (learner.optimize.bounds)")
             if not result.converged:
                 self.progress.line(f"  hyperparameter optimisation stopped after {result.iterations} iterations "
                                    f"without converging: {result.message}")
