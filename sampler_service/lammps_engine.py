@@ -1,7 +1,8 @@
 """LAMMPS as a second MD engine, behind the same :class:`MDEngine` interface.
 
-LAMMPS integrates (``fix nve``, optionally ``fix langevin``); forces come from
-the :class:`ForceProvider` through ``fix external pf/callback``.  Units inside
+LAMMPS integrates (``fix nve``; Langevin's friction and noise are applied in
+Python, see below); forces come from the :class:`ForceProvider` through
+``fix external pf/callback``.  Units inside
 LAMMPS are ``metal`` (Å, eV, ps, amu, K); at the interface they are the
 sampler's (Å, eV, fs, Å/fs).
 
@@ -14,44 +15,57 @@ creating this engine raises :class:`protos.errors.SetupError` saying so.
 How gating works (LAMMPS cannot stop in the middle of a step)
 -------------------------------------------------------------
 One LAMMPS step m is: half kick with the stored forces, drift, wrap
-(``neigh_modify every 1 check no``), ``post_force`` (``fix langevin`` adds
-its friction+noise, then our callback adds the provider's forces for x_m),
-half kick.  The callback evaluates the provider and σ; if some σ > threshold
-it adds **zero** forces and raises the halt flag (``fix external`` global
-vector → ``fix halt ... error continue``), so LAMMPS ends the run after that
-step having applied only the Langevin part of the last half kick.  The
-provider's forces for x_m are then *pending*: when they are known (predicted
-again, or supplied from DFT) the engine adds them to LAMMPS's force array and
-applies the missing half kick ``v += ½Δt F/m`` itself, exactly the arithmetic
-of ``fix nve`` (``dtf = ½ dt ftm2v``, ``dtfm = dtf/m``), before the next
-``run N pre no post no``.  Every :meth:`LammpsEngine.run` segment also ends in
-this pending state (its last callback adds no forces), so between calls the
-state is always (x_n, velocities before the last half kick, forces for x_n
-unknown) — the same state machine as the built-in engine, each force
-evaluated exactly once, and ``run(20); run(30)`` equals ``run(50)`` bit for bit
-in NVE.  Schedule events end a segment too; the rescale happens on the full
-step velocities in Python, as in the built-in engine.
+(``neigh_modify every 1 check no``), ``post_force`` (our callback adds the
+provider's forces for x_m), half kick.  The callback evaluates the provider
+and σ; if some σ > threshold it adds **zero** forces and raises the halt flag
+(``fix external`` global vector → ``fix halt ... error continue``), so LAMMPS
+ends the run after that step without the last half kick.  The provider's
+forces for x_m are then *pending*: when they are known (predicted again, or
+supplied from DFT) the engine applies the missing half kick
+``v += ½Δt F/m`` itself, exactly the arithmetic of ``fix nve`` (``dtf = ½ dt
+ftm2v``, ``dtfm = dtf/m``), before the next ``run N pre no post no``.  Every
+:meth:`LammpsEngine.run` segment also ends in this pending state (its last
+callback adds no forces), so between calls the state is always (x_n,
+velocities before the last half kick, forces for x_n unknown) — the same state
+machine as the built-in engine, each force evaluated exactly once, and
+``run(20); run(30)`` equals ``run(50)`` bit for bit.  Schedule events end a
+segment too; the rescale happens on the full step velocities in Python, as in
+the built-in engine.
 
-``pre no`` keeps LAMMPS from recomputing forces (and from drawing new Langevin
-noise) between segments, so a segmented run is the same dynamics as one long
-run.
+``pre no`` keeps LAMMPS from recomputing forces between segments, so a
+segmented run is the same dynamics as one long run.
+
+Langevin (BAOAB, the built-in engine's integrator)
+--------------------------------------------------
+``fix langevin`` is not used: its ``RanMars`` state cannot be read or set
+through the library interface, so a checkpoint could not resume it.  Instead
+the engine does the whole velocity update in Python and LAMMPS only drifts::
+
+    v_n      = v'_{n−½} + ½Δt F_n/m                  (callback, or run() for the first step)
+    v_{n+½}  = v_n + ½Δt F_n/m
+    v'_{n+½} = e^{−γΔt} v_{n+½} + √(1−e^{−2γΔt}) √(kT/m) ξ     (:func:`dynamics.langevin_o_step`)
+    x_{n+1}  = x_n + Δt (v_{n+½} + v'_{n+½})/2      (LAMMPS: fix nve with v = that mean, f = 0)
+
+which is BAOAB (B ½Δt, A ½Δt, O Δt, A ½Δt, B ½Δt) with the same friction (1/fs),
+temperature (K) and noise draws (``standard_normal((n, 3))`` in atom order,
+in the ASE frame, from the engine's own ``numpy.random.Generator``) as the
+built-in engine.  The callback sets LAMMPS's ``v`` to the mean drift velocity
+and its force to zero, so ``fix nve``'s kicks add nothing; at the next
+callback ``v`` is reset to v'_{n+½} before anything can fail, so a run that
+stops (uncertainty, cancel, error) leaves the same pending state as in NVE.
+The Generator's state is in the checkpoint, so Langevin restores bit for bit.
+The O-step's kinetic-energy change is the thermostat's heat.
 
 Checkpoint/restore
 ------------------
 The blob holds LAMMPS's own positions, velocities and force array (exact
-doubles), the step, time, pending-kick Δt and all Python-side state.  Restore
-builds a new LAMMPS instance from them.  **NVE restores bit for bit** (on an
-orthogonal cell; with a triclinic cell LAMMPS's lamda-coordinate round trip
-at setup can change the last bit).  **Langevin cannot be restored bit for
-bit**: ``fix langevin``'s per-process ``RanMars`` state is not accessible
-from the library interface.  The restored run reuses the stored Langevin
-forces for the first half kick and reseeds ``fix langevin`` deterministically
-from (seed, step), so two restores of one checkpoint agree with each other,
-but not with the uninterrupted run.
+doubles), the step, time, pending-kick Δt and all Python-side state (the
+random-number state included).  Restore builds a new LAMMPS instance from
+them and repeats the trajectory bit for bit in NVE and Langevin (on an
+orthogonal cell; with a triclinic cell LAMMPS's lamda-coordinate round trip at
+setup can change the last bit).
 
-Ensembles: ``nve`` and ``nvt_langevin`` (LAMMPS's Langevin: friction and
-noise as forces in velocity Verlet, Schneider & Stoll); others raise
-:class:`InvalidInput`.
+Ensembles: ``nve`` and ``nvt_langevin``; others raise :class:`InvalidInput`.
 """
 
 from __future__ import annotations
@@ -179,7 +193,8 @@ class LammpsEngine(MDEngine):
         self._rng = np.random.Generator(np.random.PCG64(settings.seed))
         self._drift = DriftTracker()
         self._last_observables: Observables | None = None
-        self._langevin_seed = settings.seed + 1
+        self._langevin = settings.thermostat == "langevin"
+        self._v_post_o: np.ndarray | None = None  # Langevin v'_{m−½} (tag order, Å/ps) during a segment
         self._in_run = False
         self._lmp = None
         stored_f = None
@@ -219,12 +234,6 @@ class LammpsEngine(MDEngine):
             f"timestep {float(s.timestep_fs) / _FS_PER_PS!r}",
             "neigh_modify every 1 delay 0 check no",
             "thermo 0",
-            f"variable tlang equal {float(self._target_T)!r}",
-        ]
-        if s.thermostat == "langevin":
-            damp_ps = 1.0 / (s.friction * _FS_PER_PS)
-            cmds.append(f"fix lang all langevin v_tlang 0.0 {damp_ps!r} {self._langevin_seed}")
-        cmds += [
             "fix ext all external pf/callback 1 1",
             "fix nve all nve",
         ]
@@ -354,19 +363,20 @@ class LammpsEngine(MDEngine):
             self._supplied = None
             f_l = self._to_lammps(result.forces)
             v = self._gather("v")
-            f_atom = self._gather("f")  # Langevin forces of this step (or 0)
-            if self._kick_dt_ps != 0.0:
-                # the missing part of the last half kick (LAMMPS applied the Langevin part)
+            if self._kick_dt_ps != 0.0:  # the missing half kick of the last step
                 v = v + (0.5 * self._kick_dt_ps * self._ftm2v / self._masses)[:, None] * f_l
-            self._scatter("f", f_atom + f_l)
+            self._scatter("f", f_l)
             v = self._apply_schedule(v)
-            self._scatter("v", v)
+            self._scatter("v", v)  # a failing on_frame leaves (x_n, v_n, nothing drawn): resumable
             self._kick_dt_ps = 0.0
-            frame = self._complete_frame(result, supplied, x_ase, v, f_atom,
+            frame = self._complete_frame(result, supplied, x_ase, v,
                                          want=frame_interval > 0 and self._step % frame_interval == 0,
                                          last=taken == max_steps - 1)
             if frame is not None:
                 last_frame = frame
+            if self._langevin:  # B and O in Python; LAMMPS drifts with the mean velocity
+                self._scatter("v", self._langevin_kick(v, f_l))
+                self._scatter("f", np.zeros_like(f_l))
             # -- LAMMPS: second half of step n, steps n+1 .. n+M-1, x_{n+M} pending --------
             m = min(max_steps - taken, self._steps_to_next_event())
             self._segment_first = self._step
@@ -419,16 +429,27 @@ class LammpsEngine(MDEngine):
         v = dyn.rescale_to_temperature(m, v, due, self.settings.conserves_momentum)
         self._heat += dyn.kinetic_energy(m, v) - ke0
         self._target_T = due
-        self._lmp.command(f"variable tlang equal {float(due)!r}")
         return self._to_lammps(v) * _FS_PER_PS
 
-    def _kick_work(self, f_lang_l: np.ndarray, v1_l: np.ndarray, v2_l: np.ndarray, dt_ps: float) -> float:
-        """Work of the thermostat forces in one half kick, eV: ½Δt Σ f_L · (v₁ + v₂)/2."""
-        if self.settings.thermostat != "langevin":
-            return 0.0
-        return 0.25 * dt_ps * float(np.sum(f_lang_l * (v1_l + v2_l)))
+    def _langevin_kick(self, v_l: np.ndarray, f_l: np.ndarray) -> np.ndarray:
+        """B, O of BAOAB after the full step v_n (tag order, Å/ps): returns the drift velocity for LAMMPS.
 
-    def _complete_frame(self, result, supplied, x_ase, v_l, f_lang_l, want, last) -> Frame | None:
+        v_{n+½} = v_n + ½Δt F/m (``fix nve`` arithmetic); v' = O-step of v_{n+½} over Δt with
+        :func:`dynamics.langevin_o_step` in the ASE frame (the built-in engine's draw); the
+        O-step's kinetic-energy change is heat.  v' is kept for the next callback's half kick.
+        """
+        s = self.settings
+        dt_ps = s.timestep_fs / _FS_PER_PS
+        v_half = v_l + (0.5 * dt_ps * self._ftm2v / self._masses)[:, None] * f_l
+        v_half_ase = self._to_ase(v_half) / _FS_PER_PS
+        v_new_ase = dyn.langevin_o_step(v_half_ase, self._masses, self._target_T, s.friction, s.timestep_fs,
+                                        self._rng)
+        self._heat += dyn.kinetic_energy(self._masses, v_new_ase) - dyn.kinetic_energy(self._masses, v_half_ase)
+        v_new = self._to_lammps(v_new_ase) * _FS_PER_PS
+        self._v_post_o = v_new
+        return 0.5 * (v_half + v_new)
+
+    def _complete_frame(self, result, supplied, x_ase, v_l, want, last) -> Frame | None:
         """Bookkeeping at the full step n (v_n known); returns the frame if wanted."""
         m = self._masses
         v = self._to_ase(v_l) / _FS_PER_PS
@@ -444,11 +465,6 @@ class LammpsEngine(MDEngine):
         if not supplied and math.isfinite(obs.conserved_eV):
             self._drift.add(self._time, obs.conserved_eV, result.model_version)
         self._last = result
-        # the first half kick of the next step is thermostat work too (f_L at v_n → v_{n+½})
-        f_tot = f_lang_l + self._to_lammps(result.forces)
-        dt_ps = self.settings.timestep_fs / _FS_PER_PS
-        v_half = v_l + (0.5 * dt_ps * self._ftm2v / m)[:, None] * f_tot
-        self._heat += self._kick_work(f_lang_l, v_l, v_half, dt_ps)
         frame = None
         if want or last:
             frame = self._frame(result, supplied, x_ase, v, obs)
@@ -504,15 +520,17 @@ class LammpsEngine(MDEngine):
             dt_ps = self.settings.timestep_fs / _FS_PER_PS
             self._kick_dt_ps = dt_ps  # until this step's forces are applied
             idx = np.asarray(tag, dtype=np.int64) - 1
+            if self._langevin:
+                # LAMMPS drifted with the mean velocity; before anything can fail, v ← v'_{m−½}
+                # (the pending state every stop leaves, as in NVE)
+                self._view("v")[:] = self._v_post_o[idx]
             if self._step < self._segment_end and self._take_cancel():
                 self._stop = StopReport(reason="cancelled", step=self._step, time_fs=self._time,
                                         steps_taken=0, threshold=self._threshold)
-                self._pending_langevin_work(idx, dt_ps)
                 self._halt(f)
                 return
             if self._step == self._segment_end:
                 f[:] = 0.0  # forces for x_{n+M} stay pending (evaluated by the next run())
-                self._pending_langevin_work(idx, dt_ps)
                 return
             x_l = np.empty((nlocal, 3))
             x_l[idx] = x
@@ -522,39 +540,27 @@ class LammpsEngine(MDEngine):
             crossing = uncertainty_crossing(result, self._threshold)
             if crossing is not None:
                 self._stop = self._uncertain_report(result, x_ase, crossing, 0)
-                self._pending_langevin_work(idx, dt_ps)
                 self._halt(f)
                 return
             f_l = self._to_lammps(result.forces)
-            f[:] = f_l[idx]
-            # v_m exactly as fix nve will compute it: v += dtfm (f_L + F)
+            # v_m exactly as fix nve computes it: v += dtfm F
             v_pre = np.empty((nlocal, 3))
             v_pre[idx] = self._view("v")
-            f_lang = np.empty((nlocal, 3))
-            f_lang[idx] = self._view("f")
-            dtfm = (0.5 * dt_ps * self._ftm2v / self._masses)[:, None]
-            v_m = v_pre + dtfm * (f_lang + f_l)
-            self._heat += self._kick_work(f_lang, v_pre, v_m, dt_ps)
-            self._complete_frame(result, False, x_ase, v_m, f_lang,
+            v_m = v_pre + (0.5 * dt_ps * self._ftm2v / self._masses)[:, None] * f_l
+            self._complete_frame(result, False, x_ase, v_m,
                                  want=self._frame_interval > 0 and self._step % self._frame_interval == 0,
                                  last=self._step == self._final_step - 1)
+            if self._langevin:
+                self._view("v")[:] = self._langevin_kick(v_m, f_l)[idx]
+                f[:] = 0.0
+            else:
+                f[:] = f_l[idx]
             self._kick_dt_ps = 0.0
         except BaseException as exc:  # noqa: BLE001 — must not propagate into C
             # leave step m pending (its forces unused), as after an uncertainty stop
             self._error = exc
             self._kick_dt_ps = self.settings.timestep_fs / _FS_PER_PS
             self._halt(f)
-
-    def _pending_langevin_work(self, idx: np.ndarray, dt_ps: float) -> None:
-        """Heat of the Langevin-only half kick LAMMPS applies in a step whose forces stay pending."""
-        if self.settings.thermostat != "langevin":
-            return
-        v_pre = np.empty((len(idx), 3))
-        v_pre[idx] = self._view("v")
-        f_lang = np.empty((len(idx), 3))
-        f_lang[idx] = self._view("f")
-        v_after = v_pre + (0.5 * dt_ps * self._ftm2v / self._masses)[:, None] * f_lang
-        self._heat += self._kick_work(f_lang, v_pre, v_after, dt_ps)
 
     # -- checkpoint ------------------------------------------------------------------------
     def checkpoint(self) -> bytes:
@@ -564,7 +570,7 @@ class LammpsEngine(MDEngine):
             "heat_eV": self._heat, "target_T": self._target_T, "schedule_index": self._schedule_index,
             "rng": self._rng.bit_generator.state, "drift": self._drift.to_list(),
             "observables": None if self._last_observables is None else self._last_observables.__dict__,
-            "langevin_seed": self._langevin_seed,
+            "langevin": "baoab-python",
         }
         arrays = {
             "x": self._gather("x"), "v": self._gather("v"), "f": self._gather("f"),
@@ -608,8 +614,9 @@ class LammpsEngine(MDEngine):
             self._last_observables = None if doc["observables"] is None else Observables(**doc["observables"])
             self._supplied = ckpt.result_from_arrays("supplied", doc, arrays)
             self._last = ckpt.result_from_arrays("last", doc, arrays)
-            # fix langevin's RNG state is not restorable: reseed deterministically from (seed, step)
-            self._langevin_seed = (int(doc["langevin_seed"]) * 1000003 + self._step) % 900_000_000 + 1
+            if self.settings.thermostat == "langevin" and doc.get("langevin") != "baoab-python":
+                raise InvalidInput("this lammps checkpoint comes from the fix-langevin version of the engine, "
+                                   "whose random state was not saved; it cannot be resumed exactly")
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"corrupt sampler checkpoint: {exc!r}") from None
 

