@@ -138,12 +138,19 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         self.default_learner = default_learner
         self.engines = engines
         self._lock = threading.Lock()
-        self.steps_total = 0
+        self._steps_finished = 0  # steps of Run calls that have ended
+        self._running: dict[int, tuple[object, int]] = {}  # id -> (engine, its step when the call began)
         self.runs_cancelled_total = 0
         self.active_runs = 0
         self.last_temperature_k = float("nan")
         self.last_drift = float("nan")
         self.last_steps_per_second = 0.0
+
+    @property
+    def steps_total(self) -> int:
+        """MD steps integrated by all Run calls, those still running included (read live from their engines)."""
+        with self._lock:
+            return self._steps_finished + sum(max(0, e.step - start) for e, start in self._running.values())
 
     def Describe(self, request, context):
         return sampler_pb2.SamplerDescribeResponse(engines=list(self.engines), ensembles=list(ENSEMBLES),
@@ -240,6 +247,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
 
         with self._lock:
             self.active_runs += 1
+            self._running[id(engine)] = (engine, engine.step)
         thread = threading.Thread(target=work, name="md-run", daemon=True)
         thread.start()
         try:
@@ -267,8 +275,9 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                 if isinstance(outcome.get("error"), _ClientGone) or (report is not None
                                                                      and report.reason == "cancelled"):
                     self.runs_cancelled_total += 1
-                if report is not None:
-                    self.steps_total += report.steps_taken
+                # what the engine integrated, also in a call that failed (a counter never goes back)
+                _, start = self._running.pop(id(engine))
+                self._steps_finished += max(0, engine.step - start)
         if "error" in outcome:
             exc = outcome["error"]
             if isinstance(exc, _ClientGone):

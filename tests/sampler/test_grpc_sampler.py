@@ -318,3 +318,63 @@ def test_describe(sampler):
     d = client.describe()
     assert list(d.engines) == ["builtin"] and list(d.ensembles) == list(ENSEMBLES)
     assert d.default_learner == "oracle:emt"
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+class GatedProvider:
+    """EMT forces; the call for step ``at`` waits until the test has looked (to scrape mid-run)."""
+
+    def __init__(self, at: int) -> None:
+        self.base = AseCalculatorProvider(EMT())
+        self.at, self.calls = at, 0
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def compute(self, *args):
+        if self.calls == self.at:
+            self.reached.set()
+            assert self.release.wait(30), "the test never released the gate"
+        self.calls += 1
+        return self.base.compute(*args)
+
+
+def _steps_total(port: int) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    found = [s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+             if s.name == "epicycle_sampler_steps_total"]
+    assert len(found) == 1
+    return found[0]
+
+
+@pytest.mark.parametrize("engine", ["builtin", "lammps"])
+def test_steps_counter_advances_during_a_run(engine):
+    """Scraped over HTTP while the engine waits inside step 20: the 20 integrated steps are counted."""
+    gate = GatedProvider(at=20)
+    running = start_sampler_server(
+        SamplerServiceConfig(engines=("builtin", "lammps"), server=ServerConfig(max_workers=4, metrics_port=0)),
+        provider_factory=lambda address, want_stress: gate)
+    client = SamplerClient(running.address, timeout=60)
+    frames, result = [], {}
+    try:
+        assert _steps_total(running.metrics_port) == 0
+        req = new_run(max_steps=50, frame_interval=5, learner="gated", engine=engine, initial_temperature_K=300.0)
+        caller = threading.Thread(target=lambda: result.update(r=client.run(req, on_frame=frames.append)))
+        caller.start()
+        assert gate.reached.wait(60)
+        time.sleep(0.2)  # frames 0..15 have had time to reach the client
+        assert _steps_total(running.metrics_port) == 20
+        assert [f.step for f in frames] == [0, 5, 10, 15]
+        gate.release.set()
+        caller.join(60)
+        assert result["r"].stop.steps_taken == 50
+        assert _steps_total(running.metrics_port) == 50
+    finally:
+        gate.release.set()
+        client.close()
+        running.stop(0)
