@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -59,15 +59,21 @@ HYPERPARAMETER_UNITS = {
     "energy_noise": "eV",
     "stress_noise": "eV/Å^3",
 }
+# optimisation boxes (units as HYPERPARAMETER_UNITS).  The force noise stops at 1e-3 eV/Å as
+# in FLARE 0.2.4 (gp.train(): bounds[-1, 0] = 1e-3): reference forces are not more precise
+# than ~1 meV/Å (DFT convergence), and on noise-free labels (EMT, LJ) the likelihood would
+# otherwise drive σn towards 0 and K_y towards singular.
 DEFAULT_BOUNDS = {
     "sig2": (1e-6, 1e4),
     "ls2": (1e-2, 1e2),
     "sig3": (1e-6, 1e4),
     "ls3": (1e-2, 1e2),
-    "noise": (1e-4, 1e2),
+    "noise": (1e-3, 1e2),
     "energy_noise": (1e-5, 1e3),
     "stress_noise": (1e-7, 1e1),
 }
+# a hyperparameter within this relative distance of an edge of its box is reported "at a bound"
+BOUND_RTOL = 1e-6
 
 _FORCE, _ENERGY, _STRESS = 0, 1, 2
 # k^T K^-1 k by a single-threaded forward substitution below this many multiply-adds (x2):
@@ -102,7 +108,14 @@ class Prediction:
 
 @dataclass(frozen=True)
 class OptimizationResult:
-    """Outcome of :meth:`GaussianProcess.optimize` (hyperparameters are those of the model afterwards)."""
+    """Outcome of :meth:`GaussianProcess.optimize` (hyperparameters are those of the model afterwards).
+
+    ``at_bounds`` names the optimised hyperparameters that ended on (within a relative
+    ``BOUND_RTOL`` of) an edge of their box, as ``{name: "lower" | "upper"}``.  Converged at a
+    bound is still converged (the projected gradient vanishes), but the box, not the data
+    alone, set that value (``gradient`` shows whether the likelihood still rises outward).
+    ``bounds`` holds the box of every optimised hyperparameter.
+    """
 
     converged: bool
     iterations: int
@@ -113,12 +126,28 @@ class OptimizationResult:
     hyperparameters: dict
     max_iterations: int
     seconds: float
+    at_bounds: dict = field(default_factory=dict)
+    bounds: dict = field(default_factory=dict)
+
+    def bound_note(self) -> str:
+        """``"sig3 at its lower bound 1e-06 eV, ..."`` for :attr:`at_bounds`, or ``""``."""
+        return _bound_note(self.at_bounds, self.bounds)
 
     def __str__(self) -> str:
         hyps = ", ".join(f"{k}={v:.6g} {HYPERPARAMETER_UNITS.get(k, '')}" for k, v in self.hyperparameters.items())
         state = "converged" if self.converged else "NOT converged"
+        if self.at_bounds:
+            state += f" AT A BOUND ({', '.join(self.at_bounds)})"
         return (f"{state} after {self.iterations} iterations ({self.evaluations} evaluations, "
                 f"{self.seconds:.1f} s): {self.message}; log likelihood {self.log_likelihood:.6f}; {hyps}")
+
+
+def _bound_note(at_bounds: Mapping[str, str], bounds: Mapping[str, tuple[float, float]]) -> str:
+    parts = []
+    for name, side in at_bounds.items():
+        value = bounds[name][0 if side == "lower" else 1]
+        parts.append(f"{name} at its {side} bound {value:.6g} {HYPERPARAMETER_UNITS.get(name, '')}".rstrip())
+    return ", ".join(parts)
 
 
 @dataclass
@@ -624,8 +653,13 @@ class GaussianProcess:
         Converged when the projected gradient with respect to log θ is below ``gtol``
         (the paper's ε = 1e-4) or the relative likelihood change per step is below
         ``ftol``; reaching ``max_iterations`` is reported as *not* converged.
-        ``fix`` names hyperparameters to hold; ``bounds`` overrides the default boxes;
+        ``fix`` names hyperparameters to hold; ``bounds`` overrides the default boxes
+        (``DEFAULT_BOUNDS``: signal variances ≥ 1e-6 eV, length scales 0.01–100 Å, force
+        noise σn ≥ 1e-3 eV/Å as in FLARE 0.2.4 — reference forces are not more precise than
+        ~1 meV/Å, and noise-free labels such as EMT would otherwise collapse σn);
         ``progress(iteration, log_likelihood, hyperparameters)`` is called per iteration.
+        Hyperparameters that end on an edge of their box are named in the result's
+        ``at_bounds`` and in its message (still converged if the projected gradient is).
         """
         if not self._labels:
             raise ModelError("the model has no training data to optimise on")
@@ -696,6 +730,17 @@ class GaussianProcess:
         message = str(res.message)
         if hit_cap:
             message = f"iteration limit {max_iterations} reached before convergence ({message})"
+        at_bounds = {}
+        for n in names:
+            lo, hi = box[n]
+            v = self._hyps[n]
+            if v <= lo * (1 + BOUND_RTOL):
+                at_bounds[n] = "lower"
+            elif v >= hi * (1 - BOUND_RTOL):
+                at_bounds[n] = "upper"
+        result_bounds = {n: (float(box[n][0]), float(box[n][1])) for n in names}
+        if at_bounds:
+            message = f"{message}; ended on the edge of the box: {_bound_note(at_bounds, result_bounds)}"
         return OptimizationResult(
             converged=converged,
             iterations=iterations,
@@ -706,6 +751,8 @@ class GaussianProcess:
             hyperparameters={n: self._hyps[n] for n in self.hyperparameter_names},
             max_iterations=int(max_iterations),
             seconds=time.perf_counter() - t0,
+            at_bounds=at_bounds,
+            bounds=result_bounds,
         )
 
     # ------------------------------------------------------------------

@@ -124,11 +124,15 @@ def fit_model(
         result = gp.optimize(max_iterations=max_iterations, progress=progress)
         log(("optimisation converged" if result.converged else "WARNING: optimisation did NOT converge")
             + f" after {result.iterations} iterations: {result.message}")
+        if result.at_bounds:
+            log(f"WARNING: hyperparameters ended on a bound of the optimisation box: {result.bound_note()}")
     gp.train()
     lml = gp.log_likelihood()
+    at_bounds = result.at_bounds if result is not None else {}
     log("hyperparameters:")
     for name in gp.hyperparameter_names:
-        log(f"  {name:13s} = {gp.hyperparameters[name]:.6g} {HYPERPARAMETER_UNITS.get(name, '')}")
+        flag = f"   <- at its {at_bounds[name]} bound" if name in at_bounds else ""
+        log(f"  {name:13s} = {gp.hyperparameters[name]:.6g} {HYPERPARAMETER_UNITS.get(name, '')}{flag}")
     log(f"log marginal likelihood: {lml:.6f}")
     if out is not None:
         gp.save(out)

@@ -278,3 +278,46 @@ def test_factorisation_runs_with_single_threaded_openblas(monkeypatch):
             fn(n)
     assert len(seen) == 2 and all(v == [1] * len(setters) for v in seen), seen
     assert after == [2] * len(setters)
+
+
+def _small_al_model(atom_indices=range(12), copies=1):
+    train = perturbed_fcc_al(1, seed=1)[0]
+    gp = GaussianProcess([13], (6.0, 4.0), HYPS)
+    for _ in range(copies):
+        gp.add_structure(train, forces=train.get_forces(), atom_indices=atom_indices)
+    return gp
+
+
+@pytest.mark.parametrize("name, side", [("ls2", "upper"), ("noise", "lower"), ("sig2", "lower")])
+def test_optimum_outside_the_box_is_flagged_at_its_bound(name, side):
+    """When the box excludes the likelihood's maximum, the optimiser stops on the edge
+    (converged: the projected gradient vanishes), the result names that hyperparameter, and
+    the likelihood gradient there points out of the box (KKT): the bound, not the data, set
+    the value."""
+    free = _small_al_model().optimize(max_iterations=100)
+    assert free.converged and not free.at_bounds, free
+    best = free.hyperparameters[name]
+    box = (best / 10, 0.9 * best) if side == "upper" else (1.2 * best, 10 * best)
+    gp = _small_al_model()
+    gp.set_hyperparameters(free.hyperparameters)
+    others = [n for n in gp.hyperparameter_names if n != name]
+    res = gp.optimize(max_iterations=100, fix=others, bounds={name: box})
+    assert res.converged, res.message
+    assert res.at_bounds == {name: side}, res
+    edge = box[1] if side == "upper" else box[0]
+    assert gp.hyperparameters[name] == pytest.approx(edge, rel=1e-6)
+    outward = 1.0 if side == "upper" else -1.0
+    assert outward * res.gradient[name] > 0
+    assert f"{name} at its {side} bound" in res.message
+    assert "AT A BOUND" in str(res) and name in str(res)
+
+
+def test_duplicated_noise_free_labels_stop_the_noise_at_flares_lower_bound():
+    """The same environments twice with identical labels: as σn -> 0 the likelihood grows
+    without limit (-1/2 log det K_y -> +inf along the duplicate directions, no data misfit), so
+    the optimum is the lower edge of the box, 1e-3 eV/Å as in FLARE 0.2.4, and it is flagged."""
+    gp = _small_al_model(atom_indices=range(3), copies=2)
+    res = gp.optimize(max_iterations=100, fix=("sig2", "ls2", "sig3", "ls3"))
+    assert res.at_bounds == {"noise": "lower"}, res
+    assert gp.noise == pytest.approx(1e-3, rel=1e-6)
+    assert res.gradient["noise"] < 0
