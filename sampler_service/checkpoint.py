@@ -35,12 +35,24 @@ def pack(engine: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> by
 def unpack(blob: bytes, engine: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Decode a blob made by :func:`pack`; :class:`InvalidInput` if it is not one, or of another engine
     (``engine=None``: any engine)."""
+    return _read(blob, engine, with_arrays=True)
+
+
+def engine_of(blob: bytes) -> str:
+    """The name of the engine that wrote ``blob`` (only the metadata is decoded); :class:`InvalidInput`
+    if it is not a checkpoint."""
+    doc, _ = _read(blob, None, with_arrays=False)
+    return str(doc.get("engine"))
+
+
+def _read(blob, engine: str | None, with_arrays: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise InvalidInput(f"checkpoint must be bytes, got {type(blob).__name__}")
     try:
         with np.load(io.BytesIO(bytes(blob)), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        doc = json.loads(arrays.pop("__meta__").tobytes().decode())
+            meta = z["__meta__"]
+            arrays = {k: z[k] for k in z.files if k != "__meta__"} if with_arrays else {}
+        doc = json.loads(meta.tobytes().decode())
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
         raise InvalidInput(f"not a sampler checkpoint ({exc})") from None
     if doc.get("format") != FORMAT:

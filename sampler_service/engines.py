@@ -49,5 +49,4 @@ def create_engine(settings: SamplerSettings, provider: ForceProvider, atoms: Ato
 
 def engine_from_checkpoint(blob: bytes, provider: ForceProvider) -> MDEngine:
     """Rebuild the engine that wrote ``blob`` (any registered kind)."""
-    doc, _ = ckpt.unpack(blob, engine=None)
-    return engine_class(doc["engine"]).from_checkpoint(blob, provider)
+    return engine_class(ckpt.engine_of(blob)).from_checkpoint(blob, provider)

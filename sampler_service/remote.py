@@ -223,10 +223,11 @@ class RemoteEngine(MDEngine):
             return None
         if stop is None:
             raise CalculationFailed(f"sampler {self.provider.client.address} ended the run without a stop report")
-        self._apply(stop)
-        return stop_from_proto(stop)
+        report = stop_from_proto(stop)
+        self._apply(stop, report)
+        return report
 
-    def _apply(self, stop: sampler_pb2.StopReport) -> None:
+    def _apply(self, stop: sampler_pb2.StopReport, report: StopReport) -> None:
         from sampler_service.servicer import settings_from_proto
 
         s = stop.state
@@ -244,8 +245,8 @@ class RemoteEngine(MDEngine):
         self.settings = settings_from_proto(stop.settings)
         drift = stop.energy_drift_ev_per_atom_ps
         self._drift = None if math.isnan(drift) else float(drift)
-        if stop.HasField("frame") and stop.frame.structure.HasField("velocities"):
-            self._observables = frame_from_proto(stop.frame).observables
+        if report.frame is not None and report.frame.observables is not None:
+            self._observables = report.frame.observables
         self._pending = None
         self._timestep = None
 

@@ -243,32 +243,42 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                 outcome["error"] = exc
             finally:
                 outcome["seconds"] = time.perf_counter() - started
-                frames.put(None)
+
+        def work_then_end_stream() -> None:
+            work()
+            frames.put(None)
 
         with self._lock:
             self.active_runs += 1
             self._running[id(engine)] = (engine, engine.step)
-        thread = threading.Thread(target=work, name="md-run", daemon=True)
-        thread.start()
+        thread = None
         try:
-            while True:
-                frame = frames.get()
-                if frame is None:
-                    break
-                if frame.observables is not None:  # the temperature gauge follows MD frame by frame
-                    self.last_temperature_k = frame.observables.temperature_K
-                reply = sampler_pb2.RunResponse()
-                frame_to_proto(frame, reply.frame)
-                yield reply
+            if not frame_interval:
+                # nothing to stream while the engine runs: run it on this thread (no thread start,
+                # no hand-off; the client going away still stops it through context's callback)
+                work()
+            else:
+                thread = threading.Thread(target=work_then_end_stream, name="md-run", daemon=True)
+                thread.start()
+                while True:
+                    frame = frames.get()
+                    if frame is None:
+                        break
+                    if frame.observables is not None:  # the temperature gauge follows MD frame by frame
+                        self.last_temperature_k = frame.observables.temperature_K
+                    reply = sampler_pb2.RunResponse()
+                    frame_to_proto(frame, reply.frame)
+                    yield reply
         finally:
-            if thread.is_alive():  # the generator was closed early: the client went away
+            if thread is not None and thread.is_alive():  # the generator was closed early: the client went away
                 engine.request_stop()
                 while thread.is_alive():
                     try:
                         frames.get(timeout=0.1)  # unblock a pending put
                     except queue.Empty:
                         pass
-            thread.join()
+            if thread is not None:
+                thread.join()
             with self._lock:
                 self.active_runs -= 1
                 report = outcome.get("report")

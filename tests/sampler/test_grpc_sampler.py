@@ -288,14 +288,28 @@ def test_client_cancellation_stops_the_engine(sampler, counting):
     assert running.servicer.runs_cancelled_total == cancelled_before + 1
 
 
-def test_deadline_stops_the_engine(sampler, counting):
+@pytest.mark.parametrize("frame_interval", [1, 0])  # 0: no frames, the engine runs on the RPC's own thread
+def test_deadline_stops_the_engine(sampler, counting, frame_interval):
     running, client = sampler
     with pytest.raises(CalculationTimeout):
-        client.run(new_run(max_steps=10**7, frame_interval=1, learner="counting"), timeout=0.5)
+        client.run(new_run(max_steps=10**7, frame_interval=frame_interval, learner="counting"), timeout=0.5)
     assert _wait_idle(running)
     calls = counting.calls
     time.sleep(0.3)
     assert counting.calls == calls
+
+
+def test_cancelling_a_call_without_frames_stops_the_engine(sampler, counting):
+    running, client = sampler
+    cancelled_before = running.servicer.runs_cancelled_total
+    call = client.open_run(new_run(max_steps=10**7, frame_interval=0, learner="counting"))
+    threading.Timer(0.3, call.cancel).start()
+    assert list(call) == [] and call.cancelled
+    assert _wait_idle(running), "the engine kept running after the client cancelled"
+    calls = counting.calls
+    time.sleep(0.3)
+    assert counting.calls == calls
+    assert running.servicer.runs_cancelled_total == cancelled_before + 1
 
 
 def test_a_slow_consumer_cancelling_from_another_thread(sampler, counting):
