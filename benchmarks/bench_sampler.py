@@ -14,7 +14,16 @@ Force paths, each timed per step (wall time of ``engine.run(steps)`` / steps):
   predictions are checked to agree).  By default the learner runs in its own process, as in a
   deployment (``--learner in-process``: a server in this process, sharing the GIL);
 * ``sampler+stream`` (built-in engine only): the whole service path — a Sampler server in this
-  process driven through ``SamplerClient`` (``RemoteEngine``), its engine asking the learner.
+  process driven through ``SamplerClient`` (``RemoteEngine``), its engine asking the learner;
+  one ``Run`` call per round of ``steps`` steps, no frames (so its fixed per-call cost is
+  divided by ``steps``, 2 at 32 atoms by default).
+
+The service path's own cost, without the GP (both against the echo learner, see below):
+
+* ``svc-echo``: one ``Run`` call of 50×``steps`` steps with a frame streamed back every step
+  (the most a coordinator asks for): svc-echo − echo is the service's cost per step;
+* ``call``:     ``Run`` calls of one step without frames: call − echo is the fixed cost of a call
+  (request, checkpoint decode/encode, engine set-up, a new learner stream, stop report).
 
 LAMMPS is timed with the in-process provider, against the built-in engine.
 
@@ -69,15 +78,17 @@ echo.stop(0)
 
 def start_echo_learner(model_path: Path):
     """A Learner server whose PredictStream decodes each request as usual but answers with the
-    prediction it computed for the first structure of that size: the stream's transport cost
-    (encode, loopback, decode, thread hand-offs) without the GP."""
+    prediction it computed for the first structure of that size it saw (on any stream): the
+    stream's transport cost (encode, loopback, decode, thread hand-offs) without the GP."""
     from learner_service.servicer import LearnerServicer, ModelStore, _StreamState, _stream_structure
     from protos.epicycle.v1 import learner_pb2_grpc
     from protos.server import ServerConfig, create_server
 
+    cached: dict = {}  # shared by all streams: a new stream (a new Sampler.Run call) costs no GP predict
+
     class EchoServicer(LearnerServicer):
         def PredictStream(self, request_iterator, context):
-            state, cached = _StreamState(), {}
+            state = _StreamState()
             for request in request_iterator:
                 atoms = _stream_structure(request.structure, state)
                 if len(atoms) not in cached:
@@ -177,6 +188,8 @@ PATHS = {
     "cached": "builtin, in-process cached prediction (no GP)",
     "echo": "builtin, LearnerStreamProvider -> echo Learner (no GP)",
     "sampler": "SamplerClient -> Sampler (builtin) -> Learner stream",
+    "svc-echo": "SamplerClient -> Sampler -> echo Learner, one call, a frame every step",
+    "call": "SamplerClient -> Sampler -> echo Learner, one-step calls without frames",
     "lammps": "lammps, in-process gp.predict",
 }
 
@@ -261,6 +274,17 @@ def main(argv=None) -> None:
         print(f"{r['n']:6d} {m['gp']:9.2f} {m['stream']:9.2f} {m['stream'] / m['gp']:7.3f} [{q['stream']:.3f}] "
               f"{m['cached']:8.3f} {m['echo']:8.3f} {transport:10.3f} {transport / m['gp']:13.4f} "
               f"{_fmt(m.get('sampler')):>9} {_fmt(m.get('lammps')):>9} {lmp:>17}")
+    if any("service_step" in r for r in rows):
+        print("\n# the sampler service's own cost (against the echo learner; medians of per-round differences):")
+        print(f"{'atoms':>6} {'svc-echo':>9} {'echo':>8} {'per step':>9} {'per step/gp':>12} {'call':>8} "
+              f"{'per call':>9} {'sampler - stream':>17} {'= call/steps + step':>20}")
+        for r in rows:
+            if "service_step" not in r:
+                continue
+            m, st, ca = r["median"], r["service_step"], r["service_call"]
+            print(f"{r['n']:6d} {m['svc-echo']:9.3f} {m['echo']:8.3f} {st:9.3f} {st / m['gp']:12.4f} "
+                  f"{m['call']:8.3f} {ca:9.3f} {m['sampler'] - m['stream']:17.3f} "
+                  f"{ca / r['steps'] + st:20.3f}")
 
 
 def _fmt(x):
@@ -289,6 +313,8 @@ def bench_size(n, steps, repeats, gp, learner, client, lammps):
         from sampler_service.remote import RemoteEngine, RemoteForces
 
         engines["sampler"] = RemoteEngine(settings("builtin"), RemoteForces(client), atoms)
+        engines["svc-echo"] = RemoteEngine(settings("builtin"), RemoteForces(client, learner.echo_address), atoms)
+        engines["call"] = RemoteEngine(settings("builtin"), RemoteForces(client, learner.echo_address), atoms)
     times = {k: [] for k in engines}
     try:
         for e in engines.values():  # warm-up: JIT, LAMMPS setup, first stream message
@@ -296,11 +322,18 @@ def bench_size(n, steps, repeats, gp, learner, client, lammps):
         for r in range(repeats):
             for k, e in engines.items():
                 # the cheap paths get more steps so that their times are above the timer's noise
-                k_steps = steps * (50 if k in ("cached", "echo") else 1)
+                k_steps = steps * (50 if k in ("cached", "echo", "svc-echo") else 1)
                 t = time.perf_counter()
-                rep = e.run(k_steps, frame_interval=0)
+                if k == "call":
+                    for _ in range(k_steps * 10):  # ms per one-step call
+                        rep = e.run(1, frame_interval=0)
+                    times[k].append((time.perf_counter() - t) / (k_steps * 10) * 1e3)
+                    continue
+                frames = []
+                rep = e.run(k_steps, frame_interval=1 if k == "svc-echo" else 0,
+                            on_frame=frames.append if k == "svc-echo" else None)
                 times[k].append((time.perf_counter() - t) / k_steps * 1e3)
-                assert rep.steps_taken == k_steps
+                assert rep.steps_taken == k_steps and len(frames) == (k_steps if k == "svc-echo" else 0)
             print(f"# {n} atoms, round {r + 1}: " + "  ".join(f"{k} {v[-1]:.3f}" for k, v in times.items()),
                   flush=True)
     finally:
@@ -311,7 +344,12 @@ def bench_size(n, steps, repeats, gp, learner, client, lammps):
                 provider.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = {k: statistics.median(x / g for x, g in zip(v, times["gp"])) for k, v in times.items()}
-    return {"n": n, "median": med, "ratio": ratio, "transport": med["echo"] - med["cached"]}
+    out = {"n": n, "steps": steps, "median": med, "ratio": ratio, "transport": med["echo"] - med["cached"]}
+    if "svc-echo" in med:
+        # paired per round, like the ratios: the service's cost per step and per call
+        out["service_step"] = statistics.median(a - b for a, b in zip(times["svc-echo"], times["echo"]))
+        out["service_call"] = statistics.median(a - b for a, b in zip(times["call"], times["echo"]))
+    return out
 
 
 if __name__ == "__main__":
