@@ -41,7 +41,8 @@ from scipy.optimize import minimize
 from protos.errors import InvalidInput, ModelError, NotFound
 
 from .environment import Cutoffs, EnvironmentBatch, build_environments
-from .kernels import N_FUNCTIONALS, LabelGroups, forward_substitution, kernel_blocks, prediction_blocks
+from .kernels import (N_FUNCTIONALS, LabelGroups, force_kernel_blocks, forward_substitution, kernel_blocks,
+                      prediction_blocks)
 
 __all__ = ["GaussianProcess", "Prediction", "OptimizationResult", "FORMAT_VERSION", "BASE_HYPERPARAMETERS"]
 
@@ -482,6 +483,18 @@ class GaussianProcess:
         K3 = np.zeros((n, n))
         K2[:old, :old] = self._K2
         K3[:old, :old] = self._K3
+        envs = self._force_label_envs()
+        if envs is not None:
+            # forces only: the force-force kernels (same numbers to round-off, ~2-3x faster)
+            k = len(old_groups)
+            S = len(self.species)
+            K2[old:, old:], K3[old:, old:] = force_kernel_blocks(batch, S, envs[k:], None, ls[0], ls[1])
+            if old:
+                c2, c3 = force_kernel_blocks(batch, S, envs[:k], envs[k:], ls[0], ls[1])
+                K2[:old, old:], K3[:old, old:] = c2, c3
+                K2[old:, :old], K3[old:, :old] = c2.T, c3.T
+            self._K2, self._K3, self._k_rows = K2, K3, n
+            return
         gnew = self._label_groups(new_groups)
         a2, a3 = kernel_blocks(batch, gnew, None, ls[0], ls[1])
         K2[old:, old:] = a2[old:, old:]
@@ -494,6 +507,17 @@ class GaussianProcess:
             K2[old:, :old] = c2[:old, old:].T
             K3[old:, :old] = c3[:old, old:].T
         self._K2, self._K3, self._k_rows = K2, K3, n
+
+    def _force_label_envs(self) -> np.ndarray | None:
+        """The environment of every label group if each is one environment's three force
+        components at rows 3k, 3k+1, 3k+2 (forces-only training data), else None."""
+        groups = self._groups
+        if not groups or any(g.kind != "force" for g in groups):
+            return None
+        rows = np.stack([g.rows for g in groups])
+        if (rows[:, 1:4].ravel() != np.arange(3 * len(groups))).any() or (rows[:, [0, *range(4, 10)]] >= 0).any():
+            return None
+        return np.array([g.envs[0] for g in groups], dtype=np.int64)
 
     def _noise_vector(self, hyps: Mapping[str, float] | None = None) -> np.ndarray:
         h = self._hyps if hyps is None else hyps
@@ -601,8 +625,13 @@ class GaussianProcess:
         if gc is not None and gc[0] == ls2 and gc[1] == ls3 and gc[2] == n and self._k_ls == (ls2, ls3) \
                 and self._k_rows == n:
             return gc[3], gc[4]
-        groups = self._label_groups(self._groups)
-        K2, K3, dK2, dK3 = kernel_blocks(self._training_batch(), groups, None, ls2, ls3, grad=True)
+        envs = self._force_label_envs()
+        if envs is not None:
+            K2, K3, dK2, dK3 = force_kernel_blocks(self._training_batch(), len(self.species), envs, None, ls2, ls3,
+                                                   grad=True)
+        else:
+            groups = self._label_groups(self._groups)
+            K2, K3, dK2, dK3 = kernel_blocks(self._training_batch(), groups, None, ls2, ls3, grad=True)
         self._K2, self._K3, self._k_rows, self._k_ls = K2, K3, n, (ls2, ls3)
         self._grad_cache = (ls2, ls3, n, dK2, dK3)
         return dK2, dK3

@@ -1469,6 +1469,454 @@ def prediction_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, us
     return K2, K3, P2, P3
 
 
+
+# ===========================================================================
+# Training covariance of force labels (the common case: every label a force component of
+# one environment), with the fast path's tables and permutation sums, and the length-scale
+# derivative from the same sums: every term is linear in the permutation exponentials E_p,
+# and dE_p/dlam = -D_p/2 E_p (D_p the squared distance of permutation p), so d/dlam of an
+# accumulator is the same accumulator over E'_p = -D_p/2 E_p plus its explicit lam terms.
+# ===========================================================================
+
+
+@njit(cache=True, fastmath=_FM)
+def _pair2_ff(a, b, P, lam, mono, grad, blk, dblk):
+    """2-body force-force 3x3 block of environments ``a`` (rows) and ``b`` (columns) of the
+    fast pack ``P`` added into ``blk`` (and d/dlam into ``dblk`` with ``grad``)."""
+    a0 = P[_F_BOFF][a]
+    a1 = a0 + P[_F_BN][a]
+    b0 = P[_F_BOFF][b]
+    b1 = P[_F_BOFF][b + 1]
+    n = b1 - b0
+    if P[_F_BN][b] == 0 or a1 == a0:
+        return
+    ar = P[_F_BR]
+    af = P[_F_BF]
+    adf = P[_F_BDF]
+    acode = P[_F_BCODE]
+    au = P[_F_BU]
+    RB = P[_F_BR][b0:b1]
+    CB = P[_F_BCODE][b0:b1]
+    V0 = P[_F_BV][0, b0:b1]
+    V1 = P[_F_BV][1, b0:b1]
+    V2 = P[_F_BV][2, b0:b1]
+    W0 = P[_F_BW][0, b0:b1]
+    W1 = P[_F_BW][1, b0:b1]
+    W2_ = P[_F_BW][2, b0:b1]
+    hl = -0.5 * lam
+    for m in range(a0, a1):
+        r1 = ar[m]
+        c1 = acode[m]
+        A10 = 0.0
+        A11 = 0.0
+        A12 = 0.0
+        A20 = 0.0
+        A21 = 0.0
+        A22 = 0.0
+        dA10 = 0.0
+        dA11 = 0.0
+        dA12 = 0.0
+        dA20 = 0.0
+        dA21 = 0.0
+        dA22 = 0.0
+        if grad:
+            for i in range(n):
+                dl = r1 - RB[i]
+                ex = exp_neg(hl * dl * dl)
+                if not mono:
+                    ex *= 1.0 if CB[i] == c1 else 0.0
+                ed = ex * dl
+                led = lam * ed
+                c2 = led * dl - ex
+                A10 += ex * V0[i] + led * W0[i]
+                A11 += ex * V1[i] + led * W1[i]
+                A12 += ex * V2[i] + led * W2_[i]
+                A20 += ed * V0[i] + c2 * W0[i]
+                A21 += ed * V1[i] + c2 * W1[i]
+                A22 += ed * V2[i] + c2 * W2_[i]
+                exd = -0.5 * dl * dl * ex
+                edd = exd * dl
+                dled = ed + lam * edd
+                dc2 = dled * dl - exd
+                dA10 += exd * V0[i] + dled * W0[i]
+                dA11 += exd * V1[i] + dled * W1[i]
+                dA12 += exd * V2[i] + dled * W2_[i]
+                dA20 += edd * V0[i] + dc2 * W0[i]
+                dA21 += edd * V1[i] + dc2 * W1[i]
+                dA22 += edd * V2[i] + dc2 * W2_[i]
+        else:
+            for i in range(n):
+                dl = r1 - RB[i]
+                ex = exp_neg(hl * dl * dl)
+                if not mono:
+                    ex *= 1.0 if CB[i] == c1 else 0.0
+                ed = ex * dl
+                led = lam * ed
+                c2 = led * dl - ex
+                A10 += ex * V0[i] + led * W0[i]
+                A11 += ex * V1[i] + led * W1[i]
+                A12 += ex * V2[i] + led * W2_[i]
+                A20 += ed * V0[i] + c2 * W0[i]
+                A21 += ed * V1[i] + c2 * W1[i]
+                A22 += ed * V2[i] + c2 * W2_[i]
+        f1 = af[m]
+        df1 = adf[m]
+        lf = lam * f1
+        gf0 = df1 * A10 - lf * A20
+        gf1 = df1 * A11 - lf * A21
+        gf2 = df1 * A12 - lf * A22
+        for d in range(3):
+            u = au[d, m]
+            blk[d, 0] += u * gf0
+            blk[d, 1] += u * gf1
+            blk[d, 2] += u * gf2
+        if grad:
+            dg0 = df1 * dA10 - f1 * A20 - lf * dA20
+            dg1 = df1 * dA11 - f1 * A21 - lf * dA21
+            dg2 = df1 * dA12 - f1 * A22 - lf * dA22
+            for d in range(3):
+                u = au[d, m]
+                dblk[d, 0] += u * dg0
+                dblk[d, 1] += u * dg1
+                dblk[d, 2] += u * dg2
+
+
+@njit(cache=True, inline="always", fastmath=_FM)
+def _tb_sums(X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5):
+    """The permutation sums of :func:`_tb_terms` for one triplet pair: S0, Sx_k, Sy_l,
+    Sxy_kl and Sd_kl (same permutation numbering)."""
+    d00 = X0 - y0
+    d01 = X0 - y1
+    d02 = X0 - y2
+    d10 = X1 - y0
+    d11 = X1 - y1
+    d12 = X1 - y2
+    d20 = X2 - y0
+    d21 = X2 - y1
+    P03 = E0 + E3
+    P15 = E1 + E5
+    P24 = E2 + E4
+    P04 = E0 + E4
+    P12 = E1 + E2
+    P35 = E3 + E5
+    P45 = E4 + E5
+    P23 = E2 + E3
+    S0 = P03 + P15 + P24
+    Sx0 = d00 * P03 + d01 * P15 + d02 * P24
+    Sx1 = d11 * P04 + d10 * P12 + d12 * P35
+    Sy0 = d00 * P03 + d10 * P12 + d20 * P45
+    Sy1 = d11 * P04 + d01 * P15 + d21 * P23
+    X00 = d00 * d00 * P03 + d10 * (d01 * E1 + d02 * E2) + d20 * (d02 * E4 + d01 * E5)
+    X01 = d00 * (d11 * E0 + d21 * E3) + d01 * d01 * P15 + d02 * (d21 * E2 + d11 * E4)
+    X10 = d11 * (d00 * E0 + d20 * E4) + d10 * d10 * P12 + d12 * (d00 * E3 + d20 * E5)
+    X11 = d11 * d11 * P04 + d10 * (d01 * E1 + d21 * E2) + d12 * (d21 * E3 + d01 * E5)
+    return S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, P03, P15, P12, P04
+
+
+@njit(cache=True, fastmath=_FM)
+def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
+    """3-body force-force 3x3 block of environments ``a`` (rows) and ``b`` (columns) of the
+    fast pack ``P`` added into ``blk`` (and d/dlam into ``dblk`` with ``grad``); the tables
+    as in :func:`_pair3_fast` (``TB``, ``AE0``, ``AE1`` scratch)."""
+    a0 = P[_F_TOFF][a]
+    a1 = a0 + P[_F_TN][a]
+    b0 = P[_F_TOFF][b]
+    b1 = P[_F_TOFF][b + 1]
+    n = b1 - b0
+    if P[_F_TN][b] == 0 or a1 == a0:
+        return
+    hl = -0.5 * lam
+    ua0 = P[_F_UOFF][a]
+    na = P[_F_UOFF][a + 1] - ua0
+    ub0 = P[_F_UOFF][b]
+    nb = P[_F_UOFF][b + 1] - ub0
+    ra = P[_F_UVAL][ua0:ua0 + na]
+    rb = P[_F_UVAL][ub0:ub0 + nb]
+    Y0 = P[_F_X0][b0:b1]
+    Y1 = P[_F_X1][b0:b1]
+    Y2 = P[_F_X2][b0:b1]
+    J0 = P[_F_I0][b0:b1]
+    J1 = P[_F_I1][b0:b1]
+    ax2 = P[_F_X2]
+    na_ = a1 - a0
+    oB = na * nb
+    oC = oB + na * n
+    nT = oC + na_ * nb
+    for p in range(na):
+        rp = ra[p]
+        for q in range(nb):
+            dd = rp - rb[q]
+            TB[p * nb + q] = dd * dd
+        for i in range(n):
+            dd = rp - Y2[i]
+            TB[oB + p * n + i] = dd * dd
+    for t in range(na_):
+        X2 = ax2[a0 + t]
+        for q in range(nb):
+            dd = X2 - rb[q]
+            TB[oC + t * nb + q] = dd * dd
+    for k in range(nT):
+        TB[k] = exp_neg(hl * TB[k])
+    A = TB[:oB].reshape((na, nb))
+    BT = TB[oB:oC].reshape((na, n))
+    C = TB[oC:nT].reshape((na_, nb))
+    for p in range(na):
+        Ar = A[p]
+        E0r = AE0[p]
+        E1r = AE1[p]
+        for i in range(n):
+            E0r[i] = Ar[J0[i]]
+            E1r[i] = Ar[J1[i]]
+    ax0 = P[_F_X0]
+    ax1 = P[_F_X1]
+    aF = P[_F_TF]
+    adF0 = P[_F_TDF0]
+    adF1 = P[_F_TDF1]
+    ai0 = P[_F_I0]
+    ai1 = P[_F_I1]
+    acode = P[_F_CODE]
+    au = P[_F_TU]
+    PCODE = P[_F_PCODE]
+    TV = P[_F_TV]
+    TW = P[_F_TW]
+    V0 = TV[0, b0:b1]
+    V1 = TV[1, b0:b1]
+    V2 = TV[2, b0:b1]
+    W00 = TW[0, b0:b1]
+    W01 = TW[1, b0:b1]
+    W02 = TW[2, b0:b1]
+    W10 = TW[3, b0:b1]
+    W11 = TW[4, b0:b1]
+    W12 = TW[5, b0:b1]
+    PC0 = PCODE[0, b0:b1]
+    PC1 = PCODE[1, b0:b1]
+    PC2 = PCODE[2, b0:b1]
+    PC3 = PCODE[3, b0:b1]
+    PC4 = PCODE[4, b0:b1]
+    PC5 = PCODE[5, b0:b1]
+    acc = np.zeros(9)
+    dacc = np.zeros(9)
+    for t1 in range(a0, a1):
+        X0 = ax0[t1]
+        X1 = ax1[t1]
+        X2 = ax2[t1]
+        i0 = ai0[t1]
+        i1 = ai1[t1]
+        R00 = AE0[i0]
+        R01 = AE1[i0]
+        R10 = AE0[i1]
+        R11 = AE1[i1]
+        B0r = BT[i0]
+        B1r = BT[i1]
+        Cr = C[t1 - a0]
+        c1 = acode[t1]
+        # acc[j] = S0 V_j + lam sum_l Sy_l W_lj; acc[3 + 3k + j] = Sx_k V_j + sum_l R_kl W_lj
+        a0_ = 0.0
+        a1_ = 0.0
+        a2_ = 0.0
+        a3_ = 0.0
+        a4_ = 0.0
+        a5_ = 0.0
+        a6_ = 0.0
+        a7_ = 0.0
+        a8_ = 0.0
+        g0 = 0.0
+        g1 = 0.0
+        g2 = 0.0
+        g3 = 0.0
+        g4 = 0.0
+        g5 = 0.0
+        g6 = 0.0
+        g7 = 0.0
+        g8 = 0.0
+        for i in range(n):
+            y0 = Y0[i]
+            y1 = Y1[i]
+            y2 = Y2[i]
+            dd = X2 - y2
+            e22 = exp_neg(hl * dd * dd)
+            e00 = R00[i]
+            e01 = R01[i]
+            e10 = R10[i]
+            e11 = R11[i]
+            e02 = B0r[i]
+            e12 = B1r[i]
+            e20 = Cr[J0[i]]
+            e21 = Cr[J1[i]]
+            E0 = e00 * e11 * e22
+            E1 = e01 * e10 * e22
+            E2 = e02 * e10 * e21
+            E3 = e00 * e12 * e21
+            E4 = e02 * e11 * e20
+            E5 = e01 * e12 * e20
+            if not mono:
+                E0 *= 1.0 if PC0[i] == c1 else 0.0
+                E1 *= 1.0 if PC1[i] == c1 else 0.0
+                E2 *= 1.0 if PC2[i] == c1 else 0.0
+                E3 *= 1.0 if PC3[i] == c1 else 0.0
+                E4 *= 1.0 if PC4[i] == c1 else 0.0
+                E5 *= 1.0 if PC5[i] == c1 else 0.0
+            S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, D00, D01, D10, D11 = _tb_sums(
+                X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5)
+            v0 = V0[i]
+            v1 = V1[i]
+            v2 = V2[i]
+            w00 = W00[i]
+            w01 = W01[i]
+            w02 = W02[i]
+            w10 = W10[i]
+            w11 = W11[i]
+            w12 = W12[i]
+            lS0 = lam * Sy0
+            lS1 = lam * Sy1
+            Q00 = lam * X00 - D00
+            Q01 = lam * X01 - D01
+            Q10 = lam * X10 - D10
+            Q11 = lam * X11 - D11
+            a0_ += S0 * v0 + lS0 * w00 + lS1 * w10
+            a1_ += S0 * v1 + lS0 * w01 + lS1 * w11
+            a2_ += S0 * v2 + lS0 * w02 + lS1 * w12
+            a3_ += Sx0 * v0 + Q00 * w00 + Q01 * w10
+            a4_ += Sx0 * v1 + Q00 * w01 + Q01 * w11
+            a5_ += Sx0 * v2 + Q00 * w02 + Q01 * w12
+            a6_ += Sx1 * v0 + Q10 * w00 + Q11 * w10
+            a7_ += Sx1 * v1 + Q10 * w01 + Q11 * w11
+            a8_ += Sx1 * v2 + Q10 * w02 + Q11 * w12
+            if grad:
+                q00 = (X0 - y0) * (X0 - y0)
+                q01 = (X0 - y1) * (X0 - y1)
+                q02 = (X0 - y2) * (X0 - y2)
+                q10 = (X1 - y0) * (X1 - y0)
+                q11 = (X1 - y1) * (X1 - y1)
+                q12 = (X1 - y2) * (X1 - y2)
+                q20 = (X2 - y0) * (X2 - y0)
+                q21 = (X2 - y1) * (X2 - y1)
+                q22 = dd * dd
+                (T0, Tx0, Tx1, Ty0, Ty1, Z00, Z01, Z10, Z11, F00, F01, F10, F11) = _tb_sums(
+                    X0, X1, X2, y0, y1, y2,
+                    -0.5 * (q00 + q11 + q22) * E0, -0.5 * (q01 + q10 + q22) * E1,
+                    -0.5 * (q02 + q10 + q21) * E2, -0.5 * (q00 + q12 + q21) * E3,
+                    -0.5 * (q02 + q11 + q20) * E4, -0.5 * (q01 + q12 + q20) * E5)
+                m0 = lam * Ty0 + Sy0
+                m1 = lam * Ty1 + Sy1
+                U00 = lam * Z00 - F00 + X00
+                U01 = lam * Z01 - F01 + X01
+                U10 = lam * Z10 - F10 + X10
+                U11 = lam * Z11 - F11 + X11
+                g0 += T0 * v0 + m0 * w00 + m1 * w10
+                g1 += T0 * v1 + m0 * w01 + m1 * w11
+                g2 += T0 * v2 + m0 * w02 + m1 * w12
+                g3 += Tx0 * v0 + U00 * w00 + U01 * w10
+                g4 += Tx0 * v1 + U00 * w01 + U01 * w11
+                g5 += Tx0 * v2 + U00 * w02 + U01 * w12
+                g6 += Tx1 * v0 + U10 * w00 + U11 * w10
+                g7 += Tx1 * v1 + U10 * w01 + U11 * w11
+                g8 += Tx1 * v2 + U10 * w02 + U11 * w12
+        acc[0] = a0_
+        acc[1] = a1_
+        acc[2] = a2_
+        acc[3] = a3_
+        acc[4] = a4_
+        acc[5] = a5_
+        acc[6] = a6_
+        acc[7] = a7_
+        acc[8] = a8_
+        F1 = aF[t1]
+        dF10 = adF0[t1]
+        dF11 = adF1[t1]
+        lf = lam * F1
+        for j in range(3):
+            gf0 = dF10 * acc[j] - lf * acc[3 + j]
+            gf1 = dF11 * acc[j] - lf * acc[6 + j]
+            for d in range(3):
+                blk[d, j] += au[d, t1] * gf0 + au[3 + d, t1] * gf1
+        if grad:
+            dacc[0] = g0
+            dacc[1] = g1
+            dacc[2] = g2
+            dacc[3] = g3
+            dacc[4] = g4
+            dacc[5] = g5
+            dacc[6] = g6
+            dacc[7] = g7
+            dacc[8] = g8
+            for j in range(3):
+                dg0 = dF10 * dacc[j] - F1 * acc[3 + j] - lf * dacc[3 + j]
+                dg1 = dF11 * dacc[j] - F1 * acc[6 + j] - lf * dacc[6 + j]
+                for d in range(3):
+                    dblk[d, j] += au[d, t1] * dg0 + au[3 + d, t1] * dg1
+
+
+@njit(cache=True)
+def force_covariance(P, env_a, env_b, symmetric, ls2, ls3, use2, use3, grad, K2, K3, dK2, dK3):
+    """Force-force covariance of the environments ``env_a`` (rows ``3 k + d``) and
+    ``env_b`` (columns ``3 l + e``) of the fast pack ``P``, at unit signal variance; with
+    ``grad`` also d/dls2 and d/dls3 into ``dK2``/``dK3``.  With ``symmetric`` (``env_a`` is
+    ``env_b``) only blocks ``l >= k`` are computed and mirrored.  Writes (does not add)."""
+    lam2 = 1.0 / (ls2 * ls2)
+    lam3 = 1.0 / (ls3 * ls3)
+    dlam2 = -2.0 / (ls2 * ls2 * ls2)
+    dlam3 = -2.0 / (ls3 * ls3 * ls3)
+    mu = 1
+    mt = 1
+    for e in range(P[_F_CSPEC].shape[0]):
+        mu = max(mu, P[_F_UOFF][e + 1] - P[_F_UOFF][e])
+        mt = max(mt, P[_F_TOFF][e + 1] - P[_F_TOFF][e])
+    mono3 = P[_F_MONO][0] != -2
+    mono2 = P[_F_BMONO][0] != -2
+    TB = np.empty(mu * mu + 2 * mu * mt)
+    AE0 = np.empty((mu, mt))
+    AE1 = np.empty((mu, mt))
+    blk2 = np.zeros((3, 3))
+    blk3 = np.zeros((3, 3))
+    dblk2 = np.zeros((3, 3))
+    dblk3 = np.zeros((3, 3))
+    for k in range(env_a.shape[0]):
+        a = env_a[k]
+        for l in range(k if symmetric else 0, env_b.shape[0]):
+            b = env_b[l]
+            blk2[:, :] = 0.0
+            blk3[:, :] = 0.0
+            dblk2[:, :] = 0.0
+            dblk3[:, :] = 0.0
+            if use2:
+                _pair2_ff(a, b, P, lam2, mono2, grad, blk2, dblk2)
+            if use3:
+                _pair3_ff(a, b, P, lam3, mono3, grad, blk3, dblk3, TB, AE0, AE1)
+            for d in range(3):
+                for e in range(3):
+                    K2[3 * k + d, 3 * l + e] = blk2[d, e]
+                    K3[3 * k + d, 3 * l + e] = blk3[d, e]
+                    if grad:
+                        dK2[3 * k + d, 3 * l + e] = dblk2[d, e] * dlam2
+                        dK3[3 * k + d, 3 * l + e] = dblk3[d, e] * dlam3
+                    if symmetric and l != k:
+                        K2[3 * l + e, 3 * k + d] = blk2[d, e]
+                        K3[3 * l + e, 3 * k + d] = blk3[d, e]
+                        if grad:
+                            dK2[3 * l + e, 3 * k + d] = dblk2[d, e] * dlam2
+                            dK3[3 * l + e, 3 * k + d] = dblk3[d, e] * dlam3
+
+
+def force_kernel_blocks(batch, n_species, env_a, env_b=None, ls2=1.0, ls3=1.0, grad=False, use2=True, use3=True):
+    """Python front end of :func:`force_covariance`: the covariance of the force components
+    of environments ``env_a`` of ``batch`` with those of ``env_b`` (default: ``env_a``, a
+    symmetric matrix).  Returns ``(K2, K3)`` or ``(K2, K3, dK2_dls2, dK3_dls3)``, shape
+    (3 len(env_a), 3 len(env_b)), unit signal variance; equal to the force rows of
+    :func:`kernel_blocks` to round-off."""
+    env_a = np.ascontiguousarray(env_a, dtype=np.int64)
+    symmetric = env_b is None
+    env_b = env_a if symmetric else np.ascontiguousarray(env_b, dtype=np.int64)
+    na, nb = 3 * len(env_a), 3 * len(env_b)
+    K2 = np.zeros((na, nb))
+    K3 = np.zeros((na, nb))
+    dK2 = np.zeros((na, nb) if grad else (1, 1))
+    dK3 = np.zeros((na, nb) if grad else (1, 1))
+    if na and nb:
+        force_covariance(pack_fast(batch, n_species), env_a, env_b, symmetric, float(ls2), float(ls3),
+                         bool(use2), bool(use3), bool(grad), K2, K3, dK2, dK3)
+    return (K2, K3, dK2, dK3) if grad else (K2, K3)
+
 _EXECUTORS: dict = {}
 # a forked child inherits the pools but not their threads: start new ones there
 os.register_at_fork(after_in_child=_EXECUTORS.clear)
