@@ -1729,60 +1729,60 @@ def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
         g6 = 0.0
         g7 = 0.0
         g8 = 0.0
-        for i in range(n):
-            y0 = Y0[i]
-            y1 = Y1[i]
-            y2 = Y2[i]
-            dd = X2 - y2
-            e22 = exp_neg(hl * dd * dd)
-            e00 = R00[i]
-            e01 = R01[i]
-            e10 = R10[i]
-            e11 = R11[i]
-            e02 = B0r[i]
-            e12 = B1r[i]
-            e20 = Cr[J0[i]]
-            e21 = Cr[J1[i]]
-            E0 = e00 * e11 * e22
-            E1 = e01 * e10 * e22
-            E2 = e02 * e10 * e21
-            E3 = e00 * e12 * e21
-            E4 = e02 * e11 * e20
-            E5 = e01 * e12 * e20
-            if not mono:
-                E0 *= 1.0 if PC0[i] == c1 else 0.0
-                E1 *= 1.0 if PC1[i] == c1 else 0.0
-                E2 *= 1.0 if PC2[i] == c1 else 0.0
-                E3 *= 1.0 if PC3[i] == c1 else 0.0
-                E4 *= 1.0 if PC4[i] == c1 else 0.0
-                E5 *= 1.0 if PC5[i] == c1 else 0.0
-            S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, D00, D01, D10, D11 = _tb_sums(
-                X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5)
-            v0 = V0[i]
-            v1 = V1[i]
-            v2 = V2[i]
-            w00 = W00[i]
-            w01 = W01[i]
-            w02 = W02[i]
-            w10 = W10[i]
-            w11 = W11[i]
-            w12 = W12[i]
-            lS0 = lam * Sy0
-            lS1 = lam * Sy1
-            Q00 = lam * X00 - D00
-            Q01 = lam * X01 - D01
-            Q10 = lam * X10 - D10
-            Q11 = lam * X11 - D11
-            a0_ += S0 * v0 + lS0 * w00 + lS1 * w10
-            a1_ += S0 * v1 + lS0 * w01 + lS1 * w11
-            a2_ += S0 * v2 + lS0 * w02 + lS1 * w12
-            a3_ += Sx0 * v0 + Q00 * w00 + Q01 * w10
-            a4_ += Sx0 * v1 + Q00 * w01 + Q01 * w11
-            a5_ += Sx0 * v2 + Q00 * w02 + Q01 * w12
-            a6_ += Sx1 * v0 + Q10 * w00 + Q11 * w10
-            a7_ += Sx1 * v1 + Q10 * w01 + Q11 * w11
-            a8_ += Sx1 * v2 + Q10 * w02 + Q11 * w12
-            if grad:
+        if grad:  # two loops: a grad branch inside the loop kept the plain one from vectorising (1.5x)
+            for i in range(n):
+                y0 = Y0[i]
+                y1 = Y1[i]
+                y2 = Y2[i]
+                dd = X2 - y2
+                e22 = exp_neg(hl * dd * dd)
+                e00 = R00[i]
+                e01 = R01[i]
+                e10 = R10[i]
+                e11 = R11[i]
+                e02 = B0r[i]
+                e12 = B1r[i]
+                e20 = Cr[J0[i]]
+                e21 = Cr[J1[i]]
+                E0 = e00 * e11 * e22
+                E1 = e01 * e10 * e22
+                E2 = e02 * e10 * e21
+                E3 = e00 * e12 * e21
+                E4 = e02 * e11 * e20
+                E5 = e01 * e12 * e20
+                if not mono:
+                    E0 *= 1.0 if PC0[i] == c1 else 0.0
+                    E1 *= 1.0 if PC1[i] == c1 else 0.0
+                    E2 *= 1.0 if PC2[i] == c1 else 0.0
+                    E3 *= 1.0 if PC3[i] == c1 else 0.0
+                    E4 *= 1.0 if PC4[i] == c1 else 0.0
+                    E5 *= 1.0 if PC5[i] == c1 else 0.0
+                S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, D00, D01, D10, D11 = _tb_sums(
+                    X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5)
+                v0 = V0[i]
+                v1 = V1[i]
+                v2 = V2[i]
+                w00 = W00[i]
+                w01 = W01[i]
+                w02 = W02[i]
+                w10 = W10[i]
+                w11 = W11[i]
+                w12 = W12[i]
+                lS0 = lam * Sy0
+                lS1 = lam * Sy1
+                Q00 = lam * X00 - D00
+                Q01 = lam * X01 - D01
+                Q10 = lam * X10 - D10
+                Q11 = lam * X11 - D11
+                a0_ += S0 * v0 + lS0 * w00 + lS1 * w10
+                a1_ += S0 * v1 + lS0 * w01 + lS1 * w11
+                a2_ += S0 * v2 + lS0 * w02 + lS1 * w12
+                a3_ += Sx0 * v0 + Q00 * w00 + Q01 * w10
+                a4_ += Sx0 * v1 + Q00 * w01 + Q01 * w11
+                a5_ += Sx0 * v2 + Q00 * w02 + Q01 * w12
+                a6_ += Sx1 * v0 + Q10 * w00 + Q11 * w10
+                a7_ += Sx1 * v1 + Q10 * w01 + Q11 * w11
+                a8_ += Sx1 * v2 + Q10 * w02 + Q11 * w12
                 q00 = (X0 - y0) * (X0 - y0)
                 q01 = (X0 - y1) * (X0 - y1)
                 q02 = (X0 - y2) * (X0 - y2)
@@ -1792,6 +1792,7 @@ def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
                 q20 = (X2 - y0) * (X2 - y0)
                 q21 = (X2 - y1) * (X2 - y1)
                 q22 = dd * dd
+                # d/dlam: the same sums over E'_p = -D_p/2 E_p, plus the explicit lam terms
                 (T0, Tx0, Tx1, Ty0, Ty1, Z00, Z01, Z10, Z11, F00, F01, F10, F11) = _tb_sums(
                     X0, X1, X2, y0, y1, y2,
                     -0.5 * (q00 + q11 + q22) * E0, -0.5 * (q01 + q10 + q22) * E1,
@@ -1812,6 +1813,60 @@ def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
                 g6 += Tx1 * v0 + U10 * w00 + U11 * w10
                 g7 += Tx1 * v1 + U10 * w01 + U11 * w11
                 g8 += Tx1 * v2 + U10 * w02 + U11 * w12
+        else:
+            for i in range(n):
+                y0 = Y0[i]
+                y1 = Y1[i]
+                y2 = Y2[i]
+                dd = X2 - y2
+                e22 = exp_neg(hl * dd * dd)
+                e00 = R00[i]
+                e01 = R01[i]
+                e10 = R10[i]
+                e11 = R11[i]
+                e02 = B0r[i]
+                e12 = B1r[i]
+                e20 = Cr[J0[i]]
+                e21 = Cr[J1[i]]
+                E0 = e00 * e11 * e22
+                E1 = e01 * e10 * e22
+                E2 = e02 * e10 * e21
+                E3 = e00 * e12 * e21
+                E4 = e02 * e11 * e20
+                E5 = e01 * e12 * e20
+                if not mono:
+                    E0 *= 1.0 if PC0[i] == c1 else 0.0
+                    E1 *= 1.0 if PC1[i] == c1 else 0.0
+                    E2 *= 1.0 if PC2[i] == c1 else 0.0
+                    E3 *= 1.0 if PC3[i] == c1 else 0.0
+                    E4 *= 1.0 if PC4[i] == c1 else 0.0
+                    E5 *= 1.0 if PC5[i] == c1 else 0.0
+                S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, D00, D01, D10, D11 = _tb_sums(
+                    X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5)
+                v0 = V0[i]
+                v1 = V1[i]
+                v2 = V2[i]
+                w00 = W00[i]
+                w01 = W01[i]
+                w02 = W02[i]
+                w10 = W10[i]
+                w11 = W11[i]
+                w12 = W12[i]
+                lS0 = lam * Sy0
+                lS1 = lam * Sy1
+                Q00 = lam * X00 - D00
+                Q01 = lam * X01 - D01
+                Q10 = lam * X10 - D10
+                Q11 = lam * X11 - D11
+                a0_ += S0 * v0 + lS0 * w00 + lS1 * w10
+                a1_ += S0 * v1 + lS0 * w01 + lS1 * w11
+                a2_ += S0 * v2 + lS0 * w02 + lS1 * w12
+                a3_ += Sx0 * v0 + Q00 * w00 + Q01 * w10
+                a4_ += Sx0 * v1 + Q00 * w01 + Q01 * w11
+                a5_ += Sx0 * v2 + Q00 * w02 + Q01 * w12
+                a6_ += Sx1 * v0 + Q10 * w00 + Q11 * w10
+                a7_ += Sx1 * v1 + Q10 * w01 + Q11 * w11
+                a8_ += Sx1 * v2 + Q10 * w02 + Q11 * w12
         acc[0] = a0_
         acc[1] = a1_
         acc[2] = a2_
