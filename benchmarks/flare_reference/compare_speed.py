@@ -69,26 +69,32 @@ def _ours_build(train, hyps):
     return gp
 
 
-def _fresh_timed(train, repeats, action):
+def _fresh_timed(train, repeats, action, cpu=None, label=None):
     """Median of ``action(gp)`` on a freshly built GP each time (our GP caches kernel matrices
     and factorisations, so repeating on one object would time cache hits). Building the
-    environments is not part of the timed region (FLARE's timings exclude it as well)."""
-    times, out = [], None
+    environments is not part of the timed region (FLARE's timings exclude it as well).
+    The median process CPU time goes to ``cpu[label]``."""
+    times, cpus, out = [], [], None
     for _ in range(max(1, repeats)):
         gp = _ours_build(train, HYPS)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = action(gp)
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    if cpu is not None:
+        cpu[label] = float(np.median(cpus))
     return float(np.median(times)), out
 
 
 def run_ours(train, test, repeats, optimize, maxiter):
     out = {}
+    cpu = out["cpu"] = {}
     out["build_envs"], _ = _median(lambda: _ours_build(train, HYPS), 1)
     # covariance K + sigma_n^2 I and its Cholesky factorisation, alpha (no optimisation)
-    out["cov"], _ = _fresh_timed(train, repeats, lambda gp: gp.train(optimize=False))
+    out["cov"], _ = _fresh_timed(train, repeats, lambda gp: gp.train(optimize=False), cpu, "cov")
     # one log likelihood + analytic gradient from scratch (K and dK/dls built inside)
-    out["lml_grad"], lg = _fresh_timed(train, repeats, lambda gp: gp.log_likelihood(gradient=True))
+    out["lml_grad"], lg = _fresh_timed(train, repeats, lambda gp: gp.log_likelihood(gradient=True), cpu,
+                                       "lml_grad")
     out["lml"] = float(lg[0])
     gp = _ours_build(train, HYPS)
     gp.train(optimize=False)
@@ -98,9 +104,10 @@ def run_ours(train, test, repeats, optimize, maxiter):
     out["predict_one"], _ = _median(lambda: gp.predict(atoms, atom_indices=[0]), repeats)
     if optimize:
         gp2 = _ours_build(train, HYPS)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = gp2.optimize(max_iterations=maxiter)
         out["optim"] = time.perf_counter() - t0
+        cpu["optim"] = time.process_time() - c0
         out["optim_info"] = (f"nit={res.iterations} nfev={res.evaluations} "
                              f"lml={res.log_likelihood:.4f} converged={res.converged}")
     return out
@@ -119,7 +126,10 @@ def run_flare(train, test, work, repeats, optimize, maxiter, predict_atoms):
         repeats=repeats, compute_local_energies=0, max_predict_atoms=predict_atoms,
         optimize=int(optimize), maxiter=maxiter,
     )
-    res = fp.run_flare(problem, Path(work) / "result.npz", timeout=6 * 3600, quiet=False)
+    # serial like ours: FLARE's numpy BLAS single-threaded (its K_y is built serially anyway)
+    serial = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    res = fp.run_flare(problem, Path(work) / "result.npz", timeout=6 * 3600, quiet=False,
+                       env_overrides=serial)
     out = {
         "build_envs": float(res["t_build_envs"]),
         "cov_only": float(res["t_cov_build"]),
@@ -128,7 +138,10 @@ def run_flare(train, test, work, repeats, optimize, maxiter, predict_atoms):
         "predict": float(res["t_predict_per_atom"]),
         "jit": float(res["t_jit_warmup"]),
     }
+    out["cpu"] = {"cov": float(res["t_cov_build_cpu"]) + float(res["t_factorize_cpu"]),
+                  "lml_grad": float(res["t_lml_grad_cpu"])}
     if optimize:
+        out["cpu"]["optim"] = float(res["t_optimize_cpu"])
         out["optim"] = float(res["t_optimize"])
         out["optim_info"] = "nit=%d nfev=%d lml=%.4f" % (int(res["opt_nit"]), int(res["opt_nfev"]),
                                                           float(res["opt_lml"]))
@@ -156,7 +169,9 @@ def main(argv=None):
         sys.exit("set EPICYCLE_FLARE_PYTHON (benchmarks/flare_reference/setup_flare_env.sh)")
 
     print("warming up our GP (numba)...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     warm_up_ours()
+    jit_ours = time.perf_counter() - t0
 
     rows = []
     for n in args.sizes:
@@ -198,6 +213,17 @@ def main(argv=None):
             ratio = f"{f / o:.1f}×" if (f is not None and o) else "—"
             cells += [fmt(f, unit), fmt(o, unit), ratio]
         print("| " + " | ".join(cells) + " |")
+    print("\nprocess CPU time (medians; less sensitive to other jobs than wall time):")
+    ckeys = [("cov", "covariance build"), ("lml_grad", "lml + gradient"), ("optim", "optimisation")]
+    print("| envs | " + " | ".join(f"{t}: FLARE | ours | ratio" for _, t in ckeys) + " |")
+    print("|" + "---|" * (1 + 3 * len(ckeys)))
+    for row in rows:
+        cells = [str(row["n_envs"])]
+        for key, _ in ckeys:
+            f = ((row["flare"] or {}).get("cpu") or {}).get(key)
+            o = row["ours"]["cpu"].get(key)
+            cells += [fmt(f, "s"), fmt(o, "s"), f"{f / o:.1f}×" if (f is not None and o) else "—"]
+        print("| " + " | ".join(cells) + " |")
     print("\ncovariance build = K + σn²I and its factorisation (FLARE: get_Ky_mat + set_L_alpha's "
           "Cholesky/inverse; ours: train(optimize=False) on a fresh model).")
     print("forces+σ per atom: FLARE median over single atoms (environment build included); ours "
@@ -212,10 +238,15 @@ def main(argv=None):
         if "optim" in o:
             extra += f"; optimisation FLARE [{f.get('optim_info', '—')}] ours [{o['optim_info']}]"
         print(extra)
+    jit_flare = [row["flare"]["jit"] for row in rows if row["flare"]]
+    print(f"JIT (excluded above): ours {jit_ours:.2f} s once per process (numba cache=True: compiled or loaded "
+          f"from the cache) incl. a 4-environment warm-up run"
+          + (f"; FLARE {min(jit_flare):.1f}–{max(jit_flare):.1f} s per subprocess" if jit_flare else ""))
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2, default=str))
+    out.write_text(json.dumps({"rows": rows, "args": vars(args), "jit_ours": jit_ours,
+                               "nproc": os.cpu_count()}, indent=2, default=str))
     print(f"wrote {out}")
 
 

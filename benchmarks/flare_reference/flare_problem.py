@@ -94,8 +94,9 @@ def flare_python() -> str | None:
 
 
 def run_flare(problem_path, result_path, python: str | None = None, timeout: float = 3600,
-              quiet: bool = True) -> dict:
-    """Run run_flare.py under the FLARE interpreter; return the result as a dict of arrays."""
+              quiet: bool = True, env_overrides: dict | None = None) -> dict:
+    """Run run_flare.py under the FLARE interpreter; return the result as a dict of arrays.
+    ``env_overrides`` are set in the subprocess's environment (e.g. BLAS thread counts)."""
     python = python or flare_python()
     if not python:
         raise RuntimeError("set %s to the FLARE 0.2.4 venv's python "
@@ -106,6 +107,7 @@ def run_flare(problem_path, result_path, python: str | None = None, timeout: flo
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)  # never let our 3.11 packages leak into the 3.9 interpreter
     env.pop("PYTHONHOME", None)
+    env.update(env_overrides or {})
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=str(Path(result_path).resolve().parent))
