@@ -676,12 +676,18 @@ class GaussianProcess:
         gtol: float = 1e-4,
         ftol: float = 1e-10,
         progress: Callable[[int, float, dict], None] | None = None,
+        space: str = "log",
     ) -> OptimizationResult:
         """Maximise the log marginal likelihood with L-BFGS-B over log-hyperparameters.
 
         Converged when the projected gradient with respect to log θ is below ``gtol``
         (the paper's ε = 1e-4) or the relative likelihood change per step is below
         ``ftol``; reaching ``max_iterations`` is reported as *not* converged.
+        ``space="linear"`` searches over θ itself, as FLARE 0.2.4's ``gp.train()`` does.
+        Both maximise the same likelihood; run to convergence they agree, but a few
+        warm-started iterations per oracle call (FLARE's on-the-fly schedule) walk
+        different paths: in linear space a signal variance can reach its floor in one
+        step and σn leaves its floor sooner, which is what FLARE's on-the-fly runs rely on.
         ``fix`` names hyperparameters to hold; ``bounds`` overrides the default boxes
         (``DEFAULT_BOUNDS``: signal variances ≥ 1e-6 eV, length scales 0.01–100 Å, force
         noise σn ≥ 1e-3 eV/Å as in FLARE 0.2.4 — reference forces are not more precise than
@@ -700,31 +706,33 @@ class GaussianProcess:
             raise InvalidInput(f"cannot fix unknown hyperparameters {sorted(unknown)}")
         if not names:
             raise InvalidInput("every hyperparameter is fixed; nothing to optimise")
+        if space not in ("log", "linear"):
+            raise InvalidInput(f"space must be 'log' or 'linear', got {space!r}")
+        log_space = space == "log"
+        to_x = np.log if log_space else np.asarray
+        from_x = math.exp if log_space else float
         box = dict(DEFAULT_BOUNDS)
         box.update(bounds or {})
         all_names = list(self.hyperparameter_names)
         idx = [all_names.index(n) for n in names]
-        x0 = np.log([min(max(self._hyps[n], box[n][0]), box[n][1]) for n in names])
-        log_bounds = [(math.log(box[n][0]), math.log(box[n][1])) for n in names]
+        x0 = to_x(np.array([min(max(self._hyps[n], box[n][0]), box[n][1]) for n in names], dtype=float))
+        x_bounds = [tuple(float(v) for v in to_x(np.array(box[n], dtype=float))) for n in names]
         t0 = time.perf_counter()
         best = {"f": math.inf, "x": x0.copy(), "g": None}
         evals = [0]
-        scale = [None]
 
         def fun(x):
             evals[0] += 1
             hyps = dict(self._hyps)
-            hyps.update({n: float(math.exp(v)) for n, v in zip(names, x)})
+            hyps.update({n: from_x(v) for n, v in zip(names, x)})
             self._hyps.update({"ls2": hyps["ls2"], "ls3": hyps["ls3"]})
             try:
                 value, grad = self._lml_and_grad(hyps)
             except ModelError:
                 # outside the region where K_y is numerically positive definite
                 return (abs(best["f"]) + 1e6 if math.isfinite(best["f"]) else 1e30), np.zeros(len(x))
-            g = -np.asarray(grad)[idx] * np.exp(x)
+            g = -np.asarray(grad)[idx] * (np.exp(x) if log_space else 1.0)
             f = -value
-            if scale[0] is None:
-                scale[0] = 1.0
             if f < best["f"]:
                 best.update(f=f, x=np.array(x), g=-g)
             return f, g
@@ -734,12 +742,12 @@ class GaussianProcess:
         def callback(xk):
             it[0] += 1
             if progress is not None:
-                hyps = {n: float(math.exp(v)) for n, v in zip(names, xk)}
+                hyps = {n: from_x(v) for n, v in zip(names, xk)}
                 progress(it[0], -best["f"], hyps)
 
         saved = dict(self._hyps)
         try:
-            res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=log_bounds, callback=callback,
+            res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=x_bounds, callback=callback,
                            options={"maxiter": int(max_iterations), "gtol": gtol, "ftol": ftol,
                                     "maxfun": 20 * int(max_iterations) + 20, "maxls": 30})
         except Exception:
@@ -749,7 +757,7 @@ class GaussianProcess:
             self._hyps = saved
             raise ModelError("no hyperparameters tried gave a positive-definite covariance; " + _CHOLESKY_HINT)
         x = best["x"]
-        self._hyps.update({n: float(math.exp(v)) for n, v in zip(names, x)})
+        self._hyps.update({n: from_x(v) for n, v in zip(names, x)})
         self._version += 1
         self._factorize()
         value, grad = self._lml_and_grad(self._hyps)

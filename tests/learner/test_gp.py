@@ -321,3 +321,23 @@ def test_duplicated_noise_free_labels_stop_the_noise_at_flares_lower_bound():
     assert res.at_bounds == {"noise": "lower"}, res
     assert gp.noise == pytest.approx(1e-3, rel=1e-6)
     assert res.gradient["noise"] < 0
+
+
+def test_linear_and_log_space_reach_the_same_optimum():
+    """Same likelihood, two parametrisations (ours: log θ; FLARE's gp.train(): θ): run to
+    convergence from the same start they must reach the same maximum, with a vanishing
+    gradient there; a few iterations differ, which is why the space is a choice."""
+    results = {}
+    for space in ("log", "linear"):
+        gp = _small_al_model()
+        res = gp.optimize(max_iterations=300, space=space)
+        assert res.converged and not res.at_bounds, res
+        results[space] = (res, gp)
+    (r_log, g_log), (r_lin, g_lin) = results["log"], results["linear"]
+    assert r_lin.log_likelihood == pytest.approx(r_log.log_likelihood, rel=1e-6, abs=1e-6)
+    for name in g_log.hyperparameter_names:
+        assert g_lin.hyperparameters[name] == pytest.approx(g_log.hyperparameters[name], rel=2e-3), name
+        # stationary point: |dL/dθ| θ small compared with the likelihood's scale
+        assert abs(r_lin.gradient[name] * g_lin.hyperparameters[name]) < 1e-2, (name, r_lin.gradient)
+    with pytest.raises(InvalidInput, match="space must be 'log' or 'linear'"):
+        g_lin.optimize(max_iterations=2, space="sqrt")
