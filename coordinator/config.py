@@ -58,6 +58,8 @@ class OptimizeConfig:
     # {name: [lower, upper]} replacing the learner's default boxes (units of each hyperparameter:
     # sig eV, ls Å, noise eV/Å), e.g. noise: [0.002, 1.0] for a floor on σn and so on k·σn
     bounds: Mapping[str, Any] = field(default_factory=dict)
+    # search space of L-BFGS-B: "linear" (θ, FLARE 0.2.4's on-the-fly optimiser) or "log" (log θ)
+    space: str = "linear"
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,8 @@ def validate(c: RunConfig) -> None:
     need(le.optimize.every >= 0, f"learner.optimize.every: must be >= 0, got {le.optimize.every}")
     need(le.optimize.max_iterations >= 1,
          f"learner.optimize.max_iterations: must be >= 1, got {le.optimize.max_iterations}")
+    need(le.optimize.space in ("linear", "log"),
+         f"learner.optimize.space: allowed linear, log, got {le.optimize.space!r}")
     allowed_b = allowed_h | ({"energy_noise"} if le.use_energy else set()) | ({"stress_noise"} if le.use_stress else set())
     for k, v in le.optimize.bounds.items():
         need(k in allowed_b, f"learner.optimize.bounds: unknown hyperparameter {k!r}; allowed: {sorted(allowed_b)}")

@@ -210,7 +210,8 @@ class OnTheFlyRun:
         opt = le.optimize
         if opt.every and calls % opt.every == 0 and calls <= opt.until_calls:
             result = self.learner.optimize(max_iterations=opt.max_iterations,
-                                           bounds={k: tuple(v) for k, v in opt.bounds.items()})
+                                           bounds={k: tuple(v) for k, v in opt.bounds.items()},
+                                           space=opt.space)
             hyps = {h.name: h.value for h in result.hyperparameters}
             self.rd.event("optimize", label=label.index, step=label.step, time_fs=label.time_fs,
                           hyperparameters=hyps, log_likelihood=result.log_likelihood,

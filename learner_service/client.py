@@ -80,9 +80,11 @@ class LearnerClient:
 
     def optimize(self, max_iterations: int = 0, tolerance: float = 0.0,
                  bounds: Mapping[str, tuple[float, float]] | None = None,
-                 fixed: Iterable[str] = ()) -> learner_pb2.OptimizeResponse:
-        """Maximise the likelihood; ``bounds`` {name: (lower, upper)} replace the learner's default boxes."""
-        req = learner_pb2.OptimizeRequest(max_iterations=max_iterations, tolerance=tolerance, fixed=list(fixed))
+                 fixed: Iterable[str] = (), space: str = "") -> learner_pb2.OptimizeResponse:
+        """Maximise the likelihood; ``bounds`` {name: (lower, upper)} replace the learner's default boxes;
+        ``space`` "log" or "linear" ("": the learner's default, log)."""
+        req = learner_pb2.OptimizeRequest(max_iterations=max_iterations, tolerance=tolerance, fixed=list(fixed),
+                                          space=space)
         for name, (lo, hi) in (bounds or {}).items():
             req.bounds.add(name=name, lower=lo, upper=hi)
         return self._call(self._stub.Optimize, req, self.train_timeout)

@@ -270,7 +270,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         max_it = request.max_iterations or self.default_max_iterations
         started = time.perf_counter()
         kwargs = {"max_iterations": max_it, "bounds": bounds_from_proto(request.bounds, gp.hyperparameter_names),
-                  "fix": tuple(request.fixed)}
+                  "fix": tuple(request.fixed), "space": request.space or "log"}
         if request.tolerance:
             kwargs["ftol"] = request.tolerance
         result, version = self.store.update(lambda g: g.optimize(**kwargs))

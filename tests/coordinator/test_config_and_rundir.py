@@ -46,6 +46,7 @@ def test_examples_validate(name: str) -> None:
          "learner.optimize.bounds: unknown hyperparameter 'energy_noise'"),
         ({"learner": {"optimize": {"bounds": {"noise": [0.1, 1]}}}},
          r"learner.optimize.bounds.noise: the initial value 0.05 lies outside \[0.1, 1\]"),
+        ({"learner": {"optimize": {"space": "sqrt"}}}, "learner.optimize.space: allowed linear, log"),
         ({"oracle": {"backend": "vasp"}}, "oracle.backend: unknown backend 'vasp'; allowed:"),
         ({"oracle": {"addresses": ["dns:///o:1", "h:2"]}}, "a dns:/// name must be the only address"),
         ({"policy": {"acquisition": "psychic"}}, "policy.acquisition: allowed"),

@@ -162,6 +162,7 @@ def test_bad_optimize_requests_are_invalid_argument(trained) -> None:
         ({"bounds": {"noise": (0.01, float("inf"))}}, "0 < lower < upper"),
         ({"bounds": {"temperature": (1.0, 2.0)}}, "unknown hyperparameter 'temperature'"),
         ({"fixed": ["nonsense"]}, "nonsense"),
+        ({"space": "sqrt"}, "space must be 'log' or 'linear'"),
     ]
     version = trained.info().model_version
     for kwargs, message in cases:
