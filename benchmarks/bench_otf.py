@@ -23,9 +23,11 @@ Usage: python benchmarks/bench_otf.py [--repeats 3] [--steps 500] [--flare]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,11 +55,11 @@ TEST_EVERY = 25
 
 
 def run_config(steps: int, seed: int, until_calls: int, max_iterations: int,
-               noise_floor: float | None = None) -> dict:
+               noise_floor: float | None = None, space: str = "linear") -> dict:
     data = json.loads(json.dumps(CONFIG))
     data["sampler"]["steps"] = steps
     data["seed"] = seed
-    data["learner"]["optimize"].update(until_calls=until_calls, max_iterations=max_iterations)
+    data["learner"]["optimize"].update(until_calls=until_calls, max_iterations=max_iterations, space=space)
     if noise_floor is not None:
         data["learner"]["optimize"]["bounds"] = {"noise": [noise_floor, 10.0]}
     return data
@@ -145,7 +147,8 @@ def ours(data: dict, test_frames, test_forces) -> dict:
             "noise": gp.noise, "hyperparameters": dict(gp.hyperparameters), "call_steps": [e["step"] for e in events if e["event"] == "oracle_call"]}
 
 
-def flare(python: str, data: dict, atoms, positions, velocities, test_frames, test_forces) -> dict:
+def flare(python: str, data: dict, atoms, positions, velocities, test_frames, test_forces,
+          cache: str | None = None) -> dict:
     """FLARE 0.2.4's OTF loop (run_flare_otf.py in its own venv) from the same start."""
     from coordinator.config import parse_config
     from coordinator.cycle import initial_atoms
@@ -154,18 +157,32 @@ def flare(python: str, data: dict, atoms, positions, velocities, test_frames, te
     with tempfile.TemporaryDirectory() as tmp:
         problem, result = Path(tmp) / "problem.npz", Path(tmp) / "result.npz"
         init = initial_atoms(parse_config(data), len(atoms))  # the atoms our run trains on first
-        np.savez(problem, positions=positions, velocities=velocities, cell=atoms.cell.array,
-                 numbers=atoms.numbers, masses=atoms.get_masses(),
-                 hyps=np.array([h["sig2"], h["ls2"], h["sig3"], h["ls3"], h["noise"]]),
-                 cutoffs=np.array(data["learner"]["cutoffs"], dtype=float), steps=data["sampler"]["steps"],
-                 dt_fs=data["sampler"]["timestep_fs"], init_atoms=np.array(init, dtype=int),
-                 std_tolerance_factor=data["policy"]["sigma_factor"],
-                 max_atoms_added=data["policy"]["atoms_per_call"],
-                 freeze_hyps=data["learner"]["optimize"]["until_calls"],
-                 maxiter=data["learner"]["optimize"]["max_iterations"],
-                 test_positions=np.array([f.positions for f in test_frames]))
-        subprocess.run([python, str(HERE / "flare_reference" / "run_flare_otf.py"), str(problem), str(result)],
-                       check=True)
+        arrays = dict(positions=positions, velocities=velocities, cell=atoms.cell.array,
+                      numbers=atoms.numbers, masses=atoms.get_masses(),
+                      hyps=np.array([h["sig2"], h["ls2"], h["sig3"], h["ls3"], h["noise"]]),
+                      cutoffs=np.array(data["learner"]["cutoffs"], dtype=float), steps=data["sampler"]["steps"],
+                      dt_fs=data["sampler"]["timestep_fs"], init_atoms=np.array(init, dtype=int),
+                      std_tolerance_factor=data["policy"]["sigma_factor"],
+                      max_atoms_added=data["policy"]["atoms_per_call"],
+                      freeze_hyps=data["learner"]["optimize"]["until_calls"],
+                      maxiter=data["learner"]["optimize"]["max_iterations"],
+                      test_positions=np.array([f.positions for f in test_frames]))
+        arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        np.savez(problem, **arrays)
+        sha = hashlib.sha256((HERE / "flare_reference" / "run_flare_otf.py").read_bytes())
+        for k in sorted(arrays):
+            sha.update(k.encode() + arrays[k].tobytes() + str(arrays[k].dtype).encode())
+        digest = sha.hexdigest()[:16]
+        cached = Path(cache) / f"flare_otf_{digest}.npz" if cache else None
+        if cached is not None and cached.is_file():
+            print(f"FLARE result for this exact problem read from {cached}", flush=True)
+            result = cached
+        else:
+            subprocess.run([python, str(HERE / "flare_reference" / "run_flare_otf.py"), str(problem), str(result)],
+                           check=True)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(result, cached)
         r = np.load(result)
         # run_flare_otf.py predicts with FLARE's final model on the common test set only
         return {"wall_s": float(r["wall_s"]), "oracle_calls": int(r["n_calls"]), "envs": int(r["n_train_envs"]),
@@ -193,8 +210,13 @@ def main() -> int:
                         help="L-BFGS-B iterations per optimisation (FLARE's maxiter, default 10)")
     parser.add_argument("--noise-floor", type=float, default=None,
                         help="lower bound of σn in eV/Å (learner.optimize.bounds.noise); default: the learner's")
+    parser.add_argument("--space", choices=("linear", "log"), default="linear",
+                        help="hyperparameter search space (learner.optimize.space; FLARE's is linear)")
     parser.add_argument("--flare", action="store_true",
                         help="also run FLARE 0.2.4's OTF from the same start (needs EPICYCLE_FLARE_PYTHON)")
+    parser.add_argument("--flare-cache", default=str(HERE / "results" / "flare_otf"),
+                        help="directory keeping FLARE's results by problem hash (a FLARE run takes ~10 min); "
+                             "'' disables")
     args = parser.parse_args()
     flare_python = os.environ.get("EPICYCLE_FLARE_PYTHON")
     if args.flare and not flare_python:
@@ -202,14 +224,16 @@ def main() -> int:
     from coordinator.config import parse_config
 
     print(f"hyperparameters re-optimised at every oracle call up to call {args.until_calls}, "
-          f"at most {args.max_iterations} iterations each")
+          f"at most {args.max_iterations} iterations each, in {args.space} space")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    warm = run_config(20, 99, args.until_calls, args.max_iterations, args.noise_floor)
+    warm = run_config(20, 99, args.until_calls, args.max_iterations, args.noise_floor,
+                          args.space)
     ours(warm, [], np.zeros((0, 32, 3)))  # warm-up: numba cache, imports
     rows, frows = [], []
     for seed in range(args.repeats):
-        data = run_config(args.steps, seed, args.until_calls, args.max_iterations, args.noise_floor)
+        data = run_config(args.steps, seed, args.until_calls, args.max_iterations, args.noise_floor,
+                          args.space)
         config = parse_config(data)
         atoms, positions, velocities = start_state(config)
         test = reference_frames(config, atoms, velocities, args.steps)
@@ -218,7 +242,7 @@ def main() -> int:
         rows.append(res)
         print(describe(f"seed {seed} Epicycle", res), flush=True)
         if args.flare:
-            fres = flare(flare_python, data, atoms, positions, velocities, test, test_forces)
+            fres = flare(flare_python, data, atoms, positions, velocities, test, test_forces, args.flare_cache)
             frows.append(fres)
             print(describe(f"seed {seed} FLARE 0.2.4", fres), flush=True)
             print(f"seed {seed} ratios FLARE/Epicycle: wall {fres['wall_s'] / res['wall_s']:.1f}x, oracle calls "
