@@ -122,7 +122,8 @@ def main(argv=None):
     for n, _, _, _, opt in rows:
         if opt is not None:
             h = ", ".join(f"{k}={v:.4g}" for k, v in opt[1].hyperparameters.items())
-            print(f"optimised at {n}: {h}; log L = {opt[1].log_likelihood:.3f}")
+            bound = f"; AT A BOUND: {opt[1].bound_note()}" if opt[1].at_bounds else ""
+            print(f"optimised at {n}: {h}; log L = {opt[1].log_likelihood:.3f}{bound}")
 
 
 if __name__ == "__main__":
