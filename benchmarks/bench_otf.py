@@ -201,7 +201,8 @@ def describe(name: str, res: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="seeds 0..N-1 (start rattle, velocities)")
+    parser.add_argument("--repeats", type=int, default=3, help="seeds first..first+N-1 (start rattle, velocities)")
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--until-calls", type=int, default=10,
                         help="re-optimise hyperparameters at every oracle call up to this many calls "
@@ -231,7 +232,7 @@ def main() -> int:
                           args.space)
     ours(warm, [], np.zeros((0, 32, 3)))  # warm-up: numba cache, imports
     rows, frows = [], []
-    for seed in range(args.repeats):
+    for seed in range(args.first_seed, args.first_seed + args.repeats):
         data = run_config(args.steps, seed, args.until_calls, args.max_iterations, args.noise_floor,
                           args.space)
         config = parse_config(data)
