@@ -17,43 +17,21 @@ Runs only with the FLARE venv configured, like test_flare_crosscheck.py:
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-HARNESS = REPO / "benchmarks" / "flare_reference"
-ENV_VAR = "EPICYCLE_FLARE_PYTHON"
-FLARE_PYTHON = os.environ.get(ENV_VAR, "").strip()
+# the same opt-in switch (EPICYCLE_FLARE_PYTHON), markers and harness as the GP cross-check
+from .test_flare_crosscheck import FLARE_PYTHON, fp, pytestmark  # noqa: F401
 
-pytestmark = [
-    pytest.mark.flare_reference,
-    pytest.mark.slow,
-    pytest.mark.skipif(not FLARE_PYTHON, reason=f"opt-in FLARE 0.2.4 cross-check: set {ENV_VAR} to the FLARE "
-                       "venv python (benchmarks/flare_reference/setup_flare_env.sh)"),
-]
 NAMES = ("sig2", "ls2", "sig3", "ls3", "noise")
 RTOL = 0.05
 START = {"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05}  # bench_otf's start
-
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("flare_problem", HARNESS / "flare_problem.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("flare_problem", mod)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize("n_atoms, maxiter", [(4, 10), (12, 10), (12, 3)])
 def test_linear_space_optimiser_follows_flare_train(tmp_path, n_atoms, maxiter):
     from learner_service.gp import GaussianProcess
 
-    fp = _harness()
     atoms, forces = fp.perturbed_fcc_al(1, seed=21)[0]
     rng = np.random.default_rng(n_atoms)
     frame = fp.Frame.from_atoms(atoms, forces, sorted(int(i) for i in rng.choice(len(atoms), n_atoms,
