@@ -62,6 +62,8 @@ def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
         "noise_ev_per_angstrom": decisions[-1]["noise"] if decisions else None,
         "threshold_ev_per_angstrom": decisions[-1]["threshold"] if decisions else None,
         "hyperparameters": optim[-1]["hyperparameters"] if optim else None,
+        "labels_used": ["forces"] + [k for k, flag in (("energy", "use_energy"), ("stress", "use_stress"))
+                                     if started and started[0].get("config", {}).get("learner", {}).get(flag)],
         "optimisations": len(optim),
         "optimisations_not_converged": sum(1 for e in optim if not e.get("converged", True)),
         "oracle_call_steps": [e["step"] for e in calls],
@@ -175,7 +177,7 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         f"| training environments | {summary['training_environments']} |",
         f"| noise σn | {_fmt(summary['noise_ev_per_angstrom'])} eV/Å |",
         f"| final threshold | {_fmt(summary['threshold_ev_per_angstrom'])} eV/Å |",
-        f"| hyperparameters | {summary['hyperparameters']} |",
+        f"| hyperparameters | {_hyperparameters_text(summary['hyperparameters'], summary.get('labels_used'))} |",
         f"| mean T, last quarter | {_fmt(summary['temperature_K_mean_last_quarter'])} K |",
         f"| times resumed | {summary['resumed']} |",
         f"| wall time | {_fmt(summary['wall_seconds'])} s |",
@@ -192,6 +194,17 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _hyperparameters_text(hyps: dict | None, labels_used: list | None) -> str:
+    """``sig2 0.637 eV, ls2 1.2 Å, ...``; the energy/stress noises only when those labels are trained on."""
+    if not hyps:
+        return "–"
+    from learner_service.gp import HYPERPARAMETER_UNITS as units
+
+    used = set(labels_used or ("forces", "energy", "stress"))
+    skip = {n for n, label in (("energy_noise", "energy"), ("stress_noise", "stress")) if label not in used}
+    return ", ".join(f"{n} {v:.4g} {units.get(n, '')}".rstrip() for n, v in hyps.items() if n not in skip)
 
 
 def _fmt(x) -> str:

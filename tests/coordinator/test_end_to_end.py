@@ -118,6 +118,9 @@ def test_report_command_rewrites_the_report(finished_run: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     text = (finished_run / "report.md").read_text()
     assert "oracle calls" in text and "temperature.png" in text
+    row = next(line for line in text.splitlines() if line.startswith("| hyperparameters |"))
+    assert " eV/Å" in row and "ls2 " in row and " Å" in row
+    assert "energy_noise" not in row and "stress_noise" not in row  # a forces-only run
 
 
 def _labels(run_dir: Path) -> dict[int, bytes]:
