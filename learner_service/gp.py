@@ -712,18 +712,18 @@ class GaussianProcess:
         to_x = np.log if log_space else np.asarray
         from_x = math.exp if log_space else float
         box = dict(DEFAULT_BOUNDS)
+        if not log_space:
+            # FLARE's boxes have no upper edge. This matters beyond the edge itself: when every
+            # variable is boxed, L-BFGS-B's first step is the full gradient step (landing on the
+            # box), otherwise it is scaled to 1/|g|, so keep the default upper edges open here.
+            box = {n: (lo, math.inf) for n, (lo, _) in box.items()}
         box.update(bounds or {})
         all_names = list(self.hyperparameter_names)
         idx = [all_names.index(n) for n in names]
         x0 = to_x(np.array([min(max(self._hyps[n], box[n][0]), box[n][1]) for n in names], dtype=float))
         x_bounds = [tuple(float(v) for v in to_x(np.array(box[n], dtype=float))) for n in names]
-        if not log_space:
-            # FLARE's boxes have no upper edge. This matters beyond the edge itself: when every
-            # variable is boxed, L-BFGS-B's first step is the full gradient step (landing on the
-            # box), otherwise it is scaled to 1/|g|, so keep the default upper edges open here.
-            x_bounds = [(lo, hi if n in (bounds or {}) else None) for (lo, hi), n in zip(x_bounds, names)]
         t0 = time.perf_counter()
-        best = {"f": math.inf, "x": x0.copy(), "g": None}
+        best = {"f": math.inf, "x": x0.copy()}
         evals = [0]
 
         def fun(x):
@@ -739,7 +739,7 @@ class GaussianProcess:
             g = -np.asarray(grad)[idx] * (np.exp(x) if log_space else 1.0)
             f = -value
             if f < best["f"]:
-                best.update(f=f, x=np.array(x), g=-g)
+                best.update(f=f, x=np.array(x))
             return f, g
 
         it = [0]
@@ -778,7 +778,7 @@ class GaussianProcess:
             v = self._hyps[n]
             if v <= lo * (1 + BOUND_RTOL):
                 at_bounds[n] = "lower"
-            elif v >= hi * (1 - BOUND_RTOL) and x_bounds[names.index(n)][1] is not None:
+            elif v >= hi * (1 - BOUND_RTOL):
                 at_bounds[n] = "upper"
         result_bounds = {n: (float(box[n][0]), float(box[n][1])) for n in names}
         if at_bounds:

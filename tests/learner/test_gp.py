@@ -341,3 +341,13 @@ def test_linear_and_log_space_reach_the_same_optimum():
         assert abs(r_lin.gradient[name] * g_lin.hyperparameters[name]) < 1e-2, (name, r_lin.gradient)
     with pytest.raises(InvalidInput, match="space must be 'log' or 'linear'"):
         g_lin.optimize(max_iterations=2, space="sqrt")
+
+
+def test_linear_space_warm_start_keeps_values_beyond_the_log_space_box():
+    """In linear space the default boxes are open upwards (as FLARE's), so a warm start from a
+    value above the log-space box's 100 Å edge must start there, not be clipped to the edge."""
+    gp = _small_al_model()
+    gp.set_hyperparameters({"sig3": 1e-6, "ls3": 411.0})  # 3-body term off: ls3 barely matters
+    res = gp.optimize(max_iterations=3, space="linear", fix=("sig2", "ls2", "sig3", "noise"))
+    assert gp.hyperparameters["ls3"] == pytest.approx(411.0, rel=1e-3)
+    assert res.bounds["ls3"][1] == float("inf") and not res.at_bounds
