@@ -30,7 +30,7 @@ from ase import units
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
-from protos.errors import InvalidInput
+from protos.errors import CalculationFailed, InvalidInput
 from sampler_service import dynamics as dyn
 from sampler_service.engine import MDEngine
 from sampler_service.engines import create_engine, engine_from_checkpoint
@@ -60,6 +60,20 @@ def min_image(d, cell):
     frac = np.linalg.solve(cell.T, d.T).T
     frac -= np.round(frac)
     return frac @ cell
+
+
+class FlakyProvider:
+    """EMT, but fails once at the 15th call (a learner that dropped its stream)."""
+
+    def __init__(self):
+        self.base, self.calls, self.failed = emt_provider(), 0, False
+
+    def compute(self, *a):
+        self.calls += 1
+        if self.calls == 15 and not self.failed:
+            self.failed = True
+            raise CalculationFailed("learner went away")
+        return self.base.compute(*a)
 
 
 class EinsteinProvider:
@@ -421,25 +435,10 @@ class EngineContract:
         eng.close()
 
     def test_a_failing_provider_or_callback_leaves_a_resumable_state(self):
-        from protos.errors import CalculationFailed
-
-        class Flaky:
-            """EMT, but fails once at the 15th call (a learner that dropped its stream)."""
-
-            def __init__(self):
-                self.base, self.calls, self.failed = emt_provider(), 0, False
-
-            def compute(self, *a):
-                self.calls += 1
-                if self.calls == 15 and not self.failed:
-                    self.failed = True
-                    raise CalculationFailed("learner went away")
-                return self.base.compute(*a)
-
         kw = dict(ensemble="nve", initial_temperature_K=400.0)
         ref = self.make(**kw)
         ref.run(30)
-        eng = self.make(provider=Flaky(), **kw)
+        eng = self.make(provider=FlakyProvider(), **kw)
         with pytest.raises(CalculationFailed, match="went away"):
             eng.run(30)
         assert eng.step == 14

@@ -32,7 +32,7 @@ from sampler_service.client import SamplerClient
 from sampler_service.remote import RemoteEngine, RemoteForces, md_settings
 from sampler_service.server import SamplerServiceConfig, start_sampler_server
 
-from .contract import EngineContract, cu32, emt_provider
+from .contract import EngineContract, FlakyProvider, cu32, emt_provider
 
 
 class Serialized:
@@ -114,23 +114,10 @@ class GrpcEngineContract(EngineContract):
         assert eng.run(1).reason == "max_steps"
 
     def test_a_failing_provider_or_callback_leaves_a_resumable_state(self):
-        class Flaky:
-            """EMT, but fails once at the 15th call (a learner that dropped its stream)."""
-
-            def __init__(self):
-                self.base, self.calls, self.failed = emt_provider(), 0, False
-
-            def compute(self, *a):
-                self.calls += 1
-                if self.calls == 15 and not self.failed:
-                    self.failed = True
-                    raise CalculationFailed("learner went away")
-                return self.base.compute(*a)
-
         kw = dict(ensemble="nve", initial_temperature_K=400.0)
         ref = self.make(**kw)
         ref.run(30)
-        eng = self.make(provider=Flaky(), **kw)
+        eng = self.make(provider=FlakyProvider(), **kw)
         with pytest.raises(CalculationFailed, match="went away"):  # ABORTED, the message kept
             eng.run(30)
         assert eng.step == 0  # the failed call returned no checkpoint: back where it started
