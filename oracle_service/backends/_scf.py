@@ -303,6 +303,17 @@ def check_positive(name: str, value: Any, integer: bool = False, allow_zero: boo
         raise InvalidInput(f"{name} must be a {'non-negative' if allow_zero else 'positive'} {kind}, got {value!r}")
 
 
+def checked_kpoints(kpts: Iterable[int] | None, kspacing: float | None) -> tuple[list[int] | None, float | None]:
+    """``kpts`` as three positive integers and ``kspacing`` (Å⁻¹) as a positive number, each or None."""
+    grid = None if kpts is None else [int(k) for k in kpts]
+    if grid is not None and (len(grid) != 3 or min(grid) < 1):
+        raise InvalidInput(f"kpts must be three positive integers, got {kpts!r}")
+    spacing = None if kspacing is None else float(kspacing)
+    if spacing is not None:
+        check_positive("kspacing (Å⁻¹)", spacing)
+    return grid, spacing
+
+
 def kpoint_grid(atoms: Atoms, kpts: Iterable[int] | None, kspacing: float | None) -> tuple[int, int, int]:
     """Monkhorst-Pack grid from an explicit ``kpts`` or a ``kspacing`` (Å⁻¹, 2π included).
 

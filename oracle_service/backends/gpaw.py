@@ -43,7 +43,7 @@ from ase import Atoms
 from protos.errors import CalculationFailed, InvalidInput, SetupError
 
 from ..base import Labels, register_backend
-from ._scf import ScfOracle, check_positive, kpoint_grid, merge_settings
+from ._scf import ScfOracle, check_positive, checked_kpoints, kpoint_grid, merge_settings
 from ._subprocess import PersistentWorker, check_keep_policy, scratch_directory, thread_env
 
 __all__ = ["GPAWOracle", "GPAW_HINT", "run_job"]
@@ -127,16 +127,11 @@ class GPAWOracle(ScfOracle):
             "nbands": nbands,
             "timeout": timeout,
         }
-        self.kpts = None if kpts is None else [int(k) for k in kpts]
-        self.kspacing = None if kspacing is None else float(kspacing)
+        self.kpts, self.kspacing = checked_kpoints(kpts, kspacing)
         self.threads = int(threads)
         self.scratch_dir = str(scratch_dir) if scratch_dir is not None else None
         self.keep_scratch = check_keep_policy(keep_scratch)
         self._validate(self._params)
-        if self.kpts is not None and (len(self.kpts) != 3 or min(self.kpts) < 1):
-            raise InvalidInput(f"kpts must be three positive integers, got {kpts!r}")
-        if self.kspacing is not None:
-            check_positive("kspacing (Å⁻¹)", self.kspacing)
         check_positive("threads", self.threads, integer=True)
         super().__init__(retries=retries, retry_on_timeout=retry_on_timeout, quarantine_after=quarantine_after,
                          quarantine_file=quarantine_file)

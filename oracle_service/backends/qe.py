@@ -53,7 +53,7 @@ from ase.units import Bohr, Ry
 from protos.errors import CalculationFailed, InvalidInput, SetupError
 
 from ..base import Labels, register_backend
-from ._scf import ScfOracle, check_positive, kpoint_grid, merge_settings
+from ._scf import ScfOracle, check_positive, checked_kpoints, kpoint_grid, merge_settings
 from ._subprocess import (
     check_keep_policy,
     describe_returncode,
@@ -335,8 +335,7 @@ class QEOracle(ScfOracle):
             "extra_input": {k.lower(): dict(v) for k, v in (extra_input or {}).items()},
             "timeout": timeout,
         }
-        self.kpts = None if kpts is None else [int(k) for k in kpts]
-        self.kspacing = None if kspacing is None else float(kspacing)
+        self.kpts, self.kspacing = checked_kpoints(kpts, kspacing)
         self.pseudo_dir = Path(pseudo_dir) if pseudo_dir is not None else _default_pseudo_dir()
         self.pseudopotentials = dict(pseudopotentials or {})
         self.generate_pseudopotentials = bool(generate_pseudopotentials)
@@ -348,10 +347,6 @@ class QEOracle(ScfOracle):
         self.scratch_dir = str(scratch_dir) if scratch_dir is not None else None
         self.keep_scratch = check_keep_policy(keep_scratch)
         self._validate(self._params)
-        if self.kpts is not None and (len(self.kpts) != 3 or min(self.kpts) < 1):
-            raise InvalidInput(f"kpts must be three positive integers, got {kpts!r}")
-        if self.kspacing is not None:
-            check_positive("kspacing (Å⁻¹)", self.kspacing)
         check_positive("mpi_procs", self.mpi_procs, integer=True)
         check_positive("threads", self.threads, integer=True)
         super().__init__(retries=retries, retry_on_timeout=retry_on_timeout, quarantine_after=quarantine_after,
