@@ -402,3 +402,14 @@ class TestBrokenExecutable:
         oracle = create_oracle("qe", **qe_settings(command=command, quarantine_after=0))
         with pytest.raises(CalculationFailed, match="incomplete .no 'JOB DONE'."):
             oracle.calculate(al4(), ("energy",))
+
+
+@pytest.mark.parametrize("backend", ["qe", "gpaw"])
+@pytest.mark.parametrize("settings, message", [
+    ({"kpts": [2, 2]}, "kpts must be three positive integers"),
+    ({"kpts": [2, 0, 2]}, "kpts must be three positive integers"),
+    ({"kspacing": -0.3}, r"kspacing \(Å⁻¹\) must be a positive number"),
+])
+def test_bad_kpoint_settings_are_invalid_input(backend, settings, message):
+    with pytest.raises(InvalidInput, match=message):
+        create_oracle(backend, **settings)
