@@ -145,7 +145,11 @@ def test_resume_after_sigkill_loses_and_recomputes_no_label(tmp_path: Path) -> N
         proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if run_dir.exists() and len(list((run_dir / "labels").glob("label_*.npz"))) >= wait_for_labels:
+            # a resumed run is killed only once it has really resumed (its "resumed" event is on
+            # disk), so every kill interrupts a running cycle and is counted against the events
+            # (counted on the raw text: the writer may be half-way through the next line)
+            started = kills == 0 or (run_dir / "events.jsonl").read_text().count('"event": "resumed"') == kills
+            if started and len(list((run_dir / "labels").glob("label_*.npz"))) >= wait_for_labels:
                 time.sleep(0.05 * wait_for_labels)
                 break
             time.sleep(0.02)
