@@ -8,16 +8,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("structure", "compute_stress", "atom_indices", "sequence")
+    __slots__ = ("structure", "compute_stress", "atom_indices", "sequence", "condition_on")
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_STRESS_FIELD_NUMBER: _ClassVar[int]
     ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_ON_FIELD_NUMBER: _ClassVar[int]
     structure: _common_pb2.Structure
     compute_stress: bool
     atom_indices: _containers.RepeatedScalarFieldContainer[int]
     sequence: int
-    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., compute_stress: _Optional[bool] = ..., atom_indices: _Optional[_Iterable[int]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    condition_on: _containers.RepeatedCompositeFieldContainer[ConditionOn]
+    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., compute_stress: _Optional[bool] = ..., atom_indices: _Optional[_Iterable[int]] = ..., sequence: _Optional[int] = ..., condition_on: _Optional[_Iterable[_Union[ConditionOn, _Mapping]]] = ...) -> None: ...
+
+class ConditionOn(_message.Message):
+    __slots__ = ("structure", "atom_indices")
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
+    structure: _common_pb2.Structure
+    atom_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("prediction", "sequence")
@@ -40,6 +50,12 @@ class AddDataRequest(_message.Message):
     use_energy: bool
     use_stress: bool
     def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., labels: _Optional[_Union[_common_pb2.Labels, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ..., use_energy: _Optional[bool] = ..., use_stress: _Optional[bool] = ...) -> None: ...
+
+class AddDataBatchRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[AddDataRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[AddDataRequest, _Mapping]]] = ...) -> None: ...
 
 class AddDataResponse(_message.Message):
     __slots__ = ("model_version", "n_environments", "n_labels")
@@ -100,7 +116,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "hyperparameters", "noise_std", "n_environments", "n_labels", "species", "cutoff_two_body", "cutoff_three_body", "log_likelihood", "ready")
+    __slots__ = ("model_version", "hyperparameters", "noise_std", "n_environments", "n_labels", "species", "cutoff_two_body", "cutoff_three_body", "log_likelihood", "ready", "checkpoint_id")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NOISE_STD_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +127,7 @@ class ModelInfo(_message.Message):
     CUTOFF_THREE_BODY_FIELD_NUMBER: _ClassVar[int]
     LOG_LIKELIHOOD_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     hyperparameters: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hyperparameter]
     noise_std: float
@@ -121,7 +138,34 @@ class ModelInfo(_message.Message):
     cutoff_three_body: float
     log_likelihood: float
     ready: bool
-    def __init__(self, model_version: _Optional[int] = ..., hyperparameters: _Optional[_Iterable[_Union[_common_pb2.Hyperparameter, _Mapping]]] = ..., noise_std: _Optional[float] = ..., n_environments: _Optional[int] = ..., n_labels: _Optional[int] = ..., species: _Optional[_Iterable[int]] = ..., cutoff_two_body: _Optional[float] = ..., cutoff_three_body: _Optional[float] = ..., log_likelihood: _Optional[float] = ..., ready: _Optional[bool] = ...) -> None: ...
+    checkpoint_id: str
+    def __init__(self, model_version: _Optional[int] = ..., hyperparameters: _Optional[_Iterable[_Union[_common_pb2.Hyperparameter, _Mapping]]] = ..., noise_std: _Optional[float] = ..., n_environments: _Optional[int] = ..., n_labels: _Optional[int] = ..., species: _Optional[_Iterable[int]] = ..., cutoff_two_body: _Optional[float] = ..., cutoff_three_body: _Optional[float] = ..., log_likelihood: _Optional[float] = ..., ready: _Optional[bool] = ..., checkpoint_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint_id", "model_version", "n_environments", "n_labels", "bytes_written", "seconds")
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    N_ENVIRONMENTS_FIELD_NUMBER: _ClassVar[int]
+    N_LABELS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    model_version: int
+    n_environments: int
+    n_labels: int
+    bytes_written: int
+    seconds: float
+    def __init__(self, checkpoint_id: _Optional[str] = ..., model_version: _Optional[int] = ..., n_environments: _Optional[int] = ..., n_labels: _Optional[int] = ..., bytes_written: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class RestoreCheckpointRequest(_message.Message):
+    __slots__ = ("checkpoint_id",)
+    CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
+    checkpoint_id: str
+    def __init__(self, checkpoint_id: _Optional[str] = ...) -> None: ...
 
 class ExportModelRequest(_message.Message):
     __slots__ = ()

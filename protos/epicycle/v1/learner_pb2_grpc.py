@@ -49,6 +49,11 @@ class LearnerStub:
                 request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataRequest.SerializeToString,
                 response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataResponse.FromString,
                 _registered_method=True)
+        self.AddDataBatch = channel.unary_unary(
+                '/epicycle.v1.Learner/AddDataBatch',
+                request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataBatchRequest.SerializeToString,
+                response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataResponse.FromString,
+                _registered_method=True)
         self.Optimize = channel.unary_unary(
                 '/epicycle.v1.Learner/Optimize',
                 request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.OptimizeRequest.SerializeToString,
@@ -67,6 +72,16 @@ class LearnerStub:
         self.LoadModel = channel.unary_unary(
                 '/epicycle.v1.Learner/LoadModel',
                 request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/epicycle.v1.Learner/Checkpoint',
+                request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
+        self.RestoreCheckpoint = channel.unary_unary(
+                '/epicycle.v1.Learner/RestoreCheckpoint',
+                request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.RestoreCheckpointRequest.SerializeToString,
                 response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
@@ -101,6 +116,14 @@ class LearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddDataBatch(self, request, context):
+        """Several labelled structures at once (e.g. labels that arrived together from
+        an oracle pool): one model update, one refactorisation, one version bump.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Optimize(self, request, context):
         """Optimise hyperparameters by maximising the log marginal likelihood.
         """
@@ -122,7 +145,26 @@ class LearnerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadModel(self, request, context):
-        """(Mapping the mean to cubic splines will be added as a new RPC.)
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Checkpoint(self, request, context):
+        """Write a durable checkpoint of the served model into the learner's own model
+        directory (training data + hyperparameters + how to rebuild the factor; its
+        size grows linearly with the training data) and return its id.  Nothing of
+        size O(N^2) crosses the wire.  FAILED_PRECONDITION without a model directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreCheckpoint(self, request, context):
+        """Serve the model of an earlier checkpoint again (rebuilt from its data);
+        NOT_FOUND if this learner does not have it.  The id "initial" is the empty
+        model the learner was started with.
+        (Mapping the mean to cubic splines will be added as a new RPC.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,6 +188,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataRequest.FromString,
                     response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataResponse.SerializeToString,
             ),
+            'AddDataBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddDataBatch,
+                    request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataBatchRequest.FromString,
+                    response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataResponse.SerializeToString,
+            ),
             'Optimize': grpc.unary_unary_rpc_method_handler(
                     servicer.Optimize,
                     request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.OptimizeRequest.FromString,
@@ -164,6 +211,16 @@ def add_LearnerServicer_to_server(servicer, server):
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
                     request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.LoadModelRequest.FromString,
+                    response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.CheckpointRequest.FromString,
+                    response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'RestoreCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreCheckpoint,
+                    request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.RestoreCheckpointRequest.FromString,
                     response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.SerializeToString,
             ),
     }
@@ -247,6 +304,33 @@ class Learner:
             target,
             '/epicycle.v1.Learner/AddData',
             protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataRequest.SerializeToString,
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddDataBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epicycle.v1.Learner/AddDataBatch',
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataBatchRequest.SerializeToString,
             protos_dot_epicycle_dot_v1_dot_learner__pb2.AddDataResponse.FromString,
             options,
             channel_credentials,
@@ -355,6 +439,60 @@ class Learner:
             target,
             '/epicycle.v1.Learner/LoadModel',
             protos_dot_epicycle_dot_v1_dot_learner__pb2.LoadModelRequest.SerializeToString,
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epicycle.v1.Learner/Checkpoint',
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.CheckpointRequest.SerializeToString,
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epicycle.v1.Learner/RestoreCheckpoint',
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.RestoreCheckpointRequest.SerializeToString,
             protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
