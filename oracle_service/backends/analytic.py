@@ -5,17 +5,23 @@ Registered names (see :func:`oracle_service.base.create_oracle`):
 ``emt``
     ASE's effective-medium theory (:class:`ase.calculators.emt.EMT`) for
     the elements it has parameters for (Al, Cu, Ag, Au, Ni, Pd, Pt, H, C, N, O).
-    Settings: ``asap_cutoff`` (bool, default False).
+    Settings: ``asap_cutoff`` (bool, default False), ``latency_s``.
 ``lj``
     Lennard-Jones with a smooth (C¹) cutoff, vectorised over a neighbour
     list.  Settings: ``epsilon`` (eV), ``sigma`` (Å), ``cutoff`` (Å, default
     3·max σ), ``onset`` (Å, where the switching starts, default
     0.66·cutoff), ``species`` (per-element ``{"Ar": {"epsilon": .., "sigma": ..}}``,
     Lorentz-Berthelot mixing; elements not listed use ``epsilon``/``sigma``).
-    Defaults are argon (ε = 0.0104 eV, σ = 3.40 Å).
+    Defaults are argon (ε = 0.0104 eV, σ = 3.40 Å).  Also ``latency_s``.
 ``ase``
     Any ASE calculator given by import path, e.g.
     ``create_oracle("ase", calculator="ase.calculators.emt:EMT", parameters={...})``.
+
+``latency_s`` (emt and lj; s, default 0) is a test and benchmark aid, not
+physics: every calculation sleeps that long before computing, so these instant
+backends occupy a worker like a DFT code would (the service's ``in_flight``
+gauge, its worker pool and the coordinator's dispatch all see the calculation
+as busy).  The labels are the same with or without it.
 
 Units: energy eV, forces eV/Å, stress eV/Å³ (ASE Voigt order and sign).
 """
@@ -39,6 +45,7 @@ __all__ = [
     "AseCalculatorOracle",
     "EMTOracle",
     "LennardJonesOracle",
+    "SimulatedLatency",
     "ase_calculator_backend",
     "load_object",
 ]
@@ -201,6 +208,59 @@ def _translate_ase_error(exc: Exception, name: str) -> EpicycleError:
 
 
 # ---------------------------------------------------------------------------
+# simulated latency (a test/benchmark aid)
+
+
+class SimulatedLatency:
+    """A fixed sleep added to every calculation of an instant backend.
+
+    ``latency_s`` (seconds, finite, >= 0; 0 = off) makes EMT or Lennard-Jones
+    behave like an expensive oracle for tests and benchmarks of concurrency:
+    the sleep runs inside ``calculate``, on the worker thread holding its
+    slot, so the service counts it in flight and queues further requests
+    behind it.  It never changes the labels.
+
+    Like a real calculation, a sleep under way is not cut short when the
+    caller gives up (the core never interrupts a running calculation; its
+    labels are cached, so a retry is answered at once), but :meth:`close`
+    (the oracle shutting down) ends it at once with ``CalculationFailed``.
+    """
+
+    def __init__(self, backend: str, latency_s: Any = 0.0) -> None:
+        self.backend = backend
+        self.seconds = _latency_seconds(backend, latency_s)
+        self._closed = threading.Event()
+
+    def settings(self) -> dict[str, float]:
+        """``{"latency_s": s}`` when set, else ``{}`` (so the default leaves the backend identity unchanged)."""
+        return {"latency_s": self.seconds} if self.seconds > 0 else {}
+
+    def wait(self) -> None:
+        if self.seconds > 0 and self._closed.wait(self.seconds):
+            raise CalculationFailed(
+                f"oracle backend {self.backend!r} was closed during its simulated latency "
+                f"(latency_s = {self.seconds:g} s); no labels computed"
+            )
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _latency_seconds(backend: str, value: Any) -> float:
+    message = (f"{backend}: setting latency_s (simulated calculation time, seconds) must be a finite "
+               f"number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating, str)):
+        raise InvalidInput(message)
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidInput(message) from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidInput(message)
+    return seconds
+
+
+# ---------------------------------------------------------------------------
 # EMT
 
 
@@ -221,19 +281,32 @@ class EMTOracle(AseCalculatorOracle):
     """ASE's effective-medium theory: Al, Cu, Ag, Au, Ni, Pd, Pt (+ H, C, N, O).
 
     asap_cutoff: use ASAP's cutoff convention (slightly different energies).
+    latency_s: seconds every calculation sleeps (test/benchmark aid, see
+        :class:`SimulatedLatency`; default 0).
     """
 
-    def __init__(self, asap_cutoff: bool = False) -> None:
+    def __init__(self, asap_cutoff: bool = False, latency_s: float = 0.0) -> None:
         from ase.calculators.emt import EMT
 
         flag = bool(asap_cutoff)
+        self._latency = SimulatedLatency("emt", latency_s)
         super().__init__(
             lambda: EMT(asap_cutoff=flag),
             name="emt",
             properties=("energy", "forces", "stress"),
-            settings={"asap_cutoff": flag},
+            settings={"asap_cutoff": flag, **self._latency.settings()},
             supported_numbers=_emt_numbers(),
         )
+
+    def calculate(self, atoms: Atoms, properties: tuple[str, ...]) -> Labels:
+        if "stress" in properties and atoms.cell.rank < 3:  # a bad request fails at once, without the sleep
+            raise InvalidInput("stress requested but the cell has fewer than three lattice vectors")
+        self._latency.wait()
+        return super().calculate(atoms, properties)
+
+    def close(self) -> None:
+        self._latency.close()
+        super().close()
 
 
 # ---------------------------------------------------------------------------
@@ -260,6 +333,8 @@ class LennardJonesOracle(Oracle):
     cutoff: Å (default 3·max σ); onset: Å (default 0.66·cutoff).
     species: ``{"Ar": {"epsilon": 0.0104, "sigma": 3.40}, ...}``; unlike pairs
         use Lorentz-Berthelot mixing σ_ij = (σ_i + σ_j)/2, ε_ij = √(ε_i ε_j).
+    latency_s: seconds every calculation sleeps (test/benchmark aid, see
+        :class:`SimulatedLatency`; default 0).
     """
 
     name = "lj"
@@ -273,7 +348,9 @@ class LennardJonesOracle(Oracle):
         cutoff: float | None = None,
         onset: float | None = None,
         species: Mapping[str, Mapping[str, float]] | None = None,
+        latency_s: float = 0.0,
     ) -> None:
+        self._latency = SimulatedLatency("lj", latency_s)
         self.epsilon = _positive("epsilon", epsilon, allow_zero=True)
         self.sigma = _positive("sigma", sigma)
         self.species: dict[int, tuple[float, float]] = {}
@@ -303,7 +380,11 @@ class LennardJonesOracle(Oracle):
             "species": {
                 chemical_symbols[z]: {"epsilon": e, "sigma": s} for z, (e, s) in sorted(self.species.items())
             },
+            **self._latency.settings(),
         }
+
+    def close(self) -> None:
+        self._latency.close()
 
     def version(self) -> str:
         import ase
@@ -316,6 +397,7 @@ class LennardJonesOracle(Oracle):
         n = len(atoms)
         if "stress" in properties and atoms.cell.rank < 3:
             raise InvalidInput("stress requested but the cell has fewer than three lattice vectors")
+        self._latency.wait()
         i, j, D = neighbor_list("ijD", atoms, self.cutoff, self_interaction=False)
         eps_atom, sig_atom = self._per_atom(atoms.numbers)
         eps = np.sqrt(eps_atom[i] * eps_atom[j])
