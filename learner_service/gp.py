@@ -22,6 +22,7 @@ by the model version).
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import json
@@ -73,6 +74,11 @@ DEFAULT_BOUNDS = {
     "energy_noise": (1e-5, 1e3),
     "stress_noise": (1e-7, 1e1),
 }
+# rows of the covariance up to which the unit-variance 2- and 3-body kernel matrices are kept
+# (2 x 8 bytes x rows²: 1.07 GB at 8192 rows = 2730 force environments).  Above it a model
+# keeps only its Cholesky factor: adding data needs just the new columns, but a change of
+# hyperparameters recomputes the kernel (minutes at 5,000 environments).
+DEFAULT_KERNEL_CACHE_MAX_ROWS = 8192
 # a hyperparameter within this relative distance of an edge of its box is reported "at a bound"
 BOUND_RTOL = 1e-6
 
@@ -165,8 +171,9 @@ class _State:
 
     key: tuple
     n: int
-    L: np.ndarray
+    L: np.ndarray  # C order; never modified in place (shared by clones)
     alpha: np.ndarray
+    log: tuple = ()  # how L was built: see GaussianProcess.factor_history
 
 
 _BLAS_SETTERS: list | None = None
@@ -246,6 +253,7 @@ class GaussianProcess:
         energy_noise: float | None = None,
         stress_noise: float | None = None,
         pair_cutoffs: Mapping | None = None,
+        kernel_cache_max_rows: int | None = None,
     ) -> None:
         self.cutoffs = Cutoffs.create(species, cutoffs, pair_cutoffs)
         self.species = self.cutoffs.species
@@ -262,11 +270,16 @@ class GaussianProcess:
         self._kinds: list[int] = []
         self._n_force_envs = 0
         self._version = 0
-        # unit-variance kernel matrices for the first _k_rows rows at length scales _k_ls
+        # unit-variance kernel matrices for the first _k_rows rows at length scales _k_ls, built
+        # as the segments _k_segments ((row_end, kind), ...; empty: no cache)
         self._K2 = np.zeros((0, 0))
         self._K3 = np.zeros((0, 0))
         self._k_rows = 0
         self._k_ls: tuple | None = None
+        self._k_segments: tuple = ()
+        #: keep K2/K3 only up to this many rows (see DEFAULT_KERNEL_CACHE_MAX_ROWS)
+        self.kernel_cache_max_rows = (DEFAULT_KERNEL_CACHE_MAX_ROWS if kernel_cache_max_rows is None
+                                      else int(kernel_cache_max_rows))
         self._state: _State | None = None
         self._grad_cache: tuple | None = None  # (ls2, ls3, n, dK2, dK3)
         # threads for the kernel part of predict() (test atoms handed out in small chunks;
@@ -457,61 +470,57 @@ class GaussianProcess:
         self._labels.extend(new_labels)
         self._kinds.extend(new_kinds)
         self._n_force_envs += len(idx)
+        self._grad_cache = None  # its matrices no longer match the data
         self._version += 1
         return len(new_labels)
 
     # ------------------------------------------------------------------
     # covariance and factorisation
     # ------------------------------------------------------------------
+    #
+    # Bit-for-bit reproducibility.  The kernels are not bitwise symmetric (k(a, b) and k(b, a)
+    # differ in the last bits), the 3-body value of the gradient kernel differs from the plain
+    # one in the last bits, and the fast pack depends on the batch's species mix.  So the
+    # factor depends on how K was blocked.  Every block of K is therefore computed one way, as
+    # a *segment*: the rows r0..r1 against every row < r1, older environments on the row side,
+    # with the training batch as it was at r1 rows (:meth:`_segment_blocks`).  The model
+    # records the segments of its kernel cache (``_k_segments``) and how its Cholesky factor
+    # was built (``_State.log``: a full factorisation of K from given segments, then block
+    # extensions); checkpoints persist both and :meth:`_replay_state` follows them.
 
-    def _ensure_kernel(self) -> None:
-        """K2/K3 (unit signal variance) for all rows at the current length scales."""
-        ls = (self._hyps["ls2"], self._hyps["ls3"])
-        n = len(self._labels)
-        if self._k_ls != ls:
-            self._k_rows = 0
-            self._K2 = np.zeros((0, 0))
-            self._K3 = np.zeros((0, 0))
-            self._k_ls = ls
-        if self._k_rows == n:
-            return
+    def _groups_below(self, rows: int) -> int:
+        """Number of label groups whose rows all lie below ``rows`` (groups are in row order)."""
+        lo, hi = 0, len(self._groups)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(self._groups[mid].rows.max()) < rows:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def _prefix_batch(self, n_env: int) -> EnvironmentBatch:
+        """The first ``n_env`` training environments (views; the whole batch if that is all)."""
         batch = self._training_batch()
-        old = self._k_rows
-        old_groups = [g for g in self._groups if g.rows.max() < old]
-        new_groups = self._groups[len(old_groups):]
-        K2 = np.zeros((n, n))
-        K3 = np.zeros((n, n))
-        K2[:old, :old] = self._K2
-        K3[:old, :old] = self._K3
-        envs = self._force_label_envs()
-        if envs is not None:
-            # forces only: the force-force kernels (same numbers to round-off, ~2-3x faster)
-            k = len(old_groups)
-            S = len(self.species)
-            K2[old:, old:], K3[old:, old:] = force_kernel_blocks(batch, S, envs[k:], None, ls[0], ls[1])
-            if old:
-                c2, c3 = force_kernel_blocks(batch, S, envs[:k], envs[k:], ls[0], ls[1])
-                K2[:old, old:], K3[:old, old:] = c2, c3
-                K2[old:, :old], K3[old:, :old] = c2.T, c3.T
-            self._K2, self._K3, self._k_rows = K2, K3, n
-            return
-        gnew = self._label_groups(new_groups)
-        a2, a3 = kernel_blocks(batch, gnew, None, ls[0], ls[1])
-        K2[old:, old:] = a2[old:, old:]
-        K3[old:, old:] = a3[old:, old:]
-        if old:
-            gold = self._label_groups(old_groups)
-            c2, c3 = kernel_blocks(batch, gold, gnew, ls[0], ls[1])
-            K2[:old, old:] = c2[:old, old:]
-            K3[:old, old:] = c3[:old, old:]
-            K2[old:, :old] = c2[:old, old:].T
-            K3[old:, :old] = c3[:old, old:].T
-        self._K2, self._K3, self._k_rows = K2, K3, n
+        if n_env == len(batch):
+            return batch
+        bo, to = int(batch.bond_offsets[n_env]), int(batch.trip_offsets[n_env])
+        arrays = {}
+        for name, value in batch.arrays().items():
+            if name in ("bond_offsets", "trip_offsets"):
+                arrays[name] = value[:n_env + 1]
+            elif name.startswith("bond_"):
+                arrays[name] = value[:bo]
+            elif name.startswith("trip_"):
+                arrays[name] = value[:to]
+            else:
+                arrays[name] = value[:n_env]
+        return EnvironmentBatch(**arrays)
 
-    def _force_label_envs(self) -> np.ndarray | None:
+    @staticmethod
+    def _force_envs_of(groups: Sequence[_Group]) -> np.ndarray | None:
         """The environment of every label group if each is one environment's three force
         components at rows 3k, 3k+1, 3k+2 (forces-only training data), else None."""
-        groups = self._groups
         if not groups or any(g.kind != "force" for g in groups):
             return None
         rows = np.stack([g.rows for g in groups])
@@ -519,15 +528,127 @@ class GaussianProcess:
             return None
         return np.array([g.envs[0] for g in groups], dtype=np.int64)
 
+    def _force_label_envs(self) -> np.ndarray | None:
+        """:meth:`_force_envs_of` all training label groups."""
+        return self._force_envs_of(self._groups)
+
+    def _segment_blocks(self, r0: int, r1: int, ls: tuple, grad: bool = False):
+        """Unit-variance kernel blocks of the training rows ``r0..r1`` (one *segment*).
+
+        Returns ``(c2, c3, d2, d3)``: the cross block rows ``[0, r0)`` x ``[r0, r1)`` and the
+        diagonal block ``[r0, r1)^2``, computed with the training data as they were at ``r1``
+        rows (older environments always on the row side).  With ``grad`` (``r0 = 0`` only)
+        through the gradient kernels, as the optimiser builds K: ``(K2, K3, dK2, dK3)``.
+        Forces-only data go through :func:`force_kernel_blocks`, others through
+        :func:`kernel_blocks` (the same numbers to round-off), as the data at ``r1`` rows allow.
+        """
+        g0, g1 = self._groups_below(r0), self._groups_below(r1)
+        groups = self._groups[:g1]
+        batch = self._prefix_batch(int(groups[-1].envs.max()) + 1)
+        envs = self._force_envs_of(groups)
+        ls2, ls3 = ls
+        if grad:
+            if r0:
+                raise ValueError("a gradient-kernel segment must start at row 0")
+            if envs is not None:
+                return force_kernel_blocks(batch, len(self.species), envs, None, ls2, ls3, grad=True)
+            return kernel_blocks(batch, self._label_groups(groups), None, ls2, ls3, grad=True)
+        if envs is not None:
+            S = len(self.species)
+            d2, d3 = force_kernel_blocks(batch, S, envs[g0:], None, ls2, ls3)
+            if r0:
+                c2, c3 = force_kernel_blocks(batch, S, envs[:g0], envs[g0:], ls2, ls3)
+            else:
+                c2 = c3 = np.zeros((0, r1))
+            return c2, c3, d2, d3
+        new = []
+        for g in groups[g0:]:  # the new groups with rows counted from r0 (where they are placed only)
+            new.append(_Group(g.kind, g.envs, np.where(g.rows >= 0, g.rows - r0, -1), g.scale))
+        gnew = self._label_groups(new)
+        d2, d3 = kernel_blocks(batch, gnew, None, ls2, ls3)
+        if r0:
+            c2, c3 = kernel_blocks(batch, self._label_groups(groups[:g0]), gnew, ls2, ls3)
+        else:
+            c2 = c3 = np.zeros((0, r1))
+        return c2, c3, d2, d3
+
+    def _fill_segment(self, K2: np.ndarray, K3: np.ndarray, r0: int, r1: int, ls: tuple, kind: str) -> None:
+        """Write segment ``r0..r1`` of kind ``"blocks"`` or ``"grad"`` into ``K2``/``K3`` (mirrored)."""
+        if kind == "grad":
+            K2[:r1, :r1], K3[:r1, :r1] = self._segment_blocks(0, r1, ls, grad=True)[:2]
+            return
+        if kind != "blocks":
+            raise InvalidInput(f"unknown kernel segment kind {kind!r}")
+        c2, c3, d2, d3 = self._segment_blocks(r0, r1, ls)
+        K2[r0:r1, r0:r1] = d2
+        K3[r0:r1, r0:r1] = d3
+        if r0:
+            K2[:r0, r0:r1], K3[:r0, r0:r1] = c2, c3
+            K2[r0:r1, :r0], K3[r0:r1, :r0] = c2.T, c3.T
+
+    def _drop_kernel_cache(self) -> None:
+        self._K2 = np.zeros((0, 0))
+        self._K3 = np.zeros((0, 0))
+        self._k_rows = 0
+        self._k_segments = ()
+
+    def _kernel_matrices(self) -> tuple[np.ndarray, np.ndarray, tuple]:
+        """``(K2, K3, segments)``: unit-variance kernels of all training rows at the current
+        length scales, from the cache, by adding one segment to it, or from scratch (one
+        segment).  Kept as the cache up to :attr:`kernel_cache_max_rows` rows."""
+        ls = (self._hyps["ls2"], self._hyps["ls3"])
+        n = len(self._labels)
+        if self._k_ls != ls:
+            self._drop_kernel_cache()
+            self._k_ls = ls
+        if self._k_rows == n and self._k_segments:
+            return self._K2, self._K3, self._k_segments
+        old = self._k_rows if self._k_segments else 0
+        K2 = np.zeros((n, n))
+        K3 = np.zeros((n, n))
+        if old:
+            K2[:old, :old] = self._K2
+            K3[:old, :old] = self._K3
+        self._fill_segment(K2, K3, old, n, ls, "blocks")
+        segments = (self._k_segments if old else ()) + ((n, "blocks"),)
+        if n <= self.kernel_cache_max_rows:
+            self._K2, self._K3, self._k_rows, self._k_segments = K2, K3, n, segments
+        else:
+            self._drop_kernel_cache()
+        return K2, K3, segments
+
+    def _build_kernel(self, segments: Sequence, ls: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """K2, K3 assembled segment by segment as recorded (``(row_end, kind)``; kind
+        ``"blocks"``, ``"grad"``, or ``"file"``: taken from a loaded model file's matrices)."""
+        n = int(segments[-1][0])
+        K2 = np.zeros((n, n))
+        K3 = np.zeros((n, n))
+        prev = 0
+        for row_end, kind in segments:
+            row_end = int(row_end)
+            if kind == "file":
+                if prev or self._k_rows < row_end or self._k_ls != ls:
+                    raise ModelError(f"cannot rebuild the kernel: its first {row_end} rows came from a model file "
+                                     f"whose matrices are not loaded")
+                K2[:row_end, :row_end] = self._K2[:row_end, :row_end]
+                K3[:row_end, :row_end] = self._K3[:row_end, :row_end]
+            else:
+                self._fill_segment(K2, K3, prev, row_end, ls, kind)
+            prev = row_end
+        return K2, K3
+
     def _noise_vector(self, hyps: Mapping[str, float] | None = None) -> np.ndarray:
         h = self._hyps if hyps is None else hyps
         var = np.array([h["noise"] ** 2, h["energy_noise"] ** 2, h["stress_noise"] ** 2])
         return var[np.asarray(self._kinds, dtype=np.int64)] if self._kinds else np.zeros(0)
 
-    def _ky(self, hyps: Mapping[str, float] | None = None, rows: int | None = None) -> np.ndarray:
+    def _ky(self, hyps: Mapping[str, float] | None = None, K2=None, K3=None) -> np.ndarray:
+        """K_y = sig2² K2 + sig3² K3 + noise (default: the cached K2/K3)."""
         h = self._hyps if hyps is None else hyps
-        n = len(self._labels) if rows is None else rows
-        K = h["sig2"] ** 2 * self._K2[:n, :n] + h["sig3"] ** 2 * self._K3[:n, :n]
+        K2 = self._K2 if K2 is None else K2
+        K3 = self._K3 if K3 is None else K3
+        n = len(self._labels)
+        K = h["sig2"] ** 2 * K2[:n, :n] + h["sig3"] ** 2 * K3[:n, :n]
         K[np.diag_indices(n)] += self._noise_vector(h)[:n]
         return K
 
@@ -545,6 +666,10 @@ class GaussianProcess:
 
     @serial_blas
     def _factorize(self) -> _State | None:
+        """The Cholesky factor of K_y and alpha = K_y^-1 y for the current data and
+        hyperparameters: kept if current, extended by blocks if only data were added (only the
+        new columns of K_y are formed), else a full factorisation; the history is recorded in
+        ``_State.log`` (see the section comment)."""
         n = len(self._labels)
         if n == 0:
             return None
@@ -552,47 +677,245 @@ class GaussianProcess:
         st = self._state
         if st is not None and st.key == key and st.n == n:
             return st
-        self._ensure_kernel()
-        y = self.labels
         if st is not None and st.key == key and st.n < n:
-            # extend the Cholesky factor by blocks: [[L11, 0], [L21, L22]]
-            m = st.n
-            Ky = self._ky()
-            L21 = solve_triangular(st.L, Ky[:m, m:], lower=True, check_finite=False).T
-            S = Ky[m:, m:] - L21 @ L21.T
-            try:
-                L22 = cholesky(S, lower=True, check_finite=False)
-            except LinAlgError as exc:
-                raise ModelError(_CHOLESKY_HINT) from exc
-            L = np.zeros((n, n))
-            L[:m, :m] = st.L
-            L[m:, :m] = L21
-            L[m:, m:] = L22
+            L = self._extend_factor(st.L, st.n, n)
+            log = st.log + ({"op": "extend", "rows": n},)
         else:
-            L = self._cholesky(self._ky())
-        alpha = cho_solve((L, True), y, check_finite=False)
-        self._state = _State(key, n, L, alpha)
+            K2, K3, segments = self._kernel_matrices()
+            L = self._full_factor(K2, K3, self._hyps)
+            del K2, K3
+            log = ({"op": "full", "rows": n, "hyps": dict(self._hyps), "kernel": [[int(r), k] for r, k in segments]},)
+        alpha = cho_solve((L, True), self.labels, check_finite=False)
+        self._state = _State(key, n, L, alpha, log)
         return self._state
 
-    @staticmethod
-    def _cholesky(Ky: np.ndarray) -> np.ndarray:
+    def _full_factor(self, K2: np.ndarray, K3: np.ndarray, hyps: Mapping[str, float]) -> np.ndarray:
+        """Cholesky factor (C order) of K_y built from K2/K3, factorised in place: K_y is formed
+        in Fortran order from the (bitwise symmetric) K^T views, so LAPACK needs no copy."""
+        n = len(self._labels)
+        Ky = hyps["sig2"] ** 2 * K2[:n, :n].T + hyps["sig3"] ** 2 * K3[:n, :n].T
+        Ky[np.diag_indices(n)] += self._noise_vector(hyps)[:n]
+        return np.ascontiguousarray(self._cholesky(Ky, overwrite=True))
+
+    @serial_blas
+    def _extend_factor(self, L_old: np.ndarray, m: int, n: int) -> np.ndarray:
+        """[[L11, 0], [L21, L22]] from the factor ``L_old`` of the first ``m`` rows and only the
+        new columns of K_y (the cross block m x (n-m) and the new diagonal block): L21 =
+        (L11^-1 K12)^T, L22 = chol(K22 - L21 L21^T).  Extends the kernel cache by the same
+        segment when it holds exactly the first ``m`` rows and stays under its size limit."""
+        ls = (self._hyps["ls2"], self._hyps["ls3"])
+        c2, c3, d2, d3 = self._segment_blocks(m, n, ls)
+        h = self._hyps
+        Kc = h["sig2"] ** 2 * c2 + h["sig3"] ** 2 * c3
+        Kd = h["sig2"] ** 2 * d2 + h["sig3"] ** 2 * d3
+        Kd[np.diag_indices(n - m)] += self._noise_vector()[m:n]
+        L21 = solve_triangular(L_old, Kc, lower=True, check_finite=False).T
+        S = Kd - L21 @ L21.T
         try:
-            L = cholesky(Ky, lower=True, check_finite=False)
+            L22 = cholesky(S, lower=True, check_finite=False)
+        except LinAlgError as exc:
+            raise ModelError(_CHOLESKY_HINT) from exc
+        L = np.zeros((n, n))
+        L[:m, :m] = L_old
+        L[m:, :m] = L21
+        L[m:, m:] = L22
+        cached = bool(self._k_segments) and self._k_ls == ls
+        if cached and self._k_rows >= n:
+            pass  # already covers the new rows
+        elif cached and self._k_rows == m and n <= self.kernel_cache_max_rows:
+            K2 = np.zeros((n, n))
+            K3 = np.zeros((n, n))
+            K2[:m, :m], K3[:m, :m] = self._K2, self._K3
+            K2[m:, m:], K3[m:, m:] = d2, d3
+            K2[:m, m:], K3[:m, m:] = c2, c3
+            K2[m:, :m], K3[m:, :m] = c2.T, c3.T
+            self._K2, self._K3, self._k_rows = K2, K3, n
+            self._k_segments = self._k_segments + ((n, "blocks"),)
+        elif self._k_segments:
+            self._drop_kernel_cache()
+        return L
+
+    @staticmethod
+    def _cholesky(Ky: np.ndarray, overwrite: bool = False) -> np.ndarray:
+        try:
+            L = cholesky(Ky, lower=True, check_finite=False, overwrite_a=overwrite)
         except (LinAlgError, ValueError) as exc:
             raise ModelError(_CHOLESKY_HINT) from exc
         if not np.isfinite(L).all():
             raise ModelError(_CHOLESKY_HINT)
         return L
 
+    def _trim_caches(self) -> None:
+        """Drop the kernel and gradient caches above :attr:`kernel_cache_max_rows` rows."""
+        if self.n_labels > self.kernel_cache_max_rows:
+            self._drop_kernel_cache()
+            self._grad_cache = None
+
     def covariance_matrix(self) -> np.ndarray:
         """K_y = K + noise (n_labels, n_labels) at the current hyperparameters."""
-        self._ensure_kernel()
-        return self._ky()
+        K2, K3, _ = self._kernel_matrices()
+        return self._ky(K2=K2, K3=K3)
 
     @property
     def alpha(self) -> np.ndarray:
         st = self._factorize()
         return np.zeros(0) if st is None else st.alpha.copy()
+
+    # ------------------------------------------------------------------
+    # rebuilding a factor (checkpoints) and cheap copies
+    # ------------------------------------------------------------------
+
+    @property
+    def factor_history(self) -> dict:
+        """How the current factor and kernel cache were built (JSON-ready): ``log`` (a full
+        factorisation -- its row count, hyperparameters and kernel segments -- or a model file
+        load, then block extensions with their row counts) and ``kernel_cache`` (segments of the
+        cached unit-variance kernels, ``[]`` if none).  Factorises first if needed."""
+        st = self._factorize()
+        cache = [[int(r), k] for r, k in self._k_segments] if self._k_ls == (self._hyps["ls2"], self._hyps["ls3"]) \
+            else []
+        return {"log": [] if st is None else [dict(e) for e in st.log], "kernel_cache": cache}
+
+    @serial_blas
+    def _replay_state(self, history: Mapping, progress: Callable[[str], None] | None = None) -> None:
+        """Rebuild the factor (and kernel cache) as ``history`` (:attr:`factor_history` of the
+        model that wrote it) says, bit for bit, on the same training data in the same order."""
+        log = list(history.get("log") or [])
+        n = len(self._labels)
+        if not log:
+            if n:
+                raise ModelError("the checkpoint has training data but no factor history")
+            return
+        if int(log[-1]["rows"]) != n:
+            raise ModelError(f"factor history ends at {log[-1]['rows']} rows but the data have {n}")
+        ls = (self._hyps["ls2"], self._hyps["ls3"])
+        first = log[0]
+        t0 = time.perf_counter()
+        if first["op"] == "loaded":
+            st = self._state
+            if st is None or st.n != int(first["rows"]):
+                raise ModelError(f"factor history starts from a model file with {first['rows']} rows, "
+                                 f"but the loaded base has no such factor")
+            L = st.L
+        elif first["op"] == "full":
+            hyps = {k: float(v) for k, v in first["hyps"].items()}
+            if self._state_key() != tuple(hyps[k] for k in sorted(hyps)):
+                raise ModelError("factor history: the hyperparameters of the full factorisation are not the model's")
+            rows = int(first["rows"])
+            if progress:
+                progress(f"kernel matrices for {rows} rows")
+            K2, K3 = self._build_kernel(first["kernel"], ls)
+            cache = [[int(r), k] for r, k in (history.get("kernel_cache") or [])]
+            keep = cache[:len(first["kernel"])] == [[int(r), k] for r, k in first["kernel"]] \
+                and rows <= self.kernel_cache_max_rows
+            # factorise the first `rows` rows (the data beyond them are the extensions')
+            L = self._full_factor_rows(K2, K3, rows)
+            if keep:
+                self._K2, self._K3, self._k_rows, self._k_ls = K2, K3, rows, ls
+                self._k_segments = tuple((int(r), k) for r, k in first["kernel"])
+            else:
+                self._drop_kernel_cache()
+                self._k_ls = ls
+            del K2, K3
+        else:
+            raise ModelError(f"unknown factor history entry {first.get('op')!r}")
+        m = int(first["rows"])
+        for k, event in enumerate(log[1:], 1):
+            if event.get("op") != "extend" or int(event["rows"]) <= m:
+                raise ModelError(f"factor history entry {k} is not an extension beyond {m} rows: {event}")
+            L = self._extend_factor(L, m, int(event["rows"]))
+            m = int(event["rows"])
+            if progress and (k % 10 == 0 or k == len(log) - 1):
+                progress(f"extension {k}/{len(log) - 1} ({m} rows, {time.perf_counter() - t0:.1f} s)")
+        alpha = cho_solve((L, True), self.labels, check_finite=False)
+        self._state = _State(self._state_key(), n, L, alpha, tuple(dict(e) for e in log))
+        want = [[int(r), k] for r, k in (history.get("kernel_cache") or [])]
+        have = [[int(r), k] for r, k in self._k_segments]
+        if want != have:
+            if want and int(want[-1][0]) <= self.kernel_cache_max_rows:
+                K2, K3 = self._build_kernel(want, ls)
+                self._K2, self._K3, self._k_rows = K2, K3, int(want[-1][0])
+                self._k_segments = tuple((int(r), k) for r, k in want)
+                self._k_ls = ls
+            else:
+                self._drop_kernel_cache()
+
+    def _full_factor_rows(self, K2: np.ndarray, K3: np.ndarray, rows: int) -> np.ndarray:
+        """:meth:`_full_factor` of the first ``rows`` training rows."""
+        saved_labels, saved_kinds = self._labels, self._kinds
+        try:
+            self._labels, self._kinds = saved_labels[:rows], saved_kinds[:rows]
+            return self._full_factor(K2, K3, self._hyps)
+        finally:
+            self._labels, self._kinds = saved_labels, saved_kinds
+
+    def clone(self) -> "GaussianProcess":
+        """A copy for a writer: shares every numpy array with this model (training
+        environments, kernel cache, Cholesky factor -- none of them is ever modified in place,
+        only replaced) and copies the containers that adding data or setting hyperparameters
+        mutate.  O(n_labels) time and memory where ``copy.deepcopy`` copied 3 n_labels² floats."""
+        new = copy.copy(self)
+        new._hyps = dict(self._hyps)
+        new._batch_parts = list(self._batch_parts)
+        new._groups = list(self._groups)
+        new._labels = list(self._labels)
+        new._kinds = list(self._kinds)
+        new.__dict__.pop("_groups_cache", None)
+        return new
+
+    def data_counts(self) -> dict:
+        """Sizes of the training data (labels, label groups, environments incl. those of
+        energy/stress labels, force environments): a prefix of the data is named by these."""
+        return {"labels": len(self._labels), "groups": len(self._groups), "environments": self._n_env_total,
+                "force_environments": self._n_force_envs}
+
+    def truncated(self, counts: Mapping[str, int], hyperparameters: Mapping[str, float],
+                  history: Mapping) -> "GaussianProcess":
+        """This model as it was when it held only the first ``counts`` (:meth:`data_counts`)
+        of its data, with ``hyperparameters`` and the factor ``history`` then
+        (:attr:`factor_history`), which must be a prefix of this model's own: its factor is the
+        leading block of this one's (block extensions never touch the old block), so nothing is
+        recomputed but alpha -- bit for bit the model that had that history.  Raises
+        :class:`ModelError` if the history is not a prefix."""
+        st = self._factorize()
+        log = [dict(e) for e in history.get("log") or []]
+        mine = [dict(e) for e in st.log] if st is not None else []
+        n = int(counts["labels"])
+        if log != mine[:len(log)] or (log and int(log[-1]["rows"]) != n) or n > self.n_labels:
+            raise ModelError("the requested factor history is not a prefix of this model's")
+        new = self.clone()
+        new._hyps = dict(self._hyps)
+        new._set_hyps(hyperparameters)
+        n_env = int(counts["environments"])
+        new._batch = self._prefix_batch(n_env)
+        new._batch_parts = []
+        new._n_env_total = n_env
+        new._groups = self._groups[:int(counts["groups"])]
+        new._labels = self._labels[:n]
+        new._kinds = self._kinds[:n]
+        new._n_force_envs = int(counts["force_environments"])
+        new._grad_cache = None
+        if n:
+            if new._state_key() != st.key:
+                raise ModelError("the requested hyperparameters are not those of this model's factor")
+            L = np.ascontiguousarray(st.L[:n, :n])
+            new._state = _State(st.key, n, L, cho_solve((L, True), new.labels, check_finite=False), tuple(log))
+        else:
+            new._state = None
+        want = [[int(r), k] for r, k in history.get("kernel_cache") or []]
+        have = [[int(r), k] for r, k in self._k_segments]
+        new._drop_kernel_cache()
+        ls = (new._hyps["ls2"], new._hyps["ls3"])
+        new._k_ls = ls
+        if want and want == have[:len(want)] and self._k_ls == ls:
+            r = int(want[-1][0])
+            new._K2 = np.ascontiguousarray(self._K2[:r, :r])
+            new._K3 = np.ascontiguousarray(self._K3[:r, :r])
+            new._k_rows, new._k_segments = r, tuple((int(a), k) for a, k in want)
+        elif want:
+            new._K2, new._K3 = new._build_kernel(want, ls)
+            new._k_rows, new._k_segments = int(want[-1][0]), tuple((int(a), k) for a, k in want)
+        return new
 
     # ------------------------------------------------------------------
     # likelihood
@@ -602,7 +925,10 @@ class GaussianProcess:
         """Log marginal likelihood (Eq. 6) and, with ``gradient``, its analytic gradient
         (Eq. 7) as an array ordered like :attr:`hyperparameter_names`.
 
-        ``hyperparameters`` optionally sets (some) hyperparameters first.
+        ``hyperparameters`` optionally sets (some) hyperparameters first.  The gradient needs
+        the full kernel matrices and their length-scale derivatives (4 n_labels² numbers):
+        above :attr:`kernel_cache_max_rows` rows they are recomputed on every call and freed
+        afterwards (expensive, by design: a large model's hyperparameters are frozen).
         """
         if hyperparameters is not None:
             self.set_hyperparameters(hyperparameters)
@@ -612,6 +938,7 @@ class GaussianProcess:
             st = self._factorize()
             return self._lml(st.L, st.alpha)
         value, grad = self._lml_and_grad(self._hyps)
+        self._trim_caches()
         return value, grad
 
     def _lml(self, L, alpha) -> float:
@@ -619,20 +946,19 @@ class GaussianProcess:
         return float(-0.5 * y @ alpha - np.log(np.diag(L)).sum() - 0.5 * len(y) * math.log(2 * math.pi))
 
     def _grad_kernels(self):
+        """dK2/dls2, dK3/dls3 at the current length scales; K2/K3 of the same call become the
+        kernel cache (one ``"grad"`` segment), which the gradient's sig terms read."""
         ls2, ls3 = self._hyps["ls2"], self._hyps["ls3"]
         n = len(self._labels)
         gc = self._grad_cache
         if gc is not None and gc[0] == ls2 and gc[1] == ls3 and gc[2] == n and self._k_ls == (ls2, ls3) \
-                and self._k_rows == n:
+                and self._k_rows == n and self._k_segments:
             return gc[3], gc[4]
-        envs = self._force_label_envs()
-        if envs is not None:
-            K2, K3, dK2, dK3 = force_kernel_blocks(self._training_batch(), len(self.species), envs, None, ls2, ls3,
-                                                   grad=True)
-        else:
-            groups = self._label_groups(self._groups)
-            K2, K3, dK2, dK3 = kernel_blocks(self._training_batch(), groups, None, ls2, ls3, grad=True)
+        self._grad_cache = None
+        self._drop_kernel_cache()
+        K2, K3, dK2, dK3 = self._segment_blocks(0, n, (ls2, ls3), grad=True)
         self._K2, self._K3, self._k_rows, self._k_ls = K2, K3, n, (ls2, ls3)
+        self._k_segments = ((n, "grad"),)
         self._grad_cache = (ls2, ls3, n, dK2, dK3)
         return dK2, dK3
 
@@ -766,6 +1092,7 @@ class GaussianProcess:
         self._version += 1
         self._factorize()
         value, grad = self._lml_and_grad(self._hyps)
+        self._trim_caches()
         iterations = int(res.nit)
         hit_cap = iterations >= max_iterations or res.status == 1
         converged = bool(res.success) and not hit_cap
@@ -801,11 +1128,16 @@ class GaussianProcess:
     # prediction
     # ------------------------------------------------------------------
 
-    def predict(self, atoms, stress: bool = False, atom_indices: Iterable[int] | None = None) -> Prediction:
+    def predict(self, atoms, stress: bool = False, atom_indices: Iterable[int] | None = None,
+                condition_on: Sequence[tuple] = ()) -> Prediction:
         """Forces, per-component epistemic σ, local and total energy (and stress) of ``atoms``.
 
         With ``atom_indices`` only those atoms are predicted (rows of the other atoms are
         zero; energy and stress then need all atoms and are not available -> NaN/None).
+        ``condition_on``: ``[(atoms, atom_indices), ...]`` force environments to condition σ
+        on -- σ is reported as if their force labels were already in the training set (a GP
+        variance does not depend on the labels): the uncertainty left once queued or in-flight
+        labels arrive.  The mean (forces, energy, stress) stays this model's.
         Does not change the model.
         """
         n = len(atoms)
@@ -826,6 +1158,8 @@ class GaussianProcess:
         else:
             mean, var = self._predict_general(envs, st, stress)
 
+        if condition_on:
+            var = self._conditioned_variance(envs, st, condition_on)
         forces = np.zeros((n, 3))
         force_var = np.zeros((n, 3))
         local = np.zeros(n)
@@ -888,6 +1222,51 @@ class GaussianProcess:
         return mean, prior - explained
 
     @serial_blas
+    def _conditioned_variance(self, envs: EnvironmentBatch, st: _State | None, condition_on: Sequence[tuple]):
+        """Force variances of ``envs`` given the training set plus the force environments of
+        ``condition_on`` (noise σn on each): with the block extension [[L, 0], [L21, L22]] of
+        the factor by those rows (:meth:`_extend_factor`'s algebra, on a clone; this model's
+        factor is not copied), var = k(x, x) - |L^-1 k_T|² - |L22^-1 (k_Q - L21 L^-1 k_T)|²."""
+        work = self.clone()
+        for k, item in enumerate(condition_on):
+            try:
+                c_atoms, c_idx = item
+            except (TypeError, ValueError):
+                raise InvalidInput(f"condition_on[{k}] must be (atoms, atom_indices)") from None
+            c_idx = list(c_idx)
+            if not c_idx:
+                continue
+            work.add_structure(c_atoms, forces=np.zeros((len(c_atoms), 3)), atom_indices=c_idx)
+        n, N = self.n_labels, work.n_labels
+        h = self._hyps
+        ls = (h["ls2"], h["ls3"])
+        s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
+        m = len(envs)
+        if N == n:
+            return self._predict_fast(envs, st)[1]
+        c2, c3, d2, d3 = work._segment_blocks(n, N, ls)
+        Kd = s2 * d2 + s3 * d3
+        Kd[np.diag_indices(N - n)] += work._noise_vector()[n:N]
+        K2, K3, P2, P3 = prediction_blocks(work._training_batch(), work._training_groups(), envs,
+                                           len(self.species), ls[0], ls[1], threads=self.predict_threads)
+        Kf = np.ascontiguousarray((s2 * K2 + s3 * K3)[:, :, 1:4]).reshape(N, m * 3)
+        if n:
+            L21 = solve_triangular(st.L, s2 * c2 + s3 * c3, lower=True, check_finite=False).T
+            V1 = solve_triangular(st.L, Kf[:n], lower=True, check_finite=False)
+            B = Kf[n:] - L21 @ V1
+            S = Kd - L21 @ L21.T
+            explained = np.einsum("ij,ij->j", V1, V1)
+        else:
+            B, S, explained = Kf, Kd, np.zeros(m * 3)
+        try:
+            L22 = cholesky(S, lower=True, check_finite=False)
+        except LinAlgError as exc:
+            raise ModelError("conditioning: " + _CHOLESKY_HINT) from exc
+        V2 = solve_triangular(L22, B, lower=True, check_finite=False)
+        explained = explained + np.einsum("ij,ij->j", V2, V2)
+        return (s2 * P2 + s3 * P3) - explained.reshape(m, 3)
+
+    @serial_blas
     def _predict_general(self, envs: EnvironmentBatch, st: _State | None, stress: bool):
         """Mean (E, F[, S]) and force variances of ``envs`` through :func:`kernel_blocks`."""
         m = len(envs)
@@ -941,7 +1320,8 @@ class GaussianProcess:
                                 else np.zeros((0, N_FUNCTIONALS), np.int64))
         arrays["group_scale"] = (np.stack([g.scale for g in self._groups]) if self._groups
                                  else np.zeros((0, N_FUNCTIONALS)))
-        if self._k_rows == self.n_labels and self._k_ls == (self._hyps["ls2"], self._hyps["ls3"]):
+        if self._k_segments and self._k_rows == self.n_labels and \
+                self._k_ls == (self._hyps["ls2"], self._hyps["ls3"]):
             arrays["K2"] = self._K2
             arrays["K3"] = self._K3
         st = self._state
@@ -959,10 +1339,16 @@ class GaussianProcess:
         return path
 
     @classmethod
-    def load(cls, path) -> "GaussianProcess":
+    def load(cls, path, progress: Callable[[str], None] | None = None) -> "GaussianProcess":
+        """A model saved by :meth:`save` (.npz), or the latest checkpoint of a learner's model
+        directory (rebuilt from its data: :mod:`learner_service.checkpoints`)."""
         path = Path(path)
         if not path.exists():
             raise NotFound(f"model file {path} does not exist")
+        if path.is_dir():
+            from .checkpoints import ModelDirectory
+
+            return ModelDirectory(path).load(progress=progress)
         try:
             data = np.load(path, allow_pickle=False)
             meta = json.loads(bytes(data["meta"]).decode())
@@ -992,8 +1378,10 @@ class GaussianProcess:
             gp._K3 = data["K3"]
             gp._k_rows = gp._K2.shape[0]
             gp._k_ls = (gp._hyps["ls2"], gp._hyps["ls3"])
+            gp._k_segments = ((gp._k_rows, "file"),)
         if "chol_L" in data.files and data["chol_L"].shape == (gp.n_labels, gp.n_labels):
-            gp._state = _State(gp._state_key(), gp.n_labels, data["chol_L"], data["alpha"])
+            gp._state = _State(gp._state_key(), gp.n_labels, np.ascontiguousarray(data["chol_L"]), data["alpha"],
+                               ({"op": "loaded", "rows": gp.n_labels},))
         gp._version = 1
         return gp
 
