@@ -14,7 +14,7 @@ from ase import Atoms
 from protos import wire
 from protos.client import ClientTLS, make_channel, wait_until_serving
 from protos.epicycle.v1 import common_pb2, learner_pb2, learner_pb2_grpc
-from protos.errors import CalculationFailed
+from protos.errors import CalculationFailed, InvalidInput
 from protos.status import error_from_rpc
 
 
@@ -64,19 +64,56 @@ class LearnerClient:
     def wait_ready(self, timeout: float = 120.0) -> None:
         wait_until_serving(self._channel, "epicycle.v1.Learner", timeout)
 
-    def predict(self, atoms: Atoms, stress: bool = False) -> RemotePrediction:
+    def predict(self, atoms: Atoms, stress: bool = False,
+                condition_on: Iterable[tuple[Atoms, Iterable[int]]] = ()) -> RemotePrediction:
+        """Forces, σ (energy, stress) of ``atoms``.  ``condition_on``: ``[(atoms, atom_indices),
+        ...]`` environments whose labels are queued or in flight; σ is reported as if they were
+        already in the training set (the mean stays the current model's)."""
         req = learner_pb2.PredictRequest(compute_stress=stress)
         wire.structure_to_proto(atoms, out=req.structure, velocities=False)
+        for c_atoms, c_idx in condition_on:
+            c = req.condition_on.add(atom_indices=[int(i) for i in c_idx])
+            wire.structure_to_proto(c_atoms, out=c.structure, velocities=False)
         reply = self._call(self._stub.Predict, req, self.timeout)
         return prediction_from_proto(reply.prediction, len(atoms))
 
-    def add_data(self, atoms: Atoms, forces=None, atom_indices=(), energy=None, stress=None,
-                 use_energy: bool = False, use_stress: bool = False) -> learner_pb2.AddDataResponse:
+    @staticmethod
+    def add_data_request(atoms: Atoms, forces=None, atom_indices=(), energy=None, stress=None,
+                         use_energy: bool = False, use_stress: bool = False) -> learner_pb2.AddDataRequest:
+        """The AddDataRequest of :meth:`add_data`'s arguments."""
         req = learner_pb2.AddDataRequest(atom_indices=[int(i) for i in atom_indices], use_energy=use_energy,
                                          use_stress=use_stress)
         wire.structure_to_proto(atoms, out=req.structure, velocities=False)
         wire.labels_to_proto(energy, forces, stress, out=req.labels)
+        return req
+
+    def add_data(self, atoms: Atoms, forces=None, atom_indices=(), energy=None, stress=None,
+                 use_energy: bool = False, use_stress: bool = False) -> learner_pb2.AddDataResponse:
+        req = self.add_data_request(atoms, forces, atom_indices, energy, stress, use_energy, use_stress)
         return self._call(self._stub.AddData, req, self.train_timeout)
+
+    def add_data_batch(self, items: Iterable[Mapping]) -> learner_pb2.AddDataResponse:
+        """Several labelled structures in one update (all or nothing; one version bump).  Each
+        item is a dict with :meth:`add_data`'s arguments: ``atoms``, ``forces``,
+        ``atom_indices``, ``energy``, ``stress``, ``use_energy``, ``use_stress`` (all but
+        ``atoms`` optional)."""
+        req = learner_pb2.AddDataBatchRequest()
+        for k, item in enumerate(items):
+            unknown = set(item) - {"atoms", "forces", "atom_indices", "energy", "stress", "use_energy", "use_stress"}
+            if unknown or "atoms" not in item:
+                raise InvalidInput(f"add_data_batch item {k}: needs 'atoms'; unknown keys {sorted(unknown)}")
+            req.items.append(self.add_data_request(**item))
+        return self._call(self._stub.AddDataBatch, req, self.train_timeout)
+
+    def checkpoint(self) -> learner_pb2.CheckpointResponse:
+        """Have the learner write a durable checkpoint into its model directory; its id is
+        ``.checkpoint_id`` (SetupError without a model directory)."""
+        return self._call(self._stub.Checkpoint, learner_pb2.CheckpointRequest(), self.train_timeout)
+
+    def restore_checkpoint(self, checkpoint_id: str) -> learner_pb2.ModelInfo:
+        """Serve checkpoint ``checkpoint_id`` (or ``"initial"``) again (NotFound if unknown)."""
+        return self._call(self._stub.RestoreCheckpoint,
+                          learner_pb2.RestoreCheckpointRequest(checkpoint_id=checkpoint_id), self.train_timeout)
 
     def optimize(self, max_iterations: int = 0, tolerance: float = 0.0,
                  bounds: Mapping[str, tuple[float, float]] | None = None,

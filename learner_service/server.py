@@ -23,7 +23,14 @@ DEFAULT_HYPERPARAMETERS = {"sig2": 1.0, "ls2": 1.0, "sig3": 0.1, "ls3": 1.0, "no
 
 @dataclass(frozen=True)
 class LearnerServiceConfig:
-    """A new empty model (species, cutoffs, hyperparameters) or one loaded from ``model_path``."""
+    """A new empty model (species, cutoffs, hyperparameters) or one loaded from ``model_path``.
+
+    ``model_dir``: the learner's own model directory (:mod:`learner_service.checkpoints`):
+    Checkpoint/RestoreCheckpoint write and read it, and if it holds checkpoints the learner
+    serves the latest one at start (rebuilt from its data), not the new/loaded model (which
+    stays restorable as ``"initial"``).  ``keep_checkpoints``: manifests kept (older ones are
+    pruned).  ``kernel_cache_max_rows``: see :data:`learner_service.gp.DEFAULT_KERNEL_CACHE_MAX_ROWS`.
+    """
 
     species: tuple[int, ...] = ()
     cutoffs: tuple[float, float] = (6.0, 4.0)               # (r2, r3), Å
@@ -34,10 +41,17 @@ class LearnerServiceConfig:
     max_iterations: int = 200                                 # Optimize default
     predict_threads: int | None = None                        # kernel threads per prediction (None: 2 if 2 CPUs)
     warm_up: bool = True                                      # compile kernels before SERVING
+    model_dir: Path | None = None                             # checkpoints (None: Checkpoint is refused)
+    keep_checkpoints: int = 5
+    kernel_cache_max_rows: int | None = None                  # None: the GP default
     server: ServerConfig = ServerConfig()
 
     def __post_init__(self) -> None:
-        if self.model_path is None and not self.species:
+        if self.keep_checkpoints < 1:
+            raise InvalidInput(f"learner keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.kernel_cache_max_rows is not None and self.kernel_cache_max_rows < 0:
+            raise InvalidInput(f"learner kernel_cache_max_rows must be >= 0, got {self.kernel_cache_max_rows}")
+        if self.model_path is None and not self.species and self.model_dir is None:
             raise InvalidInput("learner: give the species (atomic numbers) of a new model, or a model_path")
         if len(self.cutoffs) != 2 or not all(c > 0 for c in self.cutoffs):
             raise InvalidInput(f"learner cutoffs must be two positive lengths (r2, r3) in Å, got {self.cutoffs}")
@@ -56,6 +70,46 @@ def build_model(config: LearnerServiceConfig):
     return GaussianProcess(species=list(config.species), cutoffs=tuple(config.cutoffs),
                            hyperparameters=dict(config.hyperparameters),
                            energy_noise=config.energy_noise, stress_noise=config.stress_noise)
+
+
+def build_store(config: LearnerServiceConfig):
+    """The model store: the latest checkpoint of ``config.model_dir`` if it has one (rebuilt,
+    with progress on stderr), else the new/loaded model of the config."""
+    from learner_service.checkpoints import Lineage, ModelDirectory
+    from learner_service.servicer import ModelStore
+
+    if config.predict_threads is not None and config.predict_threads < 1:
+        raise InvalidInput(f"learner predict_threads must be >= 1, got {config.predict_threads}")
+    md = ModelDirectory(config.model_dir, config.keep_checkpoints).create() if config.model_dir else None
+    latest = md.latest_id() if md is not None else None
+    if latest is None and config.model_path is None and not config.species:
+        raise InvalidInput(f"learner: model directory {config.model_dir} has no checkpoints; give the species "
+                           f"(atomic numbers) of a new model, or a model_path")
+    initial = build_model(config) if (config.model_path is not None or config.species) else None
+    served, lineage, checkpoint_id = initial, None, ""
+    if latest is not None:
+        manifest = md.read_manifest(latest)
+        print(f"learner: serving checkpoint {latest} of {md.path} ({manifest['n_environments']} environments, "
+              f"{manifest['n_labels']} labels); rebuilding ...", flush=True)
+        served = md.rebuild(manifest, progress=lambda m: print(f"learner: {m}", flush=True),
+                            kernel_cache_max_rows=config.kernel_cache_max_rows)
+        lineage, checkpoint_id = Lineage.from_json(manifest["lineage"]), latest
+        if initial is None:
+            from learner_service.gp import GaussianProcess
+            from learner_service.environment import Cutoffs
+
+            initial = GaussianProcess(manifest["species"], manifest["cutoffs"],
+                                      hyperparameters=dict(config.hyperparameters),
+                                      energy_noise=config.energy_noise, stress_noise=config.stress_noise,
+                                      pair_cutoffs=Cutoffs.parse_pair_dict(manifest.get("pair_cutoffs")))
+    for model in {id(m): m for m in (initial, served)}.values():
+        if config.predict_threads is not None:
+            model.predict_threads = config.predict_threads
+        if config.kernel_cache_max_rows is not None:
+            model.kernel_cache_max_rows = config.kernel_cache_max_rows
+    initial_base = Path(config.model_path).read_bytes() if config.model_path is not None else None
+    return ModelStore(served, model_dir=md, initial=initial, initial_base=initial_base, lineage=lineage,
+                      checkpoint_id=checkpoint_id)
 
 
 def warm_up(gp) -> None:
@@ -176,12 +230,8 @@ def start_learner_server(config: LearnerServiceConfig, registry: CollectorRegist
     from learner_service.servicer import LearnerServicer, ModelStore
 
     registry = registry if registry is not None else CollectorRegistry()
-    gp = build_model(config)
-    if config.predict_threads is not None:
-        if config.predict_threads < 1:
-            raise InvalidInput(f"learner predict_threads must be >= 1, got {config.predict_threads}")
-        gp.predict_threads = config.predict_threads
-    store = ModelStore(gp)
+    store = build_store(config)
+    gp, _ = store.snapshot()
     metrics = LearnerMetrics(registry, store)
 
     def add(server):
@@ -221,6 +271,13 @@ def register_serve_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hyperparameters", default="",
                    help="sig2,ls2,sig3,ls3,noise (eV, Å, eV, Å, eV/Å) of a new model")
     p.add_argument("--max-iterations", type=int, default=200, help="default iteration cap of Optimize")
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help="the learner's own model directory: Checkpoint writes it, and at start the latest "
+                        "checkpoint in it is served (rebuilt from its data)")
+    p.add_argument("--keep-checkpoints", type=int, default=5, help="checkpoint manifests kept (default 5)")
+    p.add_argument("--kernel-cache-max-rows", type=int, default=None,
+                   help="keep the 2-/3-body kernel matrices up to this many covariance rows (default 8192; "
+                        "3 rows per force environment)")
     p.set_defaults(func=serve_learner)
 
 
@@ -236,6 +293,8 @@ def serve_learner(args: argparse.Namespace) -> int:
         hyps = dict(zip(("sig2", "ls2", "sig3", "ls3", "noise"), values))
     config = LearnerServiceConfig(species=_species(args.species), cutoffs=cutoffs, hyperparameters=hyps,
                                   model_path=args.model, max_iterations=args.max_iterations,
+                                  model_dir=args.model_dir, keep_checkpoints=args.keep_checkpoints,
+                                  kernel_cache_max_rows=args.kernel_cache_max_rows,
                                   server=args.server_config(args))
     print("learner: compiling kernels ...", flush=True)
     running = start_learner_server(config)

@@ -1,46 +1,78 @@
 """gRPC adapter for the Learner service, and the versioned model store it serves.
 
 :class:`ModelStore` holds the current Gaussian process and its version.
-Writers (AddData, Optimize, LoadModel) are serialised and work on a *copy*;
-the copy replaces the served model atomically when it is ready, and the
-version goes up by one.  Readers (Predict, PredictStream) take a snapshot
-reference, so a prediction always sees one consistent model — the old one
-while an update is under way — and reports that model's version.
+Writers (AddData, AddDataBatch, Optimize, LoadModel, RestoreCheckpoint) are
+serialised and work on a *clone* (:meth:`GaussianProcess.clone`: new containers,
+shared arrays, which are never modified in place); the clone replaces the served
+model atomically when it is ready, and the version goes up by one.  Readers
+(Predict, PredictStream) take a snapshot reference, so a prediction always sees
+one consistent model — the old one while an update is under way — and reports
+that model's version.
+
+With a model directory the store also owns the model's durability
+(:mod:`learner_service.checkpoints`): every applied AddData/AddDataBatch is one
+data batch, kept in memory until the next Checkpoint writes it.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from ase import Atoms
 
 from protos import wire
 from protos.epicycle.v1 import common_pb2, learner_pb2, learner_pb2_grpc
-from protos.errors import InvalidInput, ModelError
+from protos.errors import InvalidInput, ModelError, SetupError
+
+from learner_service.checkpoints import INITIAL, DataItem, Lineage, ModelDirectory, apply_items, base_name
 
 #: units of the hyperparameters, for ModelInfo
 HYPERPARAMETER_UNITS = {"sig2": "eV", "ls2": "Å", "sig3": "eV", "ls3": "Å", "noise": "eV/Å",
                         "energy_noise": "eV", "stress_noise": "eV/Å³"}
 
 
-class ModelStore:
-    """The served model and its version; copy-on-write updates."""
+def _log(message: str) -> None:
+    print(f"learner: {message}", file=sys.stderr, flush=True)
 
-    def __init__(self, gp, version: int = 1) -> None:
+
+class ModelStore:
+    """The served model and its version; copy-on-write updates; checkpoints.
+
+    ``model_dir`` (a :class:`ModelDirectory`, optional) enables :meth:`checkpoint` and
+    :meth:`restore`; ``initial`` is the model the learner started with (restorable as
+    ``"initial"``; default: ``gp`` as given), ``initial_base`` the bytes of the model file it
+    was loaded from (None: an empty model).  ``lineage``/``checkpoint_id`` describe ``gp`` if
+    it was rebuilt from a checkpoint.
+    """
+
+    def __init__(self, gp, version: int = 1, model_dir: ModelDirectory | None = None, initial=None,
+                 initial_base: bytes | None = None, lineage: Lineage | None = None, checkpoint_id: str = "") -> None:
         self._gp = gp
         self._version = version
         self._swap = threading.Lock()
         self._writer = threading.Lock()
         self.last_update_seconds = 0.0
         self.last_optimize = None
+        self.model_dir = model_dir
+        self._pending_bases: dict[str, bytes] = {}
+        initial_lineage = Lineage()
+        if initial_base is not None:
+            name = base_name(initial_base)
+            self._pending_bases[name] = initial_base
+            initial_lineage = Lineage(base=name)
+        self._initial = ((initial if initial is not None else gp).clone(), initial_lineage)
+        self._lineage = lineage if lineage is not None else initial_lineage
+        self._pending: dict[int, list[DataItem]] = {}
+        self.checkpoint_id = checkpoint_id
 
     def snapshot(self):
         """``(gp, version)`` to read from; never mutated afterwards."""
@@ -51,16 +83,17 @@ class ModelStore:
     def version(self) -> int:
         return self.snapshot()[1]
 
-    def update(self, change: Callable[[object], object]):
-        """Apply ``change(gp_copy)`` to a copy, refactorise it, then serve it.
+    def update(self, change: Callable[[object], object], items: Sequence[DataItem] | None = None):
+        """Apply ``change(clone)`` to a clone, refactorise it, then serve it.
 
-        Returns ``(result_of_change, new_version)``.  If ``change`` raises, the
-        served model is untouched.
+        ``items``: the data ``change`` adds (one data batch of the model's lineage, written at
+        the next checkpoint).  Returns ``(result_of_change, new_version)``.  If ``change``
+        raises, the served model is untouched.
         """
         with self._writer:
             started = time.perf_counter()
             current, _ = self.snapshot()
-            work = copy.deepcopy(current)
+            work = current.clone()
             result = change(work)
             if work.n_labels:
                 work.train()
@@ -68,17 +101,94 @@ class ModelStore:
                 self._gp = work
                 self._version += 1
                 version = self._version
+                if items is not None:
+                    index = self._lineage.end
+                    self._pending[index] = list(items)
+                    self._lineage = dataclasses.replace(self._lineage, end=index + 1)
             self.last_update_seconds = time.perf_counter() - started
             return result, version
 
-    def replace(self, gp) -> int:
+    def replace(self, gp, model_file: bytes | None = None) -> int:
+        """Serve ``gp`` (LoadModel); ``model_file``: the bytes it was loaded from, the base of
+        the new lineage (written at the next checkpoint)."""
         with self._writer:
             if gp.n_labels:
                 gp.train()
             with self._swap:
                 self._gp = gp
                 self._version += 1
+                end = self._lineage.end
+                if model_file is not None:
+                    name = base_name(model_file)
+                    self._pending_bases[name] = model_file
+                    self._lineage = Lineage(base=name, first=end, end=end)
+                else:
+                    self._lineage = Lineage(first=end, end=end)
+                self._pending = {}
+                self.checkpoint_id = ""
                 return self._version
+
+    def _need_dir(self, what: str) -> ModelDirectory:
+        if self.model_dir is None:
+            raise SetupError(f"{what} needs a model directory; start the learner with --model-dir DIR "
+                             f"(LearnerServiceConfig.model_dir)")
+        return self.model_dir
+
+    def checkpoint(self):
+        """Write a checkpoint of the served model (:meth:`ModelDirectory.write_checkpoint`);
+        returns ``(CheckpointWritten, model_version, gp)``."""
+        md = self._need_dir("Checkpoint")
+        with self._writer:
+            gp, version = self.snapshot()
+            base = self._lineage.base
+            written, lineage, _ = md.write_checkpoint(gp, version, self._lineage, self._pending,
+                                                      self._pending_bases.get(base) if base else None)
+            with self._swap:
+                self._lineage = lineage
+                self._pending = {}
+                self.checkpoint_id = written.checkpoint_id
+            return written, version, gp
+
+    def restore(self, checkpoint_id: str, progress: Callable[[str], None] | None = _log):
+        """Serve the model of ``checkpoint_id`` (or ``"initial"``) again; later checkpoints are
+        superseded.  Cheap when the checkpoint's data and factor history are a prefix of the
+        served model's (:meth:`GaussianProcess.truncated`), else rebuilt from the directory.
+        Returns ``(gp, version)``."""
+        md = self._need_dir("RestoreCheckpoint")
+        with self._writer:
+            current, _ = self.snapshot()
+            if checkpoint_id == INITIAL:
+                gp, lineage = self._initial[0].clone(), self._initial[1]
+                new_id = ""
+            else:
+                manifest = md.read_manifest(checkpoint_id)
+                lineage = Lineage.from_json(manifest["lineage"])
+                live = self._lineage
+                gp = None
+                if (lineage.base == live.base and lineage.first == live.first
+                        and live.files[:len(lineage.files)] == lineage.files):
+                    try:
+                        gp = current.truncated(manifest["counts"], manifest["hyperparameters"], manifest["factor"])
+                        gp._version = int(manifest["gp_version"])
+                    except ModelError:
+                        gp = None
+                if gp is None:
+                    if progress:
+                        progress(f"rebuilding checkpoint {checkpoint_id} from {md.path}")
+                    gp = md.rebuild(manifest, progress, kernel_cache_max_rows=current.kernel_cache_max_rows)
+                new_id = checkpoint_id
+            gp.predict_threads = current.predict_threads
+            gp.kernel_cache_max_rows = current.kernel_cache_max_rows
+            superseded = md.supersede_after(new_id or None)
+            if superseded and progress:
+                progress(f"restored {checkpoint_id}; superseded checkpoints {', '.join(superseded)}")
+            with self._swap:
+                self._gp = gp
+                self._version += 1
+                self._lineage = lineage
+                self._pending = {}
+                self.checkpoint_id = new_id
+                return gp, self._version
 
 
 # --------------------------------------------------------------------------- conversions
@@ -119,7 +229,7 @@ def bounds_from_proto(bounds, names) -> dict[str, tuple[float, float]]:
     return out
 
 
-def model_info(gp, version: int) -> learner_pb2.ModelInfo:
+def model_info(gp, version: int, checkpoint_id: str = "") -> learner_pb2.ModelInfo:
     hyps = dict(gp.hyperparameters)
     cutoffs = (float(np.max(gp.cutoffs.twobody)), float(np.max(gp.cutoffs.threebody)))
     info = learner_pb2.ModelInfo(
@@ -132,6 +242,7 @@ def model_info(gp, version: int) -> learner_pb2.ModelInfo:
         cutoff_two_body=float(cutoffs[0]),
         cutoff_three_body=cutoffs[1],
         ready=True,
+        checkpoint_id=checkpoint_id,
     )
     return info
 
@@ -211,8 +322,17 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         started = time.perf_counter()
         _check_positions(atoms, "structure")
         _indices(request.atom_indices, len(atoms), "atom_indices")
+        condition = []
+        for k, c in enumerate(getattr(request, "condition_on", ())):
+            name = f"condition_on[{k}]"
+            c_atoms = wire.structure_from_proto(c.structure, name=f"{name}.structure")
+            _check_positions(c_atoms, f"{name}.structure")
+            c_idx = _indices(c.atom_indices, len(c_atoms), f"{name}.atom_indices")
+            if not c_idx.size:
+                raise InvalidInput(f"{name}.atom_indices is empty: name the atoms whose environments to condition on")
+            condition.append((c_atoms, c_idx))
         gp, version = self.store.snapshot()
-        pred = gp.predict(atoms, stress=request.compute_stress)
+        pred = gp.predict(atoms, stress=request.compute_stress, condition_on=condition)
         reply = learner_pb2.PredictResponse(sequence=request.sequence)
         prediction_to_proto(pred, version, reply.prediction)
         self.observer.prediction(rpc, len(atoms), time.perf_counter() - started)
@@ -229,37 +349,48 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
 
     # -- training -------------------------------------------------------------------------
 
-    def AddData(self, request, context):
-        atoms = wire.structure_from_proto(request.structure)
-        _check_positions(atoms, "structure")
+    @staticmethod
+    def _data_item(request: learner_pb2.AddDataRequest, prefix: str = "") -> DataItem:
+        """An AddDataRequest validated (field names in errors carry ``prefix``, e.g. ``items[3].``)."""
+        atoms = wire.structure_from_proto(request.structure, name=f"{prefix}structure")
+        _check_positions(atoms, f"{prefix}structure")
         n = len(atoms)
-        energy, forces, stress = wire.labels_from_proto(request.labels, n)
-        idx = _indices(request.atom_indices, n, "atom_indices")
+        energy, forces, stress = wire.labels_from_proto(request.labels, n, name=f"{prefix}labels")
+        idx = _indices(request.atom_indices, n, f"{prefix}atom_indices")
         if idx.size and forces is None:
-            raise InvalidInput("labels.forces is required when atom_indices are given")
+            raise InvalidInput(f"{prefix}labels.forces is required when atom_indices are given")
         if not idx.size and not request.use_energy and not request.use_stress:
-            raise InvalidInput("nothing to add: give atom_indices, or set use_energy/use_stress")
+            raise InvalidInput(f"{prefix or 'AddData: '}nothing to add: give atom_indices, or set use_energy/use_stress")
         if request.use_energy and energy is None:
-            raise InvalidInput("use_energy is set but labels.energy is missing")
+            raise InvalidInput(f"{prefix}use_energy is set but {prefix}labels.energy is missing")
         if request.use_stress and stress is None:
-            raise InvalidInput("use_stress is set but labels.stress is missing")
+            raise InvalidInput(f"{prefix}use_stress is set but {prefix}labels.stress is missing")
         if request.use_stress and not atoms.pbc.all():
-            raise InvalidInput("use_stress needs a structure periodic in all three directions")
-        wire.check_finite("labels.forces", forces)
-        wire.check_finite("labels.energy", energy)
-        wire.check_finite("labels.stress", stress)
+            raise InvalidInput(f"{prefix}use_stress needs a structure periodic in all three directions")
+        wire.check_finite(f"{prefix}labels.forces", forces)
+        wire.check_finite(f"{prefix}labels.energy", energy)
+        wire.check_finite(f"{prefix}labels.stress", stress)
+        return DataItem(atoms=atoms, forces=None if forces is None else np.array(forces), atom_indices=idx,
+                        energy=energy, stress=None if stress is None else np.array(stress),
+                        use_energy=bool(request.use_energy), use_stress=bool(request.use_stress))
 
-        def change(gp):
-            gp.add_structure(atoms, forces=forces, atom_indices=idx.tolist(),
-                             energy=energy if request.use_energy else None,
-                             stress=stress if request.use_stress else None)
-
+    def _add(self, items: list[DataItem]) -> learner_pb2.AddDataResponse:
         started = time.perf_counter()
-        _, version = self.store.update(change)
+        _, version = self.store.update(lambda gp: apply_items(gp, items), items=items)
         self.observer.data_added(time.perf_counter() - started)
         gp, _ = self.store.snapshot()
         return learner_pb2.AddDataResponse(model_version=version, n_environments=gp.n_environments,
                                            n_labels=gp.n_labels)
+
+    def AddData(self, request, context):
+        return self._add([self._data_item(request)])
+
+    def AddDataBatch(self, request, context):
+        """Every item validated first, then one model update (all or nothing), one
+        refactorisation, one version bump."""
+        if not request.items:
+            raise InvalidInput("AddDataBatch: items is empty")
+        return self._add([self._data_item(item, f"items[{k}].") for k, item in enumerate(request.items)])
 
     def Optimize(self, request, context):
         if request.max_iterations < 0 or request.tolerance < 0:
@@ -288,7 +419,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
 
     def GetModelInfo(self, request, context):
         gp, version = self.store.snapshot()
-        info = model_info(gp, version)
+        info = model_info(gp, version, self.store.checkpoint_id)
         if gp.n_labels:
             value = gp.log_likelihood(gradient=False)
             info.log_likelihood = float(value[0] if isinstance(value, tuple) else value)
@@ -321,5 +452,19 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
                 raise InvalidInput(f"cannot load the model: {type(exc).__name__}: {exc}") from None
         current, _ = self.store.snapshot()
         gp.predict_threads = getattr(current, "predict_threads", gp.predict_threads)  # a service setting, not the model's
-        version = self.store.replace(gp)
-        return model_info(gp, version)
+        version = self.store.replace(gp, model_file=bytes(request.model))
+        return model_info(gp, version, self.store.checkpoint_id)
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def Checkpoint(self, request, context):
+        written, version, gp = self.store.checkpoint()
+        return learner_pb2.CheckpointResponse(
+            checkpoint_id=written.checkpoint_id, model_version=version, n_environments=gp.n_environments,
+            n_labels=gp.n_labels, bytes_written=written.bytes_written, seconds=written.seconds)
+
+    def RestoreCheckpoint(self, request, context):
+        if not request.checkpoint_id:
+            raise InvalidInput("checkpoint_id is empty (give an id from Checkpoint, or 'initial')")
+        gp, version = self.store.restore(request.checkpoint_id)
+        return model_info(gp, version, self.store.checkpoint_id)
