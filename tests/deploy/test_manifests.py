@@ -319,8 +319,18 @@ def test_run_config_is_valid_and_names_the_services(deployable: Build, tmp_path)
     ns = deployable.namespace
     assert config.oracle.addresses == (f"dns:///oracle-headless.{ns}.svc.cluster.local:50051",), (
         "one dns:/// name of the headless Service in the overlay's namespace (client-side round-robin)")
-    assert config.learner.address == "learner:50052" and config.sampler.address == "sampler:50053"
-    for name, port in (("learner", 50052), ("sampler", 50053)):
+    assert config.learner.address == "learner:50052"
+    sampler_addresses = tuple(getattr(config.sampler, "addresses", ()) or ())
+    if sampler_addresses:  # several walkers spread over every sampler pod (client-side round robin)
+        assert config.sampler.address is None
+        assert sampler_addresses == (f"dns:///sampler-headless.{ns}.svc.cluster.local:50053",), (
+            "one dns:/// name of the sampler's headless Service in the overlay's namespace")
+        headless = deployable.get("Service", "sampler-headless")
+        assert headless and headless["spec"].get("clusterIP") == "None"
+        assert not headless["spec"].get("publishNotReadyAddresses"), "draining samplers must leave the DNS answer"
+    else:
+        assert config.sampler.address == "sampler:50053"
+    for name, port in (("learner", 50052), ("sampler", 50053), ("sampler-headless", 50053)):
         svc = deployable.get("Service", name)
         assert svc and any(p["port"] == port for p in svc["spec"]["ports"])
     assert config.metrics_port == 9100 == container_ports(_workload(deployable, "coordinator"))["metrics"]
@@ -330,6 +340,48 @@ def test_run_config_is_valid_and_names_the_services(deployable: Build, tmp_path)
     assert tuple(float(c) for c in flag(learner, "--cutoffs").split(",")) == tuple(config.learner.cutoffs)
     served = {atomic_numbers[e] for e in flag(learner, "--species").split(",")}
     assert {int(z) for z in build_structure(config).numbers} <= served, "the learner must know every species"
+
+
+def _walker_count(run: dict) -> int:
+    walkers = run.get("walkers")
+    if not walkers:
+        return 1
+    return len(walkers["temperatures"]) if isinstance(walkers, dict) else len(walkers)
+
+
+def _oracle_pool_bounds(build: Build) -> tuple[int, int]:
+    """(fewest, most) oracle pods the autoscaler (CPU HPA or KEDA) allows."""
+    scaled = build.of_kind("ScaledObject")
+    if scaled:
+        spec = scaled[0]["spec"]
+        return spec.get("minReplicaCount", 0), spec["maxReplicaCount"]
+    (hpa,) = [h for h in build.of_kind("HorizontalPodAutoscaler") if h["spec"]["scaleTargetRef"]["name"] == "oracle"]
+    return hpa["spec"].get("minReplicas", 1), hpa["spec"]["maxReplicas"]
+
+
+def test_concurrency_fits_the_pools(deployable: Build):
+    """Walkers, sampler replicas, oracle.max_in_flight and the oracle pool agree (docs/deploy.md, "Scaling:
+    walkers and oracle workers"): no idle sampler pods, no more labels out than the largest pool can compute,
+    and not so many that the smallest pool answers RESOURCE_EXHAUSTED while it scales up."""
+    _, run = _run_config(deployable)
+    walkers = _walker_count(run)
+    sampler = _workload(deployable, "sampler")
+    replicas = sampler["spec"].get("replicas", 1)
+    assert replicas <= walkers, f"{replicas} sampler pods for {walkers} walker(s): the extra pods idle"
+    if walkers > 1 and replicas > 1:
+        assert run["sampler"].get("addresses"), "several sampler pods need sampler.addresses (headless Service)"
+    oracle_args = pod_spec(_workload(deployable, "oracle"))["containers"][0]["args"]
+    workers, queue_limit = int(flag(oracle_args, "--workers")), int(flag(oracle_args, "--queue-limit"))
+    fewest, most = _oracle_pool_bounds(deployable)
+    max_in_flight = int(run["oracle"].get("max_in_flight", 0))
+    if max_in_flight:
+        assert max_in_flight <= most * workers, (
+            f"oracle.max_in_flight={max_in_flight} exceeds the largest pool ({most} pods x --workers={workers})")
+        assert max_in_flight <= max(fewest, 1) * (workers + queue_limit), (
+            f"oracle.max_in_flight={max_in_flight} overflows the smallest pool ({max(fewest, 1)} pod(s) x "
+            f"(--workers={workers} + --queue-limit={queue_limit})): RESOURCE_EXHAUSTED while it scales up")
+        assert max_in_flight <= walkers, (
+            f"oracle.max_in_flight={max_in_flight} > {walkers} walker(s): a parked walker has one frame to label")
 
 
 def test_coordinator_job(any_build: Build):
