@@ -444,6 +444,9 @@ def test_oracle_autoscaling(any_build: Build):
         trigger = so["spec"]["triggers"][0]
         query = trigger["metadata"]["query"]
         assert "epicycle_oracle_queued" in query and "epicycle_oracle_in_flight" in query
+        # the concurrent coordinator's backlog is the real demand (semantics: test_prometheus_rules.py)
+        assert "epicycle_coordinator_labels_queued" in query and "epicycle_coordinator_labels_in_flight" in query
+        assert "NAMESPACE" not in query, "a namespace placeholder was not replaced"
         namespaces = set(re.findall(r'namespace="([^"]*)"', query))
         assert namespaces == {any_build.namespace}, f"query selects {namespaces}, pods run in {any_build.namespace}"
         workers = flag(pod_spec(oracle)["containers"][0]["args"], "--workers")

@@ -89,3 +89,51 @@ def test_dashboard_references_only_exported_metrics(metric_names):
 
     unknown = {m for _, e in panel_queries() for m in referenced_metrics(e)} - metric_names
     assert not unknown, f"dashboard uses metrics no service exports: {sorted(unknown)}"
+
+
+#: (what, coordinator {queued, in_flight} or None, oracle pods [(queued, in_flight)], expected demand)
+KEDA_SCENARIOS = [
+    ("the coordinator's in-flight requests are the oracles' queued + in flight: counted once",
+     {"queued": 3, "in_flight": 2}, [(0, 1), (0, 1)], 5),
+    ("oracle work beyond the coordinator's requests (another client) is added",
+     {"queued": 0, "in_flight": 1}, [(2, 1)], 3),
+    ("a request still on its way to the oracle is not subtracted twice (clamped at 0)",
+     {"queued": 1, "in_flight": 2}, [(0, 1)], 3),
+    ("no coordinator: the oracles' own queued + in flight, as before",
+     None, [(1, 1), (0, 1)], 3),
+    ("nothing running anywhere: 0, not an empty result",
+     None, [], 0),
+]
+
+
+def test_keda_demand_counts_each_request_once(tmp_path):
+    """The ScaledObject's query, evaluated by promtool on synthetic gauges (with another namespace's
+    series present, which it must ignore)."""
+    so = yaml.safe_load((K8S / "components" / "keda" / "scaledobject.yaml").read_text())
+    query = so["spec"]["triggers"][0]["metadata"]["query"].replace("NAMESPACE", "epicycle")
+    tests = []
+    for what, coordinator, oracles, expected in KEDA_SCENARIOS:
+        series = [  # a busy neighbour namespace
+            {"series": 'epicycle_coordinator_labels_queued{namespace="other",service="coordinator-metrics"}',
+             "values": "7x10"},
+            {"series": 'epicycle_oracle_in_flight{namespace="other",service="oracle-headless",pod="o"}',
+             "values": "5x10"},
+        ]
+        if coordinator is not None:
+            for key, value in coordinator.items():
+                series.append({"series": f'epicycle_coordinator_labels_{key}{{namespace="epicycle",'
+                                         f'service="coordinator-metrics",pod="coordinator-x"}}',
+                               "values": f"{value}x10"})
+        for i, (queued, in_flight) in enumerate(oracles):
+            for name, value in (("queued", queued), ("in_flight", in_flight)):
+                series.append({"series": f'epicycle_oracle_{name}{{namespace="epicycle",service="oracle-headless",'
+                                         f'pod="oracle-{i}",backend="qe"}}',
+                               "values": f"{value}x10"})
+        tests.append({"name": what, "interval": "1m", "input_series": series,
+                      "promql_expr_test": [{"expr": query, "eval_time": "5m",
+                                            "exp_samples": [{"labels": "{}", "value": expected}]}]})
+    (tmp_path / "empty_rules.yaml").write_text("groups: []\n")
+    (tmp_path / "keda_test.yaml").write_text(yaml.safe_dump(
+        {"rule_files": ["empty_rules.yaml"], "evaluation_interval": "1m", "tests": tests}, sort_keys=False))
+    proc = run([require("promtool"), "test", "rules", "keda_test.yaml"], cwd=tmp_path)
+    assert "SUCCESS" in proc.stdout + proc.stderr
