@@ -38,7 +38,8 @@ def test_every_alert_is_unit_tested():
     alerts = {r["alert"] for r in _rules() if "alert" in r}
     assert alerts == tested, f"alerts without a firing test: {alerts - tested}"
     assert {"EpicycleOracleFailureRateHigh", "EpicycleOracleQueueSaturated", "EpicycleNoMDProgress",
-            "EpicycleLearnerAbsent", "EpicycleLearnerNotReady", "EpicycleCoordinatorStalled"} <= alerts
+            "EpicycleLearnerAbsent", "EpicycleLearnerNotReady", "EpicycleCoordinatorStalled",
+            "EpicycleLabelsNotDispatched", "EpicycleOraclePoolDown"} <= alerts
 
 
 def test_alerts_have_for_severity_and_annotations():
