@@ -53,9 +53,13 @@ def test_panels_cover_the_cycle():
     for metric in ("epicycle_coordinator_max_sigma_ratio", "epicycle_oracle_calls_total", "epicycle_oracle_queued",
                    "epicycle_oracle_in_flight", "epicycle_learner_noise_ev_per_angstrom",
                    "epicycle_learner_training_environments", "epicycle_sampler_temperature_kelvin",
-                   "epicycle_sampler_steps_total", "epicycle_grpc_server_handled_total"):
+                   "epicycle_sampler_steps_total", "epicycle_grpc_server_handled_total",
+                   "epicycle_coordinator_labels_queued", "epicycle_coordinator_labels_in_flight",
+                   "epicycle_coordinator_temperature_kelvin"):
         assert metric in exprs, f"no panel shows {metric}"
     assert any("grpc_code" in e for _, e in panel_queries()), "errors by code"
+    assert any("by (namespace, walker)" in e and "epicycle_coordinator_temperature_kelvin" in e
+               for _, e in panel_queries()), "one temperature line per walker"
 
 
 def test_panel_queries_helper():
