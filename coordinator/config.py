@@ -48,6 +48,13 @@ class OracleConfig:
     timeout_s: float = 600.0                 # deadline of one label call
     attempts: int = 3                        # workers tried for one label before giving up
     workers: int = 1                         # embedded: concurrent calculations
+    # labels computed at once across the pool (0: one per worker — len(addresses), or `workers` embedded)
+    max_in_flight: int = 0
+    # every worker unreachable: retry with backoff for this long, then stop the run (exit 1, resumable)
+    outage_timeout_s: float = 600.0
+    # a frame no oracle could label: "stop" the run (default) or "skip": integrate that one step on the
+    # model, counted in the report and metrics (the model never learns that configuration)
+    on_failure: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class LearnerConfig:
 @dataclass(frozen=True)
 class SamplerConfig:
     address: str | None = None               # remote sampler; None: embedded
+    addresses: tuple[str, ...] = ()          # several remote samplers, used round robin by the walkers
     engine: str = "builtin"
     ensemble: str = "nve"
     timestep_fs: float = 5.0
@@ -97,6 +105,57 @@ class PolicyConfig:
     atoms_per_call: int = 1                  # environments added per oracle call
     acquisition: str = "max_sigma"
     update: str = "accept"
+    # a new uncertain frame is not sent to the oracle when the learner's σ, conditioned on the
+    # environments of the labels already queued or in flight, is below the threshold everywhere
+    dedupe: bool = True
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    """When the run ends before every walker has done its steps (0 switches a criterion off)."""
+
+    # converged: no oracle call in the last window_steps steps of every walker, and at least
+    # accurate_ratio of the frames streamed in that window had every force σ below the threshold
+    window_steps: int = 0
+    accurate_ratio: float = 0.99
+    max_labels: int = 0                      # label budget (oracle calls, the first frame included)
+    max_wall_s: float = 0.0                  # wall-time budget, s (summed over resumes)
+
+
+#: walker keys that override the `sampler:` section
+WALKER_SAMPLER_KEYS = ("engine", "ensemble", "timestep_fs", "temperature_K", "friction_per_fs", "taut_fs",
+                       "pressure_GPa", "schedule", "steps")
+#: most walkers in one run (metrics carry one `walker` label value per walker)
+MAX_WALKERS = 64
+
+
+@dataclass(frozen=True)
+class WalkerConfig:
+    """One MD walker: keys left out take the `sampler:` section's value (structure: the top-level one)."""
+
+    name: str | None = None                  # default w0, w1, ...
+    structure: StructureConfig | None = None
+    engine: str | None = None
+    ensemble: str | None = None
+    timestep_fs: float | None = None
+    temperature_K: float | None = None
+    friction_per_fs: float | None = None
+    taut_fs: float | None = None
+    pressure_GPa: float | None = None
+    schedule: tuple[tuple[float, float], ...] | None = None
+    steps: int | None = None
+    seed: int | None = None                  # default: run seed + walker index
+
+
+@dataclass(frozen=True)
+class Walker:
+    """A walker with every setting resolved (see :meth:`RunConfig.walker_list`)."""
+
+    index: int
+    name: str
+    structure: StructureConfig
+    sampler: SamplerConfig
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -108,6 +167,9 @@ class RunConfig:
     learner: LearnerConfig = LearnerConfig()
     sampler: SamplerConfig = SamplerConfig()
     policy: PolicyConfig = PolicyConfig()
+    #: MD walkers (empty: one walker from `structure` and `sampler`)
+    walkers: tuple[WalkerConfig, ...] = ()
+    stop: StopConfig = StopConfig()
     #: the coordinator's own /metrics port (None: off; 0: any free port); embedded services use the next ones
     metrics_port: int | None = None
     #: address the /metrics endpoints bind (0.0.0.0 in a pod, so Prometheus can scrape it)
@@ -115,6 +177,17 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+    def walker_list(self) -> list[Walker]:
+        """Every walker with its settings resolved; one walker ``w0`` when ``walkers`` is empty."""
+        specs = self.walkers or (WalkerConfig(),)
+        out = []
+        for i, w in enumerate(specs):
+            overrides = {k: getattr(w, k) for k in WALKER_SAMPLER_KEYS if getattr(w, k) is not None}
+            out.append(Walker(index=i, name=w.name or f"w{i}", structure=w.structure or self.structure,
+                              sampler=dataclasses.replace(self.sampler, **overrides),
+                              seed=self.seed + i if w.seed is None else w.seed))
+        return out
 
 
 # --------------------------------------------------------------------------- parsing
@@ -132,15 +205,41 @@ def _type_name(t) -> str:
     return getattr(t, "__name__", str(t))
 
 
+def _walkers(path: str, value: Any) -> tuple[WalkerConfig, ...]:
+    """``walkers:`` as a list of walker mappings, or the ladder short form ``{temperatures: [...]}``."""
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"temperatures"}
+        if unknown or "temperatures" not in value:
+            raise ConfigError(f"{path}: expected a list of walkers, or the ladder form {{temperatures: [T1, T2, ...]}} "
+                              f"(K), got keys {sorted(value)}")
+        temps = value["temperatures"]
+        if not isinstance(temps, (list, tuple)) or not temps:
+            raise ConfigError(f"{path}.temperatures: expected a non-empty list of temperatures in K, got {temps!r}")
+        out = []
+        for i, t in enumerate(temps):
+            t = _number(f"{path}.temperatures[{i}]", t)
+            out.append(WalkerConfig(name=f"T{t:g}", temperature_K=t))
+        return tuple(out)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path}: expected a list of walkers or {{temperatures: [...]}}, got {value!r}")
+    return tuple(_build(WalkerConfig, item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
 def _convert(path: str, value: Any, default: Any, annotation: str) -> Any:
     """Convert ``value`` to the type implied by the field's default/annotation."""
     if dataclasses.is_dataclass(default):
         return _build(type(default), value, path)
+    if annotation.startswith("StructureConfig"):
+        return None if value is None else _build(StructureConfig, value, path)
+    if annotation.startswith("tuple[WalkerConfig"):
+        return () if value is None else _walkers(path, value)
     if value is None:
         if "None" in annotation:
             return None
         raise ConfigError(f"{path}: must not be empty")
     if annotation.startswith("tuple[tuple"):
+        if value is None and "None" in annotation:
+            return None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list of [time_fs, temperature_K] pairs, got {value!r}")
         pairs = []
@@ -248,10 +347,15 @@ def load_config(path: str | Path) -> RunConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     config = parse_config(data)
-    s = config.structure
-    if s.file is not None and not Path(s.file).is_absolute():
-        config = dataclasses.replace(config, structure=dataclasses.replace(s, file=str(path.parent / s.file)))
-    return config
+
+    def relative_to_config(s: StructureConfig | None) -> StructureConfig | None:
+        if s is None or s.file is None or Path(s.file).is_absolute():
+            return s
+        return dataclasses.replace(s, file=str(path.parent / s.file))
+
+    return dataclasses.replace(
+        config, structure=relative_to_config(config.structure),
+        walkers=tuple(dataclasses.replace(w, structure=relative_to_config(w.structure)) for w in config.walkers))
 
 
 # --------------------------------------------------------------------------- semantic checks
@@ -259,21 +363,12 @@ def load_config(path: str | Path) -> RunConfig:
 
 def validate(c: RunConfig) -> None:
     from coordinator.policies import ACQUISITION, UPDATE
-    from sampler_service.settings import ENGINES, ENSEMBLES
 
     def need(cond: bool, message: str) -> None:
         if not cond:
             raise ConfigError(message)
 
-    s = c.structure
-    need(s.file is not None or s.generator in ("fcc", "bcc", "sc", "diamond", "l12"),
-         f"structure.generator: allowed fcc, bcc, sc, diamond, l12 (or give structure.file), got {s.generator!r}")
-    need(s.a > 0, f"structure.a: lattice constant must be > 0 Å, got {s.a}")
-    need(all(r >= 1 for r in s.repeat), f"structure.repeat: each repeat must be >= 1, got {list(s.repeat)}")
-    need(s.rattle >= 0, f"structure.rattle: must be >= 0 Å, got {s.rattle}")
-    if s.generator == "l12" and s.file is None:
-        need(isinstance(s.element, list) and len(s.element) == 2,
-             f"structure.element: l12 needs two elements [A, B] (A3B), got {s.element!r}")
+    _validate_structure(c.structure, "structure", need)
     o = c.oracle
     need(o.timeout_s > 0, f"oracle.timeout_s: must be > 0 s, got {o.timeout_s}")
     need(o.attempts >= 1, f"oracle.attempts: must be >= 1, got {o.attempts}")
@@ -310,16 +405,28 @@ def validate(c: RunConfig) -> None:
         h = le.hyperparameters.get(k)
         need(h is None or v[0] <= h <= v[1],
              f"learner.optimize.bounds.{k}: the initial value {h} lies outside [{v[0]}, {v[1]}]")
-    sm = c.sampler
-    need(sm.engine in ENGINES, f"sampler.engine: allowed {', '.join(ENGINES)}, got {sm.engine!r}")
-    need(sm.ensemble in ENSEMBLES, f"sampler.ensemble: allowed {', '.join(ENSEMBLES)}, got {sm.ensemble!r}")
-    need(sm.timestep_fs > 0, f"sampler.timestep_fs: must be > 0 fs, got {sm.timestep_fs}")
-    need(sm.temperature_K >= 0, f"sampler.temperature_K: must be >= 0 K, got {sm.temperature_K}")
-    need(sm.steps >= 1, f"sampler.steps: must be >= 1, got {sm.steps}")
-    need(sm.frame_interval >= 1, f"sampler.frame_interval: must be >= 1, got {sm.frame_interval}")
-    need(sm.checkpoint_interval >= 1, f"sampler.checkpoint_interval: must be >= 1, got {sm.checkpoint_interval}")
-    for i, (t, temp) in enumerate(sm.schedule):
-        need(t >= 0 and temp >= 0, f"sampler.schedule[{i}]: time_fs and temperature_K must be >= 0, got {[t, temp]}")
+    need(o.max_in_flight >= 0, f"oracle.max_in_flight: must be >= 0 (0: one per oracle worker), got {o.max_in_flight}")
+    need(o.outage_timeout_s >= 0, f"oracle.outage_timeout_s: must be >= 0 s, got {o.outage_timeout_s}")
+    need(o.on_failure in ("stop", "skip"), f"oracle.on_failure: allowed stop, skip, got {o.on_failure!r}")
+    need(not (c.sampler.address and c.sampler.addresses),
+         "sampler: give either sampler.address or sampler.addresses, not both")
+    _validate_sampler(c.sampler, "sampler", need)
+    need(len(c.walkers) <= MAX_WALKERS, f"walkers: at most {MAX_WALKERS} walkers, got {len(c.walkers)}")
+    names = set()
+    for w in c.walker_list():
+        where = f"walkers[{w.index}]"
+        need(bool(w.name) and all(ch.isalnum() or ch in "-_." for ch in w.name),
+             f"{where}.name: letters, digits, '-', '_' and '.' only, got {w.name!r}")
+        need(w.name not in names, f"{where}.name: {w.name!r} is used by two walkers")
+        names.add(w.name)
+        if c.walkers:
+            _validate_structure(w.structure, f"{where}.structure", need)
+            _validate_sampler(w.sampler, where, need)
+    st = c.stop
+    need(st.window_steps >= 0, f"stop.window_steps: must be >= 0 steps (0: off), got {st.window_steps}")
+    need(0 < st.accurate_ratio <= 1, f"stop.accurate_ratio: must be in (0, 1], got {st.accurate_ratio}")
+    need(st.max_labels >= 0, f"stop.max_labels: must be >= 0 (0: no budget), got {st.max_labels}")
+    need(st.max_wall_s >= 0, f"stop.max_wall_s: must be >= 0 s (0: no budget), got {st.max_wall_s}")
     p = c.policy
     need(p.sigma_factor > 0, f"policy.sigma_factor: must be > 0, got {p.sigma_factor}")
     need(p.absolute_threshold is None or p.absolute_threshold > 0,
@@ -330,3 +437,28 @@ def validate(c: RunConfig) -> None:
     need(p.acquisition in ACQUISITION, f"policy.acquisition: allowed {', '.join(sorted(ACQUISITION))}, "
          f"got {p.acquisition!r}")
     need(p.update in UPDATE, f"policy.update: allowed {', '.join(sorted(UPDATE))}, got {p.update!r}")
+
+
+def _validate_structure(s: StructureConfig, where: str, need) -> None:
+    need(s.file is not None or s.generator in ("fcc", "bcc", "sc", "diamond", "l12"),
+         f"{where}.generator: allowed fcc, bcc, sc, diamond, l12 (or give {where}.file), got {s.generator!r}")
+    need(s.a > 0, f"{where}.a: lattice constant must be > 0 Å, got {s.a}")
+    need(all(r >= 1 for r in s.repeat), f"{where}.repeat: each repeat must be >= 1, got {list(s.repeat)}")
+    need(s.rattle >= 0, f"{where}.rattle: must be >= 0 Å, got {s.rattle}")
+    if s.generator == "l12" and s.file is None:
+        need(isinstance(s.element, list) and len(s.element) == 2,
+             f"{where}.element: l12 needs two elements [A, B] (A3B), got {s.element!r}")
+
+
+def _validate_sampler(sm: SamplerConfig, where: str, need) -> None:
+    from sampler_service.settings import ENGINES, ENSEMBLES
+
+    need(sm.engine in ENGINES, f"{where}.engine: allowed {', '.join(ENGINES)}, got {sm.engine!r}")
+    need(sm.ensemble in ENSEMBLES, f"{where}.ensemble: allowed {', '.join(ENSEMBLES)}, got {sm.ensemble!r}")
+    need(sm.timestep_fs > 0, f"{where}.timestep_fs: must be > 0 fs, got {sm.timestep_fs}")
+    need(sm.temperature_K >= 0, f"{where}.temperature_K: must be >= 0 K, got {sm.temperature_K}")
+    need(sm.steps >= 1, f"{where}.steps: must be >= 1, got {sm.steps}")
+    need(sm.frame_interval >= 1, f"{where}.frame_interval: must be >= 1, got {sm.frame_interval}")
+    need(sm.checkpoint_interval >= 1, f"{where}.checkpoint_interval: must be >= 1, got {sm.checkpoint_interval}")
+    for i, (t, temp) in enumerate(sm.schedule):
+        need(t >= 0 and temp >= 0, f"{where}.schedule[{i}]: time_fs and temperature_K must be >= 0, got {[t, temp]}")

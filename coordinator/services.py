@@ -35,6 +35,11 @@ BALANCED_SCHEMES = ("dns:", "ipv4:", "ipv6:")
 RETRY_ELSEWHERE = (NotReady, Overloaded, CalculationTimeout)
 
 
+class OracleUnavailable(CalculationFailed):
+    """No oracle worker could take the request (all unreachable, overloaded or too slow): an
+    outage of the pool, not a problem of the structure — the same request may succeed later."""
+
+
 class OraclePool:
     """Round-robin over oracle workers; a worker that was unreachable is skipped for ``cooldown`` seconds."""
 
@@ -90,7 +95,7 @@ class OraclePool:
                     self._down_until[i] = time.monotonic() + self.cooldown
                 log.warning("oracle %s failed (%s); trying another worker (%d/%d)", client.address, exc,
                             attempt + 1, tries)
-        raise CalculationFailed(f"no oracle worker could label the structure after {tries} attempts: {last}")
+        raise OracleUnavailable(f"no oracle worker could label the structure after {tries} attempts: {last}")
 
     def close(self) -> None:
         for c in self.clients:
@@ -101,9 +106,14 @@ class OraclePool:
 class Services:
     oracle: OraclePool
     learner_address: str
-    sampler_address: str
+    sampler_addresses: list[str]                    # walkers use them round robin
     servers: list = field(default_factory=list)     # embedded RunningServers
     metrics_ports: dict = field(default_factory=dict)
+    oracle_workers: int = 1                         # labels the pool can compute at once
+
+    @property
+    def sampler_address(self) -> str:
+        return self.sampler_addresses[0]
 
     def close(self) -> None:
         self.oracle.close()
@@ -111,8 +121,11 @@ class Services:
             s.stop(grace=1)
 
 
-def start_services(config: RunConfig, species: list[int]) -> Services:
-    """Start what the config does not name by address, on 127.0.0.1 ephemeral ports."""
+def start_services(config: RunConfig, species: list[int], learner_dir=None) -> Services:
+    """Start what the config does not name by address, on 127.0.0.1 ephemeral ports.
+
+    ``learner_dir``: the embedded learner's model directory (its checkpoints), in the run directory.
+    """
     from protos.server import ServerConfig
 
     servers = []
@@ -143,23 +156,26 @@ def start_services(config: RunConfig, species: list[int]) -> Services:
             le = config.learner
             s = start_learner_server(LearnerServiceConfig(species=tuple(species), cutoffs=tuple(le.cutoffs),
                                                           hyperparameters=dict(le.hyperparameters),
-                                                          server=server_config(2)))
+                                                          model_dir=learner_dir, server=server_config(2)))
             servers.append(s)
             metrics["learner"] = s.metrics_port
             learner_address = s.address
-        if config.sampler.address:
-            sampler_address = config.sampler.address
+        if config.sampler.addresses:
+            sampler_addresses = list(config.sampler.addresses)
+        elif config.sampler.address:
+            sampler_addresses = [config.sampler.address]
         else:
             from sampler_service.server import SamplerServiceConfig, start_sampler_server
 
             s = start_sampler_server(SamplerServiceConfig(default_learner=learner_address, server=server_config(3)))
             servers.append(s)
             metrics["sampler"] = s.metrics_port
-            sampler_address = s.address
+            sampler_addresses = [s.address]
         pool = OraclePool(oracle_addresses, config.oracle.timeout_s, config.oracle.attempts)
     except BaseException:
         for s in reversed(servers):
             s.stop(grace=0)
         raise
-    return Services(oracle=pool, learner_address=learner_address, sampler_address=sampler_address,
-                    servers=servers, metrics_ports=metrics)
+    workers = len(config.oracle.addresses) if config.oracle.addresses else config.oracle.workers
+    return Services(oracle=pool, learner_address=learner_address, sampler_addresses=sampler_addresses,
+                    servers=servers, metrics_ports=metrics, oracle_workers=max(1, workers))

@@ -12,13 +12,13 @@ import pytest
 
 from coordinator.config import ConfigError, load_config, parse_config
 from coordinator.policies import ACQUISITION, MaxSigma, RandomAtoms
-from coordinator.rundir import RunDirectory, StoredLabel
+from coordinator.rundir import QueuedFrame, RunDirectory, StoredLabel, WalkerState
 from protos.errors import InvalidInput, NotFound
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["al_melt.yaml", "cu3au.yaml"])
+@pytest.mark.parametrize("name", ["al_melt.yaml", "cu3au.yaml", "al_ladder.yaml"])
 def test_examples_validate(name: str) -> None:
     config = load_config(ROOT / "examples" / name)
     assert config.sampler.steps > 0
@@ -53,6 +53,19 @@ def test_examples_validate(name: str) -> None:
         ({"policy": {"initial_atoms": True}}, "policy.initial_atoms: expected an atom count"),
         ({"policy": {"sigma_factor": 0}}, "policy.sigma_factor: must be > 0"),
         ({"structure": {"generator": "hcp"}}, "structure.generator: allowed"),
+        ({"walkers": [{"temperature": 300}]}, r"unknown key walkers\[0\].temperature; allowed:"),
+        ({"walkers": [{"ensemble": "nvx"}]}, r"walkers\[0\].ensemble: allowed nve"),
+        ({"walkers": [{"name": "a"}, {"name": "a"}]}, r"walkers\[1\].name: 'a' is used by two walkers"),
+        ({"walkers": [{"name": "a b"}]}, r"walkers\[0\].name: letters, digits"),
+        ({"walkers": [{"structure": {"a": -1}}]}, r"walkers\[0\].structure.a: lattice constant must be > 0"),
+        ({"walkers": {"temperatures": []}}, "walkers.temperatures: expected a non-empty list"),
+        ({"walkers": {"temps": [300]}}, "walkers: expected a list of walkers, or the ladder form"),
+        ({"walkers": [{}] * 65}, "walkers: at most 64 walkers"),
+        ({"oracle": {"max_in_flight": -1}}, "oracle.max_in_flight: must be >= 0"),
+        ({"oracle": {"on_failure": "ignore"}}, "oracle.on_failure: allowed stop, skip"),
+        ({"stop": {"accurate_ratio": 1.5}}, r"stop.accurate_ratio: must be in \(0, 1\]"),
+        ({"stop": {"window": 10}}, "unknown key stop.window; allowed:"),
+        ({"sampler": {"address": "a:1", "addresses": ["b:2"]}}, "give either sampler.address or sampler.addresses"),
         ({"structure": {"a": 0}}, "structure.a: lattice constant must be > 0"),
         ([1, 2], "config: expected a mapping"),
     ],
@@ -60,6 +73,24 @@ def test_examples_validate(name: str) -> None:
 def test_bad_config_names_the_key(data, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+def test_walkers_inherit_the_sampler_section_and_the_ladder_expands() -> None:
+    base = {"seed": 4, "sampler": {"timestep_fs": 2.0, "temperature_K": 300.0, "steps": 50}}
+    one = parse_config(base).walker_list()
+    assert [(w.name, w.sampler.temperature_K, w.seed) for w in one] == [("w0", 300.0, 4)]
+    ladder = parse_config({**base, "walkers": {"temperatures": [300, 900.5]}})
+    walkers = ladder.walker_list()
+    assert [(w.name, w.sampler.temperature_K, w.sampler.timestep_fs, w.sampler.steps, w.seed) for w in walkers] == [
+        ("T300", 300.0, 2.0, 50, 4), ("T900.5", 900.5, 2.0, 50, 5)]
+    # the stored config (config.yaml) parses back to the same walkers, as --resume needs
+    assert parse_config(ladder.to_dict()).walker_list() == walkers
+    mixed = parse_config({**base, "walkers": [
+        {"name": "hot", "temperature_K": 1200, "ensemble": "nvt_langevin", "steps": 80, "seed": 11,
+         "structure": {"generator": "bcc", "element": "Al", "a": 3.2}}, {}]}).walker_list()
+    assert (mixed[0].name, mixed[0].sampler.ensemble, mixed[0].sampler.steps, mixed[0].seed,
+            mixed[0].structure.generator) == ("hot", "nvt_langevin", 80, 11, "bcc")
+    assert (mixed[1].name, mixed[1].sampler.temperature_K, mixed[1].structure.generator) == ("w1", 300.0, "fcc")
 
 
 def test_config_file_errors(tmp_path: Path) -> None:
@@ -123,9 +154,13 @@ def test_state_and_events(tmp_path: Path) -> None:
     rd = RunDirectory.create(tmp_path / "run", "name: x\n")
     state = rd.load_state()
     assert state.labels_applied == 0 and not state.finished
-    state.labels_applied, state.md_checkpoint, state.training_atoms = 2, "label:1", [[0, 1], [3]]
+    state.labels_applied, state.training_atoms, state.apply_batches = 2, [[0, 1], [3]], [[0], [1]]
+    state.set_walker("T300", WalkerState(step=40, time_fs=200.0, md_checkpoint="label:1", pending_override=1))
+    state.set_walker("T600", WalkerState(step=60, time_fs=300.0, parked=4))
+    state.count("deduplicated")
     rd.save_state(state)
-    assert rd.load_state() == state
+    back = rd.load_state()
+    assert back == state and back.walker("T600").parked == 4 and back.step == 100 and back.time_fs == 500.0
     rd.event("frame", step=3, time_fs=15.0, value=np.float64(1.5))
     with open(rd.path / "events.jsonl", "a") as handle:
         handle.write('{"event": "frame", "step": 4, "ti')  # a line cut by a kill
@@ -142,11 +177,62 @@ def test_existing_run_dir_is_not_overwritten(tmp_path: Path) -> None:
         RunDirectory.open(tmp_path)
 
 
-def test_model_files_keep_the_latest_two(tmp_path: Path) -> None:
+def test_walker_checkpoints_keep_the_latest_two_and_the_referenced_one(tmp_path: Path) -> None:
     rd = RunDirectory.create(tmp_path / "run", "name: x\n")
-    for i in range(4):
-        rd.write_model(i, f"model {i}".encode())
-    assert sorted(p.name for p in rd.models_dir.iterdir()) == ["model_000002.npz", "model_000003.npz"]
+    paths = [rd.write_walker_checkpoint("w0", step, f"state {step}".encode()) for step in (0, 100, 200, 300)]
+    os.utime(rd.path / paths[0], ns=(1, 1))  # oldest
+    rd.prune_walker_checkpoints("w0", keep={paths[0]})
+    assert sorted(p.name for p in rd.walker_dir("w0").glob("md_*.bin")) == [
+        "md_00000000.bin", "md_00000200.bin", "md_00000300.bin"]
+    assert rd.read_bytes(paths[3]) == b"state 300"
+
+
+def test_queue_entries_round_trip(tmp_path: Path) -> None:
+    rd = RunDirectory.create(tmp_path / "run", "name: x\n")
+    rng = np.random.default_rng(2)
+    q = QueuedFrame(seq=7, walker="T600", step=120, time_fs=600.0, temperature_K=612.5,
+                    positions=rng.normal(size=(4, 3)), numbers=np.array([13, 13, 29, 29]), cell=np.eye(3) * 5,
+                    pbc=np.array([True] * 3), force_std=rng.random((4, 3)), predicted_forces=rng.normal(size=(4, 3)),
+                    selection=[2, 0], checkpoint=b"\x00\x01engine", model_version=9, max_sigma=0.12, threshold=0.05)
+    rd.write_queue_entry(q)
+    assert rd.queued_seqs() == [7]
+    back = rd.read_queue_entry(7)
+    for name in ("positions", "numbers", "cell", "pbc", "force_std", "predicted_forces"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(q, name))
+    assert (back.selection, back.checkpoint, back.walker, back.step, back.ratio) == ([2, 0], q.checkpoint, "T600",
+                                                                                   120, pytest.approx(2.4))
+    rd.remove_queue_entry(7)
+    assert rd.queued_seqs() == []
+
+
+def test_resume_audit_refuses_a_missing_or_damaged_label_and_names_it(tmp_path: Path) -> None:
+    rd = RunDirectory.create(tmp_path / "run", "name: x\n")
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        rd.write_label(_label(i, rng))
+    state = rd.load_state()
+    state.oracle_calls = 4  # label 4 arrived after the last state update: accepted
+    (rd.labels_dir / ".label_000005.npz.tmp99").write_bytes(b"cut")
+    assert rd.audit(state) == 5
+    assert not list(rd.labels_dir.glob(".*tmp*"))  # orphaned temporary files are removed
+    rd.label_path(2).unlink()
+    with pytest.raises(NotFound, match="label_000002.npz"):
+        rd.audit(state)
+    rd.write_label(_label(2, rng))
+    rd.label_path(3).write_bytes(rd.label_path(3).read_bytes()[:100])  # truncated
+    with pytest.raises(InvalidInput, match="label_000003.npz is damaged"):
+        rd.audit(state)
+    rd.write_label(_label(3, rng))
+    rd.write_label(_label(7, rng))  # after a gap: the order is unknown
+    with pytest.raises(InvalidInput, match="label_000005.npz is missing but .*label_000007.npz exists"):
+        rd.audit(state)
+
+
+def test_damaged_state_file_is_named(tmp_path: Path) -> None:
+    rd = RunDirectory.create(tmp_path / "run", "name: x\n")
+    (rd.path / "state.json").write_text('{"version": 2, "oracle_ca')
+    with pytest.raises(InvalidInput, match="state.json is unreadable"):
+        rd.load_state()
 
 
 def test_max_sigma_picks_the_most_uncertain_atoms() -> None:
