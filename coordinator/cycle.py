@@ -1,46 +1,67 @@
-"""The on-the-fly epistemic cycle (FLARE, Vandermause et al. 2020, Fig. 1b), over gRPC.
+"""The on-the-fly epistemic cycle (FLARE, Vandermause et al. 2020, Fig. 1b) with many walkers, over gRPC.
 
-1. Label the first frame with the oracle; train on ``policy.initial_atoms`` of its atoms.
-2. Run MD on the GP (sampler ↔ learner stream).  The sampler stops as soon as
-   some force σ exceeds the threshold (k·σn, or an absolute value).
-3. Label that frame; the acquisition policy picks the atoms whose
-   environments enter the training set; re-optimise hyperparameters on the
-   configured schedule; the update policy decides whether to continue with
-   the new model; integrate the stopped step with the oracle's forces.
-4. Repeat until ``sampler.steps``.
+1. Label the first walker's first frame with the oracle; train on ``policy.initial_atoms`` of its atoms.
+2. Every walker runs MD on the shared GP (its own ``Sampler.Run`` calls, sampler replicas used
+   round robin).  A walker stops as soon as some force σ exceeds the threshold (k·σn, or an
+   absolute value) and *parks*: its uncertain frame goes into the durable queue in the run
+   directory, the acquisition policy picks the atoms whose environments will enter the training
+   set, and the other walkers keep running on the current model.
+3. Up to ``oracle.max_in_flight`` queued frames are labelled at once across the oracle pool, the
+   most uncertain first.  A new frame that the labels already queued or in flight make certain
+   (the learner's σ *conditioned* on their environments is below the threshold) is not sent: its
+   walker waits for the next model instead.
+4. Labels are written to disk in arrival order the moment they arrive and applied to the learner
+   together (one ``AddDataBatch``, one refactorisation), then hyperparameters are re-optimised on
+   schedule and the learner writes its own checkpoint.  Parked walkers integrate their stopped step
+   with the oracle's forces and go on; queued frames that the new model no longer finds uncertain
+   are dropped (counted).  Running walkers pick up the new model at their next step.
+5. The run ends when every walker has done its steps, or earlier by the ``stop:`` rules
+   (converged, label budget, wall-time budget).
 
-Durability: every label is written to the run directory before it is used,
-and ``state.json`` is rewritten after each durable step, so a run killed at
-any moment resumes (``epicycle run --resume``) without recomputing or losing
-a label, with the same training set.
+Durability: every label is written to the run directory before it is used; ``state.json``
+records which labels the learner's checkpoint holds (and in which batches they were applied),
+what is queued and in flight, and where each walker stands.  A run killed at any moment resumes
+(``epicycle run --resume``) without losing a written label, recomputing at most the labels that
+were in flight, applying labels in their recorded arrival order.  No RPC carries the model's
+matrices: the learner keeps its own checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 from ase import Atoms
 
-from coordinator.config import RunConfig
+from coordinator.config import RunConfig, SamplerConfig, StructureConfig, Walker
 from coordinator.policies import ACQUISITION, UPDATE, UpdateContext
-from coordinator.rundir import RunDirectory, RunState, StoredLabel
-from coordinator.services import Services
+from coordinator.rundir import QueuedFrame, RunDirectory, RunState, StoredLabel, WalkerState
+from coordinator.services import OracleUnavailable, Services
 from learner_service.client import LearnerClient
 from protos import wire
 from protos.epicycle.v1 import sampler_pb2
-from protos.errors import CalculationFailed, InvalidInput
+from protos.errors import CalculationFailed, EpicycleError, InvalidInput, NotFound
 from sampler_service.client import SamplerClient
 
 log = logging.getLogger("epicycle.coordinator")
 
 
-def build_structure(config: RunConfig) -> Atoms:
-    """The starting structure: a file, or a built-in crystal (rattled with the run seed)."""
-    s = config.structure
+class RunStopped(EpicycleError):
+    """The run stopped on purpose before its end (oracle outage, a frame no oracle could label);
+    everything computed is on disk and ``epicycle run --resume`` continues it."""
+
+
+def build_structure(config: RunConfig, structure: StructureConfig | None = None, seed: int | None = None) -> Atoms:
+    """A walker's starting structure: a file, or a built-in crystal (rattled with the seed)."""
+    s = structure or config.structure
+    seed = config.seed if seed is None else seed
     if s.file is not None:
         import ase.io
 
@@ -64,16 +85,28 @@ def build_structure(config: RunConfig) -> Atoms:
         atoms = atoms.repeat(tuple(s.repeat))
     atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     if s.rattle > 0:
-        rng = np.random.default_rng(config.seed)
+        rng = np.random.default_rng(seed)
         atoms.positions += rng.normal(scale=s.rattle, size=atoms.positions.shape)
     return atoms
 
 
-def md_settings(config: RunConfig) -> sampler_pb2.MDSettings:
-    sm = config.sampler
+def walker_structure(config: RunConfig, walker: Walker) -> Atoms:
+    # the first walker's structure is rattled with the run seed (a one-walker run as before)
+    return build_structure(config, walker.structure, config.seed if walker.index == 0 else walker.seed)
+
+
+def run_species(config: RunConfig) -> list[int]:
+    """Atomic numbers of every walker's starting structure."""
+    species: set[int] = set()
+    for w in config.walker_list():
+        species.update(int(z) for z in walker_structure(config, w).numbers)
+    return sorted(species)
+
+
+def md_settings(sm: SamplerConfig, seed: int) -> sampler_pb2.MDSettings:
     msg = sampler_pb2.MDSettings(engine=sm.engine, ensemble=sm.ensemble, timestep_fs=sm.timestep_fs,
                                  temperature_k=sm.temperature_K, initial_temperature_k=sm.temperature_K,
-                                 seed=config.seed)
+                                 seed=seed)
     if sm.friction_per_fs is not None:
         msg.friction_per_fs = sm.friction_per_fs
     if sm.taut_fs is not None:
@@ -85,7 +118,7 @@ def md_settings(config: RunConfig) -> sampler_pb2.MDSettings:
     return msg
 
 
-def frame_atoms(frame: sampler_pb2.Frame, threshold: float) -> Atoms:
+def frame_atoms(frame: sampler_pb2.Frame, threshold: float, walker: str = "") -> Atoms:
     """A streamed frame as ASE Atoms (extended XYZ-ready, σ as a per-atom array)."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -99,7 +132,8 @@ def frame_atoms(frame: sampler_pb2.Frame, threshold: float) -> Atoms:
     info = {"step": int(frame.step), "time_fs": frame.time_fs, "temperature_K": frame.temperature_k,
             "potential_eV": frame.potential_energy, "kinetic_eV": frame.kinetic_energy,
             "conserved_eV": frame.conserved_energy, "model_version": int(p.model_version),
-            "threshold": threshold, "noise": p.noise_std, "forces_from_oracle": bool(frame.forces_from_override)}
+            "threshold": threshold, "noise": p.noise_std, "forces_from_oracle": bool(frame.forces_from_override),
+            "walker": walker}
     if wire.has_array(p, "force_std"):
         std = np.array(wire.decode_array(p.force_std, "force_std", (n, 3)))
         atoms.arrays["force_std"] = std
@@ -126,20 +160,53 @@ def initial_atoms(config: RunConfig, n_atoms: int) -> list[int]:
 
 @dataclass
 class Progress:
-    """Prints one line per streamed frame (and per oracle call) to ``stream``."""
+    """Prints progress lines (frames, oracle calls, updates) to ``stream``; thread-safe."""
 
     total_steps: int
     timestep_fs: float
     stream: object = sys.stdout
     quiet: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def line(self, text: str) -> None:
         if not self.quiet:
-            print(text, file=self.stream, flush=True)
+            with self._lock:
+                print(text, file=self.stream, flush=True)
 
-    def frame(self, step: int, time_fs: float, temperature: float, calls: int, ratio: float, n_env: int) -> None:
-        self.line(f"step {step:>7}/{self.total_steps}  t = {time_fs / 1000:8.3f} ps  T = {temperature:8.1f} K  "
-                  f"oracle calls {calls:>4}  max σ/threshold {ratio:5.2f}  training envs {n_env:>5}")
+    def frame(self, step: int, time_fs: float, temperature: float, calls: int, ratio: float, n_env: int,
+              walker: str = "", total: int | None = None) -> None:
+        who = f"[{walker}] " if walker else ""
+        self.line(f"{who}step {step:>7}/{total or self.total_steps}  t = {time_fs / 1000:8.3f} ps  "
+                  f"T = {temperature:8.1f} K  oracle calls {calls:>4}  max σ/threshold {ratio:5.2f}  "
+                  f"training envs {n_env:>5}")
+
+
+class _Walker:
+    """Run-time companion of one walker: its spec, client, open call and convergence window."""
+
+    def __init__(self, spec: Walker, sampler: SamplerClient, window_steps: int) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.sampler = sampler
+        self.call = None                 # the open RunCall while a chunk runs
+        self.running = False
+        self.latest_step = 0
+        self.window: deque = deque()     # (step, max σ below threshold) of recent frames
+        self.window_steps = window_steps
+        self._lock = threading.Lock()
+
+    def observe(self, step: int, ok: bool) -> None:
+        """A frame at ``step`` (walker thread)."""
+        with self._lock:
+            self.latest_step = max(self.latest_step, step)
+            self.window.append((step, ok))
+            while self.window and self.window[0][0] <= step - self.window_steps:
+                self.window.popleft()
+
+    def accurate(self) -> tuple[int, int]:
+        """(frames below the threshold, frames) in the window."""
+        with self._lock:
+            return sum(ok for _, ok in self.window), len(self.window)
 
 
 class OnTheFlyRun:
@@ -150,22 +217,43 @@ class OnTheFlyRun:
         self.config = config
         self.rd = run_dir
         self.services = services
+        self.specs = config.walker_list()
+        self.multi = len(self.specs) > 1
         self.progress = progress or Progress(config.sampler.steps, config.sampler.timestep_fs)
         self.metrics = metrics
         if metrics is not None:
             metrics.watch_oracle_pool(services.oracle)
+            metrics.walkers([w.name for w in self.specs])
         self.acquisition = ACQUISITION[config.policy.acquisition]()
         self.update_policy = UPDATE[config.policy.update]()
         self.learner = LearnerClient(services.learner_address)
-        self.sampler = SamplerClient(services.sampler_address)
+        self.samplers = [SamplerClient(a) for a in services.sampler_addresses]
+        self.walkers = {w.name: _Walker(w, self.samplers[w.index % len(self.samplers)], config.stop.window_steps)
+                        for w in self.specs}
+        self.max_in_flight = config.oracle.max_in_flight or services.oracle_workers
         self.threshold = float("nan")
         self.n_environments = 0
         self.noise = float("nan")
-        self._skip_gate_once = False
+        self.events: queue.Queue = queue.Queue()
+        self.queued: dict[int, QueuedFrame] = {}      # waiting for an oracle slot
+        self.in_flight: dict[int, QueuedFrame] = {}   # sent to the oracle
+        self.failures: dict[int, tuple[float, int]] = {}  # seq -> (first failure time, attempts)
+        self.stopping = ""
+        self.state: RunState | None = None
+        self._started = time.monotonic()
+        self._wall_before = 0.0
+        self._walker_pool = ThreadPoolExecutor(max(1, len(self.specs)), thread_name_prefix="walker")
+        self._oracle_pool = ThreadPoolExecutor(max(1, self.max_in_flight), thread_name_prefix="label")
 
-    # -- helpers ---------------------------------------------------------------------------
+    # -- small helpers ---------------------------------------------------------------------
 
-    def _refresh_model_info(self) -> None:
+    def _save(self) -> None:
+        st = self.state
+        st.wall_seconds = self._wall_before + (time.monotonic() - self._started)
+        st.in_flight = sorted(self.in_flight)
+        self.rd.save_state(st)
+
+    def _refresh_model_info(self):
         info = self.learner.info()
         self.noise = info.noise_std
         self.n_environments = int(info.n_environments)
@@ -173,48 +261,548 @@ class OnTheFlyRun:
         self.threshold = p.absolute_threshold if p.absolute_threshold else p.sigma_factor * info.noise_std
         if self.metrics is not None:
             self.metrics.model(info, self.threshold)
+        return info
 
-    def _label(self, atoms: Atoms) -> tuple:
-        props = ("energy", "forces") + (("stress",) if self.config.learner.use_stress else ())
-        started = time.perf_counter()
+    def _properties(self) -> tuple[str, ...]:
+        return ("energy", "forces") + (("stress",) if self.config.learner.use_stress else ())
+
+    def _queue_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue(len(self.queued), len(self.in_flight))
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def run(self) -> RunState:
+        rd, cfg = self.rd, self.config
+        self.state = st = rd.load_state()
+        self._wall_before = st.wall_seconds
+        self.learner.wait_ready(600)
+        for s in self.samplers:
+            s.wait_ready(60)
+        self.services.oracle.wait_ready(60)
+        written = rd.audit(st)
+        resumed = written > 0
         try:
-            result = self.services.oracle.label(atoms, props)
-        except CalculationFailed:
-            if self.metrics is not None:
-                self.metrics.oracle_latency(time.perf_counter() - started, ok=False)
-            raise
+            if resumed:
+                self._resume(written)
+            else:
+                rd.event("run_started", config=cfg.to_dict(), learner=self.services.learner_address,
+                         samplers=self.services.sampler_addresses, walkers=[w.name for w in self.specs],
+                         max_in_flight=self.max_in_flight)
+                if self.learner.info().n_labels:
+                    # a remote learner that holds another run's data: a new run starts from the empty model
+                    self.learner.restore_checkpoint("initial")
+                    self.progress.line(f"learner {self.services.learner_address} held training data: reset to "
+                                       f"its initial (empty) model for this new run")
+                self._refresh_model_info()
+                self._first_label()
+            self._loop()
+        finally:
+            self._shutdown()
+        return st
+
+    def _first_label(self) -> None:
+        """Label walker 0's starting structure and train the first model on ``initial_atoms`` of it."""
+        spec = self.specs[0]
+        atoms = walker_structure(self.config, spec)
+        self.progress.line(f"labelling the first frame ({len(atoms)} atoms) with the oracle ...")
+        started = time.perf_counter()
+        result = self.services.oracle.label(atoms, self._properties())
         seconds = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.oracle_latency(seconds)
-        return result, seconds
+        label = StoredLabel(index=0, step=0, time_fs=0.0, positions=atoms.positions, numbers=atoms.numbers,
+                            cell=atoms.cell.array, pbc=atoms.pbc, energy=result.labels.energy,
+                            forces=result.labels.forces, stress=result.labels.stress, force_std=None,
+                            checkpoint=b"", structure_hash=result.structure_hash, oracle_seconds=seconds,
+                            worker=result.worker, walker=spec.name, queue_seq=-1,
+                            selection=initial_atoms(self.config, len(atoms)),
+                            temperature_K=spec.sampler.temperature_K)
+        self.rd.write_label(label)
+        self.state.oracle_calls = 1
+        self.rd.event("oracle_call", label=0, walker=spec.name, step=0, time_fs=0.0,
+                      temperature_K=spec.sampler.temperature_K, seconds=seconds, energy=label.energy,
+                      max_sigma=None, threshold=None, worker=result.worker)
+        if self.metrics is not None:
+            self.metrics.oracle_call(spec.name, 0.0)
+        self._save()
+        self._apply([label])
+        for w in self.walkers.values():
+            self._start_chunk(w)
 
-    def _select(self, label: StoredLabel) -> list[int]:
-        if label.index == 0 or label.force_std is None:
-            return initial_atoms(self.config, len(label.numbers))
-        rng = np.random.default_rng([self.config.seed, label.index])
-        chosen = self.acquisition.select(label.force_std, label.numbers, self.config.policy.atoms_per_call, rng)
-        return [int(i) for i in chosen]
+    def _resume(self, written: int) -> None:
+        """Bring the learner, the queue and the walkers back to the state on disk; see the module docstring."""
+        st, rd = self.state, self.rd
+        # the learner: the checkpoint that holds exactly labels 0..labels_applied-1
+        want = st.learner_checkpoint or "initial"
+        info = self.learner.info()
+        if info.checkpoint_id != want or (want == "initial" and info.n_labels):
+            try:
+                self.learner.restore_checkpoint(want)
+                self.progress.line(f"learner restored to its checkpoint {want} ({st.labels_applied} labels)")
+            except NotFound:
+                self._rebuild_learner()
+        self._refresh_model_info()
+        # labels that arrived after the last state update are applied below, in their arrival order
+        st.oracle_calls = written
+        labelled_seqs = {rd.read_label(i).queue_seq for i in range(written)}
+        for seq in rd.queued_seqs():
+            if seq in labelled_seqs:
+                rd.remove_queue_entry(seq)
+        recompute = 0
+        for seq in rd.queued_seqs():
+            entry = rd.read_queue_entry(seq)
+            self.queued[seq] = entry
+            if seq in st.in_flight:
+                recompute += 1
+        if recompute:
+            st.count("recomputed", recompute)
+        if self.metrics is not None:
+            self.metrics.resumed(written, max((w.get("time_fs", 0.0) for w in st.walkers.values()), default=0.0))
+        for name in st.walkers:
+            if name in self.walkers:
+                rd.truncate_trajectory(name, st.walker(name).step)
+        rd.event("resumed", labels=written, labels_applied=st.labels_applied, queued=len(self.queued),
+                 recomputed_in_flight=recompute, learner_checkpoint=st.learner_checkpoint,
+                 walkers={n: {"step": w.get("step", 0), "parked": w.get("parked")} for n, w in st.walkers.items()})
+        self.progress.line(f"resumed with {written} oracle label(s) on disk (none recomputed); "
+                           f"{len(self.queued)} frame(s) queued, of which {recompute} were in flight and are "
+                           f"labelled again")
+        self._save()
+        pending = [lab for lab in (rd.read_label(i) for i in range(st.labels_applied, written))]
+        if pending:
+            self.progress.line(f"applying {len(pending)} label(s) written before the interruption")
+            self._apply(pending)
+        for name, w in self.walkers.items():
+            ws = st.walker(name)
+            if ws.done or ws.parked is not None or w.running:
+                continue
+            if ws.waiting_update:
+                ws.waiting_update = False
+                st.set_walker(name, ws)
+            self._start_chunk(w)
+        self._save()
+        self._dispatch()
 
-    def _apply_label(self, label: StoredLabel, state: RunState) -> None:
-        """AddData (+ optimise on schedule) for one stored label, then persist the model and state."""
+    def _rebuild_learner(self) -> None:
+        """The learner lost its checkpoints (e.g. a new volume): rebuild from the run's labels, in the
+        recorded batches and with the optimisation schedule the run followed."""
+        st, rd = self.state, self.rd
+        self.progress.line(f"the learner does not have checkpoint {st.learner_checkpoint}: rebuilding it from "
+                           f"the {st.labels_applied} labels in {rd.labels_dir}")
+        self.learner.restore_checkpoint("initial")
+        applied = 0
+        for batch in st.apply_batches:
+            labels = [rd.read_label(i) for i in batch]
+            self.learner.add_data_batch([self._item(lab) for lab in labels])
+            self._optimize_on_schedule(applied, applied + len(labels), log_event=False)
+            applied += len(labels)
+        ck = self.learner.checkpoint()
+        st.learner_checkpoint = ck.checkpoint_id
+        self._save()
+        self.rd.event("learner_rebuilt", labels=applied, learner_checkpoint=ck.checkpoint_id)
+
+    # -- the event loop --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            reason = self._stop_reason()
+            if reason and not self.stopping:
+                self._begin_stop(reason)
+            if self.stopping and not self.in_flight and not any(w.running for w in self.walkers.values()):
+                break
+            if not self.stopping and self._all_done():
+                self.stopping = "every walker has done its steps"
+                break
+            try:
+                first = self.events.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while True:  # everything that has arrived meanwhile: labels are applied together
+                try:
+                    batch.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            arrived: list[StoredLabel] = []
+            for ev in batch:
+                kind = ev[0]
+                if kind == "chunk":
+                    self._on_chunk(*ev[1:])
+                elif kind == "label":
+                    label = self._on_label(*ev[1:])
+                    if label is not None:
+                        arrived.append(label)
+                elif kind == "retry":
+                    self._send(ev[1])
+            if arrived:
+                self._apply(arrived)
+            self._dispatch()
+        self._finish()
+
+    def _all_done(self) -> bool:
+        st = self.state
+        return (all(st.walker(n).done for n in self.walkers) and not self.queued and not self.in_flight
+                and not any(w.running for w in self.walkers.values()))
+
+    def _stop_reason(self) -> str:
+        st, sc = self.state, self.config.stop
+        if sc.max_labels and st.oracle_calls >= sc.max_labels:
+            return f"label budget of {sc.max_labels} spent"
+        if sc.max_wall_s and self._wall_before + (time.monotonic() - self._started) >= sc.max_wall_s:
+            return f"wall-time budget of {sc.max_wall_s:g} s spent"
+        if sc.window_steps and not self.queued and not self.in_flight:
+            converged = True
+            for name, w in self.walkers.items():
+                ws = st.walker(name)
+                if ws.done:
+                    continue
+                if ws.parked is not None or ws.waiting_update or w.latest_step - ws.last_call_step < sc.window_steps:
+                    converged = False
+                    break
+                good, total = w.accurate()
+                if not total or good < sc.accurate_ratio * total:
+                    converged = False
+                    break
+            if converged:
+                return (f"converged: no oracle call in the last {sc.window_steps} steps of every walker and "
+                        f"≥ {sc.accurate_ratio:.0%} of their frames below the threshold")
+        return ""
+
+    def _begin_stop(self, reason: str) -> None:
+        """No new chunks or labels; running chunks are cancelled (walkers keep their last durable
+        checkpoint); labels in flight are awaited and applied, as they cost oracle time."""
+        self.stopping = reason
+        self.progress.line(f"stopping: {reason}")
+        self.rd.event("stopping", reason=reason, in_flight=sorted(self.in_flight), queued=sorted(self.queued))
+        for w in self.walkers.values():
+            if w.call is not None:
+                w.call.cancel()
+
+    def _finish(self) -> None:
+        st = self.state
+        st.finished = True
+        st.stop_reason = self.stopping
+        self._save()
+        self.rd.event("run_finished", step=st.step, time_fs=st.time_fs, oracle_calls=st.oracle_calls,
+                      n_environments=self.n_environments, noise=self.noise, reason=self.stopping,
+                      learner_checkpoint=st.learner_checkpoint, counters=dict(st.counters),
+                      walkers={n: {"step": w.get("step", 0), "time_fs": w.get("time_fs", 0.0)}
+                               for n, w in st.walkers.items()})
+        self.progress.line(f"run finished: {self.stopping}")
+
+    def _shutdown(self) -> None:
+        self.stopping = self.stopping or "shutdown"
+        for w in self.walkers.values():
+            if w.call is not None:
+                w.call.cancel()
+        self._walker_pool.shutdown(wait=True, cancel_futures=True)
+        self._oracle_pool.shutdown(wait=False, cancel_futures=True)
+        for s in self.samplers:
+            s.close()
+        self.learner.close()
+
+    # -- walkers ---------------------------------------------------------------------------
+
+    def _start_chunk(self, w: _Walker) -> None:
+        """Submit the walker's next MD chunk (up to its next checkpoint boundary)."""
+        if self.stopping:
+            return
+        st, rd = self.state, self.rd
+        ws = st.walker(w.name)
+        sm = w.spec.sampler
+        if ws.step >= sm.steps:
+            ws.done = True
+            st.set_walker(w.name, ws)
+            self._save()
+            return
+        ci = sm.checkpoint_interval
+        max_steps = min(ci - ws.step % ci, sm.steps - ws.step)
+        threshold = self.threshold
+        if ws.skip_gate:
+            max_steps, threshold = 1, 0.0
+        if ws.md_checkpoint is None:
+            req = sampler_pb2.RunRequest(learner_address=self.services.learner_address)
+            wire.structure_to_proto(walker_structure(self.config, w.spec), out=req.new_run.structure)
+            req.new_run.settings.CopyFrom(md_settings(sm, w.spec.seed))
+        else:
+            if ws.md_checkpoint.startswith("label:"):
+                blob = rd.read_label(int(ws.md_checkpoint.split(":")[1])).checkpoint
+            else:
+                blob = rd.read_bytes(ws.md_checkpoint)
+            req = sampler_pb2.RunRequest(checkpoint=blob, learner_address=self.services.learner_address)
+        req.control.sigma_threshold = threshold
+        req.control.max_steps = max_steps
+        req.control.frame_interval = sm.frame_interval
+        if ws.pending_override is not None:
+            o = rd.read_label(ws.pending_override)
+            wire.labels_to_proto(o.energy, o.forces, o.stress, out=req.override_forces)
+        w.running = True
+        self._walker_pool.submit(self._run_chunk, w, req, threshold)
+
+    def _run_chunk(self, w: _Walker, req: sampler_pb2.RunRequest, threshold: float) -> None:
+        """Walker thread: one Sampler.Run call; frames are logged here, the result goes to the loop."""
+        frames: list[Atoms] = []
+        stop = None
+        try:
+            call = w.sampler.open_run(req)
+            w.call = call
+            if self.stopping:
+                call.cancel()
+            for reply in call:
+                if reply.HasField("frame"):
+                    self._on_frame(w, reply.frame, frames, threshold)
+                else:
+                    stop = reply.stop
+            self.events.put(("chunk", w, frames, stop, None, call.cancelled))
+        except Exception as exc:  # noqa: BLE001 - reported to the loop, which stops the run
+            self.events.put(("chunk", w, frames, None, exc, False))
+        finally:
+            w.call = None
+
+    def _on_frame(self, w: _Walker, frame: sampler_pb2.Frame, frames: list, threshold: float) -> None:
+        atoms = frame_atoms(frame, threshold, w.name)
+        frames.append(atoms)
+        ratio = atoms.info.get("max_force_std", 0.0) / self.threshold if self.threshold > 0 else 0.0
+        w.observe(int(frame.step), ratio < 1.0)
+        self.rd.event("frame", walker=w.name, step=int(frame.step), time_fs=frame.time_fs,
+                      temperature_K=frame.temperature_k, potential_eV=frame.potential_energy,
+                      conserved_eV=frame.conserved_energy, max_sigma=atoms.info.get("max_force_std"),
+                      threshold=self.threshold, noise=self.noise,
+                      model_version=int(frame.prediction.model_version), n_environments=self.n_environments)
+        self.progress.frame(int(frame.step), frame.time_fs, frame.temperature_k, self.state.oracle_calls, ratio,
+                            self.n_environments, w.name if self.multi else "", w.spec.sampler.steps)
+        if self.metrics is not None:
+            self.metrics.frame(w.name, frame.time_fs, frame.temperature_k, ratio)
+
+    def _on_chunk(self, w: _Walker, frames: list, stop, exc, cancelled: bool) -> None:
+        w.running = False
+        st, rd = self.state, self.rd
+        if cancelled or (exc is not None and self.stopping):
+            return  # stopped on purpose: the walker stays at its last durable checkpoint
+        if exc is not None:
+            raise exc
+        if stop is None:
+            raise CalculationFailed(f"walker {w.name}: the sampler ended the run without a stop report")
+        rd.append_frames(w.name, frames)
+        ws = st.walker(w.name)
+        ws.skip_gate = False
+        ws.pending_override = None
+        ws.step, ws.time_fs = int(stop.step), float(stop.time_fs)
+        uncertain = stop.reason == sampler_pb2.STOP_REASON_UNCERTAIN
+        ws.md_checkpoint = rd.write_walker_checkpoint(w.name, ws.step, stop.checkpoint, "stop" if uncertain else "md")
+        if uncertain:
+            ws.last_call_step = ws.step
+            w.observe(ws.step, False)
+            self._enqueue(w, ws, stop)
+            return
+        if ws.step >= w.spec.sampler.steps:
+            ws.done = True
+        st.set_walker(w.name, ws)
+        self._save()
+        rd.prune_walker_checkpoints(w.name, {ws.md_checkpoint})
+        rd.event("md_checkpoint", walker=w.name, step=ws.step, time_fs=ws.time_fs,
+                 drift=stop.energy_drift_ev_per_atom_ps, steps_per_second=stop.steps_per_second)
+        if not ws.done:
+            self._start_chunk(w)
+
+    # -- the label queue -------------------------------------------------------------------
+
+    def _enqueue(self, w: _Walker, ws: WalkerState, stop: sampler_pb2.StopReport) -> None:
+        """Park the walker at its uncertain frame; queue the frame unless pending labels cover it."""
+        st, rd, cfg = self.state, self.rd, self.config
+        frame = stop.frame
+        atoms = wire.structure_from_proto(frame.structure)
+        n = len(atoms)
+        std = np.array(wire.decode_array(frame.prediction.force_std, "force_std", (n, 3)))
+        forces = np.array(wire.decode_array(frame.prediction.forces, "forces", (n, 3)))
+        seq = st.next_seq
+        st.next_seq += 1
+        rng = np.random.default_rng([cfg.seed, 1, seq])
+        selection = [int(i) for i in self.acquisition.select(std, atoms.numbers, cfg.policy.atoms_per_call, rng)]
+        entry = QueuedFrame(seq=seq, walker=w.name, step=int(frame.step), time_fs=frame.time_fs,
+                            temperature_K=frame.temperature_k, positions=atoms.positions, numbers=atoms.numbers,
+                            cell=atoms.cell.array, pbc=atoms.pbc, force_std=std, predicted_forces=forces,
+                            selection=selection, checkpoint=stop.checkpoint,
+                            model_version=int(frame.prediction.model_version), max_sigma=float(stop.max_sigma),
+                            threshold=float(stop.threshold))
+        who = f"[{w.name}] " if self.multi else ""
+        covered = self._covered_by_pending(entry)
+        if covered is not None:
+            ws.waiting_update = True
+            st.set_walker(w.name, ws)
+            st.count("deduplicated")
+            self._save()
+            rd.event("frame_deduplicated", walker=w.name, step=entry.step, seq=seq, max_sigma=entry.max_sigma,
+                     conditioned_max_sigma=covered, threshold=self.threshold,
+                     pending=sorted(set(self.queued) | set(self.in_flight)))
+            self.progress.line(f"  {who}σ = {entry.max_sigma:.4f} eV/Å at step {entry.step}, but only "
+                               f"{covered:.4f} eV/Å once the labels in flight are learnt: not sent, waiting for them")
+            if self.metrics is not None:
+                self.metrics.skipped_frame("deduplicated")
+            return
+        rd.write_queue_entry(entry)
+        ws.parked = seq
+        st.set_walker(w.name, ws)
+        self.queued[seq] = entry
+        self._save()
+        rd.event("frame_queued", walker=w.name, seq=seq, step=entry.step, time_fs=entry.time_fs,
+                 max_sigma=entry.max_sigma, threshold=entry.threshold, selection=selection,
+                 uncertain_atoms=sorted({u.atom for u in stop.uncertain}), model_version=entry.model_version)
+        self.progress.line(f"  {who}σ = {entry.max_sigma:.4f} eV/Å > threshold {entry.threshold:.4f} eV/Å at step "
+                           f"{entry.step} ({len(stop.uncertain)} component(s)): queued for the oracle "
+                           f"({len(self.queued)} queued, {len(self.in_flight)} in flight)")
+        self._queue_gauges()
+
+    def _covered_by_pending(self, entry: QueuedFrame) -> float | None:
+        """The frame's largest σ conditioned on the pending labels' environments, if below the threshold.
+
+        Deduplication by the learner's own uncertainty, not a descriptor distance: the GP variance
+        does not depend on the labels, so σ after learning the queued/in-flight frames is known
+        before their labels arrive, in the metric that decides oracle calls — no extra tolerance
+        to tune, and two frames that differ in atoms the model already knows are not merged.
+        """
+        if not self.config.policy.dedupe:
+            return None
+        pending = list(self.in_flight.values()) + list(self.queued.values())
+        if not pending:
+            return None
+        pred = self.learner.predict(entry.atoms(), condition_on=[(p.atoms(), p.selection) for p in pending])
+        sigma = float(np.max(pred.force_std))
+        return sigma if sigma < self.threshold else None
+
+    def _dispatch(self) -> None:
+        """Send the most uncertain queued frames to the oracle, up to ``max_in_flight`` at once."""
+        if self.stopping:
+            return
+        budget = self.config.stop.max_labels
+        while self.queued and len(self.in_flight) < self.max_in_flight:
+            if budget and self.state.oracle_calls + len(self.in_flight) >= budget:
+                break
+            seq = max(self.queued, key=lambda s: (self.queued[s].ratio, -s))
+            self.in_flight[seq] = self.queued.pop(seq)
+            self._save()
+            self._send(seq)
+        self._queue_gauges()
+
+    def _send(self, seq: int) -> None:
+        entry = self.in_flight.get(seq)
+        if entry is None:
+            return
+        self.rd.event("label_requested", seq=seq, walker=entry.walker, in_flight=len(self.in_flight),
+                      queued=len(self.queued))
+        self._oracle_pool.submit(self._label_job, seq, entry.atoms())
+
+    def _label_job(self, seq: int, atoms: Atoms) -> None:
+        """Label thread: one oracle call (the pool fails over between workers)."""
         started = time.perf_counter()
-        atoms_idx = self._select(label)
+        try:
+            result = self.services.oracle.label(atoms, self._properties())
+            self.events.put(("label", seq, result, time.perf_counter() - started, None))
+        except Exception as exc:  # noqa: BLE001 - judged by the loop
+            self.events.put(("label", seq, None, time.perf_counter() - started, exc))
+
+    def _on_label(self, seq: int, result, seconds: float, exc) -> StoredLabel | None:
+        """A label arrived: write it (arrival order = label index) before anything uses it."""
+        st, rd = self.state, self.rd
+        entry = self.in_flight.get(seq)
+        if entry is None:
+            return None
+        if exc is not None:
+            if self.metrics is not None:
+                self.metrics.oracle_latency(seconds, ok=False)
+            self._label_failed(seq, entry, exc)
+            return None
+        if self.metrics is not None:
+            self.metrics.oracle_latency(seconds)
+        self.failures.pop(seq, None)
+        index = st.oracle_calls
+        label = StoredLabel(index=index, step=entry.step, time_fs=entry.time_fs, positions=entry.positions,
+                            numbers=entry.numbers, cell=entry.cell, pbc=entry.pbc, energy=result.labels.energy,
+                            forces=result.labels.forces, stress=result.labels.stress, force_std=entry.force_std,
+                            checkpoint=entry.checkpoint, structure_hash=result.structure_hash,
+                            oracle_seconds=seconds, worker=result.worker, walker=entry.walker, queue_seq=seq,
+                            selection=entry.selection, predicted_forces=entry.predicted_forces,
+                            model_version=entry.model_version, temperature_K=entry.temperature_K)
+        rd.write_label(label)          # durable before it is used
+        st.oracle_calls = index + 1
+        del self.in_flight[seq]
+        self._save()
+        rd.remove_queue_entry(seq)
+        err = np.abs(entry.predicted_forces - label.forces)
+        rd.event("oracle_call", label=index, seq=seq, walker=entry.walker, step=label.step, time_fs=label.time_fs,
+                 temperature_K=entry.temperature_K, seconds=seconds, energy=label.energy,
+                 max_sigma=entry.max_sigma, threshold=entry.threshold, worker=result.worker,
+                 selection=entry.selection, max_force_error=float(err.max()),
+                 rmse_force_error=float(np.sqrt(np.mean(err ** 2))), model_version=entry.model_version)
+        if self.metrics is not None:
+            self.metrics.oracle_call(entry.walker, label.time_fs)
+        self._queue_gauges()
+        return label
+
+    def _label_failed(self, seq: int, entry: QueuedFrame, exc: Exception) -> None:
+        """An outage is retried with backoff up to ``oracle.outage_timeout_s``; a frame that cannot be
+        labelled stops the run unless the user opted in to ``oracle.on_failure: skip``."""
+        o = self.config.oracle
+        first, attempts = self.failures.get(seq, (time.monotonic(), 0))
+        attempts += 1
+        self.failures[seq] = (first, attempts)
+        waited = time.monotonic() - first
+        self.rd.event("oracle_failed", seq=seq, walker=entry.walker, step=entry.step, message=str(exc),
+                      outage=isinstance(exc, OracleUnavailable), attempts=attempts, waited_s=waited)
+        if isinstance(exc, OracleUnavailable) and waited < o.outage_timeout_s and not self.stopping:
+            delay = min(60.0, 2.0 ** min(attempts, 6), max(0.0, o.outage_timeout_s - waited))
+            self.progress.line(f"  no oracle worker could label frame {seq} ({exc}); retrying in {delay:.0f} s "
+                               f"(outage for {waited:.0f} s of at most {o.outage_timeout_s:g} s)")
+            timer = threading.Timer(delay, self.events.put, args=(("retry", seq),))
+            timer.daemon = True
+            timer.start()
+            return
+        if o.on_failure == "skip" and not isinstance(exc, OracleUnavailable):
+            st = self.state
+            del self.in_flight[seq]
+            self.rd.remove_queue_entry(seq)
+            ws = st.walker(entry.walker)
+            ws.parked, ws.skip_gate = None, True
+            st.set_walker(entry.walker, ws)
+            st.count("skipped")
+            self._save()
+            self.rd.event("frame_skipped", seq=seq, walker=entry.walker, step=entry.step, message=str(exc))
+            self.progress.line(f"  the oracle cannot label frame {seq} ({exc}); oracle.on_failure: skip — "
+                               f"integrating that step on the model")
+            if self.metrics is not None:
+                self.metrics.skipped_frame("skipped")
+            self._start_chunk(self.walkers[entry.walker])
+            return
+        what = (f"every oracle worker has been unreachable for {waited:.0f} s (oracle.outage_timeout_s = "
+                f"{o.outage_timeout_s:g})" if isinstance(exc, OracleUnavailable) else
+                f"the oracle could not label frame {seq} of walker {entry.walker}")
+        raise RunStopped(f"{what}: {exc}. Every label computed so far is in {self.rd.path}; fix the oracle and "
+                         f"continue with: epicycle run --resume {self.rd.path}"
+                         + ("" if isinstance(exc, OracleUnavailable) else
+                            " (or set oracle.on_failure: skip in its config.yaml to integrate such frames on the "
+                            "model)"))
+
+    # -- training updates ------------------------------------------------------------------
+
+    def _item(self, label: StoredLabel) -> dict:
         le = self.config.learner
-        reply = self.learner.add_data(label.atoms(), forces=label.forces, atom_indices=atoms_idx,
-                                      energy=label.energy, stress=label.stress,
-                                      use_energy=le.use_energy and label.energy is not None,
-                                      use_stress=le.use_stress and label.stress is not None)
-        self.rd.event("training_update", label=label.index, step=label.step, time_fs=label.time_fs,
-                      atoms=atoms_idx, n_environments=reply.n_environments, model_version=reply.model_version)
-        calls = label.index + 1
-        opt = le.optimize
-        if opt.every and calls % opt.every == 0 and calls <= opt.until_calls:
-            result = self.learner.optimize(max_iterations=opt.max_iterations,
-                                           bounds={k: tuple(v) for k, v in opt.bounds.items()},
-                                           space=opt.space)
+        selection = label.selection if label.selection is not None else initial_atoms(self.config, len(label.numbers))
+        return {"atoms": label.atoms(), "forces": label.forces, "atom_indices": selection, "energy": label.energy,
+                "stress": label.stress, "use_energy": le.use_energy and label.energy is not None,
+                "use_stress": le.use_stress and label.stress is not None}
+
+    def _optimize_on_schedule(self, before: int, after: int, log_event: bool = True, label=None):
+        """Re-optimise once if the schedule (every N-th label, up to until_calls) falls in (before, after]."""
+        opt = self.config.learner.optimize
+        if not opt.every or not any(k % opt.every == 0 and k <= opt.until_calls for k in range(before + 1, after + 1)):
+            return None
+        result = self.learner.optimize(max_iterations=opt.max_iterations,
+                                       bounds={k: tuple(v) for k, v in opt.bounds.items()}, space=opt.space)
+        if log_event:
             hyps = {h.name: h.value for h in result.hyperparameters}
             self.rd.event("optimize", label=label.index, step=label.step, time_fs=label.time_fs,
-                          hyperparameters=hyps, log_likelihood=result.log_likelihood,
+                          walker=label.walker, hyperparameters=hyps, log_likelihood=result.log_likelihood,
                           iterations=result.iterations, converged=result.converged, message=result.message,
                           seconds=result.seconds, at_bounds=list(result.at_bounds))
             if result.at_bounds:
@@ -223,176 +811,89 @@ class OnTheFlyRun:
             if not result.converged:
                 self.progress.line(f"  hyperparameter optimisation stopped after {result.iterations} iterations "
                                    f"without converging: {result.message}")
-        exported = self.learner.export_model()
-        state.model_file = self.rd.write_model(label.index, exported.model)
-        state.labels_applied = label.index + 1
-        state.training_atoms.append(atoms_idx)
+        return result
+
+    def _apply(self, labels: list[StoredLabel]) -> None:
+        """One AddDataBatch for the labels that arrived together; optimise on schedule; the learner
+        checkpoints itself; parked walkers go on; queued frames the new model knows are dropped."""
+        st, rd = self.state, self.rd
+        started = time.perf_counter()
+        labels = sorted(labels, key=lambda lab: lab.index)
+        assert labels[0].index == st.labels_applied, (labels[0].index, st.labels_applied)
+        items = [self._item(lab) for lab in labels]
+        reply = self.learner.add_data_batch(items)
+        before = st.labels_applied
+        for lab, item in zip(labels, items):
+            rd.event("training_update", label=lab.index, walker=lab.walker, step=lab.step, time_fs=lab.time_fs,
+                     atoms=list(item["atom_indices"]), n_environments=reply.n_environments,
+                     model_version=reply.model_version, batch=[x.index for x in labels])
+        self._optimize_on_schedule(before, before + len(labels), label=labels[-1])
+        ck = self.learner.checkpoint()
+        st.labels_applied = before + len(labels)
+        st.learner_checkpoint = ck.checkpoint_id
+        st.apply_batches.append([lab.index for lab in labels])
+        st.training_atoms.extend([list(item["atom_indices"]) for item in items])
         self._refresh_model_info()
         decision = self.update_policy.decide(UpdateContext(
-            oracle_calls=calls, step=label.step,
-            max_sigma_before=float(label.force_std.max()) if label.force_std is not None else 0.0,
+            oracle_calls=st.labels_applied, step=labels[-1].step,
+            max_sigma_before=max((float(lab.force_std.max()) for lab in labels if lab.force_std is not None),
+                                 default=0.0),
             threshold=self.threshold, n_environments=self.n_environments))
-        self.rd.event("update_decision", label=label.index, accept=decision.accept, reason=decision.reason,
-                      threshold=self.threshold, noise=self.noise)
+        rd.event("update_decision", label=labels[-1].index, labels=[lab.index for lab in labels],
+                 accept=decision.accept, reason=decision.reason, threshold=self.threshold, noise=self.noise,
+                 learner_checkpoint=ck.checkpoint_id, checkpoint_bytes=ck.bytes_written,
+                 checkpoint_seconds=ck.seconds)
+        resume: list[str] = []
+        for lab in labels:
+            if lab.queue_seq < 0:
+                continue
+            for name in self.walkers:
+                ws = st.walker(name)
+                if ws.parked == lab.queue_seq:
+                    # the stopped step is integrated with this label's forces when the walker goes on
+                    ws.parked = None
+                    ws.pending_override = lab.index
+                    ws.md_checkpoint = f"label:{lab.index}"
+                    st.set_walker(name, ws)
+                    resume.append(name)
+        for name in self.walkers:
+            ws = st.walker(name)
+            if ws.waiting_update:
+                ws.waiting_update = False
+                st.set_walker(name, ws)
+                resume.append(name)
+        self._save()
         if self.metrics is not None:
             self.metrics.model_update(time.perf_counter() - started)
             self.metrics.update(decision)
-        # the stopped step is integrated with this label's forces when MD continues
-        if label.index == 0:
-            state.md_checkpoint = None
-        else:
-            state.md_checkpoint = f"label:{label.index}"
-        state.pending_override = label.index
-        state.step, state.time_fs = label.step, label.time_fs
-        self.rd.save_state(state)
+        for name in resume:
+            if not self.walkers[name].running:
+                self._start_chunk(self.walkers[name])
+        self._drop_known()
 
-    # -- the run ---------------------------------------------------------------------------
-
-    def run(self) -> RunState:
-        rd, cfg = self.rd, self.config
-        state = rd.load_state()
-        self.learner.wait_ready(300)
-        self.sampler.wait_ready(60)
-        self.services.oracle.wait_ready(60)
-        written = rd.label_count()
-        resumed = written > 0 or state.model_file is not None
-        if resumed:
-            if state.model_file:
-                self.learner.load_model(rd.read_bytes(state.model_file))
-            for i in range(state.labels_applied, written):
-                self.progress.line(f"applying label {i} written before the interruption")
-                self._apply_label(rd.read_label(i), state)
-            state.oracle_calls = written
-            if self.metrics is not None:
-                self.metrics.resumed(written, state.time_fs)
-            rd.truncate_trajectory(state.step)
-            rd.event("resumed", step=state.step, labels=written, labels_applied=state.labels_applied)
-            self.progress.line(f"resumed at step {state.step} with {written} oracle label(s) on disk "
-                               f"(none recomputed)")
-        else:
-            rd.event("run_started", config=cfg.to_dict(), learner=self.services.learner_address,
-                     sampler=self.services.sampler_address)
-        self._refresh_model_info()
-        if written == 0:
-            atoms = build_structure(cfg)
-            self.progress.line(f"labelling the first frame ({len(atoms)} atoms) with the oracle ...")
-            result, seconds = self._label(atoms)
-            label = StoredLabel(index=0, step=0, time_fs=0.0, positions=atoms.positions, numbers=atoms.numbers,
-                                cell=atoms.cell.array, pbc=atoms.pbc, energy=result.labels.energy,
-                                forces=result.labels.forces, stress=result.labels.stress, force_std=None,
-                                checkpoint=b"", structure_hash=result.structure_hash, oracle_seconds=seconds,
-                                worker=result.worker)
-            rd.write_label(label)
-            state.oracle_calls = 1
-            rd.event("oracle_call", label=0, step=0, time_fs=0.0, temperature_K=cfg.sampler.temperature_K,
-                     seconds=seconds, energy=label.energy, max_sigma=None, threshold=None, worker=result.worker)
-            if self.metrics is not None:
-                self.metrics.oracle_call(0.0)
-            self._apply_label(label, state)
-        total = cfg.sampler.steps
-        while state.step < total:
-            self._md_chunk(state)
-        state.finished = True
-        rd.save_state(state)
-        final = self.learner.export_model()
-        from coordinator.rundir import atomic_write
-
-        atomic_write(rd.path / "model_final.npz", final.model)
-        rd.event("run_finished", step=state.step, time_fs=state.time_fs, oracle_calls=state.oracle_calls,
-                 n_environments=self.n_environments, noise=self.noise)
-        return state
-
-    def _md_chunk(self, state: RunState) -> None:
-        cfg, rd = self.config, self.rd
-        ci = cfg.sampler.checkpoint_interval
-        max_steps = min(ci - state.step % ci, cfg.sampler.steps - state.step)
-        threshold = 0.0 if self._skip_gate_once else self.threshold
-        if self._skip_gate_once:
-            max_steps = 1
-            self._skip_gate_once = False
-        frames: list[Atoms] = []
-        calls = state.oracle_calls
-
-        def on_frame(frame: sampler_pb2.Frame) -> None:
-            atoms = frame_atoms(frame, self.threshold)
-            frames.append(atoms)
-            ratio = atoms.info.get("max_force_std", 0.0) / self.threshold if self.threshold > 0 else 0.0
-            rd.event("frame", step=int(frame.step), time_fs=frame.time_fs, temperature_K=frame.temperature_k,
-                     potential_eV=frame.potential_energy, conserved_eV=frame.conserved_energy,
-                     max_sigma=atoms.info.get("max_force_std"), threshold=self.threshold, noise=self.noise,
-                     model_version=int(frame.prediction.model_version), n_environments=self.n_environments)
-            self.progress.frame(int(frame.step), frame.time_fs, frame.temperature_k, calls, ratio,
-                                self.n_environments)
-            if self.metrics is not None:
-                self.metrics.frame(frame.time_fs, frame.temperature_k, ratio)
-
-        override = None
-        if state.pending_override is not None:
-            override = rd.read_label(state.pending_override)
-        if state.md_checkpoint is None:
-            atoms = rd.read_label(0).atoms()
-            req = sampler_pb2.RunRequest(learner_address=self.services.learner_address)
-            wire.structure_to_proto(atoms, out=req.new_run.structure)
-            req.new_run.settings.CopyFrom(md_settings(cfg))
-        else:
-            if state.md_checkpoint.startswith("label:"):
-                blob = rd.read_label(int(state.md_checkpoint.split(":")[1])).checkpoint
-            else:
-                blob = rd.read_bytes(state.md_checkpoint)
-            req = sampler_pb2.RunRequest(checkpoint=blob, learner_address=self.services.learner_address)
-        req.control.sigma_threshold = threshold
-        req.control.max_steps = max_steps
-        req.control.frame_interval = cfg.sampler.frame_interval
-        if override is not None:
-            wire.labels_to_proto(override.energy, override.forces, override.stress, out=req.override_forces)
-        result = self.sampler.run(req, on_frame=on_frame)
-        stop = result.stop
-        if stop is None:
-            raise CalculationFailed("the sampler ended the run without a stop report")
-        rd.append_frames(frames)
-        if stop.reason == sampler_pb2.STOP_REASON_UNCERTAIN:
-            self._oracle_step(stop, state)
-        else:
-            state.md_checkpoint = rd.write_md_checkpoint(stop.checkpoint)
-            state.pending_override = None
-            state.step, state.time_fs = int(stop.step), float(stop.time_fs)
-            rd.save_state(state)
-            rd.event("md_checkpoint", step=state.step, time_fs=state.time_fs,
-                     drift=stop.energy_drift_ev_per_atom_ps, steps_per_second=stop.steps_per_second)
-
-    def _oracle_step(self, stop: sampler_pb2.StopReport, state: RunState) -> None:
-        rd = self.rd
-        frame = stop.frame
-        atoms = wire.structure_from_proto(frame.structure)
-        n = len(atoms)
-        std = np.array(wire.decode_array(frame.prediction.force_std, "force_std", (n, 3)))
-        index = state.oracle_calls  # labels 0..index-1 are on disk (run() sets it from the files on resume)
-        self.progress.line(f"  σ = {stop.max_sigma:.4f} eV/Å > threshold {stop.threshold:.4f} eV/Å at step "
-                           f"{frame.step} ({len(stop.uncertain)} component(s)): calling the oracle")
-        try:
-            result, seconds = self._label(atoms)
-        except CalculationFailed as exc:
-            rd.event("oracle_failed", step=int(frame.step), time_fs=frame.time_fs, message=str(exc))
-            self.progress.line(f"  oracle failed on this frame ({exc}); continuing one step on the model")
-            state.md_checkpoint = rd.write_md_checkpoint(stop.checkpoint)
-            state.pending_override = None
-            state.step, state.time_fs = int(stop.step), float(stop.time_fs)
-            rd.save_state(state)
-            self._skip_gate_once = True
+    def _drop_known(self) -> None:
+        """Queued frames (not yet sent) that the newest model, conditioned on the labels in flight,
+        no longer finds uncertain are dropped; their walkers redo the stopped step on the new model."""
+        if not self.queued or self.stopping:
             return
-        label = StoredLabel(index=index, step=int(frame.step), time_fs=frame.time_fs, positions=atoms.positions,
-                            numbers=atoms.numbers, cell=atoms.cell.array, pbc=atoms.pbc,
-                            energy=result.labels.energy, forces=result.labels.forces, stress=result.labels.stress,
-                            force_std=std, checkpoint=stop.checkpoint, structure_hash=result.structure_hash,
-                            oracle_seconds=seconds, worker=result.worker)
-        rd.write_label(label)          # durable before it is used
-        state.oracle_calls = index + 1
-        err = np.abs(np.array(wire.decode_array(frame.prediction.forces, "f", (n, 3))) - label.forces)
-        rd.event("oracle_call", label=index, step=label.step, time_fs=label.time_fs,
-                 temperature_K=frame.temperature_k, seconds=seconds, energy=label.energy,
-                 max_sigma=float(stop.max_sigma), threshold=float(stop.threshold), worker=result.worker,
-                 uncertain_atoms=sorted({u.atom for u in stop.uncertain}), max_force_error=float(err.max()),
-                 rmse_force_error=float(np.sqrt(np.mean(err ** 2))))
-        if self.metrics is not None:
-            self.metrics.oracle_call(label.time_fs)
-        self._apply_label(label, state)
+        cond = [(p.atoms(), p.selection) for p in self.in_flight.values()]
+        for seq in sorted(self.queued):
+            entry = self.queued[seq]
+            pred = self.learner.predict(entry.atoms(), condition_on=cond)
+            sigma = float(np.max(pred.force_std))
+            if sigma >= self.threshold:
+                continue
+            del self.queued[seq]
+            st = self.state
+            ws = st.walker(entry.walker)
+            ws.parked = None
+            st.set_walker(entry.walker, ws)
+            st.count("dropped")
+            self._save()
+            self.rd.remove_queue_entry(seq)
+            self.rd.event("frame_dropped", seq=seq, walker=entry.walker, step=entry.step, max_sigma=entry.max_sigma,
+                          new_max_sigma=sigma, threshold=self.threshold)
+            if self.metrics is not None:
+                self.metrics.skipped_frame("dropped")
+            self._start_chunk(self.walkers[entry.walker])
+        self._queue_gauges()

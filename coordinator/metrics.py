@@ -1,8 +1,14 @@
 """Prometheus metrics of the coordinator (on an injected registry).
 
-* ``epicycle_coordinator_oracle_calls_total`` — oracle labels used by the run;
-* ``epicycle_coordinator_oracle_failures_total`` — frames no oracle worker could label
-  (MD went on one step on the model);
+* ``epicycle_coordinator_oracle_calls_total{walker}`` — oracle labels used by the run;
+* ``epicycle_coordinator_oracle_failures_total`` — label requests that failed (retried during
+  an outage, or the run stopped / the frame was skipped);
+* ``epicycle_coordinator_labels_queued`` / ``_labels_in_flight`` — uncertain frames waiting for an
+  oracle slot / label requests sent and not answered: the real demand on the oracle pool
+  (what the KEDA trigger scales oracle workers on);
+* ``epicycle_coordinator_frames_not_labelled_total{reason}`` — uncertain frames that got no label:
+  ``deduplicated`` (covered by labels in flight), ``dropped`` (certain under a newer model),
+  ``skipped`` (the oracle failed and ``oracle.on_failure: skip``);
 * ``epicycle_coordinator_oracle_failovers_total`` — label requests sent to another worker
   because one was unreachable, overloaded or too slow;
 * ``epicycle_coordinator_oracle_call_seconds{outcome}`` — histogram of the time the run
@@ -10,8 +16,10 @@
 * ``epicycle_coordinator_model_update_seconds`` — histogram of one training update
   (AddData, optimisation on schedule, model export);
 * ``epicycle_coordinator_updates_total{decision}`` — update decisions, accepted or rejected;
-* gauges: simulated time, oracle calls per simulated ps, max σ / threshold, MD
-  temperature, threshold, σn, training-set size.
+* gauges: simulated time, max σ / threshold and MD temperature per ``walker``; oracle calls per
+  simulated ps, threshold, σn, training-set size.
+
+The ``walker`` label takes one value per walker of the run (at most ``config.MAX_WALKERS``).
 """
 
 from __future__ import annotations
@@ -46,11 +54,20 @@ class CoordinatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._pool = _PoolCollector()
         registry.register(self._pool)
-        self.oracle_calls = Counter("epicycle_coordinator_oracle_calls", "Oracle labels used by the run.",
-                                    registry=registry)
+        self.oracle_calls = Counter("epicycle_coordinator_oracle_calls", "Oracle labels used by the run, by walker.",
+                                    ["walker"], registry=registry)
         self.oracle_failures = Counter("epicycle_coordinator_oracle_failures",
-                                       "Frames the oracle could not label (MD continued one step on the model).",
-                                       registry=registry)
+                                       "Label requests that failed (retried in an outage, or the run stopped / the "
+                                       "frame was skipped).", registry=registry)
+        self.labels_queued = Gauge("epicycle_coordinator_labels_queued",
+                                   "Uncertain frames waiting for an oracle slot.", registry=registry)
+        self.labels_in_flight = Gauge("epicycle_coordinator_labels_in_flight",
+                                      "Label requests sent to the oracle pool and not answered yet.", registry=registry)
+        self.not_labelled = Counter("epicycle_coordinator_frames_not_labelled",
+                                    "Uncertain frames that got no label, by reason (deduplicated, dropped, skipped).",
+                                    ["reason"], registry=registry)
+        for reason in ("deduplicated", "dropped", "skipped"):
+            self.not_labelled.labels(reason)
         self.oracle_call_seconds = Histogram(
             "epicycle_coordinator_oracle_call_seconds",
             "Time the run waited for one oracle label (failover included), seconds, by outcome (ok, failed).",
@@ -62,14 +79,14 @@ class CoordinatorMetrics:
             "One training update of the learner (AddData, optimisation on schedule, export), seconds.",
             buckets=UPDATE_BUCKETS, registry=registry)
         self.simulated_time = Gauge("epicycle_coordinator_simulated_time_femtoseconds",
-                                    "Simulated time reached by MD, fs.", registry=registry)
+                                    "Simulated time reached by MD, fs, by walker.", ["walker"], registry=registry)
         self.calls_per_ps = Gauge("epicycle_coordinator_oracle_calls_per_simulated_picosecond",
                                   "Oracle calls divided by the simulated time, 1/ps.", registry=registry)
         self.max_sigma_ratio = Gauge("epicycle_coordinator_max_sigma_ratio",
-                                     "Largest force σ over the threshold in the last frame (1 = at threshold).",
-                                     registry=registry)
-        self.temperature = Gauge("epicycle_coordinator_temperature_kelvin", "MD temperature of the last frame, K.",
-                                 registry=registry)
+                                     "Largest force σ over the threshold in the walker's last frame (1 = at "
+                                     "threshold).", ["walker"], registry=registry)
+        self.temperature = Gauge("epicycle_coordinator_temperature_kelvin",
+                                 "MD temperature of the walker's last frame, K.", ["walker"], registry=registry)
         self.threshold = Gauge("epicycle_coordinator_threshold_ev_per_angstrom",
                                "Uncertainty threshold in force, eV/Å.", registry=registry)
         self.noise = Gauge("epicycle_coordinator_noise_ev_per_angstrom", "Learner force noise σn, eV/Å.",
@@ -82,6 +99,22 @@ class CoordinatorMetrics:
             self.updates.labels(d)
         self._calls = 0
         self._time = 0.0
+        self._walker_time: dict[str, float] = {}
+
+    def walkers(self, names) -> None:
+        """Create every walker's series (so they exist from the start, at 0)."""
+        for name in names:
+            self.oracle_calls.labels(name)
+            self.simulated_time.labels(name)
+            self.max_sigma_ratio.labels(name)
+            self.temperature.labels(name)
+
+    def queue(self, queued: int, in_flight: int) -> None:
+        self.labels_queued.set(queued)
+        self.labels_in_flight.set(in_flight)
+
+    def skipped_frame(self, reason: str) -> None:
+        self.not_labelled.labels(reason).inc()
 
     def watch_oracle_pool(self, pool) -> None:
         """Export the failover count of this :class:`~coordinator.services.OraclePool`."""
@@ -92,10 +125,9 @@ class CoordinatorMetrics:
         self._calls = max(self._calls, int(oracle_calls))
         self._set_rate(time_fs)
 
-    def oracle_call(self, time_fs: float) -> None:
+    def oracle_call(self, walker: str, time_fs: float) -> None:
         self._calls += 1
-        self.oracle_calls.inc()
-        self._set_rate(time_fs)
+        self.oracle_calls.labels(walker).inc()
 
     def oracle_latency(self, seconds: float, ok: bool = True) -> None:
         self.oracle_call_seconds.labels("ok" if ok else "failed").observe(seconds)
@@ -106,15 +138,17 @@ class CoordinatorMetrics:
         self.model_update_seconds.observe(seconds)
 
     def _set_rate(self, time_fs: float) -> None:
+        """Calls per ps of simulated time summed over the walkers."""
         self._time = max(self._time, time_fs)
         if self._time > 0:
             self.calls_per_ps.set(self._calls / (self._time / 1000.0))
 
-    def frame(self, time_fs: float, temperature: float, ratio: float) -> None:
-        self.simulated_time.set(time_fs)
-        self.temperature.set(temperature)
-        self.max_sigma_ratio.set(ratio)
-        self._set_rate(time_fs)
+    def frame(self, walker: str, time_fs: float, temperature: float, ratio: float) -> None:
+        self.simulated_time.labels(walker).set(time_fs)
+        self.temperature.labels(walker).set(temperature)
+        self.max_sigma_ratio.labels(walker).set(ratio)
+        self._walker_time[walker] = time_fs
+        self._set_rate(sum(self._walker_time.values()))
 
     def model(self, info, threshold: float) -> None:
         self.noise.set(info.noise_std)

@@ -1,6 +1,6 @@
 """The run report: plots a scientist reads at a glance, and the key numbers.
 
-* ``temperature.png`` — temperature against time with oracle calls marked (paper Fig. 3a)
+* ``temperature.png`` — temperature of every walker against time with its oracle calls marked (Fig. 3a)
 * ``oracle_calls.png`` — cumulative oracle calls and σn against time (Fig. 3b)
 * ``rdf.png`` — radial distribution function of the early and late trajectory (Fig. 3c)
 * ``errors.png`` — at every oracle call: the model's force error against its predicted σ
@@ -50,9 +50,18 @@ def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
     finished = [e for e in events if e["event"] == "run_finished"]
     state = rd.load_state()
     started = [e for e in events if e["event"] == "run_started"]
+    walkers = {}
+    for name, w in state.walkers.items():
+        wcalls = [e for e in calls if e.get("walker") == name and e["label"] > 0]
+        walkers[name] = {"steps": w.get("step", 0), "simulated_time_ps": w.get("time_fs", 0.0) / 1000.0,
+                         "oracle_calls": len(wcalls), "done": bool(w.get("done"))}
     summary = {
         "run_dir": str(rd.path),
         "finished": state.finished,
+        "stop_reason": state.stop_reason,
+        "walkers": walkers,
+        "learner_checkpoint": state.learner_checkpoint,
+        "frames_not_labelled": dict(state.counters),
         "steps": state.step,
         "simulated_time_ps": state.time_fs / 1000.0,
         "oracle_calls": state.oracle_calls,
@@ -91,20 +100,29 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
     decisions = [e for e in events if e["event"] == "update_decision"]
     summary = summarize(run_dir, wall_seconds)
 
+    # simulated time of the run: one walker's own clock; with several, the calls are drawn on each walker's
     t = np.array([f["time_fs"] for f in frames]) / 1000.0
-    temp = np.array([f["temperature_K"] for f in frames])
-    call_t = np.array([c["time_fs"] for c in calls]) / 1000.0
+    call_t = np.array(sorted(c["time_fs"] for c in calls)) / 1000.0
+    names = list(summary["walkers"]) or sorted({f.get("walker", "") for f in frames})
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.plot(t, temp, lw=1.2, color="tab:blue", label="MD temperature")
-    if len(call_t):
-        ymax = float(temp.max()) if len(temp) else 1.0
-        ax.plot(call_t, np.full(len(call_t), ymax * 1.05), "v", color="tab:red", ms=6, label="oracle call")
-        for x in call_t:
-            ax.axvline(x, color="tab:red", lw=0.4, alpha=0.35)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    ymax = max((f["temperature_K"] for f in frames), default=1.0)
+    for k, name in enumerate(names):
+        colour = colours[k % len(colours)]
+        wf = [f for f in frames if f.get("walker", name) == name]
+        ax.plot([f["time_fs"] / 1000.0 for f in wf], [f["temperature_K"] for f in wf], lw=1.1, color=colour,
+                label=f"{name}" if len(names) > 1 else "MD temperature")
+        wc = [c["time_fs"] / 1000.0 for c in calls if c.get("walker", name) == name]
+        if wc:
+            ax.plot(wc, np.full(len(wc), ymax * (1.04 + 0.03 * k)), "v", color=colour, ms=5,
+                    label="oracle call" if len(names) == 1 else None)
+            if len(names) == 1:
+                for x in wc:
+                    ax.axvline(x, color="tab:red", lw=0.4, alpha=0.35)
     ax.set_xlabel("time (ps)")
     ax.set_ylabel("temperature (K)")
-    ax.set_title("Temperature and oracle calls")
+    ax.set_title("Temperature and oracle calls (▼)" + (" per walker" if len(names) > 1 else ""))
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / "temperature.png", dpi=120)
@@ -127,11 +145,7 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
     fig.savefig(run_dir / "oracle_calls.png", dpi=120)
     plt.close(fig)
 
-    traj = []
-    if (run_dir / "trajectory.xyz").exists():
-        import ase.io
-
-        traj = ase.io.read(run_dir / "trajectory.xyz", index=":")
+    traj = rd.read_trajectory(names[0]) if names else []
     if traj:
         k = max(1, len(traj) // 5)
         fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -143,7 +157,7 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
                 f"{traj[-1].info.get('time_fs', 0) / 1000:.2f} ps)")
         ax.set_xlabel("r (Å)")
         ax.set_ylabel("g(r)")
-        ax.set_title("Radial distribution function")
+        ax.set_title("Radial distribution function" + (f" (walker {names[0]})" if len(names) > 1 else ""))
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(run_dir / "rdf.png", dpi=120)
@@ -169,7 +183,8 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         "",
         "| quantity | value |",
         "|---|---|",
-        f"| finished | {summary['finished']} |",
+        f"| finished | {summary['finished']} ({summary['stop_reason'] or 'not finished'}) |",
+        f"| walkers | {len(summary['walkers'])} |",
         f"| MD steps | {summary['steps']} |",
         f"| simulated time | {summary['simulated_time_ps']:.3f} ps |",
         f"| oracle calls | {summary['oracle_calls']} |",
@@ -179,9 +194,18 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         f"| final threshold | {_fmt(summary['threshold_ev_per_angstrom'])} eV/Å |",
         f"| hyperparameters | {_hyperparameters_text(summary['hyperparameters'], summary.get('labels_used'))} |",
         f"| mean T, last quarter | {_fmt(summary['temperature_K_mean_last_quarter'])} K |",
+        f"| uncertain frames not labelled | {_counters_text(summary['frames_not_labelled'])} |",
         f"| times resumed | {summary['resumed']} |",
+        f"| learner checkpoint | {summary['learner_checkpoint']} |",
         f"| wall time | {_fmt(summary['wall_seconds'])} s |",
         "",
+    ]
+    if len(summary["walkers"]) > 1:
+        lines += ["| walker | MD steps | simulated time | oracle calls |", "|---|---|---|---|"]
+        lines += [f"| {n} | {w['steps']} | {w['simulated_time_ps']:.3f} ps | {w['oracle_calls']} |"
+                  for n, w in summary["walkers"].items()]
+        lines.append("")
+    lines += [
         "![temperature](temperature.png)",
         "",
         "![oracle calls](oracle_calls.png)",
@@ -205,6 +229,14 @@ def _hyperparameters_text(hyps: dict | None, labels_used: list | None) -> str:
     used = set(labels_used or ("forces", "energy", "stress"))
     skip = {n for n, label in (("energy_noise", "energy"), ("stress_noise", "stress")) if label not in used}
     return ", ".join(f"{n} {v:.4g} {units.get(n, '')}".rstrip() for n, v in hyps.items() if n not in skip)
+
+
+def _counters_text(counters: dict) -> str:
+    """``2 deduplicated, 1 dropped`` (covered by labels in flight / certain under a newer model)."""
+    parts = [f"{v} {k}" for k, v in sorted(counters.items()) if k != "recomputed" and v]
+    if counters.get("recomputed"):
+        parts.append(f"{counters['recomputed']} in-flight label(s) recomputed after a kill")
+    return ", ".join(parts) or "none"
 
 
 def _fmt(x) -> str:

@@ -44,7 +44,7 @@ def run_command(args: argparse.Namespace) -> int:
     import yaml
 
     from coordinator.config import load_config, parse_config
-    from coordinator.cycle import OnTheFlyRun, Progress, build_structure
+    from coordinator.cycle import OnTheFlyRun, Progress, run_species
     from coordinator.report import write_report
     from coordinator.rundir import RunDirectory
     from coordinator.services import start_services
@@ -63,8 +63,7 @@ def run_command(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         run_dir = args.run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         rd = RunDirectory.create(run_dir, yaml.safe_dump(config.to_dict(), sort_keys=False))
-    structure = build_structure(config)
-    species = sorted(set(int(z) for z in structure.numbers))
+    species = run_species(config)
     print(f"run directory: {rd.path}", flush=True)
     metrics = None
     if config.metrics_port is not None:
@@ -78,7 +77,7 @@ def run_command(args: argparse.Namespace) -> int:
         _, port = serve_metrics(registry, config.metrics_port, config.metrics_host)
         print(f"coordinator metrics on http://{config.metrics_host}:{port}/metrics", flush=True)
     started = time.perf_counter()
-    services = start_services(config, species)
+    services = start_services(config, species, learner_dir=rd.path / "learner")
     try:
         run = OnTheFlyRun(config, rd, services,
                           Progress(config.sampler.steps, config.sampler.timestep_fs, quiet=args.quiet), metrics)
@@ -87,8 +86,11 @@ def run_command(args: argparse.Namespace) -> int:
         services.close()
         rd.close()
     elapsed = time.perf_counter() - started
-    print(f"finished: {state.step} steps, {state.time_fs / 1000:.3f} ps, {state.oracle_calls} oracle calls, "
-          f"{elapsed:.1f} s wall time", flush=True)
+    walkers = len(state.walkers)
+    print(f"finished ({state.stop_reason}): {state.step} steps{f' over {walkers} walkers' if walkers > 1 else ''}, "
+          f"{state.time_fs / 1000:.3f} ps, {state.oracle_calls} oracle calls, {elapsed:.1f} s wall time; "
+          f"model: learner checkpoint {state.learner_checkpoint}"
+          + (f" in {rd.path / 'learner'}" if not config.learner.address else ""), flush=True)
     if not args.no_report:
         report = write_report(rd.path, wall_seconds=elapsed)
         print(f"report: {report}", flush=True)

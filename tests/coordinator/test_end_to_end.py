@@ -55,11 +55,15 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def test_run_produces_a_complete_run_directory(finished_run: Path) -> None:
-    for name in ("config.yaml", "state.json", "events.jsonl", "trajectory.xyz", "model_final.npz", "summary.json",
+    for name in ("config.yaml", "state.json", "events.jsonl", "walkers/w0/trajectory.xyz", "summary.json",
                  "report.md", "temperature.png", "oracle_calls.png", "rdf.png"):
         assert (finished_run / name).is_file(), name
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == 400
+    assert summary["stop_reason"] == "every walker has done its steps"
+    assert not list((finished_run / "queue").iterdir())  # nothing left waiting for the oracle
+    # the model lives in the learner's own directory (no O(N²) export crossed the wire)
+    assert (finished_run / "learner").is_dir() and summary["learner_checkpoint"]
     assert summary["oracle_calls"] == len(list((finished_run / "labels").glob("label_*.npz")))
 
 
@@ -82,7 +86,7 @@ def test_training_set_grows_and_calls_cluster_at_start_and_after_the_melt(finish
 def test_every_accepted_step_is_under_the_threshold_in_force(finished_run: Path) -> None:
     import ase.io
 
-    frames = ase.io.read(finished_run / "trajectory.xyz", index=":")
+    frames = ase.io.read(finished_run / "walkers" / "w0" / "trajectory.xyz", index=":")
     assert len(frames) > 20
     for atoms in frames:
         if atoms.info.get("forces_from_oracle"):
@@ -96,8 +100,8 @@ def test_final_model_is_accurate_on_fresh_oracle_frames(finished_run: Path) -> N
 
     from learner_service.gp import GaussianProcess
 
-    gp = GaussianProcess.load(finished_run / "model_final.npz")
-    frames = ase.io.read(finished_run / "trajectory.xyz", index=":")
+    gp = GaussianProcess.load(finished_run / "learner")  # the learner's latest checkpoint, rebuilt from its data
+    frames = ase.io.read(finished_run / "walkers" / "w0" / "trajectory.xyz", index=":")
     fresh = frames[len(frames) // 2::max(1, len(frames) // 12)]
     errors, scale = [], []
     for atoms in fresh:

@@ -28,9 +28,10 @@ def dead_address() -> str:
 
 
 @pytest.fixture
-def cluster():
+def cluster(tmp_path_factory):
     oracles = [start_oracle_server(OracleServiceConfig()) for _ in range(2)]
-    learner = start_learner_server(LearnerServiceConfig(species=(13,), cutoffs=(5.0, 3.5), hyperparameters=HYPS))
+    learner = start_learner_server(LearnerServiceConfig(species=(13,), cutoffs=(5.0, 3.5), hyperparameters=HYPS,
+                                                        model_dir=tmp_path_factory.mktemp("learner")))
     sampler = start_sampler_server(SamplerServiceConfig(default_learner=learner.address))
     yield oracles, learner, sampler
     for s in (sampler, learner, *oracles):
@@ -50,7 +51,8 @@ def run_remote(tmp_path: Path, oracle_addresses: list[str], learner, sampler, st
     })
     rd = RunDirectory.create(tmp_path / "run", "remote\n")
     pool = OraclePool(oracle_addresses, config.oracle.timeout_s, config.oracle.attempts)
-    services = Services(oracle=pool, learner_address=learner.address, sampler_address=sampler.address)
+    services = Services(oracle=pool, learner_address=learner.address, sampler_addresses=[sampler.address],
+                        oracle_workers=len(oracle_addresses))
     try:
         state = OnTheFlyRun(config, rd, services, Progress(steps, 5.0, quiet=True)).run()
     finally:
