@@ -127,7 +127,7 @@ def ours(data: dict, test_frames, test_forces) -> dict:
         rd = RunDirectory.create(Path(tmp) / "run", json.dumps(data))
         species = sorted(set(build_structure(config).numbers.tolist()))
         started = time.perf_counter()
-        services = start_services(config, species)
+        services = start_services(config, species, learner_dir=rd.path / "learner")
         try:
             state = OnTheFlyRun(config, rd, services, Progress(steps, 5.0, quiet=True)).run()
         finally:
@@ -135,8 +135,8 @@ def ours(data: dict, test_frames, test_forces) -> dict:
             rd.close()
         wall = time.perf_counter() - started
         events = [json.loads(x) for x in (rd.path / "events.jsonl").read_text().splitlines()]
-        gp = GaussianProcess.load(rd.path / "model_final.npz")
-        own = [a for a in ase.io.read(rd.path / "trajectory.xyz", index=":")
+        gp = GaussianProcess.load(rd.path / "learner")
+        own = [a for a in ase.io.read(rd.path / "walkers" / "w0" / "trajectory.xyz", index=":")
                if a.info["step"] % TEST_EVERY == 0]
     own_ref = emt_forces(own)
     own_pred = [gp.predict(a).forces for a in own]
