@@ -66,7 +66,7 @@ MOVING = [
     ("oracle calculations", 'sum(epicycle_oracle_compute_seconds_count{outcome="computed"})'),
     ("Learner/PredictStream RPCs", 'sum(epicycle_grpc_server_handled_total{job="learner",'
                                    'grpc_service="epicycle.v1.Learner",grpc_method="PredictStream"})'),
-    ("Learner/AddData RPCs", 'sum(epicycle_grpc_server_handled_total{job="learner",grpc_method="AddData",'
+    ("Learner/AddDataBatch RPCs", 'sum(epicycle_grpc_server_handled_total{job="learner",grpc_method="AddDataBatch",'
                              'grpc_code="OK"})'),
     ("Sampler/Run RPCs", 'sum(epicycle_grpc_server_handled_total{job="sampler",grpc_method="Run"})'),
     ("learner predictions", 'sum(epicycle_learner_prediction_seconds_count{rpc="PredictStream"})'),
@@ -280,8 +280,8 @@ def test_rpc_counters_by_method_and_code(live: LiveRun) -> None:
     """Every RPC of the cycle is counted by the server that handled it, with the status code."""
     rows = live.vector('sum by (job, grpc_service, grpc_method, grpc_code) (epicycle_grpc_server_handled_total)')
     seen = {(r["metric"]["job"], r["metric"]["grpc_method"], r["metric"]["grpc_code"]) for r in rows}
-    for job, method in (("oracle", "Label"), ("learner", "AddData"), ("learner", "Optimize"),
-                        ("learner", "ExportModel"), ("learner", "GetModelInfo"), ("sampler", "Run")):
+    for job, method in (("oracle", "Label"), ("learner", "AddDataBatch"), ("learner", "Optimize"),
+                        ("learner", "Checkpoint"), ("learner", "GetModelInfo"), ("sampler", "Run")):
         assert (job, method, "OK") in seen, f"{job} {method}: {sorted(seen)}"
     assert any(j == "learner" and m == "PredictStream" for j, m, _ in seen)
     codes = {c for _, _, c in seen}
