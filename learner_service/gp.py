@@ -13,11 +13,18 @@ type has its own noise: ``noise`` (eV/Å, optimised as in FLARE), ``energy_noise
 (eV, default 0.01 as FLARE's) and ``stress_noise`` (eV/Å^3, default 0.001); the last
 two are hyperparameters only when such labels are present.
 
-Work is kept: adding data computes only the new rows of the covariance and extends
+Work is kept: adding data computes only the new columns of the covariance and extends
 the Cholesky factor by blocks; changing only signal variances or noises rescales the
-stored unit-variance kernel matrices; changing length scales recomputes them.
+stored unit-variance kernel matrices; changing length scales recomputes them.  The
+unit-variance 2- and 3-body matrices are kept only up to ``kernel_cache_max_rows`` rows
+(default 8192 = 2730 force environments); a larger model keeps just its factor, and a
+hyperparameter change or a likelihood gradient then recomputes the kernel (expensive, by
+design: at that size hyperparameters are frozen).
 :meth:`GaussianProcess.predict` does not change the model (it may fill caches keyed
-by the model version).
+by the model version).  :meth:`GaussianProcess.clone` is the cheap copy a writer works on:
+numpy arrays are shared and never modified in place.  The history of the factor
+(:attr:`GaussianProcess.factor_history`) lets a checkpoint rebuild it bit for bit
+(:mod:`learner_service.checkpoints`).
 """
 
 from __future__ import annotations
@@ -229,6 +236,14 @@ def serial_blas(method):
                 fn(n)
 
     return wrapper
+
+
+def _alpha_of(L: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """alpha = K_y^-1 y from the C-ordered Cholesky factor by two triangular solves, which
+    scipy hands to LAPACK as the transposed (Fortran-ordered) view; ``cho_solve`` (potrs)
+    would first copy L into Fortran order: 1.8 GB more at 15,000 rows."""
+    z = solve_triangular(L, y, lower=True, check_finite=False)
+    return solve_triangular(L, z, lower=True, trans="T", check_finite=False)
 
 
 def default_predict_threads() -> int:
@@ -682,20 +697,26 @@ class GaussianProcess:
             log = st.log + ({"op": "extend", "rows": n},)
         else:
             K2, K3, segments = self._kernel_matrices()
-            L = self._full_factor(K2, K3, self._hyps)
-            del K2, K3
+            Ky = self._ky_fortran(K2, K3, self._hyps)
+            del K2, K3  # freed here unless cached: the factorisation then needs 2 n² floats, not 4
+            L = np.ascontiguousarray(self._cholesky(Ky, overwrite=True))
+            del Ky
             log = ({"op": "full", "rows": n, "hyps": dict(self._hyps), "kernel": [[int(r), k] for r, k in segments]},)
-        alpha = cho_solve((L, True), self.labels, check_finite=False)
+        alpha = _alpha_of(L, self.labels)
         self._state = _State(key, n, L, alpha, log)
         return self._state
 
-    def _full_factor(self, K2: np.ndarray, K3: np.ndarray, hyps: Mapping[str, float]) -> np.ndarray:
-        """Cholesky factor (C order) of K_y built from K2/K3, factorised in place: K_y is formed
-        in Fortran order from the (bitwise symmetric) K^T views, so LAPACK needs no copy."""
+    def _ky_fortran(self, K2: np.ndarray, K3: np.ndarray, hyps: Mapping[str, float]) -> np.ndarray:
+        """K_y in Fortran order, formed from the (bitwise symmetric) K^T views, so that LAPACK
+        factorises it in place without a copy."""
         n = len(self._labels)
         Ky = hyps["sig2"] ** 2 * K2[:n, :n].T + hyps["sig3"] ** 2 * K3[:n, :n].T
         Ky[np.diag_indices(n)] += self._noise_vector(hyps)[:n]
-        return np.ascontiguousarray(self._cholesky(Ky, overwrite=True))
+        return Ky
+
+    def _full_factor(self, K2: np.ndarray, K3: np.ndarray, hyps: Mapping[str, float]) -> np.ndarray:
+        """Cholesky factor (C order) of K_y built from K2/K3, factorised in place."""
+        return np.ascontiguousarray(self._cholesky(self._ky_fortran(K2, K3, hyps), overwrite=True))
 
     @serial_blas
     def _extend_factor(self, L_old: np.ndarray, m: int, n: int) -> np.ndarray:
@@ -827,7 +848,7 @@ class GaussianProcess:
             m = int(event["rows"])
             if progress and (k % 10 == 0 or k == len(log) - 1):
                 progress(f"extension {k}/{len(log) - 1} ({m} rows, {time.perf_counter() - t0:.1f} s)")
-        alpha = cho_solve((L, True), self.labels, check_finite=False)
+        alpha = _alpha_of(L, self.labels)
         self._state = _State(self._state_key(), n, L, alpha, tuple(dict(e) for e in log))
         want = [[int(r), k] for r, k in (history.get("kernel_cache") or [])]
         have = [[int(r), k] for r, k in self._k_segments]
@@ -899,7 +920,7 @@ class GaussianProcess:
             if new._state_key() != st.key:
                 raise ModelError("the requested hyperparameters are not those of this model's factor")
             L = np.ascontiguousarray(st.L[:n, :n])
-            new._state = _State(st.key, n, L, cho_solve((L, True), new.labels, check_finite=False), tuple(log))
+            new._state = _State(st.key, n, L, _alpha_of(L, new.labels), tuple(log))
         else:
             new._state = None
         want = [[int(r), k] for r, k in history.get("kernel_cache") or []]
