@@ -216,3 +216,37 @@ def test_conditioned_sigma_equals_a_gp_that_contains_those_environments() -> Non
     np.testing.assert_allclose(empty.predict(test, condition_on=[(novel, [0, 7])]).force_var,
                                e_ref.predict(test).force_var, rtol=1e-10, atol=1e-14)
     assert gp.n_labels == 15
+
+
+@pytest.mark.parametrize("with_factor", [True, False], ids=["file-with-factor", "file-without-factor"])
+def test_a_model_file_base_and_load_model_are_rebuilt_bit_for_bit(tmp_path, with_factor) -> None:
+    """A learner started from a model file (--model) and one that got LoadModel: the file is the
+    base of the checkpoint's data (copied into the directory once, content-addressed)."""
+    src = GaussianProcess([13], (5.0, 3.5), HYPS)
+    apply_items(src, [item(0, [0, 1, 2])])
+    src.train()
+    path = src.save(tmp_path / "start.npz")
+    if not with_factor:  # a file with data and kernel matrices but no factor: factorised on load
+        data = dict(np.load(path))
+        data.pop("chol_L")
+        data.pop("alpha")
+        np.savez(path, **data)
+    md = ModelDirectory(tmp_path / "model").create()
+    store = ModelStore(GaussianProcess.load(path), model_dir=md, initial_base=path.read_bytes())
+    store.update(lambda gp: gp.train())
+    store.update(lambda gp: apply_items(gp, [item(1, [3, 4])]), items=[item(1, [3, 4])])
+    store.checkpoint()
+    assert_same_model(store.snapshot()[0], ModelDirectory(tmp_path / "model").load())
+    # LoadModel: a new base, the batch numbering continues
+    other = GaussianProcess([13], (5.0, 3.5), {**HYPS, "ls2": 1.2})
+    apply_items(other, [item(5, [5, 6])])
+    other.train()
+    blob = other.save(tmp_path / "other.npz").read_bytes()
+    store.replace(GaussianProcess.load(tmp_path / "other.npz"), model_file=blob)
+    store.update(lambda gp: apply_items(gp, [item(6, [7])]), items=[item(6, [7])])
+    written = store.checkpoint()[0]
+    manifest = md.read_manifest(written.checkpoint_id)
+    assert manifest["lineage"]["first"] == 1 and manifest["lineage"]["base"].startswith("base_")
+    assert_same_model(store.snapshot()[0], ModelDirectory(tmp_path / "model").load())
+    restored, _ = store.restore("initial", progress=None)
+    assert restored.n_environments == 3
