@@ -5,7 +5,8 @@ The learner runs in its own process (``start_learner_server`` on 127.0.0.1, mess
 at 4 MiB both ways, a model directory); this script is the client.  Per step it prints N
 (force environments), AddDataBatch wall and learner-CPU seconds, Checkpoint seconds and
 bytes, the model directory's size, the learner's RSS and peak RSS (VmRSS / VmHWM from
-/proc/PID/status) and the largest request/response so far.  Frames: 108-atom fcc Al
+/proc/PID/status; the peak is reset before each AddDataBatch, so it is that call's peak)
+and the largest request/response so far.  Frames: 108-atom fcc Al
 (3x3x3 cubic cells, a = 4.05 Å, isotropic strain ±2 %, atoms rattled by a Gaussian of
 σ = 0.1 Å), EMT labels, ``--per-frame`` environments of each frame, ``--frames-per-batch``
 frames per AddDataBatch; cutoffs 5.0/3.5 Å.  Hyperparameters are optimised once
@@ -66,6 +67,17 @@ def proc_status(pid: int) -> dict:
     return out
 
 
+def reset_peak(pid: int) -> bool:
+    """Reset the process's VmHWM to its current RSS (Linux: ``5`` into /proc/PID/clear_refs),
+    so the next VmHWM is the peak of what runs in between; False where not permitted."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
@@ -106,6 +118,32 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def summarize(path: Path, at=(100, 500, 1000, 1600, 2000, 2700, 3000, 4000, 5000)) -> None:
+    """Markdown table of a --out file: per target N the medians over the 5 steps nearest to it
+    (the step that ran Optimize excluded from the AddData columns)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "step" in r]
+    final = next((r for r in rows if r.get("final")), {})
+    print("| N (envs) | rows | AddDataBatch wall s | learner CPU s | Checkpoint s | checkpoint bytes | model dir MiB |"
+          " RSS after add MiB | peak RSS during the AddData MiB | peak RSS so far MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in at:
+        near = sorted(steps, key=lambda r: abs(r["n_environments"] - n))[:5]
+        if not near or abs(near[0]["n_environments"] - n) > 100:
+            continue
+        near.sort(key=lambda r: r["n_environments"])
+        adds = [r for r in near if "optimize_s" not in r] or near
+        exact = min(near, key=lambda r: abs(r["n_environments"] - n))
+        med = lambda key, rs=near: float(np.median([r[key] for r in rs]))  # noqa: E731
+        print(f"| {exact['n_environments']} ({near[0]['n_environments']}–{near[-1]['n_environments']}) | "
+              f"{exact['n_labels']} | {med('add_wall_s', adds):.2f} | {med('add_learner_cpu_s', adds):.2f} | "
+              f"{med('checkpoint_s'):.3f} | {med('checkpoint_bytes'):.0f} | {exact['dir_bytes'] / MiB:.2f} | "
+              f"{exact['rss_bytes'] / MiB:.0f} | {exact.get('add_peak_rss_bytes', float('nan')) / MiB:.0f} | "
+              f"{exact['peak_rss_bytes'] / MiB:.0f} |")
+    largest = max(max(r["largest_request_bytes"], r["largest_response_bytes"]) for r in steps)
+    print(f"\nlargest message {largest} B; final: {json.dumps(final)}")
+
+
 def main(argv=None) -> int:
     from learner_service.client import LearnerClient
     from protos import wire
@@ -121,7 +159,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", type=Path, default=None, help="default: a temporary directory")
     ap.add_argument("--out", type=Path, default=None, help="also write one JSON line per step here")
     ap.add_argument("--no-restart", action="store_true", help="skip the kill -9 / rebuild at the end")
+    ap.add_argument("--summarize", type=Path, default=None,
+                    help="only print the markdown summary of a --out file (medians of 5 steps around each N)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize)
+        return 0
 
     tmp = None
     model_dir = args.model_dir
@@ -142,10 +185,10 @@ def main(argv=None) -> int:
         return reply
 
     test_atoms = frames(10_000, 1)[0][0]
-    print("|     N | AddData wall s | learner CPU s | Checkpoint s | ckpt bytes | dir MiB | RSS MiB | peak RSS MiB |"
-          " largest req/resp bytes |", flush=True)
+    print("|     N | AddData wall s | learner CPU s | Checkpoint s | ckpt bytes | dir MiB | RSS MiB |"
+          " peak RSS MiB (this AddData / so far) | largest req/resp bytes |", flush=True)
     print("|------:|------:|------:|------:|------:|------:|------:|------:|------:|", flush=True)
-    n, step, optimized = 0, 0, False
+    n, step, optimized, overall_peak = 0, 0, False, 0
     rows = []
     try:
         while n < args.target:
@@ -158,11 +201,14 @@ def main(argv=None) -> int:
                     break
                 idx = np.random.default_rng(step).choice(len(atoms), size=take, replace=False)
                 req.items.append(LearnerClient.add_data_request(atoms, forces, idx, energy, stress))
+            overall_peak = max(overall_peak, proc_status(proc.pid)["VmHWM"])
+            per_call = reset_peak(proc.pid)
             cpu0, t0 = proc_cpu(proc.pid), time.perf_counter()
             reply = call("AddDataBatch", req)
             add_wall, add_cpu = time.perf_counter() - t0, proc_cpu(proc.pid) - cpu0
             n = reply.n_environments
             status_after_add = proc_status(proc.pid)
+            overall_peak = max(overall_peak, status_after_add["VmHWM"])
             opt = None
             if args.optimize_at and not optimized and n >= args.optimize_at:
                 t0 = time.perf_counter()
@@ -174,7 +220,8 @@ def main(argv=None) -> int:
             row = {"step": step, "n_environments": n, "n_labels": reply.n_labels, "add_wall_s": add_wall,
                    "add_learner_cpu_s": add_cpu, "checkpoint_s": ck.seconds, "checkpoint_bytes": ck.bytes_written,
                    "dir_bytes": dir_bytes(model_dir), "rss_bytes": status_after_add["VmRSS"],
-                   "peak_rss_bytes": st["VmHWM"], "largest_request_bytes": largest["request"],
+                   "add_peak_rss_bytes": status_after_add["VmHWM"], "peak_is_per_call": per_call,
+                   "peak_rss_bytes": max(overall_peak, st["VmHWM"]), "largest_request_bytes": largest["request"],
                    "largest_response_bytes": largest["response"], "items": len(req.items)}
             if opt:
                 row["optimize_s"], row["hyperparameters"] = opt
@@ -182,8 +229,10 @@ def main(argv=None) -> int:
             if out:
                 out.write(json.dumps(row) + "\n")
                 out.flush()
+            overall_peak = row["peak_rss_bytes"]
             print(f"| {n:5d} | {add_wall:6.2f} | {add_cpu:6.2f} | {ck.seconds:6.3f} | {ck.bytes_written:8d} | "
-                  f"{row['dir_bytes'] / MiB:6.1f} | {row['rss_bytes'] / MiB:7.0f} | {row['peak_rss_bytes'] / MiB:7.0f} | "
+                  f"{row['dir_bytes'] / MiB:6.1f} | {row['rss_bytes'] / MiB:7.0f} | "
+                  f"{row['add_peak_rss_bytes'] / MiB:7.0f} / {row['peak_rss_bytes'] / MiB:7.0f} | "
                   f"{largest['request']}/{largest['response']} |" + (f" optimised in {opt[0]:.1f} s: {opt[1]}"
                                                                       if opt else ""), flush=True)
             step += 1
@@ -203,9 +252,10 @@ def main(argv=None) -> int:
         print(f"\nN = {info.n_environments} ({info.n_labels} rows): Predict of a 108-atom frame {predict_s:.2f} s, "
               f"conditioned on 27 more environments {cond_s:.2f} s; largest request {largest['request']} B, "
               f"response {largest['response']} B (cap 4 MiB); model dir {dir_bytes(model_dir) / MiB:.1f} MiB; "
-              f"learner peak RSS {proc_status(proc.pid)['VmHWM'] / MiB:.0f} MiB", flush=True)
+              f"learner peak RSS {max(overall_peak, proc_status(proc.pid)['VmHWM']) / MiB:.0f} MiB", flush=True)
         summary = {"final": True, "n_environments": info.n_environments, "predict_s": predict_s,
-                   "conditioned_predict_s": cond_s, "peak_rss_bytes": proc_status(proc.pid)["VmHWM"]}
+                   "conditioned_predict_s": cond_s,
+                   "peak_rss_bytes": max(overall_peak, proc_status(proc.pid)["VmHWM"])}
         if not args.no_restart:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
