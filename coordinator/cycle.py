@@ -213,8 +213,9 @@ class OnTheFlyRun:
     """Drives one run through the services; see the module docstring."""
 
     def __init__(self, config: RunConfig, run_dir: RunDirectory, services: Services,
-                 progress: Progress | None = None, metrics=None) -> None:
+                 progress: Progress | None = None, metrics=None, repair: bool = False) -> None:
         self.config = config
+        self.repair = repair
         self.rd = run_dir
         self.services = services
         self.specs = config.walker_list()
@@ -280,6 +281,12 @@ class OnTheFlyRun:
         for s in self.samplers:
             s.wait_ready(60)
         self.services.oracle.wait_ready(60)
+        if not cfg.oracle.max_in_flight and any(a.startswith(("dns:", "ipv4:", "ipv6:")) for a in cfg.oracle.addresses):
+            self.progress.line(f"note: oracle.addresses is one balanced name, whose number of workers the coordinator "
+                               f"cannot know: {self.max_in_flight} label(s) in flight at a time; set "
+                               f"oracle.max_in_flight to the number of oracle workers")
+        if self.repair:
+            self._repair()
         written = rd.audit(st)
         resumed = written > 0
         try:
@@ -318,8 +325,7 @@ class OnTheFlyRun:
                             worker=result.worker, walker=spec.name, queue_seq=-1,
                             selection=initial_atoms(self.config, len(atoms)),
                             temperature_K=spec.sampler.temperature_K)
-        self.rd.write_label(label)
-        self.state.oracle_calls = 1
+        self._record_label(label, self.rd.write_label(label))
         self.rd.event("oracle_call", label=0, walker=spec.name, step=0, time_fs=0.0,
                       temperature_K=spec.sampler.temperature_K, seconds=seconds, energy=label.energy,
                       max_sigma=None, threshold=None, worker=result.worker)
@@ -343,12 +349,13 @@ class OnTheFlyRun:
             except NotFound:
                 self._rebuild_learner()
         self._refresh_model_info()
-        # labels that arrived after the last state update are applied below, in their arrival order
-        st.oracle_calls = written
-        labelled_seqs = {rd.read_label(i).queue_seq for i in range(written)}
+        # labels that arrived after the last state update are recorded now and applied below, in arrival order
+        for i in range(st.oracle_calls, written):
+            self._record_label(rd.read_label(i), rd.label_sha256(i))
+        labelled_seqs = set(st.label_seqs)
         for seq in rd.queued_seqs():
             if seq in labelled_seqs:
-                rd.remove_queue_entry(seq)
+                rd.archive_queue_entry(seq)
         recompute = 0
         for seq in rd.queued_seqs():
             entry = rd.read_queue_entry(seq)
@@ -383,6 +390,55 @@ class OnTheFlyRun:
             self._start_chunk(w)
         self._save()
         self._dispatch()
+
+    def _repair(self) -> None:
+        """``--repair``: label the structures of missing or damaged label files again, under the same index.
+
+        The structure comes from the label's archived queue entry (``queue/labelled/``), or for label 0 from
+        the first walker's starting structure; the file is rewritten with everything else as before, and
+        its new SHA-256 recorded.  Nothing is renumbered.
+        """
+        st, rd = self.state, self.rd
+        rd.remove_temporary_files()
+        _, problems = rd.check(st)
+        for index, problem in problems:
+            if index >= st.oracle_calls:
+                raise InvalidInput(f"cannot repair: {problem}. Remove the labels after the gap by hand only if you "
+                                   f"know they were never applied (state.json: labels_applied = {st.labels_applied})")
+            self.progress.line(f"repairing label {index}: {problem}")
+            if index == 0:
+                spec = self.specs[0]
+                atoms = walker_structure(self.config, spec)
+                entry = None
+            else:
+                entry = rd.read_archived_entry(st.label_seqs[index])
+                atoms = entry.atoms()
+            started = time.perf_counter()
+            result = self.services.oracle.label(atoms, self._properties())
+            seconds = time.perf_counter() - started
+            if entry is None:
+                label = StoredLabel(index=0, step=0, time_fs=0.0, positions=atoms.positions, numbers=atoms.numbers,
+                                    cell=atoms.cell.array, pbc=atoms.pbc, energy=result.labels.energy,
+                                    forces=result.labels.forces, stress=result.labels.stress, force_std=None,
+                                    checkpoint=b"", structure_hash=result.structure_hash, oracle_seconds=seconds,
+                                    worker=result.worker, walker=self.specs[0].name, queue_seq=-1,
+                                    selection=initial_atoms(self.config, len(atoms)),
+                                    temperature_K=self.specs[0].sampler.temperature_K)
+            else:
+                label = StoredLabel(index=index, step=entry.step, time_fs=entry.time_fs, positions=entry.positions,
+                                    numbers=entry.numbers, cell=entry.cell, pbc=entry.pbc,
+                                    energy=result.labels.energy, forces=result.labels.forces,
+                                    stress=result.labels.stress, force_std=entry.force_std,
+                                    checkpoint=entry.checkpoint, structure_hash=result.structure_hash,
+                                    oracle_seconds=seconds, worker=result.worker, walker=entry.walker,
+                                    queue_seq=entry.seq, selection=entry.selection,
+                                    predicted_forces=entry.predicted_forces, model_version=entry.model_version,
+                                    temperature_K=entry.temperature_K)
+            sha = rd.write_label(label)
+            if index < len(st.label_sha256):
+                st.label_sha256[index] = sha
+            self._save()
+            rd.event("label_repaired", label=index, problem=problem, seconds=seconds, worker=result.worker)
 
     def _rebuild_learner(self) -> None:
         """The learner lost its checkpoints (e.g. a new volume): rebuild from the run's labels, in the
@@ -724,11 +780,10 @@ class OnTheFlyRun:
                             oracle_seconds=seconds, worker=result.worker, walker=entry.walker, queue_seq=seq,
                             selection=entry.selection, predicted_forces=entry.predicted_forces,
                             model_version=entry.model_version, temperature_K=entry.temperature_K)
-        rd.write_label(label)          # durable before it is used
-        st.oracle_calls = index + 1
+        self._record_label(label, rd.write_label(label))  # durable before it is used
         del self.in_flight[seq]
         self._save()
-        rd.remove_queue_entry(seq)
+        rd.archive_queue_entry(seq)
         err = np.abs(entry.predicted_forces - label.forces)
         rd.event("oracle_call", label=index, seq=seq, walker=entry.walker, step=label.step, time_fs=label.time_fs,
                  temperature_K=entry.temperature_K, seconds=seconds, energy=label.energy,
@@ -739,6 +794,13 @@ class OnTheFlyRun:
             self.metrics.oracle_call(entry.walker, label.time_fs)
         self._queue_gauges()
         return label
+
+    def _record_label(self, label: StoredLabel, sha256: str) -> None:
+        st = self.state
+        assert label.index == st.oracle_calls == len(st.label_sha256), (label.index, st.oracle_calls)
+        st.oracle_calls = label.index + 1
+        st.label_sha256.append(sha256)
+        st.label_seqs.append(label.queue_seq)
 
     def _label_failed(self, seq: int, entry: QueuedFrame, exc: Exception) -> None:
         """An outage is retried with backoff up to ``oracle.outage_timeout_s``; a frame that cannot be

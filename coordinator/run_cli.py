@@ -17,17 +17,27 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", type=Path, help="run configuration (YAML)")
     p.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/<name>-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    p.add_argument("--repair", action="store_true",
+                   help="with --resume: label the structures of missing or damaged label files again with the "
+                        "oracle, under the same index (see `epicycle check-run`)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.set_defaults(func=run_command)
 
     r = sub.add_parser("report", help="write the report (plots + key numbers) of a run directory")
-    r.add_argument("run_dir", type=Path)
+    r.add_argument("run_dir", type=Path, help="the run directory (runs/<name>-<time>/)")
     r.set_defaults(func=report_command)
 
     c = sub.add_parser("check-config", help="validate a run configuration and print it with defaults filled in")
     c.add_argument("config", type=Path)
     c.set_defaults(func=check_command)
+
+    a = sub.add_parser("check-run", help="audit a run directory: labels, queue, walkers, learner checkpoint",
+                       description="Check a run directory the way `epicycle run --resume` does before continuing: "
+                       "every label present, readable and byte for byte as written (SHA-256 in state.json), "
+                       "the queue and each walker's checkpoint. Exit status 0 if it can be resumed, 1 if not.")
+    a.add_argument("run_dir", type=Path, help="the run directory (runs/<name>-<time>/)")
+    a.set_defaults(func=check_run_command)
 
 
 def check_command(args: argparse.Namespace) -> int:
@@ -49,6 +59,8 @@ def run_command(args: argparse.Namespace) -> int:
     from coordinator.rundir import RunDirectory
     from coordinator.services import start_services
 
+    if args.repair and not args.resume:
+        raise InvalidInput("--repair goes with --resume RUN_DIR")
     if args.resume:
         if args.config:
             raise InvalidInput("give either CONFIG (new run) or --resume RUN_DIR, not both")
@@ -80,7 +92,8 @@ def run_command(args: argparse.Namespace) -> int:
     services = start_services(config, species, learner_dir=rd.path / "learner")
     try:
         run = OnTheFlyRun(config, rd, services,
-                          Progress(config.sampler.steps, config.sampler.timestep_fs, quiet=args.quiet), metrics)
+                          Progress(config.sampler.steps, config.sampler.timestep_fs, quiet=args.quiet), metrics,
+                          repair=args.repair)
         state = run.run()
     finally:
         services.close()
@@ -94,6 +107,38 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.no_report:
         report = write_report(rd.path, wall_seconds=elapsed)
         print(f"report: {report}", flush=True)
+    return 0
+
+
+def check_run_command(args: argparse.Namespace) -> int:
+    from coordinator.rundir import RunDirectory
+
+    rd = RunDirectory.open(args.run_dir)
+    st = rd.load_state()
+    n, problems = rd.check(st)
+    temporary = [p for d in (rd.path, rd.labels_dir, rd.queue_dir) for p in d.glob(".*.tmp*")]
+    print(f"run directory {rd.path}")
+    print(f"  state: {'finished (' + st.stop_reason + ')' if st.finished else 'not finished'}, "
+          f"{st.oracle_calls} label(s) recorded, {n} on disk, {st.labels_applied} applied "
+          f"(learner checkpoint {st.learner_checkpoint or 'none'})")
+    print(f"  queue: {len(rd.queued_seqs())} frame(s) waiting, {len(st.in_flight)} were in flight at the last update")
+    for name, w in sorted(st.walkers.items()):
+        where = rd.path / w["md_checkpoint"] if w.get("md_checkpoint") and not w["md_checkpoint"].startswith(
+            "label:") else None
+        if where is not None and not where.exists():
+            problems.append((-1, f"walker {name}: its checkpoint {where} is missing"))
+        status = "done" if w.get("done") else (f"parked on frame {w['parked']}" if w.get("parked") is not None
+                                                else "running")
+        print(f"  walker {name}: step {w.get('step', 0)}, {status}")
+    if temporary:
+        print(f"  {len(temporary)} temporary file(s) of interrupted writes (removed on resume)")
+    if problems:
+        print("PROBLEMS:")
+        for _, problem in problems:
+            print(f"  {problem}")
+        print(f"repair with: epicycle run --resume {rd.path} --repair (labels the same structures again)")
+        return 1
+    print("OK: the run can be resumed" if not st.finished else "OK")
     return 0
 
 

@@ -9,6 +9,7 @@ Layout::
       queue/frame_000012.npz    an uncertain frame waiting for (or being computed by) the
                                 oracle: structure, the old model's forces and σ, the atoms the
                                 acquisition picked, the walker and its sampler checkpoint
+      queue/labelled/           entries whose label arrived (kept: a lost label can be recomputed)
       labels/label_000003.npz   every oracle label, numbered in ARRIVAL order, written
                                 atomically (tmp + fsync + rename) BEFORE it is used; with
                                 everything its queue entry held
@@ -26,6 +27,7 @@ frames are still to be labelled, where each walker stands.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -145,6 +147,8 @@ class RunState:
     labels_applied: int = 0          # labels 0..labels_applied-1 are in the learner's training set
     learner_checkpoint: str | None = None  # the learner's checkpoint holding exactly those labels
     apply_batches: list[list[int]] = field(default_factory=list)  # labels per AddData batch, in order
+    label_sha256: list[str] = field(default_factory=list)  # per label: SHA-256 of its file as written
+    label_seqs: list[int] = field(default_factory=list)    # per label: the queue entry it answered (-1: first)
     training_atoms: list[list[int]] = field(default_factory=list)  # per applied label, atoms added
     next_seq: int = 0                # next queue sequence number
     in_flight: list[int] = field(default_factory=list)  # queue seqs sent to the oracle, not yet labelled
@@ -179,6 +183,7 @@ class RunDirectory:
         self.path = Path(path)
         self.labels_dir = self.path / "labels"
         self.queue_dir = self.path / "queue"
+        self.labelled_dir = self.queue_dir / "labelled"
         self.walkers_dir = self.path / "walkers"
         self._events = None
         self._events_lock = threading.Lock()
@@ -262,7 +267,8 @@ class RunDirectory:
     def label_path(self, index: int) -> Path:
         return self.labels_dir / f"label_{index:06d}.npz"
 
-    def write_label(self, label: StoredLabel) -> None:
+    def write_label(self, label: StoredLabel) -> str:
+        """Write ``labels/label_<index>.npz`` atomically; returns the SHA-256 of the file."""
         arrays = {
             "positions": label.positions, "numbers": label.numbers, "cell": label.cell, "pbc": label.pbc,
             "forces": label.forces, "checkpoint": np.frombuffer(label.checkpoint, dtype=np.uint8),
@@ -280,7 +286,12 @@ class RunDirectory:
                 "temperature_K": label.temperature_K}
         buf = io.BytesIO()
         np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
-        atomic_write(self.label_path(label.index), buf.getvalue())
+        data = buf.getvalue()
+        atomic_write(self.label_path(label.index), data)
+        return hashlib.sha256(data).hexdigest()
+
+    def label_sha256(self, index: int) -> str:
+        return hashlib.sha256(self.label_path(index).read_bytes()).hexdigest()
 
     def read_label(self, index: int) -> StoredLabel:
         path = self.label_path(index)
@@ -313,26 +324,51 @@ class RunDirectory:
             n += 1
         return n
 
-    def audit(self, state: RunState) -> int:
-        """Check the labels against ``state`` before a resume; returns the number of labels on disk.
+    def check(self, state: RunState) -> tuple[int, list[tuple[int, str]]]:
+        """Check the labels against ``state``: ``(labels on disk, [(index, problem), ...])``.
 
-        Every label 0..oracle_calls-1 must be present and readable; labels written after the last
-        state update (a kill between the two writes) must follow on without a gap.  Raises
-        :class:`InvalidInput` / :class:`NotFound` naming the file otherwise — a resume never
-        renumbers or overwrites labels.  Temporary files of interrupted writes are removed.
+        Every label 0..oracle_calls-1 must be present, readable and — where ``state.json`` recorded
+        it — byte for byte the file the run wrote (SHA-256).  Labels written after the last state
+        update (a kill between the two writes) must follow on without a gap.
         """
-        self.remove_temporary_files()
+        problems: list[tuple[int, str]] = []
         for i in range(state.oracle_calls):
-            self.read_label(i)
+            path = self.label_path(i)
+            if not path.exists():
+                problems.append((i, f"{path} is missing"))
+                continue
+            try:
+                self.read_label(i)
+            except (InvalidInput, NotFound) as exc:
+                problems.append((i, str(exc)))
+                continue
+            if i < len(state.label_sha256) and self.label_sha256(i) != state.label_sha256[i]:
+                problems.append((i, f"{path} is not the file the run wrote (its SHA-256 differs from the one in "
+                                    f"state.json)"))
         n = state.oracle_calls
         while self.label_path(n).exists():
-            self.read_label(n)
+            try:
+                self.read_label(n)
+            except (InvalidInput, NotFound):
+                break  # cut by a kill before its rename? (renames are atomic: damage from outside) — stop here
             n += 1
         stray = sorted(int(p.stem.split("_")[1]) for p in self.labels_dir.glob("label_*.npz"))
-        stray = [i for i in stray if i >= n]
+        stray = [i for i in stray if i > n or (i == n and self.label_path(n).exists())]
         if stray:
-            raise InvalidInput(f"{self.label_path(n)} is missing but {self.label_path(stray[0])} exists: the labels "
-                               f"are not consecutive, so the run cannot know their order; restore the missing file")
+            problems.append((n, f"{self.label_path(n)} is missing or damaged but {self.label_path(stray[-1])} exists: "
+                                f"the labels are not consecutive, so the run cannot know their order"))
+        return n, problems
+
+    def audit(self, state: RunState) -> int:
+        """:meth:`check` before a resume, raising :class:`InvalidInput` that names every problem and the way
+        out — a resume never renumbers or overwrites labels.  Temporary files of interrupted writes are removed.
+        Returns the number of labels on disk."""
+        self.remove_temporary_files()
+        n, problems = self.check(state)
+        if problems:
+            raise InvalidInput(f"{self.path} cannot be resumed as it is:\n  " + "\n  ".join(p for _, p in problems)
+                               + f"\nRestore the file(s) from a backup, or let the oracle label the same structure(s) "
+                               f"again with: epicycle run --resume {self.path} --repair")
         return n
 
     # -- the label queue ------------------------------------------------------------------
@@ -374,6 +410,21 @@ class RunDirectory:
     def remove_queue_entry(self, seq: int) -> None:
         self.queue_path(seq).unlink(missing_ok=True)
 
+    def archive_queue_entry(self, seq: int) -> None:
+        """Keep a labelled frame's entry in ``queue/labelled/``: its label can be recomputed if it is lost."""
+        src = self.queue_path(seq)
+        if src.exists():
+            self.labelled_dir.mkdir(exist_ok=True)
+            os.replace(src, self.labelled_dir / src.name)
+
+    def read_archived_entry(self, seq: int) -> QueuedFrame:
+        path = self.labelled_dir / f"frame_{seq:06d}.npz"
+        if not path.exists():
+            raise NotFound(f"{path} is missing")
+        tmp = RunDirectory.__new__(RunDirectory)
+        tmp.queue_dir = self.labelled_dir
+        return RunDirectory.read_queue_entry(tmp, seq)
+
     # -- walkers ---------------------------------------------------------------------------
 
     def walker_dir(self, name: str) -> Path:
@@ -407,7 +458,7 @@ class RunDirectory:
     def remove_temporary_files(self) -> list[Path]:
         """Delete ``.*.tmp<pid>`` files left by writes that a kill interrupted; returns them."""
         removed = []
-        for d in (self.path, self.labels_dir, self.queue_dir, *self.walkers_dir.glob("*")):
+        for d in (self.path, self.labels_dir, self.queue_dir, self.labelled_dir, *self.walkers_dir.glob("*")):
             if d.is_dir():
                 for tmp in d.glob(".*.tmp*"):
                     tmp.unlink(missing_ok=True)

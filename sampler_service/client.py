@@ -24,7 +24,9 @@ class SamplerClient:
     def __init__(self, address: str, tls: ClientTLS | None = None, timeout: float = 3600.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = make_channel(address, tls=tls)
+        # a name that resolves to several samplers (dns:///sampler-headless:50053) is balanced per Run call;
+        # a checkpoint holds the engine's whole state, so consecutive chunks may run on different replicas
+        self._channel = make_channel(address, tls=tls, round_robin=address.startswith(("dns:", "ipv4:", "ipv6:")))
         self._stub = sampler_pb2_grpc.SamplerStub(self._channel)
 
     def wait_ready(self, timeout: float = 30.0) -> None:

@@ -148,8 +148,8 @@ def test_kill_with_labels_in_flight_loses_no_written_label(tmp_path: Path, oracl
     """kill -9 while labels are being computed by two oracle processes: every written label survives byte for
     byte, the in-flight ones are recomputed (and counted), and the resumed run applies every label in its
     recorded arrival order."""
-    data = dict(LADDER, walkers={"temperatures": [600, 1400]},
-                oracle={"addresses": oracle_processes, "timeout_s": 60, "max_in_flight": 2},
+    # the 4-walker ladder in remote mode: two oracle processes, two labels in flight
+    data = dict(LADDER, oracle={"addresses": oracle_processes, "timeout_s": 60, "max_in_flight": 2},
                 sampler=dict(LADDER["sampler"], steps=80))
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(data))
@@ -244,3 +244,48 @@ def test_an_oracle_outage_stops_the_run_resumably(tmp_path: Path) -> None:
     assert any(e["event"] == "oracle_failed" and e["outage"] for e in rd.events())
     # nothing was integrated on the model where a label was missing: every walker stopped at a durable point
     assert not any(e["event"] == "frame_skipped" for e in rd.events())
+
+
+def test_damaged_run_directory_is_refused_by_name_and_repaired(tmp_path: Path) -> None:
+    """A missing, truncated or altered label stops --resume with a message naming the file; check-run says the
+    same; --repair labels the same structure again under the same index (nothing renumbered)."""
+    data = dict(LADDER, oracle={"backend": "emt"}, walkers={"temperatures": [900]}, stop={"max_labels": 5},
+                sampler=dict(LADDER["sampler"], steps=400))
+    state, rd = run_in_process(tmp_path, data)
+    assert state.oracle_calls == 5
+    forces = {i: rd.read_label(i).forces for i in range(5)}
+
+    def unfinish() -> None:  # resume needs an unfinished run: the budget is spent, so it ends at once
+        raw = json.loads((rd.path / "state.json").read_text())
+        raw["finished"] = False
+        (rd.path / "state.json").write_text(json.dumps(raw))
+
+    unfinish()
+    assert cli("check-run", str(rd.path), cwd=tmp_path).returncode == 0
+    rd.label_path(2).unlink()
+    rd.label_path(3).write_bytes(rd.label_path(3).read_bytes()[:200])
+    (rd.labels_dir / ".label_000005.npz.tmp4242").write_bytes(b"cut by a kill")
+    check = cli("check-run", str(rd.path), cwd=tmp_path)
+    assert check.returncode == 1
+    assert "label_000002.npz is missing" in check.stdout and "label_000003.npz is damaged" in check.stdout
+    refused = cli("run", "--resume", str(rd.path), "--no-report", cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "label_000002.npz is missing" in refused.stderr and "--repair" in refused.stderr
+    assert cli("run", "--resume", str(rd.path), "--no-report", "--repair", cwd=tmp_path).returncode == 0
+    for i in range(5):  # the oracle is deterministic: the repaired labels are the lost ones
+        np.testing.assert_array_equal(rd.read_label(i).forces, forces[i])
+    assert sorted(e["label"] for e in rd.events() if e["event"] == "label_repaired") == [2, 3]
+    assert not list(rd.labels_dir.glob(".*tmp*"))
+    assert len(list(rd.labels_dir.glob("label_*.npz"))) == 5
+
+    # a label replaced by another valid file is caught by its SHA-256
+    unfinish()
+    altered = rd.read_label(1)
+    altered.forces = altered.forces + 1e-3
+    rd.write_label(altered)  # readable, right index, other numbers
+    check = cli("check-run", str(rd.path), cwd=tmp_path)
+    assert check.returncode == 1 and "label_000001.npz is not the file the run wrote" in check.stdout
+    # a truncated state.json names itself
+    (rd.path / "state.json").write_text('{"version": 2, "oracle_calls": 5, "labe')
+    broken = cli("run", "--resume", str(rd.path), cwd=tmp_path)
+    assert broken.returncode == 2 and "state.json is unreadable" in broken.stderr and "Traceback" not in broken.stderr
