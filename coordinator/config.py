@@ -111,6 +111,29 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """TLS for every connection of the run (PEM files); mutual TLS when a client certificate is given."""
+
+    ca_file: str | None = None               # CA the servers' certificates chain to; set: TLS on
+    cert_file: str | None = None             # the coordinator's client certificate (mutual TLS)
+    key_file: str | None = None
+    server_name: str | None = None           # override the name checked in server certificates
+    # embedded services: their server certificate (SAN 127.0.0.1); they then require client
+    # certificates from the same CA when cert_file is given
+    server_cert_file: str | None = None
+    server_key_file: str | None = None
+
+    def client(self):
+        """The :class:`protos.client.ClientTLS` of this section, or None (plaintext)."""
+        from protos.client import ClientTLS
+
+        if not self.ca_file:
+            return None
+        return ClientTLS(Path(self.ca_file), Path(self.cert_file) if self.cert_file else None,
+                         Path(self.key_file) if self.key_file else None, self.server_name)
+
+
+@dataclass(frozen=True)
 class StopConfig:
     """When the run ends before every walker has done its steps (0 switches a criterion off)."""
 
@@ -170,6 +193,7 @@ class RunConfig:
     #: MD walkers (empty: one walker from `structure` and `sampler`)
     walkers: tuple[WalkerConfig, ...] = ()
     stop: StopConfig = StopConfig()
+    tls: TLSConfig = TLSConfig()
     #: the coordinator's own /metrics port (None: off; 0: any free port); embedded services use the next ones
     metrics_port: int | None = None
     #: address the /metrics endpoints bind (0.0.0.0 in a pod, so Prometheus can scrape it)
@@ -422,6 +446,20 @@ def validate(c: RunConfig) -> None:
         if c.walkers:
             _validate_structure(w.structure, f"{where}.structure", need)
             _validate_sampler(w.sampler, where, need)
+    t = c.tls
+    if any((t.cert_file, t.key_file, t.server_name, t.server_cert_file, t.server_key_file)):
+        need(bool(t.ca_file), "tls.ca_file: required with the other tls keys (the CA that server certificates chain to)")
+    need(bool(t.cert_file) == bool(t.key_file), "tls: give both tls.cert_file and tls.key_file (mutual TLS), or neither")
+    need(bool(t.server_cert_file) == bool(t.server_key_file),
+         "tls: give both tls.server_cert_file and tls.server_key_file, or neither")
+    embedded = [n for n, a in (("oracle", c.oracle.addresses), ("learner", c.learner.address),
+                               ("sampler", c.sampler.address or c.sampler.addresses)) if not a]
+    if t.ca_file and embedded:
+        need(bool(t.server_cert_file), f"tls.server_cert_file: the embedded {', '.join(embedded)} service(s) need a "
+                                       f"server certificate (SAN 127.0.0.1) when tls is on")
+    for key in ("ca_file", "cert_file", "key_file", "server_cert_file", "server_key_file"):
+        f = getattr(t, key)
+        need(f is None or Path(f).is_file(), f"tls.{key}: file not found: {f}")
     st = c.stop
     need(st.window_steps >= 0, f"stop.window_steps: must be >= 0 steps (0: off), got {st.window_steps}")
     need(0 < st.accurate_ratio <= 1, f"stop.accurate_ratio: must be in (0, 1], got {st.accurate_ratio}")

@@ -227,8 +227,8 @@ class OnTheFlyRun:
             metrics.walkers([w.name for w in self.specs])
         self.acquisition = ACQUISITION[config.policy.acquisition]()
         self.update_policy = UPDATE[config.policy.update]()
-        self.learner = LearnerClient(services.learner_address)
-        self.samplers = [SamplerClient(a) for a in services.sampler_addresses]
+        self.learner = LearnerClient(services.learner_address, tls=services.tls)
+        self.samplers = [SamplerClient(a, tls=services.tls) for a in services.sampler_addresses]
         self.walkers = {w.name: _Walker(w, self.samplers[w.index % len(self.samplers)], config.stop.window_steps)
                         for w in self.specs}
         self.max_in_flight = config.oracle.max_in_flight or services.oracle_workers

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from ase import Atoms
@@ -43,13 +44,14 @@ class OracleUnavailable(CalculationFailed):
 class OraclePool:
     """Round-robin over oracle workers; a worker that was unreachable is skipped for ``cooldown`` seconds."""
 
-    def __init__(self, addresses: list[str], timeout: float, attempts: int, cooldown: float = 30.0) -> None:
+    def __init__(self, addresses: list[str], timeout: float, attempts: int, cooldown: float = 30.0,
+                 tls=None) -> None:
         if not addresses:
             raise ValueError("OraclePool needs at least one address")
         self.timeout = timeout
         self.attempts = attempts
         self.cooldown = cooldown
-        self.clients = [OracleClient(a, timeout=timeout, round_robin=a.startswith(BALANCED_SCHEMES))
+        self.clients = [OracleClient(a, tls=tls, timeout=timeout, round_robin=a.startswith(BALANCED_SCHEMES))
                         for a in addresses]
         self._next = itertools.cycle(range(len(self.clients)))
         self._down_until = [0.0] * len(self.clients)
@@ -110,6 +112,7 @@ class Services:
     servers: list = field(default_factory=list)     # embedded RunningServers
     metrics_ports: dict = field(default_factory=dict)
     oracle_workers: int = 1                         # labels the pool can compute at once
+    tls: object = None                              # protos.client.ClientTLS of every client, or None
 
     @property
     def sampler_address(self) -> str:
@@ -128,13 +131,19 @@ def start_services(config: RunConfig, species: list[int], learner_dir=None) -> S
     """
     from protos.server import ServerConfig
 
+    from protos.server import TLSConfig
+
     servers = []
     metrics = {}
     mport = config.metrics_port
+    t = config.tls
+    client_tls = t.client()
+    server_tls = (TLSConfig(Path(t.server_cert_file), Path(t.server_key_file),
+                            Path(t.ca_file) if t.cert_file else None) if t.server_cert_file else None)
 
     def server_config(offset: int) -> ServerConfig:
         return ServerConfig(metrics_port=None if mport is None else (0 if mport == 0 else mport + offset),
-                            metrics_host=config.metrics_host)
+                            metrics_host=config.metrics_host, tls=server_tls)
 
     try:
         if config.oracle.addresses:
@@ -167,15 +176,16 @@ def start_services(config: RunConfig, species: list[int], learner_dir=None) -> S
         else:
             from sampler_service.server import SamplerServiceConfig, start_sampler_server
 
-            s = start_sampler_server(SamplerServiceConfig(default_learner=learner_address, server=server_config(3)))
+            s = start_sampler_server(SamplerServiceConfig(default_learner=learner_address, server=server_config(3),
+                                                          learner_tls=client_tls))
             servers.append(s)
             metrics["sampler"] = s.metrics_port
             sampler_addresses = [s.address]
-        pool = OraclePool(oracle_addresses, config.oracle.timeout_s, config.oracle.attempts)
+        pool = OraclePool(oracle_addresses, config.oracle.timeout_s, config.oracle.attempts, tls=client_tls)
     except BaseException:
         for s in reversed(servers):
             s.stop(grace=0)
         raise
     workers = len(config.oracle.addresses) if config.oracle.addresses else config.oracle.workers
     return Services(oracle=pool, learner_address=learner_address, sampler_addresses=sampler_addresses,
-                    servers=servers, metrics_ports=metrics, oracle_workers=max(1, workers))
+                    servers=servers, metrics_ports=metrics, oracle_workers=max(1, workers), tls=client_tls)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from protos.client import ClientTLS
 from protos.epicycle.v1 import sampler_pb2, sampler_pb2_grpc
+from protos.errors import InvalidInput
 from protos.server import RunningServer, ServerConfig, create_server
 from sampler_service.forces import ForceResult
 from sampler_service.settings import ENGINES
@@ -37,12 +40,34 @@ class OracleProvider:
         return ForceResult(energy=labels.energy, forces=labels.forces, stress=labels.stress)
 
 
-def default_provider_factory(address: str, want_stress: bool):
+def default_provider_factory(address: str, want_stress: bool, tls=None):
     if address.startswith(ORACLE_PREFIX):
         return OracleProvider(address[len(ORACLE_PREFIX):], stress=want_stress)
     from sampler_service.learner_forces import LearnerStreamProvider
 
-    return LearnerStreamProvider(address, stress=want_stress)
+    return LearnerStreamProvider(address, stress=want_stress, tls=tls)
+
+
+class AllowedProviders:
+    """The sampler's provider factory: it dials only the learner addresses it was started with.
+
+    A Run request names its learner (``learner_address``); a client must not be able to make the
+    sampler connect anywhere (a port scanner inside the cluster) nor start an in-process oracle
+    (``oracle:qe`` would run ``pw.x`` in the sampler).  So only ``default_learner`` and the
+    ``allowed_learners`` of the service's configuration are accepted — ``oracle:NAME`` included only
+    when the operator listed it — and the learner stream uses the configured client TLS.
+    """
+
+    def __init__(self, config: "SamplerServiceConfig") -> None:
+        self.allowed = {a for a in (config.default_learner, *config.allowed_learners) if a}
+        self.tls = config.learner_tls
+
+    def __call__(self, address: str, want_stress: bool):
+        if address not in self.allowed:
+            allowed = ", ".join(sorted(self.allowed)) or "none"
+            raise InvalidInput(f"learner_address {address!r} is not one this sampler may use (allowed: {allowed}); "
+                               f"the sampler's operator adds addresses with --allow-learner")
+        return default_provider_factory(address, want_stress, self.tls)
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,8 @@ class SamplerServiceConfig:
     default_learner: str = ""          # "host:port" of the learner, or "oracle:emt"
     engines: tuple[str, ...] = ENGINES
     server: ServerConfig = ServerConfig()
+    allowed_learners: tuple[str, ...] = ()   # other learner addresses Run requests may name
+    learner_tls: ClientTLS | None = None     # TLS (mutual with a client certificate) to the learner
 
 
 class SamplerMetrics:
@@ -87,7 +114,7 @@ def start_sampler_server(config: SamplerServiceConfig, provider_factory=None,
     from sampler_service.servicer import SamplerServicer
 
     registry = registry if registry is not None else CollectorRegistry()
-    servicer = SamplerServicer(provider_factory or default_provider_factory, config.default_learner,
+    servicer = SamplerServicer(provider_factory or AllowedProviders(config), config.default_learner,
                                config.engines)
 
     def add(server):
@@ -105,6 +132,12 @@ def register_serve_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--learner", default="", help="default learner address host:port (or oracle:emt for "
                    "MD on an oracle backend in-process)")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"engines to offer (default {','.join(ENGINES)})")
+    p.add_argument("--allow-learner", action="append", default=[], metavar="ADDRESS",
+                   help="another learner address Run requests may name (repeatable); by default the sampler "
+                        "dials only --learner")
+    p.add_argument("--learner-tls-ca", type=Path, help="CA (PEM) the learner's certificate chains to: TLS to the learner")
+    p.add_argument("--learner-tls-cert", type=Path, help="client certificate (PEM) for mutual TLS with the learner")
+    p.add_argument("--learner-tls-key", type=Path, help="client key (PEM) for mutual TLS with the learner")
     p.set_defaults(func=serve_sampler)
 
 
@@ -112,7 +145,15 @@ def serve_sampler(args: argparse.Namespace) -> int:
     from protos.server import serve_until_signalled
 
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
-    config = SamplerServiceConfig(default_learner=args.learner, engines=engines, server=args.server_config(args))
+    tls = None
+    if args.learner_tls_ca or args.learner_tls_cert or args.learner_tls_key:
+        if not args.learner_tls_ca:
+            raise InvalidInput("--learner-tls-cert/--learner-tls-key need --learner-tls-ca")
+        if bool(args.learner_tls_cert) != bool(args.learner_tls_key):
+            raise InvalidInput("give both --learner-tls-cert and --learner-tls-key (mutual TLS), or neither")
+        tls = ClientTLS(args.learner_tls_ca, args.learner_tls_cert, args.learner_tls_key)
+    config = SamplerServiceConfig(default_learner=args.learner, engines=engines, server=args.server_config(args),
+                                  allowed_learners=tuple(args.allow_learner), learner_tls=tls)
     running = start_sampler_server(config)
     print(f"sampler serving on {running.address}; SIGTERM to stop", flush=True)
     serve_until_signalled(running)

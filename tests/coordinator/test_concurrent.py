@@ -289,3 +289,43 @@ def test_damaged_run_directory_is_refused_by_name_and_repaired(tmp_path: Path) -
     (rd.path / "state.json").write_text('{"version": 2, "oracle_calls": 5, "labe')
     broken = cli("run", "--resume", str(rd.path), cwd=tmp_path)
     assert broken.returncode == 2 and "state.json is unreadable" in broken.stderr and "Traceback" not in broken.stderr
+
+
+def test_a_whole_cycle_over_mutual_tls(tmp_path: Path, pki) -> None:
+    """Every connection of the run — coordinator → oracle, learner, sampler and sampler → learner — over mutual
+    TLS; the services refuse a plaintext client and a TLS client without a certificate."""
+    from learner_service.client import LearnerClient
+    from protos.client import ClientTLS
+    from protos.errors import EpicycleError
+
+    data = dict(LADDER, oracle={"backend": "emt", "workers": 2}, walkers={"temperatures": [600, 1200]},
+                sampler=dict(LADDER["sampler"], steps=40),
+                tls={"ca_file": str(pki.ca), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key),
+                     "server_cert_file": str(pki.server_cert), "server_key_file": str(pki.server_key)})
+    config = parse_config(data)
+    rd = RunDirectory.create(tmp_path / "run", yaml.safe_dump(config.to_dict()))
+    services = start_services(config, run_species(config), learner_dir=rd.path / "learner")
+    try:
+        for tls in (None, ClientTLS(pki.ca)):  # plaintext; TLS without a client certificate
+            with LearnerClient(services.learner_address, tls=tls, timeout=5) as intruder:
+                with pytest.raises(EpicycleError):
+                    intruder.info()
+        state = OnTheFlyRun(config, rd, services, Progress(40, 5.0, quiet=True)).run()
+    finally:
+        services.close()
+        rd.close()
+    assert state.finished and state.oracle_calls >= 2
+    assert all(w["step"] == 40 for w in state.walkers.values())
+
+
+def test_tls_config_is_checked_up_front(tmp_path: Path, pki) -> None:
+    from coordinator.config import ConfigError
+
+    with pytest.raises(ConfigError, match="tls: give both tls.cert_file and tls.key_file"):
+        parse_config({"tls": {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
+                              "server_cert_file": str(pki.server_cert), "server_key_file": str(pki.server_key)}})
+    with pytest.raises(ConfigError, match="tls.server_cert_file: the embedded oracle, learner, sampler service"):
+        parse_config({"tls": {"ca_file": str(pki.ca)}})
+    with pytest.raises(ConfigError, match="tls.ca_file: file not found"):
+        parse_config({"tls": {"ca_file": str(tmp_path / "nope.pem"), "server_cert_file": str(pki.server_cert),
+                              "server_key_file": str(pki.server_key)}})

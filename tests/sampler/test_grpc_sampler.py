@@ -392,3 +392,20 @@ def test_steps_counter_advances_during_a_run(engine):
         gate.release.set()
         client.close()
         running.stop(0)
+
+
+def test_sampler_dials_only_the_learners_it_was_started_with():
+    """A client cannot make the sampler connect to an address of its choosing, nor start an in-process oracle
+    (``oracle:qe`` would run pw.x in the sampler); the operator allows addresses at start."""
+    running = start_sampler_server(SamplerServiceConfig(default_learner="127.0.0.1:9", engines=("builtin",),
+                                                        allowed_learners=("oracle:emt",)))
+    client = SamplerClient(running.address, timeout=60)
+    try:
+        for address in ("127.0.0.1:22", "oracle:qe", "10.0.0.1:50052"):
+            with pytest.raises(InvalidInput, match=f"learner_address '{address}' is not one this sampler may use"):
+                client.run(new_run(max_steps=2, learner=address))
+        result = client.run(new_run(max_steps=3, learner="oracle:emt"))  # listed by the operator
+        assert result.stop.reason == sampler_pb2.STOP_REASON_MAX_STEPS and result.stop.step == 3
+    finally:
+        client.close()
+        running.stop(0)
