@@ -20,6 +20,7 @@ CLI_MODULES = (
     "oracle_service.cli",        # label
     "learner_service.offline",   # fit, predict, evaluate
     "coordinator.run_cli",       # run, report
+    "coordinator.probe_cli",     # probe (gRPC health, for exec probes)
 )
 
 
