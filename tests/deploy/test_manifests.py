@@ -262,7 +262,7 @@ def test_recommended_labels(deployable: Build):
         labels = obj["metadata"].get("labels", {})
         keys = RECOMMENDED_LABELS if obj["kind"] != "Namespace" else RECOMMENDED_LABELS[2:]
         missing = [k for k in keys if k not in labels]
-        if obj["kind"] == "NetworkPolicy" and obj["metadata"]["name"] == "default-deny-ingress":
+        if obj["kind"] == "NetworkPolicy" and not obj["spec"]["podSelector"]:  # namespace-wide: no one component
             missing = [k for k in missing if k not in ("app.kubernetes.io/name", "app.kubernetes.io/component")]
         if missing:
             problems.append(f"{obj['kind']}/{obj['metadata']['name']}: missing {missing}")
@@ -503,6 +503,111 @@ def test_network_policies(any_build: Build):
             f"{name} metrics must be reachable only from Prometheus pods in another namespace: {peers}")
         assert any(selector_matches(p["namespaceSelector"], PROMETHEUS_NAMESPACE)
                    and selector_matches(p["podSelector"], PROMETHEUS_POD) for p in peers)
+
+
+#: who may open a connection to whom (a client's egress AND the server's ingress), as (client, server, port name)
+CONNECTIONS = {("coordinator", "oracle", "grpc"), ("coordinator", "learner", "grpc"),
+               ("coordinator", "sampler", "grpc"), ("sampler", "learner", "grpc")}
+KUBE_DNS = ({"k8s-app": "kube-dns"}, {"kubernetes.io/metadata.name": "kube-system"})
+
+
+def _policy_types(policy: dict) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or (["Ingress"] + (["Egress"] if "egress" in spec else []))
+
+
+def _peer_matches(peer: dict, labels: dict, ns_labels: dict, policy_ns_labels: dict) -> bool:
+    """NetworkPolicyPeer semantics: podSelector alone means the policy's own namespace."""
+    assert "ipBlock" not in peer, f"ipBlock peers are not expected here: {peer}"
+    if "namespaceSelector" in peer:
+        if not selector_matches(peer["namespaceSelector"], ns_labels):
+            return False
+    elif ns_labels != policy_ns_labels:
+        return False
+    return selector_matches(peer.get("podSelector"), labels)
+
+
+def _port_matches(rule_port: dict, port: int, protocol: str, named: dict[str, int]) -> bool:
+    if rule_port.get("protocol", "TCP") != protocol:
+        return False
+    value = rule_port.get("port")
+    if value is None:
+        return True
+    number = named.get(value) if isinstance(value, str) else value
+    return number is not None and number <= port <= rule_port.get("endPort", number)
+
+
+def _egress_allowed(build: Build, client: dict, labels: dict, ns_labels: dict, port: int,
+                    protocol: str = "TCP", named: dict[str, int] | None = None) -> bool:
+    """May the client's pods open ``port``/``protocol`` to a pod with ``labels`` in a namespace with
+    ``ns_labels``?  Only the client's egress policies (the server's ingress is checked separately)."""
+    own_ns = {"kubernetes.io/metadata.name": build.namespace or "default"}
+    policies = [p for p in build.of_kind("NetworkPolicy") if "Egress" in _policy_types(p)
+                and selector_matches(p["spec"]["podSelector"], pod_labels(client))]
+    if not policies:
+        return True  # not isolated for egress
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            if rule.get("ports") and not any(_port_matches(p, port, protocol, named or {}) for p in rule["ports"]):
+                continue
+            if not rule.get("to") or any(_peer_matches(peer, labels, ns_labels, own_ns) for peer in rule["to"]):
+                return True
+    return False
+
+
+def _ingress_allowed(build: Build, client: dict, server: dict, port: int) -> bool:
+    peers = _allowed_peers(build, server, port)
+    return peers is None or any("namespaceSelector" not in p and "ipBlock" not in p
+                                and selector_matches(p.get("podSelector"), pod_labels(client)) for p in peers)
+
+
+def test_every_pod_is_isolated_for_egress(any_build: Build):
+    for w in any_build.workloads():
+        egress = [p["metadata"]["name"] for p in any_build.of_kind("NetworkPolicy") if "Egress" in _policy_types(p)
+                  and selector_matches(p["spec"]["podSelector"], pod_labels(w))]
+        assert egress, f"{role(w)}: no egress NetworkPolicy selects its pods (they could connect anywhere)"
+    for policy in any_build.of_kind("NetworkPolicy"):
+        for rule in policy["spec"].get("egress", []):
+            where = f"NetworkPolicy {policy['metadata']['name']}"
+            assert rule.get("to"), f"{where}: an egress rule without `to` allows every destination"
+            assert rule.get("ports"), f"{where}: an egress rule without `ports` allows every port"
+            for peer in rule["to"]:
+                assert "ipBlock" not in peer, f"{where}: no ipBlock (no pod connects out of the cluster)"
+                assert peer.get("podSelector"), f"{where}: egress to whole namespaces: {peer}"
+
+
+def test_connections_between_pods(any_build: Build):
+    """Client egress AND server ingress, pod by pod and port by port: exactly CONNECTIONS."""
+    workloads = {role(w): w for w in any_build.workloads()}
+    ns = {"kubernetes.io/metadata.name": any_build.namespace or "default"}
+    allowed = set()
+    for src, client in workloads.items():
+        for dst, server in workloads.items():
+            for name, port in container_ports(server).items():
+                out = _egress_allowed(any_build, client, pod_labels(server), ns, port,
+                                      named=container_ports(server))
+                if out and _ingress_allowed(any_build, client, server, port):
+                    allowed.add((src, dst, name))
+    assert allowed == CONNECTIONS, (f"{any_build.name}: unexpected {sorted(allowed - CONNECTIONS)}, "
+                                    f"missing {sorted(CONNECTIONS - allowed)}")
+    # the one issue #12 names: a sampler cannot ask an oracle for labels (it would run pw.x for it)
+    oracle_port = container_ports(workloads["oracle"])["grpc"]
+    assert not _egress_allowed(any_build, workloads["sampler"], pod_labels(workloads["oracle"]), ns, oracle_port), (
+        f"{any_build.name}: the sampler's egress allows the oracle's gRPC port (the oracle's ingress alone guards it)")
+
+
+def test_dns_and_nothing_outside(any_build: Build):
+    dns_labels, dns_ns = KUBE_DNS
+    elsewhere = {"kubernetes.io/metadata.name": "somebody-else"}
+    for name, w in ((role(w), w) for w in any_build.workloads()):
+        for protocol in ("UDP", "TCP"):
+            assert _egress_allowed(any_build, w, dns_labels, dns_ns, 53, protocol), f"{name}: no DNS over {protocol}"
+        assert not _egress_allowed(any_build, w, dns_labels, dns_ns, 443), f"{name}: kube-dns beyond port 53"
+        assert not _egress_allowed(any_build, w, {"app": "kube-apiserver"}, dns_ns, 53), f"{name}: all of kube-system"
+        for port in (53, 443, 50051, 50052, 50053, 9100):
+            assert not _egress_allowed(any_build, w, {"app.kubernetes.io/name": "epicycle", "app.kubernetes.io/"
+                                                      "component": "oracle"}, elsewhere, port), (
+                f"{name}: reaches port {port} in another namespace")
 
 
 # --------------------------------------------------------------------------- monitoring component
