@@ -72,7 +72,17 @@ def _bits_to_float(typingctx, x):
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693147180369123816490
 _LN2_LO = 1.90821492927058770002e-10
-_FM = True  # fastmath: lets LLVM vectorise the reductions below
+# fastmath: lets LLVM vectorise the reductions below.  It also lets LLVM round differently
+# depending on what it sees around the code, so every fastmath function here is either an
+# entry point called from Python or inline="always" (inlined by numba into one entry point);
+# never a separate function called from another njit function.  Such a callee has two
+# compiled copies -- its own, and a weak copy linked into (and re-optimised with) the
+# caller -- and which copy runs depended on whether the caller was compiled in this process
+# (the callee's own copy, already loaded, wins) or loaded from numba's cache (the caller's
+# copy): with fastmath they differ in the last bits, so the same run gave different σ, and a
+# different number of oracle calls, with a cold and a warm NUMBA_CACHE_DIR (issue 12).
+# tests/learner/test_determinism.py checks the rule and the cold/warm results.
+_FM = True
 
 
 @njit(cache=True, inline="always", fastmath=_FM)
@@ -112,7 +122,7 @@ def _rsum(buf, row, n):
 # ---------------------------------------------------------------------------
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def _twobody_scalars(ca, cb, e1, r1, f1, df1, b0, b1, b_r, b_f, b_df, b_spec, lam, buf):
     RB = b_r[b0:b1]
     FB = b_f[b0:b1]
@@ -134,7 +144,7 @@ def _twobody_scalars(ca, cb, e1, r1, f1, df1, b0, b1, b_r, b_f, b_df, b_spec, la
         buf[3, i] = ex * (p * q + ff * lam)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def _twobody_scalars_grad(ca, cb, e1, r1, f1, df1, b0, b1, b_r, b_f, b_df, b_spec, lam, buf):
     RB = b_r[b0:b1]
     FB = b_f[b0:b1]
@@ -163,7 +173,7 @@ def _twobody_scalars_grad(ca, cb, e1, r1, f1, df1, b0, b1, b_r, b_f, b_df, b_spe
         buf[7, i] = hd * h + ex * (-dl * f1 * q + p * dl * f2 + ff)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def twobody_block(a, b, Pa, Pb, lam, ea, fa, sa, eb, fb, sb, grad, blk, dblk, buf, sg2):
     """2-body 10x10 block between environments ``a`` and ``b``, added into ``blk``
     (and its derivative with respect to ``lam = 1/ls^2`` into ``dblk``).
@@ -320,7 +330,7 @@ def _perm_grad(mask, d0, d1, d2, dp0, dp1, i00, i01, i10, i11, F1, F2, dF10, dF1
     out[17] += hd * h11 + ex * (-d1 * F1 * q1 + p1 * dp1 * F2 + i11 * FF)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def _threebody_scalars(at_r, at_F, at_dF, at_spec, t1, b0, b1, t_r, t_F, t_dF, t_spec, lam, buf):
     x0 = at_r[0, t1]
     x1 = at_r[1, t1]
@@ -374,7 +384,7 @@ def _threebody_scalars(at_r, at_F, at_dF, at_spec, t1, b0, b1, t_r, t_F, t_dF, t
         buf[8, i] = a[8] + b[8] + c[8] + d[8] + e[8] + f[8]
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def _threebody_scalars_grad(at_r, at_F, at_dF, at_spec, t1, b0, b1, t_r, t_F, t_dF, t_spec, lam, buf):
     x0 = at_r[0, t1]
     x1 = at_r[1, t1]
@@ -424,7 +434,7 @@ def _threebody_scalars_grad(at_r, at_F, at_dF, at_spec, t1, b0, b1, t_r, t_F, t_
             buf[k, i] = out[k]
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def threebody_block(a, b, Pa, Pb, lam, ea, fa, sa, eb, fb, sb, grad, blk, dblk, buf, sg2):
     """3-body 10x10 block between environments ``a`` and ``b``; see :func:`twobody_block`.
 
@@ -524,7 +534,7 @@ def threebody_block(a, b, Pa, Pb, lam, ea, fa, sa, eb, fb, sb, grad, blk, dblk, 
                     dblk[0, 4 + d] += W3 * _dot(sg2, 2 + l, t_psi, 6 * l + d, b0, n)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
 def assemble(Pa, Pb, ga_ptr, ga_env, ga_rows, ga_scale, gb_ptr, gb_env, gb_rows, gb_scale,
              symmetric, diagonal, ls2, ls3, grad, use2, use3, K2, K3, dK2, dK3):
     """Covariance between two sets of *label groups*, at unit signal variances.
@@ -979,7 +989,7 @@ def pack_fast(batch, n_species):
     return F
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def _pair2_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk):
     """2-body (E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4).  ``mono``: all
     bonds of both environments have the same species pair (no mask needed)."""
@@ -1133,7 +1143,7 @@ def _tb_terms(lam, X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5, F2, V0, V1, V
             Sx1 * V2 + R10 * W02 + R11 * W12)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def _pair3_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk, TB, AE0, AE1):
     """3-body (E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4).
 
@@ -1344,7 +1354,7 @@ def _pair3_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk, TB, AE0, AE1):
                     blk[4 + d, 3] += p0 * gf02 + p1 * gf12
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=_FM)
 def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2, use3, b_lo, b_hi, K2, K3, P2, P3):
     """Covariance of (E, Fx, Fy, Fz) of the environments ``b_lo <= b < b_hi`` of ``PB``
     with the label groups of ``PA`` (see :func:`assemble`), and their prior force
@@ -1479,7 +1489,7 @@ def prediction_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, us
 # ===========================================================================
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def _pair2_ff(a, b, P, lam, mono, grad, blk, dblk):
     """2-body force-force 3x3 block of environments ``a`` (rows) and ``b`` (columns) of the
     fast pack ``P`` added into ``blk`` (and d/dlam into ``dblk`` with ``grad``)."""
@@ -1613,7 +1623,7 @@ def _tb_sums(X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5):
     return S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, P03, P15, P12, P04
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, inline="always", fastmath=_FM)
 def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
     """3-body force-force 3x3 block of environments ``a`` (rows) and ``b`` (columns) of the
     fast pack ``P`` added into ``blk`` (and d/dlam into ``dblk`` with ``grad``); the tables
@@ -1902,7 +1912,7 @@ def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
                     dblk[d, j] += au[d, t1] * dg0 + au[3 + d, t1] * dg1
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=_FM)
 def force_covariance(P, env_a, env_b, symmetric, ls2, ls3, use2, use3, grad, K2, K3, dK2, dK3):
     """Force-force covariance of the environments ``env_a`` (rows ``3 k + d``) and
     ``env_b`` (columns ``3 l + e``) of the fast pack ``P``, at unit signal variance; with
