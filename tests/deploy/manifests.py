@@ -16,7 +16,9 @@ from .tools import K8S, require, run
 
 OVERLAYS = ("dev", "prod")
 #: optional components; each overlay is also built with every subset of those it lacks
-COMPONENTS = ("keda", "monitoring", "oracle-qe", "resume")
+COMPONENTS = ("keda", "monitoring", "oracle-qe", "resume", "tls", "tls-cert-manager")
+#: components that only make sense with another (built only together with it)
+REQUIRES = {"tls-cert-manager": "tls"}
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
 
 
@@ -58,7 +60,9 @@ def build_plan() -> list[tuple[str, str | None, tuple[str, ...]]]:
         optional = [c for c in COMPONENTS if c not in own]
         for r in range(len(optional) + 1):
             for extra in itertools.combinations(optional, r):
-                plan.append(("+".join((overlay, *extra)), overlay, extra))
+                present = set(own) | set(extra)
+                if all(REQUIRES.get(c, c) in present for c in present):
+                    plan.append(("+".join((overlay, *extra)), overlay, extra))
     return plan
 
 

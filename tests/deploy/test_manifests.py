@@ -43,6 +43,8 @@ CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring.coreos.com-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring.coreos.com-v1.json",
+    ("cert-manager.io/v1", "Certificate"): "certificate-cert-manager.io-v1.json",
+    ("cert-manager.io/v1", "Issuer"): "issuer-cert-manager.io-v1.json",
 }
 ROLES = ("oracle", "learner", "sampler", "coordinator")
 GRPC_PORT = {"oracle": 50051, "learner": 50052, "sampler": 50053}
@@ -207,6 +209,22 @@ def test_services_have_grpc_health_probes(any_build: Build):
         assert c.get("args", [])[:2] == ["serve", r], f"{w['metadata']['name']}: runs {c.get('args')}"
         port = int(flag(c["args"], "--port"))
         assert port == GRPC_PORT[r] == container_ports(w)["grpc"]
+        if "tls" in any_build.components:  # native grpc probes cannot do TLS: exec `epicycle probe`
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                args = _probe_args(c.get(probe))
+                if args is None:
+                    problems.append(f"{r}: {probe} must exec `python -m coordinator.probe_cli` (TLS on)")
+                    continue
+                if args.address != f"127.0.0.1:{port}":
+                    problems.append(f"{r}: {probe} probes {args.address}, the server listens on {port}")
+                want = "" if probe == "livenessProbe" else HEALTH_SERVICE[r]
+                if args.service != want:
+                    problems.append(f"{r}: {probe} must ask for service {want!r}, asks {args.service!r}")
+                if not (args.tls_ca and args.tls_cert and args.tls_key):
+                    problems.append(f"{r}: {probe} must present a client certificate (the server wants mTLS)")
+                if not args.timeout < c[probe].get("timeoutSeconds", 1):
+                    problems.append(f"{r}: {probe}: --timeout={args.timeout} must be below timeoutSeconds")
+            continue
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             spec = c.get(probe)
             if not spec or "grpc" not in spec:
@@ -220,6 +238,20 @@ def test_services_have_grpc_health_probes(any_build: Build):
         assert flag(c["args"], "--host") == "0.0.0.0", f"{r}: must bind 0.0.0.0 in a pod"
         assert flag(c["args"], "--metrics-port") == "9100" and container_ports(w)["metrics"] == 9100
     assert not problems, f"{any_build.name}:\n" + "\n".join(problems)
+
+
+def _probe_args(probe: dict | None):
+    """The parsed options of an exec probe running ``python -m coordinator.probe_cli``, else None."""
+    import argparse
+
+    from coordinator import probe_cli
+
+    command = ((probe or {}).get("exec") or {}).get("command") or []
+    if command[:3] != ["python", "-m", "coordinator.probe_cli"]:
+        return None
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    probe_cli.add_arguments(parser)
+    return parser.parse_args(command[3:])
 
 
 def test_grace_periods_are_consistent(any_build: Build):
@@ -312,9 +344,15 @@ def test_run_config_is_valid_and_names_the_services(deployable: Build, tmp_path)
     from coordinator.config import load_config
     from coordinator.cycle import build_structure
 
-    cm, _ = _run_config(deployable)
+    cm, run = _run_config(deployable)
     for key, text in cm["data"].items():
         (tmp_path / key).write_text(text)
+    if run.get("tls"):  # load_config checks that the files exist: stand-ins for the Secret's (test_tls_component)
+        for key in ("ca_file", "cert_file", "key_file"):
+            if run["tls"].get(key):
+                run["tls"][key] = str(tmp_path / Path(run["tls"][key]).name)
+                Path(run["tls"][key]).write_text("stand-in")
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
     config = load_config(tmp_path / "run.yaml")
     ns = deployable.namespace
     assert config.oracle.addresses == (f"dns:///oracle-headless.{ns}.svc.cluster.local:50051",), (
