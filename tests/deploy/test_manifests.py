@@ -459,6 +459,9 @@ def test_learner_is_a_single_stateful_replica(any_build: Build):
     claims = learner["spec"]["volumeClaimTemplates"]
     mounts = {m["name"]: m["mountPath"] for m in pod_spec(learner)["containers"][0]["volumeMounts"]}
     assert claims and mounts[claims[0]["metadata"]["name"]] == "/var/lib/epicycle/model"
+    # the coordinator's Checkpoint after every update is refused without a model directory
+    args = pod_spec(learner)["containers"][0]["args"]
+    assert flag(args, "--model-dir") == "/var/lib/epicycle/model", "checkpoints must go to the model PVC"
 
 
 def test_oracle_disruption_budget(any_build: Build):
