@@ -238,3 +238,12 @@ def test_certificate_schema_rejects_mistakes(patch, message):
     cert["spec"].update(patch)
     errors = [e.message for e in _crd_validator(CRD_SCHEMAS[("cert-manager.io/v1", "Certificate")]).iter_errors(cert)]
     assert any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize("containerfile", ["Containerfile", "Containerfile.oracle"])
+def test_probe_python_is_the_images_environment(containerfile):
+    """The exec probes run `python -m coordinator.probe_cli`: the image's PATH must find the venv's python
+    (where epicycle is installed) before the base image's /usr/local/bin/python."""
+    text = (K8S / "images" / containerfile).read_text()
+    runtime = text[text.rindex("\nFROM "):]
+    assert "ENV PATH=/opt/epicycle/bin:$PATH" in runtime, f"{containerfile}: venv first on PATH in the runtime stage"
