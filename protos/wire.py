@@ -4,12 +4,19 @@ Arrays cross as raw little-endian bytes (:class:`Array`), so encoding and
 decoding a 10,000-atom structure costs a few memory copies, not a Python loop.
 Every decoder checks dtype, shape and byte length and raises
 :class:`protos.errors.InvalidInput` naming the field, so servicers can hand
-client data straight to these functions.
+client data straight to these functions.  A dtype is converted on decoding only
+when no meaning is lost (integers to floats; floats to integers only when every
+value is integral; booleans never to numbers or back), and the structure and
+label decoders also reject values no atomistic structure has (non-finite or
+beyond :data:`MAX_LENGTH`, atomic numbers outside 1..:data:`MAX_ATOMIC_NUMBER`),
+so every service gets the same first line of defence.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
+
+import math
 
 import numpy as np
 from ase import Atoms
@@ -32,6 +39,16 @@ _DTYPES: dict[int, np.dtype] = {
 }
 _CODES: dict[np.dtype, int] = {v: k for k, v in _DTYPES.items()}
 
+#: largest magnitude of a coordinate or a cell-vector component, Å.  No atomistic structure
+#: comes near it; beyond it (1e300) volumes overflow and image counts become NaN downstream.
+MAX_LENGTH = 1.0e6
+#: largest speed component accepted on the wire, Å/fs (the speed of light is 2998 Å/fs)
+MAX_SPEED = 3.0e3
+#: atomic numbers 1..MAX_ATOMIC_NUMBER (hydrogen..oganesson); 0 (ASE's dummy "X") is not an atom
+MAX_ATOMIC_NUMBER = 118
+#: numpy's limit on the number of dimensions
+_MAX_NDIM = 32
+
 
 def encode_array(values: Any, dtype: str | np.dtype = "<f8", out: pb.Array | None = None) -> pb.Array:
     """Encode an array-like as an :class:`Array` message of the given dtype."""
@@ -52,13 +69,18 @@ def decode_array(
     shape: Sequence[int | None] | None = None,
     dtype: str | np.dtype | None = None,
     writable: bool = False,
+    finite: bool = False,
+    max_abs: float | None = None,
 ) -> np.ndarray:
     """Decode an :class:`Array`, checking its byte length and (optionally) shape.
 
     ``shape`` may contain ``None`` for "any length" along that axis.  With
-    ``dtype`` the result is converted (e.g. float32 on the wire -> float64).
+    ``dtype`` the result is converted (e.g. float32 on the wire -> float64), but only
+    without loss of meaning: booleans convert to nothing else and nothing converts to
+    booleans, and floats convert to integers only if every value is an integer.
+    ``finite`` rejects NaN and infinities, ``max_abs`` values of larger magnitude.
     The returned array is read-only (a view on the message bytes) unless
-    ``writable`` is true.
+    ``writable`` is true.  Every failure is :class:`InvalidInput` naming ``name``.
     """
     try:
         wire_dtype = _DTYPES[msg.dtype]
@@ -67,24 +89,67 @@ def decode_array(
     dims = tuple(int(d) for d in msg.shape)
     if any(d < 0 for d in dims):
         raise InvalidInput(f"{name}: negative dimension in shape {dims}")
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
-    if len(msg.data) != count * wire_dtype.itemsize:
-        raise InvalidInput(
-            f"{name}: {len(msg.data)} bytes do not match shape {dims} of {wire_dtype.name} "
-            f"({count * wire_dtype.itemsize} bytes expected)"
-        )
+    if len(dims) > _MAX_NDIM:
+        raise InvalidInput(f"{name}: {len(dims)} dimensions (at most {_MAX_NDIM})")
     if shape is not None:
         if len(dims) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dims)):
             want = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ")"
-            raise InvalidInput(f"{name}: expected shape {want}, got {dims}")
+            raise InvalidInput(f"{name}: expected shape {want}, got {_short(dims)}")
+    count = math.prod(dims)  # Python integers: a claimed shape cannot overflow to match the data
+    if len(msg.data) != count * wire_dtype.itemsize:
+        raise InvalidInput(
+            f"{name}: {len(msg.data)} bytes do not match shape {_short(dims)} of {wire_dtype.name} "
+            f"({count * wire_dtype.itemsize} bytes expected)"
+        )
     arr = np.frombuffer(msg.data, dtype=wire_dtype).reshape(dims)
     if dtype is not None and arr.dtype != np.dtype(dtype):
-        arr = arr.astype(dtype)
+        arr = _convert(arr, np.dtype(dtype), name)
     elif writable:
         arr = arr.copy()
     if dtype is not None and arr.dtype == np.dtype(dtype) and writable and not arr.flags.writeable:
         arr = arr.copy()
+    if (finite or max_abs is not None) and arr.dtype.kind in "fiu":
+        _check_values(arr, name, max_abs)
     return arr
+
+
+def _short(dims: tuple) -> str:
+    text = str(dims)
+    return text if len(text) <= 80 else text[:60] + " ... " + f"({len(dims)} dimensions)"
+
+
+def _convert(arr: np.ndarray, target: np.dtype, name: str) -> np.ndarray:
+    """``arr`` as ``target``, refusing conversions that change what the values mean."""
+    src, dst = arr.dtype.kind, target.kind
+    if (src == "b") != (dst == "b"):
+        raise InvalidInput(f"{name}: expected {'booleans' if dst == 'b' else 'numbers'} "
+                           f"({target.name}), got {arr.dtype.name}")
+    if src == "f" and dst in "iu":
+        integral = np.isfinite(arr) & (arr == np.round(arr))
+        if arr.size and not integral.all():
+            k = tuple(int(i) for i in np.argwhere(~integral)[0])
+            raise InvalidInput(f"{name}: expected integers, got {float(arr[k])!r} at index {k}")
+        info = np.iinfo(target)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise InvalidInput(f"{name}: values outside the range of {target.name}")
+    return arr.astype(target)
+
+
+def _check_values(arr: np.ndarray, name: str, max_abs: float | None) -> None:
+    arr = arr if arr.dtype.kind == "f" else arr.astype(np.float64)
+    bad = ~np.isfinite(arr)
+    if max_abs is not None:
+        with np.errstate(invalid="ignore"):
+            bad |= np.abs(arr) > max_abs
+    if bad.any():
+        k = tuple(int(i) for i in np.argwhere(bad)[0])
+        value = arr[k] if k else arr[()]
+        value = float(value)
+        where = f" at index {k}" if k else ""
+        if not math.isfinite(value):
+            text = "NaN" if math.isnan(value) else repr(value)
+            raise InvalidInput(f"{name} contains a non-finite value ({text}){where}")
+        raise InvalidInput(f"{name} contains a value beyond ±{max_abs:g} ({value!r}){where}")
 
 
 def has_array(msg: Any, field: str) -> bool:
@@ -112,20 +177,24 @@ def structure_from_proto(msg: pb.Structure, name: str = "structure") -> Atoms:
     """Decode a :class:`Structure` into ASE ``Atoms``, checking every shape.
 
     Raises :class:`InvalidInput` for missing positions/numbers, inconsistent
-    lengths or a wrong cell/pbc shape.  Values (NaN, overlapping atoms,
-    singular cell) are the service's validator's job.
+    lengths, a wrong cell/pbc shape, a wrong dtype (booleans, non-integral atomic
+    numbers), non-finite or absurd values (beyond :data:`MAX_LENGTH` Å,
+    :data:`MAX_SPEED` Å/fs), atomic numbers outside 1..118 and non-positive
+    masses.  Physics (overlapping atoms, singular periodic cell, elements a
+    backend or model does not know, atom limits) is the service's validator's job.
     """
     if not has_array(msg, "positions"):
         raise InvalidInput(f"{name}.positions is missing")
     if not has_array(msg, "numbers"):
         raise InvalidInput(f"{name}.numbers is missing")
-    positions = decode_array(msg.positions, f"{name}.positions", (None, 3), "<f8")
+    positions = decode_array(msg.positions, f"{name}.positions", (None, 3), "<f8", max_abs=MAX_LENGTH)
     numbers = decode_array(msg.numbers, f"{name}.numbers", (None,), "<i8")
     n = len(numbers)
     if len(positions) != n:
         raise InvalidInput(f"{name}: {len(positions)} positions but {n} atomic numbers")
+    check_atomic_numbers(f"{name}.numbers", numbers)
     if has_array(msg, "cell"):
-        cell = decode_array(msg.cell, f"{name}.cell", (3, 3), "<f8")
+        cell = decode_array(msg.cell, f"{name}.cell", (3, 3), "<f8", max_abs=MAX_LENGTH)
     else:
         cell = np.zeros((3, 3))
     if len(msg.pbc) not in (0, 3):
@@ -133,10 +202,13 @@ def structure_from_proto(msg: pb.Structure, name: str = "structure") -> Atoms:
     pbc = list(msg.pbc) if len(msg.pbc) == 3 else [False, False, False]
     atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
     if has_array(msg, "masses"):
-        masses = decode_array(msg.masses, f"{name}.masses", (n,), "<f8")
+        masses = decode_array(msg.masses, f"{name}.masses", (n,), "<f8", finite=True)
+        if n and masses.min() <= 0:
+            k = int(np.argmin(masses))
+            raise InvalidInput(f"{name}.masses: mass of atom {k} is {float(masses[k])!r} amu, not positive")
         atoms.set_masses(masses)
     if has_array(msg, "velocities"):
-        vel = decode_array(msg.velocities, f"{name}.velocities", (n, 3), "<f8")
+        vel = decode_array(msg.velocities, f"{name}.velocities", (n, 3), "<f8", max_abs=MAX_SPEED)
         atoms.set_velocities(vel * ASE_VELOCITY_PER_A_FS)
     if msg.info:
         atoms.info.update(dict(msg.info))
@@ -165,12 +237,16 @@ def labels_to_proto(
 def labels_from_proto(
     msg: pb.Labels, n_atoms: int | None = None, name: str = "labels"
 ) -> tuple[float | None, np.ndarray | None, np.ndarray | None]:
-    """Decode labels to ``(energy eV, forces (n,3) eV/Å, stress (6,) eV/Å³)``; absent -> None."""
+    """Decode labels to ``(energy eV, forces (n,3) eV/Å, stress (6,) eV/Å³)``; absent -> None.
+    Non-finite values are :class:`InvalidInput`."""
     energy = msg.energy if msg.HasField("energy") else None
+    check_finite(f"{name}.energy", energy)
     forces = (
-        decode_array(msg.forces, f"{name}.forces", (n_atoms, 3), "<f8") if has_array(msg, "forces") else None
+        decode_array(msg.forces, f"{name}.forces", (n_atoms, 3), "<f8", finite=True)
+        if has_array(msg, "forces") else None
     )
-    stress = decode_array(msg.stress, f"{name}.stress", (6,), "<f8") if has_array(msg, "stress") else None
+    stress = (decode_array(msg.stress, f"{name}.stress", (6,), "<f8", finite=True)
+              if has_array(msg, "stress") else None)
     return energy, forces, stress
 
 
@@ -184,3 +260,14 @@ def check_finite(name: str, values: np.ndarray | float | None) -> None:
         idx = tuple(int(i) for i in np.argwhere(bad)[0]) if arr.ndim else ()
         where = f" at index {idx}" if idx else ""
         raise InvalidInput(f"{name} contains a non-finite value ({arr[idx] if idx else arr}){where}")
+
+
+def check_atomic_numbers(name: str, numbers: np.ndarray) -> None:
+    """Raise :class:`InvalidInput` unless every atomic number is in 1..:data:`MAX_ATOMIC_NUMBER`."""
+    numbers = np.asarray(numbers)
+    bad = np.flatnonzero((numbers < 1) | (numbers > MAX_ATOMIC_NUMBER))
+    if bad.size:
+        k = int(bad[0])
+        more = f" ({bad.size - 1} more)" if bad.size > 1 else ""
+        raise InvalidInput(f"{name}: atomic number {int(numbers[k])} of atom {k} is outside "
+                           f"1..{MAX_ATOMIC_NUMBER}{more}")

@@ -86,6 +86,78 @@ def test_malformed_structures_are_rejected_with_a_named_field(mutate, message: s
         wire.structure_from_proto(msg)
 
 
+def _set_array(field: str, values, dtype: str = "<f8"):
+    return lambda m: wire.encode_array(values, dtype, out=getattr(m, field))
+
+
+def _nan_at(shape, index, value=np.nan):
+    a = np.zeros(shape)
+    a[index] = value
+    return a
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_set_array("positions", _nan_at((4, 3), (2, 1))), "structure.positions contains a non-finite value (NaN) at index (2, 1)"),
+        (_set_array("positions", _nan_at((4, 3), (0, 0), np.inf)), "structure.positions contains a non-finite value (inf)"),
+        (_set_array("positions", _nan_at((4, 3), (3, 2), 1e300)), "structure.positions contains a value beyond ±1e+06 (1e+300) at index (3, 2)"),
+        (_set_array("cell", np.eye(3) * 1e300), "structure.cell contains a value beyond ±1e+06 (1e+300) at index (0, 0)"),
+        (_set_array("cell", _nan_at((3, 3), (1, 1))), "structure.cell contains a non-finite value (NaN)"),
+        (_set_array("positions", np.ones((4, 3), bool), "?"), "structure.positions: expected numbers (float64), got bool"),
+        (_set_array("numbers", [13, 13, 13, True], "?"), "structure.numbers: expected numbers"),
+        (_set_array("numbers", [13, 13, 29.5, 13]), "structure.numbers: expected integers, got 29.5 at index (2,)"),
+        (_set_array("numbers", [13, 13, np.nan, 13]), "structure.numbers: expected integers, got nan"),
+        (_set_array("numbers", [13, 13, 1e30, 13]), "structure.numbers: values outside the range of int64"),
+        (_set_array("numbers", [13, 200, 13, 13], "<i4"), "atomic number 200 of atom 1 is outside 1..118"),
+        (_set_array("numbers", [13, 13, 13, 0], "<i4"), "atomic number 0 of atom 3 is outside 1..118"),
+        (_set_array("numbers", [-3, 13, 13, -1], "<i8"), r"atomic number -3 of atom 0 is outside 1..118 (1 more)"),
+        (_set_array("masses", [27.0, 0.0, 27.0, 27.0]), "structure.masses: mass of atom 1 is 0.0 amu, not positive"),
+        (_set_array("masses", [27.0, np.nan, 27.0, 27.0]), "structure.masses contains a non-finite value (NaN)"),
+        (_set_array("velocities", _nan_at((4, 3), (1, 0), 1e5)), "structure.velocities contains a value beyond ±3000 (100000.0) at index (1, 0)"),
+    ],
+)
+def test_values_no_structure_has_are_rejected_at_the_wire(mutate, message: str) -> None:
+    msg = wire.structure_to_proto(bulk("Al", "fcc", a=4.05, cubic=True))
+    mutate(msg)
+    with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+        wire.structure_from_proto(msg)
+
+
+def test_integral_float_numbers_and_integer_positions_are_accepted() -> None:
+    msg = wire.structure_to_proto(bulk("Al", "fcc", a=4.05, cubic=True))
+    wire.encode_array([13.0, 13.0, 13.0, 13.0], "<f8", out=msg.numbers)
+    wire.encode_array(np.arange(12).reshape(4, 3), "<i8", out=msg.positions)
+    atoms = wire.structure_from_proto(msg)
+    assert atoms.numbers.tolist() == [13] * 4
+    assert atoms.positions[3].tolist() == [9.0, 10.0, 11.0]
+
+
+@pytest.mark.parametrize(
+    "shape, data, message",
+    [
+        ([2**62, 4], b"", "bytes do not match shape"),  # 2**64 elements: wraps to 0 in int64
+        ([1] * 40, b"\0" * 8, "40 dimensions"),
+        ([3, -1], b"", "negative dimension"),
+    ],
+)
+def test_absurd_shapes_are_rejected(shape, data, message) -> None:
+    msg = pb.Array(dtype=pb.DTYPE_FLOAT64, shape=shape, data=data)
+    with pytest.raises(InvalidInput, match=message):
+        wire.decode_array(msg, "x")
+
+
+def test_non_finite_labels_are_rejected() -> None:
+    forces = np.zeros((4, 3))
+    forces[1, 2] = np.nan
+    with pytest.raises(InvalidInput, match=r"labels.forces contains a non-finite value \(NaN\) at index \(1, 2\)"):
+        wire.labels_from_proto(wire.labels_to_proto(forces=forces), 4)
+    with pytest.raises(InvalidInput, match="labels.energy contains a non-finite value"):
+        wire.labels_from_proto(wire.labels_to_proto(energy=float("inf")), 4)
+    with pytest.raises(InvalidInput, match=r"labels.stress contains a non-finite value \(NaN\)"):
+        wire.labels_from_proto(wire.labels_to_proto(stress=[0, 0, 0, 0, 0, np.nan]), 4)
+
+
 def test_labels_round_trip_and_shape_check() -> None:
     forces = np.arange(12.0).reshape(4, 3)
     stress = np.linspace(-1, 1, 6)
