@@ -10,7 +10,9 @@
 * optional TLS, and mutual TLS when a client CA is given;
 * one interceptor that maps typed domain errors (:mod:`protos.errors`) to
   status codes through :mod:`protos.status` and counts and times every RPC by
-  method and status code on a Prometheus registry;
+  method and status code on a Prometheus registry; a request message that does
+  not parse is ``INVALID_ARGUMENT`` with one log line (grpc's own deserialisation
+  would answer ``INTERNAL`` and log a traceback per request);
 * a ``/metrics`` HTTP endpoint (optional);
 * port 0 binds an ephemeral port, returned in :attr:`RunningServer.port`.
 
@@ -85,8 +87,48 @@ class ServerConfig:
             raise errors.InvalidInput(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
 
 
+class _Unparseable:
+    """Stands in for a request message whose bytes did not parse."""
+
+    __slots__ = ("size", "reason")
+
+    def __init__(self, size: int, reason: str) -> None:
+        self.size = size
+        self.reason = reason
+
+
+def _message_name(deserializer) -> str:
+    cls = getattr(deserializer, "__self__", None)  # RequestType.FromString
+    descriptor = getattr(cls, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", None) or "request"
+
+
+def _tolerant(deserializer):
+    """``deserializer`` that returns :class:`_Unparseable` instead of raising (grpc would
+    answer INTERNAL and log the traceback)."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or anything a parser raises on garbage
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            return _Unparseable(len(data), reason)
+
+    return deserialize
+
+
+def _unparseable_error(where: str, request: _Unparseable, message: str, which: str = "the request") -> errors.InvalidInput:
+    """One log line (no traceback: the client sent garbage, the server is fine) and the error."""
+    text = f"{which} ({request.size} bytes) does not parse as {message}: {request.reason}"
+    log.warning("%s: %s", where, text)
+    return errors.InvalidInput(text)
+
+
 class ServiceInterceptor(grpc.ServerInterceptor):
-    """Maps domain errors to status codes and records per-RPC metrics."""
+    """Maps domain errors to status codes, answers unparseable requests with
+    INVALID_ARGUMENT and records per-RPC metrics."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self._metrics = metrics
@@ -98,21 +140,23 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         full = handler_call_details.method or "/unknown/unknown"
         parts = full.split("/")
         service, method = (parts[1], parts[2]) if len(parts) == 3 else ("unknown", full)
+        message = _message_name(handler.request_deserializer)
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, service, method),
-                handler.request_deserializer, handler.response_serializer)
+                self._wrap_unary(handler.unary_unary, service, method, message, streaming=False),
+                deserializer, handler.response_serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(handler.stream_unary, service, method),
-                handler.request_deserializer, handler.response_serializer)
+                self._wrap_unary(handler.stream_unary, service, method, message, streaming=True),
+                deserializer, handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, service, method),
-                handler.request_deserializer, handler.response_serializer)
+                self._wrap_stream(handler.unary_stream, service, method, message, streaming=False),
+                deserializer, handler.response_serializer)
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(handler.stream_stream, service, method),
-            handler.request_deserializer, handler.response_serializer)
+            self._wrap_stream(handler.stream_stream, service, method, message, streaming=True),
+            deserializer, handler.response_serializer)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -140,14 +184,31 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self._metrics.seconds.labels(service, method).observe(time.perf_counter() - started)
         self._metrics.in_progress.labels(service, method).dec()
 
-    def _wrap_unary(self, behavior, service: str, method: str):
+    @staticmethod
+    def _checked(request, where: str, message: str, streaming: bool):
+        """The request, or for a client stream an iterator over it, with unparseable
+        messages turned into :class:`errors.InvalidInput` (raised where they are read)."""
+        if not streaming:
+            if isinstance(request, _Unparseable):
+                raise _unparseable_error(where, request, message)
+            return request
+
+        def messages():
+            for k, item in enumerate(request):
+                if isinstance(item, _Unparseable):
+                    raise _unparseable_error(where, item, message, f"request message #{k} of the stream")
+                yield item
+
+        return messages()
+
+    def _wrap_unary(self, behavior, service: str, method: str, message: str, streaming: bool):
         where = f"{service}/{method}"
 
         def wrapped(request, context):
             started = time.perf_counter()
             self._metrics.in_progress.labels(service, method).inc()
             try:
-                return behavior(request, context)
+                return behavior(self._checked(request, where, message, streaming), context)
             except Exception as exc:  # noqa: BLE001 - mapped, never leaked as a traceback
                 self._abort_for(exc, context, where)
             finally:
@@ -155,14 +216,14 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, behavior, service: str, method: str):
+    def _wrap_stream(self, behavior, service: str, method: str, message: str, streaming: bool):
         where = f"{service}/{method}"
 
         def wrapped(request, context):
             started = time.perf_counter()
             self._metrics.in_progress.labels(service, method).inc()
             try:
-                yield from behavior(request, context)
+                yield from behavior(self._checked(request, where, message, streaming), context)
             except Exception as exc:  # noqa: BLE001
                 self._abort_for(exc, context, where)
             finally:

@@ -293,3 +293,34 @@ def test_a_cancelled_stream_is_counted_as_cancelled_not_internal(caplog) -> None
     assert metric_value(text, "epicycle_grpc_server_handled_total", grpc_method="PredictStream",
                         grpc_code="INTERNAL") == 0
     assert "unexpected error" not in caplog.text
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument_with_one_log_line(caplog) -> None:
+    """Random bytes as a request: INVALID_ARGUMENT naming the message type, one log line,
+    no traceback -- for unary methods and for the messages of a client stream (reflection's
+    ServerReflectionInfo is one), and counted under INVALID_ARGUMENT."""
+    import logging
+
+    garbage = b"\xff\xff\xff\x07 not a protobuf message"
+    config = OracleServiceConfig(server=ServerConfig(metrics_port=0))
+    with start_oracle_server(config) as running, caplog.at_level(logging.DEBUG):
+        channel = make_channel(running.address)
+        raw = {"request_serializer": lambda b: b, "response_deserializer": lambda b: b}
+        for method, message in (("/epicycle.v1.Oracle/Label", "epicycle.v1.LabelRequest"),
+                                ("/epicycle.v1.Oracle/Describe", "epicycle.v1.DescribeRequest")):
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary(method, **raw)(garbage, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"does not parse as {message}" in info.value.details()
+        stream = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", **raw)
+        valid = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream(iter([valid, garbage]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request message #1 of the stream" in info.value.details()
+        text = scrape(running.metrics_port)
+    assert metric_value(text, "epicycle_grpc_server_handled_total", grpc_method="Label",
+                        grpc_code="INVALID_ARGUMENT") == 1
+    assert "Traceback" not in caplog.text and "Exception deserializing" not in caplog.text
+    lines = [r for r in caplog.records if "does not parse" in r.getMessage()]
+    assert len(lines) == 3 and all("\n" not in r.getMessage() and r.exc_info is None for r in lines)
