@@ -145,10 +145,15 @@ def run_coordinator(data: dict, run_dir: Path):
     return state, rd, time.perf_counter() - t0, time.process_time() - cpu0
 
 
-def throughput_run(W: int, P: int, steps_total: int, latency: float, tmp: Path, test, labels: int = 0) -> dict:
+def throughput_run(W: int, P: int, steps_total: int, latency: float, tmp: Path, test, labels: int = 0,
+                   temperature: float | None = None, threshold: float | None = None) -> dict:
     work = tmp / f"W{W}P{P}"
     work.mkdir()
-    temps = [float(t) for t in np.linspace(300.0, 1200.0, W)] if W > 1 else [600.0]
+    if temperature is not None:  # every walker at the same temperature (seeds differ)
+        walkers = [{"name": f"w{i}", "temperature_K": temperature} for i in range(W)]
+    else:  # a ladder
+        temps = [float(t) for t in np.linspace(300.0, 1200.0, W)] if W > 1 else [600.0]
+        walkers = {"temperatures": temps}
     learner_args = ["learner", "--species", "Al", "--cutoffs", ",".join(map(str, CUTOFFS)),
                     "--hyperparameters", ",".join(str(HYPS[k]) for k in ("sig2", "ls2", "sig3", "ls3", "noise")),
                     "--model-dir", str(work / "learner")]
@@ -164,11 +169,14 @@ def throughput_run(W: int, P: int, steps_total: int, latency: float, tmp: Path, 
                 "sampler": {"addresses": samplers, "ensemble": "nve", "timestep_fs": 5.0,
                             "steps": 100_000 if labels else max(1, steps_total // W), "frame_interval": 10,
                             "checkpoint_interval": 50},
-                "walkers": {"temperatures": temps},
+                "walkers": walkers,
                 "policy": {"sigma_factor": 1.0, "initial_atoms": 4, "atoms_per_call": 1},
             }
             if labels:  # a label budget: the first frame + `labels` labels of uncertain frames
                 data["stop"] = {"max_labels": labels + 1}
+            if threshold:  # a fixed absolute threshold and fixed hyperparameters: demand stays above supply
+                data["policy"]["absolute_threshold"] = threshold
+                data["learner"]["optimize"] = {"every": 0}
             _wait_serving(oracles + learners + samplers)
             state, rd, wall, cpu = run_coordinator(data, work / "run")
             rss = peak_rss_mib(lprocs[0].pid)
@@ -203,14 +211,18 @@ def _wait_serving(addresses: list[str], timeout: float = 120.0) -> None:
 def throughput(args) -> int:
     pairs = [tuple(int(x) for x in p.split("x")) for p in args.pairs.split(",")]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
-          f"oracle latency {args.latency} s; " + (f"a budget of {args.labels} labels per run" if args.labels else
+          f"oracle latency {args.latency} s; walkers "
+          + (f"all at {args.temperature:g} K" if args.temperature else "a 300-1200 K ladder") + "; "
+          + (f"threshold {args.threshold} eV/Å, fixed hyperparameters; " if args.threshold else "")
+          + (f"a budget of {args.labels} labels per run" if args.labels else
                                                   f"{args.steps} MD steps in total per run"), flush=True)
     test = held_out()
     tmp = Path(tempfile.mkdtemp(prefix="bench-concurrent-"))
     rows = []
     try:
         for W, P in pairs:
-            row = throughput_run(W, P, args.steps, args.latency, tmp, test, args.labels)
+            row = throughput_run(W, P, args.steps, args.latency, tmp, test, args.labels, args.temperature,
+                                 args.threshold)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -294,6 +306,11 @@ def main() -> int:
     ap.add_argument("--latency", type=float, default=2.0, help="oracle latency, s (default 2)")
     ap.add_argument("--steps", type=int, default=800, help="MD steps per run, summed over walkers (default 800)")
     ap.add_argument("--pairs", default="1x1,2x1,2x2,4x2,4x4,8x4,8x8", help="WxP pairs (walkers x oracle processes)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="every walker at this temperature, K (default: a 300-1200 K ladder; one walker: 600 K)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="absolute σ threshold, eV/Å, with hyperparameters held at their start values (default: "
+                         "1·σn, re-optimised every 4 labels); a low one keeps the oracle pool the bottleneck")
     ap.add_argument("--labels", type=int, default=0,
                     help="a label budget per run instead of a fixed number of MD steps (0: off): throughput is "
                          "measured while labels are wanted, and RMSE compared at equal labels")
