@@ -73,6 +73,11 @@ def test_labels_spread_over_workers_and_a_dead_worker_is_skipped(tmp_path: Path,
     assert ports == {str(o.port) for o in oracles}  # both live workers labelled, the dead one never
     computed = sum(o.label_service.stats()["calls"]["computed"] for o in oracles)
     assert computed == state.oracle_calls  # every label computed exactly once
+    # the cycle never moves the model: no ExportModel/LoadModel, the learner checkpoints itself
+    handled = {s.labels["grpc_method"]: s.value for m in learner.registry.collect() for s in m.samples
+               if m.name == "epicycle_grpc_server_handled" and s.name.endswith("_total")}
+    assert handled.get("AddDataBatch", 0) >= 1 and handled.get("Checkpoint", 0) >= 1
+    assert handled.get("ExportModel", 0) == 0 and handled.get("LoadModel", 0) == 0 and handled.get("AddData", 0) == 0
 
 
 def test_a_worker_that_dies_mid_run_is_failed_over(cluster) -> None:
