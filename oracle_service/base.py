@@ -11,18 +11,33 @@ before ``label`` is called.  A backend that runs but fails raises
 :class:`protos.errors.CalculationFailed` (or ``CalculationTimeout``); one
 that cannot run at all (program or data missing) raises
 :class:`protos.errors.SetupError`.
+
+Cancellation: a backend that sets :attr:`Oracle.cancellable` accepts
+``calculate(atoms, properties, cancel=event)``; the service sets the
+:class:`threading.Event` when no caller waits for the calculation any more
+(every RPC waiting for it was cancelled or passed its deadline), and the
+backend then stops as soon as it safely can and raises
+:class:`CalculationCancelled` (never labels, never cached or quarantined).
+Which backends honour it: ``qe`` (pw.x, and mpirun, in their own process
+group: SIGTERM, then SIGKILL after a grace), ``gpaw`` and ``xtb`` (their
+persistent worker process is killed the same way and restarted for the next
+job), ``emt`` and ``lj`` (only their ``latency_s`` sleep is interruptible: the
+computation itself takes milliseconds).  The generic ``ase`` adapter and
+backends that do not set :attr:`~Oracle.cancellable` run to completion
+(their result is then cached as usual).
 """
 
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from ase import Atoms
 
-from protos.errors import InvalidInput
+from protos.errors import CalculationFailed, InvalidInput
 
 #: Every property an oracle may implement.
 ALL_PROPERTIES: tuple[str, ...] = ("energy", "forces", "stress")
@@ -63,6 +78,20 @@ class Labels:
         return tuple(p for p in ALL_PROPERTIES if getattr(self, p) is not None)
 
 
+class CalculationCancelled(CalculationFailed):
+    """The calculation was stopped because nobody waits for its result any more.
+
+    Not a property of the structure: the service neither caches nor
+    quarantines it, and a later request for the same structure runs again.
+    """
+
+
+def raise_if_cancelled(cancel: threading.Event | None, what: str) -> None:
+    """Raise :class:`CalculationCancelled` when ``cancel`` is set (for checks between steps)."""
+    if cancel is not None and cancel.is_set():
+        raise CalculationCancelled(f"{what}: cancelled, no caller waits for the result any more")
+
+
 class Oracle(abc.ABC):
     """A labelling backend (EMT, Lennard-Jones, Quantum ESPRESSO, ...).
 
@@ -79,6 +108,9 @@ class Oracle(abc.ABC):
     implemented_properties: tuple[str, ...] = ()
     #: whether ``calculate`` may run concurrently on one instance
     thread_safe: bool = True
+    #: whether ``calculate`` accepts ``cancel=`` (a :class:`threading.Event`) and stops
+    #: soon after it is set, raising :class:`CalculationCancelled` (see the module docstring)
+    cancellable: bool = False
 
     def supported_numbers(self) -> frozenset[int] | None:
         """Atomic numbers this backend can treat, or ``None`` for "any element"."""
@@ -102,6 +134,7 @@ class Oracle(abc.ABC):
 
         ``properties`` is a non-empty subset of :attr:`implemented_properties`.
         The returned :class:`Labels` must contain at least those properties.
+        Backends with :attr:`cancellable` take a keyword ``cancel: threading.Event | None``.
         """
 
     def close(self) -> None:

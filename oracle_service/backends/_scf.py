@@ -25,12 +25,21 @@ backends report such a failure as :class:`~protos.errors.CalculationFailed`
 
 Labels computed on a retry carry ``info["attempt"]`` and
 ``info["overrides"]`` so the user can see which settings converged.
+
+Cancellation (:attr:`~oracle_service.base.Oracle.cancellable`): ``calculate``
+takes ``cancel=`` (a :class:`threading.Event`) and hands it to
+``calculate_once`` when that accepts a ``cancel`` keyword (QE, GPAW, xTB kill
+their process); it starts no further attempt once it is set.  A cancelled
+attempt (:class:`~oracle_service.base.CalculationCancelled`) ends the ladder
+and is neither retried nor counted towards quarantine.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -44,7 +53,7 @@ from ase import Atoms
 
 from protos.errors import CalculationFailed, CalculationTimeout, InvalidInput
 
-from ..base import Labels, Oracle
+from ..base import CalculationCancelled, Labels, Oracle, raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +100,8 @@ class ScfOracle(Oracle, abc.ABC):
 
     #: settings that an entry of ``retries`` may override
     retry_keys: frozenset[str] = frozenset()
+    #: ``calculate`` takes ``cancel=``; it is passed on to ``calculate_once`` if that accepts it
+    cancellable = True
 
     def __init__(
         self,
@@ -142,8 +153,9 @@ class ScfOracle(Oracle, abc.ABC):
 
     # -- the retry loop -------------------------------------------------------------
 
-    def calculate(self, atoms: Atoms, properties: tuple[str, ...]) -> Labels:
+    def calculate(self, atoms: Atoms, properties: tuple[str, ...], cancel: threading.Event | None = None) -> Labels:
         key = structure_key(atoms)
+        pass_cancel = cancel is not None and _accepts_cancel(type(self))
         self._refuse_if_quarantined(key, atoms)
         ladder: list[dict] = [{}] + [dict(r) for r in self.retries]
         attempts: list[dict] = []
@@ -152,9 +164,15 @@ class ScfOracle(Oracle, abc.ABC):
             if number > 1:
                 with self._records_lock:
                     self.retry_attempts += 1
+            raise_if_cancelled(cancel, f"{self.name}: calculation on {atoms.get_chemical_formula()}")
             start = time.monotonic()
             try:
-                labels = self.calculate_once(atoms, properties, overrides)
+                if pass_cancel:
+                    labels = self.calculate_once(atoms, properties, overrides, cancel=cancel)
+                else:
+                    labels = self.calculate_once(atoms, properties, overrides)
+            except CalculationCancelled:
+                raise  # nobody waits: no retry, no failure record
             except CalculationTimeout as exc:
                 last = exc
                 attempts.append(self._attempt(number, overrides, exc, start))
@@ -284,6 +302,16 @@ class ScfOracle(Oracle, abc.ABC):
                 last_error=entry.get("last_error", ""), attempts=entry.get("attempts", []),
                 quarantined_at=entry.get("quarantined_at") or time.time(),
             )
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_cancel(cls: type) -> bool:
+    """Whether ``cls.calculate_once`` takes a ``cancel`` keyword (older subclasses do not)."""
+    try:
+        params = inspect.signature(cls.calculate_once).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cancel" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def merge_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,12 +4,15 @@ Two ways to run a calculation out of the service's own process:
 
 * :func:`run_command` -- one executable (``pw.x``) in its own process group,
   stdin/stdout from/to files, killed as a whole group when it exceeds its
-  wall-time limit (:class:`~protos.errors.CalculationTimeout`).
+  wall-time limit (:class:`~protos.errors.CalculationTimeout`) or when its
+  ``cancel`` event is set (nobody waits for it any more:
+  :class:`~oracle_service.base.CalculationCancelled`).
 * :class:`PersistentWorker` -- a long-lived child Python interpreter that
   imports a heavy library once (GPAW, tblite) and runs one job at a time.
   A job that exceeds its wall-time limit kills the child's process group
   (the next job starts a fresh child); a child that dies (segfault, out of
-  memory) becomes a :class:`~protos.errors.CalculationFailed`.  Libraries
+  memory) becomes a :class:`~protos.errors.CalculationFailed`.  A job whose
+  ``cancel`` event is set kills the child the same way.  Libraries
   that print from C/Fortran write into the job's log file, never into the
   protocol pipe.
 
@@ -37,10 +40,14 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from protos.errors import CalculationFailed, CalculationTimeout, EpicycleError, InvalidInput, SetupError
 
+from ..base import CalculationCancelled
+
 log = logging.getLogger(__name__)
 
 #: how long a killed process group gets between SIGTERM and SIGKILL, s
 KILL_GRACE_SECONDS = 2.0
+#: how often a running process is checked for cancellation, s
+CANCEL_POLL_SECONDS = 0.05
 #: default number of log lines attached to a failure
 TAIL_LINES = 40
 #: and at most this many characters of them
@@ -112,7 +119,8 @@ def scratch_directory(parent: str | os.PathLike | None, prefix: str, keep: str =
     """A fresh directory for one calculation, removed afterwards according to ``keep``.
 
     keep: ``"never"`` (always removed), ``"on_failure"`` (kept when the
-    body raises, so the user can read the full log), ``"always"``.
+    body raises, so the user can read the full log; not for a cancelled
+    calculation, which is no failure), ``"always"``.
     ``parent=None`` uses the system temporary directory.
     """
     check_keep_policy(keep)
@@ -122,6 +130,8 @@ def scratch_directory(parent: str | os.PathLike | None, prefix: str, keep: str =
     failed = False
     try:
         yield path
+    except CalculationCancelled:
+        raise
     except BaseException:
         failed = True
         raise
@@ -172,14 +182,17 @@ def run_command(
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     what: str = "",
+    cancel: threading.Event | None = None,
 ) -> int:
     """Run ``argv`` in ``cwd`` in a new process group; stdout and stderr go to ``log_path``.
 
     Returns the exit code.  Raises :class:`CalculationTimeout` (after killing
     the whole process group, so ``mpirun`` children die too) when it runs
-    longer than ``timeout`` seconds, with the tail of the log.  Any other
-    exception in the caller's thread (e.g. KeyboardInterrupt) also kills the
-    group before propagating.
+    longer than ``timeout`` seconds, with the tail of the log, and
+    :class:`CalculationCancelled` (after the same kill: SIGTERM, SIGKILL after
+    :data:`KILL_GRACE_SECONDS`) within :data:`CANCEL_POLL_SECONDS` of
+    ``cancel`` being set.  Any other exception in the caller's thread (e.g.
+    KeyboardInterrupt) also kills the group before propagating.
     """
     what = what or os.path.basename(argv[0])
     stdin = open(stdin_path, "rb") if stdin_path is not None else subprocess.DEVNULL
@@ -200,19 +213,48 @@ def run_command(
             except PermissionError as exc:
                 raise SetupError(f"cannot start {what}: {exc}") from None
             try:
-                return proc.wait(timeout=timeout)
+                return _wait_process(proc, timeout, cancel)
             except subprocess.TimeoutExpired:
                 kill_process_group(proc)
                 raise CalculationTimeout(
                     f"{what} exceeded its wall-time limit of {timeout:g} s and was killed",
                     tail_file(log_path),
                 ) from None
+            except _CancelRequested:
+                kill_process_group(proc)
+                log.info("%s (pid %d) killed: cancelled, no caller waits for it any more", what, proc.pid)
+                raise CalculationCancelled(f"{what} was cancelled and killed: no caller waits for it any more",
+                                           tail_file(log_path)) from None
             except BaseException:
                 kill_process_group(proc)
                 raise
     finally:
         if stdin is not subprocess.DEVNULL:
             stdin.close()
+
+
+class _CancelRequested(Exception):
+    pass
+
+
+def _wait_process(proc: subprocess.Popen, timeout: float | None, cancel: threading.Event | None) -> int:
+    """``proc.wait(timeout)`` that raises _CancelRequested soon after ``cancel`` is set."""
+    if cancel is None:
+        return proc.wait(timeout=timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if cancel.is_set():
+            raise _CancelRequested
+        step = CANCEL_POLL_SECONDS
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            step = min(step, left)
+        try:
+            return proc.wait(timeout=step)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # ---------------------------------------------------------------------------
@@ -239,14 +281,21 @@ def _recv_blocking(fh) -> Any:
     return pickle.loads(data)
 
 
-def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
-    """Read exactly ``n`` bytes from ``fd`` before ``deadline`` (monotonic), else TimeoutError/EOFError."""
+def _read_exact(fd: int, n: int, deadline: float | None, cancel: threading.Event | None = None) -> bytes:
+    """Read exactly ``n`` bytes from ``fd`` before ``deadline`` (monotonic), else TimeoutError/EOFError
+    (or _CancelRequested soon after ``cancel`` is set)."""
     chunks: list[bytes] = []
     remaining = n
     while remaining:
+        if cancel is not None and cancel.is_set():
+            raise _CancelRequested
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if cancel is not None:
+            wait = CANCEL_POLL_SECONDS if wait is None else min(wait, CANCEL_POLL_SECONDS)
         ready, _, _ = select.select([fd], [], [], wait)
         if not ready:
+            if cancel is not None and (deadline is None or time.monotonic() < deadline):
+                continue
             raise TimeoutError
         chunk = os.read(fd, min(remaining, 1 << 20))
         if not chunk:
@@ -330,8 +379,9 @@ class PersistentWorker:
         with self._lock:
             self._stop()
 
-    def _stop(self, polite: bool = True) -> None:
-        """End the child: ask it to exit (if ``polite`` and idle), then kill its process group."""
+    def _stop(self, polite: bool = True, grace: float | None = None) -> None:
+        """End the child: ask it to exit (if ``polite`` and idle), then kill its process group
+        (SIGTERM, then SIGKILL after ``grace`` seconds; default 0.5 s if polite, else at once)."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -343,7 +393,7 @@ class PersistentWorker:
                 except (OSError, subprocess.TimeoutExpired, ValueError):
                     pass
         finally:
-            kill_process_group(proc, grace=0.5 if polite else 0.0)
+            kill_process_group(proc, grace=grace if grace is not None else 0.5 if polite else 0.0)
             for fh in (proc.stdin, proc.stdout):
                 with contextlib.suppress(Exception):
                     fh.close()
@@ -354,8 +404,13 @@ class PersistentWorker:
 
     # -- one job
     def call(self, job: Mapping[str, Any], *, cwd: str | os.PathLike, log_path: str | os.PathLike,
-             timeout: float | None = None, what: str = "") -> Any:
-        """Run one job; see the class docstring for what it raises."""
+             timeout: float | None = None, what: str = "", cancel: threading.Event | None = None) -> Any:
+        """Run one job; see the class docstring for what it raises.
+
+        ``cancel`` set while the job runs: the child's process group is killed
+        (SIGTERM, SIGKILL after :data:`KILL_GRACE_SECONDS`) and
+        :class:`CalculationCancelled` raised; the next job starts a fresh child.
+        """
         what = what or self.name
         with self._lock:
             if not self.alive():
@@ -367,10 +422,17 @@ class PersistentWorker:
             request = {"job": dict(job), "cwd": str(cwd), "log": str(log_path)}
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
+                if cancel is not None and cancel.is_set():
+                    raise _CancelRequested
                 _send(proc.stdin, request)
-                header = _read_exact(proc.stdout.fileno(), _HEADER.size, deadline)
+                header = _read_exact(proc.stdout.fileno(), _HEADER.size, deadline, cancel)
                 (n,) = _HEADER.unpack(header)
                 reply = pickle.loads(_read_exact(proc.stdout.fileno(), n, deadline))
+            except _CancelRequested:
+                self._stop(polite=False, grace=KILL_GRACE_SECONDS)
+                log.info("%s: worker process killed: cancelled, no caller waits for the job any more", what)
+                raise CalculationCancelled(f"{what} was cancelled and its worker process killed: "
+                                           "no caller waits for the result any more", tail_file(log_path)) from None
             except TimeoutError:
                 self._stop(polite=False)
                 raise CalculationTimeout(

@@ -21,7 +21,11 @@ Registered names (see :func:`oracle_service.base.create_oracle`):
 physics: every calculation sleeps that long before computing, so these instant
 backends occupy a worker like a DFT code would (the service's ``in_flight``
 gauge, its worker pool and the coordinator's dispatch all see the calculation
-as busy).  The labels are the same with or without it.
+as busy).  The labels are the same with or without it.  The sleep honours the
+service's cancellation (``cancel`` set when no caller waits any more): it ends
+at once with :class:`~oracle_service.base.CalculationCancelled`.  The
+computation itself is not interruptible (it takes milliseconds); the generic
+``ase`` adapter is not cancellable at all.
 
 Units: energy eV, forces eV/Å, stress eV/Å³ (ASE Voigt order and sign).
 """
@@ -31,6 +35,7 @@ from __future__ import annotations
 import importlib
 import math
 import threading
+import time
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -39,7 +44,7 @@ from ase.data import atomic_numbers, chemical_symbols
 
 from protos.errors import CalculationFailed, EpicycleError, InvalidInput, SetupError
 
-from ..base import ALL_PROPERTIES, Labels, Oracle, register_backend
+from ..base import ALL_PROPERTIES, CalculationCancelled, Labels, Oracle, register_backend
 
 __all__ = [
     "AseCalculatorOracle",
@@ -211,6 +216,10 @@ def _translate_ase_error(exc: Exception, name: str) -> EpicycleError:
 # simulated latency (a test/benchmark aid)
 
 
+#: how often a cancellable simulated-latency sleep checks whether the oracle was closed, s
+CLOSE_POLL_SECONDS = 0.05
+
+
 class SimulatedLatency:
     """A fixed sleep added to every calculation of an instant backend.
 
@@ -220,10 +229,11 @@ class SimulatedLatency:
     slot, so the service counts it in flight and queues further requests
     behind it.  It never changes the labels.
 
-    Like a real calculation, a sleep under way is not cut short when the
-    caller gives up (the core never interrupts a running calculation; its
-    labels are cached, so a retry is answered at once), but :meth:`close`
-    (the oracle shutting down) ends it at once with ``CalculationFailed``.
+    Like a cancellable DFT calculation, a sleep under way ends at once when
+    the service sets the call's ``cancel`` event (nobody waits for the labels
+    any more) with :class:`~oracle_service.base.CalculationCancelled`; and
+    :meth:`close` (the oracle shutting down) ends it within
+    :data:`CLOSE_POLL_SECONDS` with ``CalculationFailed``.
     """
 
     def __init__(self, backend: str, latency_s: Any = 0.0) -> None:
@@ -235,8 +245,25 @@ class SimulatedLatency:
         """``{"latency_s": s}`` when set, else ``{}`` (so the default leaves the backend identity unchanged)."""
         return {"latency_s": self.seconds} if self.seconds > 0 else {}
 
-    def wait(self) -> None:
-        if self.seconds > 0 and self._closed.wait(self.seconds):
+    def wait(self, cancel: threading.Event | None = None) -> None:
+        if self.seconds <= 0:
+            return
+        if cancel is None:
+            closed = self._closed.wait(self.seconds)
+        else:  # wake at once on cancel, check close now and then
+            end = time.monotonic() + self.seconds
+            closed = False
+            while not closed:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                if cancel.wait(min(left, CLOSE_POLL_SECONDS)):
+                    raise CalculationCancelled(
+                        f"oracle backend {self.backend!r}: simulated latency (latency_s = {self.seconds:g} s) "
+                        "cancelled, no caller waits for the labels any more"
+                    )
+                closed = self._closed.is_set()
+        if closed:
             raise CalculationFailed(
                 f"oracle backend {self.backend!r} was closed during its simulated latency "
                 f"(latency_s = {self.seconds:g} s); no labels computed"
@@ -298,10 +325,12 @@ class EMTOracle(AseCalculatorOracle):
             supported_numbers=_emt_numbers(),
         )
 
-    def calculate(self, atoms: Atoms, properties: tuple[str, ...]) -> Labels:
+    cancellable = True  # the latency_s sleep ends when cancel is set
+
+    def calculate(self, atoms: Atoms, properties: tuple[str, ...], cancel: threading.Event | None = None) -> Labels:
         if "stress" in properties and atoms.cell.rank < 3:  # a bad request fails at once, without the sleep
             raise InvalidInput("stress requested but the cell has fewer than three lattice vectors")
-        self._latency.wait()
+        self._latency.wait(cancel)
         return super().calculate(atoms, properties)
 
     def close(self) -> None:
@@ -391,13 +420,15 @@ class LennardJonesOracle(Oracle):
 
         return f"epicycle-lj 1 (ase {ase.__version__} neighbour list)"
 
-    def calculate(self, atoms: Atoms, properties: tuple[str, ...]) -> Labels:
+    cancellable = True  # the latency_s sleep ends when cancel is set
+
+    def calculate(self, atoms: Atoms, properties: tuple[str, ...], cancel: threading.Event | None = None) -> Labels:
         from ase.neighborlist import neighbor_list
 
         n = len(atoms)
         if "stress" in properties and atoms.cell.rank < 3:
             raise InvalidInput("stress requested but the cell has fewer than three lattice vectors")
-        self._latency.wait()
+        self._latency.wait(cancel)
         i, j, D = neighbor_list("ijD", atoms, self.cutoff, self_interaction=False)
         eps_atom, sig_atom = self._per_atom(atoms.numbers)
         eps = np.sqrt(eps_atom[i] * eps_atom[j])

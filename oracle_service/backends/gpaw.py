@@ -3,7 +3,8 @@
 Registered as ``gpaw``.  GPAW is imported only in the worker process
 (:class:`~oracle_service.backends._subprocess.PersistentWorker`), which
 keeps the import warm between calculations, is killed (whole process
-group) when a calculation exceeds ``timeout`` -> ``CalculationTimeout``,
+group) when a calculation exceeds ``timeout`` -> ``CalculationTimeout``, or
+when nobody waits for the result any more (``cancel``) -> ``CalculationCancelled``,
 and is restarted for the next one.  A crash of the worker (segfault, out of
 memory) is a ``CalculationFailed``.  GPAW is not safe to interrupt inside a
 thread, and its C extension and BLAS threads stay out of the service process.
@@ -195,7 +196,8 @@ class GPAWOracle(ScfOracle):
     def close(self) -> None:
         self._worker.close()
 
-    def calculate_once(self, atoms: Atoms, properties: tuple[str, ...], overrides: Mapping[str, Any]) -> Labels:
+    def calculate_once(self, atoms: Atoms, properties: tuple[str, ...], overrides: Mapping[str, Any],
+                       cancel: threading.Event | None = None) -> Labels:
         params = merge_settings(self._params, overrides)
         kgrid = kpoint_grid(atoms, self.kpts, self.kspacing)
         if "stress" in properties and not atoms.pbc.all():
@@ -212,7 +214,7 @@ class GPAWOracle(ScfOracle):
         }
         with self._lock, scratch_directory(self.scratch_dir, "epicycle-gpaw-", self.keep_scratch) as work:
             result = self._worker.call(job, cwd=work, log_path=work / "gpaw.txt", timeout=float(params["timeout"]),
-                                       what="gpaw")
+                                       what="gpaw", cancel=cancel)
         info = {"backend": self.name, "scf_iterations": result.get("iterations"), "kpts": list(kgrid),
                 "worker_starts": self._worker.starts}
         return Labels(energy=result["energy"], forces=result.get("forces"), stress=result.get("stress"), info=info)

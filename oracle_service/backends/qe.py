@@ -3,7 +3,9 @@
 Registered as ``qe``.  Each calculation writes a ``pw.x`` input, runs
 ``pw.x`` in its own scratch directory and process group (killed as a whole
 on the wall-time limit -> :class:`~protos.errors.CalculationTimeout`), and
-parses the output.  Labels are only returned when the output proves that
+parses the output.  When nobody waits for the result any more (``cancel``
+set by the service), pw.x is killed the same way
+(:class:`~oracle_service.base.CalculationCancelled`).  Labels are only returned when the output proves that
 the SCF converged ("convergence has been achieved", no "convergence NOT
 achieved", ``JOB DONE``, forces for every atom, the stress tensor when
 asked); anything else is :class:`~protos.errors.CalculationFailed` with the
@@ -474,7 +476,8 @@ class QEOracle(ScfOracle):
             argv = [runner, "-np", str(self.mpi_procs), *argv]
         return argv
 
-    def calculate_once(self, atoms: Atoms, properties: tuple[str, ...], overrides: Mapping[str, Any]) -> Labels:
+    def calculate_once(self, atoms: Atoms, properties: tuple[str, ...], overrides: Mapping[str, Any],
+                       cancel: threading.Event | None = None) -> Labels:
         if atoms.cell.rank < 3:
             raise InvalidInput("qe needs a cell with three independent vectors (put molecules in a vacuum box); "
                                "directions with pbc=False are treated as periodic with one k-point")
@@ -488,7 +491,8 @@ class QEOracle(ScfOracle):
             (work / "pw.in").write_text(text)
             log_path = work / "pw.out"
             rc = run_command(argv, cwd=work, stdin_path=work / "pw.in", log_path=log_path,
-                             timeout=float(params["timeout"]), env=thread_env(self.threads), what="pw.x")
+                             timeout=float(params["timeout"]), env=thread_env(self.threads), what="pw.x",
+                             cancel=cancel)
             try:
                 output = log_path.read_text(errors="replace")
             except OSError:

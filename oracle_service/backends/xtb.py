@@ -4,7 +4,8 @@ Registered as ``xtb``.  Runs ``tblite.interface.Calculator`` in a
 persistent worker process (see :mod:`._subprocess`): tblite is imported
 once, each structure gets a fresh calculator (deterministic labels), a
 calculation that exceeds ``timeout`` kills the worker -> ``CalculationTimeout``,
-and tblite's own SCF verdict ("SCF not converged in N cycles") becomes
+a calculation whose ``cancel`` event is set (nobody waits for it any more)
+kills it too -> ``CalculationCancelled``, and tblite's own SCF verdict ("SCF not converged in N cycles") becomes
 ``CalculationFailed`` with the SCF table from tblite's output as log tail
 (then the retry ladder of :mod:`._scf`).
 
@@ -140,7 +141,8 @@ class XTBOracle(ScfOracle):
     def close(self) -> None:
         self._worker.close()
 
-    def calculate_once(self, atoms: Atoms, properties: tuple[str, ...], overrides: Mapping[str, Any]) -> Labels:
+    def calculate_once(self, atoms: Atoms, properties: tuple[str, ...], overrides: Mapping[str, Any],
+                       cancel: threading.Event | None = None) -> Labels:
         params = merge_settings(self._params, overrides)
         if atoms.pbc.any() and not atoms.pbc.all():
             raise InvalidInput("xtb (tblite) treats structures as fully periodic or fully isolated; "
@@ -157,7 +159,7 @@ class XTBOracle(ScfOracle):
         }
         with self._lock, scratch_directory(self.scratch_dir, "epicycle-xtb-", "never") as work:
             result = self._worker.call(job, cwd=work, log_path=work / "tblite.out", timeout=float(params["timeout"]),
-                                       what="tblite")
+                                       what="tblite", cancel=cancel)
         info = {"backend": self.name, "method": params["method"], "worker_starts": self._worker.starts}
         return Labels(energy=result["energy"], forces=result.get("forces"), stress=result.get("stress"), info=info)
 
