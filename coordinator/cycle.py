@@ -167,6 +167,7 @@ class Progress:
     stream: object = sys.stdout
     quiet: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _first: dict = field(default_factory=dict, repr=False)   # walker -> (monotonic time, step) of its first frame
 
     def line(self, text: str) -> None:
         if not self.quiet:
@@ -176,9 +177,24 @@ class Progress:
     def frame(self, step: int, time_fs: float, temperature: float, calls: int, ratio: float, n_env: int,
               walker: str = "", total: int | None = None) -> None:
         who = f"[{walker}] " if walker else ""
-        self.line(f"{who}step {step:>7}/{total or self.total_steps}  t = {time_fs / 1000:8.3f} ps  "
+        total = total or self.total_steps
+        self.line(f"{who}step {step:>7}/{total}  t = {time_fs / 1000:8.3f} ps  "
                   f"T = {temperature:8.1f} K  oracle calls {calls:>4}  max σ/threshold {ratio:5.2f}  "
-                  f"training envs {n_env:>5}")
+                  f"training envs {n_env:>5}{self._rate(walker, step, total)}")
+
+    def _rate(self, walker: str, step: int, total: int) -> str:
+        """``  12.3 steps/s  ETA 4 min`` from this walker's steps since its first frame in this process
+        (oracle waits included, so the ETA is what the user will wait)."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._first.setdefault(walker, (now, step))
+        dt, ds = now - seen[0], step - seen[1]
+        if dt < 1.0 or ds <= 0:
+            return ""
+        rate = ds / dt
+        left = max(0, total - step) / rate
+        eta = f"{left:.0f} s" if left < 120 else (f"{left / 60:.0f} min" if left < 7200 else f"{left / 3600:.1f} h")
+        return f"  {rate:7.1f} steps/s  ETA {eta}"
 
 
 class _Walker:

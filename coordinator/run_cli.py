@@ -29,7 +29,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=report_command)
 
     c = sub.add_parser("check-config", help="validate a run configuration and print it with defaults filled in")
-    c.add_argument("config", type=Path)
+    c.add_argument("config", type=Path, help="run configuration (YAML), e.g. examples/al_melt.yaml")
     c.set_defaults(func=check_command)
 
     a = sub.add_parser("check-run", help="audit a run directory: labels, queue, walkers, learner checkpoint",
