@@ -14,7 +14,22 @@ what a shared, expensive oracle needs::
       6. check the labels (shapes, finite) and cache them      -> CalculationFailed
 
 Failures are never cached (a structure that fails ``quarantine_after``
-times in a row is refused quickly afterwards).  Everything the backend
+times in a row is refused quickly afterwards).
+
+Cancellation: every call waiting for a calculation (the one that runs it and
+the identical ones that joined it) is a *waiter*.  A waiter leaves when its
+``cancelled()`` returns True (the RPC was cancelled, the client died) or its
+``timeout`` passes (the caller's deadline), also while the calculation runs
+(a watcher thread checks the running call's waiter every ``poll_seconds``).
+While one waiter is left the calculation goes on for it.  When the last one
+leaves, the calculation is cancelled: a backend with
+:attr:`~oracle_service.base.Oracle.cancellable` gets its ``cancel`` event set
+and stops (QE/GPAW/xTB kill their process group, the ``latency_s`` sleep of
+EMT/LJ ends), the worker slot is freed, and nothing is cached or counted
+towards quarantine (``calculations_cancelled`` in :meth:`LabelService.stats`).
+A backend that is not cancellable runs to the end and its labels are cached.
+The backend's own wall-time limit (its ``timeout`` setting ->
+CalculationTimeout) is independent of all this.  Everything the backend
 raises that is not a typed :class:`protos.errors.EpicycleError` becomes
 :class:`CalculationFailed` with a one-line message, never a traceback.
 
@@ -27,6 +42,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -46,8 +62,10 @@ from protos.errors import (
     SetupError,
 )
 
-from .base import Labels, Oracle, create_oracle, requested_properties
+from .base import CalculationCancelled, Labels, Oracle, create_oracle, requested_properties
 from .validation import Limits, check_cheap, check_geometry
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HASH_VERSION",
@@ -70,10 +88,10 @@ OUTCOMES: tuple[str, ...] = (
     "coalesced",  # waited for an identical in-flight request
     "invalid",  # InvalidInput (bad request)
     "failed",  # CalculationFailed (backend failed, bad labels, quarantined)
-    "timeout",  # CalculationTimeout (backend wall-time, or waited past the caller's timeout)
+    "timeout",  # CalculationTimeout (backend wall-time, or the caller's timeout passed while it waited)
     "setup_error",  # SetupError (backend not set up)
     "overloaded",  # Overloaded (workers and queue full)
-    "cancelled",  # caller went away while queued
+    "cancelled",  # caller went away while it waited (queued, or for a running calculation)
 )
 
 
@@ -87,7 +105,8 @@ class ServiceConfig:
     quarantine_after: refuse a structure after this many consecutive
         failures of the backend on it (0 = never).
     limits: input limits (minimum distance, maximum atoms, ...).
-    poll_seconds: how often a waiting request checks ``cancelled()``.
+    poll_seconds: how often a waiting request (and the watcher of a running
+        calculation) checks ``cancelled()`` and the caller's timeout.
     """
 
     workers: int = 1
@@ -211,17 +230,40 @@ def check_labels(labels: Any, properties: tuple[str, ...], n_atoms: int, backend
 # the service
 
 
+class _Waiter:
+    """One call waiting for a flight; ``gone`` says why it left (None while it waits)."""
+
+    __slots__ = ("deadline", "cancelled", "gone")
+
+    def __init__(self, deadline: float | None, cancelled: Callable[[], bool] | None) -> None:
+        self.deadline = deadline
+        self.cancelled = cancelled
+        self.gone: str | None = None
+
+    def check(self) -> str | None:
+        """``"cancelled"`` or ``"deadline"`` once the caller went away, else None."""
+        if self.gone is None:  # the deadline first: a gRPC call past its deadline is also inactive
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self.gone = "deadline"
+            elif self.cancelled is not None and self.cancelled():
+                self.gone = "cancelled"
+        return self.gone
+
+
 class _Flight:
     """One backend calculation in progress; identical requests wait on it."""
 
-    __slots__ = ("done", "labels", "error", "seconds", "abandoned")
+    __slots__ = ("done", "labels", "error", "seconds", "abandoned", "waiters", "computing", "cancel")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.labels: Labels | None = None
         self.error: BaseException | None = None
         self.seconds = 0.0
-        self.abandoned = False  # leader left before computing; waiters retry
+        self.abandoned = False  # not computed (leader left before, or cancelled): waiters retry
+        self.waiters: set[_Waiter] = set()  # calls still waiting for the result (the leader's included)
+        self.computing = False  # the backend is running
+        self.cancel = threading.Event()  # set when the last waiter left a running calculation
 
 
 @dataclass
@@ -232,6 +274,14 @@ class _CacheEntry:
 
 class _Cancelled(Exception):
     pass
+
+
+class _Dropped(Exception):
+    """The leader's caller went away while its calculation ran (``reason``: cancelled / deadline)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class LabelService:
@@ -259,6 +309,7 @@ class LabelService:
         self._waiting_followers = 0
         self._calls = dict.fromkeys(OUTCOMES, 0)
         self._compute_seconds_total = 0.0
+        self._calculations_cancelled = 0
         self._compute_observers: list[Callable[[str, float], None]] = []
 
     @classmethod
@@ -280,12 +331,16 @@ class LabelService:
     ) -> LabelOutcome:
         """Label ``atoms`` with ``properties`` (None/empty: all implemented).
 
-        timeout: seconds this call may wait (in the queue, or for an identical
-            in-flight request) before giving up with CalculationTimeout; a
-            calculation already running is never interrupted, its result is
-            cached.  None waits as long as it takes.
+        timeout: seconds this call may wait (in the queue, for an identical
+            in-flight request, or for its own running calculation) before
+            giving up with CalculationTimeout (the caller's deadline; the call
+            that runs the calculation returns once the backend has stopped).
+            None waits as long as it takes.
         cancelled: polled while waiting; returning True abandons the request
             (e.g. the gRPC client went away: ``lambda: not context.is_active()``).
+
+        A running calculation that no call waits for any more is cancelled
+        (see the module docstring); one that some call still waits for goes on.
 
         Raises InvalidInput, Overloaded, CalculationFailed, CalculationTimeout,
         SetupError.
@@ -307,6 +362,14 @@ class LabelService:
         except _QueueTimeout as exc:
             self._count("timeout")
             raise CalculationTimeout(str(exc)) from None
+        except _Dropped as exc:
+            if exc.reason == "deadline":
+                self._count("timeout")
+                raise CalculationTimeout(
+                    f"oracle {self.oracle.name!r}: the caller's timeout passed while the calculation ran"
+                ) from None
+            self._count("cancelled")
+            raise CalculationFailed("request cancelled by the caller while its calculation ran") from None
         self._count("computed" if not outcome.cached else "coalesced" if outcome.coalesced else "cached")
         return outcome
 
@@ -355,11 +418,12 @@ class LabelService:
                 ),
                 "calls": dict(self._calls),
                 "compute_seconds_total": self._compute_seconds_total,
+                "calculations_cancelled": self._calculations_cancelled,
             }
 
     def add_compute_observer(self, observer: Callable[[str, float], None]) -> None:
         """Call ``observer(outcome, seconds)`` after every backend calculation
-        (``outcome``: ``computed``, ``failed``, ``timeout`` or ``setup_error``), e.g. for a histogram."""
+        (``outcome``: ``computed``, ``failed``, ``timeout``, ``setup_error`` or ``cancelled``), e.g. for a histogram."""
         self._compute_observers.append(observer)
 
     def clear_cache(self) -> None:
@@ -375,6 +439,7 @@ class LabelService:
 
     def _label(self, atoms, props, key, deadline, cancelled) -> LabelOutcome:
         while True:
+            waiter = _Waiter(deadline, cancelled)
             with self._lock:
                 entry = self._cache.get(key)
                 if entry is not None:
@@ -395,32 +460,85 @@ class LabelService:
                 else:
                     self._waiting_followers += 1
                     leader = False
+                flight.waiters.add(waiter)
             if leader:
-                return self._lead(atoms, props, key, flight, deadline, cancelled)
+                return self._lead(atoms, props, key, flight, waiter)
             try:
                 self._wait(flight.done.wait, deadline, cancelled, "an identical request to finish")
+            except _Cancelled:
+                self._leave(key, flight, waiter, "cancelled")
+                raise
+            except _QueueTimeout:
+                self._leave(key, flight, waiter, "deadline")
+                raise
             finally:
                 with self._lock:
                     self._waiting_followers -= 1
             if flight.abandoned:
-                continue  # the leader gave up before computing: try again (maybe as leader)
+                continue  # not computed (the leader gave up before computing, or cancelled): try again
             if flight.error is not None:
                 raise _copy_error(flight.error) from None
             return self._outcome(flight.labels, key, flight.seconds, cached=True, coalesced=True)
 
-    def _lead(self, atoms, props, key, flight: _Flight, deadline, cancelled) -> LabelOutcome:
+    def _leave(self, key: str, flight: _Flight, waiter: _Waiter, reason: str) -> None:
+        """``waiter`` stops waiting for ``flight``; cancel a running calculation nobody waits for any more."""
+        with self._lock:
+            if waiter.gone is None:
+                waiter.gone = reason
+            flight.waiters.discard(waiter)
+            if flight.waiters or not flight.computing or flight.cancel.is_set():
+                return
+            flight.cancel.set()
+        log.info("oracle %r: no caller waits for structure %s any more (last one: %s); cancelling its calculation%s",
+                 self.oracle.name, key[:12], "RPC cancelled" if reason == "cancelled" else "deadline passed",
+                 "" if self.oracle.cancellable else " (this backend cannot be interrupted: it runs to the end)")
+
+    def _watch(self, key: str, flight: _Flight, waiter: _Waiter) -> None:
+        """While the leader's thread runs the backend, notice when the leader's caller goes away."""
+        poll = self.config.poll_seconds
+        while not flight.done.wait(poll):
+            if not flight.computing:
+                return
+            try:
+                reason = waiter.check()
+            except Exception:  # noqa: BLE001 - a broken cancelled() must not kill the watcher silently
+                log.exception("oracle %r: cancelled() raised; treating the caller as gone", self.oracle.name)
+                reason = "cancelled"
+            if reason is not None:
+                self._leave(key, flight, waiter, reason)
+                return
+
+    def _lead(self, atoms, props, key, flight: _Flight, waiter: _Waiter) -> LabelOutcome:
         got_slot = False
         try:
             check_geometry(atoms, self.config.limits)
-            self._wait(lambda t: self._slots.acquire(timeout=t), deadline, cancelled, "a free worker")
+            self._wait(lambda t: self._slots.acquire(timeout=t), waiter.deadline, waiter.cancelled, "a free worker")
             got_slot = True
             with self._lock:
                 self._running += 1
-            labels, seconds = self._compute(atoms, props, key)
+                flight.computing = True
+            if waiter.deadline is not None or waiter.cancelled is not None:
+                threading.Thread(target=self._watch, args=(key, flight, waiter), daemon=True,
+                                 name=f"oracle-watch-{key[:8]}").start()
+            try:
+                labels, seconds = self._compute(atoms, props, key, flight)
+            finally:
+                with self._lock:
+                    flight.computing = False
             flight.labels, flight.seconds = labels, seconds
+            if waiter.gone is not None:  # labels are cached and given to the identical waiters
+                raise _Dropped(waiter.gone)
             return self._outcome(labels, key, seconds, cached=False)
         except (_Cancelled, _QueueTimeout):
             flight.abandoned = True  # not computed: identical waiters retry
+            raise
+        except _Dropped:
+            raise
+        except CalculationCancelled as exc:
+            flight.abandoned = True  # identical requests that arrived meanwhile run it again
+            if waiter.gone is not None:
+                raise _Dropped(waiter.gone) from None
+            flight.error = exc
             raise
         except BaseException as exc:
             flight.error = exc
@@ -435,7 +553,7 @@ class LabelService:
                 self._slots.release()
             flight.done.set()
 
-    def _compute(self, atoms: Atoms, props: tuple[str, ...], key: str) -> tuple[Labels, float]:
+    def _compute(self, atoms: Atoms, props: tuple[str, ...], key: str, flight: _Flight) -> tuple[Labels, float]:
         work = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
         for name in ("initial_magmoms", "initial_charges"):
             if name in atoms.arrays:
@@ -443,7 +561,10 @@ class LabelService:
         start = time.perf_counter()
         try:
             try:
-                raw = self.oracle.calculate(work, props)
+                if self.oracle.cancellable:
+                    raw = self.oracle.calculate(work, props, cancel=flight.cancel)
+                else:
+                    raw = self.oracle.calculate(work, props)
             except EpicycleError:
                 raise
             except Exception as exc:  # noqa: BLE001 - never let a raw traceback reach the client
@@ -454,11 +575,18 @@ class LabelService:
             labels = check_labels(raw, props, len(atoms), self.oracle.name)
         except (CalculationFailed, SetupError) as exc:
             elapsed = time.perf_counter() - start
+            # a failure after the cancel request is the kill's doing, not the structure's: no quarantine
+            aborted = isinstance(exc, CalculationCancelled) or flight.cancel.is_set()
             with self._lock:
                 self._compute_seconds_total += elapsed
-                if isinstance(exc, CalculationFailed):
+                if aborted:
+                    self._calculations_cancelled += 1
+                elif isinstance(exc, CalculationFailed):
                     self._record_failure(key, str(exc).splitlines()[0])
-            self._observe(_outcome_of(exc), elapsed)
+            self._observe("cancelled" if aborted else _outcome_of(exc), elapsed)
+            if aborted and not isinstance(exc, CalculationCancelled):
+                raise CalculationCancelled(f"oracle {self.oracle.name!r}: calculation cancelled "
+                                           f"({_one_line(exc)})") from None
             raise
         info = dict(labels.info)
         info.update(backend=self.oracle.name, structure_hash=key, compute_seconds=seconds)

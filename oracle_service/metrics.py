@@ -11,8 +11,12 @@ Exported (every series carries ``backend``, the one backend of this worker):
   failed, timeout, setup_error, overloaded, cancelled);
 * ``epicycle_oracle_compute_seconds{backend,outcome}`` — histogram of the wall
   time of each backend calculation (outcome computed, failed, timeout,
-  setup_error); ``_sum`` is the busy time, so ``rate(..._sum)`` is the number of
-  busy workers;
+  setup_error, cancelled); ``_sum`` is the busy time, so ``rate(..._sum)`` is the
+  number of busy workers;
+* ``epicycle_oracle_calculations_cancelled_total{backend}`` — running
+  calculations stopped because no caller waited for them any more (every RPC
+  waiting for them was cancelled or passed its deadline; pw.x and the
+  GPAW/xTB workers are killed, see :mod:`oracle_service.core`);
 * ``epicycle_oracle_retries_total{backend}`` — SCF attempts run with escalated
   settings after a failed first attempt (0 for backends without a retry ladder);
 * gauges ``epicycle_oracle_in_flight``, ``_queued``, ``_waiting_for_identical``,
@@ -29,7 +33,7 @@ COMPUTE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
                    600, 1200, 3600)
 
 #: outcomes of a backend calculation (a subset of the request outcomes)
-COMPUTE_OUTCOMES = ("computed", "failed", "timeout", "setup_error")
+COMPUTE_OUTCOMES = ("computed", "failed", "timeout", "setup_error", "cancelled")
 
 
 class OracleMetrics:
@@ -40,7 +44,8 @@ class OracleMetrics:
         backend = service.oracle.name
         self.compute_seconds = Histogram(
             "epicycle_oracle_compute_seconds",
-            "Wall time of each backend calculation, seconds, by outcome (computed, failed, timeout, setup_error).",
+            "Wall time of each backend calculation, seconds, by outcome "
+            "(computed, failed, timeout, setup_error, cancelled).",
             ["backend", "outcome"], buckets=COMPUTE_BUCKETS, registry=registry)
         for outcome in COMPUTE_OUTCOMES:  # every series exists from the start (rates are 0, not absent)
             self.compute_seconds.labels(backend, outcome)
@@ -70,6 +75,13 @@ class OracleMetrics:
             labels=["backend"])
         retries.add_metric([backend], float(getattr(oracle, "retry_attempts", 0)))
         yield retries
+        cancelled = CounterMetricFamily(
+            "epicycle_oracle_calculations_cancelled",
+            "Running calculations stopped because no caller waited for them any more "
+            "(every waiting RPC cancelled or past its deadline).",
+            labels=["backend"])
+        cancelled.add_metric([backend], float(stats.get("calculations_cancelled", 0)))
+        yield cancelled
         for name, key, help_text in (
             ("epicycle_oracle_in_flight", "in_flight", "Calculations running now."),
             ("epicycle_oracle_queued", "queued", "Requests waiting for a worker."),

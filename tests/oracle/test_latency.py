@@ -3,7 +3,7 @@
 It must be applied (a calculation takes at least ``latency_s``), occupy a worker slot (the
 service counts it in flight and queues behind it), leave the labels bit-for-bit unchanged,
 be rejected with a message naming the setting when it is not a finite number >= 0, and end
-at once when the oracle is closed.
+at once when the oracle is closed or nobody waits for the calculation any more.
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ def test_latency_occupies_a_worker_slot() -> None:
 
 
 def test_caller_deadline_shorter_than_latency() -> None:
-    """The caller gets DEADLINE_EXCEEDED on time; the calculation finishes and is cached,
-    as a real one would be, so the retry is answered at once."""
+    """The caller gets DEADLINE_EXCEEDED on time; as nobody waits for the calculation any more,
+    its sleep is cancelled (the worker is free at once, nothing is cached), like a killed pw.x;
+    a retry computes the same labels."""
     latency = 1.0
     config = OracleServiceConfig(backend="emt", settings={"latency_s": latency}, workers=1)
     with start_oracle_server(config) as running:
@@ -109,12 +110,15 @@ def test_caller_deadline_shorter_than_latency() -> None:
             with pytest.raises(errors.CalculationTimeout):
                 client.label(atoms, timeout=0.2)
             assert time.perf_counter() - started < latency
+            service = running.label_service
             deadline = time.monotonic() + 10
-            while running.label_service.stats()["cache_entries"] < 1 and time.monotonic() < deadline:
+            while service.stats()["calculations_cancelled"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            started = time.perf_counter()
+            stats = service.stats()
+            assert stats["calculations_cancelled"] == 1 and stats["cache_entries"] == 0
+            assert stats["in_flight"] == 0 and time.perf_counter() - started < latency
             retry = client.label(atoms)
-            assert retry.cached and time.perf_counter() - started < latency
+            assert not retry.cached
             reference = create_oracle("emt").calculate(atoms, PROPERTIES)
             np.testing.assert_array_equal(retry.labels.forces, reference.forces)
 
