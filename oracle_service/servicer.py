@@ -12,6 +12,7 @@ import socket
 
 from protos import wire
 from protos.epicycle.v1 import oracle_pb2, oracle_pb2_grpc
+from protos.errors import EpicycleError
 
 
 class OracleServicer(oracle_pb2_grpc.OracleServicer):
@@ -21,11 +22,19 @@ class OracleServicer(oracle_pb2_grpc.OracleServicer):
 
     def Label(self, request: oracle_pb2.LabelRequest, context) -> oracle_pb2.LabelResponse:
         atoms = wire.structure_from_proto(request.structure)
-        outcome = self._service.label(
-            atoms, tuple(request.properties),
-            timeout=context.time_remaining(),  # never wait past the caller's deadline
-            cancelled=lambda: not context.is_active(),
-        )
+        try:
+            outcome = self._service.label(
+                atoms, tuple(request.properties),
+                # never wait past the caller's deadline; the core cancels a calculation nobody waits for
+                timeout=context.time_remaining(),
+                cancelled=lambda: not context.is_active(),
+            )
+        except EpicycleError:
+            if not context.is_active():
+                # the caller is gone (deadline passed, RPC cancelled): nobody reads an answer, and an
+                # error here would make grpc log a serialisation traceback for the empty reply
+                return oracle_pb2.LabelResponse()
+            raise
         reply = oracle_pb2.LabelResponse(
             backend=self._service.oracle.name,
             structure_hash=outcome.structure_hash,
