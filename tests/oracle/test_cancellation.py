@@ -2,7 +2,7 @@
 
 Real oracle servers on 127.0.0.1 and, where the issue is about pw.x, a real pw.x:
 
-* a QE label whose client deadline passes -> the pw.x process is gone within a few seconds
+* a QE label whose client deadline passes, or whose RPC the client cancels -> the pw.x process is gone within a few seconds
   (SIGTERM, SIGKILL after the grace), the worker serves the next request, nothing is cached or
   quarantined, and ``epicycle_oracle_calculations_cancelled_total`` counts it;
 * two identical concurrent requests (single flight), one of which gives up -> the calculation
@@ -139,6 +139,30 @@ def test_qe_deadline_kills_pw_x_and_frees_the_worker(qe_server) -> None:
         assert not quick.cached and np.isfinite(quick.labels.energy)
         assert time.monotonic() - started < 20
     assert not pw_children()
+
+
+def test_qe_cancelled_rpc_kills_pw_x(qe_server) -> None:
+    """The client cancels its call (as a killed coordinator's connection does): pw.x is killed."""
+    from protos import wire
+    from protos.client import make_channel
+    from protos.epicycle.v1 import oracle_pb2, oracle_pb2_grpc
+
+    service = qe_server.label_service
+    before = service.stats()["calculations_cancelled"]
+    request = oracle_pb2.LabelRequest(properties=list(PROPERTIES))
+    wire.structure_to_proto(al4(5).repeat((2, 2, 2)), out=request.structure, velocities=False)
+    channel = make_channel(qe_server.address)
+    try:
+        future = oracle_pb2_grpc.OracleStub(channel).Label.future(request, timeout=60)
+        assert wait_until(lambda: pw_children(), 5), "pw.x never started"
+        future.cancel()
+        cancelled_at = time.monotonic()
+        assert wait_until(lambda: not pw_children(), KILL_GRACE_SECONDS + 3), "pw.x still running"
+        assert time.monotonic() - cancelled_at < KILL_GRACE_SECONDS + 3
+    finally:
+        channel.close()
+    assert wait_until(lambda: service.stats()["calculations_cancelled"] == before + 1, 2)
+    assert service.stats()["in_flight"] == 0
 
 
 def test_qe_identical_request_keeps_the_calculation_for_the_other_waiter(qe_server) -> None:
