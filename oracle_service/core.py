@@ -298,6 +298,8 @@ class LabelService:
         self.workers = self.config.workers if oracle.thread_safe else 1
         self.queue_limit = self.config.queue_limit
         self.identity = backend_identity(oracle)
+        #: whether the backend gets the cancel event (it says it honours one and its calculate takes it)
+        self.cancellable = bool(getattr(oracle, "cancellable", False)) and _takes_cancel(oracle.calculate)
 
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(self.workers)
@@ -389,6 +391,7 @@ class LabelService:
             "cache_size": self.config.cache_size,
             "quarantine_after": self.config.quarantine_after,
             "thread_safe": self.oracle.thread_safe,
+            "cancellable": self.cancellable,
         }
 
     @property
@@ -491,7 +494,7 @@ class LabelService:
             flight.cancel.set()
         log.info("oracle %r: no caller waits for structure %s any more (last one: %s); cancelling its calculation%s",
                  self.oracle.name, key[:12], "RPC cancelled" if reason == "cancelled" else "deadline passed",
-                 "" if self.oracle.cancellable else " (this backend cannot be interrupted: it runs to the end)")
+                 "" if self.cancellable else " (this backend cannot be interrupted: it runs to the end)")
 
     def _watch(self, key: str, flight: _Flight, waiter: _Waiter) -> None:
         """While the leader's thread runs the backend, notice when the leader's caller goes away."""
@@ -561,7 +564,7 @@ class LabelService:
         start = time.perf_counter()
         try:
             try:
-                if self.oracle.cancellable:
+                if self.cancellable:
                     raw = self.oracle.calculate(work, props, cancel=flight.cancel)
                 else:
                     raw = self.oracle.calculate(work, props)
@@ -660,6 +663,16 @@ class LabelService:
 
 class _QueueTimeout(Exception):
     pass
+
+
+def _takes_cancel(calculate: Callable[..., Any]) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(calculate).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cancel" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _outcome_of(exc: BaseException) -> str:

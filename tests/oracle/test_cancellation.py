@@ -369,3 +369,15 @@ def test_core_uninterruptible_backend_runs_to_the_end_and_is_cached() -> None:
             leader.result(5)
     assert service.stats()["cache_entries"] == 1 and service.stats()["calculations_cancelled"] == 0
     assert service.label(argon(3.8)).cached
+
+
+def test_which_backends_get_the_cancel_event() -> None:
+    class LegacyEMT(type(create_oracle("emt"))):  # says cancellable, but its calculate takes no cancel
+        def calculate(self, atoms, properties):
+            return super().calculate(atoms, properties)
+
+    assert LabelService(create_oracle("emt")).describe()["cancellable"]
+    assert LabelService(create_oracle("lj")).describe()["cancellable"]
+    assert not LabelService(create_oracle("ase", calculator="ase.calculators.emt:EMT")).describe()["cancellable"]
+    assert not LabelService(LegacyEMT()).cancellable
+    assert LabelService(LegacyEMT()).label(bulk("Cu", "fcc", a=3.61)).labels.energy is not None  # not a TypeError
