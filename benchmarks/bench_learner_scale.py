@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", type=Path, default=None, help="default: a temporary directory")
     ap.add_argument("--out", type=Path, default=None, help="also write one JSON line per step here")
     ap.add_argument("--no-restart", action="store_true", help="skip the kill -9 / rebuild at the end")
+    ap.add_argument("--restarts", type=int, default=1, help="kill -9 / rebuild this many times (default 1)")
     ap.add_argument("--summarize", type=Path, default=None,
                     help="only print the markdown summary of a --out file (medians of 5 steps around each N)")
     args = ap.parse_args(argv)
@@ -242,6 +243,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         before = call("Predict", pred_req)
         predict_s = time.perf_counter() - t0
+        repeat = call("Predict", pred_req)
+        live_repeatable = all(np.array_equal(wire.decode_array(getattr(before.prediction, k), k),
+                                             wire.decode_array(getattr(repeat.prediction, k), k))
+                              for k in ("forces", "force_std"))
+        print(f"live learner: the same Predict twice bit for bit equal: {live_repeatable}", flush=True)
         cond = pred_req.condition_on.add(atom_indices=list(range(0, 108, 4)))
         wire.structure_to_proto(test_atoms, out=cond.structure, velocities=False)
         t0 = time.perf_counter()
@@ -256,7 +262,7 @@ def main(argv=None) -> int:
         summary = {"final": True, "n_environments": info.n_environments, "predict_s": predict_s,
                    "conditioned_predict_s": cond_s,
                    "peak_rss_bytes": max(overall_peak, proc_status(proc.pid)["VmHWM"])}
-        if not args.no_restart:
+        for restart in range(0 if args.no_restart else args.restarts):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             channel.close()
@@ -266,14 +272,18 @@ def main(argv=None) -> int:
             channel = make_channel(address, max_message_bytes=4 * MiB)
             stub = learner_pb2_grpc.LearnerStub(channel)
             after = call("Predict", pred_req)
-            same = (np.array_equal(wire.decode_array(before.prediction.forces, "f"),
-                                   wire.decode_array(after.prediction.forces, "f"))
-                    and np.array_equal(wire.decode_array(before.prediction.force_std, "s"),
-                                       wire.decode_array(after.prediction.force_std, "s")))
+            diffs = {}
+            for name in ("forces", "force_std"):
+                a = wire.decode_array(getattr(before.prediction, name), name)
+                b = wire.decode_array(getattr(after.prediction, name), name)
+                diffs[name] = (int((a != b).sum()), float(np.abs(a - b).max()))
+            same = all(count == 0 for count, _ in diffs.values())
             peak = proc_status(proc.pid)["VmHWM"]
-            print(f"kill -9 and restart on the model dir: ready in {rebuild_s:.1f} s (rebuild from data), "
-                  f"peak RSS {peak / MiB:.0f} MiB, predictions bit for bit equal: {same}", flush=True)
-            summary.update(restart_s=rebuild_s, restart_peak_rss_bytes=peak, bitwise_equal=bool(same))
+            print(f"kill -9 and restart {restart + 1} on the model dir: ready in {rebuild_s:.1f} s (rebuild from data), "
+                  f"peak RSS {peak / MiB:.0f} MiB, predictions bit for bit equal: {same} "
+                  f"(differing components, max |difference| eV/Å: {diffs})", flush=True)
+            summary.setdefault("restarts", []).append(
+                {"restart_s": rebuild_s, "restart_peak_rss_bytes": peak, "bitwise_equal": bool(same), "diffs": diffs})
         if out:
             out.write(json.dumps(summary) + "\n")
     finally:
