@@ -282,39 +282,40 @@ def test_coordinator_calls_per_ps_counts_labels_from_before_a_resume() -> None:
     assert m.oracle_calls._value.get() == 1  # a counter of this process: restarts at 0, as counters do
 
 
-def test_cycle_times_oracle_calls_and_counts_failures() -> None:
-    """OnTheFlyRun._label reports the wait and failures of the oracle pool to the metrics."""
-    from coordinator.cycle import OnTheFlyRun
+def test_cycle_times_oracle_calls_and_counts_failures(tmp_path) -> None:
+    """A real in-process run reports every label's wait to the metrics; a label that fails (an outage past
+    oracle.outage_timeout_s) is counted as a failure before the run stops."""
+    import yaml
 
-    class Config:
-        class learner:
-            use_stress = False
+    from coordinator.config import parse_config
+    from coordinator.cycle import OnTheFlyRun, Progress, RunStopped, run_species
+    from coordinator.rundir import RunDirectory
+    from coordinator.services import OracleUnavailable, start_services
 
-    class Pool:
-        failovers = 0
-
-        def __init__(self):
-            self.fail = False
-
-        def label(self, atoms, props):
-            if self.fail:
-                raise CalculationFailed("no oracle worker could label the structure")
-            return object()
-
+    config = parse_config({"seed": 1, "structure": {"rattle": 0.02}, "oracle": {"workers": 2, "outage_timeout_s": 0},
+                           "learner": {"cutoffs": [5.0, 3.5], "optimize": {"every": 0}},
+                           "sampler": {"temperature_K": 900.0, "steps": 300, "frame_interval": 10},
+                           "walkers": {"temperatures": [900, 1200]}, "stop": {"max_labels": 3}})
     registry = CollectorRegistry()
-    run = object.__new__(OnTheFlyRun)  # only what _label needs; the services are not started here
-    run.config, run.metrics = Config, CoordinatorMetrics(registry)
-
-    class Services:
-        oracle = Pool()
-
-    run.services = Services
-    run._label(cu(1))
-    Services.oracle.fail = True
-    with pytest.raises(CalculationFailed):
-        run._label(cu(1))
+    metrics = CoordinatorMetrics(registry)
+    rd = RunDirectory.create(tmp_path / "run", yaml.safe_dump(config.to_dict()))
+    services = start_services(config, run_species(config), learner_dir=rd.path / "learner")
+    try:
+        run = OnTheFlyRun(config, rd, services, Progress(300, 5.0, quiet=True), metrics)
+        state = run.run()
+        assert state.oracle_calls == 3
+        data = samples(generate_latest(registry).decode())
+        assert check_histogram(data, "epicycle_coordinator_oracle_call_seconds", outcome="ok") == 3
+        assert sum(value(data, "epicycle_coordinator_oracle_calls_total", walker=w) for w in ("T900", "T1200")) == 3
+        # the next label request finds every worker gone
+        entry = rd.read_archived_entry(state.label_seqs[-1])
+        run.in_flight[99] = entry
+        with pytest.raises(RunStopped, match="unreachable"):
+            run._on_label(99, None, 0.25, OracleUnavailable("no oracle worker could label the structure"))
+    finally:
+        services.close()
+        rd.close()
     data = samples(generate_latest(registry).decode())
-    assert check_histogram(data, "epicycle_coordinator_oracle_call_seconds", outcome="ok") == 1
     assert check_histogram(data, "epicycle_coordinator_oracle_call_seconds", outcome="failed") == 1
     assert value(data, "epicycle_coordinator_oracle_failures_total") == 1
 

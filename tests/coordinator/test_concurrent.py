@@ -187,7 +187,7 @@ def test_kill_with_labels_in_flight_loses_no_written_label(tmp_path: Path, oracl
     state = check_training_set_follows_arrival_order(run_dir)
     assert state["finished"] and state["counters"].get("recomputed", 0) >= 1
     assert all(w["step"] == 80 for w in state["walkers"].values())
-    assert not list((run_dir / "queue").iterdir())
+    assert RunDirectory.open(run_dir).queued_seqs() == []  # nothing waiting; labelled entries archived
     labelled = [e["label"] for e in ev if e["event"] == "oracle_call"]
     assert len(labelled) == len(set(labelled))  # no label index used twice
 
