@@ -30,6 +30,8 @@ last full factorisation plus every extension since), and prints progress.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import json
 import os
@@ -98,6 +100,27 @@ class Lineage:
     @classmethod
     def from_json(cls, d: Mapping) -> "Lineage":
         return cls(d.get("base"), int(d["first"]), int(d["end"]), tuple(tuple(int(v) for v in f) for f in d["files"]))
+
+
+def code_fingerprint() -> dict:
+    """What the bits of a rebuilt model depend on besides the data: the sources of the GP,
+    its kernels and environments (numba compiles them; fastmath choices change the last
+    bits) and the numpy/scipy/numba versions (BLAS/LAPACK, LLVM).  Recorded in every
+    manifest; a rebuild by different code is exact to round-off but not bit for bit."""
+    return dict(_fingerprint())
+
+
+@functools.lru_cache(maxsize=1)
+def _fingerprint() -> tuple:
+    import numba
+    import scipy
+
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("gp.py", "kernels.py", "environment.py", "checkpoints.py"):
+        digest.update((here / name).read_bytes())
+    return (("sources_sha256", digest.hexdigest()[:16]), ("numpy", np.__version__), ("scipy", scipy.__version__),
+            ("numba", numba.__version__))
 
 
 # --------------------------------------------------------------------------- files
@@ -333,6 +356,10 @@ class ModelDirectory:
         if counts != manifest["counts"]:
             raise ModelError(f"checkpoint {manifest['id']}: the data give {counts}, the manifest says "
                              f"{manifest['counts']}")
+        code = code_fingerprint()
+        if manifest.get("code") not in (None, code) and progress:
+            progress(f"checkpoint {manifest['id']} was written by other code ({manifest['code']}; this is {code}): "
+                     f"the rebuilt model equals it to round-off, not bit for bit")
         gp._set_hyps(hyps)
         gp._replay_state(manifest["factor"], progress)
         gp._version = int(manifest["gp_version"])
@@ -387,6 +414,7 @@ class ModelDirectory:
             "kernel_cache_max_rows": int(gp.kernel_cache_max_rows),
             "lineage": lineage.to_json(),
             "factor": gp.factor_history,
+            "code": code_fingerprint(),
         }
         data = (json.dumps(manifest, indent=1) + "\n").encode()
         written += atomic_write(self.manifest_path(checkpoint_id), data)
@@ -430,3 +458,7 @@ class ModelDirectory:
                 continue
             if index < first:
                 p.unlink(missing_ok=True)
+
+
+# fingerprint the sources as imported (a later edit of a file does not change this process's code)
+_fingerprint()
