@@ -101,7 +101,7 @@ class ModelStore:
                 self._gp = work
                 self._version += 1
                 version = self._version
-                if items is not None:
+                if items is not None and self.model_dir is not None:  # without a directory: nothing to write
                     index = self._lineage.end
                     self._pending[index] = list(items)
                     self._lineage = dataclasses.replace(self._lineage, end=index + 1)
