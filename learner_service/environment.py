@@ -134,6 +134,10 @@ class Cutoffs:
 def species_indices(numbers: Iterable[int], species: Sequence[int]) -> np.ndarray:
     """Map atomic numbers to indices into ``species``; unknown elements -> InvalidInput."""
     numbers = np.asarray(list(numbers) if not isinstance(numbers, np.ndarray) else numbers, dtype=np.int64)
+    outside = (numbers < 1) | (numbers > _MAX_ATOMIC_NUMBER)
+    if outside.any():  # a negative number would index the lookup table from its end
+        raise InvalidInput(f"atomic number(s) {sorted(set(numbers[outside].tolist()))[:10]} are not elements "
+                           f"(1..{_MAX_ATOMIC_NUMBER})")
     lookup = np.full(max(max(species), int(numbers.max(initial=0))) + 1, -1, dtype=np.int64)
     lookup[np.asarray(species, dtype=np.int64)] = np.arange(len(species))
     idx = lookup[numbers]
@@ -148,6 +152,17 @@ def species_indices(numbers: Iterable[int], species: Sequence[int]) -> np.ndarra
 # ---------------------------------------------------------------------------
 # neighbour search under periodic boundary conditions
 # ---------------------------------------------------------------------------
+
+
+_MAX_ATOMIC_NUMBER = 118
+#: most periodic images of one atom a neighbour search visits, and most (image, atom) pairs it
+#: looks at: a cell far smaller than the cutoff (1e-3 Å with pbc) would ask for billions
+MAX_IMAGES = 100_000
+MAX_IMAGE_ATOMS = 20_000_000
+#: most neighbours of one atom within the largest cutoff.  Dense solids have ~100 within 6 Å;
+#: thousands mean overlapping atoms (or a cell thinner than an atom), and the 3-body work and
+#: memory grow with their square (a 0.05 Å thin cell: 1900 neighbours, GBs of triplets).
+MAX_NEIGHBOURS = 1000
 
 
 def _check_structure(positions, cell, pbc):
@@ -188,7 +203,10 @@ def neighbour_pairs(positions, cell, pbc, centers, r_max):
     if n == 0 or len(centers) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3))
     full = _complete_cell(cell)
-    volume = abs(np.linalg.det(full))
+    with np.errstate(over="ignore", invalid="ignore"):
+        volume = abs(np.linalg.det(full))
+    if pbc.any() and not np.isfinite(volume):
+        raise InvalidInput(f"the cell is too large: its volume overflows (cell = {cell.tolist()} Å)")
     if pbc.any() and volume < 1e-12:
         raise InvalidInput("the cell is singular (zero volume)")
 
@@ -206,13 +224,22 @@ def neighbour_pairs(positions, cell, pbc, centers, r_max):
     margins = np.zeros(3)
     for d in range(3):
         if pbc[d]:
-            spacing = volume / np.linalg.norm(np.cross(full[(d + 1) % 3], full[(d + 2) % 3]))
-            m = r_max / spacing
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                spacing = volume / np.linalg.norm(np.cross(full[(d + 1) % 3], full[(d + 2) % 3]))
+                m = r_max / spacing
+            if not (np.isfinite(m) and m * 2 + 1 <= MAX_IMAGES):
+                raise InvalidInput(f"the cell is too thin for the cutoff {r_max:g} Å: lattice planes "
+                                   f"{spacing:.3g} Å apart along cell vector {d}")
             margins[d] = m
             k = int(np.ceil(m))
             ranges.append(np.arange(-k, k + 1))
         else:
             ranges.append(np.zeros(1, dtype=np.int64))
+    n_images = int(np.prod([len(r) for r in ranges]))
+    if n_images > MAX_IMAGES or n_images * n > MAX_IMAGE_ATOMS:
+        raise InvalidInput(f"the cell is too small for the cutoff {r_max:g} Å: {n_images} periodic images of "
+                           f"each of {n} atoms would be searched (at most {MAX_IMAGES} images and "
+                           f"{MAX_IMAGE_ATOMS} image atoms)")
     shifts = np.array(np.meshgrid(*ranges, indexing="ij")).reshape(3, -1).T  # (ns, 3)
 
     if pbc.any():
@@ -500,6 +527,13 @@ def build_environments(
         return EnvironmentBatch.empty()
 
     ci, nj, vec = neighbour_pairs(positions, cell, pbc, centers, cutoffs.max_cutoff)
+    if len(ci):
+        per_atom = np.bincount(ci, minlength=len(centers))
+        k = int(np.argmax(per_atom))
+        if per_atom[k] > MAX_NEIGHBOURS:
+            raise InvalidInput(
+                f"atom {int(centers[k])} has {int(per_atom[k])} neighbours within {cutoffs.max_cutoff:g} Å "
+                f"(at most {MAX_NEIGHBOURS}): atoms overlap, or the cell is thinner than the atoms")
     dist = np.sqrt(np.einsum("ij,ij->i", vec, vec))
     cspec = spec_all[centers]
     nspec = spec_all[nj]

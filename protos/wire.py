@@ -88,7 +88,7 @@ def decode_array(
         raise InvalidInput(f"{name}: unknown or unspecified dtype code {msg.dtype}") from None
     dims = tuple(int(d) for d in msg.shape)
     if any(d < 0 for d in dims):
-        raise InvalidInput(f"{name}: negative dimension in shape {dims}")
+        raise InvalidInput(f"{name}: negative dimension in shape {_short(dims)}")
     if len(dims) > _MAX_NDIM:
         raise InvalidInput(f"{name}: {len(dims)} dimensions (at most {_MAX_NDIM})")
     if shape is not None:
