@@ -155,6 +155,8 @@ def species_indices(numbers: Iterable[int], species: Sequence[int]) -> np.ndarra
 
 
 _MAX_ATOMIC_NUMBER = 118
+#: Å; as protos.wire.MAX_LENGTH (no structure comes near it)
+MAX_LENGTH = 1.0e6
 #: most periodic images of one atom a neighbour search visits, and most (image, atom) pairs it
 #: looks at: a cell far smaller than the cutoff (1e-3 Å with pbc) would ask for billions
 MAX_IMAGES = 100_000
@@ -171,10 +173,15 @@ def _check_structure(positions, cell, pbc):
         raise InvalidInput(f"positions must have shape (n, 3), got {positions.shape}")
     if not np.isfinite(positions).all():
         raise InvalidInput("positions contain NaN or infinite values")
+    if positions.size and np.abs(positions).max() > MAX_LENGTH:
+        # (wrapping 1e300 into a cell loses every digit: no neighbours, silently)
+        raise InvalidInput(f"a coordinate exceeds {MAX_LENGTH:g} Å: {np.abs(positions).max():.3g} Å")
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     pbc = np.broadcast_to(np.asarray(pbc, dtype=bool), (3,)).copy()
     if not np.isfinite(cell).all():
         raise InvalidInput("cell contains NaN or infinite values")
+    if np.abs(cell).max() > MAX_LENGTH:
+        raise InvalidInput(f"a cell vector component exceeds {MAX_LENGTH:g} Å: {np.abs(cell).max():.3g} Å")
     for d in range(3):
         if pbc[d] and np.linalg.norm(cell[d]) < 1e-8:
             raise InvalidInput(f"cell vector {d} is zero but the direction is periodic")

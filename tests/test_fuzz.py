@@ -470,7 +470,7 @@ def test_malformed_requests_never_internal_unknown_or_hang(servers, service):
 @pytest.mark.parametrize(
     "cell, numbers, message",
     [
-        (np.eye(3) * 1e300, [13, 29], "volume overflows"),                    # was: cannot convert float NaN to integer
+        (np.eye(3) * 1e300, [13, 29], "component exceeds 1e"),  # was: cannot convert float NaN to integer
         (np.eye(3) * 1e-3, [13, 29], "too small for the cutoff"),             # was: billions of images (memory)
         (np.diag([7.5, 3.75, 0.05]), [13, 29], "neighbours within"),          # was: GBs of triplets, > 20 s
         (np.eye(3) * 4.0, [13, -1], r"atomic number\(s\) \[-1\] are not elements"),  # was: the last species
@@ -485,3 +485,15 @@ def test_learner_environments_refuse_what_the_fuzz_found(cell, numbers, message)
     z[:2] = numbers
     with pytest.raises(InvalidInput, match=message):
         build_environments(atoms.positions, z, cell, [True] * 3, Cutoffs.create([13, 29], (4.0, 3.0)))
+
+
+def test_learner_environments_refuse_coordinates_that_wrapping_would_destroy():
+    """PredictStream messages after the first decode positions without structure_from_proto's
+    bound; 1e300 Å wrapped into a 4 Å cell kept no digit and gave no neighbours, silently."""
+    from learner_service.environment import Cutoffs, build_environments
+    from protos.errors import InvalidInput
+
+    atoms = alcu()
+    with pytest.raises(InvalidInput, match="a coordinate exceeds 1e\\+06 Å"):
+        build_environments(atoms.positions + 1e300, atoms.numbers, atoms.cell.array, [True] * 3,
+                           Cutoffs.create([13, 29], (4.0, 3.0)))
