@@ -381,10 +381,26 @@ def one_message(method: Method, rng) -> tuple[str, bytes]:
     return "; ".join(whats), msg.SerializeToString()
 
 
+def positions_only(method: Method) -> Method:
+    """The later messages of a PredictStream may carry positions only (numbers, cell and pbc
+    are those of the first)."""
+
+    def base():
+        msg = method.base()
+        for name in ("numbers", "cell", "pbc", "masses", "velocities"):
+            msg.structure.ClearField(name)
+        return msg
+
+    return Method(method.path, method.kind, base)
+
+
 def make_payload(method: Method, rng):
     if method.kind != "stream_stream":
         return one_message(method, rng)
-    parts = [one_message(method, rng) for _ in range(int(rng.integers(1, 4)))]
+    parts = [one_message(method, rng)]
+    for _ in range(int(rng.integers(0, 3))):
+        what, data = one_message(positions_only(method) if rng.random() < 0.5 else method, rng)
+        parts.append((what, data))
     return " | ".join(w for w, _ in parts), [p for _, p in parts]
 
 
