@@ -128,6 +128,8 @@ class CoordinatorMetrics:
     def oracle_call(self, walker: str, time_fs: float) -> None:
         self._calls += 1
         self.oracle_calls.labels(walker).inc()
+        self._walker_time[walker] = max(self._walker_time.get(walker, 0.0), time_fs)
+        self._set_rate(sum(self._walker_time.values()))
 
     def oracle_latency(self, seconds: float, ok: bool = True) -> None:
         self.oracle_call_seconds.labels("ok" if ok else "failed").observe(seconds)

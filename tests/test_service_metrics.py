@@ -244,13 +244,17 @@ def test_coordinator_metrics() -> None:
     pool = _Pool()
     m.watch_oracle_pool(pool)
     pool.failovers = 3
+    m.walkers(["T300", "T900"])
     m.oracle_latency(0.02)
-    m.oracle_call(0.0)
+    m.oracle_call("T300", 0.0)
     m.oracle_latency(4.0)
-    m.oracle_call(500.0)
+    m.oracle_call("T900", 500.0)
     m.oracle_latency(650.0, ok=False)
     m.model_update(0.3)
-    m.frame(1000.0, 310.0, 0.8)
+    m.frame("T300", 400.0, 310.0, 0.8)
+    m.frame("T900", 600.0, 920.0, 1.3)
+    m.queue(3, 2)
+    m.skipped_frame("deduplicated")
     m.model(_Info(), 0.05)
     m.update(_Decision(True))
     m.update(_Decision(False))
@@ -265,10 +269,17 @@ def test_coordinator_metrics() -> None:
     assert value(data, "epicycle_coordinator_oracle_call_seconds_bucket", outcome="ok", le="0.025") == 1
     assert check_histogram(data, "epicycle_coordinator_oracle_call_seconds", outcome="failed") == 1
     assert value(data, "epicycle_coordinator_oracle_failures_total") == 1
-    assert value(data, "epicycle_coordinator_oracle_calls_total") == 2
+    assert value(data, "epicycle_coordinator_oracle_calls_total", walker="T300") == 1
+    assert value(data, "epicycle_coordinator_oracle_calls_total", walker="T900") == 1
+    # calls per ps of simulated time summed over the walkers: 2 calls in 0.4 + 0.6 ps
     assert value(data, "epicycle_coordinator_oracle_calls_per_simulated_picosecond") == pytest.approx(2.0)
     assert check_histogram(data, "epicycle_coordinator_model_update_seconds") == 1
-    assert value(data, "epicycle_coordinator_max_sigma_ratio") == 0.8
+    assert value(data, "epicycle_coordinator_max_sigma_ratio", walker="T300") == 0.8
+    assert value(data, "epicycle_coordinator_temperature_kelvin", walker="T900") == 920.0
+    assert value(data, "epicycle_coordinator_labels_queued") == 3
+    assert value(data, "epicycle_coordinator_labels_in_flight") == 2
+    assert value(data, "epicycle_coordinator_frames_not_labelled_total", reason="deduplicated") == 1
+    assert value(data, "epicycle_coordinator_frames_not_labelled_total", reason="dropped") == 0
     assert value(data, "epicycle_coordinator_training_environments") == 7
     assert value(data, "epicycle_coordinator_updates_total", decision="accepted") == 1
     assert value(data, "epicycle_coordinator_updates_total", decision="rejected") == 1
@@ -277,9 +288,9 @@ def test_coordinator_metrics() -> None:
 def test_coordinator_calls_per_ps_counts_labels_from_before_a_resume() -> None:
     m = CoordinatorMetrics(CollectorRegistry())
     m.resumed(10, 2000.0)
-    m.oracle_call(2500.0)
+    m.oracle_call("w0", 2500.0)
     assert m.calls_per_ps._value.get() == pytest.approx(11 / 2.5)
-    assert m.oracle_calls._value.get() == 1  # a counter of this process: restarts at 0, as counters do
+    assert m.oracle_calls.labels("w0")._value.get() == 1  # a counter of this process: restarts at 0
 
 
 def test_cycle_times_oracle_calls_and_counts_failures(tmp_path) -> None:
