@@ -72,9 +72,14 @@ def build_model(config: LearnerServiceConfig):
                            energy_noise=config.energy_noise, stress_noise=config.stress_noise)
 
 
-def build_store(config: LearnerServiceConfig):
+def build_store(config: LearnerServiceConfig, defer_rebuild: bool = False):
     """The model store: the latest checkpoint of ``config.model_dir`` if it has one (rebuilt,
-    with progress on stderr), else the new/loaded model of the config."""
+    with progress on stdout), else the new/loaded model of the config.
+
+    With ``defer_rebuild`` returns ``(store, rebuild)``: the store is marked loading (its
+    RPCs answer UNAVAILABLE) and ``rebuild()`` -- None if there is nothing to rebuild --
+    rebuilds the checkpoint and serves it, so a server can listen (health NOT_SERVING)
+    during a rebuild of minutes instead of refusing connections."""
     from learner_service.checkpoints import Lineage, ModelDirectory
     from learner_service.servicer import ModelStore
 
@@ -86,14 +91,9 @@ def build_store(config: LearnerServiceConfig):
         raise InvalidInput(f"learner: model directory {config.model_dir} has no checkpoints; give the species "
                            f"(atomic numbers) of a new model, or a model_path")
     initial = build_model(config) if (config.model_path is not None or config.species) else None
-    served, lineage, checkpoint_id = initial, None, ""
+    served, lineage, checkpoint_id, manifest = initial, None, "", None
     if latest is not None:
         manifest = md.read_manifest(latest)
-        print(f"learner: serving checkpoint {latest} of {md.path} ({manifest['n_environments']} environments, "
-              f"{manifest['n_labels']} labels); rebuilding ...", flush=True)
-        served = md.rebuild(manifest, progress=lambda m: print(f"learner: {m}", flush=True),
-                            kernel_cache_max_rows=config.kernel_cache_max_rows)
-        lineage, checkpoint_id = Lineage.from_json(manifest["lineage"]), latest
         if initial is None:
             from learner_service.gp import GaussianProcess
             from learner_service.environment import Cutoffs
@@ -102,14 +102,34 @@ def build_store(config: LearnerServiceConfig):
                                       hyperparameters=dict(config.hyperparameters),
                                       energy_noise=config.energy_noise, stress_noise=config.stress_noise,
                                       pair_cutoffs=Cutoffs.parse_pair_dict(manifest.get("pair_cutoffs")))
-    for model in {id(m): m for m in (initial, served)}.values():
+    served = served if served is not None else initial
+
+    def configure(model):
         if config.predict_threads is not None:
             model.predict_threads = config.predict_threads
         if config.kernel_cache_max_rows is not None:
             model.kernel_cache_max_rows = config.kernel_cache_max_rows
+        return model
+
+    configure(initial)
     initial_base = Path(config.model_path).read_bytes() if config.model_path is not None else None
-    return ModelStore(served, model_dir=md, initial=initial, initial_base=initial_base, lineage=lineage,
-                      checkpoint_id=checkpoint_id)
+    store = ModelStore(served, model_dir=md, initial=initial, initial_base=initial_base, lineage=lineage,
+                       checkpoint_id=checkpoint_id)
+
+    def rebuild() -> None:
+        print(f"learner: serving checkpoint {latest} of {md.path} ({manifest['n_environments']} environments, "
+              f"{manifest['n_labels']} labels); rebuilding ...", flush=True)
+        gp = configure(md.rebuild(manifest, progress=lambda m: print(f"learner: {m}", flush=True),
+                                  kernel_cache_max_rows=config.kernel_cache_max_rows))
+        store.adopt(gp, Lineage.from_json(manifest["lineage"]), latest)
+
+    if manifest is None:
+        return (store, None) if defer_rebuild else store
+    if defer_rebuild:
+        store.loading = f"the learner is rebuilding checkpoint {latest} of {md.path}; retry when it is SERVING"
+        return store, rebuild
+    rebuild()
+    return store
 
 
 def warm_up(gp) -> None:
@@ -230,8 +250,7 @@ def start_learner_server(config: LearnerServiceConfig, registry: CollectorRegist
     from learner_service.servicer import LearnerServicer, ModelStore
 
     registry = registry if registry is not None else CollectorRegistry()
-    store = build_store(config)
-    gp, _ = store.snapshot()
+    store, rebuild = build_store(config, defer_rebuild=True)
     metrics = LearnerMetrics(registry, store)
 
     def add(server):
@@ -241,8 +260,14 @@ def start_learner_server(config: LearnerServiceConfig, registry: CollectorRegist
 
     running = create_server(config.server, add, registry=registry)
     running.model_store = store  # type: ignore[attr-defined]
-    if config.warm_up:
-        warm_up(gp)
+    try:
+        if rebuild is not None:  # listening, NOT_SERVING, RPCs UNAVAILABLE meanwhile
+            rebuild()
+        if config.warm_up:
+            warm_up(store.snapshot()[0])
+    except BaseException:
+        running.stop(grace=0)
+        raise
     running.mark_ready()
     return running
 

@@ -31,7 +31,7 @@ from ase import Atoms
 
 from protos import wire
 from protos.epicycle.v1 import common_pb2, learner_pb2, learner_pb2_grpc
-from protos.errors import InvalidInput, ModelError, SetupError
+from protos.errors import InvalidInput, ModelError, NotReady, SetupError
 
 from learner_service.checkpoints import INITIAL, DataItem, Lineage, ModelDirectory, apply_items, base_name
 
@@ -63,6 +63,9 @@ class ModelStore:
         self.last_update_seconds = 0.0
         self.last_optimize = None
         self.model_dir = model_dir
+        #: set while the served model is not the one to serve yet (a checkpoint being rebuilt
+        #: at start): the servicer answers UNAVAILABLE with this message
+        self.loading: str | None = None
         self._pending_bases: dict[str, bytes] = {}
         initial_lineage = Lineage()
         if initial_base is not None:
@@ -82,6 +85,13 @@ class ModelStore:
     @property
     def version(self) -> int:
         return self.snapshot()[1]
+
+    def adopt(self, gp, lineage: Lineage, checkpoint_id: str) -> None:
+        """Serve ``gp``, rebuilt from ``checkpoint_id`` at start, and clear :attr:`loading`."""
+        with self._writer:
+            with self._swap:
+                self._gp, self._lineage, self._pending, self.checkpoint_id = gp, lineage, {}, checkpoint_id
+                self.loading = None
 
     def update(self, change: Callable[[object], object], items: Sequence[DataItem] | None = None):
         """Apply ``change(clone)`` to a clone, refactorise it, then serve it.
@@ -316,9 +326,16 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         self.default_max_iterations = default_max_iterations
         self.observer = observer or ServicerObserver()
 
+    def _ready(self) -> None:
+        """UNAVAILABLE while the store is loading (a checkpoint rebuilt at start)."""
+        loading = self.store.loading
+        if loading:
+            raise NotReady(loading)
+
     # -- prediction -----------------------------------------------------------------------
 
     def _predict(self, atoms: Atoms, request: learner_pb2.PredictRequest, rpc: str) -> learner_pb2.PredictResponse:
+        self._ready()
         started = time.perf_counter()
         _check_positions(atoms, "structure")
         _indices(request.atom_indices, len(atoms), "atom_indices")
@@ -375,6 +392,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
                         use_energy=bool(request.use_energy), use_stress=bool(request.use_stress))
 
     def _add(self, items: list[DataItem]) -> learner_pb2.AddDataResponse:
+        self._ready()
         started = time.perf_counter()
         _, version = self.store.update(lambda gp: apply_items(gp, items), items=items)
         self.observer.data_added(time.perf_counter() - started)
@@ -393,6 +411,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         return self._add([self._data_item(item, f"items[{k}].") for k, item in enumerate(request.items)])
 
     def Optimize(self, request, context):
+        self._ready()
         if request.max_iterations < 0 or request.tolerance < 0:
             raise InvalidInput("max_iterations and tolerance must be >= 0")
         gp, _ = self.store.snapshot()
@@ -420,12 +439,16 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
     def GetModelInfo(self, request, context):
         gp, version = self.store.snapshot()
         info = model_info(gp, version, self.store.checkpoint_id)
+        if self.store.loading:
+            info.ready = False
+            return info
         if gp.n_labels:
             value = gp.log_likelihood(gradient=False)
             info.log_likelihood = float(value[0] if isinstance(value, tuple) else value)
         return info
 
     def ExportModel(self, request, context):
+        self._ready()
         from learner_service.gp import FORMAT_VERSION
 
         gp, version = self.store.snapshot()
@@ -437,6 +460,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
                                                model_version=version)
 
     def LoadModel(self, request, context):
+        self._ready()
         from learner_service.gp import GaussianProcess
 
         if not request.model:
@@ -458,12 +482,14 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
     # -- checkpoints ----------------------------------------------------------------------
 
     def Checkpoint(self, request, context):
+        self._ready()
         written, version, gp = self.store.checkpoint()
         return learner_pb2.CheckpointResponse(
             checkpoint_id=written.checkpoint_id, model_version=version, n_environments=gp.n_environments,
             n_labels=gp.n_labels, bytes_written=written.bytes_written, seconds=written.seconds)
 
     def RestoreCheckpoint(self, request, context):
+        self._ready()
         if not request.checkpoint_id:
             raise InvalidInput("checkpoint_id is empty (give an id from Checkpoint, or 'initial')")
         gp, version = self.store.restore(request.checkpoint_id)

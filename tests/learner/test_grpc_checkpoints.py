@@ -172,3 +172,23 @@ def test_conditioned_sigma_over_grpc_and_messages_stay_small(tmp_path) -> None:
     finally:
         c.close()
         running.stop(grace=0)
+
+
+def test_while_a_checkpoint_is_rebuilt_rpcs_are_unavailable_and_info_not_ready(tmp_path) -> None:
+    """start_learner_server listens before it rebuilds the latest checkpoint (minutes at
+    5,000 environments; health NOT_SERVING meanwhile); RPCs then answer UNAVAILABLE."""
+    running, c = start(tmp_path / "model")
+    try:
+        c.add_data(**labelled(0, [0, 1]))
+        c.checkpoint()
+        running.model_store.loading = "the learner is rebuilding checkpoint 000001"
+        assert c.info().ready is False
+        with pytest.raises(errors.NotReady, match="rebuilding"):
+            c.predict(al32(3))
+        with pytest.raises(errors.NotReady):
+            c.add_data(**labelled(1, [2]))
+        running.model_store.loading = None
+        assert c.info().ready is True and c.info().n_environments == 2
+    finally:
+        c.close()
+        running.stop(grace=0)
