@@ -1174,13 +1174,16 @@ class GaussianProcess:
             raise InvalidInput("stress needs a fully periodic cell with non-zero volume")
         envs = build_environments(positions, atoms.get_atomic_numbers(), cell, pbc, self.cutoffs, idx)
         st = self._factorize()
-        if not stress:
+        if condition_on:
+            mean, var, V1 = self._predict_fast(envs, st, want_v=True)
+            var = self._conditioned_variance(envs, st, condition_on, var, V1)
+            if stress:
+                mean = self._predict_general(envs, st, stress)[0]
+        elif not stress:
             mean, var = self._predict_fast(envs, st)
         else:
             mean, var = self._predict_general(envs, st, stress)
 
-        if condition_on:
-            var = self._conditioned_variance(envs, st, condition_on)
         forces = np.zeros((n, 3))
         force_var = np.zeros((n, 3))
         local = np.zeros(n)
@@ -1215,10 +1218,11 @@ class GaussianProcess:
         return cached[1]
 
     @serial_blas
-    def _predict_fast(self, envs: EnvironmentBatch, st: _State | None):
+    def _predict_fast(self, envs: EnvironmentBatch, st: _State | None, want_v: bool = False):
         """Mean (E, F) and force variances of ``envs`` from :func:`prediction_blocks`: only the
         functionals prediction needs, the prior variance from the force block diagonal
-        alone; the same numbers as :meth:`_predict_general` to round-off."""
+        alone; the same numbers as :meth:`_predict_general` to round-off.  With ``want_v``
+        also V = L^-1 k(train, test forces), (n_labels, 3 m)."""
         m = len(envs)
         h = self._hyps
         s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
@@ -1230,7 +1234,8 @@ class GaussianProcess:
             mean = (Kp.reshape(n_rows, m * 4).T @ st.alpha).reshape(m, 4)
             Kf = np.ascontiguousarray(Kp[:, :, 1:4]).reshape(n_rows, m * 3)
             if n_rows * n_rows * m * 3 <= _SMALL_SOLVE:
-                explained = forward_substitution(st.L, Kf)[1].reshape(m, 3)
+                V, sq = forward_substitution(st.L, Kf)
+                explained = sq.reshape(m, 3)
             else:
                 V = solve_triangular(st.L, Kf, lower=True, check_finite=False)
                 explained = np.einsum("ij,ij->j", V, V).reshape(m, 3)
@@ -1239,15 +1244,18 @@ class GaussianProcess:
                                              len(self.species), h["ls2"], h["ls3"], threads=self.predict_threads)
             mean = np.zeros((m, 4))
             explained = np.zeros((m, 3))
+            V = np.zeros((0, 3 * m))
         prior = s2 * P2 + s3 * P3
-        return mean, prior - explained
+        return (mean, prior - explained, V) if want_v else (mean, prior - explained)
 
     @serial_blas
-    def _conditioned_variance(self, envs: EnvironmentBatch, st: _State | None, condition_on: Sequence[tuple]):
-        """Force variances of ``envs`` given the training set plus the force environments of
-        ``condition_on`` (noise σn on each): with the block extension [[L, 0], [L21, L22]] of
-        the factor by those rows (:meth:`_extend_factor`'s algebra, on a clone; this model's
-        factor is not copied), var = k(x, x) - |L^-1 k_T|² - |L22^-1 (k_Q - L21 L^-1 k_T)|²."""
+    def _conditioned_variance(self, envs: EnvironmentBatch, st: _State | None, condition_on: Sequence[tuple],
+                              var: np.ndarray, V1: np.ndarray) -> np.ndarray:
+        """Force variances of ``envs`` given the training set plus the force environments Q of
+        ``condition_on`` (noise σn on each), from this model's variances ``var`` and V1 =
+        L^-1 k_T (:meth:`_predict_fast`): with the block extension [[L, 0], [L21, L22]] of the
+        factor by Q's rows (:meth:`_extend_factor`'s algebra, on a clone; this model's factor
+        is neither copied nor changed), var_Q = var - |L22^-1 (k_Q - L21 V1)|²."""
         work = self.clone()
         for k, item in enumerate(condition_on):
             try:
@@ -1255,37 +1263,34 @@ class GaussianProcess:
             except (TypeError, ValueError):
                 raise InvalidInput(f"condition_on[{k}] must be (atoms, atom_indices)") from None
             c_idx = list(c_idx)
-            if not c_idx:
-                continue
-            work.add_structure(c_atoms, forces=np.zeros((len(c_atoms), 3)), atom_indices=c_idx)
+            if c_idx:
+                work.add_structure(c_atoms, forces=np.zeros((len(c_atoms), 3)), atom_indices=c_idx)
         n, N = self.n_labels, work.n_labels
+        if N == n:
+            return var
         h = self._hyps
         ls = (h["ls2"], h["ls3"])
         s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
         m = len(envs)
-        if N == n:
-            return self._predict_fast(envs, st)[1]
         c2, c3, d2, d3 = work._segment_blocks(n, N, ls)
         Kd = s2 * d2 + s3 * d3
         Kd[np.diag_indices(N - n)] += work._noise_vector()[n:N]
-        K2, K3, P2, P3 = prediction_blocks(work._training_batch(), work._training_groups(), envs,
-                                           len(self.species), ls[0], ls[1], threads=self.predict_threads)
-        Kf = np.ascontiguousarray((s2 * K2 + s3 * K3)[:, :, 1:4]).reshape(N, m * 3)
+        new = [_Group(g.kind, g.envs, np.where(g.rows >= 0, g.rows - n, -1), g.scale)
+               for g in work._groups[len(self._groups):]]
+        K2, K3, _, _ = prediction_blocks(work._training_batch(), work._label_groups(new), envs, len(self.species),
+                                         ls[0], ls[1], threads=self.predict_threads)
+        B = np.ascontiguousarray((s2 * K2 + s3 * K3)[:, :, 1:4]).reshape(N - n, m * 3)
+        S = Kd
         if n:
             L21 = solve_triangular(st.L, s2 * c2 + s3 * c3, lower=True, check_finite=False).T
-            V1 = solve_triangular(st.L, Kf[:n], lower=True, check_finite=False)
-            B = Kf[n:] - L21 @ V1
+            B = B - L21 @ V1
             S = Kd - L21 @ L21.T
-            explained = np.einsum("ij,ij->j", V1, V1)
-        else:
-            B, S, explained = Kf, Kd, np.zeros(m * 3)
         try:
             L22 = cholesky(S, lower=True, check_finite=False)
         except LinAlgError as exc:
             raise ModelError("conditioning: " + _CHOLESKY_HINT) from exc
         V2 = solve_triangular(L22, B, lower=True, check_finite=False)
-        explained = explained + np.einsum("ij,ij->j", V2, V2)
-        return (s2 * P2 + s3 * P3) - explained.reshape(m, 3)
+        return var - np.einsum("ij,ij->j", V2, V2).reshape(m, 3)
 
     @serial_blas
     def _predict_general(self, envs: EnvironmentBatch, st: _State | None, stress: bool):

@@ -197,6 +197,9 @@ def test_conditioned_sigma_equals_a_gp_that_contains_those_environments() -> Non
     plain = gp.predict(test)
     cond = gp.predict(test, condition_on=queued)
     assert np.array_equal(cond.forces, plain.forces)  # the mean is the current model's
+    with_stress = gp.predict(test, stress=True, condition_on=queued)
+    assert np.array_equal(with_stress.stress, gp.predict(test, stress=True).stress)
+    assert np.array_equal(with_stress.force_var, cond.force_var)
     explicit = gp.clone()
     for atoms, idx in queued:
         explicit.add_structure(atoms, forces=np.full((len(atoms), 3), 0.3), atom_indices=idx)  # labels irrelevant
