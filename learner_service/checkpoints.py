@@ -46,6 +46,7 @@ import numpy as np
 from ase import Atoms
 
 from protos.errors import InvalidInput, ModelError, NotFound
+from protos.files import atomic_write, fsync_dir
 
 __all__ = ["ModelDirectory", "DataItem", "Lineage", "apply_items", "write_batch", "read_batch", "atomic_write",
            "INITIAL"]
@@ -124,27 +125,6 @@ def _fingerprint() -> tuple:
 
 
 # --------------------------------------------------------------------------- files
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> int:
-    """Write ``data`` to ``path`` atomically and durably (tmp + fsync + rename + dir fsync)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return len(data)
 
 
 def batch_bytes(items: Sequence[DataItem], index: int) -> bytes:
