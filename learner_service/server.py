@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -44,6 +45,8 @@ class LearnerServiceConfig:
     model_dir: Path | None = None                             # checkpoints (None: Checkpoint is refused)
     keep_checkpoints: int = 5
     kernel_cache_max_rows: int | None = None                  # None: the GP default
+    min_distance: float = 0.5                                 # Å; closer atoms are refused (0: off)
+    max_atoms: int = 20_000                                   # atoms per structure (Predict and AddData)
     server: ServerConfig = ServerConfig()
 
     def __post_init__(self) -> None:
@@ -51,6 +54,10 @@ class LearnerServiceConfig:
             raise InvalidInput(f"learner keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.kernel_cache_max_rows is not None and self.kernel_cache_max_rows < 0:
             raise InvalidInput(f"learner kernel_cache_max_rows must be >= 0, got {self.kernel_cache_max_rows}")
+        if not (math.isfinite(self.min_distance) and self.min_distance >= 0):
+            raise InvalidInput(f"learner min_distance must be finite and >= 0 Å, got {self.min_distance}")
+        if self.max_atoms < 1:
+            raise InvalidInput(f"learner max_atoms must be >= 1, got {self.max_atoms}")
         if self.model_path is None and not self.species and self.model_dir is None:
             raise InvalidInput("learner: give the species (atomic numbers) of a new model, or a model_path")
         if len(self.cutoffs) != 2 or not all(c > 0 for c in self.cutoffs):
@@ -255,7 +262,8 @@ def start_learner_server(config: LearnerServiceConfig, registry: CollectorRegist
 
     def add(server):
         learner_pb2_grpc.add_LearnerServicer_to_server(
-            LearnerServicer(store, config.max_iterations, observer=metrics), server)
+            LearnerServicer(store, config.max_iterations, observer=metrics,
+                            min_distance=config.min_distance, max_atoms=config.max_atoms), server)
         return [SERVICE_NAME]
 
     running = create_server(config.server, add, registry=registry)
@@ -303,6 +311,10 @@ def register_serve_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel-cache-max-rows", type=int, default=None,
                    help="keep the 2-/3-body kernel matrices up to this many covariance rows (default 8192; "
                         "3 rows per force environment)")
+    p.add_argument("--min-distance", type=float, default=0.5,
+                   help="refuse structures with two atoms (or periodic images) closer than this, Å (default 0.5; 0: off)")
+    p.add_argument("--max-atoms", type=int, default=20_000,
+                   help="refuse Predict/AddData structures with more atoms (default 20000)")
     p.set_defaults(func=serve_learner)
 
 
@@ -320,6 +332,7 @@ def serve_learner(args: argparse.Namespace) -> int:
                                   model_path=args.model, max_iterations=args.max_iterations,
                                   model_dir=args.model_dir, keep_checkpoints=args.keep_checkpoints,
                                   kernel_cache_max_rows=args.kernel_cache_max_rows,
+                                  min_distance=args.min_distance, max_atoms=args.max_atoms,
                                   server=args.server_config(args))
     print("learner: compiling kernels ...", flush=True)
     running = start_learner_server(config)

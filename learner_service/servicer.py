@@ -32,6 +32,7 @@ from ase import Atoms
 from protos import wire
 from protos.epicycle.v1 import common_pb2, learner_pb2, learner_pb2_grpc
 from protos.errors import InvalidInput, ModelError, NotReady, SetupError
+from protos.structures import StructureLimits, check_min_distance, check_structure, isolated_atoms
 
 from learner_service.checkpoints import INITIAL, DataItem, Lineage, ModelDirectory, apply_items, base_name
 
@@ -319,12 +320,39 @@ class ServicerObserver:
         """Optimize finished in ``seconds`` (``result``: the GP's optimisation result)."""
 
 
+#: defaults of the structure checks (LearnerServiceConfig.min_distance / max_atoms)
+DEFAULT_MIN_DISTANCE = 0.5   # Å
+DEFAULT_MAX_ATOMS = 20_000
+
+
 class LearnerServicer(learner_pb2_grpc.LearnerServicer):
+    """Structures are checked with :func:`protos.structures.check_structure` (the oracle's rules):
+    at most ``max_atoms`` atoms, no two atoms (or periodic images) closer than ``min_distance``
+    Å, atomic numbers in the served model's species.  AddData also refuses a selected atom with
+    no neighbour within the model's 2-body cutoff (it teaches the GP nothing).  A PredictStream
+    follow-up (positions only) gets the minimum-distance check alone: the atoms, numbers and
+    count were checked on the stream's first message, and wire decoding already rejects
+    non-finite positions (measured cost: see :meth:`_check_followup`)."""
+
     def __init__(self, store: ModelStore, default_max_iterations: int = 200,
-                 observer: ServicerObserver | None = None) -> None:
+                 observer: ServicerObserver | None = None, min_distance: float = DEFAULT_MIN_DISTANCE,
+                 max_atoms: int = DEFAULT_MAX_ATOMS) -> None:
         self.store = store
         self.default_max_iterations = default_max_iterations
         self.observer = observer or ServicerObserver()
+        StructureLimits(min_distance=min_distance, max_atoms=max_atoms)  # raises on bad settings
+        self.min_distance = float(min_distance)
+        self.max_atoms = int(max_atoms)
+
+    def _limits(self, gp, require_periodic: bool = False) -> StructureLimits:
+        species = [int(z) for z in getattr(gp, "species", ())]
+        return StructureLimits(min_distance=self.min_distance, max_atoms=self.max_atoms,
+                               species=frozenset(species) if species else None,
+                               require_periodic=require_periodic)
+
+    def _check_followup(self, atoms: Atoms, name: str = "structure") -> None:
+        """A stream follow-up: minimum distance only (~0.2 ms at 32 atoms, a few ms at 1,000)."""
+        check_min_distance(atoms.positions, atoms.cell.array, atoms.pbc, self.min_distance, atoms.numbers, name)
 
     def _ready(self) -> None:
         """UNAVAILABLE while the store is loading (a checkpoint rebuilt at start)."""
@@ -334,21 +362,27 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
 
     # -- prediction -----------------------------------------------------------------------
 
-    def _predict(self, atoms: Atoms, request: learner_pb2.PredictRequest, rpc: str) -> learner_pb2.PredictResponse:
+    def _predict(self, atoms: Atoms, request: learner_pb2.PredictRequest, rpc: str,
+                 full_check: bool = True) -> learner_pb2.PredictResponse:
         self._ready()
         started = time.perf_counter()
+        gp, version = self.store.snapshot()
         _check_positions(atoms, "structure")
+        if full_check:
+            check_structure(atoms, self._limits(gp), "structure")
+        else:
+            self._check_followup(atoms)
         _indices(request.atom_indices, len(atoms), "atom_indices")
         condition = []
         for k, c in enumerate(getattr(request, "condition_on", ())):
             name = f"condition_on[{k}]"
             c_atoms = wire.structure_from_proto(c.structure, name=f"{name}.structure")
             _check_positions(c_atoms, f"{name}.structure")
+            check_structure(c_atoms, self._limits(gp), f"{name}.structure")
             c_idx = _indices(c.atom_indices, len(c_atoms), f"{name}.atom_indices")
             if not c_idx.size:
                 raise InvalidInput(f"{name}.atom_indices is empty: name the atoms whose environments to condition on")
             condition.append((c_atoms, c_idx))
-        gp, version = self.store.snapshot()
         pred = gp.predict(atoms, stress=request.compute_stress, condition_on=condition)
         reply = learner_pb2.PredictResponse(sequence=request.sequence)
         prediction_to_proto(pred, version, reply.prediction)
@@ -361,16 +395,18 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
     def PredictStream(self, request_iterator, context) -> Iterator[learner_pb2.PredictResponse]:
         state = _StreamState()
         for request in request_iterator:
+            full = wire.has_array(request.structure, "numbers")  # a first message, or a new structure
             atoms = _stream_structure(request.structure, state)
-            yield self._predict(atoms, request, "PredictStream")
+            yield self._predict(atoms, request, "PredictStream", full_check=full)
 
     # -- training -------------------------------------------------------------------------
 
-    @staticmethod
-    def _data_item(request: learner_pb2.AddDataRequest, prefix: str = "") -> DataItem:
-        """An AddDataRequest validated (field names in errors carry ``prefix``, e.g. ``items[3].``)."""
+    def _data_item(self, gp, request: learner_pb2.AddDataRequest, prefix: str = "") -> DataItem:
+        """An AddDataRequest validated against the served model ``gp`` (field names in errors
+        carry ``prefix``, e.g. ``items[3].``)."""
         atoms = wire.structure_from_proto(request.structure, name=f"{prefix}structure")
         _check_positions(atoms, f"{prefix}structure")
+        check_structure(atoms, self._limits(gp), f"{prefix}structure")
         n = len(atoms)
         energy, forces, stress = wire.labels_from_proto(request.labels, n, name=f"{prefix}labels")
         idx = _indices(request.atom_indices, n, f"{prefix}atom_indices")
@@ -387,6 +423,15 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         wire.check_finite(f"{prefix}labels.forces", forces)
         wire.check_finite(f"{prefix}labels.energy", energy)
         wire.check_finite(f"{prefix}labels.stress", stress)
+        if idx.size:
+            cutoff = float(np.max(gp.cutoffs.twobody))
+            lonely = isolated_atoms(atoms.positions, atoms.cell.array, atoms.pbc, cutoff, idx)
+            if lonely.size:
+                k = int(lonely[0])
+                more = f" ({lonely.size - 1} more: {lonely[1:10].tolist()})" if lonely.size > 1 else ""
+                raise InvalidInput(
+                    f"{prefix}atom_indices: atom {k} ({atoms.get_chemical_symbols()[k]}) has no neighbour within the "
+                    f"model's 2-body cutoff {cutoff:g} Å{more}; an isolated atom teaches the GP nothing")
         return DataItem(atoms=atoms, forces=None if forces is None else np.array(forces), atom_indices=idx,
                         energy=energy, stress=None if stress is None else np.array(stress),
                         use_energy=bool(request.use_energy), use_stress=bool(request.use_stress))
@@ -401,14 +446,17 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
                                            n_labels=gp.n_labels)
 
     def AddData(self, request, context):
-        return self._add([self._data_item(request)])
+        self._ready()
+        return self._add([self._data_item(self.store.snapshot()[0], request)])
 
     def AddDataBatch(self, request, context):
         """Every item validated first, then one model update (all or nothing), one
         refactorisation, one version bump."""
         if not request.items:
             raise InvalidInput("AddDataBatch: items is empty")
-        return self._add([self._data_item(item, f"items[{k}].") for k, item in enumerate(request.items)])
+        self._ready()
+        gp, _ = self.store.snapshot()
+        return self._add([self._data_item(gp, item, f"items[{k}].") for k, item in enumerate(request.items)])
 
     def Optimize(self, request, context):
         self._ready()

@@ -11,8 +11,8 @@ them:
   numbers, atom count, cell/pbc consistency, elements the backend treats,
   whether the cell allows the requested properties (stress needs a volume).
 * :func:`check_geometry` -- the minimum interatomic distance under periodic
-  boundary conditions, with periodic images (cell list / k-d tree, fast for
-  10^4 atoms).
+  boundary conditions, with periodic images (k-d tree, fast for 10^4 atoms;
+  the shared search of :mod:`protos.structures`).
 
 :func:`validate_structure` runs both.  :func:`atoms_from_arrays` builds an
 :class:`ase.Atoms` from raw arrays (as decoded from the wire) and rejects
@@ -29,9 +29,17 @@ from typing import Any, Iterable
 import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
-from scipy.spatial import cKDTree
-
 from protos.errors import InvalidInput
+# the neighbour search lives in protos.structures (shared by every service); re-exported here
+from protos.structures import (  # noqa: F401
+    ClosePairs,
+    check_min_distance,
+    close_pairs,
+    reduced_cell,
+    shortest_period,
+    _close_pairs_ase,
+    _complete_cell,
+)
 
 from .base import Oracle
 
@@ -209,149 +217,9 @@ def check_geometry(atoms: Atoms, limits: Limits = Limits()) -> None:
     """Reject atoms closer than ``limits.min_distance`` (periodic images included).
 
     The message names the closest pair, its distance and how many pairs are
-    too close.
+    too close.  The search is the shared one, :func:`protos.structures.check_min_distance`.
     """
-    if limits.min_distance <= 0 or len(atoms) == 0:
-        return
-    symbols = atoms.get_chemical_symbols()
-    if atoms.pbc.any():
-        # a cell shorter than the minimum distance: every atom clashes with
-        # its own images (and a neighbour search would be needlessly costly)
-        period = shortest_period(atoms.cell.array, atoms.pbc)
-        if period < limits.min_distance:
-            raise InvalidInput(
-                f"atom 0 ({symbols[0]}) is {period:.4g} Å from its own periodic image, closer than "
-                f"the minimum distance {limits.min_distance:g} Å: the cell is too small "
-                "(shortest lattice vector)"
-            )
-    pairs = close_pairs(atoms.positions, atoms.cell.array, atoms.pbc, limits.min_distance)
-    if pairs.i.size == 0:
-        return
-    k = int(np.argmin(pairs.d))
-    i, j, d = int(pairs.i[k]), int(pairs.j[k]), float(pairs.d[k])
-    n_pairs = len({(min(a, b), max(a, b)) for a, b in zip(pairs.i.tolist(), pairs.j.tolist())})
-    others = f" ({n_pairs - 1} more pair(s) too close)" if n_pairs > 1 else ""
-    if i == j:
-        raise InvalidInput(
-            f"atom {i} ({symbols[i]}) is {d:.4g} Å from its own periodic image, closer than "
-            f"the minimum distance {limits.min_distance:g} Å: the cell is too small{others}"
-        )
-    where = " (through periodic boundaries)" if pairs.periodic[k] else ""
-    raise InvalidInput(
-        f"atoms {i} ({symbols[i]}) and {j} ({symbols[j]}) are {d:.4g} Å apart{where}, closer than "
-        f"the minimum distance {limits.min_distance:g} Å{others}"
-    )
-
-
-# ---------------------------------------------------------------------------
-# neighbour search
-
-
-@dataclass(frozen=True)
-class ClosePairs:
-    """Pairs closer than a cutoff: atom indices i <= j, distance d (Å),
-    and whether the pair involves a periodic image (``i == j`` always does)."""
-
-    i: np.ndarray
-    j: np.ndarray
-    d: np.ndarray
-    periodic: np.ndarray
-
-
-def close_pairs(positions: np.ndarray, cell: np.ndarray, pbc: Any, cutoff: float) -> ClosePairs:
-    """All pairs (with periodic images) closer than ``cutoff`` Å.
-
-    positions (n, 3) Å, cell (3, 3) Å, pbc (3,) bool.  The cell must have
-    passed :func:`check_cheap`.  Periodic atoms are wrapped into the cell and
-    a layer of ghost images ``cutoff`` thick is added on each periodic face;
-    one k-d tree query then finds every pair: O(n log n), ~10 ms for
-    10^4 atoms.  A pair may be reported more than once (through different
-    images).
-    """
-    positions = np.asarray(positions, dtype=float)
-    cell = np.asarray(cell, dtype=float)
-    pbc = np.asarray(pbc, dtype=bool).reshape(-1)
-    if pbc.size == 1:
-        pbc = np.repeat(pbc, 3)
-    n = len(positions)
-    periodic_axes = [k for k in range(3) if pbc[k]]
-    if not periodic_axes:
-        tree = cKDTree(positions)
-        ij = tree.query_pairs(cutoff, output_type="ndarray")
-        i, j = ij[:, 0], ij[:, 1]
-        d = np.linalg.norm(positions[i] - positions[j], axis=1)
-        return ClosePairs(i, j, d, np.zeros(len(i), bool))
-
-    # same lattice, most compact basis: bounds the number of images to visit
-    full = _complete_cell(reduced_cell(cell, pbc))
-    inv = np.linalg.inv(full)
-    frac = positions @ inv
-    frac[:, periodic_axes] %= 1.0
-    frac[:, periodic_axes] %= 1.0  # values like -1e-17 % 1 == 1.0
-    wrapped = frac @ full
-    volume = abs(np.linalg.det(full))
-    # fractional thickness of the ghost layer along each periodic axis
-    widths = {}
-    for k in periodic_axes:
-        a, b = full[(k + 1) % 3], full[(k + 2) % 3]
-        spacing = volume / np.linalg.norm(np.cross(a, b))  # distance between lattice planes
-        widths[k] = cutoff / spacing
-    if max(widths.values()) >= 0.5:
-        return _close_pairs_ase(positions, cell, pbc, cutoff)
-
-    pts, owner, shifted = wrapped, np.arange(n), np.zeros(n, bool)
-    fr = frac
-    for k in periodic_axes:
-        w = widths[k]
-        low = fr[:, k] < w
-        high = fr[:, k] >= 1.0 - w
-        shift_up = np.zeros(3)
-        shift_up[k] = 1.0
-        pts = np.concatenate([pts, pts[low] + full[k], pts[high] - full[k]])
-        fr = np.concatenate([fr, fr[low] + shift_up, fr[high] - shift_up])
-        owner = np.concatenate([owner, owner[low], owner[high]])
-        shifted = np.concatenate([shifted, np.ones(low.sum() + high.sum(), bool)])
-    tree = cKDTree(pts)
-    ij = tree.query_pairs(cutoff, output_type="ndarray")
-    ij = ij[ij[:, 0] < n]  # keep pairs with one real atom (query_pairs gives i < j)
-    a, b = ij[:, 0], ij[:, 1]
-    d = np.linalg.norm(pts[a] - pts[b], axis=1)
-    oi, oj = owner[a], owner[b]
-    return ClosePairs(np.minimum(oi, oj), np.maximum(oi, oj), d, shifted[b])
-
-
-def reduced_cell(cell: np.ndarray, pbc: Any) -> np.ndarray:
-    """Minkowski-reduced basis of the periodic lattice (non-periodic rows kept)."""
-    from ase.geometry.minkowski_reduction import minkowski_reduce
-
-    rcell, _ = minkowski_reduce(np.asarray(cell, dtype=float), pbc=np.asarray(pbc, dtype=bool))
-    return np.array(rcell, dtype=float)
-
-
-def shortest_period(cell: np.ndarray, pbc: Any) -> float:
-    """Length of the shortest non-zero periodic lattice vector, Å (inf if no pbc)."""
-    pbc = np.asarray(pbc, dtype=bool)
-    if not pbc.any():
-        return float("inf")
-    return float(np.linalg.norm(reduced_cell(cell, pbc)[pbc], axis=1).min())
-
-
-def _close_pairs_ase(positions, cell, pbc, cutoff) -> ClosePairs:
-    """Fallback for cells thinner than twice the cutoff: ASE's neighbour list."""
-    from ase.neighborlist import neighbor_list
-
-    atoms = Atoms(positions=positions, cell=reduced_cell(cell, pbc), pbc=pbc)
-    i, j, d, shifts = neighbor_list("ijdS", atoms, cutoff, self_interaction=False)
-    keep = i <= j
-    i, j, d, shifts = i[keep], j[keep], d[keep], shifts[keep]
-    return ClosePairs(i, j, d, np.any(shifts != 0, axis=1))
-
-
-def _complete_cell(cell: np.ndarray) -> np.ndarray:
-    """Replace zero (non-periodic) cell vectors by unit vectors orthogonal to the rest."""
-    from ase.cell import Cell
-
-    return np.asarray(Cell(cell).complete(), dtype=float)
+    check_min_distance(atoms.positions, atoms.cell.array, atoms.pbc, limits.min_distance, atoms.numbers)
 
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import numpy as np
 from protos import wire
 from protos.epicycle.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
 from protos.errors import InvalidInput
+from protos.structures import StructureLimits, check_structure
 from sampler_service.engine import Frame, StopReport
 from sampler_service.forces import ForceResult
 from sampler_service.settings import ENGINES, ENSEMBLES, SamplerSettings
@@ -133,8 +134,12 @@ class _ClientGone(Exception):
 
 class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     def __init__(self, provider_factory: ProviderFactory, default_learner: str = "",
-                 engines: tuple[str, ...] = ENGINES) -> None:
+                 engines: tuple[str, ...] = ENGINES,
+                 structure_limits: StructureLimits = StructureLimits()) -> None:
         self.provider_factory = provider_factory
+        #: a new run's structure is checked with these (min distance, atom limit), the shared
+        #: rules of :func:`protos.structures.check_structure`
+        self.structure_limits = structure_limits
         self.default_learner = default_learner
         self.engines = engines
         self._lock = threading.Lock()
@@ -178,6 +183,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                 raise InvalidInput(f"engine {settings.engine!r} is not available on this sampler; "
                                    f"available: {', '.join(self.engines)}")
             atoms = wire.structure_from_proto(request.new_run.structure, "new_run.structure")
+            check_structure(atoms, self.structure_limits, "new_run.structure")
         elif not request.checkpoint:
             raise InvalidInput("checkpoint is empty")
         if not learner:

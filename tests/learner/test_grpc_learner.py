@@ -267,3 +267,85 @@ def test_stream_requests_after_the_first_are_checked_against_its_atoms(server) -
         next(replies)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "structure.positions: expected shape (32, 3)" in info.value.details()
+
+
+# --------------------------------------------------------------------------- structure checks (issue 12)
+
+
+@pytest.fixture(scope="module")
+def strict():
+    """A learner with a small atom limit (40) and the default minimum distance (0.5 Å)."""
+    running = start_learner_server(LearnerServiceConfig(species=(13,), cutoffs=(5.0, 3.5), hyperparameters=HYPS,
+                                                        max_atoms=40, warm_up=False))
+    yield running
+    running.stop(grace=0)
+
+
+def _add_request(atoms: Atoms, atom_indices, forces=None) -> learner_pb2.AddDataRequest:
+    forces = np.zeros((len(atoms), 3)) if forces is None else forces
+    return LearnerClient.add_data_request(atoms, forces=forces, atom_indices=atom_indices)
+
+
+def test_add_data_refuses_bad_structures_naming_the_problem(strict) -> None:
+    same_site = al32(91)
+    same_site.positions[4] = same_site.positions[12]
+    copper = al32(92)
+    copper.numbers[6] = 29
+    big = al32(93).repeat((2, 1, 1))  # 64 atoms > 40
+    lonely = Atoms("Al3", positions=[[1, 1, 1], [3.8, 1, 1], [15, 15, 15]], cell=[30, 30, 30], pbc=True)
+    cases = [
+        (_add_request(same_site, [0]), "atoms 4 (Al) and 12 (Al) are 0 Å apart, closer than the minimum distance 0.5 Å"),
+        (_add_request(copper, [0]), "Cu (Z=29) not in the model's species (first at atom 6); the model's species are Al (Z=13)"),
+        (_add_request(big, [0]), "64 atoms; at most 40 accepted (the atom limit)"),
+        (_add_request(lonely, [0, 2]), "atom 2 (Al) has no neighbour within the model's 2-body cutoff 5 Å"),
+    ]
+    for request, message in cases:
+        err = _raw(strict, "AddData", request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (message, err.details())
+        assert message in err.details(), (message, err.details())
+    # the same lonely structure is fine when only the paired atoms are selected
+    with LearnerClient(strict.address) as c:
+        c.wait_ready(120)
+        c.add_data(lonely, forces=np.zeros((3, 3)), atom_indices=[0, 1])
+
+
+def test_a_refused_batch_leaves_the_training_set_unchanged(strict) -> None:
+    good = al32(94)
+    _, f, _ = emt_labels(good)
+    bad = al32(95)
+    bad.positions[1] = bad.positions[0] + [0.1, 0, 0]
+    with LearnerClient(strict.address) as c:
+        c.wait_ready(120)
+        before = c.info()
+        req = learner_pb2.AddDataBatchRequest()
+        req.items.append(_add_request(good, [0, 1], f))
+        req.items.append(_add_request(bad, [5]))
+        err = _raw(strict, "AddDataBatch", req)
+        after = c.info()
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "items[1].structure: atoms 0 (Al) and 1 (Al) are 0.1 Å apart" in err.details()
+    assert (after.model_version, after.n_environments, after.n_labels) == \
+        (before.model_version, before.n_environments, before.n_labels)
+
+
+def test_predict_over_the_atom_limit_and_close_atoms_in_a_stream(strict) -> None:
+    req = learner_pb2.PredictRequest()
+    wire.structure_to_proto(al32(96).repeat((2, 1, 1)), out=req.structure)
+    err = _raw(strict, "Predict", req)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "structure: 64 atoms; at most 40 accepted (the atom limit)" in err.details()
+    # a stream follow-up (positions only) is checked for the minimum distance
+    atoms = al32(97)
+    first = learner_pb2.PredictRequest(sequence=1)
+    wire.structure_to_proto(atoms, out=first.structure)
+    clash = learner_pb2.PredictRequest(sequence=2)
+    moved = atoms.positions.copy()
+    moved[3] = moved[8] + [0.2, 0, 0]
+    wire.encode_array(moved, "<f8", clash.structure.positions)
+    stub = learner_pb2_grpc.LearnerStub(make_channel(strict.address))
+    replies = stub.PredictStream(iter([first, clash]), timeout=30)
+    assert next(replies).sequence == 1
+    with pytest.raises(grpc.RpcError) as info:
+        next(replies)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "atoms 3 (Al) and 8 (Al) are 0.2 Å apart" in info.value.details()
