@@ -29,6 +29,7 @@ Units: positions, cell, distances in Å.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterable
 
 import numpy as np
@@ -309,10 +310,22 @@ def close_pairs(positions: np.ndarray, cell: np.ndarray, pbc: Any, cutoff: float
 
 
 def reduced_cell(cell: np.ndarray, pbc: Any) -> np.ndarray:
-    """Minkowski-reduced basis of the periodic lattice (non-periodic rows kept)."""
+    """Minkowski-reduced basis of the periodic lattice (non-periodic rows kept).
+
+    Cached by the exact cell and pbc (an MD stream keeps its cell: the reduction
+    was most of the per-step cost of a 32-atom minimum-distance check)."""
+    cell = np.ascontiguousarray(cell, dtype=float)
+    pbc = np.ascontiguousarray(np.broadcast_to(np.asarray(pbc, dtype=bool).reshape(-1), (3,)))
+    return _reduced_cell(cell.tobytes(), pbc.tobytes()).copy()
+
+
+@lru_cache(maxsize=64)
+def _reduced_cell(cell_bytes: bytes, pbc_bytes: bytes) -> np.ndarray:
     from ase.geometry.minkowski_reduction import minkowski_reduce
 
-    rcell, _ = minkowski_reduce(np.asarray(cell, dtype=float), pbc=np.asarray(pbc, dtype=bool))
+    cell = np.frombuffer(cell_bytes, dtype=float).reshape(3, 3).copy()
+    pbc = np.frombuffer(pbc_bytes, dtype=bool).copy()
+    rcell, _ = minkowski_reduce(cell, pbc=pbc)
     return np.array(rcell, dtype=float)
 
 
