@@ -98,14 +98,14 @@ def test_two_labels_are_computed_at_once(ladder_run: Path) -> None:
     ev = events(ladder_run)
     requested = [e for e in ev if e["event"] == "label_requested"]
     assert max(e["in_flight"] for e in requested) == 2  # oracle.workers = 2 = max_in_flight by default
-    # a walker is parked while its frame is labelled, and the others go on meanwhile
+    # a walker is parked while its frame is labelled, and the others go on meanwhile (checked over every
+    # label: when all walkers stop in the same instant, the first labels may find the others parked too)
     calls = [e for e in ev if e["event"] == "oracle_call" and e["label"] > 0]
     assert len(calls) >= 3
-    first = calls[0]
-    sent = next(e["wall_time"] for e in requested if e["seq"] == first["seq"])
-    others = [e for e in ev if e["event"] in ("frame", "frame_queued", "md_checkpoint")
-              and e["walker"] != first["walker"] and sent < e["wall_time"] < first["wall_time"]]
-    assert others, "no other walker moved while the first label was computed"
+    sent = {e["seq"]: e["wall_time"] for e in requested}
+    others = [e for c in calls for e in ev if e["event"] in ("frame", "frame_queued", "md_checkpoint")
+              and e["walker"] != c["walker"] and sent[c["seq"]] < e["wall_time"] < c["wall_time"]]
+    assert others, "no other walker moved while a label was computed"
 
 
 def test_training_set_is_the_labels_in_arrival_order(ladder_run: Path) -> None:
