@@ -334,13 +334,7 @@ class OnTheFlyRun:
         seconds = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.oracle_latency(seconds)
-        label = StoredLabel(index=0, step=0, time_fs=0.0, positions=atoms.positions, numbers=atoms.numbers,
-                            cell=atoms.cell.array, pbc=atoms.pbc, energy=result.labels.energy,
-                            forces=result.labels.forces, stress=result.labels.stress, force_std=None,
-                            checkpoint=b"", structure_hash=result.structure_hash, oracle_seconds=seconds,
-                            worker=result.worker, walker=spec.name, queue_seq=-1,
-                            selection=initial_atoms(self.config, len(atoms)),
-                            temperature_K=spec.sampler.temperature_K)
+        label = self._first_frame_label(atoms, result, seconds)
         self._record_label(label, self.rd.write_label(label))
         self.rd.event("oracle_call", label=0, walker=spec.name, step=0, time_fs=0.0,
                       temperature_K=spec.sampler.temperature_K, seconds=seconds, energy=label.energy,
@@ -423,33 +417,15 @@ class OnTheFlyRun:
                                    f"know they were never applied (state.json: labels_applied = {st.labels_applied})")
             self.progress.line(f"repairing label {index}: {problem}")
             if index == 0:
-                spec = self.specs[0]
-                atoms = walker_structure(self.config, spec)
-                entry = None
+                atoms, entry = walker_structure(self.config, self.specs[0]), None
             else:
-                entry = rd.read_archived_entry(st.label_seqs[index])
+                entry = rd.read_queue_entry(st.label_seqs[index], archived=True)
                 atoms = entry.atoms()
             started = time.perf_counter()
             result = self.services.oracle.label(atoms, self._properties())
             seconds = time.perf_counter() - started
-            if entry is None:
-                label = StoredLabel(index=0, step=0, time_fs=0.0, positions=atoms.positions, numbers=atoms.numbers,
-                                    cell=atoms.cell.array, pbc=atoms.pbc, energy=result.labels.energy,
-                                    forces=result.labels.forces, stress=result.labels.stress, force_std=None,
-                                    checkpoint=b"", structure_hash=result.structure_hash, oracle_seconds=seconds,
-                                    worker=result.worker, walker=self.specs[0].name, queue_seq=-1,
-                                    selection=initial_atoms(self.config, len(atoms)),
-                                    temperature_K=self.specs[0].sampler.temperature_K)
-            else:
-                label = StoredLabel(index=index, step=entry.step, time_fs=entry.time_fs, positions=entry.positions,
-                                    numbers=entry.numbers, cell=entry.cell, pbc=entry.pbc,
-                                    energy=result.labels.energy, forces=result.labels.forces,
-                                    stress=result.labels.stress, force_std=entry.force_std,
-                                    checkpoint=entry.checkpoint, structure_hash=result.structure_hash,
-                                    oracle_seconds=seconds, worker=result.worker, walker=entry.walker,
-                                    queue_seq=entry.seq, selection=entry.selection,
-                                    predicted_forces=entry.predicted_forces, model_version=entry.model_version,
-                                    temperature_K=entry.temperature_K)
+            label = (self._first_frame_label(atoms, result, seconds) if entry is None else
+                     self._entry_label(index, entry, result, seconds))
             sha = rd.write_label(label)
             if index < len(st.label_sha256):
                 st.label_sha256[index] = sha
@@ -789,13 +765,7 @@ class OnTheFlyRun:
             self.metrics.oracle_latency(seconds)
         self.failures.pop(seq, None)
         index = st.oracle_calls
-        label = StoredLabel(index=index, step=entry.step, time_fs=entry.time_fs, positions=entry.positions,
-                            numbers=entry.numbers, cell=entry.cell, pbc=entry.pbc, energy=result.labels.energy,
-                            forces=result.labels.forces, stress=result.labels.stress, force_std=entry.force_std,
-                            checkpoint=entry.checkpoint, structure_hash=result.structure_hash,
-                            oracle_seconds=seconds, worker=result.worker, walker=entry.walker, queue_seq=seq,
-                            selection=entry.selection, predicted_forces=entry.predicted_forces,
-                            model_version=entry.model_version, temperature_K=entry.temperature_K)
+        label = self._entry_label(index, entry, result, seconds)
         self._record_label(label, rd.write_label(label))  # durable before it is used
         del self.in_flight[seq]
         self._save()
@@ -810,6 +780,27 @@ class OnTheFlyRun:
             self.metrics.oracle_call(entry.walker, label.time_fs)
         self._queue_gauges()
         return label
+
+    def _first_frame_label(self, atoms: Atoms, result, seconds: float) -> StoredLabel:
+        """Label 0: walker 0's starting structure, trained on ``policy.initial_atoms``."""
+        spec = self.specs[0]
+        return StoredLabel(index=0, step=0, time_fs=0.0, positions=atoms.positions, numbers=atoms.numbers,
+                           cell=atoms.cell.array, pbc=atoms.pbc, energy=result.labels.energy,
+                           forces=result.labels.forces, stress=result.labels.stress, force_std=None,
+                           checkpoint=b"", structure_hash=result.structure_hash, oracle_seconds=seconds,
+                           worker=result.worker, walker=spec.name, queue_seq=-1,
+                           selection=initial_atoms(self.config, len(atoms)), temperature_K=spec.sampler.temperature_K)
+
+    @staticmethod
+    def _entry_label(index: int, entry: QueuedFrame, result, seconds: float) -> StoredLabel:
+        """Label ``index``: the oracle's answer for queue entry ``entry``, with everything the entry held."""
+        return StoredLabel(index=index, step=entry.step, time_fs=entry.time_fs, positions=entry.positions,
+                           numbers=entry.numbers, cell=entry.cell, pbc=entry.pbc, energy=result.labels.energy,
+                           forces=result.labels.forces, stress=result.labels.stress, force_std=entry.force_std,
+                           checkpoint=entry.checkpoint, structure_hash=result.structure_hash,
+                           oracle_seconds=seconds, worker=result.worker, walker=entry.walker, queue_seq=entry.seq,
+                           selection=entry.selection, predicted_forces=entry.predicted_forces,
+                           model_version=entry.model_version, temperature_K=entry.temperature_K)
 
     def _record_label(self, label: StoredLabel, sha256: str) -> None:
         st = self.state

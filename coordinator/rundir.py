@@ -373,8 +373,9 @@ class RunDirectory:
         np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
         atomic_write(self.queue_path(q.seq), buf.getvalue())
 
-    def read_queue_entry(self, seq: int) -> QueuedFrame:
-        path = self.queue_path(seq)
+    def read_queue_entry(self, seq: int, archived: bool = False) -> QueuedFrame:
+        """Queue entry ``seq``; ``archived``: the one kept in ``queue/labelled/`` after its label arrived."""
+        path = self.labelled_dir / self.queue_path(seq).name if archived else self.queue_path(seq)
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
@@ -402,14 +403,6 @@ class RunDirectory:
         if src.exists():
             self.labelled_dir.mkdir(exist_ok=True)
             os.replace(src, self.labelled_dir / src.name)
-
-    def read_archived_entry(self, seq: int) -> QueuedFrame:
-        path = self.labelled_dir / f"frame_{seq:06d}.npz"
-        if not path.exists():
-            raise NotFound(f"{path} is missing")
-        tmp = RunDirectory.__new__(RunDirectory)
-        tmp.queue_dir = self.labelled_dir
-        return RunDirectory.read_queue_entry(tmp, seq)
 
     # -- walkers ---------------------------------------------------------------------------
 

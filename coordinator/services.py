@@ -114,10 +114,6 @@ class Services:
     oracle_workers: int = 1                         # labels the pool can compute at once
     tls: object = None                              # protos.client.ClientTLS of every client, or None
 
-    @property
-    def sampler_address(self) -> str:
-        return self.sampler_addresses[0]
-
     def close(self) -> None:
         self.oracle.close()
         for s in reversed(self.servers):

@@ -319,7 +319,7 @@ def test_cycle_times_oracle_calls_and_counts_failures(tmp_path) -> None:
         assert check_histogram(data, "epicycle_coordinator_oracle_call_seconds", outcome="ok") == 3
         assert sum(value(data, "epicycle_coordinator_oracle_calls_total", walker=w) for w in ("T900", "T1200")) == 3
         # the next label request finds every worker gone
-        entry = rd.read_archived_entry(state.label_seqs[-1])
+        entry = rd.read_queue_entry(state.label_seqs[-1], archived=True)
         run.in_flight[99] = entry
         with pytest.raises(RunStopped, match="unreachable"):
             run._on_label(99, None, 0.25, OracleUnavailable("no oracle worker could label the structure"))
