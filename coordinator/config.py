@@ -98,6 +98,19 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class TrialConfig:
+    """``policy.update: trial`` (coordinator/trial.py): how a walker tries a new model version."""
+
+    window_steps: int = 20                   # steps integrated on the new model before accepting it
+    max_energy_change_eV_per_atom: float = 0.01  # largest |E_cons(t) - E_cons(t0)| in the window, eV/atom
+    max_force_eV_A: float = 50.0             # any force norm above this fails the trial, eV/Å
+    timestep_factor: float = 0.5             # Δt multiplies by this on each rollback (and divides to recover)
+    min_timestep_fs: float = 0.1             # Δt floor, fs: a trial that fails at the floor rejects the update
+    max_retries: int = 3                     # rollbacks with a smaller Δt before the update is rejected
+    recover_steps: int = 200                 # stable steps before a reduced Δt grows back one factor
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     sigma_factor: float = 1.0                # threshold = sigma_factor · σn ...
     absolute_threshold: float | None = None  # ... or this many eV/Å (wins when set)
@@ -108,6 +121,7 @@ class PolicyConfig:
     # a new uncertain frame is not sent to the oracle when the learner's σ, conditioned on the
     # environments of the labels already queued or in flight, is below the threshold everywhere
     dedupe: bool = True
+    trial: TrialConfig = TrialConfig()       # policy.update: trial
 
 
 @dataclass(frozen=True)
@@ -475,6 +489,19 @@ def validate(c: RunConfig) -> None:
     need(p.acquisition in ACQUISITION, f"policy.acquisition: allowed {', '.join(sorted(ACQUISITION))}, "
          f"got {p.acquisition!r}")
     need(p.update in UPDATE, f"policy.update: allowed {', '.join(sorted(UPDATE))}, got {p.update!r}")
+    tr = p.trial
+    need(tr.window_steps >= 1, f"policy.trial.window_steps: must be >= 1 step, got {tr.window_steps}")
+    need(tr.max_energy_change_eV_per_atom > 0,
+         f"policy.trial.max_energy_change_eV_per_atom: must be > 0 eV/atom, got {tr.max_energy_change_eV_per_atom}")
+    need(tr.max_force_eV_A > 0, f"policy.trial.max_force_eV_A: must be > 0 eV/Å, got {tr.max_force_eV_A}")
+    need(0 < tr.timestep_factor < 1, f"policy.trial.timestep_factor: must be in (0, 1), got {tr.timestep_factor}")
+    need(tr.min_timestep_fs > 0, f"policy.trial.min_timestep_fs: must be > 0 fs, got {tr.min_timestep_fs}")
+    need(tr.max_retries >= 0, f"policy.trial.max_retries: must be >= 0, got {tr.max_retries}")
+    need(tr.recover_steps >= 1, f"policy.trial.recover_steps: must be >= 1 step, got {tr.recover_steps}")
+    for w in c.walker_list():
+        need(tr.min_timestep_fs <= w.sampler.timestep_fs,
+             f"policy.trial.min_timestep_fs ({tr.min_timestep_fs} fs) exceeds walker {w.name}'s timestep "
+             f"({w.sampler.timestep_fs} fs)")
 
 
 def _validate_structure(s: StructureConfig, where: str, need) -> None:

@@ -14,7 +14,10 @@
    together (one ``AddDataBatch``, one refactorisation), then hyperparameters are re-optimised on
    schedule and the learner writes its own checkpoint.  Parked walkers integrate their stopped step
    with the oracle's forces and go on; queued frames that the new model no longer finds uncertain
-   are dropped (counted).  Running walkers pick up the new model at their next step.
+   are dropped (counted).  Running walkers pick up the new model at their next step — or, with
+   ``policy.update: trial`` (coordinator/trial.py), every walker stays on the model version it is
+   pinned to and meets each newer version through a trial window: accepted, rolled back with a
+   smaller Δt, or rejected (the walker then goes on with its previous version).
 5. The run ends when every walker has done its steps, or earlier by the ``stop:`` rules
    (converged, label budget, wall-time budget).
 
@@ -41,13 +44,14 @@ import numpy as np
 from ase import Atoms
 
 from coordinator.config import RunConfig, SamplerConfig, StructureConfig, Walker
+from coordinator import trial as trials
 from coordinator.policies import ACQUISITION, UPDATE, UpdateContext
 from coordinator.rundir import QueuedFrame, RunDirectory, RunState, StoredLabel, WalkerState
 from coordinator.services import OracleUnavailable, Services
 from learner_service.client import LearnerClient
 from protos import wire
 from protos.epicycle.v1 import sampler_pb2
-from protos.errors import CalculationFailed, EpicycleError, InvalidInput, NotFound
+from protos.errors import CalculationFailed, EpicycleError, InvalidInput, ModelError, NotFound
 from sampler_service.client import SamplerClient
 
 log = logging.getLogger("epicycle.coordinator")
@@ -241,8 +245,14 @@ class OnTheFlyRun:
         if metrics is not None:
             metrics.watch_oracle_pool(services.oracle)
             metrics.walkers([w.name for w in self.specs])
+            for w in self.specs:
+                metrics.timestep(w.name, w.sampler.timestep_fs)
         self.acquisition = ACQUISITION[config.policy.acquisition]()
         self.update_policy = UPDATE[config.policy.update]()
+        #: policy.update: trial — walkers pinned to model versions, each new version tried first
+        self.trial = config.policy.update == "trial"
+        self.newest = 0                      # the learner's newest model version
+        self._held: set[int] = set()          # versions the learner holds for pinned walkers
         self.learner = LearnerClient(services.learner_address, tls=services.tls)
         self.samplers = [SamplerClient(a, tls=services.tls) for a in services.sampler_addresses]
         self.walkers = {w.name: _Walker(w, self.samplers[w.index % len(self.samplers)], config.stop.window_steps)
@@ -274,6 +284,7 @@ class OnTheFlyRun:
         info = self.learner.info()
         self.noise = info.noise_std
         self.n_environments = int(info.n_environments)
+        self.newest = int(info.model_version)
         p = self.config.policy
         self.threshold = p.absolute_threshold if p.absolute_threshold else p.sigma_factor * info.noise_std
         if self.metrics is not None:
@@ -379,6 +390,8 @@ class OnTheFlyRun:
         for name in st.walkers:
             if name in self.walkers:
                 rd.truncate_trajectory(name, st.walker(name).step)
+        if self.trial:
+            self._unpin_after_resume()
         rd.event("resumed", labels=written, labels_applied=st.labels_applied, queued=len(self.queued),
                  recomputed_in_flight=recompute, learner_checkpoint=st.learner_checkpoint,
                  walkers={n: {"step": w.get("step", 0), "parked": w.get("parked")} for n, w in st.walkers.items()})
@@ -400,6 +413,26 @@ class OnTheFlyRun:
             self._start_chunk(w)
         self._save()
         self._dispatch()
+
+    def _unpin_after_resume(self) -> None:
+        """Model versions are numbered by a learner process and held in its memory, so pins do not
+        survive a restart: every walker that was pinned trials the newest model again (a trial under
+        way restarts from its rollback point, keeping its attempts); what it rejected is forgotten."""
+        st = self.state
+        for name in self.walkers:
+            ws = st.walker(name)
+            if ws.done or not (ws.model_version or ws.trial):
+                continue
+            if ws.trial is not None:
+                ws.md_checkpoint, ws.pending_override = ws.trial["checkpoint"], ws.trial["override"]
+                ws.step, ws.time_fs = ws.trial["step"], ws.trial["time_fs"]
+                ws.trial["version"] = 0
+                ws.trial["previous"] = 0
+            ws.model_version = -1  # unknown: trial the newest at the next chunk, with nothing to fall back on
+            ws.rejected_version = 0
+            st.set_walker(name, ws)
+            self.rd.event("trial_after_resume", walker=name, step=ws.step,
+                          attempt=ws.trial["attempt"] if ws.trial else 0)
 
     def _repair(self) -> None:
         """``--repair``: label the structures of missing or damaged label files again, under the same index.
@@ -567,8 +600,13 @@ class OnTheFlyRun:
         ci = sm.checkpoint_interval
         max_steps = min(ci - ws.step % ci, sm.steps - ws.step)
         threshold = self.threshold
+        trial = None
         if ws.skip_gate:
             max_steps, threshold = 1, 0.0
+        elif self.trial:
+            trial = self._trial_for(w, ws)
+            if trial is not None:
+                max_steps = min(self.config.policy.trial.window_steps, sm.steps - ws.step)
         if ws.md_checkpoint is None:
             req = sampler_pb2.RunRequest(learner_address=self.services.learner_address)
             wire.structure_to_proto(walker_structure(self.config, w.spec), out=req.new_run.structure)
@@ -582,14 +620,20 @@ class OnTheFlyRun:
         req.control.sigma_threshold = threshold
         req.control.max_steps = max_steps
         req.control.frame_interval = sm.frame_interval
+        if self.trial:
+            req.control.model_version = trial["version"] if trial is not None else max(ws.model_version, 0)
+            req.control.timestep_fs = ws.timestep_fs or sm.timestep_fs
+            if trial is not None:
+                req.control.frame_interval = 1  # the trial watches every step
         if ws.pending_override is not None:
             o = rd.read_label(ws.pending_override)
             wire.labels_to_proto(o.energy, o.forces, o.stress, out=req.override_forces)
         w.running = True
-        self._walker_pool.submit(self._run_chunk, w, req, threshold)
+        self._walker_pool.submit(self._run_chunk, w, req, threshold, sm.frame_interval)
 
-    def _run_chunk(self, w: _Walker, req: sampler_pb2.RunRequest, threshold: float) -> None:
-        """Walker thread: one Sampler.Run call; frames are logged here, the result goes to the loop."""
+    def _run_chunk(self, w: _Walker, req: sampler_pb2.RunRequest, threshold: float, every: int = 1) -> None:
+        """Walker thread: one Sampler.Run call; frames are logged here (those on the walker's frame
+        interval; a trial streams every step), the result goes to the loop."""
         frames: list[Atoms] = []
         stop = None
         try:
@@ -599,7 +643,7 @@ class OnTheFlyRun:
                 call.cancel()
             for reply in call:
                 if reply.HasField("frame"):
-                    self._on_frame(w, reply.frame, frames, threshold)
+                    self._on_frame(w, reply.frame, frames, threshold, reply.frame.step % every == 0)
                 else:
                     stop = reply.stop
             self.events.put(("chunk", w, frames, stop, None, call.cancelled))
@@ -608,9 +652,13 @@ class OnTheFlyRun:
         finally:
             w.call = None
 
-    def _on_frame(self, w: _Walker, frame: sampler_pb2.Frame, frames: list, threshold: float) -> None:
+    def _on_frame(self, w: _Walker, frame: sampler_pb2.Frame, frames: list, threshold: float,
+                  log_it: bool = True) -> None:
         atoms = frame_atoms(frame, threshold, w.name)
+        atoms.info["logged"] = log_it
         frames.append(atoms)
+        if not log_it:
+            return
         ratio = atoms.info.get("max_force_std", 0.0) / self.threshold if self.threshold > 0 else 0.0
         w.observe(int(frame.step), ratio < 1.0)
         self.rd.event("frame", walker=w.name, step=int(frame.step), time_fs=frame.time_fs,
@@ -628,15 +676,24 @@ class OnTheFlyRun:
         st, rd = self.state, self.rd
         if cancelled or (exc is not None and self.stopping):
             return  # stopped on purpose: the walker stays at its last durable checkpoint
-        if exc is not None:
+        ws = st.walker(w.name)
+        if ws.trial is not None:
+            verdict = self._judge_trial(w, frames, stop, exc)
+            if not verdict.ok:
+                self._trial_failed(w, ws, verdict)
+                return
+            self._trial_passed(w, ws, verdict)
+        elif exc is not None:
             raise exc
         if stop is None:
             raise CalculationFailed(f"walker {w.name}: the sampler ended the run without a stop report")
+        frames = [a for a in frames if a.info.pop("logged", True)]
         rd.append_frames(w.name, frames)
-        ws = st.walker(w.name)
         ws.skip_gate = False
         ws.pending_override = None
         ws.step, ws.time_fs = int(stop.step), float(stop.time_fs)
+        if self.trial and ws.timestep_fs:
+            self._recover_timestep(w, ws, int(stop.steps_taken))
         uncertain = stop.reason == sampler_pb2.STOP_REASON_UNCERTAIN
         ws.md_checkpoint = rd.write_walker_checkpoint(w.name, ws.step, stop.checkpoint, "stop" if uncertain else "md")
         if uncertain:
@@ -653,6 +710,146 @@ class OnTheFlyRun:
                  drift=stop.energy_drift_ev_per_atom_ps, steps_per_second=stop.steps_per_second)
         if not ws.done:
             self._start_chunk(w)
+
+    # -- policy.update: trial (coordinator/trial.py) ----------------------------------------
+
+    def _trial_for(self, w: _Walker, ws: WalkerState) -> dict | None:
+        """The trial this chunk of ``w`` runs, starting one if a model version newer than the walker's
+        (and than the one it last rejected) exists; None: a normal chunk on ``ws.model_version``.
+        Updates ``ws`` in the run state."""
+        st = self.state
+        if ws.trial is not None:
+            if not ws.trial["version"]:  # resumed: the learner's versions were renumbered
+                ws.trial["version"] = self.newest
+                st.set_walker(w.name, ws)
+                self._sync_holds()
+            return ws.trial
+        if ws.model_version == 0:  # the walker's first chunk: it starts on the newest model
+            ws.model_version = self.newest
+            st.set_walker(w.name, ws)
+            self._sync_holds()
+            return None
+        if ws.model_version > 0 and self.newest <= max(ws.model_version, ws.rejected_version):
+            return None
+        ws.trial = {"version": self.newest, "previous": max(ws.model_version, 0), "attempt": 0,
+                    "checkpoint": ws.md_checkpoint, "override": ws.pending_override, "step": ws.step,
+                    "time_fs": ws.time_fs, "timestep_before": ws.timestep_fs}
+        st.set_walker(w.name, ws)
+        self._sync_holds()
+        self._save()
+        self.rd.event("trial_started", walker=w.name, step=ws.step, time_fs=ws.time_fs, model_version=self.newest,
+                      previous_version=ws.model_version, timestep_fs=self._timestep(w, ws),
+                      window_steps=self.config.policy.trial.window_steps)
+        return ws.trial
+
+    def _timestep(self, w: _Walker, ws: WalkerState) -> float:
+        return ws.timestep_fs or w.spec.sampler.timestep_fs
+
+    def _judge_trial(self, w: _Walker, frames: list, stop, exc) -> trials.Verdict:
+        """The trial's verdict from its frames; an engine failure on the new model (e.g. atoms pushed
+        together, which the learner refuses) is a failed trial, a transport failure is not."""
+        if exc is not None:
+            if isinstance(exc, OracleUnavailable) or not isinstance(exc, (InvalidInput, CalculationFailed, ModelError)):
+                raise exc
+            return trials.Verdict(False, f"the engine failed on the new model: {exc}", len(frames), float("nan"),
+                                  float("nan"))
+        if stop is None:
+            raise CalculationFailed(f"walker {w.name}: the sampler ended the run without a stop report")
+        return trials.judge(frames, self.config.policy.trial)
+
+    def _trial_failed(self, w: _Walker, ws: WalkerState, verdict: trials.Verdict) -> None:
+        """Roll back to the trial's checkpoint: retry with a smaller Δt, or reject the update."""
+        st, cfg = self.state, self.config.policy.trial
+        tr = ws.trial
+        tr["attempt"] += 1
+        dt_now = self._timestep(w, ws)
+        new_dt = trials.after_failure(tr["attempt"], dt_now, cfg)
+        ws.md_checkpoint, ws.pending_override = tr["checkpoint"], tr["override"]
+        ws.step, ws.time_fs = tr["step"], tr["time_fs"]
+        ws.stable_steps = 0
+        common = dict(walker=w.name, step=ws.step, time_fs=ws.time_fs, model_version=tr["version"],
+                      previous_version=tr["previous"], attempt=tr["attempt"], reason=verdict.reason,
+                      max_energy_change_eV_per_atom=verdict.max_energy_change, max_force_eV_A=verdict.max_force,
+                      timestep_fs=dt_now)
+        who = f"[{w.name}] " if self.multi else ""
+        if new_dt is not None:
+            ws.timestep_fs = new_dt
+            st.set_walker(w.name, ws)
+            self._save()
+            self.rd.event("rollback", new_timestep_fs=new_dt, **common)
+            self.progress.line(f"  {who}trial of model version {tr['version']} failed ({verdict.reason}): rolled back "
+                               f"to step {ws.step}, Δt {dt_now:g} → {new_dt:g} fs")
+            if self.metrics is not None:
+                self.metrics.rollback(w.name, "retry", new_dt)
+            self._start_chunk(w)
+            return
+        ws.trial = None
+        ws.rejected_version = tr["version"]
+        ws.timestep_fs = tr["timestep_before"]
+        if self.metrics is not None:
+            self.metrics.rollback(w.name, "rejected", self._timestep(w, ws))
+        if ws.model_version <= 0:
+            ws.done = True
+            ws.halted = (f"model version {tr['version']} failed {tr['attempt']} trial(s) ({verdict.reason}) and "
+                         f"no earlier model is held to go on with (the learner was restarted)")
+            st.set_walker(w.name, ws)
+            self._save()
+            self._sync_holds()
+            self.rd.event("walker_halted", message=ws.halted, **common)
+            self.progress.line(f"  {who}walker halted: {ws.halted}")
+            return
+        st.set_walker(w.name, ws)
+        self._save()
+        self._sync_holds()
+        self.rd.event("update_rejected", continue_on_version=ws.model_version, **common)
+        self.progress.line(f"  {who}model version {tr['version']} rejected after {tr['attempt']} failed trial(s) "
+                           f"({verdict.reason}): going on from step {ws.step} on version {ws.model_version}")
+        self._start_chunk(w)
+
+    def _trial_passed(self, w: _Walker, ws: WalkerState, verdict: trials.Verdict) -> None:
+        tr = ws.trial
+        ws.trial = None
+        ws.model_version = tr["version"]
+        self.state.set_walker(w.name, ws)
+        self._sync_holds()
+        self.rd.event("trial_passed", walker=w.name, step=tr["step"], time_fs=tr["time_fs"],
+                      model_version=tr["version"], attempts=tr["attempt"] + 1, reason=verdict.reason,
+                      max_energy_change_eV_per_atom=verdict.max_energy_change, max_force_eV_A=verdict.max_force,
+                      timestep_fs=self._timestep(w, ws))
+        if self.metrics is not None:
+            self.metrics.timestep(w.name, self._timestep(w, ws))
+
+    def _recover_timestep(self, w: _Walker, ws: WalkerState, steps: int) -> None:
+        """A reduced Δt grows back after ``policy.trial.recover_steps`` stable steps."""
+        configured = w.spec.sampler.timestep_fs
+        before = ws.timestep_fs
+        dt, left = trials.recovered(before, ws.stable_steps + steps, configured, self.config.policy.trial)
+        ws.stable_steps = left
+        if dt != before:
+            ws.timestep_fs = None if dt >= configured else dt
+            self.rd.event("timestep_recovered", walker=w.name, step=ws.step, time_fs=ws.time_fs,
+                          timestep_fs=dt, previous_timestep_fs=before)
+            if self.metrics is not None:
+                self.metrics.timestep(w.name, dt)
+
+    def _sync_holds(self) -> None:
+        """Ask the learner to hold every model version a walker is pinned to or trials."""
+        if not self.trial:
+            return
+        want = set()
+        for name in self.walkers:
+            ws = self.state.walker(name)
+            if ws.done:
+                continue
+            want.add(ws.model_version)
+            if ws.trial is not None:
+                want.add(ws.trial["version"])
+        want = {v for v in want if v > 0}
+        if want != self._held:
+            reply = self.learner.hold_versions(want)
+            self._held = want
+            if reply.missing:
+                log.warning("learner no longer holds model version(s) %s", list(reply.missing))
 
     # -- the label queue -------------------------------------------------------------------
 

@@ -97,6 +97,11 @@ class CoordinatorMetrics:
                                registry=registry)
         for d in ("accepted", "rejected"):
             self.updates.labels(d)
+        # policy.update: trial
+        self.rollbacks = Counter("epicycle_rollbacks", "Failed trials of a new model version, by walker and "
+                                 "outcome (retry: rolled back with a smaller Δt; rejected: the walker stays on its "
+                                 "previous version).", ["walker", "outcome"], registry=registry)
+        self.timestep_fs = Gauge("epicycle_timestep_fs", "MD time step in force, fs.", ["walker"], registry=registry)
         self._calls = 0
         self._time = 0.0
         self._walker_time: dict[str, float] = {}
@@ -108,6 +113,8 @@ class CoordinatorMetrics:
             self.simulated_time.labels(name)
             self.max_sigma_ratio.labels(name)
             self.temperature.labels(name)
+            self.rollbacks.labels(name, "retry")
+            self.rollbacks.labels(name, "rejected")
 
     def queue(self, queued: int, in_flight: int) -> None:
         self.labels_queued.set(queued)
@@ -156,6 +163,13 @@ class CoordinatorMetrics:
         self.noise.set(info.noise_std)
         self.training.set(info.n_environments)
         self.threshold.set(threshold)
+
+    def rollback(self, walker: str, outcome: str, timestep_fs: float) -> None:
+        self.rollbacks.labels(walker, outcome).inc()
+        self.timestep_fs.labels(walker).set(timestep_fs)
+
+    def timestep(self, walker: str, timestep_fs: float) -> None:
+        self.timestep_fs.labels(walker).set(timestep_fs)
 
     def update(self, decision) -> None:
         self.updates.labels("accepted" if decision.accept else "rejected").inc()

@@ -72,4 +72,14 @@ class AlwaysAccept:
 
 
 ACQUISITION: dict[str, Callable[[], Acquisition]] = {"max_sigma": MaxSigma, "random": RandomAtoms}
-UPDATE: dict[str, Callable[[], UpdatePolicy]] = {"accept": AlwaysAccept}
+class TrialUpdates:
+    """Every walker trials a new model version before continuing on it (coordinator/trial.py);
+    the cycle runs the trials, this object only names the policy."""
+
+    name = "trial"
+
+    def decide(self, ctx: UpdateContext) -> Decision:
+        return Decision(True, "accepted per walker after a trial integration (policy.trial)")
+
+
+UPDATE: dict[str, Callable[[], UpdatePolicy]] = {"accept": AlwaysAccept, "trial": TrialUpdates}

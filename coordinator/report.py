@@ -43,7 +43,7 @@ def radial_distribution(frames, r_max: float | None = None, bins: int = 120):
 def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
     rd = RunDirectory.open(run_dir)
     events = list(rd.events())
-    frames = [e for e in events if e["event"] == "frame"]
+    frames = kept_frames(events)
     calls = [e for e in events if e["event"] == "oracle_call"]
     optim = [e for e in events if e["event"] == "optimize"]
     decisions = [e for e in events if e["event"] == "update_decision"]
@@ -55,6 +55,15 @@ def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
         wcalls = [e for e in calls if e.get("walker") == name and e["label"] > 0]
         walkers[name] = {"steps": w.get("step", 0), "simulated_time_ps": w.get("time_fs", 0.0) / 1000.0,
                          "oracle_calls": len(wcalls), "done": bool(w.get("done"))}
+        if w.get("halted"):
+            walkers[name]["halted"] = w["halted"]
+    count = {k: sum(1 for e in events if e["event"] == k)
+             for k in ("trial_started", "rollback", "update_rejected", "walker_halted")}
+    trials = None
+    if count["trial_started"]:
+        trials = {"trials": count["trial_started"], "rollbacks": count["rollback"],
+                  "rejected": count["update_rejected"], "halted": count["walker_halted"],
+                  "timestep_fs": {n: w["timestep_fs"] for n, w in state.walkers.items() if w.get("timestep_fs")}}
     summary = {
         "run_dir": str(rd.path),
         "finished": state.finished,
@@ -77,6 +86,7 @@ def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
         "optimisations_not_converged": sum(1 for e in optim if not e.get("converged", True)),
         "oracle_call_steps": [e["step"] for e in calls],
         "resumed": sum(1 for e in events if e["event"] == "resumed"),
+        "trials": trials,
         "temperature_K_mean_last_quarter": (float(np.mean([f["temperature_K"] for f in frames[-max(1, len(frames) // 4):]]))
                                             if frames else None),
         "force_error_at_oracle_calls_rmse": [e.get("rmse_force_error") for e in calls if "rmse_force_error" in e],
@@ -95,9 +105,10 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
     run_dir = Path(run_dir)
     rd = RunDirectory.open(run_dir)
     events = list(rd.events())
-    frames = [e for e in events if e["event"] == "frame"]
+    frames = kept_frames(events)
     calls = [e for e in events if e["event"] == "oracle_call"]
     decisions = [e for e in events if e["event"] == "update_decision"]
+    trial_marks = [e for e in events if e["event"] in ("rollback", "update_rejected", "walker_halted")]
     summary = summarize(run_dir, wall_seconds)
 
     # simulated time of the run: one walker's own clock; with several, the calls are drawn on each walker's
@@ -120,6 +131,12 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
             if len(names) == 1:
                 for x in wc:
                     ax.axvline(x, color="tab:red", lw=0.4, alpha=0.35)
+    for kind, marker, colour, text in (("rollback", "x", "tab:orange", "rollback (Δt reduced)"),
+                                       ("update_rejected", "X", "black", "update rejected"),
+                                       ("walker_halted", "s", "black", "walker halted")):
+        xs = [e["time_fs"] / 1000.0 for e in trial_marks if e["event"] == kind]
+        if xs:
+            ax.plot(xs, np.full(len(xs), ymax * 0.97), marker, color=colour, ms=6, ls="none", label=text)
     ax.set_xlabel("time (ps)")
     ax.set_ylabel("temperature (K)")
     ax.set_title("Temperature and oracle calls (▼)" + (" per walker" if len(names) > 1 else ""))
@@ -196,6 +213,7 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         f"| mean T, last quarter | {_fmt(summary['temperature_K_mean_last_quarter'])} K |",
         f"| uncertain frames not labelled | {_counters_text(summary['frames_not_labelled'])} |",
         f"| times resumed | {summary['resumed']} |",
+        *([f"| model updates under trial | {_trial_text(summary['trials'])} |"] if summary.get("trials") else []),
         f"| learner checkpoint | {summary['learner_checkpoint']} |",
         f"| wall time | {_fmt(summary['wall_seconds'])} s |",
         "",
@@ -218,6 +236,26 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def kept_frames(events) -> list[dict]:
+    """The ``frame`` events of the trajectory as it stands: frames of a failed trial (policy.update:
+    trial) are dropped — the walker was rolled back to the step the trial started from."""
+    kept: list[dict] = []
+    for e in events:
+        if e["event"] == "frame":
+            kept.append(e)
+        elif e["event"] in ("rollback", "update_rejected", "walker_halted"):
+            w, step = e.get("walker"), e.get("step", 0)
+            kept = [f for f in kept if f.get("walker") != w or f["step"] <= step]
+    return kept
+
+
+def _trial_text(t: dict) -> str:
+    return (f"{t['trials']} trials, {t['rollbacks']} rollbacks, {t['rejected']} rejected"
+            + (f", {t['halted']} walker(s) halted" if t["halted"] else "")
+            + (f"; Δt now {', '.join(f'{n} {dt:g} fs' for n, dt in t['timestep_fs'].items())}"
+               if t["timestep_fs"] else ""))
 
 
 def _hyperparameters_text(hyps: dict | None, labels_used: list | None) -> str:

@@ -122,6 +122,14 @@ class WalkerState:
     skip_gate: bool = False              # oracle.on_failure: skip — integrate one step on the model
     done: bool = False
     last_call_step: int = 0              # step of the walker's latest uncertain frame
+    # policy.update: trial (coordinator/trial.py)
+    model_version: int = 0               # learner version the walker integrates on (0: not started yet;
+                                         # -1: unknown after a resume, its next chunk trials the newest)
+    trial: dict | None = None            # the trial under way: version, attempt, rollback point, Δt before
+    rejected_version: int = 0            # newest version this walker rejected (trial again only on a newer one)
+    timestep_fs: float | None = None     # reduced Δt in force (None: the configured one)
+    stable_steps: int = 0                # steps since Δt last changed without a failed trial
+    halted: str = ""                     # why the walker stopped for good (e.g. no stable model left)
 
 
 @dataclass

@@ -65,11 +65,12 @@ class LearnerClient:
         wait_until_serving(self._channel, "epicycle.v1.Learner", timeout)
 
     def predict(self, atoms: Atoms, stress: bool = False,
-                condition_on: Iterable[tuple[Atoms, Iterable[int]]] = ()) -> RemotePrediction:
+                condition_on: Iterable[tuple[Atoms, Iterable[int]]] = (), model_version: int = 0) -> RemotePrediction:
         """Forces, σ (energy, stress) of ``atoms``.  ``condition_on``: ``[(atoms, atom_indices),
         ...]`` environments whose labels are queued or in flight; σ is reported as if they were
-        already in the training set (the mean stays the current model's)."""
-        req = learner_pb2.PredictRequest(compute_stress=stress)
+        already in the training set (the mean stays the current model's).  ``model_version``: a
+        held older version (:meth:`hold_versions`), 0 = the newest."""
+        req = learner_pb2.PredictRequest(compute_stress=stress, model_version=int(model_version))
         wire.structure_to_proto(atoms, out=req.structure, velocities=False)
         for c_atoms, c_idx in condition_on:
             c = req.condition_on.add(atom_indices=[int(i) for i in c_idx])
@@ -126,6 +127,11 @@ class LearnerClient:
             req.bounds.add(name=name, lower=lo, upper=hi)
         return self._call(self._stub.Optimize, req, self.train_timeout)
 
+    def hold_versions(self, versions: Iterable[int]) -> learner_pb2.HoldVersionsResponse:
+        """Keep exactly these model versions in memory besides the newest (see the RPC)."""
+        req = learner_pb2.HoldVersionsRequest(model_versions=sorted({int(v) for v in versions if int(v) > 0}))
+        return self._call(self._stub.HoldVersions, req, self.timeout)
+
     def info(self) -> learner_pb2.ModelInfo:
         return self._call(self._stub.GetModelInfo, learner_pb2.GetModelInfoRequest(), self.timeout)
 
@@ -169,10 +175,11 @@ class PredictionStream:
         self._responses = stub.PredictStream(iter(self._requests.get, _END), timeout=timeout)
 
     def predict(self, positions: np.ndarray, numbers: np.ndarray, cell: np.ndarray, pbc,
-                stress: bool = False) -> RemotePrediction:
+                stress: bool = False, model_version: int = 0) -> RemotePrediction:
         with self._lock:
             self._sequence += 1
-            req = learner_pb2.PredictRequest(compute_stress=stress, sequence=self._sequence)
+            req = learner_pb2.PredictRequest(compute_stress=stress, sequence=self._sequence,
+                                             model_version=int(model_version))
             s = req.structure
             wire.encode_array(positions, "<f8", s.positions)
             if not self._sent_static:

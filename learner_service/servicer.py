@@ -31,7 +31,7 @@ from ase import Atoms
 
 from protos import wire
 from protos.epicycle.v1 import common_pb2, learner_pb2, learner_pb2_grpc
-from protos.errors import InvalidInput, ModelError, NotReady, SetupError
+from protos.errors import InvalidInput, ModelError, NotFound, NotReady, SetupError
 from protos.structures import StructureLimits, check_min_distance, check_structure, isolated_atoms
 
 from learner_service.checkpoints import INITIAL, DataItem, Lineage, ModelDirectory, apply_items, base_name
@@ -77,11 +77,38 @@ class ModelStore:
         self._lineage = lineage if lineage is not None else initial_lineage
         self._pending: dict[int, list[DataItem]] = {}
         self.checkpoint_id = checkpoint_id
+        #: older versions kept in memory for walkers pinned to them (:meth:`hold`)
+        self._held: dict[int, object] = {}
+        self._hold_wanted: set[int] = set()
 
-    def snapshot(self):
-        """``(gp, version)`` to read from; never mutated afterwards."""
+    def snapshot(self, version: int = 0):
+        """``(gp, version)`` to read from; never mutated afterwards.  ``version`` > 0: that held
+        version (:meth:`hold`) or the newest if it is that one; :class:`NotFound` otherwise."""
         with self._swap:
-            return self._gp, self._version
+            if not version or version == self._version:
+                return self._gp, self._version
+            gp = self._held.get(int(version))
+            if gp is None:
+                held = ", ".join(str(v) for v in sorted(self._held)) or "none"
+                raise NotFound(f"model version {version} is not held by this learner (newest {self._version}, "
+                               f"held: {held}); a restarted learner holds only its newest model")
+            return gp, int(version)
+
+    def hold(self, versions) -> tuple[list[int], list[int], int]:
+        """Keep exactly ``versions`` (besides the newest) in memory from now on: each later
+        update keeps the outgoing model if its version is wanted.  Returns ``(held, missing,
+        newest)``: ``missing`` were asked for but are no longer in memory."""
+        wanted = {int(v) for v in versions if int(v) > 0}
+        with self._swap:
+            self._hold_wanted = wanted
+            self._held = {v: gp for v, gp in self._held.items() if v in wanted}
+            missing = sorted(v for v in wanted if v not in self._held and v != self._version)
+            return sorted(self._held), missing, self._version
+
+    def _retire(self) -> None:
+        """Called under ``_swap`` just before the newest model is replaced: keep it if held."""
+        if self._version in self._hold_wanted:
+            self._held[self._version] = self._gp
 
     @property
     def version(self) -> int:
@@ -109,6 +136,7 @@ class ModelStore:
             if work.n_labels:
                 work.train()
             with self._swap:
+                self._retire()
                 self._gp = work
                 self._version += 1
                 version = self._version
@@ -126,6 +154,7 @@ class ModelStore:
             if gp.n_labels:
                 gp.train()
             with self._swap:
+                self._retire()
                 self._gp = gp
                 self._version += 1
                 end = self._lineage.end
@@ -194,6 +223,7 @@ class ModelStore:
             if superseded and progress:
                 progress(f"restored {checkpoint_id}; superseded checkpoints {', '.join(superseded)}")
             with self._swap:
+                self._retire()
                 self._gp = gp
                 self._version += 1
                 self._lineage = lineage
@@ -369,7 +399,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
                  full_check: bool = True) -> learner_pb2.PredictResponse:
         self._ready()
         started = time.perf_counter()
-        gp, version = self.store.snapshot()
+        gp, version = self.store.snapshot(int(getattr(request, "model_version", 0)))
         _check_positions(atoms, "structure")
         if full_check:
             check_structure(atoms, self._limits(gp), "structure")
@@ -545,3 +575,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             raise InvalidInput("checkpoint_id is empty (give an id from Checkpoint, or 'initial')")
         gp, version = self.store.restore(request.checkpoint_id)
         return model_info(gp, version, self.store.checkpoint_id)
+
+    def HoldVersions(self, request, context):
+        self._ready()
+        held, missing, newest = self.store.hold(request.model_versions)
+        return learner_pb2.HoldVersionsResponse(held=held, missing=missing, newest=newest)

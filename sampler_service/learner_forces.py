@@ -25,11 +25,13 @@ class LearnerStreamProvider:
         self._client = LearnerClient(address, tls=tls)
         self._stream = self._client.stream(timeout=stream_timeout)
         self.calls = 0
+        #: the learner model version to predict with (0: the newest at every step); RunControl.model_version
+        self.model_version = 0
 
     def compute(self, positions, cell, numbers, pbc) -> ForceResult:
         self.calls += 1
         p = self._stream.predict(np.asarray(positions), np.asarray(numbers), np.asarray(cell), pbc,
-                                 stress=self.want_stress)
+                                 stress=self.want_stress, model_version=self.model_version)
         return ForceResult(energy=p.energy, forces=p.forces, stress=p.stress, force_std=p.force_std,
                            noise=p.noise, model_version=int(p.model_version))
 

@@ -190,6 +190,14 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
             raise InvalidInput("no learner address: set RunRequest.learner_address (this sampler has no default)")
         want_stress = start == "new_run" and settings.ensemble.startswith("npt")
         provider = self.provider_factory(learner, want_stress)
+        if control.model_version:
+            if not hasattr(provider, "model_version"):
+                close = getattr(provider, "close", None)
+                if close is not None:
+                    close()
+                raise InvalidInput(f"control.model_version = {control.model_version}: this sampler's force provider "
+                                   f"cannot pin a model version (only a learner's PredictStream can)")
+            provider.model_version = int(control.model_version)
         engine = None
         try:
             if start == "new_run":

@@ -192,3 +192,44 @@ def test_while_a_checkpoint_is_rebuilt_rpcs_are_unavailable_and_info_not_ready(t
     finally:
         c.close()
         running.stop(grace=0)
+
+
+def test_held_versions_keep_predicting_as_they_did_and_others_are_not_found(tmp_path) -> None:
+    """HoldVersions (policy.update: trial): a walker pinned to a version gets exactly that model's
+    predictions after later updates; a version nobody holds is gone (NOT_FOUND, naming what is held),
+    and a pinned PredictStream request is answered by the pinned model."""
+    running, c = start()
+    try:
+        c.add_data(**labelled(0, [0, 1]))
+        v1 = c.info().model_version
+        test = al32(52, amplitude=0.2)
+        at_v1 = c.predict(test)
+        held = c.hold_versions([v1])
+        assert list(held.held) == [] and list(held.missing) == [] and held.newest == v1  # v1 is the newest
+        c.add_data(**labelled(1, [2, 3]))
+        v2 = c.info().model_version
+        c.add_data(**labelled(2, [4]))
+        v3 = c.info().model_version
+        assert v1 < v2 < v3
+        pinned = c.predict(test, model_version=v1)
+        assert pinned.model_version == v1
+        assert np.array_equal(pinned.forces, at_v1.forces) and np.array_equal(pinned.force_std, at_v1.force_std)
+        newest = c.predict(test)
+        assert newest.model_version == v3 and not np.array_equal(newest.forces, at_v1.forces)
+        with pytest.raises(errors.NotFound, match=f"model version {v2} is not held.*held: {v1}"):
+            c.predict(test, model_version=v2)
+        stream = c.stream(timeout=30)
+        try:
+            p = stream.predict(test.positions, test.numbers, test.cell.array, test.pbc, model_version=v1)
+            assert p.model_version == v1 and np.array_equal(p.forces, at_v1.forces)
+            p = stream.predict(test.positions, test.numbers, test.cell.array, test.pbc)
+            assert p.model_version == v3
+        finally:
+            stream.close()
+        released = c.hold_versions([v3, v2])
+        assert list(released.held) == [] and list(released.missing) == [v2] and released.newest == v3
+        with pytest.raises(errors.NotFound):
+            c.predict(test, model_version=v1)
+    finally:
+        c.close()
+        running.stop(grace=0)

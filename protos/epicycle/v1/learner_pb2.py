@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.epicycle.v1 import common_pb2 as protos_dot_epicycle_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/epicycle/v1/learner.proto\x12\x0b\x65picycle.v1\x1a\x1fprotos/epicycle/v1/common.proto\"\xab\x01\n\x0ePredictRequest\x12)\n\tstructure\x18\x01 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12\x16\n\x0e\x63ompute_stress\x18\x02 \x01(\x08\x12\x14\n\x0c\x61tom_indices\x18\x03 \x03(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12.\n\x0c\x63ondition_on\x18\x05 \x03(\x0b\x32\x18.epicycle.v1.ConditionOn\"N\n\x0b\x43onditionOn\x12)\n\tstructure\x18\x01 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12\x14\n\x0c\x61tom_indices\x18\x02 \x03(\x05\"P\n\x0fPredictResponse\x12+\n\nprediction\x18\x01 \x01(\x0b\x32\x17.epicycle.v1.Prediction\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"\x9e\x01\n\x0e\x41\x64\x64\x44\x61taRequest\x12)\n\tstructure\x18\x01 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12#\n\x06labels\x18\x02 \x01(\x0b\x32\x13.epicycle.v1.Labels\x12\x14\n\x0c\x61tom_indices\x18\x03 \x03(\x05\x12\x12\n\nuse_energy\x18\x04 \x01(\x08\x12\x12\n\nuse_stress\x18\x05 \x01(\x08\"A\n\x13\x41\x64\x64\x44\x61taBatchRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.epicycle.v1.AddDataRequest\"R\n\x0f\x41\x64\x64\x44\x61taResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x16\n\x0en_environments\x18\x02 \x01(\x03\x12\x10\n\x08n_labels\x18\x03 \x01(\x03\"B\n\x14HyperparameterBounds\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lower\x18\x02 \x01(\x01\x12\r\n\x05upper\x18\x03 \x01(\x01\"\x8d\x01\n\x0fOptimizeRequest\x12\x16\n\x0emax_iterations\x18\x01 \x01(\x05\x12\x11\n\ttolerance\x18\x02 \x01(\x01\x12\x31\n\x06\x62ounds\x18\x03 \x03(\x0b\x32!.epicycle.v1.HyperparameterBounds\x12\r\n\x05\x66ixed\x18\x04 \x03(\t\x12\r\n\x05space\x18\x05 \x01(\t\"\xd3\x01\n\x10OptimizeResponse\x12\x34\n\x0fhyperparameters\x18\x01 \x03(\x0b\x32\x1b.epicycle.v1.Hyperparameter\x12\x16\n\x0elog_likelihood\x18\x02 \x01(\x01\x12\x12\n\niterations\x18\x03 \x01(\x05\x12\x11\n\tconverged\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x15\n\rmodel_version\x18\x07 \x01(\x04\x12\x11\n\tat_bounds\x18\x08 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xb0\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x34\n\x0fhyperparameters\x18\x02 \x03(\x0b\x32\x1b.epicycle.v1.Hyperparameter\x12\x11\n\tnoise_std\x18\x03 \x01(\x01\x12\x16\n\x0en_environments\x18\x04 \x01(\x03\x12\x10\n\x08n_labels\x18\x05 \x01(\x03\x12\x0f\n\x07species\x18\x06 \x03(\x05\x12\x17\n\x0f\x63utoff_two_body\x18\x07 \x01(\x01\x12\x19\n\x11\x63utoff_three_body\x18\x08 \x01(\x01\x12\x1b\n\x0elog_likelihood\x18\t \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05ready\x18\n \x01(\x08\x12\x15\n\rcheckpoint_id\x18\x0b \x01(\tB\x11\n\x0f_log_likelihood\"\x13\n\x11\x43heckpointRequest\"\x94\x01\n\x12\x43heckpointResponse\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x16\n\x0en_environments\x18\x03 \x01(\x03\x12\x10\n\x08n_labels\x18\x04 \x01(\x03\x12\x15\n\rbytes_written\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"1\n\x18RestoreCheckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"\x14\n\x12\x45xportModelRequest\"c\n\x13\x45xportModelResponse\x12\r\n\x05model\x18\x01 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\x04\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\x0c\x32\x81\x06\n\x07Learner\x12\x44\n\x07Predict\x12\x1b.epicycle.v1.PredictRequest\x1a\x1c.epicycle.v1.PredictResponse\x12N\n\rPredictStream\x12\x1b.epicycle.v1.PredictRequest\x1a\x1c.epicycle.v1.PredictResponse(\x01\x30\x01\x12\x44\n\x07\x41\x64\x64\x44\x61ta\x12\x1b.epicycle.v1.AddDataRequest\x1a\x1c.epicycle.v1.AddDataResponse\x12N\n\x0c\x41\x64\x64\x44\x61taBatch\x12 .epicycle.v1.AddDataBatchRequest\x1a\x1c.epicycle.v1.AddDataResponse\x12G\n\x08Optimize\x12\x1c.epicycle.v1.OptimizeRequest\x1a\x1d.epicycle.v1.OptimizeResponse\x12H\n\x0cGetModelInfo\x12 .epicycle.v1.GetModelInfoRequest\x1a\x16.epicycle.v1.ModelInfo\x12P\n\x0b\x45xportModel\x12\x1f.epicycle.v1.ExportModelRequest\x1a .epicycle.v1.ExportModelResponse\x12\x42\n\tLoadModel\x12\x1d.epicycle.v1.LoadModelRequest\x1a\x16.epicycle.v1.ModelInfo\x12M\n\nCheckpoint\x12\x1e.epicycle.v1.CheckpointRequest\x1a\x1f.epicycle.v1.CheckpointResponse\x12R\n\x11RestoreCheckpoint\x12%.epicycle.v1.RestoreCheckpointRequest\x1a\x16.epicycle.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/epicycle/v1/learner.proto\x12\x0b\x65picycle.v1\x1a\x1fprotos/epicycle/v1/common.proto\"\xc2\x01\n\x0ePredictRequest\x12)\n\tstructure\x18\x01 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12\x16\n\x0e\x63ompute_stress\x18\x02 \x01(\x08\x12\x14\n\x0c\x61tom_indices\x18\x03 \x03(\x05\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12.\n\x0c\x63ondition_on\x18\x05 \x03(\x0b\x32\x18.epicycle.v1.ConditionOn\x12\x15\n\rmodel_version\x18\x06 \x01(\x04\"N\n\x0b\x43onditionOn\x12)\n\tstructure\x18\x01 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12\x14\n\x0c\x61tom_indices\x18\x02 \x03(\x05\"P\n\x0fPredictResponse\x12+\n\nprediction\x18\x01 \x01(\x0b\x32\x17.epicycle.v1.Prediction\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"\x9e\x01\n\x0e\x41\x64\x64\x44\x61taRequest\x12)\n\tstructure\x18\x01 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12#\n\x06labels\x18\x02 \x01(\x0b\x32\x13.epicycle.v1.Labels\x12\x14\n\x0c\x61tom_indices\x18\x03 \x03(\x05\x12\x12\n\nuse_energy\x18\x04 \x01(\x08\x12\x12\n\nuse_stress\x18\x05 \x01(\x08\"A\n\x13\x41\x64\x64\x44\x61taBatchRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.epicycle.v1.AddDataRequest\"R\n\x0f\x41\x64\x64\x44\x61taResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x16\n\x0en_environments\x18\x02 \x01(\x03\x12\x10\n\x08n_labels\x18\x03 \x01(\x03\"B\n\x14HyperparameterBounds\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05lower\x18\x02 \x01(\x01\x12\r\n\x05upper\x18\x03 \x01(\x01\"\x8d\x01\n\x0fOptimizeRequest\x12\x16\n\x0emax_iterations\x18\x01 \x01(\x05\x12\x11\n\ttolerance\x18\x02 \x01(\x01\x12\x31\n\x06\x62ounds\x18\x03 \x03(\x0b\x32!.epicycle.v1.HyperparameterBounds\x12\r\n\x05\x66ixed\x18\x04 \x03(\t\x12\r\n\x05space\x18\x05 \x01(\t\"\xd3\x01\n\x10OptimizeResponse\x12\x34\n\x0fhyperparameters\x18\x01 \x03(\x0b\x32\x1b.epicycle.v1.Hyperparameter\x12\x16\n\x0elog_likelihood\x18\x02 \x01(\x01\x12\x12\n\niterations\x18\x03 \x01(\x05\x12\x11\n\tconverged\x18\x04 \x01(\x08\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x15\n\rmodel_version\x18\x07 \x01(\x04\x12\x11\n\tat_bounds\x18\x08 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xb0\x02\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x34\n\x0fhyperparameters\x18\x02 \x03(\x0b\x32\x1b.epicycle.v1.Hyperparameter\x12\x11\n\tnoise_std\x18\x03 \x01(\x01\x12\x16\n\x0en_environments\x18\x04 \x01(\x03\x12\x10\n\x08n_labels\x18\x05 \x01(\x03\x12\x0f\n\x07species\x18\x06 \x03(\x05\x12\x17\n\x0f\x63utoff_two_body\x18\x07 \x01(\x01\x12\x19\n\x11\x63utoff_three_body\x18\x08 \x01(\x01\x12\x1b\n\x0elog_likelihood\x18\t \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05ready\x18\n \x01(\x08\x12\x15\n\rcheckpoint_id\x18\x0b \x01(\tB\x11\n\x0f_log_likelihood\"\x13\n\x11\x43heckpointRequest\"\x94\x01\n\x12\x43heckpointResponse\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x16\n\x0en_environments\x18\x03 \x01(\x03\x12\x10\n\x08n_labels\x18\x04 \x01(\x03\x12\x15\n\rbytes_written\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"1\n\x18RestoreCheckpointRequest\x12\x15\n\rcheckpoint_id\x18\x01 \x01(\t\"\x14\n\x12\x45xportModelRequest\"c\n\x13\x45xportModelResponse\x12\r\n\x05model\x18\x01 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x16\n\x0e\x66ormat_version\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\x04\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\x0c\"-\n\x13HoldVersionsRequest\x12\x16\n\x0emodel_versions\x18\x01 \x03(\x04\"E\n\x14HoldVersionsResponse\x12\x0c\n\x04held\x18\x01 \x03(\x04\x12\x0f\n\x07missing\x18\x02 \x03(\x04\x12\x0e\n\x06newest\x18\x03 \x01(\x04\x32\xd6\x06\n\x07Learner\x12\x44\n\x07Predict\x12\x1b.epicycle.v1.PredictRequest\x1a\x1c.epicycle.v1.PredictResponse\x12N\n\rPredictStream\x12\x1b.epicycle.v1.PredictRequest\x1a\x1c.epicycle.v1.PredictResponse(\x01\x30\x01\x12\x44\n\x07\x41\x64\x64\x44\x61ta\x12\x1b.epicycle.v1.AddDataRequest\x1a\x1c.epicycle.v1.AddDataResponse\x12N\n\x0c\x41\x64\x64\x44\x61taBatch\x12 .epicycle.v1.AddDataBatchRequest\x1a\x1c.epicycle.v1.AddDataResponse\x12G\n\x08Optimize\x12\x1c.epicycle.v1.OptimizeRequest\x1a\x1d.epicycle.v1.OptimizeResponse\x12H\n\x0cGetModelInfo\x12 .epicycle.v1.GetModelInfoRequest\x1a\x16.epicycle.v1.ModelInfo\x12P\n\x0b\x45xportModel\x12\x1f.epicycle.v1.ExportModelRequest\x1a .epicycle.v1.ExportModelResponse\x12\x42\n\tLoadModel\x12\x1d.epicycle.v1.LoadModelRequest\x1a\x16.epicycle.v1.ModelInfo\x12M\n\nCheckpoint\x12\x1e.epicycle.v1.CheckpointRequest\x1a\x1f.epicycle.v1.CheckpointResponse\x12R\n\x11RestoreCheckpoint\x12%.epicycle.v1.RestoreCheckpointRequest\x1a\x16.epicycle.v1.ModelInfo\x12S\n\x0cHoldVersions\x12 .epicycle.v1.HoldVersionsRequest\x1a!.epicycle.v1.HoldVersionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,39 +33,43 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.epicycle.v1.learner_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST']._serialized_start=83
-  _globals['_PREDICTREQUEST']._serialized_end=254
-  _globals['_CONDITIONON']._serialized_start=256
-  _globals['_CONDITIONON']._serialized_end=334
-  _globals['_PREDICTRESPONSE']._serialized_start=336
-  _globals['_PREDICTRESPONSE']._serialized_end=416
-  _globals['_ADDDATAREQUEST']._serialized_start=419
-  _globals['_ADDDATAREQUEST']._serialized_end=577
-  _globals['_ADDDATABATCHREQUEST']._serialized_start=579
-  _globals['_ADDDATABATCHREQUEST']._serialized_end=644
-  _globals['_ADDDATARESPONSE']._serialized_start=646
-  _globals['_ADDDATARESPONSE']._serialized_end=728
-  _globals['_HYPERPARAMETERBOUNDS']._serialized_start=730
-  _globals['_HYPERPARAMETERBOUNDS']._serialized_end=796
-  _globals['_OPTIMIZEREQUEST']._serialized_start=799
-  _globals['_OPTIMIZEREQUEST']._serialized_end=940
-  _globals['_OPTIMIZERESPONSE']._serialized_start=943
-  _globals['_OPTIMIZERESPONSE']._serialized_end=1154
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1156
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1177
-  _globals['_MODELINFO']._serialized_start=1180
-  _globals['_MODELINFO']._serialized_end=1484
-  _globals['_CHECKPOINTREQUEST']._serialized_start=1486
-  _globals['_CHECKPOINTREQUEST']._serialized_end=1505
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=1508
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=1656
-  _globals['_RESTORECHECKPOINTREQUEST']._serialized_start=1658
-  _globals['_RESTORECHECKPOINTREQUEST']._serialized_end=1707
-  _globals['_EXPORTMODELREQUEST']._serialized_start=1709
-  _globals['_EXPORTMODELREQUEST']._serialized_end=1729
-  _globals['_EXPORTMODELRESPONSE']._serialized_start=1731
-  _globals['_EXPORTMODELRESPONSE']._serialized_end=1830
-  _globals['_LOADMODELREQUEST']._serialized_start=1832
-  _globals['_LOADMODELREQUEST']._serialized_end=1865
-  _globals['_LEARNER']._serialized_start=1868
-  _globals['_LEARNER']._serialized_end=2637
+  _globals['_PREDICTREQUEST']._serialized_end=277
+  _globals['_CONDITIONON']._serialized_start=279
+  _globals['_CONDITIONON']._serialized_end=357
+  _globals['_PREDICTRESPONSE']._serialized_start=359
+  _globals['_PREDICTRESPONSE']._serialized_end=439
+  _globals['_ADDDATAREQUEST']._serialized_start=442
+  _globals['_ADDDATAREQUEST']._serialized_end=600
+  _globals['_ADDDATABATCHREQUEST']._serialized_start=602
+  _globals['_ADDDATABATCHREQUEST']._serialized_end=667
+  _globals['_ADDDATARESPONSE']._serialized_start=669
+  _globals['_ADDDATARESPONSE']._serialized_end=751
+  _globals['_HYPERPARAMETERBOUNDS']._serialized_start=753
+  _globals['_HYPERPARAMETERBOUNDS']._serialized_end=819
+  _globals['_OPTIMIZEREQUEST']._serialized_start=822
+  _globals['_OPTIMIZEREQUEST']._serialized_end=963
+  _globals['_OPTIMIZERESPONSE']._serialized_start=966
+  _globals['_OPTIMIZERESPONSE']._serialized_end=1177
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1179
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1200
+  _globals['_MODELINFO']._serialized_start=1203
+  _globals['_MODELINFO']._serialized_end=1507
+  _globals['_CHECKPOINTREQUEST']._serialized_start=1509
+  _globals['_CHECKPOINTREQUEST']._serialized_end=1528
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=1531
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=1679
+  _globals['_RESTORECHECKPOINTREQUEST']._serialized_start=1681
+  _globals['_RESTORECHECKPOINTREQUEST']._serialized_end=1730
+  _globals['_EXPORTMODELREQUEST']._serialized_start=1732
+  _globals['_EXPORTMODELREQUEST']._serialized_end=1752
+  _globals['_EXPORTMODELRESPONSE']._serialized_start=1754
+  _globals['_EXPORTMODELRESPONSE']._serialized_end=1853
+  _globals['_LOADMODELREQUEST']._serialized_start=1855
+  _globals['_LOADMODELREQUEST']._serialized_end=1888
+  _globals['_HOLDVERSIONSREQUEST']._serialized_start=1890
+  _globals['_HOLDVERSIONSREQUEST']._serialized_end=1935
+  _globals['_HOLDVERSIONSRESPONSE']._serialized_start=1937
+  _globals['_HOLDVERSIONSRESPONSE']._serialized_end=2006
+  _globals['_LEARNER']._serialized_start=2009
+  _globals['_LEARNER']._serialized_end=2863
 # @@protoc_insertion_point(module_scope)

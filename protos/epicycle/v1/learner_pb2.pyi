@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
-    __slots__ = ("structure", "compute_stress", "atom_indices", "sequence", "condition_on")
+    __slots__ = ("structure", "compute_stress", "atom_indices", "sequence", "condition_on", "model_version")
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_STRESS_FIELD_NUMBER: _ClassVar[int]
     ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CONDITION_ON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     structure: _common_pb2.Structure
     compute_stress: bool
     atom_indices: _containers.RepeatedScalarFieldContainer[int]
     sequence: int
     condition_on: _containers.RepeatedCompositeFieldContainer[ConditionOn]
-    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., compute_stress: _Optional[bool] = ..., atom_indices: _Optional[_Iterable[int]] = ..., sequence: _Optional[int] = ..., condition_on: _Optional[_Iterable[_Union[ConditionOn, _Mapping]]] = ...) -> None: ...
+    model_version: int
+    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., compute_stress: _Optional[bool] = ..., atom_indices: _Optional[_Iterable[int]] = ..., sequence: _Optional[int] = ..., condition_on: _Optional[_Iterable[_Union[ConditionOn, _Mapping]]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ConditionOn(_message.Message):
     __slots__ = ("structure", "atom_indices")
@@ -188,3 +190,19 @@ class LoadModelRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: bytes
     def __init__(self, model: _Optional[bytes] = ...) -> None: ...
+
+class HoldVersionsRequest(_message.Message):
+    __slots__ = ("model_versions",)
+    MODEL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    model_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class HoldVersionsResponse(_message.Message):
+    __slots__ = ("held", "missing", "newest")
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIELD_NUMBER: _ClassVar[int]
+    held: _containers.RepeatedScalarFieldContainer[int]
+    missing: _containers.RepeatedScalarFieldContainer[int]
+    newest: int
+    def __init__(self, held: _Optional[_Iterable[int]] = ..., missing: _Optional[_Iterable[int]] = ..., newest: _Optional[int] = ...) -> None: ...

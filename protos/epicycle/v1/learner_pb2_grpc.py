@@ -84,6 +84,11 @@ class LearnerStub:
                 request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.RestoreCheckpointRequest.SerializeToString,
                 response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.HoldVersions = channel.unary_unary(
+                '/epicycle.v1.Learner/HoldVersions',
+                request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsRequest.SerializeToString,
+                response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServicer:
@@ -164,6 +169,17 @@ class LearnerServicer:
         """Serve the model of an earlier checkpoint again (rebuilt from its data);
         NOT_FOUND if this learner does not have it.  The id "initial" is the empty
         model the learner was started with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldVersions(self, request, context):
+        """Keep exactly these model versions in memory besides the newest, so that
+        walkers pinned to them (an update under trial, a rejected update) can go on
+        predicting with them.  Idempotent: the set replaces the previous one.  Each
+        held version costs one model's memory.  Versions that are no longer in
+        memory are reported in `missing` (e.g. after a learner restart).
         (Mapping the mean to cubic splines will be added as a new RPC.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -222,6 +238,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.RestoreCheckpoint,
                     request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.RestoreCheckpointRequest.FromString,
                     response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.SerializeToString,
+            ),
+            'HoldVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldVersions,
+                    request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsRequest.FromString,
+                    response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -494,6 +515,33 @@ class Learner:
             '/epicycle.v1.Learner/RestoreCheckpoint',
             protos_dot_epicycle_dot_v1_dot_learner__pb2.RestoreCheckpointRequest.SerializeToString,
             protos_dot_epicycle_dot_v1_dot_learner__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epicycle.v1.Learner/HoldVersions',
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsRequest.SerializeToString,
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
