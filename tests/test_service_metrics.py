@@ -258,6 +258,10 @@ def test_coordinator_metrics() -> None:
     m.model(_Info(), 0.05)
     m.update(_Decision(True))
     m.update(_Decision(False))
+    m.timestep("T900", 5.0)
+    m.rollback("T300", "retry", 2.5)
+    m.rollback("T300", "rejected", 5.0)
+    m.rollback("T300", "retry", 2.5)
     text = generate_latest(registry).decode()
     data = samples(text)
     types = family_types(text)
@@ -283,6 +287,11 @@ def test_coordinator_metrics() -> None:
     assert value(data, "epicycle_coordinator_training_environments") == 7
     assert value(data, "epicycle_coordinator_updates_total", decision="accepted") == 1
     assert value(data, "epicycle_coordinator_updates_total", decision="rejected") == 1
+    assert value(data, "epicycle_rollbacks_total", walker="T300", outcome="retry") == 2
+    assert value(data, "epicycle_rollbacks_total", walker="T300", outcome="rejected") == 1
+    assert value(data, "epicycle_rollbacks_total", walker="T900", outcome="retry") == 0  # exists from the start
+    assert value(data, "epicycle_timestep_fs", walker="T300") == 2.5
+    assert value(data, "epicycle_timestep_fs", walker="T900") == 5.0
 
 
 def test_coordinator_calls_per_ps_counts_labels_from_before_a_resume() -> None:
