@@ -620,6 +620,11 @@ class OnTheFlyRun:
         req.control.sigma_threshold = threshold
         req.control.max_steps = max_steps
         req.control.frame_interval = sm.frame_interval
+        if ws.resend_schedule and ws.md_checkpoint is not None:
+            # the schedule changed on resume (--set): the checkpoint still carries the old one
+            req.control.replace_schedule = True
+            for t, temp in sm.schedule:
+                req.control.schedule.add(time_fs=t, temperature_k=temp)
         if self.trial:
             req.control.model_version = trial["version"] if trial is not None else max(ws.model_version, 0)
             req.control.timestep_fs = ws.timestep_fs or sm.timestep_fs
@@ -689,6 +694,7 @@ class OnTheFlyRun:
             raise CalculationFailed(f"walker {w.name}: the sampler ended the run without a stop report")
         frames = [a for a in frames if a.info.pop("logged", True)]
         rd.append_frames(w.name, frames)
+        ws.resend_schedule = False  # the new checkpoint carries the current schedule
         ws.skip_gate = False
         ws.pending_override = None
         ws.step, ws.time_fs = int(stop.step), float(stop.time_fs)

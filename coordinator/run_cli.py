@@ -20,6 +20,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repair", action="store_true",
                    help="with --resume: label the structures of missing or damaged label files again with the "
                         "oracle, under the same index (see `epicycle check-run`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="with --resume: change a setting that may change mid-run, e.g. sampler.steps=2000, "
+                        "policy.sigma_factor=2, stop.max_labels=80, sampler.schedule='[[3000, 1200]]' (fs, K), "
+                        "oracle.addresses='[host:50051]'; validated, recorded in the event log; repeat for more "
+                        "(the list: docs/configuration.md, 'Changing settings of a run')")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.set_defaults(func=run_command)
@@ -65,11 +70,18 @@ def run_command(args: argparse.Namespace) -> int:
         if args.config:
             raise InvalidInput("give either CONFIG (new run) or --resume RUN_DIR, not both")
         rd = RunDirectory.open(args.resume)
-        config = parse_config(yaml.safe_load((rd.path / "config.yaml").read_text()))
-        if rd.load_state().finished:
-            print(f"{rd.path}: the run is already finished")
+        data = yaml.safe_load((rd.path / "config.yaml").read_text())
+        config = parse_config(data)
+        if args.settings:
+            config = _change_settings(rd, data, args.settings)
+        elif rd.load_state().finished:
+            print(f"{rd.path}: the run is already finished (continue it with changed settings, e.g. "
+                  f"--set sampler.steps=N)")
             return 0
     else:
+        if args.settings:
+            raise InvalidInput("--set changes the settings of a run being resumed: use it with --resume RUN_DIR "
+                               "(for a new run, edit the YAML)")
         if not args.config:
             raise InvalidInput("give a run configuration (YAML) or --resume RUN_DIR")
         config = load_config(args.config)
@@ -108,6 +120,41 @@ def run_command(args: argparse.Namespace) -> int:
         report = write_report(rd.path, wall_seconds=elapsed)
         print(f"report: {report}", flush=True)
     return 0
+
+
+def _change_settings(rd, data: dict, items: list[str]):
+    """Apply ``--set`` to the run's configuration: validate the whole new configuration, write it, record
+    the change; a finished run whose walkers now have steps left is continued."""
+    import yaml
+
+    from coordinator.config import parse_config
+    from coordinator.settings_change import apply_assignments, parse_assignments
+    from protos.files import atomic_write
+
+    new, changes = apply_assignments(data, parse_assignments(items))
+    config = parse_config(new)
+    st = rd.load_state()
+    steps = {w.name: w.sampler.steps for w in config.walker_list()}
+    reopened = []
+    for name in st.walkers:
+        ws = st.walker(name)
+        if ws.done and not ws.halted and ws.step < steps.get(name, 0):
+            ws.done = False
+            reopened.append(name)
+        if "sampler.schedule" in changes and not ws.done:
+            ws.resend_schedule = True
+        st.set_walker(name, ws)
+    if st.finished and all(st.walker(n).done for n in st.walkers):
+        raise InvalidInput(f"{rd.path}: the run is finished and the change leaves nothing to do "
+                           f"(every walker has done its steps: raise sampler.steps to continue)")
+    atomic_write(rd.path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    if st.finished:
+        st.finished, st.stop_reason = False, ""
+    rd.save_state(st)
+    rd.event("settings_changed", changes=changes, reopened_walkers=reopened)
+    for key, (old, value) in changes.items():
+        print(f"setting {key}: {old!r} -> {value!r}")
+    return config
 
 
 def check_run_command(args: argparse.Namespace) -> int:

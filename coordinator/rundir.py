@@ -130,6 +130,7 @@ class WalkerState:
     timestep_fs: float | None = None     # reduced Δt in force (None: the configured one)
     stable_steps: int = 0                # steps since Δt last changed without a failed trial
     halted: str = ""                     # why the walker stopped for good (e.g. no stable model left)
+    resend_schedule: bool = False        # the schedule changed on resume: send it with the next chunk
 
 
 @dataclass

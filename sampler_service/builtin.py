@@ -139,6 +139,13 @@ class BuiltinEngine(MDEngine):
     def set_timestep(self, timestep_fs: float) -> None:
         self.settings = self.settings.replace(timestep_fs=timestep_fs)
 
+    def set_schedule(self, schedule) -> None:
+        schedule = tuple((float(t), float(temp)) for t, temp in schedule)
+        self.settings = self.settings.replace(schedule=schedule)
+        # applied so far: the events due at the start of the last step integrated, at time - Δt
+        last_start = self._time - self.settings.timestep_fs if self._step > 0 else -float("inf")
+        self._schedule_index = sum(1 for t, _ in schedule if t <= last_start + SCHEDULE_EPS_FS)
+
     def supply_forces(self, result: ForceResult) -> None:
         self._supplied = self._checked_supplied(result)
 

@@ -352,6 +352,11 @@ class MDEngine(abc.ABC):
     def set_timestep(self, timestep_fs: float) -> None:
         """Change Δt from the next step on (e.g. after a rollback)."""
 
+    def set_schedule(self, schedule) -> None:
+        """Replace the temperature schedule ``((time_fs, temperature_K), ...)`` from now on; events at
+        times already passed are not applied again.  Engines that keep a schedule implement it."""
+        raise InvalidInput(f"engine {self.settings.engine!r} cannot change its temperature schedule mid-run")
+
     def energy_drift(self) -> float | None:
         """Drift of the conserved energy, eV/atom/ps, over the frames of the current model version."""
         s = self._drift.slope()

@@ -328,6 +328,13 @@ class LammpsEngine(MDEngine):
         self.settings = self.settings.replace(timestep_fs=timestep_fs)
         self._lmp.command(f"timestep {timestep_fs / _FS_PER_PS!r}")
 
+    def set_schedule(self, schedule) -> None:
+        schedule = tuple((float(t), float(temp)) for t, temp in schedule)
+        self.settings = self.settings.replace(schedule=schedule)
+        # applied so far: the events due at the start of the last step integrated, at time - Δt
+        last_start = self._time - self.settings.timestep_fs if self._step > 0 else -float("inf")
+        self._schedule_index = sum(1 for t, _ in schedule if t <= last_start + SCHEDULE_EPS_FS)
+
     def supply_forces(self, result: ForceResult) -> None:
         self._supplied = self._checked_supplied(result)
 

@@ -164,6 +164,7 @@ class RemoteEngine(MDEngine):
         self._pending: ForceResult | None = None
         self._observables: Observables | None = None
         self._timestep: float | None = None
+        self._schedule: tuple | None = None   # a replaced schedule, sent with the next call
         if _blob is not None:
             req = sampler_pb2.RunRequest(checkpoint=bytes(_blob))
         else:
@@ -197,6 +198,10 @@ class RemoteEngine(MDEngine):
         req.control.frame_interval = int(frame_interval) if on_frame is not None else 0
         if self._timestep is not None:
             req.control.timestep_fs = self._timestep
+        if self._schedule is not None:
+            req.control.replace_schedule = True
+            for t, temp in self._schedule:
+                req.control.schedule.add(time_fs=t, temperature_k=temp)
         if self._pending is not None:
             r = self._pending
             wire.labels_to_proto(r.energy, r.forces, r.stress, out=req.override_forces)
@@ -249,6 +254,7 @@ class RemoteEngine(MDEngine):
             self._observables = report.frame.observables
         self._pending = None
         self._timestep = None
+        self._schedule = None
 
     # -- MDEngine ------------------------------------------------------------------
     def run(self, max_steps: int, threshold: float | None = None, frame_interval: int = 1,
@@ -282,7 +288,7 @@ class RemoteEngine(MDEngine):
 
     def checkpoint(self) -> bytes:
         """The sampler's last checkpoint; pending supplied forces (or Δt) are folded in by a zero-step call."""
-        if self._pending is not None or self._timestep is not None:
+        if self._pending is not None or self._timestep is not None or self._schedule is not None:
             self._call_run(sampler_pb2.RunRequest(checkpoint=self._blob), 0, None, 0, None)
         return self._blob
 
@@ -291,6 +297,7 @@ class RemoteEngine(MDEngine):
             raise InvalidInput("checkpoint is empty")
         self._pending = None
         self._timestep = None
+        self._schedule = None
         self._call_run(sampler_pb2.RunRequest(checkpoint=bytes(blob)), 0, None, 0, None)
         self._observables = None
 
@@ -312,6 +319,11 @@ class RemoteEngine(MDEngine):
 
     def energy_drift(self) -> float | None:
         return self._drift
+
+    def set_schedule(self, schedule) -> None:
+        """The schedule from the next call on (sent as ``RunControl.schedule``)."""
+        self._schedule = tuple((float(t), float(temp)) for t, temp in schedule)
+        self.settings = self.settings.replace(schedule=self._schedule)
 
     def set_timestep(self, timestep_fs: float) -> None:
         """Δt from the next call on (sent as ``RunControl.timestep_fs``; the sampler validates it)."""

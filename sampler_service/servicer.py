@@ -209,6 +209,8 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                                        f"available on this sampler; available: {', '.join(self.engines)}")
                 if engine.settings.ensemble.startswith("npt") and hasattr(provider, "want_stress"):
                     provider.want_stress = True
+            if control.replace_schedule:  # before a new Δt: events up to the last step's start are past
+                engine.set_schedule(tuple((e.time_fs, e.temperature_k) for e in control.schedule))
             if timestep is not None:
                 engine.set_timestep(timestep)
             if request.HasField("override_forces"):

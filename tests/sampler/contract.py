@@ -217,6 +217,25 @@ class EngineContract:
         assert np.max(np.abs(np.diff(e))) < 0.01
         eng.close()
 
+    def test_a_replaced_schedule_applies_what_is_ahead_and_never_repeats_what_passed(self):
+        """set_schedule (a run resumed with a changed schedule): an event due at the start of the next
+        step is still applied; one whose step has been integrated is not applied again."""
+        eng = self.make(ensemble="nve", timestep_fs=6.0, initial_temperature_K=300.0, schedule=((40.0, 1000.0),))
+        eng.run(7)  # steps start at 0..36 fs: the event at 40 fs is due at the start of the step from 42 fs
+        eng.set_schedule(((40.0, 1000.0), (100.0, 50.0)))
+        rec = Recorder()
+        eng.run(12, on_frame=rec)
+        at = {round(f.time_fs): f.observables.temperature_K for f in rec.frames}
+        assert at[42] == pytest.approx(1000.0, rel=1e-9)
+        assert at[102] == pytest.approx(50.0, rel=1e-9)
+        eng.set_schedule(((40.0, 1000.0), (130.0, 700.0)))  # at 114 fs: 40 fs has passed, 130 fs is ahead
+        rec = Recorder()
+        eng.run(5, on_frame=rec)
+        at = {round(f.time_fs): f.observables.temperature_K for f in rec.frames}
+        assert abs(at[114] - 1000.0) > 50.0  # the 40 fs event is not applied again ...
+        assert at[132] == pytest.approx(700.0, rel=1e-9)  # ... the one ahead is
+        eng.close()
+
     # -- checkpoint / restore ------------------------------------------------------
     @pytest.mark.parametrize("ensemble", ["nve", "nvt_langevin"])
     def test_checkpoint_restore_is_bit_for_bit(self, ensemble):

@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from protos.epicycle.v1 import common_pb2 as protos_dot_epicycle_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/epicycle/v1/sampler.proto\x12\x0b\x65picycle.v1\x1a\x1fprotos/epicycle/v1/common.proto\":\n\x10TemperatureEvent\x12\x0f\n\x07time_fs\x18\x01 \x01(\x01\x12\x15\n\rtemperature_k\x18\x02 \x01(\x01\"\x97\x04\n\nMDSettings\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x10\n\x08\x65nsemble\x18\x02 \x01(\t\x12\x18\n\x0btimestep_fs\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rtemperature_k\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0f\x66riction_per_fs\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07taut_fs\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cpressure_gpa\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x14\n\x07taup_fs\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12$\n\x17\x63ompressibility_per_gpa\x18\t \x01(\x01H\x06\x88\x01\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x12/\n\x08schedule\x18\x0b \x03(\x0b\x32\x1d.epicycle.v1.TemperatureEvent\x12\"\n\x15initial_temperature_k\x18\x0c \x01(\x01H\x07\x88\x01\x01\x12\x1b\n\x0ewrap_positions\x18\r \x01(\x08H\x08\x88\x01\x01\x42\x0e\n\x0c_timestep_fsB\x10\n\x0e_temperature_kB\x12\n\x10_friction_per_fsB\n\n\x08_taut_fsB\x0f\n\r_pressure_gpaB\n\n\x08_taup_fsB\x1a\n\x18_compressibility_per_gpaB\x18\n\x16_initial_temperature_kB\x11\n\x0f_wrap_positions\"\x91\x01\n\nRunControl\x12\x17\n\x0fsigma_threshold\x18\x01 \x01(\x01\x12\x11\n\tmax_steps\x18\x02 \x01(\x04\x12\x16\n\x0e\x66rame_interval\x18\x03 \x01(\r\x12\x18\n\x0btimestep_fs\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\x42\x0e\n\x0c_timestep_fs\"\xc4\x01\n\nRunRequest\x12&\n\x07new_run\x18\x01 \x01(\x0b\x32\x13.epicycle.v1.NewRunH\x00\x12\x14\n\ncheckpoint\x18\x02 \x01(\x0cH\x00\x12(\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x17.epicycle.v1.RunControl\x12,\n\x0foverride_forces\x18\x04 \x01(\x0b\x32\x13.epicycle.v1.Labels\x12\x17\n\x0flearner_address\x18\x05 \x01(\tB\x07\n\x05start\"^\n\x06NewRun\x12)\n\tstructure\x18\x01 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12)\n\x08settings\x18\x02 \x01(\x0b\x32\x17.epicycle.v1.MDSettings\"\xff\x01\n\x05\x46rame\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07time_fs\x18\x02 \x01(\x01\x12)\n\tstructure\x18\x03 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12+\n\nprediction\x18\x04 \x01(\x0b\x32\x17.epicycle.v1.Prediction\x12\x15\n\rtemperature_k\x18\x05 \x01(\x01\x12\x16\n\x0ekinetic_energy\x18\x06 \x01(\x01\x12\x18\n\x10potential_energy\x18\x07 \x01(\x01\x12\x18\n\x10\x63onserved_energy\x18\x08 \x01(\x01\x12\x1c\n\x14\x66orces_from_override\x18\t \x01(\x08\"D\n\x12UncertainComponent\x12\x0c\n\x04\x61tom\x18\x01 \x01(\x05\x12\x11\n\tcomponent\x18\x02 \x01(\x05\x12\r\n\x05sigma\x18\x03 \x01(\x01\"\xaf\x03\n\nStopReport\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.epicycle.v1.StopReason\x12!\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.epicycle.v1.Frame\x12\x32\n\tuncertain\x18\x03 \x03(\x0b\x32\x1f.epicycle.v1.UncertainComponent\x12\x11\n\tmax_sigma\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x12\n\ncheckpoint\x18\x06 \x01(\x0c\x12#\n\x1b\x65nergy_drift_ev_per_atom_ps\x18\x07 \x01(\x01\x12\x18\n\x10steps_per_second\x18\x08 \x01(\x01\x12\x0c\n\x04step\x18\t \x01(\x04\x12\x0f\n\x07time_fs\x18\n \x01(\x01\x12\x13\n\x0bsteps_taken\x18\x0b \x01(\x04\x12%\n\x05state\x18\x0c \x01(\x0b\x32\x16.epicycle.v1.Structure\x12\"\n\x06images\x18\r \x01(\x0b\x32\x12.epicycle.v1.Array\x12)\n\x08settings\x18\x0e \x01(\x0b\x32\x17.epicycle.v1.MDSettings\"d\n\x0bRunResponse\x12#\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x12.epicycle.v1.FrameH\x00\x12\'\n\x04stop\x18\x02 \x01(\x0b\x32\x17.epicycle.v1.StopReportH\x00\x42\x07\n\x05\x65vent\"\x18\n\x16SamplerDescribeRequest\"V\n\x17SamplerDescribeResponse\x12\x0f\n\x07\x65ngines\x18\x01 \x03(\t\x12\x11\n\tensembles\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_learner\x18\x03 \x01(\t*_\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15STOP_REASON_UNCERTAIN\x10\x01\x12\x19\n\x15STOP_REASON_MAX_STEPS\x10\x02\x32\x9c\x01\n\x07Sampler\x12:\n\x03Run\x12\x17.epicycle.v1.RunRequest\x1a\x18.epicycle.v1.RunResponse0\x01\x12U\n\x08\x44\x65scribe\x12#.epicycle.v1.SamplerDescribeRequest\x1a$.epicycle.v1.SamplerDescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/epicycle/v1/sampler.proto\x12\x0b\x65picycle.v1\x1a\x1fprotos/epicycle/v1/common.proto\":\n\x10TemperatureEvent\x12\x0f\n\x07time_fs\x18\x01 \x01(\x01\x12\x15\n\rtemperature_k\x18\x02 \x01(\x01\"\x97\x04\n\nMDSettings\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x10\n\x08\x65nsemble\x18\x02 \x01(\t\x12\x18\n\x0btimestep_fs\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rtemperature_k\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0f\x66riction_per_fs\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07taut_fs\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0cpressure_gpa\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x14\n\x07taup_fs\x18\x08 \x01(\x01H\x05\x88\x01\x01\x12$\n\x17\x63ompressibility_per_gpa\x18\t \x01(\x01H\x06\x88\x01\x01\x12\x0c\n\x04seed\x18\n \x01(\x04\x12/\n\x08schedule\x18\x0b \x03(\x0b\x32\x1d.epicycle.v1.TemperatureEvent\x12\"\n\x15initial_temperature_k\x18\x0c \x01(\x01H\x07\x88\x01\x01\x12\x1b\n\x0ewrap_positions\x18\r \x01(\x08H\x08\x88\x01\x01\x42\x0e\n\x0c_timestep_fsB\x10\n\x0e_temperature_kB\x12\n\x10_friction_per_fsB\n\n\x08_taut_fsB\x0f\n\r_pressure_gpaB\n\n\x08_taup_fsB\x1a\n\x18_compressibility_per_gpaB\x18\n\x16_initial_temperature_kB\x11\n\x0f_wrap_positions\"\xdc\x01\n\nRunControl\x12\x17\n\x0fsigma_threshold\x18\x01 \x01(\x01\x12\x11\n\tmax_steps\x18\x02 \x01(\x04\x12\x16\n\x0e\x66rame_interval\x18\x03 \x01(\r\x12\x18\n\x0btimestep_fs\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\rmodel_version\x18\x05 \x01(\x04\x12\x18\n\x10replace_schedule\x18\x06 \x01(\x08\x12/\n\x08schedule\x18\x07 \x03(\x0b\x32\x1d.epicycle.v1.TemperatureEventB\x0e\n\x0c_timestep_fs\"\xc4\x01\n\nRunRequest\x12&\n\x07new_run\x18\x01 \x01(\x0b\x32\x13.epicycle.v1.NewRunH\x00\x12\x14\n\ncheckpoint\x18\x02 \x01(\x0cH\x00\x12(\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x17.epicycle.v1.RunControl\x12,\n\x0foverride_forces\x18\x04 \x01(\x0b\x32\x13.epicycle.v1.Labels\x12\x17\n\x0flearner_address\x18\x05 \x01(\tB\x07\n\x05start\"^\n\x06NewRun\x12)\n\tstructure\x18\x01 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12)\n\x08settings\x18\x02 \x01(\x0b\x32\x17.epicycle.v1.MDSettings\"\xff\x01\n\x05\x46rame\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0f\n\x07time_fs\x18\x02 \x01(\x01\x12)\n\tstructure\x18\x03 \x01(\x0b\x32\x16.epicycle.v1.Structure\x12+\n\nprediction\x18\x04 \x01(\x0b\x32\x17.epicycle.v1.Prediction\x12\x15\n\rtemperature_k\x18\x05 \x01(\x01\x12\x16\n\x0ekinetic_energy\x18\x06 \x01(\x01\x12\x18\n\x10potential_energy\x18\x07 \x01(\x01\x12\x18\n\x10\x63onserved_energy\x18\x08 \x01(\x01\x12\x1c\n\x14\x66orces_from_override\x18\t \x01(\x08\"D\n\x12UncertainComponent\x12\x0c\n\x04\x61tom\x18\x01 \x01(\x05\x12\x11\n\tcomponent\x18\x02 \x01(\x05\x12\r\n\x05sigma\x18\x03 \x01(\x01\"\xaf\x03\n\nStopReport\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.epicycle.v1.StopReason\x12!\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x12.epicycle.v1.Frame\x12\x32\n\tuncertain\x18\x03 \x03(\x0b\x32\x1f.epicycle.v1.UncertainComponent\x12\x11\n\tmax_sigma\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x12\n\ncheckpoint\x18\x06 \x01(\x0c\x12#\n\x1b\x65nergy_drift_ev_per_atom_ps\x18\x07 \x01(\x01\x12\x18\n\x10steps_per_second\x18\x08 \x01(\x01\x12\x0c\n\x04step\x18\t \x01(\x04\x12\x0f\n\x07time_fs\x18\n \x01(\x01\x12\x13\n\x0bsteps_taken\x18\x0b \x01(\x04\x12%\n\x05state\x18\x0c \x01(\x0b\x32\x16.epicycle.v1.Structure\x12\"\n\x06images\x18\r \x01(\x0b\x32\x12.epicycle.v1.Array\x12)\n\x08settings\x18\x0e \x01(\x0b\x32\x17.epicycle.v1.MDSettings\"d\n\x0bRunResponse\x12#\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x12.epicycle.v1.FrameH\x00\x12\'\n\x04stop\x18\x02 \x01(\x0b\x32\x17.epicycle.v1.StopReportH\x00\x42\x07\n\x05\x65vent\"\x18\n\x16SamplerDescribeRequest\"V\n\x17SamplerDescribeResponse\x12\x0f\n\x07\x65ngines\x18\x01 \x03(\t\x12\x11\n\tensembles\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_learner\x18\x03 \x01(\t*_\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15STOP_REASON_UNCERTAIN\x10\x01\x12\x19\n\x15STOP_REASON_MAX_STEPS\x10\x02\x32\x9c\x01\n\x07Sampler\x12:\n\x03Run\x12\x17.epicycle.v1.RunRequest\x1a\x18.epicycle.v1.RunResponse0\x01\x12U\n\x08\x44\x65scribe\x12#.epicycle.v1.SamplerDescribeRequest\x1a$.epicycle.v1.SamplerDescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.epicycle.v1.sampler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOPREASON']._serialized_start=2101
-  _globals['_STOPREASON']._serialized_end=2196
+  _globals['_STOPREASON']._serialized_start=2176
+  _globals['_STOPREASON']._serialized_end=2271
   _globals['_TEMPERATUREEVENT']._serialized_start=82
   _globals['_TEMPERATUREEVENT']._serialized_end=140
   _globals['_MDSETTINGS']._serialized_start=143
   _globals['_MDSETTINGS']._serialized_end=678
   _globals['_RUNCONTROL']._serialized_start=681
-  _globals['_RUNCONTROL']._serialized_end=826
-  _globals['_RUNREQUEST']._serialized_start=829
-  _globals['_RUNREQUEST']._serialized_end=1025
-  _globals['_NEWRUN']._serialized_start=1027
-  _globals['_NEWRUN']._serialized_end=1121
-  _globals['_FRAME']._serialized_start=1124
-  _globals['_FRAME']._serialized_end=1379
-  _globals['_UNCERTAINCOMPONENT']._serialized_start=1381
-  _globals['_UNCERTAINCOMPONENT']._serialized_end=1449
-  _globals['_STOPREPORT']._serialized_start=1452
-  _globals['_STOPREPORT']._serialized_end=1883
-  _globals['_RUNRESPONSE']._serialized_start=1885
-  _globals['_RUNRESPONSE']._serialized_end=1985
-  _globals['_SAMPLERDESCRIBEREQUEST']._serialized_start=1987
-  _globals['_SAMPLERDESCRIBEREQUEST']._serialized_end=2011
-  _globals['_SAMPLERDESCRIBERESPONSE']._serialized_start=2013
-  _globals['_SAMPLERDESCRIBERESPONSE']._serialized_end=2099
-  _globals['_SAMPLER']._serialized_start=2199
-  _globals['_SAMPLER']._serialized_end=2355
+  _globals['_RUNCONTROL']._serialized_end=901
+  _globals['_RUNREQUEST']._serialized_start=904
+  _globals['_RUNREQUEST']._serialized_end=1100
+  _globals['_NEWRUN']._serialized_start=1102
+  _globals['_NEWRUN']._serialized_end=1196
+  _globals['_FRAME']._serialized_start=1199
+  _globals['_FRAME']._serialized_end=1454
+  _globals['_UNCERTAINCOMPONENT']._serialized_start=1456
+  _globals['_UNCERTAINCOMPONENT']._serialized_end=1524
+  _globals['_STOPREPORT']._serialized_start=1527
+  _globals['_STOPREPORT']._serialized_end=1958
+  _globals['_RUNRESPONSE']._serialized_start=1960
+  _globals['_RUNRESPONSE']._serialized_end=2060
+  _globals['_SAMPLERDESCRIBEREQUEST']._serialized_start=2062
+  _globals['_SAMPLERDESCRIBEREQUEST']._serialized_end=2086
+  _globals['_SAMPLERDESCRIBERESPONSE']._serialized_start=2088
+  _globals['_SAMPLERDESCRIBERESPONSE']._serialized_end=2174
+  _globals['_SAMPLER']._serialized_start=2274
+  _globals['_SAMPLER']._serialized_end=2430
 # @@protoc_insertion_point(module_scope)

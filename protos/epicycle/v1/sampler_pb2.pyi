@@ -56,18 +56,22 @@ class MDSettings(_message.Message):
     def __init__(self, engine: _Optional[str] = ..., ensemble: _Optional[str] = ..., timestep_fs: _Optional[float] = ..., temperature_k: _Optional[float] = ..., friction_per_fs: _Optional[float] = ..., taut_fs: _Optional[float] = ..., pressure_gpa: _Optional[float] = ..., taup_fs: _Optional[float] = ..., compressibility_per_gpa: _Optional[float] = ..., seed: _Optional[int] = ..., schedule: _Optional[_Iterable[_Union[TemperatureEvent, _Mapping]]] = ..., initial_temperature_k: _Optional[float] = ..., wrap_positions: _Optional[bool] = ...) -> None: ...
 
 class RunControl(_message.Message):
-    __slots__ = ("sigma_threshold", "max_steps", "frame_interval", "timestep_fs", "model_version")
+    __slots__ = ("sigma_threshold", "max_steps", "frame_interval", "timestep_fs", "model_version", "replace_schedule", "schedule")
     SIGMA_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     FRAME_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     sigma_threshold: float
     max_steps: int
     frame_interval: int
     timestep_fs: float
     model_version: int
-    def __init__(self, sigma_threshold: _Optional[float] = ..., max_steps: _Optional[int] = ..., frame_interval: _Optional[int] = ..., timestep_fs: _Optional[float] = ..., model_version: _Optional[int] = ...) -> None: ...
+    replace_schedule: bool
+    schedule: _containers.RepeatedCompositeFieldContainer[TemperatureEvent]
+    def __init__(self, sigma_threshold: _Optional[float] = ..., max_steps: _Optional[int] = ..., frame_interval: _Optional[int] = ..., timestep_fs: _Optional[float] = ..., model_version: _Optional[int] = ..., replace_schedule: _Optional[bool] = ..., schedule: _Optional[_Iterable[_Union[TemperatureEvent, _Mapping]]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("new_run", "checkpoint", "control", "override_forces", "learner_address")
