@@ -122,6 +122,7 @@ class WalkerState:
     skip_gate: bool = False              # oracle.on_failure: skip — integrate one step on the model
     done: bool = False
     last_call_step: int = 0              # step of the walker's latest uncertain frame
+    ungated_until: int = -1              # policy.min_steps_between_calls: steps up to this one run ungated
 
 
 @dataclass
