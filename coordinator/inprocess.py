@@ -375,15 +375,20 @@ class ReplayCall:
         yield stop(report, step)
 
 
-def replay_ports(config, run_dir, trajectories: Mapping[str, object] | Sequence[object] | object,
-                 oracle: InProcessOracle | None = None, learner: InProcessLearner | None = None) -> Ports:
+def replay_ports(config, run_dir, trajectories, oracle: InProcessOracle | None = None,
+                 learner: InProcessLearner | None = None) -> Ports:
     """In-process ports for ``config`` in ``run_dir``: an :class:`InProcessLearner` on the run's
-    model directory, ``oracle`` (default EMT) and one :class:`ReplaySampler` per trajectory (walker
-    ``i`` replays ``trajectories[i]``; one trajectory for a one-walker run)."""
-    learner = learner or InProcessLearner.for_run(config, run_dir)
+    model directory, ``oracle`` (default EMT) and one :class:`ReplaySampler` per trajectory.
+    ``trajectories``: one trajectory (a path or a list of Atoms; every walker replays it) or a
+    list of them (walker ``i`` replays ``trajectories[i % len(trajectories)]``)."""
     if isinstance(trajectories, (str, Path)) or (isinstance(trajectories, Sequence) and trajectories
                                                  and isinstance(trajectories[0], Atoms)):
         trajectories = [trajectories]
+    walkers = len(config.walker_list())
+    if not trajectories or len(trajectories) > walkers:
+        raise InvalidInput(f"replay: {len(trajectories)} trajectories for {walkers} walker(s); give one per walker "
+                           f"(or one for all)")
+    learner = learner or InProcessLearner.for_run(config, run_dir)
     samplers = [ReplaySampler(t, learner) for t in trajectories]
     return Ports(learner=learner, samplers=samplers, oracle=oracle or InProcessOracle(), learner_address="",
                  oracle_workers=1, describe={"learner": "in-process", "samplers": ["replay"] * len(samplers)})

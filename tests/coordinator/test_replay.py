@@ -58,14 +58,15 @@ def trajectory(tmp_path_factory) -> Path:
     return path
 
 
-def config_for(trajectory: Path, **policy) -> dict:
+def config_for(trajectory: Path, checkpoint_interval: int = 50, **policy) -> dict:
     return {
         "name": "replay", "seed": 5,
         "structure": {"file": str(trajectory), "index": 0},
         "learner": {"cutoffs": [5.0, 3.5],
                     "hyperparameters": {"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05},
                     "optimize": {"every": 0}},
-        "sampler": {"timestep_fs": 5.0, "steps": STEPS, "frame_interval": 1, "checkpoint_interval": 50},
+        "sampler": {"timestep_fs": 5.0, "steps": STEPS, "frame_interval": 1,
+                    "checkpoint_interval": checkpoint_interval},
         "policy": {"absolute_threshold": 0.12, "initial_atoms": 4, "atoms_per_call": 1, **policy},
     }
 
@@ -163,16 +164,21 @@ class BrokenOracle(InProcessOracle):
         return super().label(atoms, properties)
 
 
-def test_a_replay_stopped_by_the_oracle_resumes_to_the_same_run(trajectory: Path, tmp_path: Path) -> None:
-    full, rd_full, _ = replay(tmp_path, config_for(trajectory), trajectory, "full")
+@pytest.mark.parametrize("min_steps", [0, 15])
+def test_a_replay_stopped_by_the_oracle_resumes_to_the_same_run(trajectory: Path, tmp_path: Path,
+                                                                 min_steps: int) -> None:
+    data = config_for(trajectory, checkpoint_interval=10, min_steps_between_calls=min_steps)
+    full, rd_full, _ = replay(tmp_path, data, trajectory, "full")
     with pytest.raises(RunStopped, match="could not label frame"):
-        replay(tmp_path, config_for(trajectory), trajectory, "part", oracle=BrokenOracle(fail_at=3))
+        replay(tmp_path, data, trajectory, "part", oracle=BrokenOracle(fail_at=4))
     rd = RunDirectory.open(tmp_path / "part")
     st = rd.load_state()
-    assert not st.finished and st.oracle_calls == 2 and rd.queued_seqs()
+    assert not st.finished and st.oracle_calls == 3 and rd.queued_seqs()
+    if min_steps:  # the window after the last call is in state.json
+        assert st.walker("w0").ungated_until == rd.read_label(2).step + min_steps
     rd.close()
     # a new learner object on the run's model directory, a working oracle: the run goes on from the queue
-    resumed, rd2, _ = replay(tmp_path, config_for(trajectory), trajectory, "part", resume=True)
+    resumed, rd2, _ = replay(tmp_path, data, trajectory, "part", resume=True)
     assert resumed.finished and resumed.oracle_calls == full.oracle_calls
     assert [e["step"] for e in events(rd2, "oracle_call")] == [e["step"] for e in events(rd_full, "oracle_call")]
     assert len(events(rd2, "resumed")) == 1
@@ -181,7 +187,9 @@ def test_a_replay_stopped_by_the_oracle_resumes_to_the_same_run(trajectory: Path
 def test_min_steps_between_calls_leaves_n_steps_ungated_after_each_call(trajectory: Path, tmp_path: Path) -> None:
     n = 15
     base, rd0, _ = replay(tmp_path, config_for(trajectory), trajectory, "base")
-    state, rd, ports = replay(tmp_path, config_for(trajectory, min_steps_between_calls=n), trajectory, "gap")
+    # MD checkpoints every 10 steps: the 15-step window spans chunks (it is state, not a chunk property)
+    state, rd, ports = replay(tmp_path, config_for(trajectory, checkpoint_interval=10, min_steps_between_calls=n),
+                              trajectory, "gap")
     steps = [e["step"] for e in events(rd, "oracle_call")]
     assert all(b - a > n for a, b in zip(steps, steps[1:])), steps
     # the gap is real: without it two calls were closer than n steps
@@ -244,3 +252,21 @@ def test_the_replay_sampler_refuses_what_it_cannot_replay(trajectory: Path, tmp_
     req.control.max_steps = 5
     with pytest.raises(InvalidInput, match=r"step 201 was asked for, but the recording has 201 frames"):
         list(sampler.open_run(req))
+
+
+def test_two_walkers_replay_their_own_recordings_through_one_queue(trajectory: Path, tmp_path: Path) -> None:
+    """Two walkers (two recordings of the same system) park, queue and resume through the one learner."""
+    import ase.io
+
+    frames = ase.io.read(trajectory, index=":")
+    shifted = frames[:1] + frames[100:] + frames[1:100]  # the same system, other configurations in another order
+    data = config_for(trajectory)
+    data["walkers"] = [{"name": "a"}, {"name": "b"}]
+    data["policy"]["dedupe"] = False  # every uncertain frame of both walkers is labelled
+    state, rd, ports = replay(tmp_path, data, [frames, shifted], "two")
+    assert state.finished and all(w["step"] == STEPS for w in state.walkers.values())
+    recordings = {"a": ports.samplers[0].frames, "b": ports.samplers[1].frames}
+    for k in range(1, state.oracle_calls):
+        label = rd.read_label(k)
+        assert np.allclose(label.positions, recordings[label.walker][label.step].positions)
+    assert {rd.read_label(k).walker for k in range(1, state.oracle_calls)} == {"a", "b"}
