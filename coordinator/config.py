@@ -492,7 +492,8 @@ def validate(c: RunConfig) -> None:
          f"policy.sigma_factor: must be > 0 (threshold = sigma_factor · σn), or null for absolute_threshold "
          f"alone, got {p.sigma_factor}")
     need(p.min_steps_between_calls >= 0,
-         f"policy.min_steps_between_calls: must be >= 0 steps (0: every step is gated), got {p.min_steps_between_calls}")
+         f"policy.min_steps_between_calls: must be >= 0 steps (0: every step is gated), "
+         f"got {p.min_steps_between_calls}")
     need(p.absolute_threshold is None or p.absolute_threshold > 0,
          f"policy.absolute_threshold: must be > 0 eV/Å, got {p.absolute_threshold}")
     need(p.atoms_per_call >= 1, f"policy.atoms_per_call: must be >= 1, got {p.atoms_per_call}")

@@ -354,12 +354,13 @@ class ReplayCall:
             else:
                 pred = s.learner.predict(s.frames[step])
                 energy, forces, from_oracle = pred.energy, pred.forces, False
-                if threshold is not None and np.any(pred.force_std > threshold):
-                    comps = np.argwhere(pred.force_std > threshold).astype(np.int64)
+                over = pred.force_std > threshold if threshold is not None else None
+                if over is not None and over.any():
+                    comps = np.argwhere(over).astype(np.int64)
                     report = StopReport(reason="uncertain", step=step, time_fs=time_of(step), steps_taken=taken,
                                         frame=frame(step, pred, forces, energy, False, False), threshold=threshold,
                                         max_std=float(pred.force_std.max()), uncertain_atoms=np.unique(comps[:, 0]),
-                                        uncertain_components=comps, uncertain_std=pred.force_std[pred.force_std > threshold])
+                                        uncertain_components=comps, uncertain_std=pred.force_std[over])
                     yield stop(report, step)
                     return
             want = interval > 0 and step % interval == 0
