@@ -66,8 +66,6 @@ class InProcessLearner:
                                    keep_checkpoints=keep_checkpoints, predict_threads=predict_threads,
                                    warm_up=False, **kwargs)
         self.store = build_store(cfg)
-        if predict_threads is not None:
-            self.store.snapshot()[0].predict_threads = predict_threads
         self.servicer = LearnerServicer(self.store, cfg.max_iterations, min_distance=cfg.min_distance,
                                         max_atoms=cfg.max_atoms)
         self.history: dict[int, object] = {}

@@ -270,3 +270,11 @@ def test_two_walkers_replay_their_own_recordings_through_one_queue(trajectory: P
         label = rd.read_label(k)
         assert np.allclose(label.positions, recordings[label.walker][label.step].positions)
     assert {rd.read_label(k).walker for k in range(1, state.oracle_calls)} == {"a", "b"}
+    # a finished run's trajectory can be replayed in turn: every streamed step of walker a, in order
+    from coordinator.inprocess import read_trajectory
+
+    with pytest.raises(InvalidInput, match="has 2 walker trajectories; name one"):
+        read_trajectory(rd.path)
+    recorded = read_trajectory(rd.path / "walkers" / "a")
+    assert [f.info["step"] for f in recorded] == list(range(STEPS))
+    assert np.allclose(recorded[57].positions, frames[57].positions)
