@@ -244,8 +244,9 @@ class ReplaySampler:
     ``STOP_REASON_UNCERTAIN`` as soon as a force σ exceeds ``control.sigma_threshold`` (eV/Å;
     ≤ 0: never), else after ``control.max_steps`` steps; frames are streamed every
     ``control.frame_interval`` steps.  ``override_forces`` (the oracle's labels of the stopped
-    frame) "integrate" the current step ungated, as a real engine does.  The checkpoint is the
-    replay position.  ``new_run.structure`` must have the recording's atoms (frame 0 is what is
+    frame) "integrate" the current step ungated, as a real engine does; ``control.timestep_fs``
+    is kept in the settings (and the next checkpoint) but cannot change the recorded frames.  The
+    checkpoint is the replay position.  ``new_run.structure`` must have the recording's atoms (frame 0 is what is
     replayed; give the run ``structure.file: <the trajectory>`` so that the first label is
     frame 0).  Time: a frame's ``info["time_fs"]`` if recorded, else step · ``timestep_fs`` of
     the settings (fs).  Temperature from recorded velocities (K, 3N − 3 degrees of freedom).
@@ -297,6 +298,11 @@ class ReplayCall:
 
         s = self.sampler
         settings = sampler_pb2.MDSettings.FromString(self.pos.settings)
+        if self.request.control.HasField("timestep_fs"):
+            # a changed Δt (e.g. after a rollback) is recorded, but the recording's frames stay what they are
+            if not self.request.control.timestep_fs > 0:
+                raise InvalidInput(f"control.timestep_fs must be > 0 fs, got {self.request.control.timestep_fs}")
+            settings.timestep_fs = self.request.control.timestep_fs
         dt = settings.timestep_fs if settings.HasField("timestep_fs") else 1.0
         ctl = self.request.control
         threshold = ctl.sigma_threshold if ctl.sigma_threshold > 0 else None
@@ -334,7 +340,7 @@ class ReplayCall:
         def stop(report: StopReport, at: int) -> sampler_pb2.RunResponse:
             reply = sampler_pb2.RunResponse()
             rate = taken / max(time.perf_counter() - started, 1e-9)
-            stop_to_proto(report, _Position(at, self.pos.settings).encode(), None, rate, reply.stop)
+            stop_to_proto(report, _Position(at, settings.SerializeToString()).encode(), None, rate, reply.stop)
             reply.stop.settings.CopyFrom(settings)
             if at < len(s.frames):
                 wire.structure_to_proto(s.frames[at], out=reply.stop.state)

@@ -278,3 +278,44 @@ def test_two_walkers_replay_their_own_recordings_through_one_queue(trajectory: P
     recorded = read_trajectory(rd.path / "walkers" / "a")
     assert [f.info["step"] for f in recorded] == list(range(STEPS))
     assert np.allclose(recorded[57].positions, frames[57].positions)
+
+
+def test_the_replay_sampler_streams_stops_and_resumes_like_an_engine(trajectory: Path, tmp_path: Path) -> None:
+    from protos import wire
+
+    from coordinator.inprocess import read_trajectory
+
+    frames = read_trajectory(trajectory)
+    learner = InProcessLearner([13], (5.0, 3.5), {"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05},
+                               model_dir=tmp_path / "m")
+    first = InProcessOracle().label(frames[0], ("energy", "forces"))
+    learner.add_data_batch([{"atoms": frames[0], "forces": first.labels.forces, "atom_indices": [0, 1, 2, 3]}])
+    sampler = ReplaySampler(trajectory, learner)
+
+    def run(req, threshold, max_steps, interval):
+        req.control.sigma_threshold, req.control.max_steps, req.control.frame_interval = threshold, max_steps, interval
+        replies = list(sampler.open_run(req))
+        assert all(r.HasField("frame") for r in replies[:-1]) and replies[-1].HasField("stop")
+        return [r.frame for r in replies[:-1]], replies[-1].stop
+
+    req = sampler_pb2.RunRequest()
+    wire.structure_to_proto(frames[0], out=req.new_run.structure)
+    req.new_run.settings.timestep_fs = 5.0
+    streamed, stop = run(req, 0.0, 10, 3)                       # ungated: 10 steps, a frame every 3
+    assert [f.step for f in streamed] == [0, 3, 6, 9] and stop.reason == sampler_pb2.STOP_REASON_MAX_STEPS
+    assert (stop.step, stop.steps_taken, stop.time_fs) == (10, 10, 50.0)
+    assert streamed[1].temperature_k == pytest.approx(frames[3].get_temperature() * 96 / 93, rel=1e-6)  # 3N − 3
+    # gated from step 10: stops at the first frame whose σ under the model exceeds 0.12 eV/Å, nothing integrated
+    streamed, stop = run(sampler_pb2.RunRequest(checkpoint=stop.checkpoint), 0.12, 100, 1)
+    sigma = [learner.predict(frames[s]).force_std.max() for s in range(10, 110)]
+    k = 10 + next(i for i, x in enumerate(sigma) if x > 0.12)
+    assert stop.reason == sampler_pb2.STOP_REASON_UNCERTAIN and stop.step == stop.frame.step == k
+    assert [f.step for f in streamed] == list(range(10, k))
+    assert stop.max_sigma == pytest.approx(sigma[k - 10]) and all(u.sigma > 0.12 for u in stop.uncertain)
+    # resumed with the oracle's forces for step k: that step is integrated ungated, then gating resumes
+    req = sampler_pb2.RunRequest(checkpoint=stop.checkpoint)
+    label = InProcessOracle().label(frames[k], ("energy", "forces"))
+    wire.labels_to_proto(label.labels.energy, label.labels.forces, None, out=req.override_forces)
+    streamed, stop = run(req, 0.12, 1, 1)
+    assert [f.step for f in streamed] == [k] and streamed[0].forces_from_override
+    assert stop.reason == sampler_pb2.STOP_REASON_MAX_STEPS and stop.step == k + 1
