@@ -175,7 +175,7 @@ def throughput_run(W: int, P: int, steps_total: int, latency: float, tmp: Path, 
             if labels:  # a label budget: the first frame + `labels` labels of uncertain frames
                 data["stop"] = {"max_labels": labels + 1}
             if threshold:  # a fixed absolute threshold and fixed hyperparameters: demand stays above supply
-                data["policy"]["absolute_threshold"] = threshold
+                data["policy"].update(sigma_factor=None, absolute_threshold=threshold)  # absolute alone
                 data["learner"]["optimize"] = {"every": 0}
             _wait_serving(oracles + learners + samplers)
             state, rd, wall, cpu = run_coordinator(data, work / "run")

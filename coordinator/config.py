@@ -112,8 +112,14 @@ class TrialConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    sigma_factor: float = 1.0                # threshold = sigma_factor · σn ...
-    absolute_threshold: float | None = None  # ... or this many eV/Å (wins when set)
+    # The uncertainty threshold that stops MD for an oracle call (eV/Å, on any force component's σ):
+    # sigma_factor · σn (relative), absolute_threshold (absolute), or the smaller of the two when both
+    # are given.  sigma_factor unset/null: 1.0 without an absolute_threshold, absolute only with one.
+    sigma_factor: float | None = None
+    absolute_threshold: float | None = None  # eV/Å
+    # after a walker's oracle call at step s, steps s .. s+N are integrated without the uncertainty
+    # gate (FLARE's min_steps_with_model): the walker's next call is at step s+N+1 at the earliest
+    min_steps_between_calls: int = 0
     initial_atoms: int | tuple[int, ...] = 4  # atoms of the first frame trained on (count or indices)
     atoms_per_call: int = 1                  # environments added per oracle call
     acquisition: str = "max_sigma"
@@ -122,6 +128,22 @@ class PolicyConfig:
     # environments of the labels already queued or in flight, is below the threshold everywhere
     dedupe: bool = True
     trial: TrialConfig = TrialConfig()       # policy.update: trial
+
+    @property
+    def relative_factor(self) -> float | None:
+        """k of the relative threshold k·σn, None for an absolute threshold alone."""
+        if self.sigma_factor is None:
+            return None if self.absolute_threshold is not None else 1.0
+        return float(self.sigma_factor)
+
+    def threshold(self, noise: float) -> tuple[float, str]:
+        """``(threshold eV/Å, rule)`` for noise σn (eV/Å): the rule that decided is ``"relative"``
+        (sigma_factor · σn) or ``"absolute"`` (absolute_threshold; also when the two are equal)."""
+        k = self.relative_factor
+        relative = None if k is None else k * float(noise)
+        if self.absolute_threshold is not None and (relative is None or self.absolute_threshold <= relative):
+            return float(self.absolute_threshold), "absolute"
+        return float(relative), "relative"
 
 
 @dataclass(frozen=True)
@@ -480,7 +502,12 @@ def validate(c: RunConfig) -> None:
     need(st.max_labels >= 0, f"stop.max_labels: must be >= 0 (0: no budget), got {st.max_labels}")
     need(st.max_wall_s >= 0, f"stop.max_wall_s: must be >= 0 s (0: no budget), got {st.max_wall_s}")
     p = c.policy
-    need(p.sigma_factor > 0, f"policy.sigma_factor: must be > 0, got {p.sigma_factor}")
+    need(p.sigma_factor is None or p.sigma_factor > 0,
+         f"policy.sigma_factor: must be > 0 (threshold = sigma_factor · σn), or null for absolute_threshold "
+         f"alone, got {p.sigma_factor}")
+    need(p.min_steps_between_calls >= 0,
+         f"policy.min_steps_between_calls: must be >= 0 steps (0: every step is gated), "
+         f"got {p.min_steps_between_calls}")
     need(p.absolute_threshold is None or p.absolute_threshold > 0,
          f"policy.absolute_threshold: must be > 0 eV/Å, got {p.absolute_threshold}")
     need(p.atoms_per_call >= 1, f"policy.atoms_per_call: must be >= 1, got {p.atoms_per_call}")

@@ -47,12 +47,11 @@ from coordinator.config import RunConfig, SamplerConfig, StructureConfig, Walker
 from coordinator import trial as trials
 from coordinator.policies import ACQUISITION, UPDATE, UpdateContext
 from coordinator.rundir import QueuedFrame, RunDirectory, RunState, StoredLabel, WalkerState
+from coordinator.ports import Ports, SamplerPort, grpc_ports
 from coordinator.services import OracleUnavailable, Services
-from learner_service.client import LearnerClient
 from protos import wire
 from protos.epicycle.v1 import sampler_pb2
 from protos.errors import CalculationFailed, EpicycleError, InvalidInput, ModelError, NotFound
-from sampler_service.client import SamplerClient
 
 log = logging.getLogger("epicycle.coordinator")
 
@@ -204,7 +203,7 @@ class Progress:
 class _Walker:
     """Run-time companion of one walker: its spec, client, open call and convergence window."""
 
-    def __init__(self, spec: Walker, sampler: SamplerClient, window_steps: int) -> None:
+    def __init__(self, spec: Walker, sampler: SamplerPort, window_steps: int) -> None:
         self.spec = spec
         self.name = spec.name
         self.sampler = sampler
@@ -232,18 +231,24 @@ class _Walker:
 class OnTheFlyRun:
     """Drives one run through the services; see the module docstring."""
 
-    def __init__(self, config: RunConfig, run_dir: RunDirectory, services: Services,
-                 progress: Progress | None = None, metrics=None, repair: bool = False) -> None:
+    def __init__(self, config: RunConfig, run_dir: RunDirectory, services: Services | None = None,
+                 progress: Progress | None = None, metrics=None, repair: bool = False,
+                 ports: Ports | None = None) -> None:
+        """``ports``: the learner, samplers and oracle to use (:mod:`coordinator.ports`, e.g. the
+        in-process ones of :mod:`coordinator.inprocess`); default: the gRPC clients of ``services``."""
+        if ports is None and services is None:
+            raise ValueError("OnTheFlyRun needs the services to connect to, or ports (coordinator.ports.Ports)")
         self.config = config
         self.repair = repair
         self.rd = run_dir
         self.services = services
+        self.ports = ports = ports if ports is not None else grpc_ports(services)
         self.specs = config.walker_list()
         self.multi = len(self.specs) > 1
         self.progress = progress or Progress(config.sampler.steps, config.sampler.timestep_fs)
         self.metrics = metrics
         if metrics is not None:
-            metrics.watch_oracle_pool(services.oracle)
+            metrics.watch_oracle_pool(ports.oracle)
             metrics.walkers([w.name for w in self.specs])
             for w in self.specs:
                 metrics.timestep(w.name, w.sampler.timestep_fs)
@@ -253,12 +258,14 @@ class OnTheFlyRun:
         self.trial = config.policy.update == "trial"
         self.newest = 0                      # the learner's newest model version
         self._held: set[int] = set()          # versions the learner holds for pinned walkers
-        self.learner = LearnerClient(services.learner_address, tls=services.tls)
-        self.samplers = [SamplerClient(a, tls=services.tls) for a in services.sampler_addresses]
+        self.learner = ports.learner
+        self.samplers = ports.samplers
+        self.oracle = ports.oracle
         self.walkers = {w.name: _Walker(w, self.samplers[w.index % len(self.samplers)], config.stop.window_steps)
                         for w in self.specs}
-        self.max_in_flight = config.oracle.max_in_flight or services.oracle_workers
+        self.max_in_flight = config.oracle.max_in_flight or ports.oracle_workers
         self.threshold = float("nan")
+        self.threshold_rule = ""         # "relative" or "absolute": which rule set the threshold
         self.n_environments = 0
         self.noise = float("nan")
         self.events: queue.Queue = queue.Queue()
@@ -286,7 +293,12 @@ class OnTheFlyRun:
         self.n_environments = int(info.n_environments)
         self.newest = int(info.model_version)
         p = self.config.policy
-        self.threshold = p.absolute_threshold if p.absolute_threshold else p.sigma_factor * info.noise_std
+        self.threshold, rule = p.threshold(info.noise_std)
+        if rule != self.threshold_rule:  # which of k·σn and the absolute value decides (docs/configuration.md)
+            self.threshold_rule = rule
+            k = p.relative_factor
+            self.rd.event("threshold", value=self.threshold, rule=rule, noise=self.noise,
+                          relative=None if k is None else k * self.noise, absolute=p.absolute_threshold)
         if self.metrics is not None:
             self.metrics.model(info, self.threshold)
         return info
@@ -307,7 +319,7 @@ class OnTheFlyRun:
         self.learner.wait_ready(600)
         for s in self.samplers:
             s.wait_ready(60)
-        self.services.oracle.wait_ready(60)
+        self.oracle.wait_ready(60)
         if not cfg.oracle.max_in_flight and any(a.startswith(("dns:", "ipv4:", "ipv6:")) for a in cfg.oracle.addresses):
             self.progress.line(f"note: oracle.addresses is one balanced name, whose number of workers the coordinator "
                                f"cannot know: {self.max_in_flight} label(s) in flight at a time; set "
@@ -320,13 +332,12 @@ class OnTheFlyRun:
             if resumed:
                 self._resume(written)
             else:
-                rd.event("run_started", config=cfg.to_dict(), learner=self.services.learner_address,
-                         samplers=self.services.sampler_addresses, walkers=[w.name for w in self.specs],
-                         max_in_flight=self.max_in_flight)
+                rd.event("run_started", config=cfg.to_dict(), **dict(self.ports.describe or {}),
+                         walkers=[w.name for w in self.specs], max_in_flight=self.max_in_flight)
                 if self.learner.info().n_labels:
                     # a remote learner that holds another run's data: a new run starts from the empty model
                     self.learner.restore_checkpoint("initial")
-                    self.progress.line(f"learner {self.services.learner_address} held training data: reset to "
+                    self.progress.line(f"learner {self.ports.learner_address} held training data: reset to "
                                        f"its initial (empty) model for this new run")
                 self._refresh_model_info()
                 self._first_label()
@@ -341,7 +352,7 @@ class OnTheFlyRun:
         atoms = walker_structure(self.config, spec)
         self.progress.line(f"labelling the first frame ({len(atoms)} atoms) with the oracle ...")
         started = time.perf_counter()
-        result = self.services.oracle.label(atoms, self._properties())
+        result = self.oracle.label(atoms, self._properties())
         seconds = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.oracle_latency(seconds)
@@ -455,7 +466,7 @@ class OnTheFlyRun:
                 entry = rd.read_queue_entry(st.label_seqs[index], archived=True)
                 atoms = entry.atoms()
             started = time.perf_counter()
-            result = self.services.oracle.label(atoms, self._properties())
+            result = self.oracle.label(atoms, self._properties())
             seconds = time.perf_counter() - started
             label = (self._first_frame_label(atoms, result, seconds) if entry is None else
                      self._entry_label(index, entry, result, seconds))
@@ -601,14 +612,26 @@ class OnTheFlyRun:
         max_steps = min(ci - ws.step % ci, sm.steps - ws.step)
         threshold = self.threshold
         trial = None
+        free = self.config.policy.min_steps_between_calls
+        if free and (ws.pending_override is not None or (ws.md_checkpoint is None and w.spec.index == 0)):
+            # the walker's oracle call (or the first frame's label) was at ws.step: steps ws.step .. +free ungated
+            ws.ungated_until = ws.step + free
+            st.set_walker(w.name, ws)
+            self._save()
+        ungated = ws.step <= ws.ungated_until
+        if ungated:
+            max_steps, threshold = min(max_steps, ws.ungated_until + 1 - ws.step), 0.0
         if ws.skip_gate:
             max_steps, threshold = 1, 0.0
         elif self.trial:
             trial = self._trial_for(w, ws)
             if trial is not None:
-                max_steps = min(self.config.policy.trial.window_steps, sm.steps - ws.step)
+                # the rest of the trial window (a window cut by the end of an ungated stretch goes on next chunk)
+                left = self.config.policy.trial.window_steps - trial.get("steps_done", 0)
+                max_steps = min(left, sm.steps - ws.step,
+                                ws.ungated_until + 1 - ws.step if ungated else sm.steps - ws.step)
         if ws.md_checkpoint is None:
-            req = sampler_pb2.RunRequest(learner_address=self.services.learner_address)
+            req = sampler_pb2.RunRequest(learner_address=self.ports.learner_address)
             wire.structure_to_proto(walker_structure(self.config, w.spec), out=req.new_run.structure)
             req.new_run.settings.CopyFrom(md_settings(sm, w.spec.seed))
         else:
@@ -616,7 +639,7 @@ class OnTheFlyRun:
                 blob = rd.read_label(int(ws.md_checkpoint.split(":")[1])).checkpoint
             else:
                 blob = rd.read_bytes(ws.md_checkpoint)
-            req = sampler_pb2.RunRequest(checkpoint=blob, learner_address=self.services.learner_address)
+            req = sampler_pb2.RunRequest(checkpoint=blob, learner_address=self.ports.learner_address)
         req.control.sigma_threshold = threshold
         req.control.max_steps = max_steps
         req.control.frame_interval = sm.frame_interval
@@ -683,11 +706,21 @@ class OnTheFlyRun:
             return  # stopped on purpose: the walker stays at its last durable checkpoint
         ws = st.walker(w.name)
         if ws.trial is not None:
-            verdict = self._judge_trial(w, frames, stop, exc)
+            tr = ws.trial
+            verdict = self._judge_trial(w, frames, stop, exc, tr.get("e0"))
             if not verdict.ok:
                 self._trial_failed(w, ws, verdict)
                 return
-            self._trial_passed(w, ws, verdict)
+            tr["steps_done"] = tr.get("steps_done", 0) + verdict.steps
+            tr["e0"] = verdict.reference
+            tr["max_change"] = max(tr.get("max_change", 0.0), verdict.max_energy_change
+                                   if verdict.max_energy_change == verdict.max_energy_change else 0.0)
+            window_ended = (tr["steps_done"] >= self.config.policy.trial.window_steps
+                            or stop.reason == sampler_pb2.STOP_REASON_UNCERTAIN
+                            or int(stop.step) >= w.spec.sampler.steps)
+            if window_ended:
+                self._trial_passed(w, ws, verdict)
+            # else: the window was cut (an ungated stretch ended); the trial goes on in the next chunk
         elif exc is not None:
             raise exc
         if stop is None:
@@ -711,7 +744,8 @@ class OnTheFlyRun:
             ws.done = True
         st.set_walker(w.name, ws)
         self._save()
-        rd.prune_walker_checkpoints(w.name, {ws.md_checkpoint})
+        keep = {ws.md_checkpoint} | ({ws.trial["checkpoint"]} if ws.trial and ws.trial["checkpoint"] else set())
+        rd.prune_walker_checkpoints(w.name, keep)
         rd.event("md_checkpoint", walker=w.name, step=ws.step, time_fs=ws.time_fs,
                  drift=stop.energy_drift_ev_per_atom_ps, steps_per_second=stop.steps_per_second)
         if not ws.done:
@@ -751,7 +785,7 @@ class OnTheFlyRun:
     def _timestep(self, w: _Walker, ws: WalkerState) -> float:
         return ws.timestep_fs or w.spec.sampler.timestep_fs
 
-    def _judge_trial(self, w: _Walker, frames: list, stop, exc) -> trials.Verdict:
+    def _judge_trial(self, w: _Walker, frames: list, stop, exc, reference: float | None = None) -> trials.Verdict:
         """The trial's verdict from its frames; an engine failure on the new model (e.g. atoms pushed
         together, which the learner refuses) is a failed trial, a transport failure is not."""
         if exc is not None:
@@ -761,7 +795,7 @@ class OnTheFlyRun:
                                   float("nan"))
         if stop is None:
             raise CalculationFailed(f"walker {w.name}: the sampler ended the run without a stop report")
-        return trials.judge(frames, self.config.policy.trial)
+        return trials.judge(frames, self.config.policy.trial, reference)
 
     def _trial_failed(self, w: _Walker, ws: WalkerState, verdict: trials.Verdict) -> None:
         """Roll back to the trial's checkpoint: retry with a smaller Δt, or reject the update."""
@@ -773,6 +807,10 @@ class OnTheFlyRun:
         ws.md_checkpoint, ws.pending_override = tr["checkpoint"], tr["override"]
         ws.step, ws.time_fs = tr["step"], tr["time_fs"]
         ws.stable_steps = 0
+        if tr.get("steps_done"):  # a trial window that went on over chunks wrote frames after its start
+            self.rd.truncate_trajectory(w.name, ws.step)
+        for key in ("steps_done", "e0", "max_change"):
+            tr.pop(key, None)
         common = dict(walker=w.name, step=ws.step, time_fs=ws.time_fs, model_version=tr["version"],
                       previous_version=tr["previous"], attempt=tr["attempt"], reason=verdict.reason,
                       max_energy_change_eV_per_atom=verdict.max_energy_change, max_force_eV_A=verdict.max_force,
@@ -948,7 +986,7 @@ class OnTheFlyRun:
         """Label thread: one oracle call (the pool fails over between workers)."""
         started = time.perf_counter()
         try:
-            result = self.services.oracle.label(atoms, self._properties())
+            result = self.oracle.label(atoms, self._properties())
             self.events.put(("label", seq, result, time.perf_counter() - started, None))
         except Exception as exc:  # noqa: BLE001 - judged by the loop
             self.events.put(("label", seq, None, time.perf_counter() - started, exc))

@@ -79,6 +79,8 @@ def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
         "training_environments": finished[-1]["n_environments"] if finished else None,
         "noise_ev_per_angstrom": decisions[-1]["noise"] if decisions else None,
         "threshold_ev_per_angstrom": decisions[-1]["threshold"] if decisions else None,
+        # which rule set it: "relative" (sigma_factor·σn) or "absolute" (policy.absolute_threshold)
+        "threshold_rule": next((e["rule"] for e in reversed(events) if e["event"] == "threshold"), None),
         "hyperparameters": optim[-1]["hyperparameters"] if optim else None,
         "labels_used": ["forces"] + [k for k, flag in (("energy", "use_energy"), ("stress", "use_stress"))
                                      if started and started[0].get("config", {}).get("learner", {}).get(flag)],
@@ -208,7 +210,8 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         f"| oracle time | {summary['oracle_seconds_total']:.1f} s |",
         f"| training environments | {summary['training_environments']} |",
         f"| noise σn | {_fmt(summary['noise_ev_per_angstrom'])} eV/Å |",
-        f"| final threshold | {_fmt(summary['threshold_ev_per_angstrom'])} eV/Å |",
+        f"| final threshold | {_fmt(summary['threshold_ev_per_angstrom'])} eV/Å"
+        f"{' (' + summary['threshold_rule'] + ')' if summary.get('threshold_rule') else ''} |",
         f"| hyperparameters | {_hyperparameters_text(summary['hyperparameters'], summary.get('labels_used'))} |",
         f"| mean T, last quarter | {_fmt(summary['temperature_K_mean_last_quarter'])} K |",
         f"| uncertain frames not labelled | {_counters_text(summary['frames_not_labelled'])} |",

@@ -131,6 +131,7 @@ class WalkerState:
     stable_steps: int = 0                # steps since Δt last changed without a failed trial
     halted: str = ""                     # why the walker stopped for good (e.g. no stable model left)
     resend_schedule: bool = False        # the schedule changed on resume: send it with the next chunk
+    ungated_until: int = -1              # policy.min_steps_between_calls: steps up to this one run ungated
 
 
 @dataclass

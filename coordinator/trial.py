@@ -40,18 +40,20 @@ import numpy as np
 class Verdict:
     ok: bool
     reason: str
-    steps: int                      # steps judged (frames on the model, after the first)
-    max_energy_change: float        # eV/atom, max |E_cons(t) - E_cons(t0)| over the window
+    steps: int                      # steps judged (frames on the model, after the reference)
+    max_energy_change: float        # eV/atom, max |E_cons(t) - E_cons(t0)| over the frames judged
     max_force: float                # eV/Å, largest force norm seen
+    reference: float | None = None  # E_cons(t0), eV: continues the judgement in the next chunk
 
 
-def judge(frames: Sequence, config) -> Verdict:
-    """Judge a trial from its streamed frames (ASE Atoms from :func:`coordinator.cycle.frame_atoms`:
+def judge(frames: Sequence, config, reference: float | None = None) -> Verdict:
+    """Judge (part of) a trial from its streamed frames (ASE Atoms from :func:`coordinator.cycle.frame_atoms`:
     ``info['conserved_eV']``, ``info['forces_from_oracle']``, forces on the calculator).
 
-    The reference is the first frame integrated on the model (a frame whose forces were the
-    oracle's override carries the other model's potential energy, so it cannot be compared).
-    ``config`` is a :class:`coordinator.config.TrialConfig`.
+    The reference E_cons(t0) is the first frame integrated on the model (a frame whose forces were the
+    oracle's override carries the other model's potential energy, so it cannot be compared), or
+    ``reference`` when the trial window continues from an earlier chunk.  ``config`` is a
+    :class:`coordinator.config.TrialConfig`.
     """
     on_model = [a for a in frames if not a.info.get("forces_from_oracle", False)]
     max_force = 0.0
@@ -66,23 +68,29 @@ def judge(frames: Sequence, config) -> Verdict:
     if max_force > config.max_force_eV_A:
         return Verdict(False, f"a force of {max_force:.3g} eV/Å exceeds policy.trial.max_force_eV_A = "
                               f"{config.max_force_eV_A:g} eV/Å", len(on_model), math.nan, max_force)
-    energies = [(a.info.get("step"), a.info.get("conserved_eV"), len(a)) for a in on_model]
-    energies = [(s, e, n) for s, e, n in energies if e is not None]
-    if any(not math.isfinite(e) for _, e, _ in energies):
+    energies = [(a.info.get("conserved_eV"), len(a)) for a in on_model]
+    energies = [(e, n) for e, n in energies if e is not None]
+    if any(not math.isfinite(e) for e, _ in energies):
         # an ensemble without a conserved quantity (a barostat): only forces are watched
         return Verdict(True, "no conserved quantity in this ensemble: forces only", len(on_model), math.nan,
                        max_force)
-    if len(energies) < 2:
-        return Verdict(True, "too few steps on the model to measure drift", len(energies), 0.0, max_force)
-    e0 = energies[0][1]
-    n_atoms = energies[0][2]
-    change = max(abs(e - e0) for _, e, _ in energies) / n_atoms
+    if reference is None:
+        if len(energies) < 2:
+            return Verdict(True, "too few steps on the model to measure drift", max(len(energies) - 1, 0), 0.0,
+                           max_force, energies[0][0] if energies else None)
+        reference, judged = energies[0][0], energies[1:]
+    else:
+        judged = energies
+    if not judged:
+        return Verdict(True, "no further steps on the model", 0, 0.0, max_force, reference)
+    n_atoms = judged[0][1]
+    change = max(abs(e - reference) for e, _ in judged) / n_atoms
     if change > config.max_energy_change_eV_per_atom:
-        return Verdict(False, f"the conserved energy moved by {change:.3g} eV/atom in {len(energies) - 1} steps "
+        return Verdict(False, f"the conserved energy moved by {change:.3g} eV/atom in {len(judged)} steps "
                               f"(policy.trial.max_energy_change_eV_per_atom = "
-                              f"{config.max_energy_change_eV_per_atom:g})", len(energies) - 1, change, max_force)
-    return Verdict(True, f"conserved energy within {change:.3g} eV/atom over {len(energies) - 1} steps",
-                   len(energies) - 1, change, max_force)
+                              f"{config.max_energy_change_eV_per_atom:g})", len(judged), change, max_force, reference)
+    return Verdict(True, f"conserved energy within {change:.3g} eV/atom over {len(judged)} steps",
+                   len(judged), change, max_force, reference)
 
 
 def after_failure(attempt: int, timestep_fs: float, config) -> float | None:

@@ -215,7 +215,7 @@ def test_label_budget_stops_the_run(tmp_path: Path) -> None:
 def test_convergence_window_stops_the_run_early(tmp_path: Path) -> None:
     # a threshold no force σ reaches: after the first label the model is never uncertain
     data = dict(LADDER, oracle={"backend": "emt"}, walkers={"temperatures": [300, 500]},
-                policy=dict(LADDER["policy"], absolute_threshold=50.0),
+                policy=dict(LADDER["policy"], sigma_factor=None, absolute_threshold=50.0),  # absolute only
                 stop={"window_steps": 40, "accurate_ratio": 0.99},
                 sampler=dict(LADDER["sampler"], steps=2000))
     state, rd = run_in_process(tmp_path, data)
