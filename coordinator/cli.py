@@ -20,6 +20,7 @@ CLI_MODULES = (
     "oracle_service.cli",        # label
     "learner_service.offline",   # fit, predict, evaluate
     "coordinator.run_cli",       # run, report
+    "coordinator.export",        # export (a run's labels as extended XYZ)
     "coordinator.probe_cli",     # probe (gRPC health, for exec probes)
 )
 

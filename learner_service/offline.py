@@ -29,12 +29,20 @@ __all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate
 
 
 def read_frames(path) -> list:
-    """All frames of an (extended) XYZ file; clear errors for missing/empty/broken files."""
+    """All frames of an (extended) XYZ file, or every label of a run directory (``epicycle export``:
+    per-atom ``training`` marks the atoms the run trained on); clear errors for missing/empty/broken files."""
     from ase.io import read
 
     path = Path(path)
     if not path.exists():
         raise InvalidInput(f"{path}: no such file")
+    if path.is_dir():
+        from coordinator.export import run_frames
+
+        frames = run_frames(path)
+        if not frames:
+            raise InvalidInput(f"{path}: the run has no labels yet")
+        return frames
     try:
         frames = read(str(path), index=":")
     except Exception as exc:  # ase raises many types for malformed files

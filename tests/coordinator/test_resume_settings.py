@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -83,3 +84,35 @@ def test_a_finished_run_continues_with_more_steps_and_a_new_schedule(tmp_path) -
     # the new event was applied once, at 400 fs: the rescale to 1500 K (equipartition then halves it)
     assert before and after and max(before) < 400 and after[0] > 1000
     assert sum(1 for e in events if e["event"] == "resumed") >= 1
+
+
+def test_export_writes_every_label_with_its_training_atoms_and_the_old_models_prediction(tmp_path) -> None:
+    """epicycle export: the labels read back equal the stored ones; `fit` and `evaluate` read a run directory."""
+    from ase.io import read
+
+    from coordinator.rundir import RunDirectory
+    from learner_service.offline import read_frames
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(dict(SHORT, sampler=dict(SHORT["sampler"], steps=30))))
+    run_dir = tmp_path / "run"
+    assert cli("run", str(cfg), "--run-dir", str(run_dir), "--no-report", cwd=tmp_path).returncode == 0
+    out = tmp_path / "labels.xyz"
+    proc = cli("export", str(run_dir), "--xyz", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    frames = read(str(out), index=":")
+    rd = RunDirectory.open(run_dir)
+    st = rd.load_state()
+    assert len(frames) == st.oracle_calls >= 2 and f"{st.oracle_calls} labelled frame(s)" in proc.stdout
+    for i, atoms in enumerate(frames):
+        lab = rd.read_label(i)
+        assert atoms.info["label"] == i and atoms.info["walker"] == "w0" and atoms.info["step"] == lab.step
+        assert np.allclose(atoms.get_forces(), lab.forces, atol=1e-8)
+        assert atoms.get_potential_energy() == pytest.approx(lab.energy, abs=1e-8)
+        assert sorted(np.flatnonzero(atoms.arrays["training"])) == sorted(st.training_atoms[i])
+        if i > 0:  # labelled because the model was uncertain: its prediction is kept
+            assert np.allclose(atoms.arrays["model_forces"], lab.predicted_forces, atol=1e-8)
+            assert np.allclose(atoms.arrays["model_force_std"], lab.force_std, atol=1e-8)
+    assert len(read_frames(run_dir)) == len(frames)
+    bad = cli("export", str(tmp_path), "--xyz", str(out), cwd=tmp_path)
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr
