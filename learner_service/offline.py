@@ -141,7 +141,8 @@ def fit_model(
 
 
 def predict_file(model_path, in_path, out_path, log=print) -> int:
-    """Predict every frame of ``in_path``; write forces, energy and per-atom ``force_std``."""
+    """Predict every frame of ``in_path``; write forces, energy, per-atom ``force_std`` (n, 3)
+    and the rotation-invariant ``atom_std`` (n,), eV/Å (docs/uncertainty.md)."""
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
@@ -153,6 +154,7 @@ def predict_file(model_path, in_path, out_path, log=print) -> int:
         new = frame.copy()
         new.arrays.pop("forces", None)
         new.arrays["force_std"] = p.force_std
+        new.arrays["atom_std"] = p.atom_std
         new.arrays["local_energy"] = p.local_energies
         results = {"energy": p.energy, "forces": p.forces}
         if p.stress is not None:
@@ -297,7 +299,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict forces and uncertainties with a trained GP")
     p.add_argument("model", help="model file written by 'fit'")
     p.add_argument("input", help="structures (extended XYZ)")
-    p.add_argument("--out", required=True, help="output extended XYZ with forces and force_std per atom")
+    p.add_argument("--out", required=True, help="output extended XYZ with forces, force_std and atom_std per atom")
     p.set_defaults(func=_guard(_cmd_predict))
 
     p = subparsers.add_parser("evaluate", help="force errors and calibration on a labelled test set")

@@ -208,6 +208,8 @@ class ModelStore:
 def prediction_to_proto(pred, version: int, out: common_pb2.Prediction) -> common_pb2.Prediction:
     wire.encode_array(pred.forces, "<f8", out.forces)
     wire.encode_array(pred.force_std, "<f8", out.force_std)
+    if getattr(pred, "atom_std", None) is not None:
+        wire.encode_array(pred.atom_std, "<f8", out.atom_std)
     if getattr(pred, "energy", None) is not None:
         out.energy = float(pred.energy)
     if getattr(pred, "local_energies", None) is not None:
