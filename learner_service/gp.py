@@ -390,6 +390,12 @@ class GaussianProcess:
         return len(self._labels)
 
     @property
+    def n_energy_labels(self) -> int:
+        """Number of total-energy labels in the training set (0: a forces-only model, whose
+        energies are defined only up to a constant)."""
+        return sum(1 for k in self._kinds if k == _ENERGY)
+
+    @property
     def version(self) -> int:
         """Increases whenever data or hyperparameters change."""
         return self._version

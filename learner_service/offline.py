@@ -18,6 +18,7 @@ import numpy as np
 
 from protos.errors import EpicycleError, InvalidInput
 
+from .diagnostics import model_warnings
 from .gp import HYPERPARAMETER_UNITS, GaussianProcess
 
 __all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate_model"]
@@ -122,10 +123,8 @@ def fit_model(
             log(f"  iteration {it:4d}: log likelihood {lml:.6f}  ({text})")
 
         result = gp.optimize(max_iterations=max_iterations, progress=progress)
-        log(("optimisation converged" if result.converged else "WARNING: optimisation did NOT converge")
+        log(("optimisation converged" if result.converged else "optimisation did NOT converge")
             + f" after {result.iterations} iterations: {result.message}")
-        if result.at_bounds:
-            log(f"WARNING: hyperparameters ended on a bound of the optimisation box: {result.bound_note()}")
     gp.train()
     lml = gp.log_likelihood()
     at_bounds = result.at_bounds if result is not None else {}
@@ -134,6 +133,8 @@ def fit_model(
         flag = f"   <- at its {at_bounds[name]} bound" if name in at_bounds else ""
         log(f"  {name:13s} = {gp.hyperparameters[name]:.6g} {HYPERPARAMETER_UNITS.get(name, '')}{flag}")
     log(f"log marginal likelihood: {lml:.6f}")
+    for warning in model_warnings(gp, result):
+        log(f"WARNING: {warning}")
     if out is not None:
         gp.save(out)
         log(f"model written to {out}")
@@ -148,6 +149,8 @@ def predict_file(model_path, in_path, out_path, log=print) -> int:
 
     gp = GaussianProcess.load(model_path)
     frames = read_frames(in_path)
+    for warning in model_warnings(gp):
+        log(f"WARNING: {warning}")
     out = []
     for frame in frames:
         p = gp.predict(frame, stress=bool(all(frame.get_pbc())))
@@ -161,6 +164,8 @@ def predict_file(model_path, in_path, out_path, log=print) -> int:
             results["stress"] = p.stress
         new.calc = SinglePointCalculator(new, **results)
         new.info["noise"] = p.noise
+        if gp.n_energy_labels == 0:
+            new.info["energy_defined_up_to_a_constant"] = True
         out.append(new)
     write(str(out_path), out, format="extxyz")
     log(f"predicted {len(out)} frames -> {out_path}")
@@ -208,6 +213,7 @@ def evaluate_model(model_path, test_path) -> dict:
         "mean_squared_z": float(np.mean(z ** 2)),
         "per_species": {},
         "units": {"forces": "eV/Å"},
+        "warnings": model_warnings(gp),
     }
     from ase.data import chemical_symbols
 
@@ -232,6 +238,7 @@ def format_report(r: dict) -> str:
     ]
     for sym, s in r["per_species"].items():
         lines.append(f"  {sym:2s}: RMSE {s['rmse']:.4f} eV/Å  MAE {s['mae']:.4f} eV/Å  ({s['force_components']} components)")
+    lines.extend(f"WARNING: {w}" for w in r.get("warnings", ()))
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ from protos.errors import InvalidInput, ModelError, NotReady, SetupError
 from protos.structures import StructureLimits, check_min_distance, check_structure, isolated_atoms
 
 from learner_service.checkpoints import INITIAL, DataItem, Lineage, ModelDirectory, apply_items, base_name
+from learner_service.diagnostics import model_warnings
 
 #: units of the hyperparameters, for ModelInfo
 HYPERPARAMETER_UNITS = {"sig2": "eV", "ls2": "Å", "sig3": "eV", "ls3": "Å", "noise": "eV/Å",
@@ -256,6 +257,7 @@ def model_info(gp, version: int, checkpoint_id: str = "") -> learner_pb2.ModelIn
         cutoff_three_body=cutoffs[1],
         ready=True,
         checkpoint_id=checkpoint_id,
+        warnings=model_warnings(gp),
     )
     return info
 
