@@ -289,6 +289,7 @@ class OnTheFlyRun:
         self.threshold = float("nan")
         self.n_environments = 0
         self.noise = float("nan")
+        self.model_warnings: list[str] = []  # the learner's ModelInfo.warnings, as last reported
         self.events: queue.Queue = queue.Queue()
         self.queued: dict[int, QueuedFrame] = {}      # waiting for an oracle slot
         self.in_flight: dict[int, QueuedFrame] = {}   # sent to the oracle
@@ -316,6 +317,13 @@ class OnTheFlyRun:
         self.threshold = p.absolute_threshold if p.absolute_threshold else p.sigma_factor * info.noise_std
         if self.metrics is not None:
             self.metrics.model(info, self.threshold)
+        warnings = list(info.warnings)
+        if warnings != self.model_warnings:  # loud once per change, not at every update
+            self.model_warnings = warnings
+            self.rd.event("model_warnings", warnings=warnings, n_environments=self.n_environments,
+                          model_version=int(info.model_version))
+            for w in warnings:
+                self.progress.line(f"  WARNING (model): {w}")
         return info
 
     def _properties(self) -> tuple[str, ...]:
