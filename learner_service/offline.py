@@ -18,6 +18,7 @@ import numpy as np
 
 from protos.errors import EpicycleError, InvalidInput
 
+from .calibration import calibration_summary
 from .diagnostics import model_warnings
 from .gp import HYPERPARAMETER_UNITS, GaussianProcess
 
@@ -177,8 +178,10 @@ def evaluate_model(model_path, test_path) -> dict:
 
     RMSE/MAE in eV/Å overall and per species, P95 of |force components| and the
     RMSE/P95 ratio (seed 004 Table 1), mean epistemic σ, and calibration against the
-    total predictive σ = sqrt(σ² + σn²): fractions of errors within 1σ and 2σ and the
-    mean squared z-score (1 for a calibrated model).
+    total predictive σ = sqrt(σ² + σn²) of each component (:mod:`learner_service.calibration`):
+    fractions of errors within 1σ and 2σ, the mean squared z-score (1 for a calibrated
+    model), a reliability curve, and the variance scale s (σ_cal = s·σ, MAP with a prior
+    centred at 1).
     """
     gp = GaussianProcess.load(model_path)
     frames = read_frames(test_path)
@@ -195,7 +198,7 @@ def evaluate_model(model_path, test_path) -> dict:
     std = np.concatenate(stds).reshape(-1)
     z_num = np.concatenate(numbers)
     total = np.sqrt(std ** 2 + gp.noise ** 2)
-    z = err / total
+    cal = calibration_summary(err, total)
     rmse = float(np.sqrt(np.mean(err ** 2)))
     p95 = float(np.percentile(np.abs(ref), 95))
     report = {
@@ -208,9 +211,13 @@ def evaluate_model(model_path, test_path) -> dict:
         "mean_sigma": float(np.mean(std)),
         "noise": gp.noise,
         "mean_total_sigma": float(np.mean(total)),
-        "within_1_sigma": float(np.mean(np.abs(z) <= 1)),
-        "within_2_sigma": float(np.mean(np.abs(z) <= 2)),
-        "mean_squared_z": float(np.mean(z ** 2)),
+        "within_1_sigma": cal.within_1_sigma,
+        "within_2_sigma": cal.within_2_sigma,
+        "mean_squared_z": cal.mean_squared_z,
+        "variance_scale": cal.variance_scale,
+        "variance_scale_prior_count": cal.prior_count,
+        "miscalibration_area": cal.miscalibration_area,
+        "reliability": {"expected": list(cal.levels), "observed": list(cal.observed)},
         "per_species": {},
         "units": {"forces": "eV/Å"},
         "warnings": model_warnings(gp),
@@ -235,6 +242,10 @@ def format_report(r: dict) -> str:
         f"mean epistemic σ {r['mean_sigma']:.4f} eV/Å   noise σn {r['noise']:.4f} eV/Å",
         f"calibration (total σ): within 1σ {100 * r['within_1_sigma']:.1f} % (ideal 68.3), "
         f"within 2σ {100 * r['within_2_sigma']:.1f} % (ideal 95.4), mean z² {r['mean_squared_z']:.3f} (ideal 1)",
+        f"variance scale s = {r['variance_scale']:.3f} (σ_cal = s·σ; MAP, prior centred at 1 worth "
+        f"{r['variance_scale_prior_count']:g} residuals)   miscalibration area {r['miscalibration_area']:.3f} (ideal 0)",
+        "reliability (expected -> observed coverage): " + ", ".join(
+            f"{100 * e:.0f}->{100 * o:.0f} %" for e, o in zip(r["reliability"]["expected"], r["reliability"]["observed"])),
     ]
     for sym, s in r["per_species"].items():
         lines.append(f"  {sym:2s}: RMSE {s['rmse']:.4f} eV/Å  MAE {s['mae']:.4f} eV/Å  ({s['force_components']} components)")
