@@ -50,7 +50,7 @@ from coordinator.rundir import QueuedFrame, RunDirectory, RunState, StoredLabel,
 from coordinator.ports import Ports, SamplerPort, grpc_ports
 from coordinator.services import OracleUnavailable, Services
 from protos import wire
-from protos.epicycle.v1 import sampler_pb2
+from protos.epicycle.v1 import common_pb2, sampler_pb2
 from protos.errors import CalculationFailed, EpicycleError, InvalidInput, ModelError, NotFound
 
 log = logging.getLogger("epicycle.coordinator")
@@ -121,8 +121,37 @@ def md_settings(sm: SamplerConfig, seed: int) -> sampler_pb2.MDSettings:
     return msg
 
 
+def atom_sigma(prediction, n: int) -> np.ndarray:
+    """(n,) eV/Å: the σ of each atom's force that the coordinator decides with (threshold
+    ratio, acquisition, deduplication, dropping queued frames).
+
+    ``prediction``: a ``Prediction`` message or a decoded learner prediction (``atom_std``
+    and ``force_std`` attributes).  Its rotation-invariant ``atom_std`` (sqrt of the largest
+    eigenvalue of the atom's 3×3 epistemic force covariance) when present, else the largest
+    component σ of each atom (a lower bound of it that depends on the orientation), else 0.
+    """
+    if isinstance(prediction, common_pb2.Prediction):
+        std = wire.decode_atom_std(prediction, n)
+        if std is not None:
+            return np.array(std)
+        if wire.has_array(prediction, "force_std"):
+            return np.array(wire.decode_array(prediction.force_std, "force_std", (n, 3))).max(axis=1, initial=0.0)
+        return np.zeros(n)
+    std = getattr(prediction, "atom_std", None)
+    if std is not None:
+        return np.array(std, dtype=np.float64).reshape(n)
+    comp = getattr(prediction, "force_std", None)
+    if comp is not None:
+        return np.asarray(comp, dtype=np.float64).reshape(n, 3).max(axis=1, initial=0.0)
+    return np.zeros(n)
+
+
 def frame_atoms(frame: sampler_pb2.Frame, threshold: float, walker: str = "") -> Atoms:
-    """A streamed frame as ASE Atoms (extended XYZ-ready, σ as a per-atom array)."""
+    """A streamed frame as ASE Atoms (extended XYZ-ready, σ as per-atom arrays).
+
+    ``arrays["force_std"]`` (n, 3) the component σ, ``arrays["atom_std"]`` (n,) the per-atom σ
+    of :func:`atom_sigma`; ``info["max_atom_std"]`` its largest value (the one compared with
+    the threshold), ``info["max_force_std"]`` the largest component σ, all eV/Å."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     atoms = wire.structure_from_proto(frame.structure)
@@ -141,9 +170,18 @@ def frame_atoms(frame: sampler_pb2.Frame, threshold: float, walker: str = "") ->
         std = np.array(wire.decode_array(p.force_std, "force_std", (n, 3)))
         atoms.arrays["force_std"] = std
         info["max_force_std"] = float(std.max(initial=0.0))
+    if wire.has_array(p, "force_std") or wire.has_array(p, "atom_std"):
+        sigma = atom_sigma(p, n)
+        atoms.arrays["atom_std"] = sigma
+        info["max_atom_std"] = float(sigma.max(initial=0.0))
     atoms.calc = SinglePointCalculator(atoms, **results)
     atoms.info.update(info)
     return atoms
+
+
+def _label_sigma(label) -> np.ndarray:
+    """Per-atom σ (n,) eV/Å of a stored label's stop frame under the old model (see :func:`atom_sigma`)."""
+    return atom_sigma(label, len(label.numbers))
 
 
 def initial_atoms(config: RunConfig, n_atoms: int) -> list[int]:
@@ -268,6 +306,7 @@ class OnTheFlyRun:
         self.threshold_rule = ""         # "relative" or "absolute": which rule set the threshold
         self.n_environments = 0
         self.noise = float("nan")
+        self.model_warnings: list[str] = []  # the learner's ModelInfo.warnings, as last reported
         self.events: queue.Queue = queue.Queue()
         self.queued: dict[int, QueuedFrame] = {}      # waiting for an oracle slot
         self.in_flight: dict[int, QueuedFrame] = {}   # sent to the oracle
@@ -301,6 +340,13 @@ class OnTheFlyRun:
                           relative=None if k is None else k * self.noise, absolute=p.absolute_threshold)
         if self.metrics is not None:
             self.metrics.model(info, self.threshold)
+        warnings = list(info.warnings)
+        if warnings != self.model_warnings:  # loud once per change, not at every update
+            self.model_warnings = warnings
+            self.rd.event("model_warnings", warnings=warnings, n_environments=self.n_environments,
+                          model_version=int(info.model_version))
+            for w in warnings:
+                self.progress.line(f"  WARNING (model): {w}")
         return info
 
     def _properties(self) -> tuple[str, ...]:
@@ -687,11 +733,11 @@ class OnTheFlyRun:
         frames.append(atoms)
         if not log_it:
             return
-        ratio = atoms.info.get("max_force_std", 0.0) / self.threshold if self.threshold > 0 else 0.0
+        ratio = atoms.info.get("max_atom_std", 0.0) / self.threshold if self.threshold > 0 else 0.0
         w.observe(int(frame.step), ratio < 1.0)
         self.rd.event("frame", walker=w.name, step=int(frame.step), time_fs=frame.time_fs,
                       temperature_K=frame.temperature_k, potential_eV=frame.potential_energy,
-                      conserved_eV=frame.conserved_energy, max_sigma=atoms.info.get("max_force_std"),
+                      conserved_eV=frame.conserved_energy, max_sigma=atoms.info.get("max_atom_std"),
                       threshold=self.threshold, noise=self.noise,
                       model_version=int(frame.prediction.model_version), n_environments=self.n_environments)
         self.progress.frame(int(frame.step), frame.time_fs, frame.temperature_k, self.state.oracle_calls, ratio,
@@ -904,17 +950,21 @@ class OnTheFlyRun:
         atoms = wire.structure_from_proto(frame.structure)
         n = len(atoms)
         std = np.array(wire.decode_array(frame.prediction.force_std, "force_std", (n, 3)))
+        sigma = atom_sigma(frame.prediction, n)
         forces = np.array(wire.decode_array(frame.prediction.forces, "forces", (n, 3)))
         seq = st.next_seq
         st.next_seq += 1
         rng = np.random.default_rng([cfg.seed, 1, seq])
-        selection = [int(i) for i in self.acquisition.select(std, atoms.numbers, cfg.policy.atoms_per_call, rng)]
+        # acquisition ranks atoms by the invariant per-atom σ: select() takes (n, 3) and ranks by
+        # the row maximum, so each atom's σ is handed over repeated in its three columns
+        per_atom = np.repeat(sigma[:, None], 3, axis=1)
+        selection = [int(i) for i in self.acquisition.select(per_atom, atoms.numbers, cfg.policy.atoms_per_call, rng)]
         entry = QueuedFrame(seq=seq, walker=w.name, step=int(frame.step), time_fs=frame.time_fs,
                             temperature_K=frame.temperature_k, positions=atoms.positions, numbers=atoms.numbers,
                             cell=atoms.cell.array, pbc=atoms.pbc, force_std=std, predicted_forces=forces,
                             selection=selection, checkpoint=stop.checkpoint,
                             model_version=int(frame.prediction.model_version), max_sigma=float(stop.max_sigma),
-                            threshold=float(stop.threshold))
+                            threshold=float(stop.threshold), atom_std=sigma)
         who = f"[{w.name}] " if self.multi else ""
         covered = self._covered_by_pending(entry)
         if covered is not None:
@@ -939,7 +989,7 @@ class OnTheFlyRun:
                  max_sigma=entry.max_sigma, threshold=entry.threshold, selection=selection,
                  uncertain_atoms=sorted({u.atom for u in stop.uncertain}), model_version=entry.model_version)
         self.progress.line(f"  {who}σ = {entry.max_sigma:.4f} eV/Å > threshold {entry.threshold:.4f} eV/Å at step "
-                           f"{entry.step} ({len(stop.uncertain)} component(s)): queued for the oracle "
+                           f"{entry.step} ({len({u.atom for u in stop.uncertain})} atom(s)): queued for the oracle "
                            f"({len(self.queued)} queued, {len(self.in_flight)} in flight)")
         self._queue_gauges()
 
@@ -957,7 +1007,7 @@ class OnTheFlyRun:
         if not pending:
             return None
         pred = self.learner.predict(entry.atoms(), condition_on=[(p.atoms(), p.selection) for p in pending])
-        sigma = float(np.max(pred.force_std))
+        sigma = float(np.max(atom_sigma(pred, len(entry.numbers)), initial=0.0))
         return sigma if sigma < self.threshold else None
 
     def _dispatch(self) -> None:
@@ -1038,6 +1088,7 @@ class OnTheFlyRun:
         return StoredLabel(index=index, step=entry.step, time_fs=entry.time_fs, positions=entry.positions,
                            numbers=entry.numbers, cell=entry.cell, pbc=entry.pbc, energy=result.labels.energy,
                            forces=result.labels.forces, stress=result.labels.stress, force_std=entry.force_std,
+                           atom_std=entry.atom_std,
                            checkpoint=entry.checkpoint, structure_hash=result.structure_hash,
                            oracle_seconds=seconds, worker=result.worker, walker=entry.walker, queue_seq=entry.seq,
                            selection=entry.selection, predicted_forces=entry.predicted_forces,
@@ -1146,8 +1197,8 @@ class OnTheFlyRun:
         self._refresh_model_info()
         decision = self.update_policy.decide(UpdateContext(
             oracle_calls=st.labels_applied, step=labels[-1].step,
-            max_sigma_before=max((float(lab.force_std.max()) for lab in labels if lab.force_std is not None),
-                                 default=0.0),
+            max_sigma_before=max((float(_label_sigma(lab).max(initial=0.0)) for lab in labels
+                                  if lab.force_std is not None or lab.atom_std is not None), default=0.0),
             threshold=self.threshold, n_environments=self.n_environments))
         rd.event("update_decision", label=labels[-1].index, labels=[lab.index for lab in labels],
                  accept=decision.accept, reason=decision.reason, threshold=self.threshold, noise=self.noise,
@@ -1190,7 +1241,7 @@ class OnTheFlyRun:
         for seq in sorted(self.queued):
             entry = self.queued[seq]
             pred = self.learner.predict(entry.atoms(), condition_on=cond)
-            sigma = float(np.max(pred.force_std))
+            sigma = float(np.max(atom_sigma(pred, len(entry.numbers)), initial=0.0))
             if sigma >= self.threshold:
                 continue
             del self.queued[seq]

@@ -89,6 +89,7 @@ def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
         "oracle_call_steps": [e["step"] for e in calls],
         "resumed": sum(1 for e in events if e["event"] == "resumed"),
         "trials": trials,
+        "model_warnings": ([e for e in events if e["event"] == "model_warnings"] or [{"warnings": []}])[-1]["warnings"],
         "temperature_K_mean_last_quarter": (float(np.mean([f["temperature_K"] for f in frames[-max(1, len(frames) // 4):]]))
                                             if frames else None),
         "force_error_at_oracle_calls_rmse": [e.get("rmse_force_error") for e in calls if "rmse_force_error" in e],
@@ -221,6 +222,10 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         f"| wall time | {_fmt(summary['wall_seconds'])} s |",
         "",
     ]
+    if summary["model_warnings"]:
+        lines += ["**Model warnings** (the learner's, at the end of the run):", ""]
+        lines += [f"* WARNING: {w}" for w in summary["model_warnings"]]
+        lines.append("")
     if len(summary["walkers"]) > 1:
         lines += ["| walker | MD steps | simulated time | oracle calls |", "|---|---|---|---|"]
         lines += [f"| {n} | {w['steps']} | {w['simulated_time_ps']:.3f} ps | {w['oracle_calls']} |"

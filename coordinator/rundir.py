@@ -71,6 +71,7 @@ class StoredLabel:
     predicted_forces: np.ndarray | None = None  # the old model's forces at this frame, eV/Å
     model_version: int = 0               # learner version that predicted them
     temperature_K: float = 0.0
+    atom_std: np.ndarray | None = None   # (n,) eV/Å rotation-invariant σ per atom, old model (None: not known)
 
     def atoms(self):
         from ase import Atoms
@@ -96,8 +97,9 @@ class QueuedFrame:
     selection: list[int]           # atoms the acquisition picked
     checkpoint: bytes              # sampler state at the stop
     model_version: int
-    max_sigma: float               # eV/Å
+    max_sigma: float               # eV/Å, largest per-atom σ (atom_std)
     threshold: float               # eV/Å
+    atom_std: np.ndarray | None = None  # (n,) eV/Å rotation-invariant σ per atom, old model (None: older run dir)
 
     def atoms(self):
         from ase import Atoms
@@ -273,6 +275,8 @@ class RunDirectory:
             arrays["stress"] = label.stress
         if label.force_std is not None:
             arrays["force_std"] = label.force_std
+        if label.atom_std is not None:
+            arrays["atom_std"] = label.atom_std
         if label.predicted_forces is not None:
             arrays["predicted_forces"] = label.predicted_forces
         meta = {"index": label.index, "step": label.step, "time_fs": label.time_fs, "energy": label.energy,
@@ -304,7 +308,8 @@ class RunDirectory:
                     walker=meta.get("walker", ""), queue_seq=meta.get("queue_seq", -1),
                     selection=meta.get("selection"),
                     predicted_forces=z["predicted_forces"] if "predicted_forces" in z else None,
-                    model_version=meta.get("model_version", 0), temperature_K=meta.get("temperature_K", 0.0))
+                    model_version=meta.get("model_version", 0), temperature_K=meta.get("temperature_K", 0.0),
+                    atom_std=z["atom_std"] if "atom_std" in z else None)
         except FileNotFoundError:
             raise NotFound(f"label file {path} is missing") from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
@@ -376,6 +381,8 @@ class RunDirectory:
         arrays = {"positions": q.positions, "numbers": q.numbers, "cell": q.cell, "pbc": q.pbc,
                   "force_std": q.force_std, "predicted_forces": q.predicted_forces,
                   "checkpoint": np.frombuffer(q.checkpoint, dtype=np.uint8)}
+        if q.atom_std is not None:
+            arrays["atom_std"] = q.atom_std
         meta = {"seq": q.seq, "walker": q.walker, "step": q.step, "time_fs": q.time_fs,
                 "temperature_K": q.temperature_K, "selection": [int(i) for i in q.selection],
                 "model_version": q.model_version, "max_sigma": q.max_sigma, "threshold": q.threshold}
@@ -395,7 +402,8 @@ class RunDirectory:
                                    force_std=z["force_std"], predicted_forces=z["predicted_forces"],
                                    selection=list(meta["selection"]), checkpoint=z["checkpoint"].tobytes(),
                                    model_version=meta["model_version"], max_sigma=meta["max_sigma"],
-                                   threshold=meta["threshold"])
+                                   threshold=meta["threshold"],
+                                   atom_std=z["atom_std"] if "atom_std" in z else None)
         except FileNotFoundError:
             raise NotFound(f"queue entry {path} is missing") from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:

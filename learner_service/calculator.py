@@ -3,7 +3,9 @@
 Results: ``energy`` (eV), ``free_energy`` (= energy), ``energies`` (n,) local energies,
 ``forces`` (n, 3) eV/Å, ``stress`` (6,) eV/Å^3 (ASE Voigt), and ``force_std`` (n, 3)
 eV/Å — the epistemic σ of every force component (noise excluded; the total
-predictive σ is ``sqrt(force_std**2 + noise**2)`` with ``calc.results["noise"]``).
+predictive σ is ``sqrt(force_std**2 + noise**2)`` with ``calc.results["noise"]``), and
+``atom_std`` (n,) eV/Å — each atom's rotation-invariant epistemic σ (sqrt of the largest
+eigenvalue of its 3×3 posterior force covariance; see docs/uncertainty.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ __all__ = ["GPCalculator"]
 
 
 class GPCalculator(Calculator):
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "force_std"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "force_std", "atom_std"]
 
     def __init__(self, gp: GaussianProcess, **kwargs):
         super().__init__(**kwargs)
@@ -32,6 +34,7 @@ class GPCalculator(Calculator):
             "energies": pred.local_energies,
             "forces": pred.forces,
             "force_std": pred.force_std,
+            "atom_std": pred.atom_std,
             "noise": pred.noise,
             "model_version": pred.model_version,
         }

@@ -29,6 +29,7 @@ class RemotePrediction:
     local_energies: np.ndarray | None
     noise: float                # σn, eV/Å
     model_version: int
+    atom_std: np.ndarray | None = None  # (n,) eV/Å, rotation-invariant per-atom σ (None: not sent)
 
 
 def prediction_from_proto(msg: common_pb2.Prediction, n_atoms: int) -> RemotePrediction:
@@ -41,6 +42,7 @@ def prediction_from_proto(msg: common_pb2.Prediction, n_atoms: int) -> RemotePre
                         if wire.has_array(msg, "local_energies") else None),
         noise=msg.noise_std,
         model_version=msg.model_version,
+        atom_std=wire.decode_atom_std(msg, n_atoms),
     )
 
 

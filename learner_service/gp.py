@@ -108,6 +108,13 @@ class Prediction:
     epistemic variance (eV²/Å², may be ~-1e-16 from round-off); ``energy`` eV;
     ``local_energies`` (n,) eV; ``stress`` (6,) eV/Å^3 ASE Voigt or None; ``noise``
     σn in eV/Å.
+
+    ``force_cov`` (n, 3, 3) eV²/Å² is each atom's epistemic posterior covariance of its
+    force vector (seed 004 Eq. 5 for the three components of one atom together; its diagonal
+    is ``force_var``); ``atom_std`` (n,) eV/Å = sqrt(largest eigenvalue of ``force_cov``,
+    clipped at 0): the σ of the atom's force along its most uncertain direction.  It does not
+    change when the structure is rotated (``force_cov`` -> R C R^T), unlike a component σ,
+    and max component σ <= ``atom_std`` <= sqrt(trace).  Rows of atoms not predicted are 0.
     """
 
     forces: np.ndarray
@@ -118,6 +125,8 @@ class Prediction:
     stress: np.ndarray | None
     noise: float
     model_version: int = 0
+    force_cov: np.ndarray | None = None
+    atom_std: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +255,28 @@ def _alpha_of(L: np.ndarray, y: np.ndarray) -> np.ndarray:
     return solve_triangular(L, z, lower=True, trans="T", check_finite=False)
 
 
+def block_gram(V: np.ndarray, m: int, diagonal: np.ndarray | None = None) -> np.ndarray:
+    """(m, 3, 3) Gram blocks V_i^T V_i of the three columns of each environment i of ``V``
+    (n_rows, 3 m) -- the variance that the data explain, atom by atom.  ``diagonal`` (m, 3),
+    when given, is the column sums of squares already computed (taken as the diagonal, so
+    the per-component variances stay bit-for-bit those of the diagonal-only code)."""
+    V3 = V.reshape(V.shape[0], m, 3)
+    G = np.einsum("kia,kib->iab", V3, V3)
+    if diagonal is not None:
+        G[:, [0, 1, 2], [0, 1, 2]] = diagonal
+    return G
+
+
+def atom_std_of(cov: np.ndarray) -> np.ndarray:
+    """(n,) eV/Å: sqrt of the largest eigenvalue of each symmetric 3×3 block of ``cov``
+    (n, 3, 3) eV²/Å², clipped at 0 (round-off can make a vanishing variance ~ -1e-16)."""
+    cov = np.asarray(cov, dtype=np.float64)
+    if cov.shape[0] == 0:
+        return np.zeros(0)
+    sym = 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    return np.sqrt(np.clip(np.linalg.eigvalsh(sym)[:, -1], 0.0, None))
+
+
 def default_predict_threads() -> int:
     """Two threads on a machine with two or more CPUs (measured: no extra CPU time), else one."""
     return min(2, os.cpu_count() or 1)
@@ -357,6 +388,12 @@ class GaussianProcess:
     @property
     def n_labels(self) -> int:
         return len(self._labels)
+
+    @property
+    def n_energy_labels(self) -> int:
+        """Number of total-energy labels in the training set (0: a forces-only model, whose
+        energies are defined only up to a constant)."""
+        return sum(1 for k in self._kinds if k == _ENERGY)
 
     @property
     def version(self) -> int:
@@ -1175,20 +1212,23 @@ class GaussianProcess:
         envs = build_environments(positions, atoms.get_atomic_numbers(), cell, pbc, self.cutoffs, idx)
         st = self._factorize()
         if condition_on:
-            mean, var, V1 = self._predict_fast(envs, st, want_v=True)
-            var = self._conditioned_variance(envs, st, condition_on, var, V1)
+            mean, cov, V1 = self._predict_fast(envs, st, want_v=True)
+            cov = self._conditioned_variance(envs, st, condition_on, cov, V1)
             if stress:
                 mean = self._predict_general(envs, st, stress)[0]
         elif not stress:
-            mean, var = self._predict_fast(envs, st)
+            mean, cov = self._predict_fast(envs, st)
         else:
-            mean, var = self._predict_general(envs, st, stress)
+            mean, cov = self._predict_general(envs, st, stress)
 
         forces = np.zeros((n, 3))
-        force_var = np.zeros((n, 3))
+        force_cov = np.zeros((n, 3, 3))
+        atom_std = np.zeros(n)
         local = np.zeros(n)
         forces[idx] = mean[:, 1:4]
-        force_var[idx] = var
+        force_cov[idx] = cov
+        atom_std[idx] = atom_std_of(cov)
+        force_var = np.ascontiguousarray(np.diagonal(force_cov, axis1=1, axis2=2))
         local[idx] = mean[:, 0]
         if subset:
             energy = float("nan")
@@ -1207,6 +1247,8 @@ class GaussianProcess:
             stress=stress_out,
             noise=self.noise,
             model_version=self._version,
+            force_cov=force_cov,
+            atom_std=atom_std,
         )
 
     def _training_groups(self) -> LabelGroups:
@@ -1219,10 +1261,12 @@ class GaussianProcess:
 
     @serial_blas
     def _predict_fast(self, envs: EnvironmentBatch, st: _State | None, want_v: bool = False):
-        """Mean (E, F) and force variances of ``envs`` from :func:`prediction_blocks`: only the
-        functionals prediction needs, the prior variance from the force block diagonal
-        alone; the same numbers as :meth:`_predict_general` to round-off.  With ``want_v``
-        also V = L^-1 k(train, test forces), (n_labels, 3 m)."""
+        """Mean (E, F) (m, 4) and the epistemic 3×3 force covariance (m, 3, 3) of each of
+        ``envs`` from :func:`prediction_blocks`: only the functionals prediction needs, the
+        prior from each environment's own 3×3 force block; the same numbers as
+        :meth:`_predict_general` to round-off.  Covariance of atom i: prior_i - V_i^T V_i
+        with V_i its three columns of V = L^-1 k(train, test forces) (n_labels, 3 m), which
+        ``want_v`` also returns."""
         m = len(envs)
         h = self._hyps
         s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
@@ -1235,15 +1279,15 @@ class GaussianProcess:
             Kf = np.ascontiguousarray(Kp[:, :, 1:4]).reshape(n_rows, m * 3)
             if n_rows * n_rows * m * 3 <= _SMALL_SOLVE:
                 V, sq = forward_substitution(st.L, Kf)
-                explained = sq.reshape(m, 3)
+                explained = block_gram(V, m, sq.reshape(m, 3))
             else:
                 V = solve_triangular(st.L, Kf, lower=True, check_finite=False)
-                explained = np.einsum("ij,ij->j", V, V).reshape(m, 3)
+                explained = block_gram(V, m, np.einsum("ij,ij->j", V, V).reshape(m, 3))
         else:
             _, _, P2, P3 = prediction_blocks(EnvironmentBatch.empty(), LabelGroups.concatenate([]), envs,
                                              len(self.species), h["ls2"], h["ls3"], threads=self.predict_threads)
             mean = np.zeros((m, 4))
-            explained = np.zeros((m, 3))
+            explained = np.zeros((m, 3, 3))
             V = np.zeros((0, 3 * m))
         prior = s2 * P2 + s3 * P3
         return (mean, prior - explained, V) if want_v else (mean, prior - explained)
@@ -1251,11 +1295,12 @@ class GaussianProcess:
     @serial_blas
     def _conditioned_variance(self, envs: EnvironmentBatch, st: _State | None, condition_on: Sequence[tuple],
                               var: np.ndarray, V1: np.ndarray) -> np.ndarray:
-        """Force variances of ``envs`` given the training set plus the force environments Q of
-        ``condition_on`` (noise σn on each), from this model's variances ``var`` and V1 =
+        """Force covariances (m, 3, 3) of ``envs`` given the training set plus the force
+        environments Q of ``condition_on`` (noise σn on each), from this model's covariances
+        ``var`` (m, 3, 3) and V1 =
         L^-1 k_T (:meth:`_predict_fast`): with the block extension [[L, 0], [L21, L22]] of the
         factor by Q's rows (:meth:`_extend_factor`'s algebra, on a clone; this model's factor
-        is neither copied nor changed), var_Q = var - |L22^-1 (k_Q - L21 V1)|²."""
+        is neither copied nor changed), var_Q = var - V2_i^T V2_i with V2 = L22^-1 (k_Q - L21 V1)."""
         work = self.clone()
         for k, item in enumerate(condition_on):
             try:
@@ -1290,11 +1335,12 @@ class GaussianProcess:
         except LinAlgError as exc:
             raise ModelError("conditioning: " + _CHOLESKY_HINT) from exc
         V2 = solve_triangular(L22, B, lower=True, check_finite=False)
-        return var - np.einsum("ij,ij->j", V2, V2).reshape(m, 3)
+        return var - block_gram(V2, m, np.einsum("ij,ij->j", V2, V2).reshape(m, 3))
 
     @serial_blas
     def _predict_general(self, envs: EnvironmentBatch, st: _State | None, stress: bool):
-        """Mean (E, F[, S]) and force variances of ``envs`` through :func:`kernel_blocks`."""
+        """Mean (E, F[, S]) (m, 4 or 10) and epistemic force covariances (m, 3, 3) of ``envs``
+        through :func:`kernel_blocks` (the prior 3×3 self-blocks from :func:`prediction_blocks`)."""
         m = len(envs)
         h = self._hyps
         gp_rows = LabelGroups.per_environment(np.arange(m), energy=True, force=True, stress=stress)
@@ -1306,13 +1352,13 @@ class GaussianProcess:
             mean = (Kp.T @ st.alpha).reshape(m, width)
             Kf = Kp.reshape(-1, m, width)[:, :, 1:4].reshape(Kp.shape[0], m * 3)
             V = solve_triangular(st.L, Kf, lower=True, check_finite=False)
-            explained = np.einsum("ij,ij->j", V, V).reshape(m, 3)
+            explained = block_gram(V, m, np.einsum("ij,ij->j", V, V).reshape(m, 3))
         else:
             mean = np.zeros((m, width))
-            explained = np.zeros((m, 3))
-        self_groups = LabelGroups.per_environment(np.arange(m), energy=False, force=True)
-        s2, s3 = kernel_blocks(envs, self_groups, None, h["ls2"], h["ls3"], diagonal=True)
-        prior = (h["sig2"] ** 2 * np.diag(s2) + h["sig3"] ** 2 * np.diag(s3)).reshape(m, 3)
+            explained = np.zeros((m, 3, 3))
+        _, _, P2, P3 = prediction_blocks(EnvironmentBatch.empty(), LabelGroups.concatenate([]), envs,
+                                         len(self.species), h["ls2"], h["ls3"], threads=self.predict_threads)
+        prior = h["sig2"] ** 2 * P2 + h["sig3"] ** 2 * P3
         return mean, prior - explained
 
     # ------------------------------------------------------------------

@@ -1360,8 +1360,9 @@ def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2,
     with the label groups of ``PA`` (see :func:`assemble`), and their prior force
     self-variances.
 
-    Adds into ``K2``/``K3`` (n_rows, m, 4) and writes ``P2``/``P3`` (m, 3) =
-    diag k_FF(b, b), all at unit signal variance.  Releases the GIL, so disjoint ranges
+    Adds into ``K2``/``K3`` (n_rows, m, 4) and writes ``P2``/``P3`` (m, 3, 3) =
+    k_FF(b, b), the full prior 3×3 force block of each environment (symmetric), all at
+    unit signal variance.  Releases the GIL, so disjoint ranges
     of ``b`` can run in threads.
     """
     lam2 = 1.0 / (ls2 * ls2)
@@ -1430,8 +1431,9 @@ def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2,
                         K3[r, b, j] += w * blk3[i, j]
             else:
                 for d in range(3):
-                    P2[b, d] = blk2[1 + d, 1 + d]
-                    P3[b, d] = blk3[1 + d, 1 + d]
+                    for e in range(3):
+                        P2[b, d, e] = blk2[1 + d, 1 + e]
+                        P3[b, d, e] = blk3[1 + d, 1 + e]
 
 
 def prediction_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, use2=True, use3=True, threads=1):
@@ -1440,14 +1442,15 @@ def prediction_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, us
 
     Returns ``(K2, K3, P2, P3)``: ``K*`` (groups.n_rows, m, 4) covariances of the training
     label rows with (E, Fx, Fy, Fz) of the ``m`` environments of ``test_batch``; ``P*``
-    (m, 3) the prior variances of the test forces, all at unit signal variance.
+    (m, 3, 3) the prior 3×3 covariance of each test environment's force (its diagonal the
+    per-component prior variances), all at unit signal variance.
     Equal (to round-off) to the corresponding entries of :func:`kernel_blocks`.
     """
     m = len(test_batch)
     K2 = np.zeros((groups.n_rows, m, 4))
     K3 = np.zeros((groups.n_rows, m, 4))
-    P2 = np.zeros((m, 3))
-    P3 = np.zeros((m, 3))
+    P2 = np.zeros((m, 3, 3))
+    P3 = np.zeros((m, 3, 3))
     if m == 0:
         return K2, K3, P2, P3
     PB = pack_fast(test_batch, n_species)

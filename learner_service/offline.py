@@ -18,6 +18,8 @@ import numpy as np
 
 from protos.errors import EpicycleError, InvalidInput
 
+from .calibration import calibration_summary
+from .diagnostics import model_warnings
 from .gp import HYPERPARAMETER_UNITS, GaussianProcess
 
 __all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate_model"]
@@ -130,10 +132,8 @@ def fit_model(
             log(f"  iteration {it:4d}: log likelihood {lml:.6f}  ({text})")
 
         result = gp.optimize(max_iterations=max_iterations, progress=progress)
-        log(("optimisation converged" if result.converged else "WARNING: optimisation did NOT converge")
+        log(("optimisation converged" if result.converged else "optimisation did NOT converge")
             + f" after {result.iterations} iterations: {result.message}")
-        if result.at_bounds:
-            log(f"WARNING: hyperparameters ended on a bound of the optimisation box: {result.bound_note()}")
     gp.train()
     lml = gp.log_likelihood()
     at_bounds = result.at_bounds if result is not None else {}
@@ -142,6 +142,8 @@ def fit_model(
         flag = f"   <- at its {at_bounds[name]} bound" if name in at_bounds else ""
         log(f"  {name:13s} = {gp.hyperparameters[name]:.6g} {HYPERPARAMETER_UNITS.get(name, '')}{flag}")
     log(f"log marginal likelihood: {lml:.6f}")
+    for warning in model_warnings(gp, result):
+        log(f"WARNING: {warning}")
     if out is not None:
         gp.save(out)
         log(f"model written to {out}")
@@ -149,24 +151,30 @@ def fit_model(
 
 
 def predict_file(model_path, in_path, out_path, log=print) -> int:
-    """Predict every frame of ``in_path``; write forces, energy and per-atom ``force_std``."""
+    """Predict every frame of ``in_path``; write forces, energy, per-atom ``force_std`` (n, 3)
+    and the rotation-invariant ``atom_std`` (n,), eV/Å (docs/uncertainty.md)."""
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
     gp = GaussianProcess.load(model_path)
     frames = read_frames(in_path)
+    for warning in model_warnings(gp):
+        log(f"WARNING: {warning}")
     out = []
     for frame in frames:
         p = gp.predict(frame, stress=bool(all(frame.get_pbc())))
         new = frame.copy()
         new.arrays.pop("forces", None)
         new.arrays["force_std"] = p.force_std
+        new.arrays["atom_std"] = p.atom_std
         new.arrays["local_energy"] = p.local_energies
         results = {"energy": p.energy, "forces": p.forces}
         if p.stress is not None:
             results["stress"] = p.stress
         new.calc = SinglePointCalculator(new, **results)
         new.info["noise"] = p.noise
+        if gp.n_energy_labels == 0:
+            new.info["energy_defined_up_to_a_constant"] = True
         out.append(new)
     write(str(out_path), out, format="extxyz")
     log(f"predicted {len(out)} frames -> {out_path}")
@@ -178,8 +186,10 @@ def evaluate_model(model_path, test_path) -> dict:
 
     RMSE/MAE in eV/Å overall and per species, P95 of |force components| and the
     RMSE/P95 ratio (seed 004 Table 1), mean epistemic σ, and calibration against the
-    total predictive σ = sqrt(σ² + σn²): fractions of errors within 1σ and 2σ and the
-    mean squared z-score (1 for a calibrated model).
+    total predictive σ = sqrt(σ² + σn²) of each component (:mod:`learner_service.calibration`):
+    fractions of errors within 1σ and 2σ, the mean squared z-score (1 for a calibrated
+    model), a reliability curve, and the variance scale s (σ_cal = s·σ, MAP with a prior
+    centred at 1).
     """
     gp = GaussianProcess.load(model_path)
     frames = read_frames(test_path)
@@ -196,7 +206,7 @@ def evaluate_model(model_path, test_path) -> dict:
     std = np.concatenate(stds).reshape(-1)
     z_num = np.concatenate(numbers)
     total = np.sqrt(std ** 2 + gp.noise ** 2)
-    z = err / total
+    cal = calibration_summary(err, total)
     rmse = float(np.sqrt(np.mean(err ** 2)))
     p95 = float(np.percentile(np.abs(ref), 95))
     report = {
@@ -209,11 +219,16 @@ def evaluate_model(model_path, test_path) -> dict:
         "mean_sigma": float(np.mean(std)),
         "noise": gp.noise,
         "mean_total_sigma": float(np.mean(total)),
-        "within_1_sigma": float(np.mean(np.abs(z) <= 1)),
-        "within_2_sigma": float(np.mean(np.abs(z) <= 2)),
-        "mean_squared_z": float(np.mean(z ** 2)),
+        "within_1_sigma": cal.within_1_sigma,
+        "within_2_sigma": cal.within_2_sigma,
+        "mean_squared_z": cal.mean_squared_z,
+        "variance_scale": cal.variance_scale,
+        "variance_scale_prior_count": cal.prior_count,
+        "miscalibration_area": cal.miscalibration_area,
+        "reliability": {"expected": list(cal.levels), "observed": list(cal.observed)},
         "per_species": {},
         "units": {"forces": "eV/Å"},
+        "warnings": model_warnings(gp),
     }
     from ase.data import chemical_symbols
 
@@ -235,9 +250,14 @@ def format_report(r: dict) -> str:
         f"mean epistemic σ {r['mean_sigma']:.4f} eV/Å   noise σn {r['noise']:.4f} eV/Å",
         f"calibration (total σ): within 1σ {100 * r['within_1_sigma']:.1f} % (ideal 68.3), "
         f"within 2σ {100 * r['within_2_sigma']:.1f} % (ideal 95.4), mean z² {r['mean_squared_z']:.3f} (ideal 1)",
+        f"variance scale s = {r['variance_scale']:.3f} (σ_cal = s·σ; MAP, prior centred at 1 worth "
+        f"{r['variance_scale_prior_count']:g} residuals)   miscalibration area {r['miscalibration_area']:.3f} (ideal 0)",
+        "reliability (expected -> observed coverage): " + ", ".join(
+            f"{100 * e:.0f}->{100 * o:.0f} %" for e, o in zip(r["reliability"]["expected"], r["reliability"]["observed"])),
     ]
     for sym, s in r["per_species"].items():
         lines.append(f"  {sym:2s}: RMSE {s['rmse']:.4f} eV/Å  MAE {s['mae']:.4f} eV/Å  ({s['force_components']} components)")
+    lines.extend(f"WARNING: {w}" for w in r.get("warnings", ()))
     return "\n".join(lines)
 
 
@@ -305,7 +325,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict forces and uncertainties with a trained GP")
     p.add_argument("model", help="model file written by 'fit'")
     p.add_argument("input", help="structures (extended XYZ)")
-    p.add_argument("--out", required=True, help="output extended XYZ with forces and force_std per atom")
+    p.add_argument("--out", required=True, help="output extended XYZ with forces, force_std and atom_std per atom")
     p.set_defaults(func=_guard(_cmd_predict))
 
     p = subparsers.add_parser("evaluate", help="force errors and calibration on a labelled test set")

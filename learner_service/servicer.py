@@ -35,6 +35,7 @@ from protos.errors import InvalidInput, ModelError, NotFound, NotReady, SetupErr
 from protos.structures import StructureLimits, check_min_distance, check_structure, isolated_atoms
 
 from learner_service.checkpoints import INITIAL, DataItem, Lineage, ModelDirectory, apply_items, base_name
+from learner_service.diagnostics import model_warnings
 
 #: units of the hyperparameters, for ModelInfo
 HYPERPARAMETER_UNITS = {"sig2": "eV", "ls2": "Å", "sig3": "eV", "ls3": "Å", "noise": "eV/Å",
@@ -238,6 +239,8 @@ class ModelStore:
 def prediction_to_proto(pred, version: int, out: common_pb2.Prediction) -> common_pb2.Prediction:
     wire.encode_array(pred.forces, "<f8", out.forces)
     wire.encode_array(pred.force_std, "<f8", out.force_std)
+    if getattr(pred, "atom_std", None) is not None:
+        wire.encode_array(pred.atom_std, "<f8", out.atom_std)
     if getattr(pred, "energy", None) is not None:
         out.energy = float(pred.energy)
     if getattr(pred, "local_energies", None) is not None:
@@ -284,6 +287,7 @@ def model_info(gp, version: int, checkpoint_id: str = "") -> learner_pb2.ModelIn
         cutoff_three_body=cutoffs[1],
         ready=True,
         checkpoint_id=checkpoint_id,
+        warnings=model_warnings(gp),
     )
     return info
 

@@ -156,6 +156,21 @@ def has_array(msg: Any, field: str) -> bool:
     return msg.HasField(field) and len(getattr(msg, field).shape) > 0
 
 
+def decode_atom_std(prediction: Any, n_atoms: int, name: str = "prediction") -> np.ndarray | None:
+    """``Prediction.atom_std`` (n_atoms,) eV/Å -- the rotation-invariant epistemic σ of each
+    atom's force -- as a float64 array, or ``None`` when the sender did not fill it (a model
+    with per-component σ only; readers then fall back to the largest component σ of each
+    atom).  Every value must be finite and >= 0 (InvalidInput naming ``name.atom_std``)."""
+    if not has_array(prediction, "atom_std"):
+        return None
+    where = f"{name}.atom_std"
+    arr = decode_array(prediction.atom_std, where, (n_atoms,), "<f8", finite=True)
+    if arr.size and float(arr.min()) < 0.0:
+        i = int(np.argmin(arr))
+        raise InvalidInput(f"{where} contains a negative σ ({float(arr[i])!r}) at index ({i},)")
+    return arr
+
+
 # --------------------------------------------------------------------------- structures
 
 

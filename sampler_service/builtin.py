@@ -175,7 +175,7 @@ class BuiltinEngine(MDEngine):
                     stop_frame = self._frame(result, False, velocities=None, observables=None)
                     return StopReport(
                         reason="uncertain", step=self._step, time_fs=self._time, steps_taken=taken,
-                        frame=stop_frame, threshold=threshold, max_std=float(result.force_std.max()),
+                        frame=stop_frame, threshold=threshold, max_std=result.max_std,
                         uncertain_atoms=np.unique(comps[:, 0]), uncertain_components=comps,
                         uncertain_std=std,
                     )
@@ -286,6 +286,7 @@ class BuiltinEngine(MDEngine):
             force_std=None if result.force_std is None else result.force_std.copy(),
             noise=result.noise, model_version=result.model_version, forces_supplied=supplied,
             observables=observables, images=self._images.copy(),
+            atom_std=None if result.atom_std is None else result.atom_std.copy(),
         )
 
     # -- checkpoint ------------------------------------------------------------------

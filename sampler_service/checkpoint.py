@@ -73,12 +73,15 @@ def result_to_arrays(prefix: str, r: ForceResult | None, meta: dict[str, Any],
         meta[prefix] = None
         return
     meta[prefix] = {"energy": r.energy, "noise": r.noise, "model_version": r.model_version,
-                    "has_stress": r.stress is not None, "has_std": r.force_std is not None}
+                    "has_stress": r.stress is not None, "has_std": r.force_std is not None,
+                    "has_atom_std": r.atom_std is not None}
     arrays[f"{prefix}.forces"] = r.forces
     if r.stress is not None:
         arrays[f"{prefix}.stress"] = r.stress
     if r.force_std is not None:
         arrays[f"{prefix}.force_std"] = r.force_std
+    if r.atom_std is not None:
+        arrays[f"{prefix}.atom_std"] = r.atom_std
 
 
 def result_from_arrays(prefix: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> ForceResult | None:
@@ -90,4 +93,5 @@ def result_from_arrays(prefix: str, meta: dict[str, Any], arrays: dict[str, np.n
         stress=arrays[f"{prefix}.stress"].copy() if m["has_stress"] else None,
         force_std=arrays[f"{prefix}.force_std"].copy() if m["has_std"] else None,
         noise=m["noise"], model_version=m["model_version"],
+        atom_std=arrays[f"{prefix}.atom_std"].copy() if m.get("has_atom_std") else None,
     )

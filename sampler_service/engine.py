@@ -36,7 +36,7 @@ import numpy as np
 from ase import Atoms, units
 
 from protos.errors import InvalidInput
-from sampler_service.forces import ForceProvider, ForceResult
+from sampler_service.forces import ForceProvider, ForceResult, per_atom_sigma
 from sampler_service.settings import SamplerSettings
 
 
@@ -68,7 +68,9 @@ class Frame:
 
     positions (n, 3) Å, cell (3, 3) Å, velocities (n, 3) Å/fs at the same time
     as the positions (``None`` in an uncertainty stop, where the step has not
-    been completed), forces/force_std (n, 3) eV/Å, energy eV, stress (6,) eV/Å³.
+    been completed), forces/force_std (n, 3) eV/Å, energy eV, stress (6,) eV/Å³,
+    atom_std (n,) eV/Å the rotation-invariant σ of each atom's force (``None`` when the
+    force provider gives only component σ).
     ``forces_supplied``: the forces were supplied (DFT) rather than predicted.
     """
 
@@ -89,10 +91,13 @@ class Frame:
     forces_supplied: bool
     observables: Observables | None = None
     images: np.ndarray | None = None
+    atom_std: np.ndarray | None = None
 
     def to_atoms(self) -> Atoms:
         """The frame as ASE Atoms: forces/energy/stress in a SinglePointCalculator,
-        ``force_std`` as a per-atom array, observables and step/time in ``info``."""
+        ``force_std`` (n, 3) and ``atom_std`` (n,) as per-atom arrays, observables and
+        step/time in ``info`` (``max_force_std``: largest component σ; ``max_atom_std``:
+        largest per-atom σ, the quantity the threshold is applied to, eV/Å)."""
         from ase.calculators.singlepoint import SinglePointCalculator
 
         atoms = Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc,
@@ -101,6 +106,8 @@ class Frame:
             atoms.set_velocities(self.velocities / units.fs)  # Å/fs → ASE units
         if self.force_std is not None:
             atoms.arrays["force_std"] = np.array(self.force_std)
+        if self.atom_std is not None:
+            atoms.arrays["atom_std"] = np.array(self.atom_std)
         results: dict[str, Any] = {"forces": np.array(self.forces)}
         if self.energy is not None:
             results["energy"] = self.energy
@@ -113,6 +120,9 @@ class Frame:
             info["noise"] = self.noise
         if self.force_std is not None:
             info["max_force_std"] = float(np.max(self.force_std, initial=0.0))
+        sigma = per_atom_sigma(self.atom_std, self.force_std)
+        if sigma is not None:
+            info["max_atom_std"] = float(np.max(sigma, initial=0.0))
         if self.observables is not None:
             for k, v in self.observables.__dict__.items():
                 if v is not None:
@@ -126,11 +136,13 @@ class StopReport:
     """Why and where :meth:`MDEngine.run` returned.
 
     reason: ``"max_steps"`` (the requested steps are done), ``"uncertain"``
-    (some σ_iα > threshold at step ``step``; nothing of step ``step`` has been
+    (some atom's σ > threshold at step ``step``; nothing of step ``step`` has been
     integrated) or ``"cancelled"`` (:meth:`MDEngine.request_stop` was called;
-    the state is the same kind as at an uncertainty stop).  ``uncertain_components`` is (k, 2) [atom, component 0..2],
-    ``uncertain_std`` (k,) their σ (eV/Å), ``uncertain_atoms`` the unique
-    atoms, in increasing order.  ``frame`` is the frame at the stop: the
+    the state is the same kind as at an uncertainty stop).  ``uncertain_components`` is
+    (k, 2) [atom, component]: component -1 when the provider gives the rotation-invariant
+    per-atom σ (``atom_std``; the atom as a whole crossed), 0..2 (x, y, z) when it gives only
+    component σ; ``uncertain_std`` (k,) their σ (eV/Å), ``uncertain_atoms`` the unique
+    atoms, in increasing order; ``max_std`` the largest per-atom σ (eV/Å).  ``frame`` is the frame at the stop: the
     uncertain configuration with its prediction, or the last integrated frame.
     """
 
@@ -154,8 +166,20 @@ FrameCallback = Callable[[Frame], Any]
 
 
 def uncertainty_crossing(result: ForceResult, threshold: float | None):
-    """(components (k, 2), σ (k,)) where σ_iα > threshold, or None if none/no σ/no threshold."""
-    if threshold is None or result.force_std is None:
+    """(components (k, 2), σ (k,)) over the threshold, or None if none/no σ/no threshold.
+
+    With the rotation-invariant ``result.atom_std`` the rows are [atom, -1] for every atom
+    whose σ > threshold; a provider with component σ only gives [atom, α] for every
+    σ_iα > threshold (which depends on the orientation of the structure)."""
+    if threshold is None:
+        return None
+    if result.atom_std is not None:
+        mask = result.atom_std > threshold
+        if not mask.any():
+            return None
+        atoms = np.flatnonzero(mask).astype(np.int64)
+        return np.stack([atoms, np.full_like(atoms, -1)], axis=1), result.atom_std[mask]
+    if result.force_std is None:
         return None
     mask = result.force_std > threshold
     if not mask.any():

@@ -30,6 +30,9 @@ class ForceResult:
     forces: (n, 3) eV/Å
     stress: (6,) eV/Å³ Voigt, or ``None`` (needed only by barostats)
     force_std: (n, 3) eV/Å epistemic σ per force component, or ``None`` (never gates)
+    atom_std: (n,) eV/Å rotation-invariant epistemic σ of each atom's force (sqrt of the
+      largest eigenvalue of its 3×3 posterior covariance), or ``None`` when the provider
+      has only component σ; the threshold is applied to :attr:`atom_sigma`
     noise: σn of the model, eV/Å, or ``None``
     model_version: version of the model that made the prediction (−1: not a model, e.g. DFT)
     """
@@ -40,6 +43,7 @@ class ForceResult:
     force_std: np.ndarray | None = None
     noise: float | None = None
     model_version: int = -1
+    atom_std: np.ndarray | None = None
 
     def checked(self, n_atoms: int, where: str = "force provider") -> "ForceResult":
         """This result with arrays as float64, after checking shapes and finiteness.
@@ -61,6 +65,13 @@ class ForceResult:
                 )
             if not np.all(np.isfinite(std)) or np.any(std < 0):
                 raise CalculationFailed(f"{where} returned negative or non-finite force_std")
+        atom_std = None
+        if self.atom_std is not None:
+            atom_std = np.array(self.atom_std, dtype=np.float64, copy=True)
+            if atom_std.shape != (n_atoms,):
+                raise CalculationFailed(f"{where} returned atom_std of shape {atom_std.shape}, expected ({n_atoms},)")
+            if not np.all(np.isfinite(atom_std)) or np.any(atom_std < 0):
+                raise CalculationFailed(f"{where} returned negative or non-finite atom_std")
         stress = None
         if self.stress is not None:
             stress = np.array(self.stress, dtype=np.float64, copy=True)
@@ -72,11 +83,29 @@ class ForceResult:
         if energy is not None and not np.isfinite(energy):
             raise CalculationFailed(f"{where} returned a non-finite energy")
         noise = None if self.noise is None else float(self.noise)
-        return ForceResult(energy, forces, stress, std, noise, int(self.model_version))
+        return ForceResult(energy, forces, stress, std, noise, int(self.model_version), atom_std)
+
+    @property
+    def atom_sigma(self) -> np.ndarray | None:
+        """(n,) eV/Å: the σ of each atom the threshold is applied to (see :func:`per_atom_sigma`)."""
+        return per_atom_sigma(self.atom_std, self.force_std)
 
     @property
     def max_std(self) -> float | None:
-        return None if self.force_std is None else float(np.max(self.force_std, initial=0.0))
+        """Largest :attr:`atom_sigma`, eV/Å (``None`` without σ)."""
+        s = self.atom_sigma
+        return None if s is None else float(np.max(s, initial=0.0))
+
+
+def per_atom_sigma(atom_std: np.ndarray | None, force_std: np.ndarray | None) -> np.ndarray | None:
+    """(n,) eV/Å: the rotation-invariant ``atom_std`` when the provider gave it, else the
+    largest component σ of each atom (``force_std`` (n, 3); a lower bound of the invariant
+    σ, which depends on the orientation), else ``None``."""
+    if atom_std is not None:
+        return np.asarray(atom_std, dtype=np.float64)
+    if force_std is not None:
+        return np.max(np.asarray(force_std, dtype=np.float64), axis=1, initial=0.0)
+    return None
 
 
 @runtime_checkable

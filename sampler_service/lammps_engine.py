@@ -489,6 +489,7 @@ class LammpsEngine(MDEngine):
             force_std=None if result.force_std is None else result.force_std.copy(),
             noise=result.noise, model_version=result.model_version, forces_supplied=supplied,
             observables=obs, images=self.images if self._lmp is not None else None,
+            atom_std=None if result.atom_std is None else result.atom_std.copy(),
         )
 
     def _uncertain_report(self, result, x_ase, crossing, taken) -> StopReport:
@@ -498,11 +499,12 @@ class LammpsEngine(MDEngine):
             cell=self._cell.copy(), pbc=self._pbc.copy(), masses=self._masses.copy(), velocities=None,
             forces=result.forces.copy(), energy=result.energy,
             stress=None if result.stress is None else result.stress.copy(),
-            force_std=result.force_std.copy(), noise=result.noise, model_version=result.model_version,
-            forces_supplied=False,
+            force_std=None if result.force_std is None else result.force_std.copy(), noise=result.noise,
+            model_version=result.model_version, forces_supplied=False,
+            atom_std=None if result.atom_std is None else result.atom_std.copy(),
         )
         return StopReport(reason="uncertain", step=self._step, time_fs=self._time, steps_taken=taken,
-                          frame=frame, threshold=self._threshold, max_std=float(result.force_std.max()),
+                          frame=frame, threshold=self._threshold, max_std=result.max_std,
                           uncertain_atoms=np.unique(comps[:, 0]), uncertain_components=comps,
                           uncertain_std=std)
 

@@ -33,7 +33,7 @@ class LearnerStreamProvider:
         p = self._stream.predict(np.asarray(positions), np.asarray(numbers), np.asarray(cell), pbc,
                                  stress=self.want_stress, model_version=self.model_version)
         return ForceResult(energy=p.energy, forces=p.forces, stress=p.stress, force_std=p.force_std,
-                           noise=p.noise, model_version=int(p.model_version))
+                           noise=p.noise, model_version=int(p.model_version), atom_std=p.atom_std)
 
     def close(self) -> None:
         self._stream.close()

@@ -91,6 +91,10 @@ def md_settings(**kw: Any) -> sampler_pb2.MDSettings:
     return msg
 
 
+def _copy(arr):
+    return None if arr is None else np.array(arr)
+
+
 def _array(msg, field: str, name: str, shape, dtype="<f8"):
     if not wire.has_array(msg, field):
         return None
@@ -129,6 +133,7 @@ def frame_from_proto(msg: sampler_pb2.Frame) -> Frame:
         noise=p.noise_std if p.noise_std > 0 else None,
         model_version=-1 if msg.forces_from_override else int(p.model_version),
         forces_supplied=bool(msg.forces_from_override), observables=obs,
+        atom_std=_copy(wire.decode_atom_std(p, n, "frame")),
     )
 
 

@@ -66,6 +66,8 @@ def frame_to_proto(frame: Frame, out: sampler_pb2.Frame) -> sampler_pb2.Frame:
     wire.encode_array(frame.forces, "<f8", p.forces)
     if frame.force_std is not None:
         wire.encode_array(frame.force_std, "<f8", p.force_std)
+    if frame.atom_std is not None:
+        wire.encode_array(frame.atom_std, "<f8", p.atom_std)
     if frame.energy is not None:
         p.energy = float(frame.energy)
     if frame.stress is not None:

@@ -2,8 +2,9 @@
 
 Each frame is written by ASE's extxyz writer from :meth:`Frame.to_atoms`:
 ``forces`` (eV/Å) and ``energy`` (eV) from the calculator, ``force_std``
-(eV/Å, per atom and component) and ``momenta`` (if velocities are known) as
-per-atom arrays, and ``step``, ``time_fs``, ``model_version``,
+(eV/Å, per atom and component), ``atom_std`` (eV/Å, the rotation-invariant σ of each
+atom's force, when the model gives it) and ``momenta`` (if velocities are known) as
+per-atom arrays, and ``step``, ``time_fs``, ``model_version``, ``max_atom_std``,
 ``forces_supplied``, ``temperature_K``, ``kinetic_eV``, ``potential_eV``,
 ``conserved_eV``, ``heat_eV``, ``pressure_GPa`` ... in the comment line (``info``).
 """

@@ -178,3 +178,19 @@ def test_check_finite_names_the_first_bad_index() -> None:
     with pytest.raises(InvalidInput, match=r"positions contains a non-finite value .* at index \(2, 1\)"):
         wire.check_finite("positions", arr)
     wire.check_finite("ok", np.ones(3))
+
+
+def test_prediction_atom_std_is_optional_and_checked() -> None:
+    p = pb.Prediction()
+    assert wire.decode_atom_std(p, 3) is None  # a model with per-component σ only
+    wire.encode_array([0.1, 0.0, 0.25], "<f8", p.atom_std)
+    np.testing.assert_array_equal(wire.decode_atom_std(pb.Prediction.FromString(p.SerializeToString()), 3),
+                                  [0.1, 0.0, 0.25])
+    with pytest.raises(InvalidInput, match=r"prediction.atom_std: expected shape \(4\)"):
+        wire.decode_atom_std(p, 4)
+    wire.encode_array([0.1, -0.2, 0.25], "<f8", p.atom_std)
+    with pytest.raises(InvalidInput, match=r"prediction.atom_std contains a negative σ"):
+        wire.decode_atom_std(p, 3)
+    wire.encode_array([0.1, np.nan, 0.25], "<f8", p.atom_std)
+    with pytest.raises(InvalidInput, match=r"frame.atom_std contains a non-finite"):
+        wire.decode_atom_std(p, 3, "frame")

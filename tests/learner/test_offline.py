@@ -3,6 +3,8 @@
 import argparse
 import json
 
+import numpy as np
+import pytest
 from ase.io import read, write
 
 from learner_service.datasets import perturbed_fcc_al
@@ -32,6 +34,8 @@ def test_fit_predict_evaluate(tmp_path, capsys):
     assert _run(["predict", str(model), str(tmp_path / "test.xyz"), "--out", str(tmp_path / "pred.xyz")]) == 0
     pred = read(tmp_path / "pred.xyz")
     assert pred.arrays["force_std"].shape == (32, 3) and pred.get_forces().shape == (32, 3)
+    assert pred.arrays["atom_std"].shape == (32,)
+    assert np.all(pred.arrays["atom_std"] >= pred.arrays["force_std"].max(axis=1) - 1e-8)
 
     capsys.readouterr()
     assert _run(["evaluate", str(model), str(tmp_path / "test.xyz"), "--json"]) == 0
@@ -40,9 +44,16 @@ def test_fit_predict_evaluate(tmp_path, capsys):
     assert 0 < report["rmse"] < report["p95_abs_force"]
     assert report["rmse_over_p95"] == report["rmse"] / report["p95_abs_force"]
     assert 0 <= report["within_1_sigma"] <= report["within_2_sigma"] <= 1
+    assert report["variance_scale"] > 0 and report["variance_scale_prior_count"] == 12
+    # the variance scale is the MAP of the module's prior: (Σz² + 12)/(n + 12) with Σz² = n·mean z²
+    n = report["force_components"]
+    assert report["variance_scale"] ** 2 == pytest.approx((n * report["mean_squared_z"] + 12) / (n + 12), rel=1e-12)
+    assert len(report["reliability"]["expected"]) == len(report["reliability"]["observed"])
+    assert report["warnings"] == []  # trained with energies, cutoffs that see pairs and triplets
     assert set(report["per_species"]) == {"Al"}
     assert _run(["evaluate", str(model), str(tmp_path / "test.xyz")]) == 0
-    assert "RMSE/P95" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "RMSE/P95" in text and "variance scale s = " in text and "reliability" in text
 
 
 def test_clear_errors(tmp_path, capsys):

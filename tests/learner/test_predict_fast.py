@@ -43,7 +43,8 @@ def _blocks_both_ways(train, groups, test, cut, ls2=0.8, ls3=0.7, n_species=2):
     R2, R3 = kernel_blocks(train, groups, gb, ls2, ls3, batch_b=test)
     sg = LabelGroups.per_environment(np.arange(m))
     s2, s3 = kernel_blocks(test, sg, None, ls2, ls3, diagonal=True)
-    return (K2.reshape(R2.shape), R2), (K3.reshape(R3.shape), R3), (P2.ravel(), np.diag(s2)), (P3.ravel(), np.diag(s3))
+    return (K2.reshape(R2.shape), R2), (K3.reshape(R3.shape), R3), (np.diagonal(P2, axis1=1, axis2=2).ravel(), np.diag(s2)), \
+        (np.diagonal(P3, axis1=1, axis2=2).ravel(), np.diag(s3))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -116,8 +117,9 @@ def test_prior_and_cross_blocks_match_numpy_reference():
     assert any(j == 1 for _, _, j in ref.brute_neighbours(bt.positions, cell_b, 1, r2))
     _close(K2[:, 0, 1:4], ref.twobody_ff(ra, rb, 1.0, ls, r2))
     _close(K3[:, 0, 1:4], ref.threebody_ff(ra, rb, 1.0, ls, r3))
-    _close(P2[0], np.diag(ref.twobody_ff(rb, rb, 1.0, ls, r2)))
-    _close(P3[0], np.diag(ref.threebody_ff(rb, rb, 1.0, ls, r3)))
+    # the full prior 3×3 self-block, off-diagonal entries included
+    _close(P2[0], ref.twobody_ff(rb, rb, 1.0, ls, r2))
+    _close(P3[0], ref.threebody_ff(rb, rb, 1.0, ls, r3))
 
 
 def test_threads_give_identical_results():
@@ -159,7 +161,8 @@ def test_gp_fast_prediction_equals_general_path(alcu_gp):
     _close(mean_f[:, 0], mean_g[:, 0])
     prior = gp._predict_fast(envs, None)[1]
     np.testing.assert_allclose(var_f, var_g, rtol=0, atol=RTOL * np.abs(prior).max())
-    assert (var_f > 0).all() and (var_f < prior).all()
+    diag_f, diag_p = np.diagonal(var_f, axis1=1, axis2=2), np.diagonal(prior, axis1=1, axis2=2)
+    assert (diag_f > 0).all() and (diag_f < diag_p).all()
     # public API: predict() (fast) against the stress path (general) for E, F, σ
     p = gp.predict(at)
     q = gp.predict(at, stress=True)
@@ -179,5 +182,5 @@ def test_gp_fast_prediction_subset_and_untrained_model(alcu_gp):
     empty = GaussianProcess([13, 29], (4.5, 3.5), HYPS)
     p = empty.predict(at)
     envs = build_environments(at.positions, at.numbers, at.cell.array, at.pbc, empty.cutoffs)
-    _close(p.force_var, empty._predict_general(envs, None, False)[1])
+    _close(p.force_var, np.diagonal(empty._predict_general(envs, None, False)[1], axis1=1, axis2=2))
     assert np.all(p.forces == 0)

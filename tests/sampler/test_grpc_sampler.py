@@ -235,20 +235,23 @@ def test_threshold_stop_with_forces_and_sigma_from_a_real_learner(sampler, learn
     assert 1 <= k < 200 and stop.steps_taken == k and len(result.frames) == k
     assert [f.step for f in result.frames] == list(range(k))
     for f in result.frames:  # every streamed frame was below the threshold and came from the GP
-        assert arr(f.prediction.force_std).max() <= threshold
+        assert arr(f.prediction.atom_std).max() <= threshold
         assert f.prediction.model_version == version and f.prediction.noise_std == pytest.approx(noise)
     frame = frame_from_proto(stop.frame)
     assert frame.step == k and frame.velocities is None
+    # the learner sends the rotation-invariant per-atom σ: the stop names atoms (component -1)
     comps = np.array([(u.atom, u.component) for u in stop.uncertain])
     sig = np.array([u.sigma for u in stop.uncertain])
-    assert len(comps) > 0 and np.all(sig > threshold)
-    np.testing.assert_array_equal(comps, np.argwhere(frame.force_std > threshold))
-    np.testing.assert_array_equal(sig, frame.force_std[frame.force_std > threshold])
-    assert stop.max_sigma == frame.force_std.max() and stop.threshold == threshold
+    assert len(comps) > 0 and np.all(sig > threshold) and np.all(comps[:, 1] == -1)
+    np.testing.assert_array_equal(comps[:, 0], np.flatnonzero(frame.atom_std > threshold))
+    np.testing.assert_array_equal(sig, frame.atom_std[frame.atom_std > threshold])
+    assert stop.max_sigma == frame.atom_std.max() and stop.threshold == threshold
+    assert np.all(frame.atom_std >= frame.force_std.max(axis=1) * (1 - 1e-12))
     # the σ is the learner's: an independent unary Predict of the stop configuration agrees
     atoms = Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
     p = lclient.predict(atoms)
     np.testing.assert_allclose(frame.force_std, p.force_std, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(frame.atom_std, p.atom_std, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(frame.forces, p.forces, rtol=1e-9, atol=1e-12)
     # the oracle labels that frame; the sampler integrates the step with them and goes on
     energy, forces = emt(atoms)

@@ -68,7 +68,7 @@ class Labels(_message.Message):
     def __init__(self, energy: _Optional[float] = ..., forces: _Optional[_Union[Array, _Mapping]] = ..., stress: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("energy", "forces", "force_std", "stress", "local_energies", "noise_std", "model_version", "energy_std")
+    __slots__ = ("energy", "forces", "force_std", "stress", "local_energies", "noise_std", "model_version", "energy_std", "atom_std")
     ENERGY_FIELD_NUMBER: _ClassVar[int]
     FORCES_FIELD_NUMBER: _ClassVar[int]
     FORCE_STD_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class Prediction(_message.Message):
     NOISE_STD_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENERGY_STD_FIELD_NUMBER: _ClassVar[int]
+    ATOM_STD_FIELD_NUMBER: _ClassVar[int]
     energy: float
     forces: Array
     force_std: Array
@@ -85,7 +86,8 @@ class Prediction(_message.Message):
     noise_std: float
     model_version: int
     energy_std: float
-    def __init__(self, energy: _Optional[float] = ..., forces: _Optional[_Union[Array, _Mapping]] = ..., force_std: _Optional[_Union[Array, _Mapping]] = ..., stress: _Optional[_Union[Array, _Mapping]] = ..., local_energies: _Optional[_Union[Array, _Mapping]] = ..., noise_std: _Optional[float] = ..., model_version: _Optional[int] = ..., energy_std: _Optional[float] = ...) -> None: ...
+    atom_std: Array
+    def __init__(self, energy: _Optional[float] = ..., forces: _Optional[_Union[Array, _Mapping]] = ..., force_std: _Optional[_Union[Array, _Mapping]] = ..., stress: _Optional[_Union[Array, _Mapping]] = ..., local_energies: _Optional[_Union[Array, _Mapping]] = ..., noise_std: _Optional[float] = ..., model_version: _Optional[int] = ..., energy_std: _Optional[float] = ..., atom_std: _Optional[_Union[Array, _Mapping]] = ...) -> None: ...
 
 class Hyperparameter(_message.Message):
     __slots__ = ("name", "value", "unit")

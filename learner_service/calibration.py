@@ -1,0 +1,126 @@
+"""Calibration of predicted uncertainties against held-out residuals (issue 13, item 3, offline).
+
+Pure maths, no model: ``residuals`` r = prediction − reference and the predicted *total* σ of
+each (with noise: sqrt(σ_epistemic² + σn²)), same shape, eV/Å for forces.  A calibrated model
+has z = r/σ ~ N(0, 1).
+
+* :func:`calibration_summary`: mean z² (ideal 1), coverage of the ±1σ and ±2σ intervals
+  (ideal 68.27 % and 95.45 %), a reliability curve and a variance scale s.
+* :func:`reliability_curve`: for central probabilities p, the fraction of |z| ≤ Φ⁻¹((1+p)/2)
+  (a calibrated model lies on observed = expected); the miscalibration area is the mean
+  |observed − expected| over the curve's points.
+* :func:`variance_scale`: σ_cal = s·σ with s² the maximum a posteriori of the model
+  r_i ~ N(0, s² σ_i²) under an inverse-gamma prior on s², IG(α, β = α + 1), whose mode is 1 (the
+  model's own σ) -- so a few points cannot swing it.  The posterior is IG(α + n/2, β + S/2) with
+  S = Σ z_i², and its mode is
+
+      s² = (S + n₀) / (n + n₀),   n₀ = 2(α + 1),
+
+  i.e. the prior acts as n₀ extra residuals with z² = 1 (default α = 5: n₀ = 12).
+
+The residuals are treated as independent; the three force components of one atom and the
+atoms of one frame are correlated, so with few frames read n as an upper bound of the
+information (the prior protects against over-reacting to them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from protos.errors import InvalidInput
+
+__all__ = ["CalibrationSummary", "calibration_summary", "reliability_curve", "variance_scale",
+           "DEFAULT_PRIOR_ALPHA", "DEFAULT_LEVELS"]
+
+#: shape α of the inverse-gamma prior on s² (scale β = α + 1, mode 1): worth n₀ = 2(α+1) = 12 residuals
+DEFAULT_PRIOR_ALPHA = 5.0
+
+#: central probabilities of the reliability curve
+DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6827, 0.7, 0.8, 0.9, 0.9545, 0.99)
+
+
+@dataclass(frozen=True)
+class CalibrationSummary:
+    """``n`` residuals; ``mean_squared_z``; ``within_1_sigma``/``within_2_sigma`` observed
+    coverage (fractions); ``levels``/``observed`` the reliability curve; ``miscalibration_area``;
+    ``variance_scale`` s (σ_cal = s·σ) and the prior's pseudo-count ``prior_count`` n₀."""
+
+    n: int
+    mean_squared_z: float
+    within_1_sigma: float
+    within_2_sigma: float
+    levels: tuple[float, ...]
+    observed: tuple[float, ...]
+    miscalibration_area: float
+    variance_scale: float
+    prior_count: float
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "mean_squared_z": self.mean_squared_z, "within_1_sigma": self.within_1_sigma,
+                "within_2_sigma": self.within_2_sigma,
+                "reliability": {"expected": list(self.levels), "observed": list(self.observed)},
+                "miscalibration_area": self.miscalibration_area, "variance_scale": self.variance_scale,
+                "variance_scale_prior_count": self.prior_count}
+
+
+def _z(residuals, sigma) -> np.ndarray:
+    r = np.asarray(residuals, dtype=np.float64).reshape(-1)
+    s = np.asarray(sigma, dtype=np.float64).reshape(-1)
+    if r.shape != s.shape:
+        raise InvalidInput(f"calibration: {r.size} residuals but {s.size} σ values (they must pair up)")
+    if r.size == 0:
+        raise InvalidInput("calibration: no residuals")
+    if not (np.all(np.isfinite(r)) and np.all(np.isfinite(s))):
+        raise InvalidInput("calibration: residuals and σ must be finite")
+    if np.any(s <= 0):
+        raise InvalidInput(f"calibration: σ must be > 0 (the total σ, noise included); smallest is {s.min()!r}")
+    return r / s
+
+
+def _phi_inv_central(p: float) -> float:
+    """z with P(|Z| ≤ z) = p for Z ~ N(0, 1)."""
+    from scipy.special import ndtri
+
+    return float(ndtri(0.5 * (1.0 + p)))
+
+
+def reliability_curve(residuals, sigma, levels=DEFAULT_LEVELS) -> tuple[np.ndarray, np.ndarray]:
+    """(expected, observed): expected central probabilities ``levels`` in (0, 1) and the
+    observed fraction of residuals inside the matching Gaussian interval ±Φ⁻¹((1+p)/2)·σ."""
+    z = np.abs(_z(residuals, sigma))
+    levels = np.asarray(levels, dtype=np.float64)
+    if np.any((levels <= 0) | (levels >= 1)):
+        raise InvalidInput(f"calibration levels must lie in (0, 1), got {levels.tolist()}")
+    observed = np.array([np.mean(z <= _phi_inv_central(p)) for p in levels])
+    return levels, observed
+
+
+def variance_scale(residuals, sigma, prior_alpha: float = DEFAULT_PRIOR_ALPHA) -> float:
+    """s, the MAP of σ_cal = s·σ (see the module docstring): s² = (Σz² + n₀)/(n + n₀), n₀ = 2(α+1).
+    ``prior_alpha`` = 0 still leaves n₀ = 2 (the mode of IG(0, 1)); larger α trusts the model's σ more."""
+    if not (math.isfinite(prior_alpha) and prior_alpha >= 0):
+        raise InvalidInput(f"calibration prior α must be finite and >= 0, got {prior_alpha!r}")
+    z = _z(residuals, sigma)
+    n0 = 2.0 * (prior_alpha + 1.0)
+    return math.sqrt((float(np.sum(z * z)) + n0) / (z.size + n0))
+
+
+def calibration_summary(residuals, sigma, levels=DEFAULT_LEVELS,
+                        prior_alpha: float = DEFAULT_PRIOR_ALPHA) -> CalibrationSummary:
+    """Everything above for one set of residuals and total σ."""
+    z = _z(residuals, sigma)
+    expected, observed = reliability_curve(residuals, sigma, levels)
+    return CalibrationSummary(
+        n=int(z.size),
+        mean_squared_z=float(np.mean(z * z)),
+        within_1_sigma=float(np.mean(np.abs(z) <= 1.0)),
+        within_2_sigma=float(np.mean(np.abs(z) <= 2.0)),
+        levels=tuple(float(x) for x in expected),
+        observed=tuple(float(x) for x in observed),
+        miscalibration_area=float(np.mean(np.abs(observed - expected))),
+        variance_scale=variance_scale(residuals, sigma, prior_alpha),
+        prior_count=2.0 * (prior_alpha + 1.0),
+    )
