@@ -98,6 +98,14 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class CalibrationConfig:
+    """``calibration:`` — the model's σ calibrated at the run's oracle calls (coordinator/calibration.py)."""
+
+    scale: bool = False                      # the threshold applies to s·σ_ep (σ_cal), s fitted at the calls
+    prior_alpha: float = 5.0                 # IG(α, α+1) prior on s²: worth 2(α+1) residuals with z² = 1
+
+
+@dataclass(frozen=True)
 class TrialConfig:
     """``policy.update: trial`` (coordinator/trial.py): how a walker tries a new model version."""
 
@@ -229,6 +237,7 @@ class RunConfig:
     #: MD walkers (empty: one walker from `structure` and `sampler`)
     walkers: tuple[WalkerConfig, ...] = ()
     stop: StopConfig = StopConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     tls: TLSConfig = TLSConfig()
     #: the coordinator's own /metrics port (None: off; 0: any free port); embedded services use the next ones
     metrics_port: int | None = None
@@ -516,6 +525,7 @@ def validate(c: RunConfig) -> None:
     need(p.acquisition in ACQUISITION, f"policy.acquisition: allowed {', '.join(sorted(ACQUISITION))}, "
          f"got {p.acquisition!r}")
     need(p.update in UPDATE, f"policy.update: allowed {', '.join(sorted(UPDATE))}, got {p.update!r}")
+    need(c.calibration.prior_alpha >= 0, f"calibration.prior_alpha: must be >= 0, got {c.calibration.prior_alpha}")
     tr = p.trial
     need(tr.window_steps >= 1, f"policy.trial.window_steps: must be >= 1 step, got {tr.window_steps}")
     need(tr.max_energy_change_eV_per_atom > 0,

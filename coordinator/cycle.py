@@ -45,6 +45,7 @@ from ase import Atoms
 
 from coordinator.config import RunConfig, SamplerConfig, StructureConfig, Walker
 from coordinator import trial as trials
+from coordinator.calibration import OnlineCalibration
 from coordinator.policies import ACQUISITION, UPDATE, UpdateContext
 from coordinator.rundir import QueuedFrame, RunDirectory, RunState, StoredLabel, WalkerState
 from coordinator.ports import Ports, SamplerPort, grpc_ports
@@ -302,7 +303,10 @@ class OnTheFlyRun:
         self.walkers = {w.name: _Walker(w, self.samplers[w.index % len(self.samplers)], config.stop.window_steps)
                         for w in self.specs}
         self.max_in_flight = config.oracle.max_in_flight or ports.oracle_workers
-        self.threshold = float("nan")
+        self.threshold = float("nan")      # on the model's raw σ (= threshold_raw / s with calibration.scale)
+        self.threshold_raw = float("nan")  # the configured one: k·σn and/or absolute
+        self.calibration = OnlineCalibration(config.calibration.prior_alpha)
+        self.scale = 1.0                   # s of σ_cal = s·σ_ep, fitted at the oracle calls
         self.threshold_rule = ""         # "relative" or "absolute": which rule set the threshold
         self.n_environments = 0
         self.noise = float("nan")
@@ -332,11 +336,12 @@ class OnTheFlyRun:
         self.n_environments = int(info.n_environments)
         self.newest = int(info.model_version)
         p = self.config.policy
-        self.threshold, rule = p.threshold(info.noise_std)
+        self.threshold_raw, rule = p.threshold(info.noise_std)
+        self._apply_threshold()
         if rule != self.threshold_rule:  # which of k·σn and the absolute value decides (docs/configuration.md)
             self.threshold_rule = rule
             k = p.relative_factor
-            self.rd.event("threshold", value=self.threshold, rule=rule, noise=self.noise,
+            self.rd.event("threshold", value=self.threshold_raw, rule=rule, noise=self.noise,
                           relative=None if k is None else k * self.noise, absolute=p.absolute_threshold)
         if self.metrics is not None:
             self.metrics.model(info, self.threshold)
@@ -348,6 +353,12 @@ class OnTheFlyRun:
             for w in warnings:
                 self.progress.line(f"  WARNING (model): {w}")
         return info
+
+    def _apply_threshold(self) -> None:
+        """The threshold on the model's raw σ: the configured one, or — with ``calibration.scale`` — the
+        configured one divided by s, so that s·σ_ep (σ_cal) is what it bounds."""
+        scale = self.scale if self.config.calibration.scale else 1.0
+        self.threshold = self.threshold_raw / scale
 
     def _properties(self) -> tuple[str, ...]:
         return ("energy", "forces") + (("stress",) if self.config.learner.use_stress else ())
@@ -430,6 +441,11 @@ class OnTheFlyRun:
         # labels that arrived after the last state update are recorded now and applied below, in arrival order
         for i in range(st.oracle_calls, written):
             self._record_label(rd.read_label(i), rd.label_sha256(i))
+        for i in range(1, written):  # the calibration points of the labels on disk
+            self._calibrate(rd.read_label(i), log_event=False)
+        if len(self.calibration):
+            self.scale = self.calibration.scale()
+            self._apply_threshold()
         labelled_seqs = set(st.label_seqs)
         for seq in rd.queued_seqs():
             if seq in labelled_seqs:
@@ -965,6 +981,7 @@ class OnTheFlyRun:
                             selection=selection, checkpoint=stop.checkpoint,
                             model_version=int(frame.prediction.model_version), max_sigma=float(stop.max_sigma),
                             threshold=float(stop.threshold), atom_std=sigma)
+        entry.noise = float(frame.prediction.noise_std)  # σn of the predicting model: calibration at the call
         who = f"[{w.name}] " if self.multi else ""
         covered = self._covered_by_pending(entry)
         if covered is not None:
@@ -1070,7 +1087,27 @@ class OnTheFlyRun:
         if self.metrics is not None:
             self.metrics.oracle_call(entry.walker, label.time_fs)
         self._queue_gauges()
+        self._calibrate(label)
         return label
+
+    def _calibrate(self, label: StoredLabel, log_event: bool = True) -> None:
+        """Every oracle call is a calibration point: the old model's forces and σ at the frame against the
+        oracle's forces (coordinator/calibration.py).  With ``calibration.scale`` the threshold follows."""
+        if label.predicted_forces is None or label.force_std is None:
+            return
+        noise = label.noise if label.noise is not None else self.noise
+        self.calibration.add(label.predicted_forces, label.forces, label.force_std, noise)
+        if not log_event:
+            return
+        out = self.calibration.summary()
+        self.scale = out["scale"]
+        self.rd.event("calibration", label=label.index, labels=out["labels"], scale=out["scale"],
+                      applied=self.config.calibration.scale, raw=out["raw"], scaled=out["scaled"],
+                      levels=out["levels"])
+        if self.metrics is not None:
+            self.metrics.calibration(out)
+        if self.config.calibration.scale:
+            self._apply_threshold()
 
     def _first_frame_label(self, atoms: Atoms, result, seconds: float) -> StoredLabel:
         """Label 0: walker 0's starting structure, trained on ``policy.initial_atoms``."""
@@ -1092,7 +1129,8 @@ class OnTheFlyRun:
                            checkpoint=entry.checkpoint, structure_hash=result.structure_hash,
                            oracle_seconds=seconds, worker=result.worker, walker=entry.walker, queue_seq=entry.seq,
                            selection=entry.selection, predicted_forces=entry.predicted_forces,
-                           model_version=entry.model_version, temperature_K=entry.temperature_K)
+                           model_version=entry.model_version, temperature_K=entry.temperature_K,
+                           noise=entry.noise)
 
     def _record_label(self, label: StoredLabel, sha256: str) -> None:
         st = self.state

@@ -297,7 +297,8 @@ class ReplayCall:
         self.cancelled = True
 
     def __iter__(self):
-        from sampler_service.engine import Frame, Observables, StopReport
+        from sampler_service.engine import Frame, Observables, StopReport, uncertainty_crossing
+        from sampler_service.forces import ForceResult, per_atom_sigma
         from sampler_service.servicer import frame_to_proto, stop_to_proto
 
         s = self.sampler
@@ -337,6 +338,7 @@ class ReplayCall:
             return Frame(step=k, time_fs=time_of(k), positions=a.positions, numbers=a.numbers, cell=a.cell.array,
                          pbc=a.pbc, masses=masses, velocities=vel if with_velocities else None, forces=forces,
                          energy=energy, stress=None, force_std=None if pred is None else pred.force_std,
+                         atom_std=None if pred is None else getattr(pred, "atom_std", None),
                          noise=None if pred is None else pred.noise,
                          model_version=-1 if pred is None else pred.model_version, forces_supplied=from_oracle,
                          observables=obs if with_velocities else None)
@@ -362,13 +364,16 @@ class ReplayCall:
             else:
                 pred = s.learner.predict(s.frames[step], model_version=int(ctl.model_version))
                 energy, forces, from_oracle = pred.energy, pred.forces, False
-                over = pred.force_std > threshold if threshold is not None else None
-                if over is not None and over.any():
-                    comps = np.argwhere(over).astype(np.int64)
+                crossing = uncertainty_crossing(
+                    ForceResult(energy=energy, forces=forces, force_std=pred.force_std,
+                                atom_std=getattr(pred, "atom_std", None)), threshold)
+                if crossing is not None:  # the same rule as the sampler's engines (per-atom σ)
+                    comps, over_std = crossing
+                    per_atom = per_atom_sigma(getattr(pred, "atom_std", None), pred.force_std)
                     report = StopReport(reason="uncertain", step=step, time_fs=time_of(step), steps_taken=taken,
                                         frame=frame(step, pred, forces, energy, False, False), threshold=threshold,
-                                        max_std=float(pred.force_std.max()), uncertain_atoms=np.unique(comps[:, 0]),
-                                        uncertain_components=comps, uncertain_std=pred.force_std[over])
+                                        max_std=float(per_atom.max()), uncertain_atoms=np.unique(comps[:, 0]),
+                                        uncertain_components=comps, uncertain_std=over_std)
                     yield stop(report, step)
                     return
             want = interval > 0 and step % interval == 0

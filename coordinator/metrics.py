@@ -102,6 +102,17 @@ class CoordinatorMetrics:
                                  "outcome (retry: rolled back with a smaller Δt; rejected: the walker stays on its "
                                  "previous version).", ["walker", "outcome"], registry=registry)
         self.timestep_fs = Gauge("epicycle_timestep_fs", "MD time step in force, fs.", ["walker"], registry=registry)
+        # calibration of σ at the oracle calls (coordinator/calibration.py)
+        self.calibration_scale = Gauge("epicycle_calibration_scale",
+                                       "Fitted s of σ_cal = s·σ_epistemic at the oracle calls (1: calibrated).",
+                                       registry=registry)
+        self.calibration_z2 = Gauge("epicycle_calibration_mean_squared_z",
+                                    "Mean z² of the force residuals at the oracle calls (ideal 1), by σ used.",
+                                    ["sigma"], registry=registry)
+        self.calibration_coverage = Gauge("epicycle_calibration_coverage_ratio",
+                                          "Fraction of force residuals within kσ at the oracle calls, by σ used.",
+                                          ["sigma", "interval"], registry=registry)
+        self.calibration_scale.set(1.0)
         self._calls = 0
         self._time = 0.0
         self._walker_time: dict[str, float] = {}
@@ -163,6 +174,13 @@ class CoordinatorMetrics:
         self.noise.set(info.noise_std)
         self.training.set(info.n_environments)
         self.threshold.set(threshold)
+
+    def calibration(self, out: dict) -> None:
+        self.calibration_scale.set(out["scale"])
+        for which in ("raw", "scaled"):
+            self.calibration_z2.labels(which).set(out[which]["mean_squared_z"])
+            self.calibration_coverage.labels(which, "1sigma").set(out[which]["within_1_sigma"])
+            self.calibration_coverage.labels(which, "2sigma").set(out[which]["within_2_sigma"])
 
     def rollback(self, walker: str, outcome: str, timestep_fs: float) -> None:
         self.rollbacks.labels(walker, outcome).inc()

@@ -89,6 +89,7 @@ def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
         "oracle_call_steps": [e["step"] for e in calls],
         "resumed": sum(1 for e in events if e["event"] == "resumed"),
         "trials": trials,
+        "calibration": ([e for e in events if e["event"] == "calibration"] or [None])[-1],
         "model_warnings": ([e for e in events if e["event"] == "model_warnings"] or [{"warnings": []}])[-1]["warnings"],
         "temperature_K_mean_last_quarter": (float(np.mean([f["temperature_K"] for f in frames[-max(1, len(frames) // 4):]]))
                                             if frames else None),
@@ -197,6 +198,22 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         fig.savefig(run_dir / "errors.png", dpi=120)
         plt.close(fig)
 
+    cal = summary.get("calibration")
+    if cal:
+        fig, ax = plt.subplots(figsize=(4.6, 4.2))
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8, label="calibrated")
+        ax.plot(cal["levels"], cal["raw"]["observed"], "o-", color="tab:purple", ms=4,
+                label=f"model σ (mean z² {cal['raw']['mean_squared_z']:.2f})")
+        ax.plot(cal["levels"], cal["scaled"]["observed"], "s-", color="tab:green", ms=4,
+                label=f"s·σ_ep, s = {cal['scale']:.2f} (mean z² {cal['scaled']['mean_squared_z']:.2f})")
+        ax.set_xlabel("expected coverage of the Gaussian interval")
+        ax.set_ylabel("observed coverage at the oracle calls")
+        ax.set_title(f"Reliability of σ ({cal['labels']} oracle calls)")
+        ax.legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        fig.savefig(run_dir / "calibration.png", dpi=120)
+        plt.close(fig)
+
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = [
         f"# Epicycle run report — {run_dir.name}",
@@ -218,6 +235,7 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         f"| uncertain frames not labelled | {_counters_text(summary['frames_not_labelled'])} |",
         f"| times resumed | {summary['resumed']} |",
         *([f"| model updates under trial | {_trial_text(summary['trials'])} |"] if summary.get("trials") else []),
+        *([f"| σ at the oracle calls | {_calibration_text(cal)} |"] if cal else []),
         f"| learner checkpoint | {summary['learner_checkpoint']} |",
         f"| wall time | {_fmt(summary['wall_seconds'])} s |",
         "",
@@ -240,6 +258,7 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         "",
         "![errors](errors.png)",
         "",
+        *(["![calibration](calibration.png)", ""] if cal else []),
     ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
@@ -257,6 +276,14 @@ def kept_frames(events) -> list[dict]:
             w, step = e.get("walker"), e.get("step", 0)
             kept = [f for f in kept if f.get("walker") != w or f["step"] <= step]
     return kept
+
+
+def _calibration_text(c: dict) -> str:
+    r, s = c["raw"], c["scaled"]
+    return (f"mean z² {r['mean_squared_z']:.2f}, within 1σ {r['within_1_sigma']:.0%}, within 2σ "
+            f"{r['within_2_sigma']:.0%} (ideal 1, 68 %, 95 %); with σ_ep × s = {c['scale']:.2f}: mean z² "
+            f"{s['mean_squared_z']:.2f}, within 2σ {s['within_2_sigma']:.0%}"
+            + (" — applied to the threshold" if c.get("applied") else ""))
 
 
 def _trial_text(t: dict) -> str:

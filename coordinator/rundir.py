@@ -71,6 +71,7 @@ class StoredLabel:
     predicted_forces: np.ndarray | None = None  # the old model's forces at this frame, eV/Å
     model_version: int = 0               # learner version that predicted them
     temperature_K: float = 0.0
+    noise: float | None = None           # σn of the model that predicted them, eV/Å (None: older run dir)
     atom_std: np.ndarray | None = None   # (n,) eV/Å rotation-invariant σ per atom, old model (None: not known)
 
     def atoms(self):
@@ -100,6 +101,7 @@ class QueuedFrame:
     max_sigma: float               # eV/Å, largest per-atom σ (atom_std)
     threshold: float               # eV/Å
     atom_std: np.ndarray | None = None  # (n,) eV/Å rotation-invariant σ per atom, old model (None: older run dir)
+    noise: float | None = None          # σn of the old model, eV/Å (None: older run dir)
 
     def atoms(self):
         from ase import Atoms
@@ -283,7 +285,7 @@ class RunDirectory:
                 "structure_hash": label.structure_hash, "oracle_seconds": label.oracle_seconds,
                 "worker": label.worker, "walker": label.walker, "queue_seq": label.queue_seq,
                 "selection": label.selection, "model_version": label.model_version,
-                "temperature_K": label.temperature_K}
+                "temperature_K": label.temperature_K, "noise": label.noise}
         buf = io.BytesIO()
         np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
         data = buf.getvalue()
@@ -309,7 +311,7 @@ class RunDirectory:
                     selection=meta.get("selection"),
                     predicted_forces=z["predicted_forces"] if "predicted_forces" in z else None,
                     model_version=meta.get("model_version", 0), temperature_K=meta.get("temperature_K", 0.0),
-                    atom_std=z["atom_std"] if "atom_std" in z else None)
+                    atom_std=z["atom_std"] if "atom_std" in z else None, noise=meta.get("noise"))
         except FileNotFoundError:
             raise NotFound(f"label file {path} is missing") from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
@@ -385,7 +387,8 @@ class RunDirectory:
             arrays["atom_std"] = q.atom_std
         meta = {"seq": q.seq, "walker": q.walker, "step": q.step, "time_fs": q.time_fs,
                 "temperature_K": q.temperature_K, "selection": [int(i) for i in q.selection],
-                "model_version": q.model_version, "max_sigma": q.max_sigma, "threshold": q.threshold}
+                "model_version": q.model_version, "max_sigma": q.max_sigma, "threshold": q.threshold,
+                "noise": q.noise}
         buf = io.BytesIO()
         np.savez(buf, meta=np.array(json.dumps(meta)), **arrays)
         atomic_write(self.queue_path(q.seq), buf.getvalue())
@@ -403,7 +406,7 @@ class RunDirectory:
                                    selection=list(meta["selection"]), checkpoint=z["checkpoint"].tobytes(),
                                    model_version=meta["model_version"], max_sigma=meta["max_sigma"],
                                    threshold=meta["threshold"],
-                                   atom_std=z["atom_std"] if "atom_std" in z else None)
+                                   atom_std=z["atom_std"] if "atom_std" in z else None, noise=meta.get("noise"))
         except FileNotFoundError:
             raise NotFound(f"queue entry {path} is missing") from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:

@@ -45,6 +45,7 @@ MUTABLE = (
     "learner.optimize.until_calls",
     "learner.optimize.max_iterations",
     "stop.*",
+    "calibration.*",
     "metrics_port",
 )
 

@@ -319,3 +319,31 @@ def test_the_replay_sampler_streams_stops_and_resumes_like_an_engine(trajectory:
     streamed, stop = run(req, 0.12, 1, 1)
     assert [f.step for f in streamed] == [k] and streamed[0].forces_from_override
     assert stop.reason == sampler_pb2.STOP_REASON_MAX_STEPS and stop.step == k + 1
+
+
+def test_calibration_at_every_call_and_the_scaled_threshold(tmp_path, trajectory) -> None:
+    """Every oracle call adds its frame's residuals against the old model's σ (a `calibration` event whose
+    numbers are recomputed here from the label files); with calibration.scale the threshold the sampler gets
+    is the configured one divided by the fitted s, from the next call on."""
+    from coordinator.calibration import epistemic_scale
+
+    data = dict(config_for(trajectory), calibration={"scale": True})
+    replay(tmp_path, data, trajectory)
+    rd = RunDirectory.open(tmp_path / "run")
+    events = list(rd.events())
+    cal = [e for e in events if e["event"] == "calibration"]
+    calls = rd.load_state().oracle_calls
+    assert calls >= 3 and len(cal) == calls - 1  # every call but the first frame's
+    labels = [rd.read_label(i) for i in range(1, calls)]
+    r = np.concatenate([(lab.predicted_forces - lab.forces).ravel() for lab in labels])
+    e = np.concatenate([lab.force_std.ravel() for lab in labels])
+    nu = np.concatenate([np.full(lab.forces.size, lab.noise) for lab in labels])
+    assert cal[-1]["scale"] == pytest.approx(epistemic_scale(r, e, nu), rel=1e-9)
+    assert cal[-1]["raw"]["n"] == r.size
+    z2 = np.mean(r ** 2 / (e ** 2 + nu ** 2))
+    assert cal[-1]["raw"]["mean_squared_z"] == pytest.approx(z2, rel=1e-9)
+    # the threshold in force for frames after the last calibration: 0.12 / s
+    last = max(i for i, ev in enumerate(events) if ev["event"] == "calibration")
+    later = [ev for ev in events[last:] if ev["event"] == "frame"]
+    if later:
+        assert later[-1]["threshold"] == pytest.approx(0.12 / cal[-1]["scale"], rel=1e-12)

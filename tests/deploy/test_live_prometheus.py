@@ -78,8 +78,11 @@ MOVING = [
     ("accepted updates", 'sum(epicycle_coordinator_updates_total{decision="accepted"})'),
 ]
 
-#: metrics whose names issue 14 fixed without the role prefix (the coordinator decides rollbacks and Δt)
-UNPREFIXED = {"coordinator": {"epicycle_rollbacks_total", "epicycle_rollbacks_created", "epicycle_timestep_fs"}}
+#: metrics whose names issues 13 and 14 fixed without the role prefix (the coordinator decides rollbacks, Δt
+#: and the calibration of σ)
+UNPREFIXED = {"coordinator": {"epicycle_rollbacks_total", "epicycle_rollbacks_created", "epicycle_timestep_fs",
+                              "epicycle_calibration_scale", "epicycle_calibration_mean_squared_z",
+                              "epicycle_calibration_coverage_ratio"}}
 
 #: recording rules that have no series in a healthy run, and why
 RULES_EMPTY_WHEN_HEALTHY = {
@@ -249,7 +252,8 @@ def test_series_exist_per_job(live: LiveRun) -> None:
                         "epicycle_coordinator_oracle_call_seconds_bucket", "epicycle_coordinator_updates_total",
                         "epicycle_coordinator_oracle_failovers_total", "epicycle_coordinator_oracle_failures_total",
                         "epicycle_coordinator_model_update_seconds_count", "epicycle_rollbacks_total",
-                        "epicycle_timestep_fs"],
+                        "epicycle_timestep_fs", "epicycle_calibration_scale",
+                        "epicycle_calibration_mean_squared_z"],
         "oracle": ["epicycle_oracle_calls_total", "epicycle_oracle_compute_seconds_bucket",
                    "epicycle_oracle_retries_total", "epicycle_oracle_in_flight", "epicycle_oracle_queued",
                    "epicycle_grpc_server_handling_seconds_bucket", "epicycle_grpc_server_in_progress"],
