@@ -107,13 +107,8 @@ def test_the_grpc_clients_and_the_in_process_ports_satisfy_the_protocols(traject
 
 def test_a_replayed_run_calls_the_oracle_exactly_where_the_model_of_the_time_was_uncertain(
         trajectory: Path, tmp_path: Path) -> None:
-    import time
-
-    started = time.perf_counter()
     state, rd, ports = replay(tmp_path, config_for(trajectory), trajectory)
-    seconds = time.perf_counter() - started
     assert state.finished and state.stop_reason == "every walker has done its steps"
-    assert seconds < 60, f"a 200-step replay took {seconds:.1f} s"
     calls = events(rd, "oracle_call")
     assert 3 <= len(calls) == state.oracle_calls == ports.oracle.calls
     learner: InProcessLearner = ports.learner
