@@ -545,3 +545,21 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             raise InvalidInput("checkpoint_id is empty (give an id from Checkpoint, or 'initial')")
         gp, version = self.store.restore(request.checkpoint_id)
         return model_info(gp, version, self.store.checkpoint_id)
+
+    # -- acquisition support --------------------------------------------------------------
+
+    def KernelDistances(self, request, context):
+        """Kernel distances of the requested atoms' environments (see GaussianProcess.kernel_distances)."""
+        self._ready()
+        gp, version = self.store.snapshot()
+        atoms = wire.structure_from_proto(request.structure)
+        _check_positions(atoms, "structure")
+        check_structure(atoms, self._limits(gp), "structure")
+        idx = _indices(request.atom_indices, len(atoms), "atom_indices")
+        if not idx.size:
+            idx = np.arange(len(atoms))
+        d_train, d_within = gp.kernel_distances(atoms, idx)
+        reply = learner_pb2.KernelDistancesResponse(atom_indices=[int(i) for i in idx], model_version=version)
+        wire.encode_array(d_train, "<f8", reply.d_train)
+        wire.encode_array(d_within, "<f8", reply.d_within)
+        return reply
