@@ -352,3 +352,45 @@ def test_dispatch_labels_the_frame_of_largest_frame_score_first(gp, rule, first)
     run._dispatch()
     assert sent == [first]
     assert list(run.queued) == [1 - first]
+
+
+# --------------------------------------------------------------------------- a whole run, real services
+
+RUN = {
+    "name": "acq", "seed": 5,
+    "structure": {"generator": "fcc", "element": "Al", "a": 4.05, "repeat": [2, 2, 2], "rattle": 0.02},
+    "oracle": {"backend": "emt"},
+    "learner": {"cutoffs": list(CUTOFFS), "hyperparameters": HYPS},
+    "sampler": {"ensemble": "nve", "timestep_fs": 5.0, "temperature_K": 600.0, "steps": 60, "frame_interval": 5,
+                "checkpoint_interval": 20},
+    "policy": {"sigma_factor": 1.0, "initial_atoms": 4, "atoms_per_call": 2, "acquisition": "hybrid",
+               "hybrid_fps_calls": 2, "max_atoms_per_call": 3},
+}
+
+
+def test_a_run_with_hybrid_acquisition_over_real_services(tmp_path) -> None:
+    """fps for oracle calls 1..2 then max_sigma, two distinct atoms per call, each logged with its
+    scores; the training set holds exactly the atoms the acquisition picked."""
+    import yaml
+
+    from coordinator.cycle import OnTheFlyRun, Progress, run_species
+    from coordinator.rundir import RunDirectory
+    from coordinator.services import start_services
+
+    config = parse_config(RUN)
+    rd = RunDirectory.create(tmp_path / "run", yaml.safe_dump(config.to_dict()))
+    services = start_services(config, run_species(config), learner_dir=rd.path / "learner")
+    try:
+        state = OnTheFlyRun(config, rd, services, Progress(config.sampler.steps, 5.0, quiet=True)).run()
+    finally:
+        services.close()
+        rd.close()
+    queued = [e for e in rd.events() if e["event"] == "frame_queued"]
+    assert state.oracle_calls >= 4 and len(queued) == state.oracle_calls - 1
+    assert [e["acquisition"] for e in queued[:3]] == ["hybrid:fps", "hybrid:fps", "hybrid:max_sigma"]
+    for e in queued:
+        assert len(set(e["selection"])) == 2 == len(e["selection_scores"])
+        assert sorted(e["selection_order"]) == e["selection"]
+        if e["acquisition"] == "hybrid:max_sigma":
+            assert e["frame_score"] == pytest.approx(e["max_sigma"] / e["threshold"], rel=1e-6)
+    assert state.training_atoms[1:] == [e["selection"] for e in queued]
