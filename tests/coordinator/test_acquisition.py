@@ -322,30 +322,41 @@ def _queued(seq: int, atoms: Atoms, force_std: np.ndarray, threshold: float):
                        model_version=1, max_sigma=float(force_std.max()), threshold=threshold)
 
 
-@pytest.mark.parametrize("rule, first", [("max_sigma", 0), ("fps", 1)])
-def test_dispatch_labels_the_frame_of_largest_frame_score_first(gp, rule, first) -> None:
-    """Frame 0: close to the training data but with the larger stored σ; frame 1: far from it.
-    ``max_sigma`` sends frame 0 first (σ/threshold, as before), ``fps`` frame 1 (largest d_min)."""
-    from types import SimpleNamespace
-
+def _queue_only_run(gp, rule: str, queued: dict, sent: list):
+    """An OnTheFlyRun with only what _dispatch and _drop_known touch (no services, no run directory)."""
     from coordinator.cycle import OnTheFlyRun
+    from coordinator.rundir import RunState
 
-    near, far = al32(1, 0.09), al32(21, 0.35)
-    run = OnTheFlyRun.__new__(OnTheFlyRun)  # only what _dispatch reads: no services
+    run = OnTheFlyRun.__new__(OnTheFlyRun)
     run.config = parse_config({"policy": {"acquisition": rule}})
     run.acquisition = ACQUISITION[rule]()
     run.learner = gp  # has kernel_distances and predict(condition_on=) like LearnerClient
     run.noise = run.threshold = gp.noise
     run.stopping = ""
-    run.state = SimpleNamespace(oracle_calls=3)
+    run.state = RunState(oracle_calls=3)
     run.max_in_flight = 1
     run.in_flight = {}
-    run.queued = {0: _queued(0, near, np.full((32, 3), 0.9), gp.noise),
-                  1: _queued(1, far, np.full((32, 3), 0.3), gp.noise)}
-    sent = []
+    run.queued = dict(queued)
+    run.metrics = None
+    run.events_logged = []
+    run.rd = type("RD", (), {"event": lambda self, name, **kw: run.events_logged.append((name, kw)),
+                             "remove_queue_entry": lambda self, seq: None})()
     run._save = lambda: None
     run._queue_gauges = lambda: None
     run._send = sent.append
+    run._start_chunk = lambda w: None
+    run.walkers = {"w0": None, "w1": None}
+    return run
+
+
+@pytest.mark.parametrize("rule, first", [("max_sigma", 0), ("fps", 1)])
+def test_dispatch_labels_the_frame_of_largest_frame_score_first(gp, rule, first) -> None:
+    """Frame 0: close to the training data but with the larger stored σ; frame 1: far from it.
+    ``max_sigma`` sends frame 0 first (σ/threshold, as before), ``fps`` frame 1 (largest d_min)."""
+    near, far = al32(1, 0.09), al32(21, 0.35)
+    sent = []
+    run = _queue_only_run(gp, rule, {0: _queued(0, near, np.full((32, 3), 0.9), gp.noise),
+                                     1: _queued(1, far, np.full((32, 3), 0.3), gp.noise)}, sent)
     d_near = gp.kernel_distances(near)[0].max()
     d_far = gp.kernel_distances(far)[0].max()
     assert d_far > 1.5 * d_near
@@ -394,3 +405,30 @@ def test_a_run_with_hybrid_acquisition_over_real_services(tmp_path) -> None:
         if e["acquisition"] == "hybrid:max_sigma":
             assert e["frame_score"] == pytest.approx(e["max_sigma"] / e["threshold"], rel=1e-6)
     assert state.training_atoms[1:] == [e["selection"] for e in queued]
+
+
+def test_a_model_update_reranks_the_queue_and_drops_what_it_knows(gp) -> None:
+    """After an update _drop_known predicts every queued frame again: those still uncertain are
+    ranked by their new σ, those below the threshold are dropped — counted, with an event."""
+    near, far = al32(1, 0.09), al32(21, 0.35)
+    s_near = per_atom_sigma(gp.predict(near).force_std).max()
+    s_far = per_atom_sigma(gp.predict(far).force_std).max()
+    assert s_far > 1.2 * s_near
+    stored = {0: _queued(0, near, np.full((32, 3), 0.9), gp.noise), 1: _queued(1, far, np.full((32, 3), 0.3),
+                                                                                   gp.noise)}
+    for q in stored.values():
+        q.walker = f"w{q.seq}"
+    sent = []
+    run = _queue_only_run(gp, "max_sigma", stored, sent)
+    run.threshold = 0.5 * s_near  # both still uncertain: re-ranked by the σ the model now predicts
+    assert run._frame_score(0) > run._frame_score(1)  # from the σ stored with the frames: near first
+    run._drop_known()
+    assert run._frame_scores()[1] > run._frame_scores()[0]  # the new σ: far first
+    assert run._frame_scores()[1] == pytest.approx(s_far / run.threshold)
+    run.max_in_flight = 1
+    run._dispatch()
+    assert sent == [1]
+    run.threshold = 1.1 * s_near  # the near frame is now known: dropped, counted, logged
+    run._drop_known()
+    assert run.queued == {} and run.state.counters == {"dropped": 1}
+    assert [name for name, _ in run.events_logged] == ["frame_dropped"]
