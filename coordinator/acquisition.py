@@ -361,7 +361,8 @@ class _FPS(_Scorer):
 
 
 class _InfoGain(_Scorer):
-    """g_i = ½ log(1 + σ_i|S² / σn²) with σ_i|S conditioned on the atoms S picked so far (+ bonus)."""
+    """g_i = ½ log(1 + σ_i|S² / σn²) with σ_i|S conditioned on the atoms S picked so far (+ bonus).
+    The conditioned σ is asked for when the next pick needs it (none after the last pick)."""
 
     def __init__(self, cand: Candidate, ctx: AcquisitionContext, bonus: np.ndarray) -> None:
         if not ctx.noise > 0:
@@ -371,22 +372,25 @@ class _InfoGain(_Scorer):
         self.cand, self.ctx, self.bonus = cand, ctx, bonus
         self._sigma = cand.sigma
         self.chosen: list[int] = []
+        self._stale = False
 
     def scores(self):
-        return 0.5 * np.log1p((self._sigma / self.ctx.noise) ** 2) + self.bonus
+        return 0.5 * np.log1p((self.sigma() / self.ctx.noise) ** 2) + self.bonus
 
     def sigma(self):
+        if self._stale:
+            self._stale = False
+            sigma = np.asarray(self.ctx.model.conditional_sigma(self.cand.atoms,
+                                                                [(self.cand.atoms, list(self.chosen))]))
+            if sigma.shape != self._sigma.shape:
+                raise InvalidInput(f"model view returned σ of shape {sigma.shape} for {len(self.cand.atoms)} atoms")
+            # conditioning never raises a variance; round-off aside, keep σ monotone
+            self._sigma = np.minimum(self._sigma, sigma)
         return self._sigma
 
     def picked(self, i):
         self.chosen.append(i)
-        if len(self.chosen) >= len(self.cand.atoms):
-            return
-        sigma = np.asarray(self.ctx.model.conditional_sigma(self.cand.atoms, [(self.cand.atoms, list(self.chosen))]))
-        if sigma.shape != self._sigma.shape:
-            raise InvalidInput(f"model view returned σ of shape {sigma.shape} for {len(self.cand.atoms)} atoms")
-        # conditioning never raises a variance; round-off aside, keep σ monotone
-        self._sigma = np.minimum(self._sigma, sigma)
+        self._stale = True
 
 
 def _result(order: np.ndarray, scores: np.ndarray, frame_score: float, rule: str) -> Selection:

@@ -733,7 +733,8 @@ class OnTheFlyRun:
         rd.event("frame_queued", walker=w.name, seq=seq, step=entry.step, time_fs=entry.time_fs,
                  max_sigma=entry.max_sigma, threshold=entry.threshold, selection=selection,
                  acquisition=chosen.rule, selection_order=[int(i) for i in chosen.order],
-                 selection_scores=[float(x) for x in chosen.scores], frame_score=chosen.frame_score,
+                 selection_scores=[float(x) if np.isfinite(x) else None for x in chosen.scores],
+                 frame_score=chosen.frame_score if np.isfinite(chosen.frame_score) else None,
                  uncertain_atoms=sorted({u.atom for u in stop.uncertain}), model_version=entry.model_version)
         self.progress.line(f"  {who}σ = {entry.max_sigma:.4f} eV/Å > threshold {entry.threshold:.4f} eV/Å at step "
                            f"{entry.step} ({len(stop.uncertain)} component(s)): queued for the oracle "

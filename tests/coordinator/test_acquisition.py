@@ -129,6 +129,22 @@ def test_info_gain_conditioning_lowers_the_twin_sigma(gp, view) -> None:
     assert sel.frame_score == pytest.approx(sel.scores.sum())
 
 
+def test_info_gain_asks_for_one_conditioned_prediction_per_pick_after_the_first(gp, view) -> None:
+    calls = []
+
+    class Spy:
+        def kernel_distances(self, atoms, atom_indices=None):
+            return view.kernel_distances(atoms, atom_indices)
+
+        def conditional_sigma(self, atoms, condition_on):
+            calls.append([list(idx) for _, idx in condition_on])
+            return view.conditional_sigma(atoms, condition_on)
+
+    cand = candidate(gp, al32(23, 0.3))
+    sel = select("info_gain", cand, ctx(Spy(), gp, atoms_per_call=3))
+    assert calls == [[sel.order[:1].tolist()], [sel.order[:2].tolist()]]
+
+
 def test_hybrid_switches_from_fps_to_max_sigma_after_k_calls(gp, view) -> None:
     cand = candidate(gp, al32(9, 0.3))
     fps = select("fps", cand, ctx(view, gp, atoms_per_call=3))
