@@ -1,194 +1,270 @@
-"""Learning curves per acquisition function (issue 14): test force RMSE against oracle calls.
+"""Acquisition functions (issue 14): what they cost, and learning curves from replayed trajectories.
 
-For each system (the aluminium melt, ``examples/al_melt.yaml``, and Cu3Au, ``examples/cu3au.yaml``),
-each acquisition function (``policy.acquisition``) and each seed, one on-the-fly run with the embedded
-services (EMT oracle) and a label budget (``stop.max_labels``).  Afterwards the model after k oracle
-calls is rebuilt offline from the run directory — the same labels, the same training atoms, the
-hyperparameters of the latest re-optimisation at or before call k — and its force RMSE is measured on
-one common held-out EMT trajectory per system (Langevin MD started from the ideal lattice, frames
-at two temperatures spanning the run's, independent of every run).
+``cost``: time of the learner's KernelDistances (in-process and over gRPC) and of one selection
+by each rule (in-process model view) against a prediction of the same frame, for growing
+training sets.
 
-Printed: per system and function, the median RMSE over seeds at each k, and the number of calls each
-function needs to reach the final median RMSE of ``max_sigma`` (the paper's rule): the goal is that
-``info_gain`` or ``hybrid`` needs ≥ 20 % fewer.
+``curves``: a *replay* of the on-the-fly loop, in-process, for each rule.  A reference EMT MD
+trajectory is streamed frame by frame (every ``--stride`` steps); the GP predicts each frame; when
+some per-atom σ exceeds the threshold (1·σn) the frame is labelled with EMT ("an oracle call")
+and the rule picks ``--atoms`` atoms whose environments enter the training set.  After every call
+the force RMSE on a held-out EMT trajectory (another seed, every 40th step) is recorded.  Hyperparameters are held
+at the example's initial values (no optimisation), so every rule sees the same threshold and the
+curves differ only by the atoms chosen.  Unlike ``epicycle run``, the frames do not depend on the
+model (the MD is EMT's, not the GP's): it compares which atoms each rule labels, not how the
+model steers MD.
+
+Systems: ``al`` — 32-atom FCC Al (examples/al_melt.yaml: NVE 5 fs, 300 K, velocities rescaled
+to 3000 K at 1500 fs, r2/r3 = 6/4 Å); ``cu3au`` — 32-atom L1₂ Cu₃Au (examples/cu3au.yaml:
+Langevin 600 K, 2 fs, r2/r3 = 5.5/4 Å).
 
 Usage:
-  python benchmarks/bench_acquisition.py [--functions max_sigma,random,fps,info_gain,hybrid]
-                                         [--seeds 5] [--labels 30] [--systems al_melt,cu3au]
+  python benchmarks/bench_acquisition.py cost
+  python benchmarks/bench_acquisition.py curves --system al --seeds 5 [--json out.json]
+  python benchmarks/bench_acquisition.py summary out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import warnings  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
+from ase import units  # noqa: E402
+from ase.build import bulk  # noqa: E402
+from ase.calculators.emt import EMT  # noqa: E402
+from ase.md.langevin import Langevin  # noqa: E402
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution  # noqa: E402
+from ase.md.verlet import VelocityVerlet  # noqa: E402
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # ASE's Langevin fixcm notice
+from coordinator.acquisition import (ACQUISITION, AcquisitionContext, AcquisitionSettings, Candidate,  # noqa: E402
+                                     GPModelView, per_atom_sigma)
+from learner_service.gp import GaussianProcess  # noqa: E402
 
-SYSTEMS = {
-    # the held-out trajectory's temperatures, K
-    "al_melt": {"config": "examples/al_melt.yaml", "temperatures": (300.0, 1500.0)},
-    "cu3au": {"config": "examples/cu3au.yaml", "temperatures": (600.0, 900.0)},
-}
-
-
-def held_out(system: str, n_per_temperature: int = 10, seed: int = 11):
-    """EMT Langevin frames of the system's own cell (its config's structure, not rattled) at each of its
-    temperatures, every 20th step of 2 fs after 300 steps of equilibration."""
-    import dataclasses
-
-    from ase import units
-    from ase.calculators.emt import EMT
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-
-    from coordinator.config import load_config
-    from coordinator.cycle import build_structure
-
-    spec = SYSTEMS[system]
-    config = load_config(ROOT / spec["config"])
-    config = dataclasses.replace(config, structure=dataclasses.replace(config.structure, rattle=0.0))
-    frames, forces = [], []
-    rng = np.random.default_rng(seed)
-    for t in spec["temperatures"]:
-        atoms = build_structure(config)
-        atoms.calc = EMT()
-        MaxwellBoltzmannDistribution(atoms, temperature_K=t, rng=rng)
-        dyn = Langevin(atoms, 2 * units.fs, temperature_K=t, friction=0.02, rng=rng)
-        dyn.run(300)
-        for _ in range(n_per_temperature):
-            dyn.run(20)
-            frames.append(atoms.copy())
-            forces.append(atoms.get_forces().copy())
-    return frames, np.array(forces)
+HYPS = {"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05}
+RULES = ("max_sigma", "random", "fps", "info_gain", "hybrid")
 
 
-def run_one(system: str, function: str, seed: int, labels: int, work: Path) -> Path:
-    data = yaml.safe_load((ROOT / SYSTEMS[system]["config"]).read_text())
-    data["seed"] = seed
-    data["name"] = f"{system}-{function}-{seed}"
-    data.setdefault("policy", {})["acquisition"] = function
-    data.setdefault("stop", {})["max_labels"] = labels
-    data["sampler"]["steps"] = max(int(data["sampler"]["steps"]), 1500)  # long enough to spend the budget
-    cfg = work / f"{data['name']}.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    run_dir = work / data["name"]
-    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "run", str(cfg), "--run-dir", str(run_dir),
-                           "--no-report"], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{data['name']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return run_dir
+# --------------------------------------------------------------------------- systems
 
 
-def learning_curve(run_dir: Path, ks: list[int], frames, forces) -> dict[int, float]:
-    """Force RMSE (eV/Å) of the model after each k in ``ks`` oracle calls, rebuilt from the run directory."""
-    from coordinator.config import load_config
-    from coordinator.rundir import RunDirectory
-    from learner_service.gp import GaussianProcess
+def _start(system: str, seed: int):
+    if system == "al":
+        atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat((2, 2, 2))
+    else:
+        from ase.lattice.compounds import L1_2
 
-    rd = RunDirectory.open(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    state = rd.load_state()
-    events = list(rd.events())
-    optimised = {e["label"]: e["hyperparameters"] for e in events if e["event"] == "optimize"}
-    species = sorted({int(z) for a in frames for z in a.numbers})
-    labels = [rd.read_label(i) for batch in state.apply_batches for i in batch]
-    atoms_of = state.training_atoms
-    out = {}
-    for k in ks:
-        if k > len(labels):
-            break
-        hyps = dict(config.learner.hyperparameters)
-        for idx in sorted(optimised):
-            if idx < k:
-                hyps = optimised[idx]
-        gp = GaussianProcess(species, config.learner.cutoffs, hyps)
-        for lab, sel in zip(labels[:k], atoms_of[:k]):
-            gp.add_structure(lab.atoms(), forces=lab.forces, atom_indices=sel)
+        atoms = L1_2(symbol=("Au", "Cu"), latticeconstant=3.75, size=(1, 1, 1)).repeat((2, 2, 2))
+    atoms.positions += np.random.default_rng(seed).normal(scale=0.02, size=atoms.positions.shape)
+    atoms.calc = EMT()
+    return atoms
+
+
+def trajectory(system: str, seed: int, steps: int, stride: int) -> list:
+    """EMT MD frames (every ``stride`` steps, the start included) with their EMT forces."""
+    atoms = _start(system, seed)
+    rng = np.random.default_rng(seed + 7)
+    if system == "al":
+        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=rng)
+        dyn = VelocityVerlet(atoms, 5.0 * units.fs)
+        melt_step = 300
+    else:
+        MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=rng)
+        dyn = Langevin(atoms, 2.0 * units.fs, temperature_K=600, friction=0.01 / units.fs, rng=rng)
+        melt_step = None
+    frames = []
+    for step in range(steps + 1):
+        if step % stride == 0:
+            f = atoms.copy()
+            f.info["forces"] = atoms.get_forces().copy()
+            frames.append(f)
+        if melt_step is not None and step == melt_step:
+            t = atoms.get_temperature()
+            atoms.set_velocities(atoms.get_velocities() * np.sqrt(3000.0 / max(t, 1.0)))
+        dyn.run(1)
+    return frames
+
+
+def model(system: str) -> GaussianProcess:
+    if system == "al":
+        return GaussianProcess([13], (6.0, 4.0), HYPS)
+    return GaussianProcess([29, 79], (5.5, 4.0), HYPS)
+
+
+def rmse(gp: GaussianProcess, test: list) -> float:
+    err = [gp.predict(f).forces - f.info["forces"] for f in test]
+    return float(np.sqrt(np.mean(np.concatenate(err) ** 2)))
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def replay(system: str, rule: str, seed: int, pool: list, test: list, atoms_per_call: int, fps_calls: int) -> dict:
+    gp = model(system)
+    first = pool[0]
+    initial = [0, 1, 2, 3] if system == "cu3au" else sorted(np.random.default_rng(seed).choice(32, 4, replace=False))
+    gp.add_structure(first, forces=first.info["forces"], atom_indices=initial)
+    gp.train()
+    view = GPModelView(gp)
+    acq = ACQUISITION[rule]()
+    settings = AcquisitionSettings(atoms_per_call=atoms_per_call, hybrid_fps_calls=fps_calls)
+    calls = [0]
+    errors = [rmse(gp, test)]
+    seconds = 0.0
+    for k, frame in enumerate(pool[1:], start=1):
+        sigma = per_atom_sigma(gp.predict(frame).force_std)
+        threshold = gp.noise
+        if sigma.max() <= threshold:
+            continue
+        ctx = AcquisitionContext(model=view, noise=gp.noise, threshold=threshold, call_index=len(calls),
+                                 rng=np.random.default_rng([seed, 1, k]), settings=settings)
+        started = time.perf_counter()
+        sel = acq.select(Candidate(frame, sigma), ctx)
+        seconds += time.perf_counter() - started
+        gp.add_structure(frame, forces=frame.info["forces"], atom_indices=sel.atoms.tolist())
         gp.train()
-        pred = np.array([gp.predict(a).forces for a in frames])
-        out[k] = float(np.sqrt(np.mean((pred - forces) ** 2)))
-    return out
+        calls.append(k)
+        errors.append(rmse(gp, test))
+    return {"rule": rule, "seed": seed, "calls": len(calls), "rmse": errors, "select_seconds": seconds,
+            "environments": gp.n_environments}
 
 
-def calls_to_reach(curve: dict[int, float], target: float) -> int | None:
-    for k in sorted(curve):
-        if curve[k] <= target:
-            return k
+def calls_to_reach(errors: list, target: float) -> int | None:
+    """Oracle calls (the first frame is call 0) after which the RMSE is first <= target."""
+    for i, e in enumerate(errors):
+        if e <= target:
+            return i
     return None
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--functions", default="max_sigma,random,fps,info_gain,hybrid")
-    ap.add_argument("--systems", default="al_melt,cu3au")
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--labels", type=int, default=30, help="oracle-call budget per run")
-    ap.add_argument("--keep", help="keep the run directories here")
-    ap.add_argument("--json", help="write every curve to this file")
-    args = ap.parse_args()
-    functions = args.functions.split(",")
-    ks = sorted({1, 2, 3, 5, 8, *range(10, args.labels + 1, 5), args.labels})
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"budget {args.labels} oracle calls, {args.seeds} seeds")
-    results: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.keep or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        for system in args.systems.split(","):
-            frames, forces = held_out(system)
-            print(f"\n## {system}: held-out {len(frames)} frames, force scale "
-                  f"{np.sqrt(np.mean(forces ** 2)):.3f} eV/Å (RMS)")
-            results[system] = {}
-            for fn in functions:
-                curves = []
-                for seed in range(args.seeds):
-                    t0 = time.perf_counter()
-                    run_dir = run_one(system, fn, seed, args.labels, work)
-                    curves.append(learning_curve(run_dir, ks, frames, forces))
-                    print(f"  {fn:10s} seed {seed}: {len(curves[-1])} points, final RMSE "
-                          f"{curves[-1][max(curves[-1])]:.4f} eV/Å ({time.perf_counter() - t0:.0f} s)", flush=True)
-                results[system][fn] = curves
-            print("\n| calls | " + " | ".join(functions) + " |")
-            print("|---|" + "---|" * len(functions))
-            medians = {fn: {} for fn in functions}
-            for k in ks:
-                row = []
-                for fn in functions:
-                    vals = [c[k] for c in results[system][fn] if k in c]
-                    med = statistics.median(vals) if len(vals) == args.seeds else None
-                    medians[fn][k] = med
-                    row.append(f"{med:.4f}" if med is not None else "—")
-                print(f"| {k} | " + " | ".join(row) + " |")
-            final_k = max(k for k in ks if medians["max_sigma"].get(k) is not None) if "max_sigma" in medians else None
-            if final_k:
-                target = medians["max_sigma"][final_k]
-                print(f"\ncalls to reach max_sigma's median RMSE at {final_k} calls ({target:.4f} eV/Å), median "
-                      f"curve:")
-                for fn in functions:
-                    need = calls_to_reach({k: v for k, v in medians[fn].items() if v is not None}, target)
-                    saving = f"{1 - need / final_k:.0%} fewer calls than max_sigma" if need else "not reached"
-                    print(f"  {fn:10s} {need if need else '—':>4}  ({saving})")
+def curves(args) -> None:
+    steps, stride = (600, 5) if args.system == "al" else (500, 5)
+    test = trajectory(args.system, 1000, steps, 40)[1:]
+    out = []
+    for seed in range(args.seeds):
+        pool = trajectory(args.system, seed, steps, stride)
+        for rule in args.rules:
+            t = time.perf_counter()
+            r = replay(args.system, rule, seed, pool, test, args.atoms, args.fps_calls)
+            r["wall_seconds"] = time.perf_counter() - t
+            out.append(r)
+            print(f"{args.system} seed {seed} {rule:10s} calls {r['calls'] - 1:3d} final RMSE {r['rmse'][-1]:.4f} "
+                  f"eV/Å  select {r['select_seconds']:.2f} s  wall {r['wall_seconds']:.1f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(results))
-    return 0
+        Path(args.json).write_text(json.dumps({"system": args.system, "atoms_per_call": args.atoms,
+                                               "fps_calls": args.fps_calls, "runs": out}))
+    summarise(out, args.rules)
+
+
+def summarise(out: list, rules) -> None:
+    by = {(r["rule"], r["seed"]): r for r in out}
+    seeds = sorted({r["seed"] for r in out})
+    print("\nrule        calls (median [min, max])  final RMSE eV/Å (median)  calls to reach max_sigma's final "
+          "RMSE, as a fraction of max_sigma's calls (per seed; - = never)")
+    for rule in rules:
+        calls = [by[rule, s]["calls"] - 1 for s in seeds]
+        final = [by[rule, s]["rmse"][-1] for s in seeds]
+        frac = []
+        for s in seeds:
+            ref = by["max_sigma", s]
+            c = calls_to_reach(by[rule, s]["rmse"], ref["rmse"][-1])
+            frac.append("-" if c is None else f"{c / max(ref['calls'] - 1, 1):.2f}")
+        print(f"{rule:10s}  {statistics.median(calls):5.0f} [{min(calls)}, {max(calls)}]"
+              f"          {statistics.median(final):.4f}                   {' '.join(frac)}")
+    marks = (1, 5, 10, 15, 20)
+    print("\nforce RMSE, eV/Å, median over seeds after k oracle calls (the first frame not counted)")
+    print("rule        " + "  ".join(f"k={k:<4d}" for k in marks))
+    for rule in rules:
+        row = []
+        for k in marks:
+            vals = [by[rule, s]["rmse"][k] for s in seeds if len(by[rule, s]["rmse"]) > k]
+            row.append(f"{statistics.median(vals):.4f}" if len(vals) == len(seeds) else "  -   ")
+        print(f"{rule:10s}  " + "  ".join(row))
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def cost(args) -> None:
+    from learner_service.client import LearnerClient
+    from learner_service.server import LearnerServiceConfig, start_learner_server
+
+    frames = trajectory("al", 3, 400, 10)
+    running = start_learner_server(LearnerServiceConfig(species=(13,), cutoffs=(6.0, 4.0), hyperparameters=HYPS,
+                                                        predict_threads=1))
+    client = LearnerClient(running.address)
+    client.wait_ready(600)
+    gp = model("al")
+    gp.predict_threads = 1
+    probe = frames[-1]
+    big = probe.repeat((2, 2, 2))  # 256 atoms
+    print("training envs | frame atoms | predict ms | KernelDistances in-process ms | over gRPC ms | "
+          "select ms (atoms_per_call 1 / 4): max_sigma, fps, info_gain")
+    k = 0
+    for target in (50, 200, 800):
+        while gp.n_environments < target:
+            f = frames[k % len(frames)]
+            idx = list(range((k * 8) % 32, (k * 8) % 32 + 8))
+            gp.add_structure(f, forces=f.info["forces"], atom_indices=idx)
+            client.add_data(f, forces=f.info["forces"], atom_indices=idx)
+            k += 1
+        gp.train()
+        view = GPModelView(gp)
+        for frame in (probe, big):
+            def median_ms(fn, repeats=args.repeats):
+                fn()  # warm (caches, JIT)
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                return 1000 * statistics.median(times)
+
+            pred = median_ms(lambda: gp.predict(frame))
+            local = median_ms(lambda: gp.kernel_distances(frame))
+            remote = median_ms(lambda: client.kernel_distances(frame))
+            sigma = per_atom_sigma(gp.predict(frame).force_std)
+            sel = []
+            for rule in ("max_sigma", "fps", "info_gain"):
+                for n in (1, 4):
+                    ctx = AcquisitionContext(model=view, noise=gp.noise, threshold=gp.noise,
+                                             settings=AcquisitionSettings(atoms_per_call=n))
+                    sel.append(median_ms(lambda: ACQUISITION[rule]().select(Candidate(frame, sigma), ctx),
+                                         max(1, args.repeats // 2)))
+            print(f"{gp.n_environments:5d} | {len(frame):4d} | {pred:8.1f} | {local:8.1f} | {remote:8.1f} | "
+                  + ", ".join(f"{sel[i]:.1f}/{sel[i + 1]:.1f}" for i in range(0, 6, 2)), flush=True)
+    client.close()
+    running.stop(0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("cost")
+    c.add_argument("--repeats", type=int, default=5)
+    c.set_defaults(fn=cost)
+    lc = sub.add_parser("curves")
+    lc.add_argument("--system", choices=("al", "cu3au"), default="al")
+    lc.add_argument("--seeds", type=int, default=5)
+    lc.add_argument("--atoms", type=int, default=2, help="atoms_per_call")
+    lc.add_argument("--fps-calls", type=int, default=5, help="hybrid_fps_calls")
+    lc.add_argument("--rules", nargs="+", default=list(RULES))
+    lc.add_argument("--json", default="")
+    lc.set_defaults(fn=curves)
+    sm = sub.add_parser("summary", help="summarise the --json of an earlier curves run")
+    sm.add_argument("json")
+    sm.set_defaults(fn=lambda a: summarise(json.loads(Path(a.json).read_text())["runs"],
+                                           [r for r in RULES if r in {x["rule"] for x in
+                                                                      json.loads(Path(a.json).read_text())["runs"]}]))
+    args = p.parse_args()
+    args.fn(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -152,6 +152,12 @@ class PolicyConfig:
         if self.absolute_threshold is not None and (relative is None or self.absolute_threshold <= relative):
             return float(self.absolute_threshold), "absolute"
         return float(relative), "relative"
+    # acquisition knobs (coordinator/acquisition.py; formulas in docs/configuration.md)
+    add_above_sigma: float | None = None     # eV/Å: also pick every atom whose σ exceeds this ...
+    max_atoms_per_call: int | None = None    # ... up to this many atoms per call in all
+    max_atoms_per_species: Mapping[str, int] = field(default_factory=dict)  # e.g. {Cu: 2, Au: 1}
+    exploration_bonus: float = 0.0           # β: β·d_min (kernel distance to the training set, eV) added
+    hybrid_fps_calls: int = 5                # hybrid: fps for oracle calls 1..K, max_sigma after
 
 
 @dataclass(frozen=True)
@@ -539,6 +545,24 @@ def validate(c: RunConfig) -> None:
         need(tr.min_timestep_fs <= w.sampler.timestep_fs,
              f"policy.trial.min_timestep_fs ({tr.min_timestep_fs} fs) exceeds walker {w.name}'s timestep "
              f"({w.sampler.timestep_fs} fs)")
+    _validate_acquisition(p, need)
+
+
+def _validate_acquisition(p: PolicyConfig, need) -> None:
+    from ase.data import atomic_numbers
+
+    need(p.add_above_sigma is None or p.add_above_sigma > 0,
+         f"policy.add_above_sigma: must be > 0 eV/Å, got {p.add_above_sigma}")
+    need(p.max_atoms_per_call is None or p.max_atoms_per_call >= p.atoms_per_call,
+         f"policy.max_atoms_per_call: must be >= policy.atoms_per_call ({p.atoms_per_call}), "
+         f"got {p.max_atoms_per_call}")
+    for symbol, cap in dict(p.max_atoms_per_species).items():
+        need(isinstance(symbol, str) and symbol in atomic_numbers and atomic_numbers[symbol] > 0,
+             f"policy.max_atoms_per_species: {symbol!r} is not a chemical symbol (e.g. Cu, Au)")
+        need(isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1,
+             f"policy.max_atoms_per_species.{symbol}: must be an integer >= 1 (atoms per oracle call), got {cap!r}")
+    need(p.exploration_bonus >= 0, f"policy.exploration_bonus: must be >= 0, got {p.exploration_bonus}")
+    need(p.hybrid_fps_calls >= 0, f"policy.hybrid_fps_calls: must be >= 0 oracle calls, got {p.hybrid_fps_calls}")
 
 
 def _validate_structure(s: StructureConfig, where: str, need) -> None:

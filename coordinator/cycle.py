@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from ase import Atoms
 
+from coordinator.acquisition import (AcquisitionContext, AcquisitionSettings, Candidate, LearnerModelView,
+                                    per_atom_sigma)
 from coordinator.config import RunConfig, SamplerConfig, StructureConfig, Walker
 from coordinator import trial as trials
 from coordinator.calibration import OnlineCalibration
@@ -959,9 +961,38 @@ class OnTheFlyRun:
 
     # -- the label queue -------------------------------------------------------------------
 
+    def _acquisition_context(self, seq: int, call_index: int) -> AcquisitionContext:
+        """What the acquisition may consult for queue entry ``seq``: the learner (kernel distances,
+        conditional σ), σn, the threshold, which oracle call the frame would be, a generator seeded
+        by (run seed, seq), and the ``policy:`` knobs."""
+        return AcquisitionContext(model=LearnerModelView(self.learner), noise=self.noise, threshold=self.threshold,
+                                  call_index=call_index, rng=np.random.default_rng([self.config.seed, 1, seq]),
+                                  settings=AcquisitionSettings.from_policy(self.config.policy))
+
+    def _frame_scores(self) -> dict[int, float]:
+        """seq -> the acquisition's frame score of each queued frame (larger: labelled first), kept in
+        memory; set when a frame is queued and after every model update, from the stored σ after a resume."""
+        scores = self.__dict__.get("_frame_score_of")
+        if scores is None:
+            scores = self._frame_score_of = {}
+        return scores
+
+    def _frame_score(self, seq: int, sigma: np.ndarray | None = None) -> float:
+        """Frame score of queued frame ``seq``: cached, or computed from ``sigma`` (per-atom σ, eV/Å;
+        default the σ stored with the frame) under the current model."""
+        scores = self._frame_scores()
+        if sigma is None and seq in scores:
+            return scores[seq]
+        entry = self.queued[seq]
+        cand = Candidate(entry.atoms(), per_atom_sigma(entry.force_std) if sigma is None else sigma)
+        score = self.acquisition.select(cand, self._acquisition_context(
+            seq, self.state.oracle_calls + len(self.in_flight))).frame_score
+        scores[seq] = score
+        return score
+
     def _enqueue(self, w: _Walker, ws: WalkerState, stop: sampler_pb2.StopReport) -> None:
         """Park the walker at its uncertain frame; queue the frame unless pending labels cover it."""
-        st, rd, cfg = self.state, self.rd, self.config
+        st, rd = self.state, self.rd
         frame = stop.frame
         atoms = wire.structure_from_proto(frame.structure)
         n = len(atoms)
@@ -970,20 +1001,22 @@ class OnTheFlyRun:
         forces = np.array(wire.decode_array(frame.prediction.forces, "forces", (n, 3)))
         seq = st.next_seq
         st.next_seq += 1
-        rng = np.random.default_rng([cfg.seed, 1, seq])
-        # acquisition ranks atoms by the invariant per-atom σ: select() takes (n, 3) and ranks by
-        # the row maximum, so each atom's σ is handed over repeated in its three columns
-        per_atom = np.repeat(sigma[:, None], 3, axis=1)
-        selection = [int(i) for i in self.acquisition.select(per_atom, atoms.numbers, cfg.policy.atoms_per_call, rng)]
         entry = QueuedFrame(seq=seq, walker=w.name, step=int(frame.step), time_fs=frame.time_fs,
                             temperature_K=frame.temperature_k, positions=atoms.positions, numbers=atoms.numbers,
                             cell=atoms.cell.array, pbc=atoms.pbc, force_std=std, predicted_forces=forces,
-                            selection=selection, checkpoint=stop.checkpoint,
+                            selection=[], checkpoint=stop.checkpoint,
                             model_version=int(frame.prediction.model_version), max_sigma=float(stop.max_sigma),
                             threshold=float(stop.threshold), atom_std=sigma)
         entry.noise = float(frame.prediction.noise_std)  # σn of the predicting model: calibration at the call
         who = f"[{w.name}] " if self.multi else ""
         covered = self._covered_by_pending(entry)
+        if covered is None:
+            # the acquisition picks the atoms (only for a frame that is sent: its rules may ask the learner)
+            chosen = self.acquisition.select(Candidate(atoms, sigma),
+                                             self._acquisition_context(seq, st.oracle_calls + len(self.in_flight)
+                                                                       + len(self.queued)))
+            entry.selection = selection = [int(i) for i in chosen.atoms]
+            self._frame_scores()[seq] = chosen.frame_score
         if covered is not None:
             ws.waiting_update = True
             st.set_walker(w.name, ws)
@@ -1004,6 +1037,9 @@ class OnTheFlyRun:
         self._save()
         rd.event("frame_queued", walker=w.name, seq=seq, step=entry.step, time_fs=entry.time_fs,
                  max_sigma=entry.max_sigma, threshold=entry.threshold, selection=selection,
+                 acquisition=chosen.rule, selection_order=[int(i) for i in chosen.order],
+                 selection_scores=[float(x) if np.isfinite(x) else None for x in chosen.scores],
+                 frame_score=chosen.frame_score if np.isfinite(chosen.frame_score) else None,
                  uncertain_atoms=sorted({u.atom for u in stop.uncertain}), model_version=entry.model_version)
         self.progress.line(f"  {who}σ = {entry.max_sigma:.4f} eV/Å > threshold {entry.threshold:.4f} eV/Å at step "
                            f"{entry.step} ({len({u.atom for u in stop.uncertain})} atom(s)): queued for the oracle "
@@ -1035,7 +1071,9 @@ class OnTheFlyRun:
         while self.queued and len(self.in_flight) < self.max_in_flight:
             if budget and self.state.oracle_calls + len(self.in_flight) >= budget:
                 break
-            seq = max(self.queued, key=lambda s: (self.queued[s].ratio, -s))
+            # the most informative first, by the acquisition's frame score (max_sigma: σ/threshold)
+            seq = max(self.queued, key=lambda s: (self._frame_score(s), -s))
+            self._frame_scores().pop(seq, None)
             self.in_flight[seq] = self.queued.pop(seq)
             self._save()
             self._send(seq)
@@ -1281,8 +1319,11 @@ class OnTheFlyRun:
             pred = self.learner.predict(entry.atoms(), condition_on=cond)
             sigma = float(np.max(atom_sigma(pred, len(entry.numbers)), initial=0.0))
             if sigma >= self.threshold:
+                # still uncertain: rank it again under the new model
+                self._frame_score(seq, per_atom_sigma(pred.force_std, getattr(pred, "atom_std", None)))
                 continue
             del self.queued[seq]
+            self._frame_scores().pop(seq, None)
             st = self.state
             ws = st.walker(entry.walker)
             ws.parked = None

@@ -1,9 +1,10 @@
 """Pluggable policies of the on-the-fly cycle (no gRPC here).
 
-* **Acquisition**: which atoms of an oracle-labelled frame enter the training
-  set.  ``select(force_std (n, 3) eV/Å, numbers (n,), n_atoms_wanted, rng) ->
-  atom indices``.  Built in: ``max_sigma`` (the paper: the N atoms with the
-  largest predicted force σ) and ``random``.
+* **Acquisition** (:mod:`coordinator.acquisition`): which atoms of an oracle-labelled frame
+  enter the training set, and which queued frame is labelled first.
+  ``select(Candidate, AcquisitionContext) -> Selection``; the rules ``max_sigma`` (the paper),
+  ``random``, ``fps``, ``info_gain`` and ``hybrid`` see the frame, its per-atom σ and a
+  read-only view of the model (kernel distances, conditional σ).
 * **Update**: whether an updated model is safe to continue MD with.
   ``decide(UpdateContext) -> Decision``.  Built in: ``accept`` (the paper's
   behaviour).  Rollback policies plug in here.
@@ -16,31 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-import numpy as np
+from coordinator.acquisition import ACQUISITION, Acquisition  # the acquisition registry lives there
 
-
-class Acquisition(Protocol):
-    def select(self, force_std: np.ndarray, numbers: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray: ...
-
-
-class MaxSigma:
-    """The ``n`` atoms whose largest force-component σ is largest (ties: lower index first)."""
-
-    name = "max_sigma"
-
-    def select(self, force_std, numbers, n, rng):
-        per_atom = np.max(np.asarray(force_std), axis=1)
-        order = np.argsort(-per_atom, kind="stable")
-        return np.sort(order[: min(n, len(order))])
-
-
-class RandomAtoms:
-    """``n`` atoms drawn uniformly (a baseline for comparing acquisition rules)."""
-
-    name = "random"
-
-    def select(self, force_std, numbers, n, rng):
-        return np.sort(rng.choice(len(numbers), size=min(n, len(numbers)), replace=False))
+__all__ = ["ACQUISITION", "Acquisition", "AlwaysAccept", "Decision", "UPDATE", "UpdateContext", "UpdatePolicy"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +50,6 @@ class AlwaysAccept:
         return Decision(True, "accept policy")
 
 
-ACQUISITION: dict[str, Callable[[], Acquisition]] = {"max_sigma": MaxSigma, "random": RandomAtoms}
 class TrialUpdates:
     """Every walker trials a new model version before continuing on it (coordinator/trial.py);
     the cycle runs the trials, this object only names the policy."""

@@ -134,6 +134,19 @@ class LearnerClient:
         req = learner_pb2.HoldVersionsRequest(model_versions=sorted({int(v) for v in versions if int(v) > 0}))
         return self._call(self._stub.HoldVersions, req, self.timeout)
 
+    def kernel_distances(self, atoms: Atoms, atom_indices: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(d_train (m,), d_within (m, m))`` in eV: distances of the environments of the atoms
+        ``atom_indices`` of ``atoms`` (None: all) in the model's local-energy kernel, to the
+        nearest training environment (inf: no training data) and among themselves (the
+        learner's ``GaussianProcess.kernel_distances``)."""
+        req = learner_pb2.KernelDistancesRequest(
+            atom_indices=[] if atom_indices is None else [int(i) for i in atom_indices])
+        wire.structure_to_proto(atoms, out=req.structure, velocities=False)
+        reply = self._call(self._stub.KernelDistances, req, self.timeout)
+        m = len(reply.atom_indices)
+        return (wire.decode_array(reply.d_train, "d_train", (m,), "<f8"),
+                wire.decode_array(reply.d_within, "d_within", (m, m), "<f8"))
+
     def info(self) -> learner_pb2.ModelInfo:
         return self._call(self._stub.GetModelInfo, learner_pb2.GetModelInfoRequest(), self.timeout)
 

@@ -1337,6 +1337,83 @@ class GaussianProcess:
         V2 = solve_triangular(L22, B, lower=True, check_finite=False)
         return var - block_gram(V2, m, np.einsum("ij,ij->j", V2, V2).reshape(m, 3))
 
+    # ------------------------------------------------------------------
+    # kernel distances (acquisition: farthest-point sampling, exploration bonus)
+    # ------------------------------------------------------------------
+
+    def kernel_distances(self, atoms, atom_indices: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Distances in this model's own local-energy kernel, eV: ``(d_train (m,), d_within (m, m))``.
+
+        For two atomic environments x, y with local energies E_x, E_y the kernel is
+        k(x, y) = cov(E_x, E_y) = sig2² k2(x, y) + sig3² k3(x, y) (eV²; the 2- and 3-body
+        terms of seed 004 Eq. 2 with the local-energy weights 1/2 and 1/3), and the distance is
+        d(x, y) = sqrt(k(x, x) + k(y, y) - 2 k(x, y)): the distance of x and y in the kernel's
+        feature space, a pseudo-metric (d ≥ 0, symmetric, triangle inequality; d = 0 for
+        symmetry-equivalent environments).  ``d_train[i]`` is min over the *force* training
+        environments y of d(x_i, y) (``inf`` without training environments), ``d_within[i, j]``
+        = d(x_i, x_j) among the ``m`` atoms ``atom_indices`` of ``atoms`` (default: all), in that
+        order.  Does not change the model.
+        """
+        n = len(atoms)
+        idx = np.arange(n) if atom_indices is None else np.asarray(list(atom_indices), dtype=np.int64)
+        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+            raise InvalidInput(f"atom indices {idx.tolist()} out of range for {n} atoms")
+        m = len(idx)
+        if m == 0:
+            return np.zeros(0), np.zeros((0, 0))
+        h = self._hyps
+        s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
+        ls2, ls3 = h["ls2"], h["ls3"]
+        n_species = len(self.species)
+        envs = build_environments(atoms.get_positions(), atoms.get_atomic_numbers(), atoms.get_cell().array,
+                                  atoms.get_pbc(), self.cutoffs, idx)
+        energy_rows = LabelGroups.per_environment(np.arange(m), energy=True, force=False)
+        W2, W3, _, _ = prediction_blocks(envs, energy_rows, envs, n_species, ls2, ls3, threads=self.predict_threads)
+        kw = s2 * W2[:, :, 0] + s3 * W3[:, :, 0]          # (m, m) eV²
+        kw = 0.5 * (kw + kw.T)                            # the kernels are symmetric to round-off only
+        kxx = np.diag(kw).copy()
+        d_within = np.sqrt(np.maximum(kxx[:, None] + kxx[None, :] - 2.0 * kw, 0.0))
+        np.fill_diagonal(d_within, 0.0)
+        train = np.array([g.envs[0] for g in self._groups if g.kind == "force"], dtype=np.int64)
+        if not len(train):
+            return np.full(m, np.inf), d_within
+        batch = self._training_batch()
+        T2, T3, _, _ = prediction_blocks(batch, LabelGroups.per_environment(train, energy=True, force=False), envs,
+                                         n_species, ls2, ls3, threads=self.predict_threads)
+        kt = s2 * T2[:, :, 0] + s3 * T3[:, :, 0]          # (N, m) eV²
+        u2, u3 = self._training_self_energy_kernels(train)
+        kyy = s2 * u2 + s3 * u3                           # (N,) eV²
+        d2 = kyy[:, None] + kxx[None, :] - 2.0 * kt
+        return np.sqrt(np.maximum(d2.min(axis=0), 0.0)), d_within
+
+    def _training_self_energy_kernels(self, train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Unit-variance k2(y, y), k3(y, y) of the local energies of the training environments
+        ``train`` (indices into the training batch, in training order), each (N,).  Cached per
+        length scales; environments added later are computed on their own (training data only
+        grow, and a clone shares the cache tuple, which is replaced, never modified)."""
+        ls = (self._hyps["ls2"], self._hyps["ls3"])
+        cached = getattr(self, "_self_energy_cache", None)
+        done = 0
+        parts2: list[np.ndarray] = []
+        parts3: list[np.ndarray] = []
+        if cached is not None and cached[0] == ls and len(cached[1]) <= len(train) \
+                and np.array_equal(cached[1], train[:len(cached[1])]):
+            done = len(cached[1])
+            parts2.append(cached[2])
+            parts3.append(cached[3])
+        batch = self._training_batch()
+        chunk = 512  # the diagonal mode fills a (chunk, chunk) matrix
+        for lo in range(done, len(train), chunk):
+            sel = train[lo:lo + chunk]
+            groups = LabelGroups.per_environment(sel, energy=True, force=False)
+            D2, D3 = kernel_blocks(batch, groups, None, ls[0], ls[1], diagonal=True)
+            parts2.append(np.diag(D2).copy())
+            parts3.append(np.diag(D3).copy())
+        u2 = np.concatenate(parts2) if parts2 else np.zeros(0)
+        u3 = np.concatenate(parts3) if parts3 else np.zeros(0)
+        self._self_energy_cache = (ls, train.copy(), u2, u3)
+        return u2, u3
+
     @serial_blas
     def _predict_general(self, envs: EnvironmentBatch, st: _State | None, stress: bool):
         """Mean (E, F[, S]) (m, 4 or 10) and epistemic force covariances (m, 3, 3) of ``envs``

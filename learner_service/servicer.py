@@ -354,6 +354,9 @@ class ServicerObserver:
         """Optimize finished in ``seconds`` (``result``: the GP's optimisation result)."""
 
 
+#: most atoms of one KernelDistances request: its (m, m) float64 answer is then 32 MiB
+MAX_KERNEL_DISTANCE_ATOMS = 2048
+
 #: defaults of the structure checks (LearnerServiceConfig.min_distance / max_atoms)
 DEFAULT_MIN_DISTANCE = 0.5   # Å
 DEFAULT_MAX_ATOMS = 20_000
@@ -584,3 +587,24 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         self._ready()
         held, missing, newest = self.store.hold(request.model_versions)
         return learner_pb2.HoldVersionsResponse(held=held, missing=missing, newest=newest)
+
+    # -- acquisition support --------------------------------------------------------------
+
+    def KernelDistances(self, request, context):
+        """Kernel distances of the requested atoms' environments (see GaussianProcess.kernel_distances)."""
+        self._ready()
+        gp, version = self.store.snapshot()
+        atoms = wire.structure_from_proto(request.structure)
+        _check_positions(atoms, "structure")
+        check_structure(atoms, self._limits(gp), "structure")
+        idx = _indices(request.atom_indices, len(atoms), "atom_indices")
+        if not idx.size:
+            idx = np.arange(len(atoms))
+        if idx.size > MAX_KERNEL_DISTANCE_ATOMS:
+            raise InvalidInput(f"KernelDistances: {idx.size} atoms asked for; at most {MAX_KERNEL_DISTANCE_ATOMS} per "
+                               f"request (d_within is m x m): name them in atom_indices")
+        d_train, d_within = gp.kernel_distances(atoms, idx)
+        reply = learner_pb2.KernelDistancesResponse(atom_indices=[int(i) for i in idx], model_version=version)
+        wire.encode_array(d_train, "<f8", reply.d_train)
+        wire.encode_array(d_within, "<f8", reply.d_within)
+        return reply

@@ -459,6 +459,8 @@ def _methods(service: str, model: bytes) -> list[Method]:
         Method(L + "Checkpoint", "unary", learner_pb2.CheckpointRequest, 0.3),
         Method(L + "RestoreCheckpoint", "unary", lambda: learner_pb2.RestoreCheckpointRequest(checkpoint_id="initial"),
                0.5),
+        Method(L + "KernelDistances", "unary",
+               lambda: learner_pb2.KernelDistancesRequest(structure=structure(), atom_indices=[0, 1]), 1),
         health,
     ]
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from coordinator.config import ConfigError, load_config, parse_config
-from coordinator.policies import ACQUISITION, MaxSigma, RandomAtoms
 from coordinator.rundir import QueuedFrame, RunDirectory, StoredLabel, WalkerState
 from protos.errors import InvalidInput, NotFound
 
@@ -233,20 +232,3 @@ def test_damaged_state_file_is_named(tmp_path: Path) -> None:
     (rd.path / "state.json").write_text('{"version": 2, "oracle_ca')
     with pytest.raises(InvalidInput, match="state.json is unreadable"):
         rd.load_state()
-
-
-def test_max_sigma_picks_the_most_uncertain_atoms() -> None:
-    std = np.zeros((6, 3))
-    std[4, 2] = 0.9
-    std[1, 0] = 0.5
-    std[2, 1] = 0.7
-    rng = np.random.default_rng(0)
-    assert MaxSigma().select(std, np.ones(6, int), 2, rng).tolist() == [2, 4]
-    assert MaxSigma().select(std, np.ones(6, int), 10, rng).tolist() == list(range(6))
-
-
-def test_random_acquisition_is_seeded_and_unique() -> None:
-    a = RandomAtoms().select(np.zeros((20, 3)), np.ones(20, int), 5, np.random.default_rng(3))
-    b = RandomAtoms().select(np.zeros((20, 3)), np.ones(20, int), 5, np.random.default_rng(3))
-    assert a.tolist() == b.tolist() and len(set(a.tolist())) == 5
-    assert set(ACQUISITION) >= {"max_sigma", "random"}

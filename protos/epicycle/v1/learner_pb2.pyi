@@ -208,3 +208,23 @@ class HoldVersionsResponse(_message.Message):
     missing: _containers.RepeatedScalarFieldContainer[int]
     newest: int
     def __init__(self, held: _Optional[_Iterable[int]] = ..., missing: _Optional[_Iterable[int]] = ..., newest: _Optional[int] = ...) -> None: ...
+
+class KernelDistancesRequest(_message.Message):
+    __slots__ = ("structure", "atom_indices")
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
+    structure: _common_pb2.Structure
+    atom_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class KernelDistancesResponse(_message.Message):
+    __slots__ = ("d_train", "d_within", "atom_indices", "model_version")
+    D_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    D_WITHIN_FIELD_NUMBER: _ClassVar[int]
+    ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    d_train: _common_pb2.Array
+    d_within: _common_pb2.Array
+    atom_indices: _containers.RepeatedScalarFieldContainer[int]
+    model_version: int
+    def __init__(self, d_train: _Optional[_Union[_common_pb2.Array, _Mapping]] = ..., d_within: _Optional[_Union[_common_pb2.Array, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ..., model_version: _Optional[int] = ...) -> None: ...

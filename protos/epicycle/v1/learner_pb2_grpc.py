@@ -89,6 +89,11 @@ class LearnerStub:
                 request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsRequest.SerializeToString,
                 response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsResponse.FromString,
                 _registered_method=True)
+        self.KernelDistances = channel.unary_unary(
+                '/epicycle.v1.Learner/KernelDistances',
+                request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.KernelDistancesRequest.SerializeToString,
+                response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.KernelDistancesResponse.FromString,
+                _registered_method=True)
 
 
 class LearnerServicer:
@@ -180,7 +185,16 @@ class LearnerServicer:
         predicting with them.  Idempotent: the set replaces the previous one.  Each
         held version costs one model's memory.  Versions that are no longer in
         memory are reported in `missing` (e.g. after a learner restart).
-        (Mapping the mean to cubic splines will be added as a new RPC.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KernelDistances(self, request, context):
+        """(Mapping the mean to cubic splines will be added as a new RPC.)
+        Distances of atomic environments in the model's own local-energy kernel: of each
+        requested atom to the nearest training environment, and among the requested atoms
+        (farthest-point sampling and exploration bonuses of the acquisition policy).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -243,6 +257,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.HoldVersions,
                     request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsRequest.FromString,
                     response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsResponse.SerializeToString,
+            ),
+            'KernelDistances': grpc.unary_unary_rpc_method_handler(
+                    servicer.KernelDistances,
+                    request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.KernelDistancesRequest.FromString,
+                    response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.KernelDistancesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -542,6 +561,33 @@ class Learner:
             '/epicycle.v1.Learner/HoldVersions',
             protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsRequest.SerializeToString,
             protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KernelDistances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epicycle.v1.Learner/KernelDistances',
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.KernelDistancesRequest.SerializeToString,
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.KernelDistancesResponse.FromString,
             options,
             channel_credentials,
             insecure,
