@@ -261,9 +261,13 @@ def block_gram(V: np.ndarray, m: int, diagonal: np.ndarray | None = None) -> np.
     when given, is the column sums of squares already computed (taken as the diagonal, so
     the per-component variances stay bit-for-bit those of the diagonal-only code)."""
     V3 = V.reshape(V.shape[0], m, 3)
-    G = np.einsum("kia,kib->iab", V3, V3)
-    if diagonal is not None:
-        G[:, [0, 1, 2], [0, 1, 2]] = diagonal
+    G = np.empty((m, 3, 3))
+    for a in range(3):  # six column-pair products (a 3×3 einsum in one call is ~6x slower)
+        for b in range(a, 3):
+            if a == b and diagonal is not None:
+                G[:, a, a] = diagonal[:, a]
+            else:
+                G[:, a, b] = G[:, b, a] = np.einsum("ki,ki->i", V3[:, :, a], V3[:, :, b])
     return G
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -192,12 +193,17 @@ def test_queue_entries_round_trip(tmp_path: Path) -> None:
     q = QueuedFrame(seq=7, walker="T600", step=120, time_fs=600.0, temperature_K=612.5,
                     positions=rng.normal(size=(4, 3)), numbers=np.array([13, 13, 29, 29]), cell=np.eye(3) * 5,
                     pbc=np.array([True] * 3), force_std=rng.random((4, 3)), predicted_forces=rng.normal(size=(4, 3)),
-                    selection=[2, 0], checkpoint=b"\x00\x01engine", model_version=9, max_sigma=0.12, threshold=0.05)
+                    selection=[2, 0], checkpoint=b"\x00\x01engine", model_version=9, max_sigma=0.12, threshold=0.05,
+                    atom_std=rng.random(4))
     rd.write_queue_entry(q)
     assert rd.queued_seqs() == [7]
     back = rd.read_queue_entry(7)
-    for name in ("positions", "numbers", "cell", "pbc", "force_std", "predicted_forces"):
+    for name in ("positions", "numbers", "cell", "pbc", "force_std", "predicted_forces", "atom_std"):
         np.testing.assert_array_equal(getattr(back, name), getattr(q, name))
+    # an entry written before atom_std existed reads back with atom_std None
+    rd.write_queue_entry(dataclasses.replace(q, seq=8, atom_std=None))
+    assert rd.read_queue_entry(8).atom_std is None
+    rd.remove_queue_entry(8)
     assert (back.selection, back.checkpoint, back.walker, back.step, back.ratio) == ([2, 0], q.checkpoint, "T600",
                                                                                    120, pytest.approx(2.4))
     rd.remove_queue_entry(7)

@@ -22,6 +22,7 @@ Tolerances (stated here so every engine is held to the same numbers):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -54,6 +55,18 @@ def sigma_provider(atoms):
     """EMT forces; σ_iα = |u_iα| (Å, read as eV/Å) from the starting sites."""
     return SigmaFunctionProvider(emt_provider(), displacement_sigma(atoms.get_positions()), noise=0.05,
                                  model_version=7)
+
+
+class AtomSigmaProvider:
+    """:func:`sigma_provider` plus a per-atom σ, ``atom_std`` = |σ_i| (the norm of the atom's
+    component σ, >= its largest component): a stand-in for a GP's rotation-invariant σ."""
+
+    def __init__(self, atoms):
+        self.base = sigma_provider(atoms)
+
+    def compute(self, *args):
+        r = self.base.compute(*args)
+        return dataclasses.replace(r, atom_std=np.linalg.norm(r.force_std, axis=1))
 
 
 def min_image(d, cell):
@@ -308,6 +321,40 @@ class EngineContract:
         # nothing was integrated: asking again stops again at once
         again = eng.run(100, threshold=threshold)
         assert again.reason == "uncertain" and again.step == k and again.steps_taken == 0
+        eng.close()
+
+    def test_threshold_on_the_per_atom_sigma_when_the_provider_gives_it(self):
+        kw = dict(ensemble="nve", initial_temperature_K=600.0)
+        atoms = cu32()
+        ref = self.make(atoms=atoms, provider=AtomSigmaProvider(atoms), **kw)
+        rec = Recorder()
+        ref.run(60, on_frame=rec)
+        ref.close()
+        frames = rec.frames
+        assert all(f.atom_std is not None and f.atom_std.shape == (32,) for f in frames)
+        np.testing.assert_allclose(frames[30].atom_std, np.linalg.norm(frames[30].force_std, axis=1), rtol=1e-12)
+        maxs = np.array([f.atom_std.max() for f in frames])
+        running = np.maximum.accumulate(maxs)
+        k = next(s for s in range(20, 60) if maxs[s] > running[s - 1] * 1.01)
+        threshold = 0.5 * (running[k - 1] + maxs[k])
+        eng = self.make(atoms=atoms, provider=AtomSigmaProvider(atoms), **kw)
+        report = eng.run(100, threshold=threshold)
+        assert report.reason == "uncertain" and report.step == k
+        over = np.flatnonzero(frames[k].atom_std > threshold)
+        np.testing.assert_array_equal(report.uncertain_components, np.stack([over, np.full_like(over, -1)], axis=1))
+        np.testing.assert_array_equal(report.uncertain_atoms, over)
+        np.testing.assert_allclose(report.uncertain_std, frames[k].atom_std[over], rtol=1e-10)
+        assert report.max_std == pytest.approx(frames[k].atom_std.max(), rel=1e-10)
+        np.testing.assert_allclose(report.frame.atom_std, frames[k].atom_std, rtol=1e-10)
+        out = report.frame.to_atoms()  # what the trajectory writer writes
+        np.testing.assert_array_equal(out.arrays["atom_std"], report.frame.atom_std)
+        assert out.info["max_atom_std"] == report.max_std
+        # restored from the checkpoint at the stop: the same prediction stops it again at once
+        b = self.from_checkpoint(eng.checkpoint(), AtomSigmaProvider(atoms))
+        again = b.run(5, threshold=threshold)
+        assert again.reason == "uncertain" and again.step == k and again.steps_taken == 0
+        np.testing.assert_array_equal(again.uncertain_atoms, over)
+        b.close()
         eng.close()
 
     def test_supplied_forces_are_used_for_that_step(self):
