@@ -130,6 +130,16 @@ class InProcessLearner:
     def checkpoint(self) -> learner_pb2.CheckpointResponse:
         return self.servicer.Checkpoint(learner_pb2.CheckpointRequest(), None)
 
+    def kernel_distances(self, atoms: Atoms, atom_indices: Iterable[int] | None = None):
+        """``(d_train (m,), d_within (m, m))`` in eV, as :meth:`LearnerClient.kernel_distances`."""
+        req = learner_pb2.KernelDistancesRequest(
+            atom_indices=[] if atom_indices is None else [int(i) for i in atom_indices])
+        wire.structure_to_proto(atoms, out=req.structure, velocities=False)
+        reply = self.servicer.KernelDistances(req, None)
+        m = len(reply.atom_indices)
+        return (wire.decode_array(reply.d_train, "d_train", (m,), "<f8"),
+                wire.decode_array(reply.d_within, "d_within", (m, m), "<f8"))
+
     def hold_versions(self, versions: Iterable[int]) -> learner_pb2.HoldVersionsResponse:
         req = learner_pb2.HoldVersionsRequest(model_versions=sorted({int(v) for v in versions if int(v) > 0}))
         return self.servicer.HoldVersions(req, None)

@@ -61,6 +61,9 @@ class LearnerPort(Protocol):
 
     def hold_versions(self, versions: Iterable[int]) -> learner_pb2.HoldVersionsResponse: ...
 
+    def kernel_distances(self, atoms: Atoms, atom_indices: Iterable[int] | None = None) -> tuple:
+        """``(d_train (m,), d_within (m, m))`` eV in the model's local-energy kernel (acquisition)."""
+
     def close(self) -> None: ...
 
 

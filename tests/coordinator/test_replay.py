@@ -342,3 +342,17 @@ def test_calibration_at_every_call_and_the_scaled_threshold(tmp_path, trajectory
     later = [ev for ev in events[last:] if ev["event"] == "frame"]
     if later:
         assert later[-1]["threshold"] == pytest.approx(0.12 / cal[-1]["scale"], rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["fps", "info_gain", "hybrid"])
+def test_every_acquisition_rule_runs_on_the_in_process_ports(tmp_path, trajectory, rule) -> None:
+    """The kernel-distance and conditional-σ questions of the rules are answered in-process too; the
+    training atoms recorded are the ones each call's rule picked."""
+    data = config_for(trajectory, acquisition=rule, atoms_per_call=2)
+    data["sampler"] = dict(data["sampler"], steps=80)
+    state, rd, _ = replay(tmp_path, data, trajectory)
+    queued = {e["seq"]: e["selection"] for e in events(rd, "frame_queued")}
+    labelled = [e for e in events(rd, "oracle_call") if e.get("seq") is not None and e["seq"] >= 0]
+    assert labelled and state.oracle_calls >= 2
+    for e in labelled:
+        assert len(e["selection"]) == 2 and e["selection"] == queued[e["seq"]]
