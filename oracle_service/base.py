@@ -200,6 +200,7 @@ _BUILTIN_BACKEND_MODULES: list[str] = [
     "oracle_service.backends.qe",
     "oracle_service.backends.gpaw",
     "oracle_service.backends.xtb",
+    "oracle_service.backends.cp2k",
 ]
 
 
