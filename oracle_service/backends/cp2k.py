@@ -35,7 +35,8 @@ Settings (units: Ry for the grid cutoffs as in CP2K's input, K for the smearing,
 ``basis_set`` ("DZVP-MOLOPT-SR-GTH", or {element: name})  ``potential`` ("GTH-PBE" family, or {element: name})
 ``xc`` ("PBE")  ``data_dir`` (None: found at run time)  ``basis_file`` ("BASIS_MOLOPT")
 ``potential_file`` ("GTH_POTENTIALS")
-``kpts`` ([4, 4, 4]; [1, 1, 1] or None = Γ point, CP2K's Γ-only code) or ``kspacing`` (Å⁻¹ incl. 2π)
+``kpts`` ([4, 4, 4]; [1, 1, 1] or None = Γ point, CP2K's Γ-only code) or ``kspacing`` (Å⁻¹ incl. 2π),
+``gamma`` (False: Monkhorst-Pack, shifted off Γ for even n; True: Γ-centred, as QE's ``koffset: [0, 0, 0]``)
 ``smearing`` ("fermi-dirac" or None for fixed occupations)  ``electronic_temperature`` (K, 1000)
 ``added_mos`` (None: max(10, 30 % of the occupied orbitals) with smearing, else 0)
 ``eps_scf`` (1e-7)  ``max_scf`` (50)  ``mixing_method`` ("broyden"; "pulay", "kerker", "direct")
@@ -170,6 +171,26 @@ def _valence(line: str) -> int:
 # input
 
 
+def gamma_centred_kpoints(grid: Sequence[int]) -> list[tuple[tuple[float, float, float], float]]:
+    """A Γ-centred n1×n2×n3 grid (fractions of the reciprocal vectors, in (-½, ½]) with weights summing to 1,
+    k and -k merged (time reversal; no other symmetry is used)."""
+    n = [int(g) for g in grid]
+    total = n[0] * n[1] * n[2]
+    merged: dict[tuple[int, int, int], int] = {}
+    for i in range(n[0]):
+        for j in range(n[1]):
+            for k in range(n[2]):
+                key = (i, j, k)
+                partner = ((-i) % n[0], (-j) % n[1], (-k) % n[2])
+                rep = min(key, partner)
+                merged[rep] = merged.get(rep, 0) + 1
+    points = []
+    for (i, j, k), count in sorted(merged.items()):
+        frac = tuple(float(c / m - (1.0 if c / m > 0.5 + 1e-12 else 0.0)) for c, m in zip((i, j, k), n))
+        points.append((frac, count / total))
+    return points  # type: ignore[return-value]
+
+
 def write_cp2k_input(
     atoms: Atoms,
     kinds: Mapping[str, tuple[str, str]],
@@ -241,11 +262,14 @@ def write_cp2k_input(
         "    &END SCF",
     ]
     if tuple(int(k) for k in kgrid) != (1, 1, 1):
-        lines += [
-            "    &KPOINTS",
-            "      SCHEME MONKHORST-PACK " + " ".join(str(int(k)) for k in kgrid),
-            "    &END KPOINTS",
-        ]
+        lines.append("    &KPOINTS")
+        if params.get("gamma"):
+            lines.append("      SCHEME GENERAL")
+            lines += [f"      KPOINT {k[0]:.12f} {k[1]:.12f} {k[2]:.12f} {w:.12f}"
+                      for k, w in gamma_centred_kpoints(kgrid)]
+        else:
+            lines.append("      SCHEME MONKHORST-PACK " + " ".join(str(int(k)) for k in kgrid))
+        lines.append("    &END KPOINTS")
     lines += [
         "    &XC",
         f"      &XC_FUNCTIONAL {str(params['xc']).upper()}",
@@ -407,6 +431,7 @@ class CP2KOracle(ScfOracle):
         potential_file: str = "GTH_POTENTIALS",
         kpts: Sequence[int] | None = (4, 4, 4),
         kspacing: float | None = None,
+        gamma: bool = False,
         smearing: str | None = "fermi-dirac",
         electronic_temperature: float = 1000.0,
         added_mos: int | None = None,
@@ -432,6 +457,7 @@ class CP2KOracle(ScfOracle):
             "rel_cutoff": rel_cutoff,
             "ngrids": ngrids,
             "xc": xc,
+            "gamma": bool(gamma),
             "smearing": smearing,
             "electronic_temperature": electronic_temperature,
             "added_mos": added_mos,
