@@ -18,7 +18,11 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
+from oracle_service.backends._subprocess import KILL_GRACE_SECONDS
 from oracle_service.base import CalculationCancelled, create_oracle
+from oracle_service.client import OracleClient
+from oracle_service.server import OracleServiceConfig, start_oracle_server
+from protos import errors
 from protos.errors import CalculationFailed, InvalidInput, SetupError
 
 from .contract import copy_structure
@@ -121,6 +125,42 @@ def test_cancel_kills_cp2k_and_is_not_a_failure():
     assert wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and pid in cp2k_children()
                                       for pid in running), 5), "the cp2k process survived its cancellation"
     assert oracle.quarantined() == []  # a cancelled run is no failure
+
+
+def test_grpc_deadline_kills_cp2k_and_the_worker_serves_the_next_label():
+    """Through the oracle service on 127.0.0.1: the only waiter's deadline passes -> cp2k is killed,
+    nothing is cached or quarantined, and the one worker labels the next structure with CP2K."""
+    config = OracleServiceConfig(backend="cp2k", settings=cp2k_settings(quarantine_after=1), workers=1,
+                                 queue_limit=4)
+    running = start_oracle_server(config)
+    try:
+        service = running.label_service
+        slow = al4(np.random.default_rng(3)).repeat((2, 2, 2))
+        failure: list[BaseException] = []
+
+        def call() -> None:
+            with OracleClient(running.address, timeout=30) as client:
+                try:
+                    client.label(slow, ("energy", "forces"), timeout=1.0)
+                except errors.EpicycleError as exc:
+                    failure.append(exc)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        assert wait_until(lambda: cp2k_children(), 5), "cp2k never started"
+        started = cp2k_children()
+        thread.join(10)
+        assert not thread.is_alive() and len(failure) == 1 and isinstance(failure[0], errors.CalculationTimeout)
+        assert wait_until(lambda: not cp2k_children(), KILL_GRACE_SECONDS + 3), f"cp2k {started} still running"
+        assert wait_until(lambda: service.stats()["in_flight"] == 0, 2)
+        stats = service.stats()
+        assert stats["calculations_cancelled"] == 1 and stats["cache_entries"] == 0 and stats["quarantined"] == 0
+        with OracleClient(running.address, timeout=60) as client:
+            labels = client.label(al3si(np.random.default_rng(2)), ("energy", "forces", "stress"), timeout=60)
+        assert not labels.cached and np.isfinite(labels.labels.energy) and labels.labels.forces.shape == (4, 3)
+        assert not cp2k_children()
+    finally:
+        running.stop(grace=0)
 
 
 def test_missing_executable_and_data_are_setup_errors(tmp_path):
