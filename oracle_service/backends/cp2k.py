@@ -574,13 +574,18 @@ class CP2KOracle(ScfOracle):
         for el in elements:
             basis = self._name_for(self.basis_set, el)
             bases = basis_entries.get(el, {})
-            if basis is None or basis not in bases:
+            if basis is None:
+                problems.append(f"{el}: the basis_set mapping has no entry for it (available in {self.basis_file}: "
+                                f"{sorted(bases)})")
+                continue
+            if basis not in bases:
                 problems.append(f"{el}: no basis set {basis!r} in {self.basis_file} (available: {sorted(bases)})")
                 continue
             family = self._name_for(self.potential, el)
             potentials = potential_entries.get(el, {})
             if family is None:
-                problems.append(f"{el}: no potential given for it")
+                problems.append(f"{el}: the potential mapping has no entry for it (available in "
+                                f"{self.potential_file}: {sorted(potentials)})")
                 continue
             # the valence the basis was optimised for: the -qN suffix of one of its names
             q = [m.group(1) for name in bases[basis][0] for m in [re.search(r"-q(\d+)$", name)] if m]

@@ -196,7 +196,7 @@ def test_elements_basis_sets_and_potentials():
     bad = create_oracle("cp2k", **cp2k_settings(basis_set={"Al": "NO-SUCH-BASIS"}))
     with pytest.raises(InvalidInput, match=r"Al: no basis set 'NO-SUCH-BASIS' in BASIS_MOLOPT \(available: .*SZV"):
         bad.calculate(al4(), ("energy",))
-    with pytest.raises(InvalidInput, match="Si: no basis set None"):
+    with pytest.raises(InvalidInput, match="Si: the basis_set mapping has no entry for it"):
         bad.calculate(al3si(), ("energy",))  # a per-element mapping must name every element
     bad = create_oracle("cp2k", **cp2k_settings(potential="GTH-NOPE"))
     with pytest.raises(InvalidInput, match="no potential 'GTH-NOPE-q3' or 'GTH-NOPE' in GTH_POTENTIALS"):
