@@ -111,10 +111,11 @@ GPA_TO_EV_PER_ANG3 = GPa
 MIXINGS = {"broyden": "BROYDEN_MIXING", "pulay": "PULAY_MIXING", "kerker": "KERKER_MIXING",
            "direct": "DIRECT_P_MIXING"}
 SMEARINGS = ("fermi-dirac",)
-#: escalation used when ``retries`` is not given (``retries: []`` disables retrying)
+#: escalation used when ``retries`` is not given (``retries: []`` disables retrying); it changes only
+#: how the SCF gets there, never the physics (cutoffs, smearing), so retried labels fit with the others
 DEFAULT_RETRIES = (
     {"max_scf": 100, "mixing_alpha": 0.2},
-    {"max_scf": 200, "mixing_alpha": 0.1, "electronic_temperature": 2000.0},
+    {"max_scf": 200, "mixing_alpha": 0.1, "mixing_method": "pulay"},
 )
 
 

@@ -100,6 +100,21 @@ def test_default_basis_labels_silicon():
     assert np.abs(labels.stress[:3]).max() < 0.03  # PBE Si at 5.43 Å is within a few GPa of equilibrium
 
 
+def test_last_default_retry_converges_to_the_same_labels():
+    """The last rung of the default ladder (Pulay mixing, α = 0.1) after a failed first attempt gives the
+    labels of the plain Broyden run: retries change how the SCF converges, not the physics."""
+    from oracle_service.backends.cp2k import DEFAULT_RETRIES
+
+    atoms = al4(np.random.default_rng(7))
+    retried = create_oracle("cp2k", **cp2k_settings(max_scf=2, retries=[DEFAULT_RETRIES[-1]]))
+    labels = retried.calculate(copy_structure(atoms), ("energy", "forces"))
+    assert labels.info["attempt"] == 2 and labels.info["overrides"]["mixing_method"] == "pulay"
+    assert labels.info["failed_attempts"][0]["reason"].startswith("SCF did not converge")
+    plain = create_oracle("cp2k", **cp2k_settings()).calculate(copy_structure(atoms), ("energy", "forces"))
+    assert labels.energy == pytest.approx(plain.energy, abs=1e-4)
+    np.testing.assert_allclose(labels.forces, plain.forces, atol=2e-3)
+
+
 def test_cancel_kills_cp2k_and_is_not_a_failure():
     oracle = create_oracle("cp2k", **cp2k_settings(kpts=[4, 4, 4], quarantine_after=1))
     slow = al4(np.random.default_rng(3)).repeat((2, 2, 2))
