@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import pytest
-from ase.build import bulk
+from ase.build import bulk, molecule
 
 from oracle_service.backends._subprocess import KILL_GRACE_SECONDS
 from oracle_service.base import CalculationCancelled, create_oracle
@@ -79,6 +79,27 @@ def test_gamma_centred_grid_is_extensive_and_matches_the_gamma_point_code():
     # and the grid matters (the test would pass trivially if the k-points were ignored)
     gamma_only = big.calculate(copy_structure(atoms), ("energy",))
     assert abs(gamma_only.energy - cell.energy) > 0.05
+
+
+def test_molecule_in_a_box_at_the_gamma_point():
+    """H₂O in a vacuum box: CP2K's Γ-only code (no &KPOINTS), fixed occupations, two elements (H, O).
+    Forces are -dE/dx there too (the contract checks the k-point code)."""
+    atoms = molecule("H2O")
+    atoms.center(vacuum=2.5)
+    atoms.pbc = True
+    atoms.positions[1] += [0.03, -0.02, 0.05]
+    oracle = create_oracle("cp2k", **cp2k_settings(kpts=None, smearing=None))
+    labels = oracle.calculate(copy_structure(atoms), ("energy", "forces"))
+    assert labels.info["kpts"] == [1, 1, 1] and labels.info["added_mos"] == 0
+    # (their sum is not zero: the real-space grid breaks translation invariance -- 0.3 eV/Å at 200 Ry,
+    # 0.1 eV/Å at 400 Ry for this O atom -- which is why production settings need a high `cutoff`)
+    h = 2e-3  # Å
+    for i, k in ((1, 2), (0, 1)):
+        plus, minus = copy_structure(atoms), copy_structure(atoms)
+        plus.positions[i, k] += h
+        minus.positions[i, k] -= h
+        fd = -(oracle.calculate(plus, ("energy",)).energy - oracle.calculate(minus, ("energy",)).energy) / (2 * h)
+        assert fd == pytest.approx(labels.forces[i, k], abs=2e-3), (i, k, fd, labels.forces[i, k])
 
 
 def test_default_basis_labels_silicon():
