@@ -38,6 +38,9 @@ Settings (units: Ry for the grid cutoffs as in CP2K's input, K for the smearing,
 ``kpts`` ([4, 4, 4]; [1, 1, 1] or None = Γ point, CP2K's Γ-only code) or ``kspacing`` (Å⁻¹ incl. 2π),
 ``gamma`` (False: Monkhorst-Pack, shifted off Γ for even n; True: Γ-centred, as QE's ``koffset: [0, 0, 0]``)
 ``smearing`` ("fermi-dirac" or None for fixed occupations)  ``electronic_temperature`` (K, 1000)
+``uks`` (False: closed shell; True: spin-polarised), ``magnetization`` (μB per atom in the initial guess:
+a number or {element: μB}, default 1.0), ``multiplicity`` (2S+1; None: floats with smearing, else from
+the initial moments)
 ``added_mos`` (None: max(10, 30 % of the occupied orbitals) with smearing, else 0)
 ``eps_scf`` (1e-7)  ``max_scf`` (50)  ``mixing_method`` ("broyden"; "pulay", "kerker", "direct")
 ``mixing_alpha`` (0.4)  ``eps_default`` (1e-12)
@@ -47,9 +50,8 @@ Settings (units: Ry for the grid cutoffs as in CP2K's input, K for the smearing,
 ``retries`` (default :data:`DEFAULT_RETRIES`), ``retry_on_timeout``, ``quarantine_after``,
 ``quarantine_file`` (see ``_scf``)
 
-Closed-shell (spin-restricted) only; all three directions periodic (a
-molecule goes in a vacuum box and is treated as periodic, like the ``qe``
-backend).  Units out: eV, eV/Å, eV/Å³ (ASE sign: CP2K prints the stress as a
+All three directions periodic (a molecule goes in a vacuum box and is
+treated as periodic, like the ``qe`` backend).  Units out: eV, eV/Å, eV/Å³ (ASE sign: CP2K prints the stress as a
 pressure, positive for a compressed cell).  With smearing, the energy is the
 free energy (CP2K's total energy includes the electronic entropy term), the
 quantity the forces and stress are derivatives of.
@@ -172,6 +174,25 @@ def _valence(line: str) -> int:
 # input
 
 
+def initial_magnetization(params: Mapping[str, Any], element: str) -> float:
+    """Initial moment (μB per atom, atomic guess) of ``element`` from the ``magnetization`` setting
+    (a number for every element, or {element: μB}; default 1.0)."""
+    mag = params.get("magnetization")
+    if mag is None:
+        return 1.0
+    if isinstance(mag, Mapping):
+        return float(mag.get(element, 0.0))
+    return float(mag)
+
+
+def spin_multiplicity(n_electrons: int, moment: float) -> int:
+    """2S + 1 for ``n_electrons`` with a total moment near ``moment`` μB (parity fixed: n↑ - n↓ ≡ n mod 2)."""
+    m = abs(int(round(moment)))
+    if (n_electrons - m) % 2:
+        m += 1
+    return m + 1
+
+
 def gamma_centred_kpoints(grid: Sequence[int]) -> list[tuple[tuple[float, float, float], float]]:
     """A Γ-centred n1×n2×n3 grid (fractions of the reciprocal vectors, in (-½, ½]) with weights summing to 1,
     k and -k merged (time reversal; no other symmetry is used)."""
@@ -201,12 +222,18 @@ def write_cp2k_input(
     kgrid: Sequence[int],
     stress: bool,
     added_mos: int,
+    multiplicity: int | None = None,
 ) -> str:
     """The text of a CP2K ENERGY_FORCE input for ``atoms`` (cell and positions in Å, input order).
 
     kinds: element -> (basis set name, potential name); params: the backend
-    settings merged with retry overrides; kgrid: Monkhorst-Pack grid
-    ((1, 1, 1) = Γ point, no &KPOINTS section).
+    settings merged with retry overrides; kgrid: the k-point grid,
+    Monkhorst-Pack (CP2K's scheme: shifted off Γ for even n) or Γ-centred
+    when ``params["gamma"]`` (an explicit list); (1, 1, 1) = Γ point, no
+    &KPOINTS section (CP2K's Γ-only code).
+    With ``params["uks"]``: spin-polarised (UKS), each element's atoms start
+    from ``params["magnetization"][element]`` μB in the atomic guess, and
+    ``multiplicity`` (if not None) fixes 2S + 1.
     """
     smear = bool(params.get("smearing"))
     lines = [
@@ -229,6 +256,13 @@ def write_cp2k_input(
         "  &DFT",
         f"    BASIS_SET_FILE_NAME {basis_path}",
         f"    POTENTIAL_FILE_NAME {potential_path}",
+    ]
+    uks = bool(params.get("uks"))
+    if uks:
+        lines.append("    UKS")
+        if multiplicity is not None:
+            lines.append(f"    MULTIPLICITY {int(multiplicity)}")
+    lines += [
         "    &MGRID",
         f"      CUTOFF {float(params['cutoff']):.10g}",
         f"      REL_CUTOFF {float(params['rel_cutoff']):.10g}",
@@ -287,7 +321,10 @@ def write_cp2k_input(
               for s, pos in zip(atoms.get_chemical_symbols(), atoms.positions)]
     lines.append("    &END COORD")
     for element, (basis, potential) in kinds.items():
-        lines += [f"    &KIND {element}", f"      BASIS_SET {basis}", f"      POTENTIAL {potential}", "    &END KIND"]
+        lines += [f"    &KIND {element}", f"      BASIS_SET {basis}", f"      POTENTIAL {potential}"]
+        if uks:
+            lines.append(f"      MAGNETIZATION {initial_magnetization(params, element):.10g}")
+        lines.append("    &END KIND")
     lines += ["  &END SUBSYS", "&END FORCE_EVAL"]
     return "\n".join(lines) + "\n"
 
@@ -435,6 +472,9 @@ class CP2KOracle(ScfOracle):
         gamma: bool = False,
         smearing: str | None = "fermi-dirac",
         electronic_temperature: float = 1000.0,
+        uks: bool = False,
+        magnetization: Mapping[str, float] | float | None = None,
+        multiplicity: int | None = None,
         added_mos: int | None = None,
         eps_scf: float = 1e-7,
         max_scf: int = 50,
@@ -461,6 +501,9 @@ class CP2KOracle(ScfOracle):
             "gamma": bool(gamma),
             "smearing": smearing,
             "electronic_temperature": electronic_temperature,
+            "uks": bool(uks),
+            "magnetization": dict(magnetization) if isinstance(magnetization, Mapping) else magnetization,
+            "multiplicity": multiplicity,
             "added_mos": added_mos,
             "eps_scf": eps_scf,
             "max_scf": max_scf,
@@ -508,6 +551,13 @@ class CP2KOracle(ScfOracle):
             check_positive("electronic_temperature (K)", p["electronic_temperature"])
         if p.get("added_mos") is not None:
             check_positive("added_mos", p["added_mos"], integer=True, allow_zero=True)
+        if p.get("multiplicity") is not None:
+            check_positive("multiplicity", p["multiplicity"], integer=True)
+        mag = p.get("magnetization")
+        values = list(mag.values()) if isinstance(mag, Mapping) else [] if mag is None else [mag]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise InvalidInput(f"magnetization must be a number of μB (or {{element: μB}}), got {mag!r}")
         check_positive("eps_scf", p["eps_scf"])
         check_positive("max_scf", p["max_scf"], integer=True)
         if str(p["mixing_method"]).lower() not in MIXINGS:
@@ -661,14 +711,20 @@ class CP2KOracle(ScfOracle):
         directory = self._data_dir()
         elements = list(dict.fromkeys(atoms.get_chemical_symbols()))
         kinds, valence = self.kinds(elements)
+        symbols = atoms.get_chemical_symbols()
+        electrons = sum(valence[s] for s in symbols)
         added = params.get("added_mos")
         if added is None:
-            electrons = sum(valence[s] for s in atoms.get_chemical_symbols())
             added = max(10, math.ceil(0.3 * electrons / 2)) if params.get("smearing") else 0
+        multiplicity = params.get("multiplicity")
+        if params.get("uks") and multiplicity is None and not params.get("smearing"):
+            # fixed occupations need a spin state; with smearing the moment floats
+            multiplicity = spin_multiplicity(electrons, sum(initial_magnetization(params, s) for s in symbols))
         want_stress = "stress" in properties
         kgrid = kpoint_grid(atoms, self.kpts, self.kspacing)
         text = write_cp2k_input(atoms, kinds, params, str((directory / self.basis_file).resolve()),
-                                str((directory / self.potential_file).resolve()), kgrid, want_stress, int(added))
+                                str((directory / self.potential_file).resolve()), kgrid, want_stress, int(added),
+                                multiplicity)
         with scratch_directory(self.scratch_dir, "epicycle-cp2k-", self.keep_scratch) as work:
             (work / "cp2k.inp").write_text(text)
             log_path = work / "cp2k.out"
@@ -683,4 +739,6 @@ class CP2KOracle(ScfOracle):
             result = parse_cp2k_output(output, len(atoms), want_stress, rc)
         info = {"backend": self.name, "scf_iterations": result["scf_iterations"], "kpts": list(kgrid),
                 "added_mos": int(added)}
+        if params.get("uks"):
+            info["multiplicity"] = multiplicity  # None: the moment floats (smearing)
         return Labels(energy=result["energy"], forces=result["forces"], stress=result.get("stress"), info=info)

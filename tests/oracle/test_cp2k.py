@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import bulk, molecule
 
 from oracle_service.backends._subprocess import KILL_GRACE_SECONDS
@@ -100,6 +101,26 @@ def test_molecule_in_a_box_at_the_gamma_point():
         minus.positions[i, k] -= h
         fd = -(oracle.calculate(plus, ("energy",)).energy - oracle.calculate(minus, ("energy",)).energy) / (2 * h)
         assert fd == pytest.approx(labels.forces[i, k], abs=2e-3), (i, k, fd, labels.forces[i, k])
+
+
+def test_spin_polarised_oxygen_molecule():
+    """O₂ with UKS: the initial moments (1 μB per O) give the triplet (multiplicity 3), which lies well below
+    the quintet, and its forces are -dE/dx.  (Spin-restricted O₂ does not even converge: its two π* orbitals
+    hold two electrons with fixed occupations.)"""
+    atoms = Atoms("O2", positions=[[0, 0, 0], [0, 0, 1.23]], cell=[5.0, 5.5, 6.0], pbc=True)
+    atoms.center()
+    triplet = create_oracle("cp2k", **cp2k_settings(kpts=None, smearing=None, uks=True, magnetization={"O": 1.0}))
+    labels = triplet.calculate(copy_structure(atoms), ("energy", "forces"))
+    assert labels.info["multiplicity"] == 3
+    np.testing.assert_allclose(labels.forces[0], -labels.forces[1], atol=1e-3)  # a symmetric dimer
+    quintet = create_oracle("cp2k", **cp2k_settings(kpts=None, smearing=None, uks=True, multiplicity=5))
+    assert quintet.calculate(copy_structure(atoms), ("energy",)).energy > labels.energy + 1.0
+    h = 2e-3  # Å
+    plus, minus = copy_structure(atoms), copy_structure(atoms)
+    plus.positions[1, 2] += h
+    minus.positions[1, 2] -= h
+    fd = -(triplet.calculate(plus, ("energy",)).energy - triplet.calculate(minus, ("energy",)).energy) / (2 * h)
+    assert fd == pytest.approx(labels.forces[1, 2], abs=2e-3)
 
 
 def test_default_basis_labels_silicon():
@@ -247,6 +268,8 @@ def test_elements_basis_sets_and_potentials():
     ({"mixing_alpha": 1.5}, r"mixing_alpha must be in \(0, 1\]"),
     ({"mixing_method": "anderson"}, "mixing_method must be one of"),
     ({"max_scf": 2.5}, "max_scf must be a positive integer"),
+    ({"multiplicity": 0}, "multiplicity must be a positive integer"),
+    ({"magnetization": {"Fe": "high"}}, "magnetization must be a number"),
     ({"retries": [{"basis_set": "DZVP-MOLOPT-SR-GTH"}]}, "cannot change"),
     ({"retries": [{"mixing_alpha": 0}]}, "mixing_alpha"),
     ({"ecutwfc": 30}, "bad settings"),  # QE's name, not CP2K's

@@ -358,6 +358,19 @@ class TestCP2KInput:
                                 "/b", "/p", (1, 1, 1), stress=False, added_mos=0)
         assert "&KPOINTS" not in text and "&SMEAR" not in text and "STRESS_TENSOR NONE" in text
 
+    def test_spin_polarised_input(self):
+        from oracle_service.backends.cp2k import spin_multiplicity
+
+        params = dict(self.PARAMS, uks=True, magnetization={"O": 1.5})
+        text = write_cp2k_input(Atoms("O2", positions=[[0, 0, 0], [0, 0, 1.2]], cell=[5, 5, 5]),
+                                {"O": ("b", "p")}, params, "/b", "/p", (1, 1, 1), stress=False, added_mos=0,
+                                multiplicity=spin_multiplicity(12, 3.0))
+        assert "    UKS\n    MULTIPLICITY 5\n" in text  # 12 electrons, 3 μB -> parity -> 4 unpaired
+        assert "MAGNETIZATION 1.5" in text
+        assert spin_multiplicity(12, 2.0) == 3 and spin_multiplicity(11, 0.0) == 2 and spin_multiplicity(8, -2) == 3
+        assert "UKS" not in write_cp2k_input(Atoms("O2", positions=[[0, 0, 0], [0, 0, 1.2]], cell=[5, 5, 5]),
+                                             {"O": ("b", "p")}, self.PARAMS, "/b", "/p", (1, 1, 1), False, 0)
+
     def test_gamma_centred_grid(self):
         points = gamma_centred_kpoints((2, 2, 2))
         assert len(points) == 8 and all(w == pytest.approx(1 / 8) for _, w in points)  # all time-reversal invariant
