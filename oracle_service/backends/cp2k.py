@@ -29,7 +29,7 @@ pseudopotential of the ``potential`` family with the valence that the basis
 was made for (the ``-qN`` suffix of the basis name: Al DZVP-MOLOPT-SR-GTH-q3 ->
 GTH-PBE-q3).
 
-Settings (units: Ry for the grid cutoffs as in CP2K's input, K for the smearing, Hartree for ``eps_scf``):
+Settings (units: Ry for the grid cutoffs as in CP2K's input, K for the smearing, μB for moments):
 
 ``cutoff`` (Ry, 400)  ``rel_cutoff`` (Ry, 50)  ``ngrids`` (4)
 ``basis_set`` ("DZVP-MOLOPT-SR-GTH", or {element: name})  ``potential`` ("GTH-PBE" family, or {element: name})
@@ -42,7 +42,8 @@ Settings (units: Ry for the grid cutoffs as in CP2K's input, K for the smearing,
 a number or {element: μB}, default 1.0), ``multiplicity`` (2S+1; None: floats with smearing, else from
 the initial moments)
 ``added_mos`` (None: max(10, 30 % of the occupied orbitals) with smearing, else 0)
-``eps_scf`` (1e-7)  ``max_scf`` (50)  ``mixing_method`` ("broyden"; "pulay", "kerker", "direct")
+``eps_scf`` (1e-7: CP2K's EPS_SCF, the largest density-matrix change)  ``max_scf`` (50)
+``mixing_method`` ("broyden"; "pulay", "kerker", "direct")
 ``mixing_alpha`` (0.4)  ``eps_default`` (1e-12)
 ``command`` (None: the first of cp2k, cp2k.psmp, cp2k.ssmp, cp2k.popt, cp2k.sopt on PATH)
 ``mpi_procs`` (1 = no mpirun), ``mpirun`` ("mpirun"), ``threads`` (1: OMP threads), ``timeout`` (s, 3600),
@@ -51,8 +52,8 @@ the initial moments)
 ``quarantine_file`` (see ``_scf``)
 
 All three directions periodic (a molecule goes in a vacuum box and is
-treated as periodic, like the ``qe`` backend).  Units out: eV, eV/Å, eV/Å³ (ASE sign: CP2K prints the stress as a
-pressure, positive for a compressed cell).  With smearing, the energy is the
+treated as periodic, like the ``qe`` backend).  Units out: eV, eV/Å, eV/Å³
+(ASE sign: CP2K prints the stress as a pressure, positive for a compressed cell).  With smearing, the energy is the
 free energy (CP2K's total energy includes the electronic entropy term), the
 quantity the forces and stress are derivatives of.
 """
