@@ -18,8 +18,8 @@ Cancellation: a backend that sets :attr:`Oracle.cancellable` accepts
 (every RPC waiting for it was cancelled or passed its deadline), and the
 backend then stops as soon as it safely can and raises
 :class:`CalculationCancelled` (never labels, never cached or quarantined).
-Which backends honour it: ``qe`` (pw.x, and mpirun, in their own process
-group: SIGTERM, then SIGKILL after a grace), ``gpaw`` and ``xtb`` (their
+Which backends honour it: ``qe`` and ``cp2k`` (pw.x or cp2k, and mpirun, in
+their own process group: SIGTERM, then SIGKILL after a grace), ``gpaw`` and ``xtb`` (their
 persistent worker process is killed the same way and restarted for the next
 job), ``emt`` and ``lj`` (only their ``latency_s`` sleep is interruptible: the
 computation itself takes milliseconds).  The generic ``ase`` adapter and
@@ -200,6 +200,7 @@ _BUILTIN_BACKEND_MODULES: list[str] = [
     "oracle_service.backends.qe",
     "oracle_service.backends.gpaw",
     "oracle_service.backends.xtb",
+    "oracle_service.backends.cp2k",
 ]
 
 

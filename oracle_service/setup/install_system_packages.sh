@@ -2,6 +2,7 @@
 # Debian packages the real oracles need (run as root; idempotent).
 #
 #   quantum-espresso   pw.x (the QE oracle) and ld1.x (generates its pseudopotentials)
+#   cp2k, cp2k-data    cp2k.psmp (the CP2K oracle) and its MOLOPT basis sets and GTH pseudopotentials
 #   libxc-dev          exchange-correlation library GPAW is built against
 #   libopenblas-dev    BLAS/LAPACK for GPAW's C extension
 #   libfftw3-dev       FFTs for GPAW plane-wave mode
@@ -12,7 +13,7 @@
 # Usage: bash oracle_service/setup/install_system_packages.sh
 set -euo pipefail
 
-PACKAGES=(quantum-espresso libxc-dev libopenblas-dev libfftw3-dev build-essential python3-dev pkg-config)
+PACKAGES=(quantum-espresso cp2k cp2k-data libxc-dev libopenblas-dev libfftw3-dev build-essential python3-dev pkg-config)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

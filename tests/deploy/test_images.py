@@ -82,6 +82,7 @@ def test_oracle_image_has_the_dft_codes():
     st = stages(IMAGES / "Containerfile.oracle")
     builder, runtime = " ".join(st[0][1]), " ".join(st[1][1])
     assert "quantum-espresso" in runtime, "pw.x must be in the runtime image"
+    assert "cp2k cp2k-data" in runtime, "cp2k and its basis sets/pseudopotentials must be in the runtime image"
     for pkg in ("gpaw", "gpaw-data", "tblite"):
         assert f'"{pkg}>=' in builder
     setup = (REPO / "oracle_service" / "setup" / "install_python_packages.sh").read_text()

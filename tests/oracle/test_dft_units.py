@@ -24,6 +24,12 @@ from oracle_service.backends._subprocess import (
     tail_text,
     thread_env,
 )
+from oracle_service.backends.cp2k import (
+    gamma_centred_kpoints,
+    parse_cp2k_output,
+    read_data_file,
+    write_cp2k_input,
+)
 from oracle_service.backends.qe import parse_pw_output, pw_log_tail, write_pw_input
 from oracle_service.base import Labels
 from protos.errors import CalculationFailed, CalculationTimeout, InvalidInput, SetupError
@@ -189,6 +195,198 @@ class TestPwInput:
         assert "occupations = 'fixed'" in text and "smearing" not in text
         assert "nspin = 2" in text and "starting_magnetization(1) = 0.5" in text
         assert "tstress = .false." in text
+
+
+# ---------------------------------------------------------------------------
+# CP2K output: the layout of CP2K 2023.1 (Debian) at PRINT_LEVEL LOW, numbers from a real Al4 run
+
+CP2K_OK = """
+ SCF WAVEFUNCTION OPTIMIZATION
+
+  Step     Update method      Time    Convergence         Total energy    Change
+  ------------------------------------------------------------------------------
+     1 NoMix/Diag. 0.30E+00    0.9     0.92020338        -8.8273676558 -8.83E+00
+    12 Broy./Diag. 0.30E+00    1.2     0.00000003        -8.2641540187  2.92E-07
+
+  *** SCF run converged in    12 steps ***
+
+  Electronic entropic energy:                                  -0.01201309618497
+  Total energy:                                                -8.26415401868430
+
+ ENERGY| Total FORCE_EVAL ( QS ) energy [a.u.]:               -8.264153704278570
+
+ ATOMIC FORCES in [a.u.]
+
+ # Atom   Kind   Element          X              Y              Z
+      1      1      Al         -0.00202333    -0.00000000    -0.00064051
+      2      2      Si         -0.00317511     0.00000000     0.00052159
+ SUM OF ATOMIC FORCES          -0.00519844     0.00000000    -0.00011892     0.00519980
+
+ STRESS| Analytical stress tensor [GPa]
+ STRESS|                        x                   y                   z
+ STRESS|      x        1.21460100434E+00   3.00000000000E-03   7.47302620065E-03
+ STRESS|      y        3.00000000000E-03   1.36122649662E+00   2.00000000000E-03
+ STRESS|      z        7.47302620065E-03   2.00000000000E-03   1.35524740017E+00
+ STRESS| 1/3 Trace                                             1.31035830038E+00
+
+ STRESS| Eigenvectors and eigenvalues of the analytical stress tensor [GPa]
+ STRESS|                        1                   2                   3
+ STRESS| Eigenvalues   1.21420505149E+00   1.35564335303E+00   1.36122649662E+00
+ STRESS|      x           0.998599281970      0.052910056218      0.000000005892
+ STRESS|      y          -0.000000002339     -0.000000067210      1.000000000000
+ STRESS|      z          -0.052910056218      0.998599281970      0.000000066993
+
+ -------------------------------------------------------------------------------
+ -                                                                             -
+ -                                DBCSR STATISTICS                             -
+ -                                                                             -
+ -------------------------------------------------------------------------------
+ CP2K                                 1  1.0    0.017    0.017   23.963   23.963
+  **** **** ******  **  PROGRAM ENDED AT                 2026-12-06 03:34:23.173
+"""
+
+CP2K_NOT_CONVERGED = """
+  Step     Update method      Time    Convergence         Total energy    Change
+  ------------------------------------------------------------------------------
+     1 NoMix/Diag. 0.30E+00    0.4     1.17894377        -8.3160261363 -8.32E+00
+     2 Broy./Diag. 0.30E+00    0.4     0.01207933        -8.3277828533 -1.18E-02
+
+  Leaving inner SCF loop after reaching     2 steps.
+
+  Total energy:                                                -8.32778285326953
+
+ *** WARNING in qs_scf.F:601 :: SCF run NOT converged ***
+
+ ENERGY| Total FORCE_EVAL ( QS ) energy [a.u.]:               -8.095268285675996
+
+ ATOMIC FORCES in [a.u.]
+
+ # Atom   Kind   Element          X              Y              Z
+      1      1      Al          0.00380207     0.00000000    -0.00206365
+      2      1      Al         -0.01031126     0.00000000     0.00064172
+  **** **** ******  **  PROGRAM ENDED AT                 2026-12-06 03:40:00.000
+"""
+
+CP2K_ABORT = r"""
+ *******************************************************************************
+ *   ___                                                                       *
+ *  /   \                                                                      *
+ * [ABORT]                                                                     *
+ *  \___/    The requested atomic potential <GTH-PBE-q99> for element <Al> was *
+ *    |      not found in the potential file </usr/share/cp2k/GTH_POTENTIALS>  *
+ *  O/|                                                                        *
+ * /| |                                                                        *
+ * / \                                  subsys/external_potential_types.F:2324 *
+ *******************************************************************************
+
+ ===== Routine Calling Stack =====
+MPI_ABORT was invoked on rank 0 in communicator MPI_COMM_WORLD
+"""
+
+
+class TestCP2KOutputUnits:
+    def test_energy_forces_stress_units_and_signs(self):
+        r = parse_cp2k_output(CP2K_OK, n_atoms=2, want_stress=True)
+        # the FORCE_EVAL energy (Hartree -> eV); it includes the entropic term: the free energy
+        assert r["energy"] == pytest.approx(-8.264153704278570 * units.Hartree, rel=1e-14)
+        assert r["energy"] == pytest.approx(-224.8791, abs=1e-3)
+        expected = np.array([[-0.00202333, 0.0, -0.00064051], [-0.00317511, 0.0, 0.00052159]])
+        np.testing.assert_allclose(r["forces"], expected * units.Hartree / units.Bohr, rtol=1e-12)
+        assert r["forces"][1, 0] == pytest.approx(-0.00317511 * 51.42208619, rel=1e-6)  # 1 Ha/bohr = 51.42 eV/Å
+        # CP2K prints a pressure (positive: the cell wants to expand); ASE: (1/V) dE/dε, negative there
+        s = r["stress"]
+        np.testing.assert_allclose(
+            s / units.GPa, -np.array([1.21460100434, 1.36122649662, 1.35524740017, 2e-3, 7.47302620065e-3, 3e-3]),
+            rtol=1e-12)  # Voigt order xx yy zz yz xz xy; the eigenvector block below is not read
+        assert s[0] == pytest.approx(-1.21460100434 / 160.21766, rel=1e-6)  # 1 eV/Å³ = 160.2 GPa
+        assert r["scf_iterations"] == 12
+
+    def test_unconverged_scf_is_a_failure_with_the_scf_log(self):
+        # CP2K 2023.1 only warns, prints energy and forces, and exits 0: those must not become labels
+        with pytest.raises(CalculationFailed) as info:
+            parse_cp2k_output(CP2K_NOT_CONVERGED, n_atoms=2, want_stress=False, returncode=0)
+        assert str(info.value).startswith("SCF did not converge: cp2k reports 'SCF run NOT converged' after 2 steps")
+        assert "Leaving inner SCF loop" in info.value.log_tail
+
+    def test_abort_message_is_reported(self):
+        with pytest.raises(CalculationFailed, match=r"cp2k stopped with an error: The requested atomic potential "
+                                                    r"<GTH-PBE-q99> for element <Al> was not found"):
+            parse_cp2k_output(CP2K_ABORT, n_atoms=1, want_stress=False, returncode=1)
+
+    def test_crash_truncation_and_missing_blocks(self):
+        with pytest.raises(CalculationFailed, match="cp2k crashed .killed by signal SIGSEGV."):
+            parse_cp2k_output(CP2K_OK, n_atoms=2, want_stress=True, returncode=-signal.SIGSEGV)
+        truncated = CP2K_OK[: CP2K_OK.index(" ATOMIC FORCES")]
+        with pytest.raises(CalculationFailed, match="no 'PROGRAM ENDED AT'"):
+            parse_cp2k_output(truncated, n_atoms=2, want_stress=False)
+        with pytest.raises(CalculationFailed, match="no forces block"):
+            parse_cp2k_output(truncated + " PROGRAM ENDED AT\n", n_atoms=2, want_stress=False)
+        no_stress = CP2K_OK.replace("STRESS| Analytical stress tensor", "STRESS| something else")
+        assert "stress" not in parse_cp2k_output(no_stress, n_atoms=2, want_stress=False)
+        with pytest.raises(CalculationFailed, match="no stress tensor"):
+            parse_cp2k_output(no_stress, n_atoms=2, want_stress=True)
+        with pytest.raises(CalculationFailed, match="does not report SCF convergence"):
+            parse_cp2k_output(CP2K_OK.replace("SCF run converged in", "SCF run finished in"), 2, False)
+        with pytest.raises(CalculationFailed, match="forces block has 2 atoms, expected 3"):
+            parse_cp2k_output(CP2K_OK, n_atoms=3, want_stress=False)
+
+
+class TestCP2KInput:
+    PARAMS = dict(cutoff=250.0, rel_cutoff=45.0, ngrids=4, xc="PBE", gamma=False, smearing="fermi-dirac",
+                  electronic_temperature=800.0, eps_scf=1e-8, max_scf=33, mixing_method="broyden", mixing_alpha=0.3,
+                  eps_default=1e-11)
+
+    def test_input_has_cell_coordinates_kinds_and_settings(self):
+        atoms = bulk("Si", "diamond", a=5.43) + Atoms("Al", positions=[[0.1, 0.2, 0.3]])
+        kinds = {"Si": ("DZVP-MOLOPT-SR-GTH", "GTH-PBE-q4"), "Al": ("DZVP-MOLOPT-SR-GTH", "GTH-PBE-q3")}
+        text = write_cp2k_input(atoms, kinds, self.PARAMS, "/d/BASIS_MOLOPT", "/d/GTH_POTENTIALS", (3, 3, 2),
+                                stress=True, added_mos=12)
+        for line in ("CUTOFF 250", "REL_CUTOFF 45", "MAX_SCF 33", "EPS_SCF 1.000e-08", "ADDED_MOS 12",
+                     "STRESS_TENSOR ANALYTICAL", "ELECTRONIC_TEMPERATURE [K] 800", "METHOD BROYDEN_MIXING",
+                     "ALPHA 0.3", "SCHEME MONKHORST-PACK 3 3 2", "BASIS_SET_FILE_NAME /d/BASIS_MOLOPT",
+                     "&KIND Al", "POTENTIAL GTH-PBE-q3", "PERIODIC XYZ", "RUN_TYPE ENERGY_FORCE"):
+            assert line in text, line
+        cell = [ln.split()[1:] for ln in text.splitlines() if ln.strip()[:2] in ("A ", "B ", "C ")]
+        np.testing.assert_allclose(np.array(cell, dtype=float), atoms.cell.array, atol=1e-12)
+        coord = text.split("&COORD\n")[1].split("&END COORD")[0].strip().splitlines()
+        assert [ln.split()[0] for ln in coord] == ["Si", "Si", "Al"]
+        np.testing.assert_allclose([[float(x) for x in ln.split()[1:]] for ln in coord], atoms.positions, atol=1e-12)
+
+    def test_gamma_point_fixed_occupations_and_no_stress(self):
+        params = dict(self.PARAMS, smearing=None)
+        text = write_cp2k_input(bulk("Al", "fcc", a=4.05), {"Al": ("SZV-MOLOPT-SR-GTH", "GTH-PBE-q3")}, params,
+                                "/b", "/p", (1, 1, 1), stress=False, added_mos=0)
+        assert "&KPOINTS" not in text and "&SMEAR" not in text and "STRESS_TENSOR NONE" in text
+
+    def test_spin_polarised_input(self):
+        from oracle_service.backends.cp2k import spin_multiplicity
+
+        params = dict(self.PARAMS, uks=True, magnetization={"O": 1.5})
+        text = write_cp2k_input(Atoms("O2", positions=[[0, 0, 0], [0, 0, 1.2]], cell=[5, 5, 5]),
+                                {"O": ("b", "p")}, params, "/b", "/p", (1, 1, 1), stress=False, added_mos=0,
+                                multiplicity=spin_multiplicity(12, 3.0))
+        assert "    UKS\n    MULTIPLICITY 5\n" in text  # 12 electrons, 3 μB -> parity -> 4 unpaired
+        assert "MAGNETIZATION 1.5" in text
+        assert spin_multiplicity(12, 2.0) == 3 and spin_multiplicity(11, 0.0) == 2 and spin_multiplicity(8, -2) == 3
+        assert "UKS" not in write_cp2k_input(Atoms("O2", positions=[[0, 0, 0], [0, 0, 1.2]], cell=[5, 5, 5]),
+                                             {"O": ("b", "p")}, self.PARAMS, "/b", "/p", (1, 1, 1), False, 0)
+
+    def test_gamma_centred_grid(self):
+        points = gamma_centred_kpoints((2, 2, 2))
+        assert len(points) == 8 and all(w == pytest.approx(1 / 8) for _, w in points)  # all time-reversal invariant
+        points = gamma_centred_kpoints((4, 1, 1))  # 0, ±1/4 merged, 1/2
+        assert [k for k, _ in points] == [(0.0, 0.0, 0.0), (0.25, 0.0, 0.0), (0.5, 0.0, 0.0)]
+        assert [w for _, w in points] == [0.25, 0.5, 0.25]
+        text = write_cp2k_input(bulk("Al", "fcc", a=4.05), {"Al": ("b", "p")}, dict(self.PARAMS, gamma=True),
+                                "/b", "/p", (4, 1, 1), stress=False, added_mos=10)
+        assert "SCHEME GENERAL" in text and "KPOINT 0.250000000000 0.000000000000 0.000000000000 0.500000000000" in text
+
+    def test_data_file_entries_and_aliases(self, tmp_path):
+        (tmp_path / "POT").write_text("# comment\nAl GTH-PBE-q3 GTH-PBE\n    2    1\n  0.45 1 -7.5\n"
+                                      "Cu GTH-PBE-q11\n 1 0 10\n")
+        entries = read_data_file(tmp_path / "POT")
+        assert entries["Al"]["GTH-PBE"] == (("GTH-PBE-q3", "GTH-PBE"), "    2    1")
+        assert set(entries["Cu"]) == {"GTH-PBE-q11"}
 
 
 class TestKpointGrid:
