@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# the external codes the tests exercise for real: Quantum ESPRESSO, GPAW, tblite (oracles),
+# the external codes the tests exercise for real: Quantum ESPRESSO, GPAW, CP2K, tblite (oracles),
 # Prometheus/promtool, kubectl+kustomize, kubernetes-validate, hadolint (deployment checks)
 CODES_STAMP := $(VENV)/.codes-installed
 CODES_INPUTS := oracle_service/setup/install_system_packages.sh oracle_service/setup/install_python_packages.sh \
@@ -19,7 +19,7 @@ help:
 	@echo "make demo    - on-the-fly training of the aluminium melt (examples/al_melt.yaml); writes runs/al-melt-*/report.md"
 	@echo "make demo-oracle - start an EMT oracle on 127.0.0.1:$(DEMO_PORT) and label examples/cu_rattled.xyz"
 	@echo "make test    - run the test suite (creates $(VENV) on first use)"
-	@echo "make codes   - install QE, GPAW, tblite, Prometheus, kubectl/kustomize (root or sudo; make test does it)"
+	@echo "make codes   - install QE, GPAW, CP2K, tblite, Prometheus, kubectl/kustomize (root or sudo; make test does it)"
 	@echo "make protos  - regenerate the Python gRPC code from protos/epicycle/v1/*.proto"
 	@echo "make bench   - run the benchmarks in benchmarks/"
 
