@@ -128,7 +128,9 @@ class AcquisitionSettings:
     atom whose σ exceeds X (the rule's preferred ones first), up to ``max_atoms_per_call`` in all.
     ``max_atoms_per_species`` {Z: cap}: at most that many atoms of species Z per frame.
     ``exploration_bonus`` β: β·d_min is added to every atom's score (d_min in eV).
-    ``hybrid_fps_calls`` K: ``hybrid`` uses ``fps`` for oracle calls 1..K, ``max_sigma`` after."""
+    ``hybrid_fps_calls`` K: ``hybrid`` uses ``fps`` for oracle calls 1..K, ``max_sigma`` after;
+    ``hybrid_max_z2``: ... and also later while the mean z² of σ at the oracle calls exceeds it
+    (σ too small to rank by; None: calls only)."""
 
     atoms_per_call: int = 1
     add_above_sigma: float | None = None
@@ -136,6 +138,7 @@ class AcquisitionSettings:
     max_atoms_per_species: Mapping[int, int] = field(default_factory=dict)
     exploration_bonus: float = 0.0
     hybrid_fps_calls: int = 5
+    hybrid_max_z2: float | None = None
 
     def __post_init__(self) -> None:
         if self.atoms_per_call < 1:
@@ -152,6 +155,8 @@ class AcquisitionSettings:
             raise InvalidInput(f"exploration_bonus must be >= 0, got {self.exploration_bonus}")
         if self.hybrid_fps_calls < 0:
             raise InvalidInput(f"hybrid_fps_calls must be >= 0, got {self.hybrid_fps_calls}")
+        if self.hybrid_max_z2 is not None and not self.hybrid_max_z2 > 0:
+            raise InvalidInput(f"hybrid_max_z2 must be > 0, got {self.hybrid_max_z2}")
 
     @classmethod
     def from_policy(cls, policy) -> "AcquisitionSettings":
@@ -161,7 +166,8 @@ class AcquisitionSettings:
         caps = {int(atomic_numbers[s]): int(c) for s, c in dict(policy.max_atoms_per_species).items()}
         return cls(atoms_per_call=policy.atoms_per_call, add_above_sigma=policy.add_above_sigma,
                    max_atoms_per_call=policy.max_atoms_per_call, max_atoms_per_species=caps,
-                   exploration_bonus=policy.exploration_bonus, hybrid_fps_calls=policy.hybrid_fps_calls)
+                   exploration_bonus=policy.exploration_bonus, hybrid_fps_calls=policy.hybrid_fps_calls,
+                   hybrid_max_z2=getattr(policy, "hybrid_max_z2", None))
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,22 @@ class AcquisitionContext:
     call_index: int = 1
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     settings: AcquisitionSettings = AcquisitionSettings()
+    #: mean z² of the σ in use at the run's oracle calls so far (coordinator/calibration.py; None: no calls yet)
+    calibration_z2: float | None = None
+
+
+class ScaledModelView:
+    """A :class:`ModelView` whose σ is the calibrated s·σ (``calibration.scale``): conditional σ
+    scaled, kernel distances unchanged."""
+
+    def __init__(self, view, scale: float) -> None:
+        self.view, self.scale = view, float(scale)
+
+    def kernel_distances(self, atoms, atom_indices=None):
+        return self.view.kernel_distances(atoms, atom_indices)
+
+    def conditional_sigma(self, atoms, condition_on) -> np.ndarray:
+        return self.scale * np.asarray(self.view.conditional_sigma(atoms, condition_on))
 
 
 @dataclass(frozen=True)
@@ -459,13 +481,17 @@ class InfoGain:
 
 
 class Hybrid:
-    """``fps`` while ``call_index <= hybrid_fps_calls`` (oracle calls 1..K after the first frame),
-    ``max_sigma`` after; ``Selection.rule`` says which decided."""
+    """``fps`` while ``call_index <= hybrid_fps_calls`` (oracle calls 1..K after the first frame) or,
+    with ``hybrid_max_z2`` set, while the mean z² of σ at the oracle calls so far exceeds it (σ is
+    too far off to rank by); ``max_sigma`` after; ``Selection.rule`` says which decided."""
 
     name = "hybrid"
 
     def select(self, cand: Candidate, ctx: AcquisitionContext) -> Selection:
-        rule = FarthestPoint() if ctx.call_index <= ctx.settings.hybrid_fps_calls else MaxSigma()
+        s = ctx.settings
+        poorly_calibrated = (s.hybrid_max_z2 is not None and ctx.calibration_z2 is not None
+                             and ctx.calibration_z2 > s.hybrid_max_z2)
+        rule = FarthestPoint() if ctx.call_index <= s.hybrid_fps_calls or poorly_calibrated else MaxSigma()
         sel = rule.select(cand, ctx)
         return Selection(sel.atoms, sel.order, sel.scores, sel.frame_score, f"hybrid:{rule.name}")
 

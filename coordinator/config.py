@@ -157,7 +157,8 @@ class PolicyConfig:
     max_atoms_per_call: int | None = None    # ... up to this many atoms per call in all
     max_atoms_per_species: Mapping[str, int] = field(default_factory=dict)  # e.g. {Cu: 2, Au: 1}
     exploration_bonus: float = 0.0           # β: β·d_min (kernel distance to the training set, eV) added
-    hybrid_fps_calls: int = 5                # hybrid: fps for oracle calls 1..K, max_sigma after
+    hybrid_fps_calls: int = 5                # hybrid: fps for oracle calls 1..K, max_sigma after ...
+    hybrid_max_z2: float | None = None       # ... and while σ's mean z² at the oracle calls exceeds this
 
 
 @dataclass(frozen=True)
@@ -563,6 +564,8 @@ def _validate_acquisition(p: PolicyConfig, need) -> None:
              f"policy.max_atoms_per_species.{symbol}: must be an integer >= 1 (atoms per oracle call), got {cap!r}")
     need(p.exploration_bonus >= 0, f"policy.exploration_bonus: must be >= 0, got {p.exploration_bonus}")
     need(p.hybrid_fps_calls >= 0, f"policy.hybrid_fps_calls: must be >= 0 oracle calls, got {p.hybrid_fps_calls}")
+    need(p.hybrid_max_z2 is None or p.hybrid_max_z2 > 0,
+         f"policy.hybrid_max_z2: must be > 0 (mean z² of σ at the oracle calls; ideal 1), got {p.hybrid_max_z2}")
 
 
 def _validate_structure(s: StructureConfig, where: str, need) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 from ase import Atoms
 
 from coordinator.acquisition import (AcquisitionContext, AcquisitionSettings, Candidate, LearnerModelView,
-                                    per_atom_sigma)
+                                    ScaledModelView, per_atom_sigma)
 from coordinator.config import RunConfig, SamplerConfig, StructureConfig, Walker
 from coordinator import trial as trials
 from coordinator.calibration import OnlineCalibration
@@ -965,9 +965,21 @@ class OnTheFlyRun:
         """What the acquisition may consult for queue entry ``seq``: the learner (kernel distances,
         conditional σ), σn, the threshold, which oracle call the frame would be, a generator seeded
         by (run seed, seq), and the ``policy:`` knobs."""
-        return AcquisitionContext(model=LearnerModelView(self.learner), noise=self.noise, threshold=self.threshold,
-                                  call_index=call_index, rng=np.random.default_rng([self.config.seed, 1, seq]),
-                                  settings=AcquisitionSettings.from_policy(self.config.policy))
+        scale = self.scale if self.config.calibration.scale else 1.0
+        view = LearnerModelView(self.learner)
+        z2 = None
+        if len(self.calibration):
+            out = self.calibration.summary()
+            z2 = out["scaled" if self.config.calibration.scale else "raw"]["mean_squared_z"]
+        # with calibration.scale the rules see σ_cal = s·σ and the threshold it is compared with
+        return AcquisitionContext(model=ScaledModelView(view, scale) if scale != 1.0 else view, noise=self.noise,
+                                  threshold=self.threshold * scale, call_index=call_index,
+                                  rng=np.random.default_rng([self.config.seed, 1, seq]),
+                                  settings=AcquisitionSettings.from_policy(self.config.policy), calibration_z2=z2)
+
+    def _calibrated(self, sigma: np.ndarray) -> np.ndarray:
+        """Per-atom σ as the acquisition sees it: s·σ with ``calibration.scale``."""
+        return sigma * self.scale if self.config.calibration.scale else sigma
 
     def _frame_scores(self) -> dict[int, float]:
         """seq -> the acquisition's frame score of each queued frame (larger: labelled first), kept in
@@ -984,7 +996,9 @@ class OnTheFlyRun:
         if sigma is None and seq in scores:
             return scores[seq]
         entry = self.queued[seq]
-        cand = Candidate(entry.atoms(), per_atom_sigma(entry.force_std) if sigma is None else sigma)
+        if sigma is None:
+            sigma = entry.atom_std if entry.atom_std is not None else per_atom_sigma(entry.force_std)
+        cand = Candidate(entry.atoms(), self._calibrated(np.asarray(sigma)))
         score = self.acquisition.select(cand, self._acquisition_context(
             seq, self.state.oracle_calls + len(self.in_flight))).frame_score
         scores[seq] = score
@@ -1012,7 +1026,7 @@ class OnTheFlyRun:
         covered = self._covered_by_pending(entry)
         if covered is None:
             # the acquisition picks the atoms (only for a frame that is sent: its rules may ask the learner)
-            chosen = self.acquisition.select(Candidate(atoms, sigma),
+            chosen = self.acquisition.select(Candidate(atoms, self._calibrated(sigma)),
                                              self._acquisition_context(seq, st.oracle_calls + len(self.in_flight)
                                                                        + len(self.queued)))
             entry.selection = selection = [int(i) for i in chosen.atoms]

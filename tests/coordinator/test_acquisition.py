@@ -55,7 +55,8 @@ def view(gp):
 
 
 def candidate(gp, atoms: Atoms) -> Candidate:
-    return Candidate(atoms, per_atom_sigma(gp.predict(atoms).force_std))
+    p = gp.predict(atoms)
+    return Candidate(atoms, per_atom_sigma(p.force_std, p.atom_std))
 
 
 def ctx(view, gp=None, seed: int = 0, call_index: int = 1, **settings) -> AcquisitionContext:
@@ -153,6 +154,33 @@ def test_hybrid_switches_from_fps_to_max_sigma_after_k_calls(gp, view) -> None:
     for call, rule, want in [(1, "hybrid:fps", fps), (3, "hybrid:fps", fps), (4, "hybrid:max_sigma", top)]:
         sel = select("hybrid", cand, ctx(view, gp, call_index=call, atoms_per_call=3, hybrid_fps_calls=3))
         assert sel.rule == rule and sel.atoms.tolist() == want.atoms.tolist(), call
+
+
+def test_hybrid_keeps_fps_while_sigma_is_poorly_calibrated(gp, view) -> None:
+    """hybrid_max_z2: after K calls hybrid still uses fps while the mean z² of σ at the oracle calls
+    exceeds the bound, and switches to max_sigma once it does not (or when nothing is known yet)."""
+    import dataclasses
+
+    cand = candidate(gp, al32(9, 0.3))
+    base = ctx(view, gp, call_index=10, atoms_per_call=3, hybrid_fps_calls=3, hybrid_max_z2=2.0)
+    for z2, rule in [(3.3, "hybrid:fps"), (1.1, "hybrid:max_sigma"), (None, "hybrid:max_sigma")]:
+        sel = ACQUISITION["hybrid"]().select(cand, dataclasses.replace(base, calibration_z2=z2))
+        assert sel.rule == rule, z2
+
+
+def test_info_gain_with_a_scaled_view_is_the_information_of_the_calibrated_sigma(gp, view) -> None:
+    """calibration.scale: the rules see s·σ — info_gain's first pick scores ½·log(1 + s²σ²/σn²)."""
+    from coordinator.acquisition import ScaledModelView
+
+    cand = candidate(gp, al32(11, 0.3))
+    s = 2.5
+    scaled = Candidate(cand.atoms, s * cand.sigma)
+    sel = select("info_gain", scaled, ctx(ScaledModelView(view, s), gp, atoms_per_call=2))
+    first = sel.order[0]
+    assert sel.scores[0] == pytest.approx(0.5 * np.log1p((s * cand.sigma[first] / gp.noise) ** 2))
+    second = sel.order[1]
+    cond = view.conditional_sigma(cand.atoms, [(cand.atoms, [first])])
+    assert sel.scores[1] == pytest.approx(0.5 * np.log1p((s * cond[second] / gp.noise) ** 2), rel=1e-9)
 
 
 def test_exploration_bonus_changes_the_ranking_by_its_formula(gp, view) -> None:
@@ -348,6 +376,9 @@ def _queue_only_run(gp, rule: str, queued: dict, sent: list):
     run.acquisition = ACQUISITION[rule]()
     run.learner = gp  # has kernel_distances and predict(condition_on=) like LearnerClient
     run.noise = run.threshold = gp.noise
+    from coordinator.calibration import OnlineCalibration
+
+    run.calibration, run.scale = OnlineCalibration(), 1.0
     run.stopping = ""
     run.state = RunState(oracle_calls=3)
     run.max_in_flight = 1
@@ -427,8 +458,9 @@ def test_a_model_update_reranks_the_queue_and_drops_what_it_knows(gp) -> None:
     """After an update _drop_known predicts every queued frame again: those still uncertain are
     ranked by their new σ, those below the threshold are dropped — counted, with an event."""
     near, far = al32(1, 0.09), al32(21, 0.35)
-    s_near = per_atom_sigma(gp.predict(near).force_std).max()
-    s_far = per_atom_sigma(gp.predict(far).force_std).max()
+    p_near, p_far = gp.predict(near), gp.predict(far)
+    s_near = per_atom_sigma(p_near.force_std, p_near.atom_std).max()
+    s_far = per_atom_sigma(p_far.force_std, p_far.atom_std).max()
     assert s_far > 1.2 * s_near
     stored = {0: _queued(0, near, np.full((32, 3), 0.9), gp.noise), 1: _queued(1, far, np.full((32, 3), 0.3),
                                                                                    gp.noise)}
