@@ -77,6 +77,7 @@ class OnlineCalibration:
         self._e: list[np.ndarray] = []
         self._nu: list[np.ndarray] = []
         self.labels = 0
+        self._memo: tuple[int, float | None, dict] | None = None  # (labels, scale asked, summary)
 
     def add(self, predicted_forces, oracle_forces, epistemic_std, noise: float) -> None:
         """One labelled frame: the old model's forces and per-component σ_ep (n, 3) and its σn, eV/Å."""
@@ -111,12 +112,16 @@ class OnlineCalibration:
         (``scaled``), and s itself."""
         if not self._r:
             return {"labels": 0}
+        if self._memo is not None and self._memo[:2] == (self.labels, scale):
+            return self._memo[2]  # asked again before the next label (acquisition, re-ranking)
         r, e, nu = self.arrays()
         s = self.scale() if scale is None else scale
         raw = calibration_summary(r, np.sqrt(e + nu), prior_alpha=self.prior_alpha)
         cal = calibration_summary(r, np.sqrt(s * s * e + nu), prior_alpha=self.prior_alpha)
         keys = ("n", "mean_squared_z", "within_1_sigma", "within_2_sigma", "miscalibration_area")
-        return {"labels": self.labels, "scale": s,
-                "raw": {k: getattr(raw, k) for k in keys} | {"observed": list(raw.observed)},
-                "scaled": {k: getattr(cal, k) for k in keys} | {"observed": list(cal.observed)},
-                "levels": list(raw.levels)}
+        out = {"labels": self.labels, "scale": s,
+               "raw": {k: getattr(raw, k) for k in keys} | {"observed": list(raw.observed)},
+               "scaled": {k: getattr(cal, k) for k in keys} | {"observed": list(cal.observed)},
+               "levels": list(raw.levels)}
+        self._memo = (self.labels, scale, out)
+        return out
