@@ -74,8 +74,8 @@ from protos.errors import InvalidInput, ModelError, NotFound
 from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .gp import (BASE_HYPERPARAMETERS, BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
                  DEFAULT_STRESS_NOISE, HYPERPARAMETER_UNITS, OptimizationResult, Prediction, _bound_note, _Group,
-                 serial_blas)
-from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks
+                 default_predict_threads, serial_blas)
+from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks, prediction_blocks
 
 __all__ = ["SparseGaussianProcess", "SparsePrediction", "FORMAT_NAME", "FORMAT_VERSION", "INDUCING_FUNCTIONALS"]
 
@@ -181,6 +181,8 @@ class SparseGaussianProcess:
         self._Kfu = (np.zeros((0, 0)), np.zeros((0, 0)))
         self._Kuu = (np.zeros((0, 0)), np.zeros((0, 0)))
         self._factor: _Factor | None = None
+        #: threads for the covariances with the inducing set (bitwise identical results for any number)
+        self.predict_threads = default_predict_threads()
 
     # ------------------------------------------------------------------ hyperparameters
 
@@ -399,13 +401,14 @@ class SparseGaussianProcess:
         h = self._hyps
         s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
         g = LabelGroups.per_environment(np.arange(c), energy=True, force=False)
-        c2, c3 = kernel_blocks(envs, g, None, h["ls2"], h["ls3"])
+        c2, c3 = self._cov(envs, g, envs, 1)
         S = s2 * c2 + s3 * c3
+        S = 0.5 * (S + S.T)
         S[np.diag_indices(c)] *= 1.0 + self.jitter
         prior = np.diag(S).copy()
         if self._n_inducing:
             L = self._kuu_factor()
-            u2, u3 = kernel_blocks(self._inducing_batch(), self._u_groups(), g, h["ls2"], h["ls3"], batch_b=envs)
+            u2, u3 = self._cov(self._inducing_batch(), self._u_groups(), envs, 1)
             V = solve_triangular(L, s2 * u2 + s3 * u3, lower=True, check_finite=False)
             S = S - V.T @ V
         picked = []
@@ -443,13 +446,14 @@ class SparseGaussianProcess:
                 out.append(K)
             if c0 < mu and r0:  # new inducing columns for the old rows
                 m0 = c0 // self._u_width
-                k2, k3 = kernel_blocks(train, _label_groups(self._groups_below(r0)), self._u_groups(m0), *ls, batch_b=U)
+                k2, k3 = self._cov(train, _label_groups(self._groups_below(r0)),
+                                   U.subset(np.arange(m0, self._n_inducing)))
                 out[0][:r0, c0:], out[1][:r0, c0:] = k2, k3
             if r0 < n:  # new rows against every inducing column
                 new = [g for g in self._groups if g.rows.max() >= r0]
                 e0 = int(min(g.envs.min() for g in new))
                 sub = self._prefix_from(train, e0)
-                k2, k3 = kernel_blocks(sub, _label_groups(_shift(new, r0, e0)), self._u_groups(), *ls, batch_b=U)
+                k2, k3 = self._cov(sub, _label_groups(_shift(new, r0, e0)), U)
                 out[0][r0:, :], out[1][r0:, :] = k2, k3
             self._Kfu = tuple(out)
         return self._Kfu, self._Kuu
@@ -462,8 +466,22 @@ class SparseGaussianProcess:
             self._Kfu = (np.zeros((0, 0)), np.zeros((0, 0)))
             self._Kuu = (np.zeros((0, 0)), np.zeros((0, 0)))
         if self._Kuu[0].shape[0] != self._n_inducing * self._u_width:
-            self._Kuu = kernel_blocks(self._inducing_batch(), self._u_groups(), None, *ls)
+            U = self._inducing_batch()
+            self._Kuu = tuple(0.5 * (K + K.T) for K in self._cov(U, self._u_groups(), U))
         return self._Kuu
+
+    def _cov(self, batch: EnvironmentBatch, groups: LabelGroups, envs: EnvironmentBatch, width: int | None = None):
+        """Unit-variance ``(K2, K3)``, (groups.n_rows, width * len(envs)): the covariance of the label
+        ``groups`` of ``batch`` with the inducing functionals (``width`` 1: local energy; 4: energy and
+        force) of each environment of ``envs``, environment-major -- through the fast prediction
+        kernels (:func:`learner_service.kernels.prediction_blocks`)."""
+        width = self._u_width if width is None else width
+        ls2, ls3 = self._hyps["ls2"], self._hyps["ls3"]
+        K2, K3, _, _ = prediction_blocks(batch, groups, envs, len(self.species), ls2, ls3,
+                                         threads=self.predict_threads)
+        if width == 1:
+            return np.ascontiguousarray(K2[:, :, 0]), np.ascontiguousarray(K3[:, :, 0])
+        return K2.reshape(len(K2), -1), K3.reshape(len(K3), -1)
 
     def _groups_below(self, rows: int) -> list[_Group]:
         return [g for g in self._groups if g.rows.max() < rows]
@@ -685,11 +703,15 @@ class SparseGaussianProcess:
     def predict(self, atoms, stress: bool = False) -> Prediction:
         """Forces (n, 3) eV/Å, per-component epistemic σ (DTC), local and total energy (eV) and
         with ``stress`` the stress (6,) eV/Å^3 of ``atoms``.  Does not change the model."""
-        return self.predict_detailed(atoms, stress).prediction
+        return self._predict(atoms, stress, energy_std=False).prediction
+
+    def predict_detailed(self, atoms, stress: bool = False) -> SparsePrediction:
+        """:meth:`predict` plus the DTC σ of the total and local energies (eV); costs an extra
+        O(n²) environment pairs for the prior of the total energy."""
+        return self._predict(atoms, stress, energy_std=True)
 
     @serial_blas
-    def predict_detailed(self, atoms, stress: bool = False) -> SparsePrediction:
-        """:meth:`predict` plus the σ of the total and local energies (eV)."""
+    def _predict(self, atoms, stress: bool, energy_std: bool) -> SparsePrediction:
         st = self._factorize()
         n = len(atoms)
         cell = atoms.get_cell().array
@@ -700,39 +722,49 @@ class SparseGaussianProcess:
         envs = build_environments(atoms.get_positions(), atoms.get_atomic_numbers(), cell, pbc, self.cutoffs)
         h = self._hyps
         s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
-        width = 10 if stress else 4
-        tg = LabelGroups.per_environment(np.arange(n), energy=True, force=True, stress=stress)
-        k2, k3 = kernel_blocks(self._inducing_batch(), self._u_groups(), tg, h["ls2"], h["ls3"], batch_b=envs)
-        Ks = (s2 * k2 + s3 * k3).reshape(-1, n, width)
+        U, ug = self._inducing_batch(), self._u_groups()
+        # covariances of the inducing functionals with (E, Fx, Fy, Fz) of every test environment
+        k2, k3, p2, p3 = prediction_blocks(U, ug, envs, len(self.species), h["ls2"], h["ls3"],
+                                           threads=self.predict_threads)
+        Ks = s2 * k2 + s3 * k3  # (mu, n, 4)
         mu = Ks.shape[0]
-        mean = (Ks.reshape(mu, n * width).T @ st.alpha).reshape(n, width)
-        # columns: 3n force components, n local energies, 1 total energy
-        cols = np.concatenate([Ks[:, :, 1:4].reshape(mu, 3 * n), Ks[:, :, 0], Ks[:, :, 0].sum(axis=1)[:, None]],
-                              axis=1)
+        mean = (Ks.reshape(mu, 4 * n).T @ st.alpha).reshape(n, 4)
+        cols = [Ks[:, :, 1:4].reshape(mu, 3 * n)]
+        if energy_std:  # columns: 3n force components, n local energies, 1 total energy
+            cols += [Ks[:, :, 0], Ks[:, :, 0].sum(axis=1)[:, None]]
+        cols = np.concatenate(cols, axis=1)
         V1 = solve_triangular(st.L, cols, lower=True, check_finite=False)
         V2 = solve_triangular(st.R, cols, trans="T", lower=False, check_finite=False)
         explained = np.einsum("ij,ij->j", V1, V1) - np.einsum("ij,ij->j", V2, V2)
-        fg = LabelGroups.per_environment(np.arange(n), energy=True, force=True)
-        p2, p3 = kernel_blocks(envs, fg, None, h["ls2"], h["ls3"], diagonal=True)
-        prior_ef = (s2 * np.diag(p2) + s3 * np.diag(p3)).reshape(n, 4)
-        eg = LabelGroups(np.array([0, n]), np.arange(n), np.r_[0, np.full(9, -1)][None, :], np.ones((1, 10)))
-        e2, e3 = kernel_blocks(envs, eg, None, h["ls2"], h["ls3"], diagonal=True)
-        prior = np.concatenate([prior_ef[:, 1:4].ravel(), prior_ef[:, 0], [s2 * e2[0, 0] + s3 * e3[0, 0]]])
-        var = prior - explained
+        prior = [(s2 * p2 + s3 * p3).ravel()]
+        if energy_std:
+            g = LabelGroups.per_environment(np.arange(n), energy=True, force=False)
+            e2, e3, _, _ = prediction_blocks(envs, g, envs, len(self.species), h["ls2"], h["ls3"],
+                                             threads=self.predict_threads)
+            Kee = s2 * e2[:, :, 0] + s3 * e3[:, :, 0]
+            prior += [np.diag(Kee), [0.5 * (Kee + Kee.T).sum()]]
+        var = np.concatenate(prior) - explained
         force_var = var[:3 * n].reshape(n, 3)
         local = mean[:, 0].copy()
-        stress_out = -mean[:, 4:10].sum(axis=0) / volume if stress else None
+        stress_out = None
+        if stress:
+            sg = LabelGroups.per_environment(np.arange(n), energy=False, force=False, stress=True)
+            c2, c3 = kernel_blocks(U, ug, sg, h["ls2"], h["ls3"], batch_b=envs)
+            partial = ((s2 * c2 + s3 * c3).T @ st.alpha).reshape(n, 6)
+            stress_out = -partial.sum(axis=0) / volume
         pred = Prediction(forces=mean[:, 1:4].copy(), force_std=np.sqrt(np.abs(force_var)), force_var=force_var,
                           energy=float(local.sum()), local_energies=local, stress=stress_out, noise=self.noise,
                           model_version=self._version)
+        if not energy_std:
+            return SparsePrediction(pred, float("nan"), np.full(n, np.nan))
         return SparsePrediction(pred, float(math.sqrt(abs(var[-1]))), np.sqrt(np.abs(var[3 * n:4 * n])))
 
     # ------------------------------------------------------------------ persistence
 
     def save(self, path) -> Path:
         """Write the model (training data, inducing environments, hyperparameters; .npz with a JSON
-        header, format ``epicycle-sgp`` version 1).  Derived matrices are recomputed on load (the
-        kernels are deterministic, so predictions are bit-identical)."""
+        header, format ``epicycle-sgp`` version 1) and, if current, the factor (L, R, α), so that the
+        reloaded model predicts bit for bit alike; kernel caches are recomputed when needed."""
         path = Path(path)
         meta = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "species": list(self.species),
@@ -752,6 +784,11 @@ class SparseGaussianProcess:
         arrays["group_env"] = np.concatenate([x.envs for x in g]) if g else np.zeros(0, np.int64)
         arrays["group_rows"] = np.stack([x.rows for x in g]) if g else np.zeros((0, N_FUNCTIONALS), np.int64)
         arrays["group_scale"] = np.stack([x.scale for x in g]) if g else np.zeros((0, N_FUNCTIONALS))
+        st = self._factor
+        if st is not None and st.key == self._key():
+            # the factor as built (its K_fU possibly in chunks as data arrived, which the fast kernels
+            # may round differently from one call): a reloaded model then predicts bit for bit alike
+            arrays.update(factor_L=st.L, factor_R=st.R, factor_alpha=st.alpha, factor_lml=np.array([st.lml]))
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -791,6 +828,9 @@ class SparseGaussianProcess:
         sgp._labels = data["labels"].tolist()
         sgp._kinds = data["label_kinds"].tolist()
         sgp._n_force_envs = int(meta["n_environments"])
+        if "factor_L" in data.files:
+            sgp._factor = _Factor(sgp._key(), data["factor_L"], data["factor_R"], data["factor_alpha"],
+                                  float(data["factor_lml"][0]))
         sgp._version = 1
         return sgp
 

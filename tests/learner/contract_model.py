@@ -148,7 +148,7 @@ class LearnerModelContract:
         assert lml == pytest.approx(model.log_likelihood(), rel=1e-8)
         try:
             for i, name in enumerate(model.hyperparameter_names):
-                h = 1e-5 * base[name]
+                h = 1e-4 * base[name]
                 vals = []
                 for step in (h, -h):
                     model.set_hyperparameters({**base, name: base[name] + step})
