@@ -104,6 +104,51 @@ def median_predict(model, at, repeats):
     return statistics.median(ts)
 
 
+def scale_probe(frames):
+    """Unit costs for the extrapolation to the issue's 50,000 labels / 2,000 inducing environments:
+    seconds per (label-environment, inducing-environment) pair of K_fU through the fast kernels and
+    through the general gradient kernels, and the QR of A ((n+m) x m) at a measurable size."""
+    from scipy.linalg import qr_multiply
+
+    from learner_service.kernels import kernel_blocks
+    from learner_service.sparse_gp import _label_groups
+
+    sgp = SparseGaussianProcess([13], (R2, R3), dict(HYPS), inducing_per_structure=0)
+    for at in frames[:4]:
+        sgp.add_structure(at, forces=at.get_forces(), energy=at.get_potential_energy(), stress=at.get_stress())
+        sgp.add_inducing(at, range(0, 32, 2))
+    train, U = sgp._training_batch(), sgp._inducing_batch()
+    groups = _label_groups(sgp._groups)
+    pairs = int(np.diff(groups.ptr).sum()) * len(U)
+    t = time.perf_counter()
+    sgp._cov(train, groups, U)
+    fast = (time.perf_counter() - t) / pairs
+    t = time.perf_counter()
+    kernel_blocks(train, groups, sgp._u_groups(), HYPS["ls2"], HYPS["ls3"], grad=True, batch_b=U)
+    general = (time.perf_counter() - t) / pairs
+    n, m = 10000, 500
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((n + m, m))
+    b = rng.standard_normal((1, n + m))
+    t = time.perf_counter()
+    qr_multiply(A, b, mode="right", overwrite_a=True)
+    qr_s = time.perf_counter() - t
+    coef = qr_s / (n * m * m)
+    print(f"\nscale probe ({pairs} env pairs; {len(U)} inducing): K_fU fast kernels {1e6 * fast:.1f} µs/pair, "
+          f"general gradient kernels {1e6 * general:.1f} µs/pair; QR of A ({n + m}x{m}) {qr_s:.2f} s "
+          f"= {1e12 * coef:.1f} s per 1e12 n·m²")
+    # 50,000 labels = 485 frames of 103 labels; each frame is 64 label-environments (32 force + 32 in
+    # the energy/stress group) against each inducing environment
+    frames_50k, m_big = 50000 / 103, 2000
+    pairs_big = frames_50k * 64 * m_big
+    print(f"extrapolated to 50,000 labels ({frames_50k:.0f} frames), m = {m_big} (energy functionals): "
+          f"K_fU {pairs_big * fast / 3600:.2f} h once (fast kernels; incremental adds pay only the new rows "
+          f"and columns), QR {coef * 50000 * m_big ** 2:.0f} s per train, one likelihood gradient "
+          f"{pairs_big * general / 3600:.1f} h (general kernels); memory: K_fU 2 unit-variance copies + "
+          f"A = {3 * 50000 * m_big * 8 / 2 ** 30:.1f} GiB to train, ~{13 * 50000 * m_big * 8 / 2 ** 30:.0f} GiB "
+          f"for a gradient (about 13 n×m arrays)")
+
+
 def machine():
     print(f"python {platform.python_version()}, nproc {os.cpu_count()}, load average {os.getloadavg()}")
     try:
@@ -122,11 +167,15 @@ def main(argv=None):
     ap.add_argument("--functionals", default="energy", choices=("energy", "energy_force"))
     ap.add_argument("--optimize-at", type=int, default=0, help="also optimise the sparse model at this N (slow)")
     ap.add_argument("--no-exact", action="store_true")
+    ap.add_argument("--scale-probe", action="store_true", help="only the unit costs and the extrapolation")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     machine()
     print(f"inducing: {args.functionals} functionals, up to {args.per_frame} per frame, tolerance {args.tolerance:g}")
-    frames = perturbed_fcc_al(max(sizes), seed=0)
+    frames = perturbed_fcc_al(max(sizes + [4]), seed=0)
+    if args.scale_probe:
+        scale_probe(frames)
+        return
     test = perturbed_fcc_al(20, seed=1)
     t = time.perf_counter()
     warm = SparseGaussianProcess([13], (R2, R3), dict(HYPS))

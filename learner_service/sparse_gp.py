@@ -532,7 +532,7 @@ class SparseGaussianProcess:
         return self
 
     def _key(self) -> tuple:
-        return (tuple(self._hyps[k] for k in sorted(self._hyps)), len(self._labels), self._n_inducing)
+        return (tuple(self._hyps[k] for k in sorted(self._hyps)), len(self._labels), self._n_inducing, self.jitter)
 
     @serial_blas
     def _factorize(self) -> _Factor:

@@ -179,3 +179,26 @@ def test_optimize_raises_likelihood_and_reports_convergence():
     assert res.iterations <= 30 and isinstance(res.converged, bool)
     if res.iterations >= 30:
         assert not res.converged and "iteration limit" in res.message
+
+
+def test_incremental_training_equals_one_shot():
+    """train() after every frame extends K_fU by new rows and new inducing columns; the result is
+    the one-shot model's to round-off (and the same inducing set: the rule does not see trains)."""
+    a = SparseGaussianProcess(SPECIES, CUTOFFS, HYPS, energy_noise=0.02, stress_noise=0.002,
+                              inducing_per_structure=3, inducing_tolerance=0.0)
+    b = SparseGaussianProcess(SPECIES, CUTOFFS, HYPS, energy_noise=0.02, stress_noise=0.002,
+                              inducing_per_structure=3, inducing_tolerance=0.0)
+    for s in range(3):
+        at = alcu_frame(s)
+        kw = dict(forces=at.get_forces(), energy=at.get_potential_energy(), stress=at.get_stress())
+        a.add_structure(at, **kw)
+        a.train()
+        b.add_structure(at, **kw)
+    b.train()
+    assert a.n_inducing == b.n_inducing == 9
+    test = alcu_frame(9)
+    pa, pb = a.predict(test, stress=True), b.predict(test, stress=True)
+    np.testing.assert_allclose(pa.forces, pb.forces, rtol=0, atol=1e-9 * np.abs(pb.forces).max())
+    np.testing.assert_allclose(pa.force_var, pb.force_var, rtol=0, atol=1e-9 * pb.force_var.max())
+    np.testing.assert_allclose(pa.stress, pb.stress, rtol=0, atol=1e-9 * np.abs(pb.stress).max())
+    assert a.log_likelihood() == pytest.approx(b.log_likelihood(), rel=1e-9)
