@@ -428,14 +428,9 @@ class SparseGaussianProcess:
     def _unit_kernels(self):
         """Unit-variance ``(K2_fU, K3_fU), (K2_UU, K3_UU)`` at the current length scales, extending
         the cache by new training rows and new inducing columns."""
-        ls = (self._hyps["ls2"], self._hyps["ls3"])
         n, mu = len(self._labels), self._n_inducing * self._u_width
-        if self._k_ls != ls:
-            self._k_ls = ls
-            self._Kfu = (np.zeros((0, 0)), np.zeros((0, 0)))
-            self._Kuu = (np.zeros((0, 0)), np.zeros((0, 0)))
+        self._kuu_unit()  # also drops the caches of other length scales
         U = self._inducing_batch()
-        self._kuu_unit()
         r0, c0 = self._Kfu[0].shape
         if (r0, c0) != (n, mu):
             train = self._training_batch()
