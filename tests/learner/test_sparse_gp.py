@@ -202,3 +202,25 @@ def test_incremental_training_equals_one_shot():
     np.testing.assert_allclose(pa.force_var, pb.force_var, rtol=0, atol=1e-9 * pb.force_var.max())
     np.testing.assert_allclose(pa.stress, pb.stress, rtol=0, atol=1e-9 * np.abs(pb.stress).max())
     assert a.log_likelihood() == pytest.approx(b.log_likelihood(), rel=1e-9)
+
+
+def test_dtc_variance_is_the_prior_where_the_inducing_set_does_not_reach():
+    """Far from U (here: another species, so k_*U = 0) the DTC variance is the prior's and the mean
+    is 0; SoR would report σ = 0 there -- the reason this model uses DTC."""
+    from learner_service.environment import environments_of_atoms
+    from learner_service.kernels import prediction_blocks
+
+    sgp = SparseGaussianProcess(SPECIES, CUTOFFS, HYPS)
+    at = alcu_frame(0)
+    at.numbers[:] = 13
+    sgp.add_structure(at, forces=np.random.default_rng(0).normal(size=(len(at), 3)), inducing=[0, 1, 2])
+    sgp.train()
+    cu = alcu_frame(4)
+    cu.numbers[:] = 29
+    p = sgp.predict(cu)
+    envs = environments_of_atoms(cu, sgp.cutoffs)
+    _, _, p2, p3 = prediction_blocks(envs, sgp._u_groups(0, 0), envs, 2, HYPS["ls2"], HYPS["ls3"])
+    prior = HYPS["sig2"] ** 2 * p2 + HYPS["sig3"] ** 2 * p3
+    assert np.abs(p.forces).max() == 0.0
+    np.testing.assert_allclose(p.force_var, prior, rtol=1e-12)
+    assert prior.min() > 0
