@@ -695,10 +695,13 @@ class SparseGaussianProcess:
 
     # ------------------------------------------------------------------ prediction
 
-    def predict(self, atoms, stress: bool = False) -> Prediction:
+    def predict(self, atoms, stress: bool = False, condition_on: Sequence[tuple] = ()) -> Prediction:
         """Forces (n, 3) eV/Å, per-component epistemic σ (DTC), local and total energy (eV) and
-        with ``stress`` the stress (6,) eV/Å^3 of ``atoms``.  Does not change the model."""
-        return self._predict(atoms, stress, energy_std=False).prediction
+        with ``stress`` the stress (6,) eV/Å^3 of ``atoms``.  ``condition_on``: ``[(atoms,
+        atom_indices), ...]`` force labels (noise σn) to condition σ on as if already added (no new
+        inducing environments; a GP variance does not depend on label values); the mean stays this
+        model's.  Does not change the model."""
+        return self._predict(atoms, stress, energy_std=False, condition_on=condition_on).prediction
 
     def predict_detailed(self, atoms, stress: bool = False) -> SparsePrediction:
         """:meth:`predict` plus the DTC σ of the total and local energies (eV); costs an extra
@@ -706,8 +709,9 @@ class SparseGaussianProcess:
         return self._predict(atoms, stress, energy_std=True)
 
     @serial_blas
-    def _predict(self, atoms, stress: bool, energy_std: bool) -> SparsePrediction:
+    def _predict(self, atoms, stress: bool, energy_std: bool, condition_on: Sequence[tuple] = ()) -> SparsePrediction:
         st = self._factorize()
+        R = self._conditioned_R(st.R, condition_on) if condition_on else st.R
         n = len(atoms)
         cell = atoms.get_cell().array
         pbc = atoms.get_pbc()
@@ -729,7 +733,7 @@ class SparseGaussianProcess:
             cols += [Ks[:, :, 0], Ks[:, :, 0].sum(axis=1)[:, None]]
         cols = np.concatenate(cols, axis=1)
         V1 = solve_triangular(st.L, cols, lower=True, check_finite=False)
-        V2 = solve_triangular(st.R, cols, trans="T", lower=False, check_finite=False)
+        V2 = solve_triangular(R, cols, trans="T", lower=False, check_finite=False)
         explained = np.einsum("ij,ij->j", V1, V1) - np.einsum("ij,ij->j", V2, V2)
         prior = [(s2 * p2 + s3 * p3).ravel()]
         if energy_std:
@@ -753,6 +757,29 @@ class SparseGaussianProcess:
         if not energy_std:
             return SparsePrediction(pred, float("nan"), np.full(n, np.nan))
         return SparsePrediction(pred, float(math.sqrt(abs(var[-1]))), np.sqrt(np.abs(var[3 * n:4 * n])))
+
+    def _conditioned_R(self, R: np.ndarray, condition_on: Sequence[tuple]) -> np.ndarray:
+        """R of A with the rows σn⁻¹ K_qU of the force labels ``condition_on`` appended:
+        R' = triu(qr([R; B])) with B = σn⁻¹ K_qU, since [A; B]ᵀ[A; B] = AᵀA + BᵀB = RᵀR + BᵀB."""
+        h = self._hyps
+        rows = [R]
+        for k, item in enumerate(condition_on):
+            try:
+                c_atoms, c_idx = item
+            except (TypeError, ValueError):
+                raise InvalidInput(f"condition_on[{k}] must be (atoms, atom_indices)") from None
+            c_idx = np.asarray(list(c_idx), dtype=np.int64)
+            if not len(c_idx):
+                continue
+            envs = build_environments(c_atoms.get_positions(), c_atoms.get_atomic_numbers(),
+                                      c_atoms.get_cell().array, c_atoms.get_pbc(), self.cutoffs, c_idx)
+            g = LabelGroups.per_environment(np.arange(len(envs)), energy=False, force=True)
+            k2, k3 = self._cov(envs, g, self._inducing_batch())
+            rows.append((h["sig2"] ** 2 * k2 + h["sig3"] ** 2 * k3) / h["noise"])
+        if len(rows) == 1:
+            return R
+        mu = R.shape[0]
+        return np.triu(qr(np.vstack(rows), mode="r", overwrite_a=True, check_finite=False)[0][:mu, :mu])
 
     # ------------------------------------------------------------------ persistence
 

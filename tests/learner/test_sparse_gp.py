@@ -224,3 +224,18 @@ def test_dtc_variance_is_the_prior_where_the_inducing_set_does_not_reach():
     assert np.abs(p.forces).max() == 0.0
     np.testing.assert_allclose(p.force_var, prior, rtol=1e-12)
     assert prior.min() > 0
+
+
+def test_condition_on_equals_adding_the_force_labels():
+    """σ conditioned on queued force labels = σ of the model with those labels added (same U)."""
+    sgp, _, _ = _sparse(0.04, mode="energy", inducing=(0, 1, 2, 3))
+    queued = alcu_frame(5)
+    test = alcu_frame(9)
+    p0 = sgp.predict(test)
+    pc = sgp.predict(test, condition_on=[(queued, [1, 4]), (queued, [])])
+    sgp.add_structure(queued, forces=np.zeros((len(queued), 3)), atom_indices=[1, 4], inducing=None)
+    sgp.train()
+    pa = sgp.predict(test)
+    np.testing.assert_allclose(pc.force_var, pa.force_var, rtol=1e-8, atol=1e-12)
+    assert (pc.force_var <= p0.force_var * (1 + 1e-12)).all() and (pc.force_var < p0.force_var).any()
+    np.testing.assert_array_equal(pc.forces, p0.forces)
