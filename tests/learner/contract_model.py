@@ -1,0 +1,159 @@
+"""The learner-model contract (issue 16): what every learner model must satisfy, whatever its maths.
+
+Inherit :class:`LearnerModelContract` in a ``Test...`` class and provide the fixture
+``contract_factory`` returning a :class:`ContractFactory`; every test here then runs on that model.
+The model API used: ``add_structure(atoms, forces, atom_indices, energy, stress)``, ``train()``,
+``predict(atoms, stress=False) -> learner_service.gp.Prediction``, ``log_likelihood(gradient=)``,
+``hyperparameter_names``, ``hyperparameters``, ``set_hyperparameters``, ``version``,
+``save(path)`` / ``type(model).load(path)``, ``n_labels``.
+
+Checks: shapes and finiteness; F = −dE/dr (central finite differences of the model's own total
+energy); stress = (1/V) dE/dε (finite differences in a symmetric strain); invariance of energy and
+covariance of forces and σ under rotation, translation and permutation of atoms; a saved and
+reloaded model predicts bit for bit the same; σ on training force labels → 0 as the noise → 0;
+the log-likelihood gradient equals finite differences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from scipy.spatial.transform import Rotation
+
+VOIGT = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
+
+
+def alcu_frame(seed: int, a: float = 3.9, delta: float = 0.06):
+    """An 8-atom periodic Al/Cu cell with random displacements, EMT labels attached."""
+    rng = np.random.default_rng(seed)
+    at = bulk("Al", "fcc", a=a, cubic=True) * (1, 1, 2)
+    at.numbers[rng.permutation(len(at))[: len(at) // 2]] = 29
+    at.positions += rng.uniform(-delta * a, delta * a, at.positions.shape)
+    at.calc = EMT()
+    return at
+
+
+@dataclass
+class ContractFactory:
+    """``trained(noise)``: a trained model with force, energy and stress labels at force noise
+    ``noise`` (eV/Å), returned as ``(model, frames, force_atoms)`` -- ``force_atoms[k]`` the atoms
+    of ``frames[k]`` whose force labels the model holds; ``test_frame`` a structure not trained on."""
+
+    trained: Callable[[float], tuple]
+    test_frame: object
+    base_noise: float = 0.04
+
+
+class LearnerModelContract:
+    """Mixin of contract tests; the subclass provides the ``contract_factory`` fixture."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model(cls, contract_factory):
+        return contract_factory.trained(contract_factory.base_noise)[0]
+
+    def test_prediction_shapes_and_units(self, model, contract_factory):
+        at = contract_factory.test_frame
+        p = model.predict(at, stress=True)
+        n = len(at)
+        assert p.forces.shape == (n, 3) and p.force_std.shape == (n, 3) and p.force_var.shape == (n, 3)
+        assert p.local_energies.shape == (n,) and p.stress.shape == (6,)
+        assert np.isfinite(p.forces).all() and np.isfinite(p.force_std).all() and np.isfinite(p.stress).all()
+        assert (p.force_std >= 0).all()
+        assert p.energy == pytest.approx(p.local_energies.sum(), rel=1e-12, abs=1e-12)
+        assert p.noise == pytest.approx(model.hyperparameters["noise"])
+        assert model.predict(at).stress is None
+
+    def test_predict_does_not_change_the_model(self, model, contract_factory):
+        v = model.version
+        model.predict(contract_factory.test_frame, stress=True)
+        assert model.version == v
+
+    def test_forces_are_minus_energy_gradient(self, model, contract_factory):
+        at = contract_factory.test_frame
+        p = model.predict(at)
+        h = 1e-4
+        for i, a in [(0, 0), (3, 1), (7, 2)]:
+            e = []
+            for step in (h, -h):
+                b = at.copy()
+                b.positions[i, a] += step
+                e.append(model.predict(b).energy)
+            assert p.forces[i, a] == pytest.approx(-(e[0] - e[1]) / (2 * h), rel=1e-6, abs=1e-7)
+
+    def test_stress_is_strain_derivative_of_energy(self, model, contract_factory):
+        at = contract_factory.test_frame
+        p = model.predict(at, stress=True)
+        h = 1e-5
+        volume = at.get_volume()
+        for k, (i, j) in enumerate(VOIGT):
+            e = []
+            for step in (h, -h):
+                eps = np.zeros((3, 3))
+                eps[i, j] += step / 2
+                eps[j, i] += step / 2
+                b = at.copy()
+                b.set_cell(at.get_cell().array @ (np.eye(3) + eps), scale_atoms=True)
+                e.append(model.predict(b).energy)
+            assert p.stress[k] == pytest.approx((e[0] - e[1]) / (2 * h) / volume, rel=1e-5, abs=1e-8), k
+
+    def test_rotation_translation_permutation_symmetry(self, model, contract_factory):
+        at = contract_factory.test_frame
+        p = model.predict(at)
+        rot = Rotation.from_euler("zyx", [0.3, -0.7, 1.1]).as_matrix()
+        b = at.copy()
+        b.set_cell(at.get_cell().array @ rot.T)
+        b.positions = at.positions @ rot.T + np.array([0.37, -1.2, 2.5])
+        q = model.predict(b)
+        assert q.energy == pytest.approx(p.energy, rel=1e-10, abs=1e-10)
+        np.testing.assert_allclose(q.forces, p.forces @ rot.T, atol=1e-9 * max(1.0, np.abs(p.forces).max()))
+        # σ² transforms as the diagonal of R C Rᵀ; its trace per atom is invariant
+        np.testing.assert_allclose(q.force_var.sum(axis=1), p.force_var.sum(axis=1), rtol=1e-8, atol=1e-12)
+        perm = np.random.default_rng(3).permutation(len(at))
+        c = at[perm]
+        r = model.predict(c)
+        assert r.energy == pytest.approx(p.energy, rel=1e-10, abs=1e-10)
+        np.testing.assert_allclose(r.forces, p.forces[perm], atol=1e-10)
+        np.testing.assert_allclose(r.force_std, p.force_std[perm], atol=1e-10)
+
+    def test_save_load_round_trip_is_bit_exact(self, model, contract_factory, tmp_path):
+        at = contract_factory.test_frame
+        p = model.predict(at, stress=True)
+        path = model.save(tmp_path / "model.npz")
+        other = type(model).load(path)
+        q = other.predict(at, stress=True)
+        assert other.n_labels == model.n_labels
+        assert other.hyperparameters == model.hyperparameters
+        for name in ("forces", "force_std", "force_var", "local_energies", "stress"):
+            assert np.array_equal(getattr(p, name), getattr(q, name)), name
+        assert p.energy == q.energy
+
+    def test_sigma_vanishes_on_training_data_as_noise_goes_to_zero(self, contract_factory):
+        stds = []
+        for noise in (1e-2, 1e-4):
+            m, frames, force_atoms = contract_factory.trained(noise)
+            k = force_atoms[0]
+            stds.append(m.predict(frames[0]).force_std[k].max())
+        assert stds[1] < 0.05 * stds[0]
+        assert stds[1] < 1e-3  # eV/Å
+
+    def test_likelihood_gradient_matches_finite_differences(self, model):
+        base = model.hyperparameters
+        lml, grad = model.log_likelihood(gradient=True)
+        assert lml == pytest.approx(model.log_likelihood(), rel=1e-8)
+        try:
+            for i, name in enumerate(model.hyperparameter_names):
+                h = 1e-4 * base[name]
+                vals = []
+                for step in (h, -h):
+                    model.set_hyperparameters({**base, name: base[name] + step})
+                    vals.append(model.log_likelihood())
+                num = (vals[0] - vals[1]) / (2 * h)
+                assert grad[i] == pytest.approx(num, rel=1e-4, abs=1e-6 * abs(lml)), name
+        finally:
+            model.set_hyperparameters(base)
