@@ -163,6 +163,7 @@ class OptimizationResult:
     kernel_builds: int = 0
     inner_evaluations: int = 0
     kernel_cpu_seconds: float = math.nan
+    inner_by_phase: dict = field(default_factory=dict)  # {phase: (evaluations, CPU s)} of the inner search
 
     def bound_note(self) -> str:
         """``"sig3 at its lower bound 1e-06 eV, ..."`` for :attr:`at_bounds`, or ``""``."""
@@ -1185,6 +1186,8 @@ class GaussianProcess:
         elif "ABNORMAL" in str(res.message).upper():
             warnings.append(f"optimisation line search ended abnormally ({res.message}): the result is the best "
                             f"point seen, not a verified optimum; |gradient| (log θ) = {gnorm:.3g}")
+        if warnings:  # the message crosses the wire (OptimizeResponse.message): the norm goes with it
+            message = f"{message}; |gradient| (log θ) = {gnorm:.3g}"
         return OptimizationResult(
             converged=converged,
             iterations=iterations,

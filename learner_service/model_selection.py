@@ -266,13 +266,13 @@ def _grad_log(kern: _Kernels, hyps: Mapping[str, float], names: Sequence[str], a
     return out
 
 
-def _scaled_lbfgsb(fun, x0, bounds, options):
+def _scaled_lbfgsb(fun, x0, bounds, options, first_step: float = 1.0):
     """L-BFGS-B on ``fun`` divided by the norm of its gradient at ``x0`` (>= 1): with every variable
     boxed, L-BFGS-B's first trial step is the whole gradient step, which for a likelihood of
     hundreds of labels lands on the box; scaled, the first step is at most 1 in log θ (a factor
     e).  The value at ``x0`` is evaluated once and reused.  Returns (result, scale)."""
     f0, g0 = fun(x0)
-    scale = 1.0 / max(float(np.linalg.norm(g0)), 1.0)
+    scale = first_step / max(float(np.linalg.norm(g0)), first_step)
     first = {"x": np.array(x0, dtype=float), "fg": (f0, np.asarray(g0))}
 
     def scaled(x):
@@ -295,9 +295,11 @@ class _Counter:
     kernel_builds: int = 0
     outer_evaluations: int = 0
     kernel_cpu: float = 0.0   # process_time in kernel builds, s
+    phase: str = "screening"
+    inner_by_phase: dict = field(default_factory=dict)   # phase -> [evaluations, process_time s]
 
 
-def _inner_optimize(kern, hyps0, names, prior, bounds, counter, gtol=1e-3, maxiter=200):
+def _inner_optimize(kern, hyps0, names, prior, bounds, counter, gtol=1e-2, maxiter=200, first_step=1.0):
     """Maximise lml + log prior over log θ of ``names`` (signal variances and noises) with the
     kernels fixed.  Returns ``(J, hyps, converged, message)``."""
     x0 = np.log([hyps0[n] for n in names])
@@ -307,6 +309,15 @@ def _inner_optimize(kern, hyps0, names, prior, bounds, counter, gtol=1e-3, maxit
 
     def fun(x):
         counter.inner_evaluations += 1
+        t0 = time.process_time()
+        try:
+            return _fun(x)
+        finally:
+            rec = counter.inner_by_phase.setdefault(counter.phase, [0, 0.0])
+            rec[0] += 1
+            rec[1] += time.process_time() - t0
+
+    def _fun(x):
         h = dict(hyps0)
         h.update({n: math.exp(v) for n, v in zip(names, x)})
         try:
@@ -324,7 +335,8 @@ def _inner_optimize(kern, hyps0, names, prior, bounds, counter, gtol=1e-3, maxit
         h = dict(hyps0)
         lml = _factor_eval(kern, h, need_inverse=False)[0]
         return lml + log_prior(prior, h, _LENGTHS)[0], h, True, "nothing to optimise"
-    res, _ = _scaled_lbfgsb(fun, x0, xb, {"maxiter": maxiter, "gtol": gtol, "ftol": 1e-11, "maxls": 40})
+    res, _ = _scaled_lbfgsb(fun, x0, xb, {"maxiter": maxiter, "gtol": gtol, "ftol": 1e-10, "maxls": 40},
+                            first_step=first_step)
     if not math.isfinite(best["f"]):
         raise ModelError("no signal variances/noises gave a positive-definite covariance; " + _CHOLESKY_HINT)
     h = dict(hyps0)
@@ -497,12 +509,15 @@ def map_optimize(
             J, hopt, ok, msg = _inner_optimize(kern, hs, inner_names, prior, box, counter)
             if best is None or J > best[0]:
                 best = (J, hopt)
+            if ok:
+                break  # a converged inner search; the second start only when the first failed
         screened.append({"start": label, "objective": best[0], "hyperparameters": best[1]})
         log(f"  restart {label:12s}: ls2={h['ls2']:.4g} Å ls3={h['ls3']:.4g} Å -> objective {best[0]:.4f}")
     order = sorted(range(len(screened)), key=lambda i: -screened[i]["objective"])
     first = screened[order[0]]["hyperparameters"]
 
     # outer search over log(ls2, ls3) with the envelope gradient
+    counter.phase = "outer"
     state = {"hyps": dict(first), "best": (-math.inf, dict(first)), "kern": None}
 
     def outer(x):
@@ -511,7 +526,7 @@ def map_optimize(
         h.update({n: math.exp(v) for n, v in zip(outer_names, x)})
         kern = source.build([h["ls2"], h["ls3"]], counter)
         try:
-            J, hopt, ok, msg = _inner_optimize(kern, h, inner_names, prior, box, counter)
+            J, hopt, ok, msg = _inner_optimize(kern, h, inner_names, prior, box, counter, first_step=0.3)
             if not ok:  # warm start failed: also from the centre's signal variances and noises
                 J2, h2, ok2, _ = _inner_optimize(kern, {**h, **{n: centre[n] for n in inner_names}}, inner_names,
                                                  prior, box, counter)
@@ -547,7 +562,7 @@ def map_optimize(
         kern = source.build([h["ls2"], h["ls3"]], counter, full=True)
         hopt = h
         if optimise:
-            _, hopt, _, _ = _inner_optimize(kern, h, inner_names, prior, box, counter)
+            _, hopt, _, _ = _inner_optimize(kern, h, inner_names, prior, box, counter, first_step=0.1)
         lml, alpha, Kinv = _factor_eval(kern, hopt)
         lp, glp = log_prior(prior, hopt, names)
         g = _grad_log(kern, hopt, names, alpha, Kinv) + glp
@@ -560,6 +575,7 @@ def map_optimize(
         gp._factorize()
         return hopt, lml, lp, g
 
+    counter.phase = "all data"
     warnings = []
     validation_report = {}
     chosen_label = candidates[0][0]
@@ -636,7 +652,8 @@ def map_optimize(
         warnings=tuple(warnings), gradient_norm=gnorm, objective=objective, log_prior=float(lp),
         restarts=tuple(screened), validation=validation_report, cpu_seconds=time.process_time() - cpu0,
         kernel_builds=counter.kernel_builds, inner_evaluations=counter.inner_evaluations,
-        selected=chosen_label, kernel_cpu_seconds=counter.kernel_cpu)
+        selected=chosen_label, kernel_cpu_seconds=counter.kernel_cpu,
+        inner_by_phase={k: (int(v[0]), float(v[1])) for k, v in counter.inner_by_phase.items()})
 
 
 def _metrics_at(gp: GaussianProcess, hyps: Mapping[str, float], validation) -> dict:
