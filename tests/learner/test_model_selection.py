@@ -162,3 +162,26 @@ def test_map_generalises_at_least_as_well_as_the_start_values():
     rmse_map = validation_metrics(gp, test_set)["rmse"]
     rmse_fixed = validation_metrics(fixed, test_set)["rmse"]
     assert rmse_map < 0.8 * rmse_fixed, (rmse_map, rmse_fixed, res.hyperparameters)
+
+
+def test_fit_prints_capped_search_as_warning_and_the_held_out_check(tmp_path, capsys):
+    import argparse
+
+    from ase.io import write
+
+    from learner_service.offline import register_cli
+
+    write(tmp_path / "train.xyz", perturbed_fcc_al(2, seed=4))
+    parser = argparse.ArgumentParser(prog="epicycle")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["fit", str(tmp_path / "train.xyz"), "--cutoffs", "5.0,3.5", "--atoms-per-frame", "10",
+                              "--max-iterations", "1", "--out", str(tmp_path / "m.npz")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    warning = next(line for line in out.splitlines() if line.startswith("WARNING: length-scale search stopped"))
+    assert "iteration cap 1" in warning and "|gradient| (log θ) = " in warning
+    assert "WARNING: optimisation did NOT converge" in out
+    assert "held-out check, start values: force RMSE" in out and "selected:" in out
+    assert "held out for the validation check: 4 atoms" in out  # 20 % of 10 atoms in each of 2 frames
+    assert "held-out atoms added to the model: 20 environments" in out
+    assert "prior ls2" in out and "start values: sig2=1" in out
