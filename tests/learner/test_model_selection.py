@@ -185,3 +185,35 @@ def test_fit_prints_capped_search_as_warning_and_the_held_out_check(tmp_path, ca
     assert "held out for the validation check: 4 atoms" in out  # 20 % of 10 atoms in each of 2 frames
     assert "held-out atoms added to the model: 20 environments" in out
     assert "prior ls2" in out and "start values: sig2=1" in out
+
+
+def test_abnormal_line_search_stop_is_a_warning(monkeypatch):
+    """L-BFGS-B's "ABNORMAL_TERMINATION_IN_LNSRCH" (seen on an 8-frame fit) is not a convergence:
+    the result says so with the gradient norm, in the flat and in the nested search."""
+    import scipy.optimize
+
+    import learner_service.gp as gp_module
+    import learner_service.model_selection as ms
+
+    def abnormal(fun, x0, **kwargs):
+        fun(x0)
+        return scipy.optimize.OptimizeResult(x=np.asarray(x0), success=False, status=2, nit=3, nfev=5,
+                                             message="ABNORMAL_TERMINATION_IN_LNSRCH")
+
+    monkeypatch.setattr(gp_module, "minimize", abnormal)
+    res = _model().optimize(max_iterations=50)
+    assert not res.converged
+    assert any("ended abnormally" in w and "ABNORMAL" in w and "|gradient|" in w for w in res.warnings)
+    real = ms.minimize
+    calls = []
+
+    def outer_abnormal(fun, x0, **kwargs):  # the outer search is the only 2-variable one here
+        if len(x0) == 2:
+            calls.append(1)
+            return abnormal(fun, x0, **kwargs)
+        return real(fun, x0, **kwargs)
+
+    monkeypatch.setattr(ms, "minimize", outer_abnormal)
+    res = map_optimize(_model(), restarts=0, max_iterations=50)
+    assert calls and not res.converged
+    assert any("line search ended abnormally" in w and "|gradient|" in w for w in res.warnings)
