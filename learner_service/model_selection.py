@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -42,7 +42,7 @@ from .gp import (_CHOLESKY_HINT, _ENERGY, _FORCE, _STRESS, BOUND_RTOL, DEFAULT_B
 from .kernels import force_kernel_blocks
 
 __all__ = ["HyperPrior", "data_prior", "log_prior", "map_optimize", "validation_metrics", "DataScales",
-           "data_scales", "start_hyperparameters"]
+           "data_scales"]
 
 _SIGNALS = ("sig2", "sig3")
 _LENGTHS = ("ls2", "ls3")
@@ -191,12 +191,6 @@ def data_prior(gp: GaussianProcess) -> HyperPrior:
         "energy_noise": "model default", "stress_noise": "model default",
     }
     return HyperPrior(centre, width, why)
-
-
-def start_hyperparameters(gp: GaussianProcess) -> dict:
-    """The data-derived default start: the centre of :func:`data_prior` for the base five."""
-    c = data_prior(gp).centre
-    return {n: c[n] for n in ("sig2", "ls2", "sig3", "ls3", "noise")}
 
 
 # ---------------------------------------------------------------------------
@@ -484,9 +478,9 @@ def map_optimize(
     def clip(h):
         return {n: min(max(v, box[n][0]), box[n][1]) if n in names else v for n, v in h.items()}
 
-    starts = [("current", clip(start))]
-    if prior is not None or True:
-        starts.insert(0, ("prior centre", clip({**start, **{n: draw_prior.centre[n] for n in names}})))
+    # the data-derived centre is a start even for ML-II (prior None): restarts need a scale
+    starts = [("prior centre", clip({**start, **{n: draw_prior.centre[n] for n in names}})),
+              ("current", clip(start))]
     for k in range(restarts):
         h = dict(start)
         for n in names:
