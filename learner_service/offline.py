@@ -103,13 +103,14 @@ def fit_model(
     Start values: ``hyperparameters`` or the one default set (learner_service/defaults.py, the
     same as ``epicycle run``'s).  ``prior="data"``: MAP with the data-derived prior and
     ``restarts`` prior draws (:func:`learner_service.model_selection.map_optimize`); ``"none"``:
-    plain ML-II (the same nested search without the prior).  ``holdout``: share of each
-    frame's selected atoms (at least one per frame when > 0; chosen with ``seed``) held out of the
-    training set during the search and used for the held-out check; after the selection they are
-    added to the model, so the saved model is trained on every selected atom (the held-out numbers
-    printed are those of the model without them).  Returns ``(gp, result)``.
+    plain ML-II (the same nested search without the prior).  ``holdout``: share of the frames
+    (two or more frames; else of the one frame's selected atoms) held out of the training set
+    during the search and used for the held-out check
+    (:func:`learner_service.model_selection.holdout_split`, seeded by ``seed``); after the
+    selection they are added to the model, so the saved model is trained on every selected atom
+    (the held-out numbers printed are those of the model without them).  Returns ``(gp, result)``.
     """
-    from .model_selection import map_optimize
+    from .model_selection import holdout_split, map_optimize
 
     if not 0.0 <= holdout < 1.0:
         raise InvalidInput(f"--holdout must be in [0, 1), got {holdout}")
@@ -119,7 +120,7 @@ def fit_model(
     species = sorted({int(z) for f in frames for z in f.get_atomic_numbers()})
     gp = GaussianProcess(species, cutoffs, hyperparameters=hyperparameters)
     rng = np.random.default_rng(seed)
-    held = []  # (frame, atom indices, forces)
+    selections, labels = [], []
     for k, frame in enumerate(frames):
         forces, e, s = _labels(frame, train_path, k, energy, stress)
         n = len(frame)
@@ -132,18 +133,25 @@ def fit_model(
             idx = sorted(rng.choice(n, size=min(atoms_per_frame, n), replace=False).tolist())
         else:
             idx = list(range(n))
-        out_idx = []
-        if optimize and holdout > 0 and forces is not None and len(idx) > 1:
-            n_out = min(len(idx) - 1, max(1, int(round(holdout * len(idx)))))
-            out_idx = sorted(rng.choice(idx, size=n_out, replace=False).tolist())
-            idx = [i for i in idx if i not in set(out_idx)]
-            held.append((frame, out_idx, forces))
-        gp.add_structure(frame, forces=forces, atom_indices=idx, energy=e, stress=s)
+        selections.append(idx)
+        labels.append((forces, e, s))
+    train, held_idx = selections, [[] for _ in frames]
+    if optimize and holdout > 0:
+        train, held_idx = holdout_split(selections, holdout, seed)
+    held = []  # (frame, atom indices, forces) of the held-out check
+    for k, frame in enumerate(frames):
+        forces, e, s = labels[k]
+        if held_idx[k]:
+            held.append((frame, held_idx[k], forces))
+        if held_idx[k] and not train[k]:
+            continue  # a whole held-out frame (its energy/stress labels join with it afterwards)
+        gp.add_structure(frame, forces=forces, atom_indices=train[k], energy=e, stress=s)
     log(f"training set: {len(frames)} frames, {gp.n_environments} environments, {gp.n_labels} labels, "
         f"species {species}, cutoffs r2={gp.cutoffs.r2} Å r3={gp.cutoffs.r3} Å")
     if held:
-        log(f"held out for the validation check: {sum(len(h[1]) for h in held)} atoms "
-            f"({100 * holdout:.0f} % of each frame's, seed {seed})")
+        kind = f"{len(held)} whole frame(s)" if len(held) > 1 or len(frames) > 1 else "atoms of the one frame"
+        log(f"held out for the validation check: {sum(len(h[1]) for h in held)} atoms, {kind} "
+            f"(share {holdout:g}, seed {seed})")
     result = None
     if optimize:
         start = ", ".join(f"{k}={v:.4g}" for k, v in gp.hyperparameters.items() if k in gp.hyperparameter_names)
@@ -173,8 +181,12 @@ def fit_model(
             log(f"selected: {result.selected} (rule: best objective among candidates whose held-out RMSE is "
                 f"within 2 % of the start values')")
         if held:
-            for frame, out_idx, forces in held:
-                gp.add_structure(frame, forces=forces, atom_indices=out_idx)
+            for k, frame in enumerate(frames):
+                if held_idx[k]:
+                    forces, e, s = labels[k]
+                    whole = not train[k]  # a held-out frame brings its energy/stress labels too
+                    gp.add_structure(frame, forces=forces, atom_indices=held_idx[k],
+                                     energy=e if whole else None, stress=s if whole else None)
             log(f"held-out atoms added to the model: {gp.n_environments} environments")
     gp.train()
     lml = gp.log_likelihood()
@@ -352,8 +364,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--restarts", type=int, default=3, help="prior draws tried besides the prior centre and the "
                    "start values (default 3)")
     p.add_argument("--holdout", type=float, default=0.2,
-                   help="share of each frame's atoms held out for the validation check (default 0.2; 0: none); "
-                        "they join the model after the selection")
+                   help="share of the frames (of the atoms, with one frame) held out for the validation check "
+                        "(default 0.2; 0: none); they join the model after the selection")
     p.add_argument("--out", required=True, help="model file to write (.npz)")
     p.set_defaults(func=_guard(_cmd_fit))
 
