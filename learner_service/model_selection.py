@@ -452,7 +452,7 @@ def map_optimize(
     max_iterations: int = 20,
     validation: Sequence[tuple] | None = None,
     validation_tolerance: float = 0.02,
-    subset_envs: int | None = 200,
+    subset_envs: int | None = 120,
     bounds: Mapping[str, tuple[float, float]] | None = None,
     fix: Sequence[str] = (),
     gtol: float = 0.05,
