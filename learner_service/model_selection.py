@@ -482,6 +482,11 @@ def map_optimize(
         raise InvalidInput("max_iterations must be >= 1")
     if restarts < 0:
         raise InvalidInput("restarts must be >= 0")
+    if gp.n_labels > gp.kernel_cache_max_rows:
+        # the all-data step holds K2, K3, dK2, dK3, K_y and its inverse: 6 n² floats (10.8 GB at 15,000 rows)
+        raise ModelError(f"{gp.n_labels} training rows exceed the kernel cache limit {gp.kernel_cache_max_rows}: the "
+                         f"MAP search would hold 6 x {gp.n_labels}² floats "
+                         f"({6 * 8 * gp.n_labels ** 2 / 1e9:.1f} GB); keep the hyperparameters of a smaller model")
     if isinstance(prior, str):
         if prior == "data":
             prior = data_prior(gp)

@@ -10,7 +10,7 @@ from learner_service.defaults import DEFAULT_HYPERPARAMETERS
 from learner_service.gp import GaussianProcess
 from learner_service.model_selection import (_factor_eval, _grad_log, _KernelSource, _Counter, data_prior,
                                              holdout_split, log_prior, map_optimize, validation_metrics)
-from protos.errors import InvalidInput
+from protos.errors import InvalidInput, ModelError
 
 NAMES = ("sig2", "ls2", "sig3", "ls3", "noise")
 
@@ -138,6 +138,10 @@ def test_converged_search_has_no_warning_and_prior_none_is_ml2():
     assert res.hyperparameters["sig3"] == _model().hyperparameters["sig3"]  # fixed stays fixed
     with pytest.raises(InvalidInput):
         map_optimize(_model(), prior="flat")
+    big = _model()
+    big.kernel_cache_max_rows = 30
+    with pytest.raises(ModelError, match="6 x 60²"):
+        map_optimize(big)
 
 
 def test_map_generalises_at_least_as_well_as_the_start_values():
