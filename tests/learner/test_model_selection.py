@@ -236,3 +236,20 @@ def test_abnormal_line_search_stop_is_a_warning(monkeypatch):
     res = map_optimize(_model(), restarts=0, max_iterations=50)
     assert calls and not res.converged
     assert any("line search ended abnormally" in w and "|gradient|" in w for w in res.warnings)
+
+
+def test_flat_optimize_with_a_prior_maximises_the_map_objective():
+    """GaussianProcess.optimize(prior=...) (the flat search) climbs the MAP objective and ends at a
+    stationary point of it (gradient_norm is |d(lml + log prior)/d log θ|)."""
+    gp = _model()
+    prior = data_prior(gp)
+    start = dict(gp.hyperparameters)
+    before = gp.log_likelihood() + log_prior(prior, start, NAMES)[0]
+    res = gp.optimize(max_iterations=300, prior=prior)
+    after = res.log_likelihood + res.log_prior
+    assert res.objective == "map" and after > before
+    assert res.log_prior == pytest.approx(log_prior(prior, gp.hyperparameters, NAMES)[0])
+    assert res.converged and not res.at_bounds and not res.warnings
+    assert res.gradient_norm < 1e-3
+    with pytest.raises(InvalidInput):
+        _model().optimize(prior=prior, space="linear")
