@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from learner_service.defaults import DEFAULT_HYPERPARAMETERS
 from protos.errors import InvalidInput
 
 
@@ -74,7 +75,7 @@ class LearnerConfig:
     address: str | None = None               # remote learner; None: embedded
     cutoffs: tuple[float, float] = (6.0, 4.0)  # (r2, r3), Å
     hyperparameters: Mapping[str, float] = field(
-        default_factory=lambda: {"sig2": 1.0, "ls2": 1.0, "sig3": 0.1, "ls3": 1.0, "noise": 0.05})
+        default_factory=lambda: dict(DEFAULT_HYPERPARAMETERS))  # the one set (learner_service/defaults.py)
     use_energy: bool = False
     use_stress: bool = False
     optimize: OptimizeConfig = OptimizeConfig()

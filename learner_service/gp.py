@@ -48,6 +48,7 @@ from scipy.optimize import minimize
 
 from protos.errors import InvalidInput, ModelError, NotFound
 
+from .defaults import DEFAULT_HYPERPARAMETERS
 from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .kernels import (N_FUNCTIONALS, LabelGroups, force_kernel_blocks, forward_substitution, kernel_blocks,
                       prediction_blocks)
@@ -56,7 +57,7 @@ __all__ = ["GaussianProcess", "Prediction", "OptimizationResult", "FORMAT_VERSIO
 
 FORMAT_VERSION = 1
 BASE_HYPERPARAMETERS = ("sig2", "ls2", "sig3", "ls3", "noise")
-DEFAULT_HYPERPARAMETERS = {"sig2": 0.2, "ls2": 1.0, "sig3": 0.02, "ls3": 0.8, "noise": 0.05}
+# the one default start, shared with `epicycle run` (learner_service/defaults.py)
 DEFAULT_ENERGY_NOISE = 0.01  # eV, FLARE 0.2.4 default
 DEFAULT_STRESS_NOISE = 0.001  # eV/Å^3 (0.16 GPa)
 HYPERPARAMETER_UNITS = {
@@ -151,6 +152,27 @@ class OptimizationResult:
     seconds: float
     at_bounds: dict = field(default_factory=dict)
     bounds: dict = field(default_factory=dict)
+    # issue 13 (added; the fields above keep their meaning).  ``warnings``: one line per
+    # problem a user must see -- an iteration cap or an abnormal line-search stop, with the
+    # reason and the gradient norm.  ``gradient_norm``: |d objective / d log θ| over the
+    # optimised hyperparameters not on a bound.  ``objective``: "ml" (log marginal likelihood)
+    # or "map" (plus ``log_prior``, the log density of the prior over log θ).  The MAP search
+    # (:func:`learner_service.model_selection.map_optimize`) also fills ``restarts`` (the
+    # screened starting points), ``validation`` (held-out metrics), ``selected`` (which candidate
+    # the selection rule kept), ``cpu_seconds`` (process time), ``kernel_builds`` (and their
+    # ``kernel_cpu_seconds``) and ``inner_evaluations``.
+    warnings: tuple = ()
+    gradient_norm: float = math.nan
+    objective: str = "ml"
+    log_prior: float = 0.0
+    restarts: tuple = ()
+    validation: dict = field(default_factory=dict)
+    selected: str = ""
+    cpu_seconds: float = math.nan
+    kernel_builds: int = 0
+    inner_evaluations: int = 0
+    kernel_cpu_seconds: float = math.nan
+    inner_by_phase: dict = field(default_factory=dict)  # {phase: (evaluations, CPU s)} of the inner search
 
     def bound_note(self) -> str:
         """``"sig3 at its lower bound 1e-06 eV, ..."`` for :attr:`at_bounds`, or ``""``."""
@@ -1065,8 +1087,15 @@ class GaussianProcess:
         ftol: float = 1e-10,
         progress: Callable[[int, float, dict], None] | None = None,
         space: str = "log",
+        prior=None,
     ) -> OptimizationResult:
         """Maximise the log marginal likelihood with L-BFGS-B over log-hyperparameters.
+
+        With ``prior`` (a :class:`learner_service.model_selection.HyperPrior`, log space only)
+        the objective is the MAP objective log p(y|θ) + log p(log θ), its gradient Eq. 7 plus
+        the prior's (exact); :func:`learner_service.model_selection.map_optimize` is the faster
+        nested search with restarts and a held-out check.  An iteration cap or an abnormal
+        line-search stop is reported in ``warnings`` with the gradient norm.
 
         Converged when the projected gradient with respect to log θ is below ``gtol``
         (the paper's ε = 1e-4) or the relative likelihood change per step is below
@@ -1096,6 +1125,12 @@ class GaussianProcess:
             raise InvalidInput("every hyperparameter is fixed; nothing to optimise")
         if space not in ("log", "linear"):
             raise InvalidInput(f"space must be 'log' or 'linear', got {space!r}")
+        if prior is not None and space != "log":
+            raise InvalidInput("a prior on log θ needs space='log'")
+        if prior is not None:
+            from .model_selection import log_prior
+        else:
+            log_prior = None
         log_space = space == "log"
         to_x = np.log if log_space else np.asarray
         from_x = math.exp if log_space else float
@@ -1126,6 +1161,10 @@ class GaussianProcess:
                 return (abs(best["f"]) + 1e6 if math.isfinite(best["f"]) else 1e30), np.zeros(len(x))
             g = -np.asarray(grad)[idx] * (np.exp(x) if log_space else 1.0)
             f = -value
+            if log_prior is not None:
+                lp, glp = log_prior(prior, hyps, names)
+                f -= lp
+                g = g - glp
             if f < best["f"]:
                 best.update(f=f, x=np.array(x))
             return f, g
@@ -1172,6 +1211,24 @@ class GaussianProcess:
         result_bounds = {n: (float(box[n][0]), float(box[n][1])) for n in names}
         if at_bounds:
             message = f"{message}; ended on the edge of the box: {_bound_note(at_bounds, result_bounds)}"
+        grad = np.asarray(grad, dtype=float)
+        lp = 0.0
+        if log_prior is not None:
+            all_names = list(self.hyperparameter_names)
+            lp, glp = log_prior(prior, self._hyps, all_names)
+            grad = grad + glp / np.array([self._hyps[n] for n in all_names])  # d log p / dθ
+        # |d objective / d log θ| over the optimised hyperparameters that are not on a bound
+        g_log = np.array([grad[all_names.index(n)] * self._hyps[n] for n in names if n not in at_bounds])
+        gnorm = float(np.linalg.norm(g_log)) if g_log.size else 0.0
+        warnings = []
+        if hit_cap:
+            warnings.append(f"optimisation stopped at its iteration cap {max_iterations} before converging "
+                            f"({res.message}); |gradient| (log θ) = {gnorm:.3g}")
+        elif "ABNORMAL" in str(res.message).upper():
+            warnings.append(f"optimisation line search ended abnormally ({res.message}): the result is the best "
+                            f"point seen, not a verified optimum; |gradient| (log θ) = {gnorm:.3g}")
+        if warnings:  # the message crosses the wire (OptimizeResponse.message): the norm goes with it
+            message = f"{message}; |gradient| (log θ) = {gnorm:.3g}"
         return OptimizationResult(
             converged=converged,
             iterations=iterations,
@@ -1184,6 +1241,10 @@ class GaussianProcess:
             seconds=time.perf_counter() - t0,
             at_bounds=at_bounds,
             bounds=result_bounds,
+            warnings=tuple(warnings),
+            gradient_norm=gnorm,
+            objective="map" if log_prior is not None else "ml",
+            log_prior=float(lp),
         )
 
     # ------------------------------------------------------------------

@@ -104,12 +104,33 @@ def fit_model(
     hyperparameters: dict | None = None,
     out=None,
     log=print,
+    prior: str = "data",
+    restarts: int = 3,
+    holdout: float = 0.2,
 ):
-    """Build a GP from a labelled XYZ file, optimise its hyperparameters, save it to ``out``."""
+    """Build a GP from a labelled XYZ file, optimise its hyperparameters, save it to ``out``.
+
+    Start values: ``hyperparameters`` or the one default set (learner_service/defaults.py, the
+    same as ``epicycle run``'s).  ``prior="data"``: MAP with the data-derived prior and
+    ``restarts`` prior draws (:func:`learner_service.model_selection.map_optimize`); ``"none"``:
+    plain ML-II (the same nested search without the prior).  ``holdout``: share of the frames
+    (two or more frames; else of the one frame's selected atoms) held out of the training set
+    during the search and used for the held-out check
+    (:func:`learner_service.model_selection.holdout_split`, seeded by ``seed``); after the
+    selection they are added to the model, so the saved model is trained on every selected atom
+    (the held-out numbers printed are those of the model without them).  Returns ``(gp, result)``.
+    """
+    from .model_selection import holdout_split, map_optimize
+
+    if not 0.0 <= holdout < 1.0:
+        raise InvalidInput(f"--holdout must be in [0, 1), got {holdout}")
+    if prior not in ("data", "none"):
+        raise InvalidInput(f"--prior must be 'data' or 'none', got {prior!r}")
     frames = read_frames(train_path)
     species = sorted({int(z) for f in frames for z in f.get_atomic_numbers()})
     gp = GaussianProcess(species, cutoffs, hyperparameters=hyperparameters)
     rng = np.random.default_rng(seed)
+    selections, labels = [], []
     for k, frame in enumerate(frames):
         forces, e, s = _labels(frame, train_path, k, energy, stress)
         n = len(frame)
@@ -122,18 +143,59 @@ def fit_model(
             idx = sorted(rng.choice(n, size=min(atoms_per_frame, n), replace=False).tolist())
         else:
             idx = list(range(n))
-        gp.add_structure(frame, forces=forces, atom_indices=idx, energy=e, stress=s)
+        selections.append(idx)
+        labels.append((forces, e, s))
+    train, held_idx = selections, [[] for _ in frames]
+    if optimize and holdout > 0:
+        train, held_idx = holdout_split(selections, holdout, seed)
+    held = []  # (frame, atom indices, forces) of the held-out check
+    for k, frame in enumerate(frames):
+        forces, e, s = labels[k]
+        if held_idx[k]:
+            held.append((frame, held_idx[k], forces))
+        if held_idx[k] and not train[k]:
+            continue  # a whole held-out frame (its energy/stress labels join with it afterwards)
+        gp.add_structure(frame, forces=forces, atom_indices=train[k], energy=e, stress=s)
     log(f"training set: {len(frames)} frames, {gp.n_environments} environments, {gp.n_labels} labels, "
         f"species {species}, cutoffs r2={gp.cutoffs.r2} Å r3={gp.cutoffs.r3} Å")
+    if held:
+        kind = f"{len(held)} whole frame(s)" if len(held) > 1 or len(frames) > 1 else "atoms of the one frame"
+        log(f"held out for the validation check: {sum(len(h[1]) for h in held)} atoms, {kind} "
+            f"(share {holdout:g}, seed {seed})")
     result = None
     if optimize:
-        def progress(it, lml, hyps):
-            text = ", ".join(f"{k}={v:.4g}" for k, v in hyps.items())
-            log(f"  iteration {it:4d}: log likelihood {lml:.6f}  ({text})")
+        start = ", ".join(f"{k}={v:.4g}" for k, v in gp.hyperparameters.items() if k in gp.hyperparameter_names)
+        log(f"start values: {start}")
+        if prior == "data":
+            from .model_selection import data_prior
 
-        result = gp.optimize(max_iterations=max_iterations, progress=progress)
+            log("prior (log-normal; centres from the training data):")
+            for line in data_prior(gp).describe():
+                if line.split()[0] in gp.hyperparameter_names:
+                    log("  prior " + line)
+        result = map_optimize(gp, prior=prior, restarts=restarts, seed=seed, max_iterations=max_iterations,
+                              validation=held or None, progress=log)
         log(("optimisation converged" if result.converged else "optimisation did NOT converge")
-            + f" after {result.iterations} iterations: {result.message}")
+            + f" after {result.iterations} iterations ({result.kernel_builds} kernel builds, "
+              f"{result.cpu_seconds:.1f} s CPU): {result.message}")
+        for w in result.warnings:
+            log(f"WARNING: {w}")
+        if result.validation:
+            for name, m in result.validation.items():
+                if name == "selected" or m is None:
+                    continue
+                log(f"held-out check, {name}: force RMSE {m['rmse']:.5f} eV/Å, mean log likelihood "
+                    f"{m['log_likelihood']:.4f} per component, RMS total σ {m['rms_sigma']:.5f} eV/Å")
+            log(f"selected: {result.selected} (rule: best objective among candidates whose held-out RMSE is "
+                f"within 2 % of the start values')")
+        if held:
+            for k, frame in enumerate(frames):
+                if held_idx[k]:
+                    forces, e, s = labels[k]
+                    whole = not train[k]  # a held-out frame brings its energy/stress labels too
+                    gp.add_structure(frame, forces=forces, atom_indices=held_idx[k],
+                                     energy=e if whole else None, stress=s if whole else None)
+            log(f"held-out atoms added to the model: {gp.n_environments} environments")
     gp.train()
     lml = gp.log_likelihood()
     at_bounds = result.at_bounds if result is not None else {}
@@ -291,6 +353,9 @@ def _cmd_fit(args) -> int:
         optimize=not args.no_optimize,
         seed=args.seed,
         out=args.out,
+        prior=args.prior,
+        restarts=args.restarts,
+        holdout=args.holdout,
     )
     return 0
 
@@ -316,9 +381,19 @@ def register_cli(subparsers) -> None:
     sel.add_argument("--atoms-per-frame", type=int, help="train on N randomly chosen atoms per frame")
     p.add_argument("--energy", action="store_true", help="also train on total energies")
     p.add_argument("--stress", action="store_true", help="also train on stresses")
-    p.add_argument("--max-iterations", type=int, default=200, help="hyperparameter optimisation cap (default 200)")
+    p.add_argument("--max-iterations", type=int, default=200,
+                   help="cap on the length-scale iterations of the hyperparameter search (default 200)")
     p.add_argument("--no-optimize", action="store_true", help="keep the default hyperparameters")
-    p.add_argument("--seed", type=int, default=0, help="seed for --atoms-per-frame")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for --atoms-per-frame, the held-out atoms and the prior draws of the restarts")
+    p.add_argument("--prior", choices=("data", "none"), default="data",
+                   help="hyperparameter prior: 'data' (MAP, log-normal priors centred on data-derived scales; "
+                        "default) or 'none' (type-II maximum likelihood, as FLARE)")
+    p.add_argument("--restarts", type=int, default=3, help="prior draws tried besides the prior centre and the "
+                   "start values (default 3)")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share of the frames (of the atoms, with one frame) held out for the validation check "
+                        "(default 0.2; 0: none); they join the model after the selection")
     p.add_argument("--out", required=True, help="model file to write (.npz)")
     p.set_defaults(func=_guard(_cmd_fit))
 

@@ -12,6 +12,7 @@ from typing import Mapping
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
+from learner_service.defaults import DEFAULT_HYPERPARAMETERS  # the one set: fit, run, serve
 from protos.epicycle.v1 import learner_pb2, learner_pb2_grpc
 from protos.errors import InvalidInput
 from protos.server import RunningServer, ServerConfig, create_server
@@ -19,7 +20,6 @@ from protos.server import RunningServer, ServerConfig, create_server
 log = logging.getLogger("epicycle.learner")
 SERVICE_NAME = learner_pb2.DESCRIPTOR.services_by_name["Learner"].full_name
 
-DEFAULT_HYPERPARAMETERS = {"sig2": 1.0, "ls2": 1.0, "sig3": 0.1, "ls3": 1.0, "noise": 0.05}
 
 
 @dataclass(frozen=True)

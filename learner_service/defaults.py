@@ -1,0 +1,9 @@
+"""The one set of default start hyperparameters (no heavy imports: the coordinator's config reads it).
+
+``epicycle fit`` and ``epicycle run`` (and a learner server started without
+``--hyperparameters``) start from these values; the MAP search
+(:mod:`learner_service.model_selection`) also restarts from the data-derived prior centre.
+Units: sig2, sig3 eV; ls2, ls3 Å; noise eV/Å.
+"""
+
+DEFAULT_HYPERPARAMETERS = {"sig2": 1.0, "ls2": 1.0, "sig3": 0.1, "ls3": 1.0, "noise": 0.05}
