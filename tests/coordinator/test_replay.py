@@ -120,18 +120,18 @@ def test_a_replayed_run_calls_the_oracle_exactly_where_the_model_of_the_time_was
         label = rd.read_label(k)
         model = learner.history[label.model_version]
         # the stopped frame: the model of the time found some σ above the threshold, as recorded
-        sigma = model.predict(frames[label.step]).force_std
+        sigma = model.predict(frames[label.step]).atom_std  # the per-atom σ the sampler's rule compares
         assert sigma.max() > threshold
         assert sigma.max() == pytest.approx(calls[k]["max_sigma"], rel=1e-9)
         assert np.allclose(label.positions, frames[label.step].positions)
         # every step since the previous call ran on that same model and was below the threshold
         for s in range(steps[k - 1] + 1, label.step):
-            assert model.predict(frames[s]).force_std.max() <= threshold, (k, s)
+            assert model.predict(frames[s]).atom_std.max() <= threshold, (k, s)
         # max_sigma acquisition: the trained atom is the most uncertain one
-        assert label.selection == [int(np.argmax(sigma.max(axis=1)))]
+        assert label.selection == [int(np.argmax(sigma))]
     # after the last call, no step was uncertain under the final model
     final = learner.history[max(learner.history)]
-    assert all(final.predict(frames[s]).force_std.max() <= threshold for s in range(steps[-1] + 1, STEPS))
+    assert all(final.predict(frames[s]).atom_std.max() <= threshold for s in range(steps[-1] + 1, STEPS))
     thr = events(rd, "threshold")
     assert thr and thr[0]["rule"] == "absolute" and thr[0]["value"] == threshold
 
@@ -196,7 +196,7 @@ def test_min_steps_between_calls_leaves_n_steps_ungated_after_each_call(trajecto
     for k in range(1, len(steps)):
         model = learner.history[rd.read_label(k).model_version]
         first = next(s for s in range(steps[k - 1] + n + 1, STEPS)
-                     if model.predict(frames[s]).force_std.max() > 0.12)
+                     if model.predict(frames[s]).atom_std.max() > 0.12)
         assert steps[k] == first
     ws = state.walker("w0")
     assert ws.ungated_until == steps[-1] + n
@@ -302,7 +302,7 @@ def test_the_replay_sampler_streams_stops_and_resumes_like_an_engine(trajectory:
     assert streamed[1].temperature_k == pytest.approx(frames[3].get_temperature() * 96 / 93, rel=1e-6)  # 3N − 3
     # gated from step 10: stops at the first frame whose σ under the model exceeds 0.12 eV/Å, nothing integrated
     streamed, stop = run(sampler_pb2.RunRequest(checkpoint=stop.checkpoint), 0.12, 100, 1)
-    sigma = [learner.predict(frames[s]).force_std.max() for s in range(10, 110)]
+    sigma = [learner.predict(frames[s]).atom_std.max() for s in range(10, 110)]
     k = 10 + next(i for i, x in enumerate(sigma) if x > 0.12)
     assert stop.reason == sampler_pb2.STOP_REASON_UNCERTAIN and stop.step == stop.frame.step == k
     assert [f.step for f in streamed] == list(range(10, k))
