@@ -114,6 +114,7 @@ def test_without_retries_the_update_is_rejected_and_the_walker_stays_on_its_prev
     evs = events(run(tmp_path, "reject", with_policy(trial={"max_retries": 0}), "--no-report"))
     rejected = [e for e in evs if e["event"] == "update_rejected"]
     assert rejected and not any(e["event"] == "rollback" for e in evs)
+    pinned_frames = 0
     for r in rejected:
         assert r["continue_on_version"] < r["model_version"]
         # until the walker's next trial (or the end), every frame it integrates on the model comes from the
@@ -125,7 +126,10 @@ def test_without_retries_the_update_is_rejected_and_the_walker_stays_on_its_prev
                 break
             if e["event"] == "frame" and e["model_version"] > 0:
                 after.append(e["model_version"])
-        assert after and set(after) == {r["continue_on_version"]}, (r, after)
+        # (none when the walker stopped on uncertainty again at its first step on the old model)
+        assert set(after) <= {r["continue_on_version"]}, (r, after)
+        pinned_frames += len(after)
+    assert pinned_frames > 0
 
 
 def test_a_run_killed_during_trials_resumes_and_trials_the_newest_model(tmp_path) -> None:
