@@ -735,7 +735,8 @@ class SparseGaussianProcess:
         V1 = solve_triangular(st.L, cols, lower=True, check_finite=False)
         V2 = solve_triangular(R, cols, trans="T", lower=False, check_finite=False)
         explained = np.einsum("ij,ij->j", V1, V1) - np.einsum("ij,ij->j", V2, V2)
-        prior = [(s2 * p2 + s3 * p3).ravel()]
+        # prior force variances: the diagonal of each atom's 3×3 prior block (prediction_blocks gives the blocks)
+        prior = [np.diagonal(s2 * p2 + s3 * p3, axis1=1, axis2=2).ravel()]
         if energy_std:
             g = LabelGroups.per_environment(np.arange(n), energy=True, force=False)
             e2, e3, _, _ = prediction_blocks(envs, g, envs, len(self.species), h["ls2"], h["ls3"],

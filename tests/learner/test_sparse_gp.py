@@ -220,7 +220,7 @@ def test_dtc_variance_is_the_prior_where_the_inducing_set_does_not_reach():
     p = sgp.predict(cu)
     envs = environments_of_atoms(cu, sgp.cutoffs)
     _, _, p2, p3 = prediction_blocks(envs, sgp._u_groups(0, 0), envs, 2, HYPS["ls2"], HYPS["ls3"])
-    prior = HYPS["sig2"] ** 2 * p2 + HYPS["sig3"] ** 2 * p3
+    prior = np.diagonal(HYPS["sig2"] ** 2 * p2 + HYPS["sig3"] ** 2 * p3, axis1=1, axis2=2)  # of the 3×3 blocks
     assert np.abs(p.forces).max() == 0.0
     np.testing.assert_allclose(p.force_var, prior, rtol=1e-12)
     assert prior.min() > 0
