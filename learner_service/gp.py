@@ -308,7 +308,54 @@ def default_predict_threads() -> int:
     return min(2, os.cpu_count() or 1)
 
 
-class GaussianProcess:
+class Hyperparameters:
+    """The hyperparameter bookkeeping both learner models share (the exact GP here and the sparse GP in
+    learner_service/sparse_gp.py): ``_hyps`` the values, ``_kinds`` the label kind of every training row
+    (which decides whether energy/stress noises exist), ``_version`` bumped on every change."""
+
+    _hyps: dict
+    _kinds: list
+    _version: int
+
+    @property
+    def hyperparameter_names(self) -> tuple[str, ...]:
+        """Names of the hyperparameters the likelihood depends on, in gradient order."""
+        names = list(BASE_HYPERPARAMETERS)
+        kinds = set(self._kinds)
+        if _ENERGY in kinds:
+            names.append("energy_noise")
+        if _STRESS in kinds:
+            names.append("stress_noise")
+        return tuple(names)
+
+    @property
+    def hyperparameters(self) -> dict:
+        return {k: float(v) for k, v in self._hyps.items()}
+
+    @hyperparameters.setter
+    def hyperparameters(self, values: Mapping[str, float]) -> None:
+        self.set_hyperparameters(values)
+
+    def set_hyperparameters(self, values: Mapping[str, float]) -> None:
+        """Set some or all hyperparameters (no refactorisation until needed)."""
+        self._set_hyps(values)
+        self._version += 1
+
+    def _set_hyps(self, values: Mapping[str, float]) -> None:
+        for k, v in dict(values).items():
+            if k not in self._hyps:
+                raise InvalidInput(f"unknown hyperparameter {k!r}; known: {sorted(self._hyps)}")
+            v = float(v)
+            if not math.isfinite(v) or v <= 0:
+                raise InvalidInput(f"hyperparameter {k} must be positive and finite, got {v}")
+            self._hyps[k] = v
+
+    @property
+    def noise(self) -> float:
+        return float(self._hyps["noise"])
+
+
+class GaussianProcess(Hyperparameters):
     """2+3-body GP force field.
 
     ``species``: atomic numbers the model knows; ``cutoffs = (r2, r3)`` in Å;
@@ -361,46 +408,7 @@ class GaussianProcess:
         # never read from the environment.
         self.predict_threads = default_predict_threads()
 
-    # ------------------------------------------------------------------
-    # hyperparameters
-    # ------------------------------------------------------------------
-
-    @property
-    def hyperparameter_names(self) -> tuple[str, ...]:
-        """Names of the hyperparameters the likelihood depends on, in gradient order."""
-        names = list(BASE_HYPERPARAMETERS)
-        kinds = set(self._kinds)
-        if _ENERGY in kinds:
-            names.append("energy_noise")
-        if _STRESS in kinds:
-            names.append("stress_noise")
-        return tuple(names)
-
-    @property
-    def hyperparameters(self) -> dict:
-        return {k: float(v) for k, v in self._hyps.items()}
-
-    @hyperparameters.setter
-    def hyperparameters(self, values: Mapping[str, float]) -> None:
-        self.set_hyperparameters(values)
-
-    def set_hyperparameters(self, values: Mapping[str, float]) -> None:
-        """Set some or all hyperparameters (no refactorisation until needed)."""
-        self._set_hyps(values)
-        self._version += 1
-
-    def _set_hyps(self, values: Mapping[str, float]) -> None:
-        for k, v in dict(values).items():
-            if k not in self._hyps:
-                raise InvalidInput(f"unknown hyperparameter {k!r}; known: {sorted(self._hyps)}")
-            v = float(v)
-            if not math.isfinite(v) or v <= 0:
-                raise InvalidInput(f"hyperparameter {k} must be positive and finite, got {v}")
-            self._hyps[k] = v
-
-    @property
-    def noise(self) -> float:
-        return float(self._hyps["noise"])
+    # hyperparameters: the Hyperparameters mixin above
 
     # ------------------------------------------------------------------
     # training data

@@ -72,9 +72,9 @@ from scipy.optimize import minimize
 from protos.errors import InvalidInput, ModelError, NotFound
 
 from .environment import Cutoffs, EnvironmentBatch, build_environments
-from .gp import (BASE_HYPERPARAMETERS, BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
-                 DEFAULT_STRESS_NOISE, HYPERPARAMETER_UNITS, OptimizationResult, Prediction, _bound_note, _Group,
-                 default_predict_threads, serial_blas)
+from .gp import (BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
+                 DEFAULT_STRESS_NOISE, HYPERPARAMETER_UNITS, Hyperparameters, OptimizationResult, Prediction,
+                 _ENERGY, _FORCE, _STRESS, _bound_note, _Group, default_predict_threads, serial_blas)
 from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks, prediction_blocks
 
 __all__ = ["SparseGaussianProcess", "SparsePrediction", "FORMAT_NAME", "FORMAT_VERSION", "INDUCING_FUNCTIONALS"]
@@ -86,7 +86,6 @@ DEFAULT_JITTER = 1e-8  # relative to diag(K_UU)
 DEFAULT_INDUCING_PER_STRUCTURE = 4
 DEFAULT_INDUCING_TOLERANCE = 1e-6  # residual / prior variance of a candidate's local energy (EMT Al: 1e-3 stopped at 2)
 
-_FORCE, _ENERGY, _STRESS = 0, 1, 2
 _NOISE_KIND = {"noise": _FORCE, "energy_noise": _ENERGY, "stress_noise": _STRESS}
 _CHOL_HINT = ("K_UU (the inducing environments' covariance) is not positive definite: increase `jitter`, or "
               "remove duplicate inducing environments")
@@ -124,7 +123,7 @@ def _label_groups(groups: Sequence[_Group]) -> LabelGroups:
                        np.stack([g.scale for g in groups]))
 
 
-class SparseGaussianProcess:
+class SparseGaussianProcess(Hyperparameters):
     """Sparse (DTC, QR form) 2+3-body GP force field; the public API mirrors
     :class:`~learner_service.gp.GaussianProcess`.
 
@@ -184,42 +183,7 @@ class SparseGaussianProcess:
         #: threads for the covariances with the inducing set (bitwise identical results for any number)
         self.predict_threads = default_predict_threads()
 
-    # ------------------------------------------------------------------ hyperparameters
-
-    @property
-    def hyperparameter_names(self) -> tuple[str, ...]:
-        names = list(BASE_HYPERPARAMETERS)
-        kinds = set(self._kinds)
-        if _ENERGY in kinds:
-            names.append("energy_noise")
-        if _STRESS in kinds:
-            names.append("stress_noise")
-        return tuple(names)
-
-    @property
-    def hyperparameters(self) -> dict:
-        return {k: float(v) for k, v in self._hyps.items()}
-
-    @hyperparameters.setter
-    def hyperparameters(self, values: Mapping[str, float]) -> None:
-        self.set_hyperparameters(values)
-
-    def set_hyperparameters(self, values: Mapping[str, float]) -> None:
-        self._set_hyps(values)
-        self._version += 1
-
-    def _set_hyps(self, values: Mapping[str, float]) -> None:
-        for k, v in dict(values).items():
-            if k not in self._hyps:
-                raise InvalidInput(f"unknown hyperparameter {k!r}; known: {sorted(self._hyps)}")
-            v = float(v)
-            if not math.isfinite(v) or v <= 0:
-                raise InvalidInput(f"hyperparameter {k} must be positive and finite, got {v}")
-            self._hyps[k] = v
-
-    @property
-    def noise(self) -> float:
-        return float(self._hyps["noise"])
+    # hyperparameters: gp.Hyperparameters (shared with the exact GP)
 
     # ------------------------------------------------------------------ sizes
 
