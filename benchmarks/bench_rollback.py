@@ -45,25 +45,10 @@ def config(seed: int, steps: int, tolerance: float, update: str, retries: int) -
     }
 
 
-def windows_after_updates(evs: list[dict], n_atoms: int = 32, steps: int = 20) -> list[float]:
-    """Largest |ΔE_cons| per atom within ``steps`` steps after each change of the model version that the
-    kept frames were integrated on (frames of failed trials, rolled back, excluded)."""
-    from coordinator.report import kept_frames
-
-    frames = [e for e in kept_frames(evs) if e["model_version"] > 0]
-    out = []
-    for k in range(1, len(frames)):
-        if frames[k]["model_version"] != frames[k - 1]["model_version"]:
-            window = [f for f in frames[k:] if f["step"] <= frames[k]["step"] + steps
-                      and f["model_version"] == frames[k]["model_version"]]
-            if len(window) > 2:
-                e = [f["conserved_eV"] for f in window]
-                out.append((max(e) - min(e)) / n_atoms)
-    return out
-
-
 def main() -> int:
     sys.path.insert(0, str(ROOT))
+    from coordinator.report import energy_changes_after_updates
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=160)
@@ -93,7 +78,7 @@ def main() -> int:
                     return 1
                 evs = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line]
                 state = json.loads((run_dir / "state.json").read_text())
-                w = windows_after_updates(evs)
+                w = energy_changes_after_updates(evs, 32)
                 over = sum(1 for x in w if x > args.tolerance)
                 count = {k: sum(1 for e in evs if e["event"] == k)
                          for k in ("trial_started", "rollback", "update_rejected")}

@@ -286,6 +286,26 @@ def _calibration_text(c: dict) -> str:
             + (" — applied to the threshold" if c.get("applied") else ""))
 
 
+def energy_changes_after_updates(events, n_atoms: int, steps: int = 20) -> list[float]:
+    """Largest |ΔE_cons| per atom (eV/atom) within ``steps`` steps after each change of the model version
+    the kept frames (:func:`kept_frames`) were integrated on; frames on oracle forces (version 0) are left
+    out, as are windows of fewer than 3 frames.  What ``policy.trial`` bounds, measured on a whole run."""
+    frames = [f for f in kept_frames(events) if f["model_version"] > 0]
+    out = []
+    for k in range(1, len(frames)):
+        start = frames[k]
+        if start["model_version"] == frames[k - 1]["model_version"]:
+            continue
+        energies = []
+        for f in frames[k:]:
+            if f["step"] > start["step"] + steps or f["model_version"] != start["model_version"]:
+                break
+            energies.append(f["conserved_eV"])
+        if len(energies) > 2:
+            out.append((max(energies) - min(energies)) / n_atoms)
+    return out
+
+
 def _trial_text(t: dict) -> str:
     return (f"{t['trials']} trials, {t['rollbacks']} rollbacks, {t['rejected']} rejected"
             + (f", {t['halted']} walker(s) halted" if t["halted"] else "")

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from coordinator.report import energy_changes_after_updates
+
 ROOT = Path(__file__).resolve().parents[2]
 
 TOLERANCE = 0.0025  # eV/atom over a 20-step window
@@ -60,24 +62,9 @@ def with_policy(**policy) -> dict:
     return dict(BIG_STEP, policy=dict(BIG_STEP["policy"], trial=trial, **policy))
 
 
-def windows_after_updates(evs: list[dict], steps: int = 20) -> list[float]:
-    """Largest conserved-energy change (eV/atom) within ``steps`` steps after each change of the model
-    version the frames were integrated on (frames on oracle forces excluded)."""
-    frames = [e for e in evs if e["event"] == "frame" and e["model_version"] > 0]
-    out = []
-    for k in range(1, len(frames)):
-        if frames[k]["model_version"] != frames[k - 1]["model_version"]:
-            window = [f for f in frames[k:] if f["step"] <= frames[k]["step"] + steps
-                      and f["model_version"] == frames[k]["model_version"]]
-            if len(window) > 2:
-                e = [f["conserved_eV"] for f in window]
-                out.append((max(e) - min(e)) / 32)
-    return out
-
-
 def test_accept_drifts_past_the_tolerance_and_trial_rolls_back_halves_and_recovers_the_timestep(tmp_path) -> None:
     accepted = events(run(tmp_path, "accept", with_policy(update="accept"), "--no-report"))
-    drift = windows_after_updates(accepted)
+    drift = energy_changes_after_updates(accepted, 32)
     assert drift and max(drift) > TOLERANCE, drift  # what the trial policy is there to catch
 
     run_dir = run(tmp_path, "trial", BIG_STEP)
