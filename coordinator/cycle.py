@@ -503,6 +503,8 @@ class OnTheFlyRun:
                 ws.step, ws.time_fs = ws.trial["step"], ws.trial["time_fs"]
                 ws.trial["version"] = 0
                 ws.trial["previous"] = 0
+                ws.trial.pop("probation", None)  # it trials the newest version now
+                ws.trial.pop("steps_done", None)
             ws.model_version = -1  # unknown: trial the newest at the next chunk, with nothing to fall back on
             ws.rejected_version = 0
             st.set_walker(name, ws)
@@ -568,7 +570,9 @@ class OnTheFlyRun:
             if self.stopping and not self.in_flight and not any(w.running for w in self.walkers.values()):
                 break
             if not self.stopping and self._all_done():
-                self.stopping = "every walker has done its steps"
+                halted = [n for n in self.walkers if self.state.walker(n).halted]
+                self.stopping = ("every walker has done its steps" if not halted else
+                                 f"every walker has stopped ({', '.join(halted)} halted: see walker_halted)")
                 break
             try:
                 first = self.events.get(timeout=1.0)
@@ -828,22 +832,31 @@ class OnTheFlyRun:
                 st.set_walker(w.name, ws)
                 self._sync_holds()
             return ws.trial
-        if ws.model_version == 0:  # the walker's first chunk: it starts on the newest model
-            ws.model_version = self.newest
+        window = self.config.policy.trial.window_steps
+        if ws.model_version == 0:  # the walker's first chunk: it starts on the newest model (nothing to compare)
+            ws.model_version, ws.judged_steps = self.newest, window
             st.set_walker(w.name, ws)
             self._sync_holds()
             return None
+        probation = False
         if ws.model_version > 0 and self.newest <= max(ws.model_version, ws.rejected_version):
-            return None
-        ws.trial = {"version": self.newest, "previous": max(ws.model_version, 0), "attempt": 0,
+            if ws.judged_steps >= window:
+                return None
+            # the walker's model was judged on fewer than W steps from where it adopted it (a trial cut
+            # short by an uncertainty stop, or the fallback after a rejected update): judge on
+            probation = True
+        version = ws.model_version if probation else self.newest
+        ws.trial = {"version": version, "previous": max(ws.model_version, 0), "attempt": 0,
                     "checkpoint": ws.md_checkpoint, "override": ws.pending_override, "step": ws.step,
                     "time_fs": ws.time_fs, "timestep_before": ws.timestep_fs}
+        if probation:
+            ws.trial.update(probation=True, steps_done=ws.judged_steps)
         st.set_walker(w.name, ws)
         self._sync_holds()
         self._save()
-        self.rd.event("trial_started", walker=w.name, step=ws.step, time_fs=ws.time_fs, model_version=self.newest,
+        self.rd.event("trial_started", walker=w.name, step=ws.step, time_fs=ws.time_fs, model_version=version,
                       previous_version=ws.model_version, timestep_fs=self._timestep(w, ws),
-                      window_steps=self.config.policy.trial.window_steps)
+                      window_steps=window - (ws.judged_steps if probation else 0), probation=probation)
         return ws.trial
 
     def _timestep(self, w: _Walker, ws: WalkerState) -> float:
@@ -892,14 +905,18 @@ class OnTheFlyRun:
             self._start_chunk(w)
             return
         ws.trial = None
-        ws.rejected_version = tr["version"]
+        ws.rejected_version = max(ws.rejected_version, tr["version"])
         ws.timestep_fs = tr["timestep_before"]
+        ws.judged_steps = 0  # what the walker falls back on is judged again from the rollback point
         if self.metrics is not None:
             self.metrics.rollback(w.name, "rejected", self._timestep(w, ws))
-        if ws.model_version <= 0:
+        # the walker's own model failed its probation: go on only if a version it has not rejected exists
+        probation_failed = tr.get("probation") and self.newest <= ws.rejected_version
+        if ws.model_version <= 0 or probation_failed:
             ws.done = True
             ws.halted = (f"model version {tr['version']} failed {tr['attempt']} trial(s) ({verdict.reason}) and "
-                         f"no earlier model is held to go on with (the learner was restarted)")
+                         + ("no other model version is there to go on with" if probation_failed else
+                            "no earlier model is held to go on with (the learner was restarted)"))
             st.set_walker(w.name, ws)
             self._save()
             self._sync_holds()
@@ -909,19 +926,32 @@ class OnTheFlyRun:
         st.set_walker(w.name, ws)
         self._save()
         self._sync_holds()
+        if tr.get("probation"):  # a newer version arrived meanwhile: the next chunk trials it
+            self.rd.event("update_rejected", continue_on_version=self.newest, **common)
+            self.progress.line(f"  {who}model version {tr['version']} failed {tr['attempt']} trial(s) "
+                               f"({verdict.reason}): going on from step {ws.step} with a trial of version "
+                               f"{self.newest}")
+            self._start_chunk(w)
+            return
         self.rd.event("update_rejected", continue_on_version=ws.model_version, **common)
         self.progress.line(f"  {who}model version {tr['version']} rejected after {tr['attempt']} failed trial(s) "
-                           f"({verdict.reason}): going on from step {ws.step} on version {ws.model_version}")
+                           f"({verdict.reason}): going on from step {ws.step} on version {ws.model_version}, "
+                           f"judged again over the next {self.config.policy.trial.window_steps} steps")
         self._start_chunk(w)
 
     def _trial_passed(self, w: _Walker, ws: WalkerState, verdict: trials.Verdict) -> None:
+        """Adopt the trial's version.  A window cut short (an uncertainty stop, the end of the run) leaves
+        the version judged on fewer than W steps: ``judged_steps`` records how many, and the walker's next
+        chunk on it is judged for the rest (see :meth:`_trial_for`)."""
         tr = ws.trial
         ws.trial = None
         ws.model_version = tr["version"]
+        ws.judged_steps = min(tr.get("steps_done", 0), self.config.policy.trial.window_steps)
         self.state.set_walker(w.name, ws)
         self._sync_holds()
         self.rd.event("trial_passed", walker=w.name, step=tr["step"], time_fs=tr["time_fs"],
                       model_version=tr["version"], attempts=tr["attempt"] + 1, reason=verdict.reason,
+                      judged_steps=ws.judged_steps, probation=bool(tr.get("probation")),
                       max_energy_change_eV_per_atom=verdict.max_energy_change, max_force_eV_A=verdict.max_force,
                       timestep_fs=self._timestep(w, ws))
         if self.metrics is not None:

@@ -133,6 +133,8 @@ class WalkerState:
     rejected_version: int = 0            # newest version this walker rejected (trial again only on a newer one)
     timestep_fs: float | None = None     # reduced Δt in force (None: the configured one)
     stable_steps: int = 0                # steps since Δt last changed without a failed trial
+    judged_steps: int = 0                # steps judged on model_version from where the walker adopted it
+                                         # (< policy.trial.window_steps: its next chunk is judged too)
     halted: str = ""                     # why the walker stopped for good (e.g. no stable model left)
     resend_schedule: bool = False        # the schedule changed on resume: send it with the next chunk
     ungated_until: int = -1              # policy.min_steps_between_calls: steps up to this one run ungated

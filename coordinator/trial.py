@@ -19,7 +19,11 @@ version through a *trial*:
    below ``min_timestep_fs``) and try again;
 6. after ``max_retries`` failed retries (or at the Δt floor) the update is *rejected* for this
    walker: it goes on from the checkpoint with its previous Δt on the model version it ran on
-   before (held by the learner), until a newer version arrives, which it trials again.
+   before (held by the learner), until a newer version arrives, which it trials again;
+7. a version judged on fewer than ``window_steps`` steps from where the walker adopted it (the
+   fallback after a rejection, or a trial cut short by an uncertainty stop) stays on probation:
+   the walker's next chunks on it are judged the same way until the window is full (the cycle's
+   ``WalkerState.judged_steps``).
 
 A reduced Δt grows back by 1/``timestep_factor`` after every ``recover_steps`` steps
 integrated without a failed trial, up to the configured Δt.

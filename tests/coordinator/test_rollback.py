@@ -109,7 +109,7 @@ def test_without_retries_the_update_is_rejected_and_the_walker_stays_on_its_prev
         i = evs.index(r)
         after = []
         for e in evs[i + 1:]:
-            if e["event"] in ("trial_started", "walker_halted"):
+            if e["event"] == "walker_halted" or (e["event"] == "trial_started" and not e.get("probation")):
                 break
             if e["event"] == "frame" and e["model_version"] > 0:
                 after.append(e["model_version"])
@@ -117,6 +117,18 @@ def test_without_retries_the_update_is_rejected_and_the_walker_stays_on_its_prev
         assert set(after) <= {r["continue_on_version"]}, (r, after)
         pinned_frames += len(after)
     assert pinned_frames > 0
+    # the version a walker falls back on is judged again from the rollback point: the next chunk is a
+    # probation trial of that version; a version that fails its probation with nothing newer halts the walker
+    for r in rejected:
+        i = evs.index(r)
+        nxt = next((e for e in evs[i + 1:] if e["event"] in ("trial_started", "walker_halted")), None)
+        if nxt is None or r["previous_version"] == r["model_version"]:
+            continue  # the run ended, or this was itself a failed probation
+        assert nxt["event"] == "trial_started" and nxt["probation"], nxt
+        assert nxt["model_version"] == r["continue_on_version"] and nxt["step"] == r["step"]
+    for h in (e for e in evs if e["event"] == "walker_halted"):
+        assert h["model_version"] == h["previous_version"], h  # only a failed probation halts with a model held
+        assert "no other model version" in h["message"]
 
 
 def test_a_run_killed_during_trials_resumes_and_trials_the_newest_model(tmp_path) -> None:
