@@ -37,8 +37,9 @@ from scipy.optimize import minimize
 
 from protos.errors import InvalidInput, ModelError
 
-from .gp import (_CHOLESKY_HINT, _ENERGY, _FORCE, _STRESS, BOUND_RTOL, DEFAULT_BOUNDS, HYPERPARAMETER_UNITS,
-                 GaussianProcess, OptimizationResult, _bound_note, serial_blas)
+from .defaults import HYPERPARAMETER_UNITS
+from .gp import (_CHOLESKY_HINT, _ENERGY, _FORCE, _STRESS, BOUND_RTOL, DEFAULT_BOUNDS, GaussianProcess,
+                 OptimizationResult, _bound_note, serial_blas)
 from .kernels import force_kernel_blocks
 
 __all__ = ["HyperPrior", "data_prior", "log_prior", "map_optimize", "validation_metrics", "holdout_split", "DataScales",

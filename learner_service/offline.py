@@ -20,7 +20,8 @@ from protos.errors import EpicycleError, InvalidInput
 
 from .calibration import calibration_summary
 from .diagnostics import model_warnings
-from .gp import HYPERPARAMETER_UNITS, GaussianProcess
+from .defaults import HYPERPARAMETER_UNITS
+from .gp import GaussianProcess
 
 __all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate_model"]
 
