@@ -374,7 +374,15 @@ def _cmd_evaluate(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add ``fit``, ``predict`` and ``evaluate`` to an argparse sub-parsers object."""
-    p = subparsers.add_parser("fit", help="train a GP force field on labelled extended XYZ")
+    p = subparsers.add_parser(
+        "fit", help="train a GP force field on labelled extended XYZ",
+        description="Train a GP force field (2- and 3-body kernels, FLARE) on labelled structures: forces "
+        "(eV/Å), optionally total energies (eV, --energy) and stresses (eV/Å³, ASE sign, --stress). The "
+        "hyperparameters (sig2, sig3 eV; ls2, ls3 Å; noise σn eV/Å) start from the one default set "
+        "(docs/configuration.md) and are fitted by MAP with data-derived priors, checked on held-out "
+        "frames; the model is written as .npz.\n\n"
+        "example:\n"
+        "  epicycle fit labels.xyz --cutoffs 6.0,4.0 --atoms-per-frame 8 --out al_gp.npz")
     p.add_argument("train", help="training set (extended XYZ with forces; energies/stresses optional)")
     p.add_argument("--cutoffs", required=True, help="2- and 3-body cutoffs in Å, e.g. 6.0,4.0")
     sel = p.add_mutually_exclusive_group()
@@ -398,13 +406,27 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="model file to write (.npz)")
     p.set_defaults(func=_guard(_cmd_fit))
 
-    p = subparsers.add_parser("predict", help="predict forces and uncertainties with a trained GP")
+    p = subparsers.add_parser(
+        "predict", help="predict forces and uncertainties with a trained GP",
+        description="Predict every structure of INPUT with a model from `fit` and write extended XYZ: energy "
+        "(eV; up to a constant unless the model was trained on energies), forces (eV/Å), per atom the σ of "
+        "each force component 'force_std' and the rotation-invariant 'atom_std' (eV/Å, epistemic), the "
+        "per-atom 'local_energy' (eV), stress (eV/Å³) for periodic cells, and σn (eV/Å) in the info.\n\n"
+        "example:\n"
+        "  epicycle predict al_gp.npz structures.xyz --out predicted.xyz")
     p.add_argument("model", help="model file written by 'fit'")
     p.add_argument("input", help="structures (extended XYZ)")
     p.add_argument("--out", required=True, help="output extended XYZ with forces, force_std and atom_std per atom")
     p.set_defaults(func=_guard(_cmd_predict))
 
-    p = subparsers.add_parser("evaluate", help="force errors and calibration on a labelled test set")
+    p = subparsers.add_parser(
+        "evaluate", help="force errors and calibration on a labelled test set",
+        description="Compare a model's forces with the labels of TEST: force RMSE and MAE (eV/Å) overall and "
+        "per species, the 95th percentile of |F| (eV/Å) and RMSE/P95 (the paper's Table 1 ratio), the mean "
+        "epistemic σ and σn (eV/Å), and calibration of the total σ: coverage within 1σ and 2σ, mean z² "
+        "(1 when calibrated), miscalibration area and a variance scale.\n\n"
+        "example:\n"
+        "  epicycle evaluate al_gp.npz test_labels.xyz --json")
     p.add_argument("model", help="model file written by 'fit'")
     p.add_argument("test", help="labelled test set (extended XYZ with forces)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
