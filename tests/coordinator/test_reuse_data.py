@@ -174,6 +174,28 @@ def test_a_run_starts_from_another_runs_labels_and_a_file(tmp_path) -> None:
     updates = [e for e in events if e["event"] == "training_update"]
     assert all(b["n_environments"] >= a["n_environments"] for a, b in zip(updates, updates[1:]))
 
+    # the learner lost its checkpoints: rebuilt from learner.data and the run's labels, the same training set
+    import shutil
+
+    def manifest(checkpoint_id):
+        return json.loads((run_dir / "learner" / "checkpoints" / f"{checkpoint_id}.json").read_text())
+
+    before = manifest(json.loads((run_dir / "state.json").read_text())["learner_checkpoint"])
+    shutil.rmtree(run_dir / "learner")
+    rebuilt = cli("run", "--resume", str(run_dir), "--set", "sampler.steps=41", "--no-report", cwd=tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stdout[-2000:] + rebuilt.stderr[-3000:]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    reseeded = [e for e in events if e["event"] == "training_seeded"]
+    assert len(reseeded) == 2 and reseeded[1]["rebuilding"] and reseeded[1]["digest"] == seeded["digest"]
+    ck = next(e for e in events if e["event"] == "learner_rebuilt")["learner_checkpoint"]
+    assert manifest(ck)["n_environments"] == before["n_environments"] > seeded["environments"]
+    # ... and refuses when the data changed since the run started
+    shutil.rmtree(run_dir / "learner")
+    write(tmp_path / "extra.xyz", [*al, cu_frame(3)], format="extxyz")
+    refused = cli("run", "--resume", str(run_dir), "--set", "sampler.steps=42", "--no-report", cwd=tmp_path)
+    assert refused.returncode == 2 and "learner.data changed since the run started" in refused.stderr
+    write(tmp_path / "extra.xyz", [*al, cu_frame(2)], format="extxyz")
+
     # and `epicycle fit` reads both kinds of input too
     fit = cli("fit", "source", "extra.xyz", "--cutoffs", "5.0,3.5", "--no-optimize", "--atoms", "0,1",
               "--out", "m.npz", cwd=tmp_path)
