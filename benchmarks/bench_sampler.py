@@ -53,9 +53,9 @@ from ase.build import bulk
 
 from learner_service.datasets import perturbed_fcc_al, training_selection
 from learner_service.gp import GaussianProcess
-from sampler_service.engines import create_engine
-from sampler_service.forces import ForceResult
-from sampler_service.learner_forces import LearnerStreamProvider
+from sampler_service.engine_registry import create_engine
+from sampler_service.force_providers import ForceResult
+from sampler_service.learner_stream_provider import LearnerStreamProvider
 from sampler_service.settings import SamplerSettings
 
 R2, R3 = 6.0, 4.0

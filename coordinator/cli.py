@@ -34,11 +34,49 @@ def _version() -> str:
         return "(not installed)"
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Descriptions in paragraphs: blank lines separate paragraphs, which are re-wrapped to the
+    terminal; lines indented by two spaces (examples) are kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        out: list[str] = []
+        for paragraph in text.strip("\n").split("\n\n"):
+            prose: list[str] = []
+            block: list[str] = []
+            for line in paragraph.splitlines():
+                if line.startswith("  "):
+                    if prose:
+                        block.append(super()._fill_text(" ".join(prose), width, indent))
+                        prose = []
+                    block.append(indent + line)
+                else:
+                    prose.append(line.strip())
+            if prose:
+                block.append(super()._fill_text(" ".join(prose), width, indent))
+            out.append("\n".join(block))
+        return "\n\n".join(out)
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    """Every (nested) sub-command parser of ``parser``, as ``(["serve", "oracle"], parser)``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield [name], sub
+                for path, nested in _subparsers(sub):
+                    yield [name, *path], nested
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="epicycle",
-        description="On-the-fly Bayesian force fields: GP learner, MD sampler and DFT oracle as gRPC services. "
-        "Units: Å, eV, eV/Å, eV/Å³, fs, K.",
+        description="On-the-fly Bayesian force fields (FLARE): GP learner, MD sampler and DFT oracle as gRPC "
+        "services, driven by a coordinator. Units everywhere: Å, eV, eV/Å (forces and their σ), eV/Å³ (stress), "
+        "fs, K.\n\n"
+        "example (an on-the-fly run with the embedded EMT oracle, then its report):\n"
+        "  epicycle run examples/al_melt.yaml\n\n"
+        "`epicycle COMMAND --help` describes each command.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -51,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register_cli(sub)
+    for _, sub_parser in _subparsers(parser):
+        sub_parser.formatter_class = HelpFormatter
     return parser
 
 

@@ -79,6 +79,10 @@ class LearnerConfig:
     use_energy: bool = False
     use_stress: bool = False
     optimize: OptimizeConfig = OptimizeConfig()
+    # labelled data the training set starts from, added before the first oracle call: extended XYZ files
+    # (forces eV/Å) and/or run directories (their labels, on the atoms that run trained on); relative
+    # paths are relative to the config file (learner_service/labelled_data.py)
+    data: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -358,7 +362,8 @@ def _convert(path: str, value: Any, default: Any, annotation: str) -> Any:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{path}: expected a list of addresses, got {value!r}")
+            what = "paths (XYZ files or run directories)" if path.endswith(".data") else "addresses"
+            raise ConfigError(f"{path}: expected a list of {what}, got {value!r}")
         return tuple(value)
     if annotation.startswith("Mapping"):
         if not isinstance(value, Mapping):
@@ -430,9 +435,24 @@ def load_config(path: str | Path) -> RunConfig:
             return s
         return dataclasses.replace(s, file=str(path.parent / s.file))
 
-    return dataclasses.replace(
+    config = dataclasses.replace(
         config, structure=relative_to_config(config.structure),
-        walkers=tuple(dataclasses.replace(w, structure=relative_to_config(w.structure)) for w in config.walkers))
+        walkers=tuple(dataclasses.replace(w, structure=relative_to_config(w.structure)) for w in config.walkers),
+        learner=dataclasses.replace(config.learner, data=tuple(
+            str((path.parent / d).resolve()) for d in config.learner.data)))
+    check_data_paths(config)
+    return config
+
+
+def check_data_paths(config: RunConfig) -> None:
+    """``learner.data``: every entry an existing file or run directory (checked when a run starts from the
+    file, not when a run directory's saved configuration is read on resume)."""
+    for i, d in enumerate(config.learner.data):
+        p = Path(d)
+        if not p.exists():
+            raise ConfigError(f"learner.data[{i}]: {d} does not exist (an extended XYZ file or a run directory)")
+        if p.is_dir() and not (p / "state.json").is_file():
+            raise ConfigError(f"learner.data[{i}]: {d} is a directory but not a run directory (no state.json)")
 
 
 # --------------------------------------------------------------------------- semantic checks
@@ -468,6 +488,8 @@ def validate(c: RunConfig) -> None:
         need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
              f"learner.hyperparameters.{k}: must be a positive number, got {v!r}")
     need(le.optimize.every >= 0, f"learner.optimize.every: must be >= 0, got {le.optimize.every}")
+    for i, d in enumerate(le.data):
+        need(bool(d.strip()), f"learner.data[{i}]: empty path")
     need(le.optimize.max_iterations >= 1,
          f"learner.optimize.max_iterations: must be >= 1, got {le.optimize.max_iterations}")
     need(le.optimize.space in ("linear", "log"),

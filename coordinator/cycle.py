@@ -51,6 +51,7 @@ from coordinator.calibration import OnlineCalibration
 from coordinator.policies import ACQUISITION, UPDATE, UpdateContext
 from coordinator.rundir import QueuedFrame, RunDirectory, RunState, StoredLabel, WalkerState
 from coordinator.ports import Ports, SamplerPort, grpc_ports
+from coordinator.seed_data import seed_learner, seed_species
 from coordinator.services import OracleUnavailable, Services
 from protos import wire
 from protos.epicycle.v1 import common_pb2, sampler_pb2
@@ -102,8 +103,8 @@ def walker_structure(config: RunConfig, walker: Walker) -> Atoms:
 
 
 def run_species(config: RunConfig) -> list[int]:
-    """Atomic numbers of every walker's starting structure."""
-    species: set[int] = set()
+    """Atomic numbers of every walker's starting structure and of ``learner.data``."""
+    species: set[int] = seed_species(config)  # and of learner.data
     for w in config.walker_list():
         species.update(int(z) for z in walker_structure(config, w).numbers)
     return sorted(species)
@@ -398,6 +399,7 @@ class OnTheFlyRun:
                     self.learner.restore_checkpoint("initial")
                     self.progress.line(f"learner {self.ports.learner_address} held training data: reset to "
                                        f"its initial (empty) model for this new run")
+                seed_learner(self.config, self.learner, rd, self.progress)  # learner.data, if any
                 self._refresh_model_info()
                 self._first_label()
             self._loop()
@@ -549,6 +551,7 @@ class OnTheFlyRun:
         self.progress.line(f"the learner does not have checkpoint {st.learner_checkpoint}: rebuilding it from "
                            f"the {st.labels_applied} labels in {rd.labels_dir}")
         self.learner.restore_checkpoint("initial")
+        seed_learner(self.config, self.learner, rd, self.progress, rebuilding=True)
         applied = 0
         for batch in st.apply_batches:
             labels = [rd.read_label(i) for i in batch]

@@ -73,9 +73,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                        description="Every label of a run directory with the oracle's energy (eV), forces (eV/Å) "
                        "and stress (eV/Å³); per atom whether it entered the training set ('training') and the "
                        "old model's forces and σ at that frame ('model_forces', 'model_force_std', eV/Å); walker, "
-                       "step, time (fs) and temperature (K) in each frame's info. Example: "
-                       "epicycle export runs/melt --xyz melt_labels.xyz",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       "step, time (fs) and temperature (K) in each frame's info.\n\n"
+                       "example (then retrain on the labels):\n"
+                       "  epicycle export runs/melt --xyz melt_labels.xyz\n"
+                       "  epicycle fit melt_labels.xyz --cutoffs 6.0,4.0 --out melt_gp.npz")
     p.add_argument("run_dir", type=Path, help="the run directory (runs/<name>-<time>/)")
     p.add_argument("--xyz", type=Path, required=True, metavar="OUT", help="extended XYZ file to write")
     p.add_argument("--applied-only", action="store_true",

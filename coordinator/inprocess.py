@@ -307,8 +307,8 @@ class ReplayCall:
         self.cancelled = True
 
     def __iter__(self):
-        from sampler_service.engine import Frame, Observables, StopReport, uncertainty_crossing
-        from sampler_service.forces import ForceResult, per_atom_sigma
+        from sampler_service.engine_interface import Frame, Observables, StopReport, uncertainty_crossing
+        from sampler_service.force_providers import ForceResult, per_atom_sigma
         from sampler_service.servicer import frame_to_proto, stop_to_proto
 
         s = self.sampler

@@ -32,7 +32,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "probe", help="check a service's gRPC health (exit 0 if SERVING, 1 otherwise)",
         description="Ask the standard gRPC health service (grpc.health.v1) of ADDRESS once and print one line. "
         "Exit status 0 if the service is SERVING, 1 otherwise. For Kubernetes exec probes of servers that use "
-        "TLS (native grpc probes cannot), and for checking a deployment by hand.")
+        "TLS (native grpc probes cannot), and for checking a deployment by hand.\n\n"
+        "example:\n"
+        "  epicycle probe 127.0.0.1:50051 --service epicycle.v1.Oracle")
     add_arguments(p)
     p.set_defaults(func=probe_command)
 

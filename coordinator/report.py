@@ -317,7 +317,7 @@ def _hyperparameters_text(hyps: dict | None, labels_used: list | None) -> str:
     """``sig2 0.637 eV, ls2 1.2 Å, ...``; the energy/stress noises only when those labels are trained on."""
     if not hyps:
         return "–"
-    from learner_service.gp import HYPERPARAMETER_UNITS as units
+    from learner_service.defaults import HYPERPARAMETER_UNITS as units
 
     used = set(labels_used or ("forces", "energy", "stress"))
     skip = {n for n, label in (("energy_noise", "energy"), ("stress_noise", "stress")) if label not in used}

@@ -13,7 +13,13 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run an on-the-fly training (FLARE cycle) from a YAML config",
                        description="Start (or resume) an on-the-fly run. Without service addresses in the "
                        "config, the oracle, learner and sampler services are started on 127.0.0.1 and driven "
-                       "over gRPC exactly as in a deployment.")
+                       "over gRPC exactly as in a deployment. Progress lines give the MD step, simulated time "
+                       "(ps), temperature (K), oracle calls, the speed (MD steps/s) and the estimated time "
+                       "left; the run directory keeps every label (eV, eV/Å, eV/Å³), the event log and the "
+                       "report.\n\n"
+                       "example (the demo: FCC Al heated with the EMT oracle), then continue it for longer:\n"
+                       "  epicycle run examples/al_melt.yaml --run-dir runs/melt\n"
+                       "  epicycle run --resume runs/melt --set sampler.steps=1200")
     p.add_argument("config", nargs="?", type=Path, help="run configuration (YAML)")
     p.add_argument("--run-dir", type=Path, help="where to write the run (default: runs/<name>-<time>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
@@ -29,18 +35,32 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.set_defaults(func=run_command)
 
-    r = sub.add_parser("report", help="write the report (plots + key numbers) of a run directory")
+    r = sub.add_parser("report", help="write the report (plots + key numbers) of a run directory",
+                       description="Write report.md and its plots into the run directory: temperature (K) and "
+                       "oracle calls against simulated time (ps), cumulative oracle calls, the noise σn (eV/Å), "
+                       "force error against predicted σ (eV/Å) and calibration. `epicycle run` writes it at the "
+                       "end; this command rewrites it, e.g. for a run that was interrupted.\n\n"
+                       "example:\n"
+                       "  epicycle report runs/melt")
     r.add_argument("run_dir", type=Path, help="the run directory (runs/<name>-<time>/)")
     r.set_defaults(func=report_command)
 
-    c = sub.add_parser("check-config", help="validate a run configuration and print it with defaults filled in")
+    c = sub.add_parser("check-config", help="validate a run configuration and print it with defaults filled in",
+                       description="Read a run configuration, check every key (a bad one is named with what is "
+                       "allowed) and print the whole configuration as YAML with the defaults filled in. Units as "
+                       "in docs/configuration.md: lengths Å, timestep fs, temperatures K, pressure GPa, "
+                       "thresholds and σ eV/Å.\n\n"
+                       "example:\n"
+                       "  epicycle check-config examples/al_melt.yaml")
     c.add_argument("config", type=Path, help="run configuration (YAML), e.g. examples/al_melt.yaml")
     c.set_defaults(func=check_command)
 
     a = sub.add_parser("check-run", help="audit a run directory: labels, queue, walkers, learner checkpoint",
                        description="Check a run directory the way `epicycle run --resume` does before continuing: "
                        "every label present, readable and byte for byte as written (SHA-256 in state.json), "
-                       "the queue and each walker's checkpoint. Exit status 0 if it can be resumed, 1 if not.")
+                       "the queue and each walker's checkpoint. Exit status 0 if it can be resumed, 1 if not.\n\n"
+                       "example:\n"
+                       "  epicycle check-run runs/melt")
     a.add_argument("run_dir", type=Path, help="the run directory (runs/<name>-<time>/)")
     a.set_defaults(func=check_run_command)
 

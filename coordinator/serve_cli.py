@@ -49,11 +49,37 @@ def _parse_settings(pairs: list[str]) -> dict:
     return out
 
 
+ROLE_DESCRIPTIONS = {
+    "learner": "Serve the Learner service: the GP force field. Predict returns energy (eV), forces and the σ "
+               "of every force component (eV/Å) and stress (eV/Å³); AddData adds labelled environments; "
+               "Optimize fits the hyperparameters (sig eV, ls Å, σn eV/Å). Starts empty (--species, "
+               "--cutoffs Å), from a saved model (--model) or from its own latest checkpoint (--model-dir).\n\n"
+               "example:\n"
+               "  epicycle serve learner --species Al --cutoffs 6.0,4.0 --port 50052 --model-dir learner",
+    "sampler": "Serve the Sampler service: MD engines (built-in NumPy integrators, LAMMPS) that take forces "
+               "and their σ (eV/Å) from a learner stream and stop when σ crosses the threshold the "
+               "coordinator sets; timestep fs, temperature K, pressure GPa.\n\n"
+               "example:\n"
+               "  epicycle serve sampler --learner 127.0.0.1:50052 --port 50053",
+}
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser("serve", help="run one Epicycle service until SIGTERM")
+    serve = sub.add_parser("serve", help="run one Epicycle service until SIGTERM",
+                           description="Run one service (what each container runs): the oracle labels structures "
+                           "(energy eV, forces eV/Å, stress eV/Å³), the learner serves the GP (forces and their σ, "
+                           "eV/Å), the sampler runs MD (Δt fs, T K). Every server also serves gRPC health and, "
+                           "with --metrics-port, Prometheus metrics; SIGTERM stops it gracefully.\n\n"
+                           "example:\n"
+                           "  epicycle serve oracle --backend emt --port 50051")
     roles = serve.add_subparsers(dest="role", metavar="ROLE", required=True)
 
-    o = roles.add_parser("oracle", help="label structures with a reference method (EMT, LJ, DFT ...)")
+    o = roles.add_parser("oracle", help="label structures with a reference method (EMT, LJ, DFT ...)",
+                         description="Serve the Oracle service: label structures (positions Å) with energy (eV), "
+                         "forces (eV/Å) and stress (eV/Å³) from a backend (--list-backends). Backend settings "
+                         "(e.g. a DFT code's cutoffs and k-points) come from --set or --settings-file.\n\n"
+                         "example:\n"
+                         "  epicycle serve oracle --backend emt --port 50051 --workers 2")
     _common(o, 50051)
     o.add_argument("--backend", default="emt", help="oracle backend name (see --list-backends; default emt)")
     o.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
@@ -72,7 +98,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         except ModuleNotFoundError:
             continue
         if hasattr(module, "register_serve_cli"):
-            r = roles.add_parser(role, help=f"run the {role} service")
+            r = roles.add_parser(role, help=f"run the {role} service", description=ROLE_DESCRIPTIONS[role])
             _common(r, 50052 if role == "learner" else 50053)
             module.register_serve_cli(r)
             r.set_defaults(server_config=_server_config)

@@ -48,6 +48,8 @@ from ase import Atoms
 from protos.errors import InvalidInput, ModelError, NotFound
 from protos.files import atomic_write, fsync_dir
 
+from learner_service.defaults import HYPERPARAMETER_UNITS
+
 __all__ = ["ModelDirectory", "DataItem", "Lineage", "apply_items", "write_batch", "read_batch", "atomic_write",
            "INITIAL"]
 
@@ -386,8 +388,7 @@ class ModelDirectory:
             "cutoffs": [float(gp.cutoffs.r2), float(gp.cutoffs.r3)],
             "pair_cutoffs": gp.cutoffs.pair_dict(),
             "hyperparameters": gp.hyperparameters,
-            "units": {"cutoffs": "Å", "sig2": "eV", "ls2": "Å", "sig3": "eV", "ls3": "Å", "noise": "eV/Å",
-                      "energy_noise": "eV", "stress_noise": "eV/Å^3"},
+            "units": {"cutoffs": "Å", **HYPERPARAMETER_UNITS},
             "n_environments": int(gp.n_environments),
             "n_labels": int(gp.n_labels),
             "counts": gp.data_counts(),

@@ -48,7 +48,7 @@ from scipy.optimize import minimize
 
 from protos.errors import InvalidInput, ModelError, NotFound
 
-from .defaults import DEFAULT_HYPERPARAMETERS
+from .defaults import DEFAULT_HYPERPARAMETERS, HYPERPARAMETER_UNITS
 from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .kernels import (N_FUNCTIONALS, LabelGroups, force_kernel_blocks, forward_substitution, kernel_blocks,
                       prediction_blocks)
@@ -60,15 +60,6 @@ BASE_HYPERPARAMETERS = ("sig2", "ls2", "sig3", "ls3", "noise")
 # the one default start, shared with `epicycle run` (learner_service/defaults.py)
 DEFAULT_ENERGY_NOISE = 0.01  # eV, FLARE 0.2.4 default
 DEFAULT_STRESS_NOISE = 0.001  # eV/Å^3 (0.16 GPa)
-HYPERPARAMETER_UNITS = {
-    "sig2": "eV",
-    "ls2": "Å",
-    "sig3": "eV",
-    "ls3": "Å",
-    "noise": "eV/Å",
-    "energy_noise": "eV",
-    "stress_noise": "eV/Å^3",
-}
 # optimisation boxes (units as HYPERPARAMETER_UNITS).  The force noise stops at 1e-3 eV/Å as
 # in FLARE 0.2.4 (gp.train(): bounds[-1, 0] = 1e-3): reference forces are not more precise
 # than ~1 meV/Å (DFT convergence), and on noise-free labels (EMT, LJ) the likelihood would

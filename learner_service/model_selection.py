@@ -37,8 +37,9 @@ from scipy.optimize import minimize
 
 from protos.errors import InvalidInput, ModelError
 
-from .gp import (_CHOLESKY_HINT, _ENERGY, _FORCE, _STRESS, BOUND_RTOL, DEFAULT_BOUNDS, HYPERPARAMETER_UNITS,
-                 GaussianProcess, OptimizationResult, _bound_note, serial_blas)
+from .defaults import HYPERPARAMETER_UNITS
+from .gp import (_CHOLESKY_HINT, _ENERGY, _FORCE, _STRESS, BOUND_RTOL, DEFAULT_BOUNDS, GaussianProcess,
+                 OptimizationResult, _bound_note, serial_blas)
 from .kernels import force_kernel_blocks
 
 __all__ = ["HyperPrior", "data_prior", "log_prior", "map_optimize", "validation_metrics", "holdout_split", "DataScales",
@@ -260,7 +261,7 @@ def _grad_log(kern: _Kernels, hyps: Mapping[str, float], names: Sequence[str], a
     return out
 
 
-def _scaled_lbfgsb(fun, x0, bounds, options, first_step: float = 1.0):
+def _scaled_lbfgsb(fun, x0, bounds, options, first_step: float = 1.0, callback=None):
     """L-BFGS-B on ``fun`` divided by the norm of its gradient at ``x0`` (>= 1): with every variable
     boxed, L-BFGS-B's first trial step is the whole gradient step, which for a likelihood of
     hundreds of labels lands on the box; scaled, the first step is at most 1 in log θ (a factor
@@ -280,7 +281,21 @@ def _scaled_lbfgsb(fun, x0, bounds, options, first_step: float = 1.0):
     opts = dict(options)
     if "gtol" in opts:
         opts["gtol"] = opts["gtol"] * scale
-    return minimize(scaled, x0, jac=True, method="L-BFGS-B", bounds=bounds, options=opts), scale
+    return minimize(scaled, x0, jac=True, method="L-BFGS-B", bounds=bounds, options=opts, callback=callback), scale
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``2.5 h``."""
+    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200 else
+                                                     f"{seconds / 3600:.1f} h")
+
+
+def pace(started: float, done: int, total: int, now: float | None = None) -> str:
+    """``12 s, 2.1 s each, ETA 40 s`` for ``done`` of ``total`` equal-cost items started at ``started``
+    (``time.perf_counter()`` seconds)."""
+    elapsed = (time.perf_counter() if now is None else now) - started
+    each = elapsed / max(done, 1)
+    return f"{_duration(elapsed)}, {each:.2g} s each, ETA {_duration(max(total - done, 0) * each)}"
 
 
 @dataclass
@@ -528,7 +543,8 @@ def map_optimize(
     # screening: one kernel build per start, inner search from that start and from the centre's
     # signal/noise values (restarts in the inner space cost no kernel)
     screened = []
-    for label, h in starts:
+    screen0 = time.perf_counter()
+    for k_start, (label, h) in enumerate(starts):
         kern = source.build([h["ls2"], h["ls3"]], counter)
         best = None
         inner_starts = [h]
@@ -541,13 +557,16 @@ def map_optimize(
             if ok:
                 break  # a converged inner search; the second start only when the first failed
         screened.append({"start": label, "objective": best[0], "hyperparameters": best[1]})
-        log(f"  restart {label:12s}: ls2={h['ls2']:.4g} Å ls3={h['ls3']:.4g} Å -> objective {best[0]:.4f}")
+        log(f"  restart {label:12s}: ls2={h['ls2']:.4g} Å ls3={h['ls3']:.4g} Å -> objective {best[0]:.4f}   "
+            f"[start {k_start + 1}/{len(starts)}: {pace(screen0, k_start + 1, len(starts))}]")
     order = sorted(range(len(screened)), key=lambda i: -screened[i]["objective"])
     first = screened[order[0]]["hyperparameters"]
 
     # outer search over log(ls2, ls3) with the envelope gradient
     counter.phase = "outer"
     state = {"hyps": dict(first), "best": (-math.inf, dict(first)), "kern": None}
+    outer0 = time.perf_counter()
+    iterations = [0]   # L-BFGS-B iterations completed (for the progress lines)
 
     def outer(x):
         counter.outer_evaluations += 1
@@ -570,7 +589,10 @@ def map_optimize(
         if J > state["best"][0]:
             state["best"] = (J, dict(hopt))
         log(f"  outer {counter.outer_evaluations:3d}: ls2={hopt['ls2']:.4g} Å ls3={hopt['ls3']:.4g} Å "
-            f"sig2={hopt['sig2']:.4g} sig3={hopt['sig3']:.4g} noise={hopt['noise']:.4g} -> objective {J:.4f}")
+            f"sig2={hopt['sig2']:.4g} sig3={hopt['sig3']:.4g} noise={hopt['noise']:.4g} -> objective {J:.4f}   "
+            f"[{_duration(time.perf_counter() - outer0)}, "
+            f"{(time.perf_counter() - outer0) / counter.outer_evaluations:.2g} s per evaluation; "
+            f"{iterations[0]} of at most {max_iterations} iterations done]")
         return -J, -g
 
     message, status, nit = "no length scale optimised", 0, 0
@@ -578,7 +600,8 @@ def map_optimize(
         x0 = np.log([first[n] for n in outer_names])
         xb = [(math.log(box[n][0]), math.log(box[n][1])) for n in outer_names]
         res, _ = _scaled_lbfgsb(outer, x0, xb, {"maxiter": int(max_iterations), "gtol": gtol, "ftol": 1e-8,
-                                                 "maxls": 20, "maxfun": 3 * int(max_iterations) + 5})
+                                                 "maxls": 20, "maxfun": 3 * int(max_iterations) + 5},
+                                callback=lambda _x: iterations.__setitem__(0, iterations[0] + 1))
         message, status, nit = str(res.message), int(res.status), int(res.nit)
     J_best, h_best = state["best"] if outer_names else (screened[order[0]]["objective"], first)
     candidates = [("outer optimum", J_best, h_best)] + [

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +19,9 @@ from protos.errors import EpicycleError, InvalidInput
 
 from .calibration import calibration_summary
 from .diagnostics import model_warnings
-from .gp import HYPERPARAMETER_UNITS, GaussianProcess
+from .defaults import HYPERPARAMETER_UNITS
+from .gp import GaussianProcess
+from .labelled_data import frame_forces, read_frames, read_labelled
 
 __all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate_model"]
 
@@ -30,36 +31,10 @@ __all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate
 # ---------------------------------------------------------------------------
 
 
-def read_frames(path) -> list:
-    """All frames of an (extended) XYZ file, or every label of a run directory (``epicycle export``:
-    per-atom ``training`` marks the atoms the run trained on); clear errors for missing/empty/broken files."""
-    from ase.io import read
-
-    path = Path(path)
-    if not path.exists():
-        raise InvalidInput(f"{path}: no such file")
-    if path.is_dir():
-        from coordinator.export import run_frames
-
-        frames = run_frames(path)
-        if not frames:
-            raise InvalidInput(f"{path}: the run has no labels yet")
-        return frames
-    try:
-        frames = read(str(path), index=":")
-    except Exception as exc:  # ase raises many types for malformed files
-        raise InvalidInput(f"{path}: cannot read as extended XYZ ({type(exc).__name__}: {exc})") from exc
-    if not frames:
-        raise InvalidInput(f"{path}: contains no structures")
-    return frames
-
-
 def _labels(atoms, path, k, want_energy=False, want_stress=False, need_forces=True):
     calc = atoms.calc
     results = getattr(calc, "results", {}) if calc is not None else {}
-    forces = results.get("forces")
-    if forces is None and "forces" in atoms.arrays:
-        forces = atoms.arrays["forces"]
+    forces = frame_forces(atoms)
     if need_forces and forces is None:
         raise InvalidInput(f"{path}: frame {k} has no forces (expected a per-atom 'forces' array in eV/Å)")
     energy = results.get("energy") if want_energy else None
@@ -68,7 +43,7 @@ def _labels(atoms, path, k, want_energy=False, want_stress=False, need_forces=Tr
     stress = results.get("stress") if want_stress else None
     if want_stress and stress is None:
         raise InvalidInput(f"{path}: frame {k} has no stress but --stress was given")
-    return (None if forces is None else np.asarray(forces, dtype=float)), energy, stress
+    return forces, energy, stress
 
 
 def _parse_ints(text: str) -> list[int]:
@@ -108,7 +83,12 @@ def fit_model(
     restarts: int = 3,
     holdout: float = 0.2,
 ):
-    """Build a GP from a labelled XYZ file, optimise its hyperparameters, save it to ``out``.
+    """Build a GP from labelled data, optimise its hyperparameters, save it to ``out``.
+
+    ``train_path``: one input or a sequence of inputs, each an extended XYZ file or a run directory
+    (:func:`learner_service.labelled_data.read_labelled`: merged in order, a structure already in an
+    earlier input dropped, a summary per input logged).  ``atoms``/``atoms_per_frame`` select atoms in every frame of
+    every input (default: all atoms).
 
     Start values: ``hyperparameters`` or the one default set (learner_service/defaults.py, the
     same as ``epicycle run``'s).  ``prior="data"``: MAP with the data-derived prior and
@@ -126,18 +106,21 @@ def fit_model(
         raise InvalidInput(f"--holdout must be in [0, 1), got {holdout}")
     if prior not in ("data", "none"):
         raise InvalidInput(f"--prior must be 'data' or 'none', got {prior!r}")
-    frames = read_frames(train_path)
-    species = sorted({int(z) for f in frames for z in f.get_atomic_numbers()})
+    data = read_labelled(train_path)
+    for line in data.summary_lines():
+        log(f"data: {line}")
+    frames, species = data.frames, data.species
     gp = GaussianProcess(species, cutoffs, hyperparameters=hyperparameters)
     rng = np.random.default_rng(seed)
     selections, labels = [], []
     for k, frame in enumerate(frames):
-        forces, e, s = _labels(frame, train_path, k, energy, stress)
+        source, index = data.origins[k]
+        forces, e, s = _labels(frame, source, index, energy, stress)
         n = len(frame)
         if atoms is not None:
             bad = [i for i in atoms if not 0 <= i < n]
             if bad:
-                raise InvalidInput(f"--atoms {bad} out of range for frame {k} with {n} atoms")
+                raise InvalidInput(f"--atoms {bad} out of range for frame {index} of {source} with {n} atoms")
             idx = list(atoms)
         elif atoms_per_frame is not None:
             idx = sorted(rng.choice(n, size=min(atoms_per_frame, n), replace=False).tolist())
@@ -373,8 +356,20 @@ def _cmd_evaluate(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add ``fit``, ``predict`` and ``evaluate`` to an argparse sub-parsers object."""
-    p = subparsers.add_parser("fit", help="train a GP force field on labelled extended XYZ")
-    p.add_argument("train", help="training set (extended XYZ with forces; energies/stresses optional)")
+    p = subparsers.add_parser(
+        "fit", help="train a GP force field on labelled extended XYZ",
+        description="Train a GP force field (2- and 3-body kernels, FLARE) on labelled structures: forces "
+        "(eV/Å), optionally total energies (eV, --energy) and stresses (eV/Å³, ASE sign, --stress). The "
+        "hyperparameters (sig2, sig3 eV; ls2, ls3 Å; noise σn eV/Å) start from the one default set "
+        "(docs/configuration.md) and are fitted by MAP with data-derived priors, checked on held-out "
+        "frames; the model is written as .npz. Several inputs (XYZ files, run directories) are merged, "
+        "with a summary per input (frames, atoms per element, energies, stresses).\n\n"
+        "example (the labels of a run plus an extra labelled file):\n"
+        "  epicycle fit runs/melt extra_labels.xyz --cutoffs 6.0,4.0 --atoms-per-frame 8 --out al_gp.npz")
+    p.add_argument("train", nargs="+", metavar="DATA",
+                   help="labelled data: extended XYZ files with forces (eV/Å; energies eV and stresses eV/Å³ "
+                        "optional) and/or run directories (their oracle labels); several are merged, a "
+                        "structure already in an earlier input dropped, e.g. runs/melt extra.xyz")
     p.add_argument("--cutoffs", required=True, help="2- and 3-body cutoffs in Å, e.g. 6.0,4.0")
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--atoms", help="comma-separated atom indices to train on in every frame")
@@ -397,13 +392,27 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="model file to write (.npz)")
     p.set_defaults(func=_guard(_cmd_fit))
 
-    p = subparsers.add_parser("predict", help="predict forces and uncertainties with a trained GP")
+    p = subparsers.add_parser(
+        "predict", help="predict forces and uncertainties with a trained GP",
+        description="Predict every structure of INPUT with a model from `fit` and write extended XYZ: energy "
+        "(eV; up to a constant unless the model was trained on energies), forces (eV/Å), per atom the σ of "
+        "each force component 'force_std' and the rotation-invariant 'atom_std' (eV/Å, epistemic), the "
+        "per-atom 'local_energy' (eV), stress (eV/Å³) for periodic cells, and σn (eV/Å) in the info.\n\n"
+        "example:\n"
+        "  epicycle predict al_gp.npz structures.xyz --out predicted.xyz")
     p.add_argument("model", help="model file written by 'fit'")
     p.add_argument("input", help="structures (extended XYZ)")
     p.add_argument("--out", required=True, help="output extended XYZ with forces, force_std and atom_std per atom")
     p.set_defaults(func=_guard(_cmd_predict))
 
-    p = subparsers.add_parser("evaluate", help="force errors and calibration on a labelled test set")
+    p = subparsers.add_parser(
+        "evaluate", help="force errors and calibration on a labelled test set",
+        description="Compare a model's forces with the labels of TEST: force RMSE and MAE (eV/Å) overall and "
+        "per species, the 95th percentile of |F| (eV/Å) and RMSE/P95 (the paper's Table 1 ratio), the mean "
+        "epistemic σ and σn (eV/Å), and calibration of the total σ: coverage within 1σ and 2σ, mean z² "
+        "(1 when calibrated), miscalibration area and a variance scale.\n\n"
+        "example:\n"
+        "  epicycle evaluate al_gp.npz test_labels.xyz --json")
     p.add_argument("model", help="model file written by 'fit'")
     p.add_argument("test", help="labelled test set (extended XYZ with forces)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

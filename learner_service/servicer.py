@@ -35,11 +35,10 @@ from protos.errors import InvalidInput, ModelError, NotFound, NotReady, SetupErr
 from protos.structures import StructureLimits, check_min_distance, check_structure, isolated_atoms
 
 from learner_service.checkpoints import INITIAL, DataItem, Lineage, ModelDirectory, apply_items, base_name
+from learner_service.defaults import HYPERPARAMETER_UNITS
 from learner_service.diagnostics import model_warnings
 
 #: units of the hyperparameters, for ModelInfo
-HYPERPARAMETER_UNITS = {"sig2": "eV", "ls2": "Å", "sig3": "eV", "ls3": "Å", "noise": "eV/Å",
-                        "energy_noise": "eV", "stress_noise": "eV/Å³"}
 
 
 def _log(message: str) -> None:

@@ -71,9 +71,10 @@ from scipy.optimize import minimize
 
 from protos.errors import InvalidInput, ModelError, NotFound
 
+from .defaults import HYPERPARAMETER_UNITS
 from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .gp import (BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
-                 DEFAULT_STRESS_NOISE, HYPERPARAMETER_UNITS, Hyperparameters, OptimizationResult, Prediction,
+                 DEFAULT_STRESS_NOISE, Hyperparameters, OptimizationResult, Prediction,
                  _ENERGY, _FORCE, _STRESS, _bound_note, _Group, default_predict_threads, serial_blas)
 from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks, prediction_blocks
 

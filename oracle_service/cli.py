@@ -16,7 +16,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("label", help="label the structures of an (extended) XYZ file through an Oracle service",
                        description="Send every structure of IN to the Oracle service and write the labelled "
                        "structures (energy eV, forces eV/Å, stress eV/Å³) as extended XYZ. Each frame is "
-                       "written as soon as it is labelled; a frame the oracle rejects is reported and skipped.")
+                       "written as soon as it is labelled; a frame the oracle rejects is reported and skipped.\n\n"
+                       "example (with `epicycle serve oracle --backend emt` running):\n"
+                       "  epicycle label examples/cu_rattled.xyz --oracle 127.0.0.1:50051 --out cu_labelled.xyz")
     p.add_argument("input", type=Path, help="structures to label (any format ASE reads; all frames)")
     p.add_argument("--oracle", required=True, metavar="HOST:PORT", help="address of the Oracle service")
     p.add_argument("--out", required=True, type=Path, help="output extended XYZ file")

@@ -13,17 +13,19 @@ The pure core that the gRPC servicer adapts::
         engine.run(...)                       # step n uses them, then the provider again
     blob = engine.checkpoint()                # bytes; engine_from_checkpoint(blob, provider)
 
-Modules: :mod:`.settings` (frozen settings, units), :mod:`.forces` (ForceProvider,
-ForceResult, ASE adapter), :mod:`.engine` (MDEngine interface, Frame, StopReport,
-state machine), :mod:`.builtin` (NumPy integrators), :mod:`.lammps_engine`
-(LAMMPS via fix external, optional), :mod:`.engines` (registry),
+Modules: :mod:`.settings` (frozen settings, units), :mod:`.force_providers`
+(ForceProvider protocol, ForceResult, ASE and σ-function providers),
+:mod:`.learner_stream_provider` (forces from the Learner service's gRPC stream),
+:mod:`.engine_interface` (MDEngine interface, Frame, StopReport, state machine),
+:mod:`.engine_registry` (engine name -> class), :mod:`.builtin_engine` (NumPy
+integrators), :mod:`.lammps_engine` (LAMMPS via fix external, optional),
 :mod:`.trajectory` (extended XYZ), :mod:`.dynamics` (pure MD formulas),
-:mod:`.checkpoint` (blob format), :mod:`.bench` (per-step timings).
+:mod:`.checkpoint` (blob format).  Per-step engine timings: ``benchmarks/bench_engines.py``.
 """
 
-from sampler_service.engine import Frame, MDEngine, Observables, StopReport
-from sampler_service.engines import create_engine, engine_from_checkpoint
-from sampler_service.forces import (
+from sampler_service.engine_interface import Frame, MDEngine, Observables, StopReport
+from sampler_service.engine_registry import create_engine, engine_from_checkpoint
+from sampler_service.force_providers import (
     AseCalculatorProvider,
     ForceProvider,
     ForceResult,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from protos.errors import InvalidInput
-from sampler_service.forces import ForceResult
+from sampler_service.force_providers import ForceResult
 
 FORMAT = "epicycle.sampler.checkpoint"
 VERSION = 1

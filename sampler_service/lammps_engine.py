@@ -82,8 +82,8 @@ from ase import Atoms, units
 from protos.errors import InvalidInput, SetupError
 from sampler_service import checkpoint as ckpt
 from sampler_service import dynamics as dyn
-from sampler_service.builtin import SCHEDULE_EPS_FS, atoms_arrays
-from sampler_service.engine import (
+from sampler_service.builtin_engine import SCHEDULE_EPS_FS, atoms_arrays
+from sampler_service.engine_interface import (
     DriftTracker,
     Frame,
     FrameCallback,
@@ -93,7 +93,7 @@ from sampler_service.engine import (
     check_run_args,
     uncertainty_crossing,
 )
-from sampler_service.forces import ForceProvider, ForceResult
+from sampler_service.force_providers import ForceProvider, ForceResult
 from sampler_service.settings import SamplerSettings
 
 SUPPORTED_ENSEMBLES = ("nve", "nvt_langevin")

@@ -44,8 +44,8 @@ from protos import wire
 from protos.epicycle.v1 import sampler_pb2
 from protos.errors import CalculationFailed, InvalidInput
 from sampler_service.client import SamplerClient
-from sampler_service.engine import Frame, FrameCallback, MDEngine, Observables, StopReport, check_run_args
-from sampler_service.forces import ForceResult
+from sampler_service.engine_interface import Frame, FrameCallback, MDEngine, Observables, StopReport, check_run_args
+from sampler_service.force_providers import ForceResult
 from sampler_service.settings import SamplerSettings
 
 __all__ = ["RemoteEngine", "RemoteForces", "md_settings", "frame_from_proto", "stop_from_proto"]

@@ -13,7 +13,7 @@ from protos.client import ClientTLS
 from protos.epicycle.v1 import sampler_pb2, sampler_pb2_grpc
 from protos.errors import InvalidInput
 from protos.server import RunningServer, ServerConfig, create_server
-from sampler_service.forces import ForceResult
+from sampler_service.force_providers import ForceResult
 from sampler_service.settings import ENGINES
 
 SERVICE_NAME = sampler_pb2.DESCRIPTOR.services_by_name["Sampler"].full_name
@@ -43,7 +43,7 @@ class OracleProvider:
 def default_provider_factory(address: str, want_stress: bool, tls=None):
     if address.startswith(ORACLE_PREFIX):
         return OracleProvider(address[len(ORACLE_PREFIX):], stress=want_stress)
-    from sampler_service.learner_forces import LearnerStreamProvider
+    from sampler_service.learner_stream_provider import LearnerStreamProvider
 
     return LearnerStreamProvider(address, stress=want_stress, tls=tls)
 

@@ -13,8 +13,8 @@ from protos import wire
 from protos.epicycle.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
 from protos.errors import InvalidInput
 from protos.structures import StructureLimits, check_structure
-from sampler_service.engine import Frame, StopReport
-from sampler_service.forces import ForceResult
+from sampler_service.engine_interface import Frame, StopReport
+from sampler_service.force_providers import ForceResult
 from sampler_service.settings import ENGINES, ENSEMBLES, SamplerSettings
 
 #: provider_factory(learner_address, want_stress) -> ForceProvider (with optional close())
@@ -164,7 +164,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
                                                    default_learner=self.default_learner)
 
     def Run(self, request: sampler_pb2.RunRequest, context) -> Iterator[sampler_pb2.RunResponse]:
-        from sampler_service.engines import create_engine, engine_from_checkpoint
+        from sampler_service.engine_registry import create_engine, engine_from_checkpoint
 
         control = request.control
         if not np.isfinite(control.sigma_threshold):

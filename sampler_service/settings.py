@@ -47,7 +47,7 @@ from typing import Any, Mapping
 
 from protos.errors import InvalidInput
 
-#: engine name -> description (factories live in :mod:`sampler_service.engines`)
+#: engine name -> description (factories live in :mod:`sampler_service.engine_registry`)
 ENGINES: tuple[str, ...] = ("builtin", "lammps")
 
 ENSEMBLES: tuple[str, ...] = (

@@ -17,7 +17,7 @@ from typing import IO, Iterable
 import ase.io
 from ase import Atoms
 
-from sampler_service.engine import Frame
+from sampler_service.engine_interface import Frame
 
 
 class ExtXYZWriter:

@@ -347,7 +347,7 @@ class _UncertainAfter:
     """EMT forces; σ above any threshold from call ``n`` on (so the sampler stops on uncertainty)."""
 
     def __init__(self, n: int) -> None:
-        from sampler_service.forces import AseCalculatorProvider
+        from sampler_service.force_providers import AseCalculatorProvider
 
         self.base = AseCalculatorProvider(EMT())
         self.n, self.calls = n, 0

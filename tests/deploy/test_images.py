@@ -73,7 +73,9 @@ def test_copies_every_project_package(name):
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
     copied = set(re.findall(r"^COPY (\w+) \./\1$", (IMAGES / name).read_text(), re.M))
     assert packages <= copied, f"not copied into the build: {packages - copied}"
-    assert "COPY pyproject.toml README.md ./" in (IMAGES / name).read_text()
+    # the readme and the license-files named in pyproject.toml are read by the wheel build
+    assert "COPY pyproject.toml README.md LICENSE ./" in (IMAGES / name).read_text()
+    assert project["project"]["license-files"] == ["LICENSE"]
     for source in re.findall(r"^COPY (?!--from)(\S+) ", (IMAGES / name).read_text(), re.M):
         assert (REPO / source).exists(), f"COPY {source}: not in the repository"
 

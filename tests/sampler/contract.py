@@ -33,9 +33,9 @@ from ase.calculators.emt import EMT
 
 from protos.errors import CalculationFailed, InvalidInput
 from sampler_service import dynamics as dyn
-from sampler_service.engine import MDEngine
-from sampler_service.engines import create_engine, engine_from_checkpoint
-from sampler_service.forces import AseCalculatorProvider, ForceResult, SigmaFunctionProvider, displacement_sigma
+from sampler_service.engine_interface import MDEngine
+from sampler_service.engine_registry import create_engine, engine_from_checkpoint
+from sampler_service.force_providers import AseCalculatorProvider, ForceResult, SigmaFunctionProvider, displacement_sigma
 from sampler_service.settings import SamplerSettings
 from sampler_service.trajectory import ExtXYZWriter, read_frames
 

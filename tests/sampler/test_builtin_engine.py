@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from protos.errors import InvalidInput
-from sampler_service.builtin import BuiltinEngine
-from sampler_service.forces import ForceResult
+from sampler_service.builtin_engine import BuiltinEngine
+from sampler_service.force_providers import ForceResult
 from sampler_service.settings import SamplerSettings
 
 from .contract import Recorder, cu32, emt_provider

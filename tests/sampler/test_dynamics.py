@@ -6,7 +6,7 @@ import pytest
 from protos.errors import InvalidInput
 from sampler_service import checkpoint as ckpt
 from sampler_service import dynamics as dyn
-from sampler_service.engine import DriftTracker
+from sampler_service.engine_interface import DriftTracker
 from sampler_service.settings import SamplerSettings
 
 

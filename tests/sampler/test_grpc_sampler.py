@@ -22,7 +22,7 @@ from protos.errors import CalculationTimeout, InvalidInput
 from protos.server import ServerConfig
 from sampler_service import dynamics as dyn
 from sampler_service.client import SamplerClient
-from sampler_service.forces import AseCalculatorProvider
+from sampler_service.force_providers import AseCalculatorProvider
 from sampler_service.remote import frame_from_proto, md_settings
 from sampler_service.server import SamplerServiceConfig, default_provider_factory, start_sampler_server
 from sampler_service.settings import ENSEMBLES

@@ -13,9 +13,9 @@ from ase.calculators.emt import EMT
 from scipy.spatial.transform import Rotation
 
 from learner_service.gp import GaussianProcess
-from sampler_service.builtin import BuiltinEngine
-from sampler_service.engine import uncertainty_crossing
-from sampler_service.forces import ForceResult
+from sampler_service.builtin_engine import BuiltinEngine
+from sampler_service.engine_interface import uncertainty_crossing
+from sampler_service.force_providers import ForceResult
 from sampler_service.settings import SamplerSettings
 
 HYPS = {"sig2": 0.3, "ls2": 0.9, "sig3": 0.05, "ls3": 0.7, "noise": 0.02}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from protos.errors import InvalidInput
-from sampler_service.engines import create_engine
+from sampler_service.engine_registry import create_engine
 from sampler_service.settings import SamplerSettings
 
 from .contract import EngineContract, cu32, emt_provider

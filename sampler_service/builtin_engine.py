@@ -34,7 +34,7 @@ from ase import Atoms, units
 from protos.errors import InvalidInput
 from sampler_service import checkpoint as ckpt
 from sampler_service import dynamics as dyn
-from sampler_service.engine import (
+from sampler_service.engine_interface import (
     DriftTracker,
     Frame,
     FrameCallback,
@@ -44,7 +44,7 @@ from sampler_service.engine import (
     check_run_args,
     uncertainty_crossing,
 )
-from sampler_service.forces import ForceProvider, ForceResult, validate_structure
+from sampler_service.force_providers import ForceProvider, ForceResult, validate_structure
 from sampler_service.settings import SamplerSettings
 
 #: tolerance (fs) for "t_n ≥ t_event" so that accumulated round-off cannot delay an event by a step

@@ -1,6 +1,6 @@
 """Per-step wall time of the MD engines with in-process EMT forces.
 
-    python -m sampler_service.bench [--atoms 32 1000] [--engines builtin lammps] [--steps N]
+    python benchmarks/bench_engines.py [--atoms 32 1000] [--engines builtin lammps] [--steps N]
 
 Reports ms/step for each engine and ensemble, with EMT forces and with a zero-force
 provider (the engine's own overhead).  EMT is ASE's pure-Python EMT, so with it
@@ -16,8 +16,8 @@ import numpy as np
 from ase.build import bulk
 from ase.calculators.emt import EMT
 
-from sampler_service.engines import create_engine
-from sampler_service.forces import AseCalculatorProvider, ForceResult
+from sampler_service.engine_registry import create_engine
+from sampler_service.force_providers import AseCalculatorProvider, ForceResult
 from sampler_service.settings import SamplerSettings
 
 

@@ -14,13 +14,13 @@ from ase import Atoms
 
 from protos.errors import InvalidInput
 from sampler_service import checkpoint as ckpt
-from sampler_service.engine import MDEngine
-from sampler_service.forces import ForceProvider
+from sampler_service.engine_interface import MDEngine
+from sampler_service.force_providers import ForceProvider
 from sampler_service.settings import SamplerSettings
 
 
 def _builtin() -> type[MDEngine]:
-    from sampler_service.builtin import BuiltinEngine
+    from sampler_service.builtin_engine import BuiltinEngine
 
     return BuiltinEngine
 

@@ -36,7 +36,7 @@ import numpy as np
 from ase import Atoms, units
 
 from protos.errors import InvalidInput
-from sampler_service.forces import ForceProvider, ForceResult, per_atom_sigma
+from sampler_service.force_providers import ForceProvider, ForceResult, per_atom_sigma
 from sampler_service.settings import SamplerSettings
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from protos.client import ClientTLS
-from sampler_service.forces import ForceResult
+from sampler_service.force_providers import ForceResult
 
 
 class LearnerStreamProvider:
-    """A :class:`~sampler_service.forces.ForceProvider` backed by ``Learner.PredictStream``.
+    """A :class:`~sampler_service.force_providers.ForceProvider` backed by ``Learner.PredictStream``.
 
     Each ``compute`` sends the positions (numbers and pbc only once, the cell
     when it changes) and returns energy, forces, stress (if ``stress``), the σ
