@@ -661,7 +661,7 @@ class OnTheFlyRun:
             self.rd.event("heldout_failed", error=str(exc))
             self.progress.line(f"held-out validation not recorded: {exc}")
             return
-        self.rd.event("heldout_recorded", kind=kind, frames=n, file=HELDOUT_XYZ)
+        self.rd.event("heldout_recorded", selection=kind, frames=n, file=HELDOUT_XYZ)
 
     def _shutdown(self) -> None:
         self.stopping = self.stopping or "shutdown"

@@ -700,6 +700,7 @@ def validate(source: Path, out: Path, ts: TrajectorySettings, oracle: str | None
             chosen, temps = run_trajectory(model, atoms, ts, progress)
             atomic_write(out / "temperatures.json", json.dumps(temps).encode())
             _write_xyz(traj_path, chosen)
+            chosen = _read_xyz(traj_path)  # positions as written: a resumed validation labels the same numbers
         labels_dir = out / "labels"
         labels_dir.mkdir(exist_ok=True)
         labeler = Labeler(oracle, oracle_settings) if oracle is not None else Labeler.from_run(source)
@@ -721,6 +722,7 @@ def validate(source: Path, out: Path, ts: TrajectorySettings, oracle: str | None
                             from None
                     lab = _labelled(frame, energy, forces, stress)
                     _write_xyz(path, [lab])
+                    lab = _read_xyz(path)[0]  # the label as stored: a resume computes the same numbers
                     computed += 1
                     oracle_seconds += time.perf_counter() - t0
                     eta = oracle_seconds / computed * sum(1 for j in range(k + 1, len(chosen))
