@@ -657,7 +657,7 @@ class OnTheFlyRun:
         try:
             kind, n = record_heldout(self.rd.path, self.learner.predict, use_energy=le.use_energy,
                                      use_stress=le.use_stress)
-        except EpicycleError as exc:
+        except (EpicycleError, OSError) as exc:
             self.rd.event("heldout_failed", error=str(exc))
             self.progress.line(f"held-out validation not recorded: {exc}")
             return

@@ -240,7 +240,8 @@ def record_heldout(run_dir: Path, predict: Callable, use_energy: bool = False, u
         pick = np.unique(np.round(np.linspace(0, len(frames) - 1, max_frames)).astype(int))
         frames = [frames[i] for i in pick]
     for a in frames:
-        p = predict(a, stress=bool(np.all(a.pbc)))
+        # the model's stress only where there is a reference stress (it costs the slower prediction path)
+        p = predict(a, stress=bool(np.all(a.pbc)) and _reference(a, "stress") is not None)
         a.arrays["model_forces"] = np.asarray(p.forces, float)
         a.arrays["model_force_std"] = np.asarray(p.force_std, float)
         if p.energy is not None:
@@ -587,7 +588,7 @@ def run_trajectory(model, atoms, ts: TrajectorySettings, progress: Callable[[str
 def predict_frame(model, atoms, reference) -> Any:
     """``reference`` (an Atoms with the oracle's labels on its calculator) with the model's prediction
     added as ``model_forces``, ``model_force_std``, ``model_energy``, ``model_stress``, ``noise``."""
-    stress = bool(np.all(atoms.pbc))
+    stress = bool(np.all(atoms.pbc)) and _reference(reference, "stress") is not None
     p = model.predict(atoms, stress=stress)
     reference.arrays["model_forces"] = np.asarray(p.forces)
     reference.arrays["model_force_std"] = np.asarray(p.force_std)
@@ -652,6 +653,8 @@ def validate(source: Path, out: Path, ts: TrajectorySettings, oracle: str | None
     from protos.files import atomic_write
 
     source, out = Path(source), Path(out)
+    if not source.exists():
+        raise InvalidInput(f"{source}: no such model file or run directory")
     is_run = source.is_dir() and (source / "state.json").is_file()
     if frames_file is None:
         ts.check()
@@ -782,7 +785,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate", help="validate a model on an independent MD trajectory labelled by an oracle (FLARE Table 1)",
         description="Run an independent MD trajectory with the model, label equally spaced frames with the oracle "
-        "and report force RMSE (eV/Å), the 95th percentile of |F| of the reference, their ratio (%%), energy "
+        "and report force RMSE (eV/Å), the 95th percentile of |F| of the reference, their ratio (%), energy "
         "(meV/atom) and stress (GPa) errors, and calibration of σ (mean z², 1σ/2σ coverage, reliability), with a "
         "parity and a reliability plot. Interrupted validations resume (labels are kept). Example: "
         "epicycle validate runs/al-melt-20260101-120000 --steps 600 --temperature 600")
@@ -794,21 +797,21 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                         "default for a run: the run's own oracle")
     p.add_argument("--oracle-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the embedded backend (repeat), e.g. latency_s=0.5")
-    p.add_argument("--structure", type=Path, help="starting structure (any format ASE reads); default for a run: "
+    p.add_argument("--structure", type=Path, metavar="FILE", help="starting structure (any format ASE reads); default for a run: "
                    "its initial structure")
-    p.add_argument("--index", type=int, default=0, help="frame of --structure (default 0)")
-    p.add_argument("--ensemble", default="nve", help="nve (default, as the paper), nvt_langevin, nvt_berendsen, "
+    p.add_argument("--index", type=int, default=0, metavar="N", help="frame of --structure (default 0)")
+    p.add_argument("--ensemble", default="nve", metavar="NAME", help="nve (default, as the paper), nvt_langevin, nvt_berendsen, "
                    "nvt_csvr")
-    p.add_argument("--temperature", type=float, help="initial Maxwell–Boltzmann temperature and thermostat target, K "
+    p.add_argument("--temperature", type=float, metavar="K", help="initial Maxwell–Boltzmann temperature and thermostat target, K "
                    "(default: the run's sampler temperature, else 300)")
-    p.add_argument("--timestep", type=float, help="MD time step, fs (default: the run's, else 1)")
-    p.add_argument("--steps", type=int, help="MD steps (default: the run's, else 1000)")
-    p.add_argument("--frames", type=int, default=10, help="equally spaced frames labelled (default 10, as the paper)")
-    p.add_argument("--seed", type=int, help="velocity seed (default: the run's seed + 1000, else 1)")
+    p.add_argument("--timestep", type=float, metavar="FS", help="MD time step, fs (default: the run's, else 1)")
+    p.add_argument("--steps", type=int, metavar="N", help="MD steps (default: the run's, else 1000)")
+    p.add_argument("--frames", type=int, default=10, metavar="N", help="equally spaced frames labelled (default 10, as the paper)")
+    p.add_argument("--seed", type=int, metavar="N", help="velocity seed (default: the run's seed + 1000, else 1)")
     p.add_argument("--labelled", type=Path, dest="frames_file", metavar="XYZ",
                    help="no MD and no oracle: score the model on frames labelled before (e.g. another "
                         "validation's labelled.xyz)")
-    p.add_argument("--out", type=Path, help="report directory (default: RUN/validation, or MODEL.validation/)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="report directory (default: RUN/validation, or MODEL.validation/)")
     p.set_defaults(func=_command)
 
 
