@@ -633,6 +633,13 @@ def _read_xyz(path: Path) -> list:
         raise InvalidInput(f"{path}: cannot read as extended XYZ ({type(exc).__name__}: {exc})") from None
 
 
+def _check_species(model, frames, what: str) -> None:
+    unknown = sorted({int(z) for a in frames for z in a.numbers} - {int(z) for z in model.species})
+    if unknown:
+        raise InvalidInput(f"{what} has elements {unknown} (atomic numbers) that the model does not know "
+                           f"(species {list(model.species)})")
+
+
 def _check_resume(out: Path, settings: dict) -> None:
     path = out / SETTINGS_JSON
     if path.is_file():
@@ -665,7 +672,7 @@ def validate(source: Path, out: Path, ts: TrajectorySettings, oracle: str | None
             raise InvalidInput("give --structure FILE (the starting structure); only a run directory has a "
                                "default (the run's initial structure)")
     elif oracle is not None or structure is not None:
-        raise InvalidInput("--frames scores the model on frames labelled before: it takes no --oracle or --structure")
+        raise InvalidInput("--labelled scores the model on frames labelled before: it takes no --oracle or --structure")
     model, model_text = load_model(source, progress)
     settings = {"model": model_text, **asdict(ts), "oracle": oracle, "oracle_settings": oracle_settings or {},
                 "structure": str(structure) if structure else ("run's initial structure" if is_run else None),
@@ -682,15 +689,17 @@ def validate(source: Path, out: Path, ts: TrajectorySettings, oracle: str | None
     if frames_file is not None:
         labelled_in = _read_xyz(frames_file)
         if not labelled_in:
-            raise InvalidInput(f"--frames {frames_file}: no frames")
+            raise InvalidInput(f"--labelled {frames_file}: no frames")
+        _check_species(model, labelled_in, f"--labelled {frames_file}")
+        for a in labelled_in:  # masks and flags of another model's training set do not apply to this one
+            a.arrays.pop("validate", None)
+            for key in ("energy_in_training", "stress_in_training", "model_stress", "model_energy"):
+                a.info.pop(key, None)
         labelled = [predict_frame(model, a, a) for a in labelled_in]
         oracle_text = f"labels of {frames_file}"
     else:
         atoms = read_structure(structure, structure_index) if structure is not None else run_start_structure(source)
-        unknown = sorted(set(int(z) for z in atoms.numbers) - set(int(z) for z in model.species))
-        if unknown:
-            raise InvalidInput(f"the starting structure has elements {unknown} (atomic numbers) that the model does "
-                               f"not know (species {list(model.species)})")
+        _check_species(model, [atoms], "the starting structure")
         traj_path = out / TRAJECTORY_XYZ
         if traj_path.is_file() and len(prior := _read_xyz(traj_path)) == ts.frames:
             chosen = prior
