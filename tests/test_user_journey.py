@@ -22,7 +22,7 @@ import yaml
 from ase.io import read
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT_STEPS = 120
+SHORT_STEPS = 100
 
 
 def journey_commands() -> list[list[str]]:
@@ -42,7 +42,7 @@ def journey_commands() -> list[list[str]]:
 def test_the_readme_journey_runs_end_to_end(tmp_path: Path) -> None:
     config = yaml.safe_load((ROOT / "examples" / "al_melt.yaml").read_text())
     config["sampler"]["steps"] = SHORT_STEPS
-    config["sampler"]["schedule"] = [{"time_fs": 300.0, "temperature_K": 3000.0}]
+    config["sampler"]["schedule"] = [{"time_fs": 250.0, "temperature_K": 3000.0}]
     config["learner"]["optimize"] = {"every": 1, "until_calls": 10, "max_iterations": 5}
     (tmp_path / "examples").mkdir()
     (tmp_path / "examples" / "al_melt.yaml").write_text(yaml.safe_dump(config))

@@ -304,3 +304,20 @@ def test_a_run_report_validates_the_final_model_on_the_atoms_it_did_not_train_on
     assert block["forces"]["components"] == err.size
     assert block["forces"]["rmse"] == pytest.approx(float(np.sqrt(np.mean(err ** 2))), rel=1e-6)
     assert block["forces"]["p95_abs_reference"] == pytest.approx(float(np.percentile(np.abs(ref), 95)), rel=1e-9)
+
+
+def test_a_sparse_model_file_validates_too(model, tmp_path: Path) -> None:
+    from learner_service.datasets import perturbed_fcc_al
+    from learner_service.sparse_gp import SparseGaussianProcess
+
+    _, start = model
+    sgp = SparseGaussianProcess([13], (5.0, 3.5), hyperparameters=HYPS)
+    for f in perturbed_fcc_al(2, seed=3, delta=0.02):
+        sgp.add_structure(f, forces=f.get_forces(), atom_indices=range(0, 32, 4))
+    sgp.save(tmp_path / "sparse.npz")
+    r = v.validate(tmp_path / "sparse.npz", tmp_path / "out", v.TrajectorySettings(steps=4, frames=2, timestep_fs=2.0),
+                   oracle="emt", structure=start, progress=lambda s: None)
+    assert r["model"].startswith("sparse model file")
+    frames = read(tmp_path / "out" / "labelled.xyz", index=":")
+    err = np.concatenate([a.arrays["model_forces"] - a.get_forces() for a in frames])
+    assert r["forces"]["rmse"] == pytest.approx(float(np.sqrt(np.mean(err ** 2))), rel=1e-9)
