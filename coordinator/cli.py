@@ -21,6 +21,7 @@ CLI_MODULES = (
     "learner_service.offline",   # fit, predict, evaluate
     "coordinator.run_cli",       # run, report
     "coordinator.export",        # export (a run's labels as extended XYZ)
+    "coordinator.validate",      # validate (independent trajectory labelled by an oracle)
     "coordinator.probe_cli",     # probe (gRPC health, for exec probes)
 )
 

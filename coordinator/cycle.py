@@ -653,6 +653,22 @@ class OnTheFlyRun:
                       walkers={n: {"step": w.get("step", 0), "time_fs": w.get("time_fs", 0.0)}
                                for n, w in st.walkers.items()})
         self.progress.line(f"run finished: {self.stopping}")
+        self._record_heldout()
+
+    def _record_heldout(self) -> None:
+        """The final model's predictions at the run's held-out labels, for the report's validation block
+        (coordinator/validate.py); a failure here is logged, never a failed run."""
+        from coordinator.validate import HELDOUT_XYZ, record_heldout
+
+        le = self.config.learner
+        try:
+            kind, n = record_heldout(self.rd.path, self.learner.predict, use_energy=le.use_energy,
+                                     use_stress=le.use_stress)
+        except (EpicycleError, OSError) as exc:
+            self.rd.event("heldout_failed", error=str(exc))
+            self.progress.line(f"held-out validation not recorded: {exc}")
+            return
+        self.rd.event("heldout_recorded", selection=kind, frames=n, file=HELDOUT_XYZ)
 
     def _shutdown(self) -> None:
         self.stopping = self.stopping or "shutdown"

@@ -4,6 +4,10 @@
 * ``oracle_calls.png`` — cumulative oracle calls and σn against time (Fig. 3b)
 * ``rdf.png`` — radial distribution function of the early and late trajectory (Fig. 3c)
 * ``errors.png`` — at every oracle call: the model's force error against its predicted σ
+* ``validation_parity.png``, ``validation_reliability.png`` — the final model on the run's held-out labels
+  (``heldout.xyz``, written at the end of the run; :mod:`coordinator.validate`): force RMSE, P95 |F|,
+  their ratio, energy/stress errors and calibration, as ``epicycle validate`` reports for an
+  independent trajectory
 * ``summary.json`` and ``report.md`` — the numbers
 """
 
@@ -214,6 +218,8 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         fig.savefig(run_dir / "calibration.png", dpi=120)
         plt.close(fig)
 
+    validation = heldout_validation(run_dir)
+    summary["validation"] = validation[0] if validation else None
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = [
         f"# Epicycle run report — {run_dir.name}",
@@ -260,9 +266,50 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         "",
         *(["![calibration](calibration.png)", ""] if cal else []),
     ]
+    lines += validation[1] if validation else [
+        "## Validation", "",
+        "No held-out predictions recorded (`heldout.xyz` is written when a run finishes). For an independent "
+        f"trajectory labelled by the oracle: `epicycle validate {run_dir}`.", ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def heldout_validation(run_dir: Path) -> tuple[dict, list[str]] | None:
+    """``(numbers, markdown lines)`` of the validation block on the run's held-out labels (``heldout.xyz``),
+    with its two plots written; None if the run recorded none.  No GP import: the predictions are in the
+    file (made by the learner at the end of the run)."""
+    from coordinator import validate as v
+
+    path = Path(run_dir) / v.HELDOUT_XYZ
+    if not path.is_file():
+        return None
+    from ase.io import read
+
+    frames = read(str(path), index=":")
+    if not frames:
+        return None
+    kind = frames[0].info.get("heldout", "atoms not trained on")
+    metrics, arrays = v.frames_metrics(frames)
+    metrics["kind"] = str(kind)
+    version = frames[0].info.get("final_model_version")
+    metrics["model_version"] = None if version is None else int(version)
+    v.write_plots(Path(run_dir), metrics, arrays, parity="validation_parity.png",
+                  reliability="validation_reliability.png", title=f"final model, {kind}")
+    if kind == "labels not trained on":
+        what = (f"the final model (version {metrics['model_version']}) on {metrics['frames']} oracle label(s) it has "
+                f"not trained on (every atom)")
+    else:
+        what = (f"the final model (version {metrics['model_version']}) on the atoms of {metrics['frames']} oracle "
+                f"frame(s) that did not enter its training set (every label of this run was trained on). Their "
+                f"neighbours in the same frame were trained on, and the frames are the ones the model was "
+                f"uncertain about: read this as an in-run check; `epicycle validate` runs an independent "
+                f"trajectory (seed 004, Table 1)")
+    lines = ["## Validation on held-out labels", "", f"Validation of {what}.", ""]
+    lines += v.table_lines(metrics)
+    lines += ["", "![validation parity](validation_parity.png)", "",
+              "![validation reliability](validation_reliability.png)", ""]
+    return metrics, lines
 
 
 def kept_frames(events) -> list[dict]:

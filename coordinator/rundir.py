@@ -17,6 +17,9 @@ Layout::
       walkers/<name>/trajectory.xyz    frames (extended XYZ, per-atom force_std), appended
       learner/              the embedded learner's own model directory (data batches and
                             checkpoint manifests; a remote learner keeps it on its volume)
+      heldout.xyz           at the end: the run's held-out labels with the final model's predictions
+                            (the report's validation block; coordinator/validate.py)
+      validation/           `epicycle validate RUN`: an independent trajectory labelled by the oracle
       summary.json, report.md, *.png   written at the end (and by `epicycle report`)
 
 Whatever moment the process dies, every label that was returned by the oracle
