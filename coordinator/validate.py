@@ -1,7 +1,7 @@
 """``epicycle validate MODEL_OR_RUN``: validate a force field the FLARE paper's way (seed 004, Table 1).
 
 An independent MD trajectory is run with the model (in-process, the built-in engine of
-:mod:`sampler_service.builtin`), ``frames`` equally spaced frames of it are labelled by the oracle,
+:mod:`sampler_service.builtin_engine`), ``frames`` equally spaced frames of it are labelled by the oracle,
 and the model's predictions at those frames are compared with the labels:
 
 * force RMSE and MAE over every force component (eV/Å), the 95th percentile of the reference's
@@ -538,7 +538,7 @@ class ModelProvider:
     def compute(self, positions, cell, numbers, pbc):
         from ase import Atoms
 
-        from sampler_service.forces import ForceResult
+        from sampler_service.force_providers import ForceResult
 
         p = self.model.predict(Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc))
         return ForceResult(energy=p.energy, forces=p.forces, force_std=p.force_std, noise=p.noise,
@@ -551,7 +551,7 @@ def run_trajectory(model, atoms, ts: TrajectorySettings, progress: Callable[[str
     and the temperature of every step."""
     from ase import Atoms
 
-    from sampler_service.builtin import BuiltinEngine
+    from sampler_service.builtin_engine import BuiltinEngine
     from sampler_service.settings import SamplerSettings
 
     settings = SamplerSettings(ensemble=ts.ensemble, timestep_fs=ts.timestep_fs, temperature_K=ts.temperature_K,
