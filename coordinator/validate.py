@@ -796,8 +796,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         description="Run an independent MD trajectory with the model, label equally spaced frames with the oracle "
         "and report force RMSE (eV/Å), the 95th percentile of |F| of the reference, their ratio (%), energy "
         "(meV/atom) and stress (GPa) errors, and calibration of σ (mean z², 1σ/2σ coverage, reliability), with a "
-        "parity and a reliability plot. Interrupted validations resume (labels are kept). Example: "
-        "epicycle validate runs/al-melt-20260101-120000 --steps 600 --temperature 600")
+        "parity and a reliability plot. Interrupted validations resume (labels are kept).\n\n"
+        "example (a run, on a hotter trajectory than it was trained on):\n"
+        "  epicycle validate runs/al-melt-20260101-120000 --steps 600 --temperature 600")
     p.add_argument("model", type=Path, metavar="MODEL_OR_RUN",
                    help="a model file (epicycle fit --out), a learner model directory, or a run directory (its "
                         "learner checkpoint)")
