@@ -56,9 +56,9 @@ def main() -> int:
     args = ap.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.steps} steps at 20 fs, "
           f"tolerance {args.tolerance} eV/atom per 20-step window")
-    print("| policy | seed | oracle calls | trials | rollbacks | rejected | max ΔE after a model change (eV/atom) "
-          "| windows over tolerance | final Δt (fs) | wall (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| policy | seed | oracle calls | trials (probations) | rollbacks | rejected | max ΔE after a model change "
+          "(eV/atom) | windows over tolerance | final Δt (fs) | steps done | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     summary: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for update, retries, label in (("accept", 3, "accept"), ("trial", 3, "trial"),
@@ -83,11 +83,13 @@ def main() -> int:
                 count = {k: sum(1 for e in evs if e["event"] == k)
                          for k in ("trial_started", "rollback", "update_rejected")}
                 dt = state["walkers"]["w0"].get("timestep_fs") or 20.0
+                probations = sum(1 for e in evs if e["event"] == "trial_started" and e.get("probation"))
+                halted = " (halted)" if state["walkers"]["w0"].get("halted") else ""
                 summary.setdefault(label, []).append((max(w, default=0.0), over / max(len(w), 1),
                                                       state["oracle_calls"]))
-                print(f"| {label} | {seed} | {state['oracle_calls']} | {count['trial_started']} | {count['rollback']} "
-                      f"| {count['update_rejected']} | {max(w, default=0.0):.4f} | {over}/{len(w)} | {dt:g} "
-                      f"| {wall:.0f} |", flush=True)
+                print(f"| {label} | {seed} | {state['oracle_calls']} | {count['trial_started']} ({probations}) "
+                      f"| {count['rollback']} | {count['update_rejected']} | {max(w, default=0.0):.4f} | {over}/{len(w)} "
+                      f"| {dt:g} | {state['walkers']['w0']['step']}{halted} | {wall:.0f} |", flush=True)
     print("\nmedians over seeds: max ΔE after a model change, share of windows over the tolerance, oracle calls")
     for label, rows in summary.items():
         print(f"  {label:18s} {statistics.median(r[0] for r in rows):.4f} eV/atom  "
