@@ -24,8 +24,8 @@ from numba import njit
 
 from .common import _FM
 from .packing import _F_BMONO, _F_CSPEC, _F_MONO, _F_TOFF, _F_UOFF, LabelGroups, pack_fast
-from .threebody import _pair3_fast, _pair3_ff
-from .twobody import _pair2_fast, _pair2_ff
+from .threebody import pair3_opt
+from .twobody import pair2_opt
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -91,9 +91,9 @@ def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2,
             for ia in range(i_lo, i_hi):
                 a = g_env[ia] if g < n_g else b
                 if use2:
-                    _pair2_fast(a, b, PX, PB, lam2, mono2, ea, fa, sa, blk2)
+                    pair2_opt(a, b, PX, PB, lam2, mono2, ea, fa, sa, True, False, blk2, blk2)
                 if use3:
-                    _pair3_fast(a, b, PX, PB, lam3, mono, ea, fa, sa, blk3, TB, AE0, AE1)
+                    pair3_opt(a, b, PX, PB, lam3, mono, ea, fa, sa, True, False, blk3, blk3, TB, AE0, AE1)
             if g < n_g:
                 for i in range(10):
                     r = g_rows[g, i]
@@ -176,10 +176,11 @@ def force_covariance(P, env_a, env_b, symmetric, ls2, ls3, use2, use3, grad, K2,
     TB = np.empty(mu * mu + 2 * mu * mt)
     AE0 = np.empty((mu, mt))
     AE1 = np.empty((mu, mt))
-    blk2 = np.zeros((3, 3))
-    blk3 = np.zeros((3, 3))
-    dblk2 = np.zeros((3, 3))
-    dblk3 = np.zeros((3, 3))
+    # (10, 4) blocks of the optimised kernels; only the force-force part [1:4, 1:4] is formed
+    blk2 = np.zeros((10, 4))
+    blk3 = np.zeros((10, 4))
+    dblk2 = np.zeros((10, 4))
+    dblk3 = np.zeros((10, 4))
     for k in range(env_a.shape[0]):
         a = env_a[k]
         for l in range(k if symmetric else 0, env_b.shape[0]):
@@ -189,22 +190,22 @@ def force_covariance(P, env_a, env_b, symmetric, ls2, ls3, use2, use3, grad, K2,
             dblk2[:, :] = 0.0
             dblk3[:, :] = 0.0
             if use2:
-                _pair2_ff(a, b, P, lam2, mono2, grad, blk2, dblk2)
+                pair2_opt(a, b, P, P, lam2, mono2, False, True, False, False, grad, blk2, dblk2)
             if use3:
-                _pair3_ff(a, b, P, lam3, mono3, grad, blk3, dblk3, TB, AE0, AE1)
+                pair3_opt(a, b, P, P, lam3, mono3, False, True, False, False, grad, blk3, dblk3, TB, AE0, AE1)
             for d in range(3):
                 for e in range(3):
-                    K2[3 * k + d, 3 * l + e] = blk2[d, e]
-                    K3[3 * k + d, 3 * l + e] = blk3[d, e]
+                    K2[3 * k + d, 3 * l + e] = blk2[1 + d, 1 + e]
+                    K3[3 * k + d, 3 * l + e] = blk3[1 + d, 1 + e]
                     if grad:
-                        dK2[3 * k + d, 3 * l + e] = dblk2[d, e] * dlam2
-                        dK3[3 * k + d, 3 * l + e] = dblk3[d, e] * dlam3
+                        dK2[3 * k + d, 3 * l + e] = dblk2[1 + d, 1 + e] * dlam2
+                        dK3[3 * k + d, 3 * l + e] = dblk3[1 + d, 1 + e] * dlam3
                     if symmetric and l != k:
-                        K2[3 * l + e, 3 * k + d] = blk2[d, e]
-                        K3[3 * l + e, 3 * k + d] = blk3[d, e]
+                        K2[3 * l + e, 3 * k + d] = blk2[1 + d, 1 + e]
+                        K3[3 * l + e, 3 * k + d] = blk3[1 + d, 1 + e]
                         if grad:
-                            dK2[3 * l + e, 3 * k + d] = dblk2[d, e] * dlam2
-                            dK3[3 * l + e, 3 * k + d] = dblk3[d, e] * dlam3
+                            dK2[3 * l + e, 3 * k + d] = dblk2[1 + d, 1 + e] * dlam2
+                            dK3[3 * l + e, 3 * k + d] = dblk3[1 + d, 1 + e] * dlam3
 
 
 def force_kernel_blocks(batch, n_species, env_a, env_b=None, ls2=1.0, ls3=1.0, grad=False, use2=True, use3=True):

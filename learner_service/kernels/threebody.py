@@ -24,15 +24,16 @@ Two implementations of the same numbers:
     *distinct* central bond lengths (shared by many triplets); only the cross/cross factor
     ``e_22`` is computed per triplet pair: one exp per triplet pair instead of six.
   - the permutation sums are reorganised into 13 sums ``S0, Sx_k, Sy_l, Sxy_kl, Sd_kl``
-    (:func:`_tb_sums`, :func:`_tb_terms`) from which value, gradients and Hessian follow,
-    contracted on the fly with ``V = sum_l dF2_l u_l`` and ``W_l = F2 u_l`` of b.
-  - :func:`_pair3_fast` forms the (E, F, S) x (E, F) block that prediction needs;
-    :func:`_pair3_ff` the force-force 3x3 block and its ``lam`` derivative for training:
-    every term is linear in the ``E_p`` and ``dE_p/dlam = -D_p/2 E_p`` (``D_p`` the squared
-    distance of permutation p), so d/dlam of an accumulator is the same accumulator over
+    (:func:`_tb_sums`) from which value, gradients and Hessian follow, contracted on the
+    fly with ``V = sum_l dF2_l u_l`` and ``W_l = F2 u_l`` of b.
+  - :func:`pair3_opt` forms only what its two callers need: the (E, F, S) x (E, F) block of
+    prediction (:func:`~.covariance.prediction_covariance`) and the force-force block with
+    its ``lam`` derivative of training (:func:`~.covariance.force_covariance`): every term
+    is linear in the ``E_p`` and ``dE_p/dlam = -D_p/2 E_p`` (``D_p`` the squared distance of
+    permutation p), so d/dlam of an accumulator is the same accumulator over
     ``E'_p = -D_p/2 E_p`` plus its explicit lam terms.
 
-  Both agree with :func:`threebody_block` to round-off (1e-12 relative, tests/learner).
+  It agrees with :func:`threebody_block` to round-off (1e-12 relative, tests/learner).
 """
 
 from __future__ import annotations
@@ -316,19 +317,17 @@ def threebody_block(a, b, Pa, Pb, lam, ea, fa, sa, eb, fb, sb, grad, blk, dblk, 
 
 
 @njit(cache=True, inline="always", fastmath=_FM)
-def _tb_terms(lam, X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5, F2, V0, V1, V2, W00, W01, W02, W10, W11, W12):
-    """Contributions of one triplet pair (outer x, inner y) to the 12 accumulators.
+def _tb_sums(X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5):
+    """The permutation sums of one triplet pair (outer x, inner y).
 
     Permutations (bond k of x paired with bond pi(k) of y): pi0 = (0,1,2), pi1 = (1,0,2),
     pi2 = (2,0,1), pi3 = (0,2,1), pi4 = (2,1,0), pi5 = (1,2,0); E_p their (masked)
     exponentials (E0 = e00 e11 e22, E1 = e01 e10 e22, E2 = e02 e10 e21, E3 = e00 e12 e21,
-    E4 = e02 e11 e20, E5 = e01 e12 e20 with e_ab = exp(-lam (x_a - y_b)^2 / 2)), d_ab = x_a - y_b.  With S0 = sum E, Sx_k = sum E d_{k,pi k},
-    Sy_l = sum E d_{pi^-1 l, l}, Sxy_kl = sum E d_{k,pi k} d_{pi^-1 l,l}, Sd_kl = sum E [pi k = l]:
+    E4 = e02 e11 e20, E5 = e01 e12 e20 with e_ab = exp(-lam (x_a - y_b)^2 / 2)),
+    d_ab = x_a - y_b.  Returns S0 = sum E, Sx_k = sum E d_{k,pi k}, Sy_l = sum E d_{pi^-1 l, l},
+    Sxy_kl = sum E d_{k,pi k} d_{pi^-1 l,l} and Sd_kl = sum E [pi k = l], from which
     k = F1 F2 S0, dk/dx_k = F2 (dF1_k S0 - lam F1 Sx_k), dk/dy_l = F1 (dF2_l S0 + lam F2 Sy_l),
     H_kl = dF1_k dF2_l S0 + lam dF1_k F2 Sy_l - lam F1 dF2_l Sx_k - lam^2 F1 F2 Sxy_kl + lam F1 F2 Sd_kl.
-    Accumulated (V_j = sum_l dF2_l u_lj, W_lj = F2 u_lj of y):
-    B0 = F2 S0, Bx_k = F2 Sx_k, A1_j = S0 V_j + lam sum_l Sy_l W_lj,
-    A2_kj = Sx_k V_j + sum_l (lam Sxy_kl - Sd_kl) W_lj.
     """
     d00 = X0 - y0
     d01 = X0 - y1
@@ -351,30 +350,35 @@ def _tb_terms(lam, X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5, F2, V0, V1, V
     Sx1 = d11 * P04 + d10 * P12 + d12 * P35
     Sy0 = d00 * P03 + d10 * P12 + d20 * P45
     Sy1 = d11 * P04 + d01 * P15 + d21 * P23
-    R00 = lam * (d00 * d00 * P03 + d10 * (d01 * E1 + d02 * E2) + d20 * (d02 * E4 + d01 * E5)) - P03
-    R01 = lam * (d00 * (d11 * E0 + d21 * E3) + d01 * d01 * P15 + d02 * (d21 * E2 + d11 * E4)) - P15
-    R10 = lam * (d11 * (d00 * E0 + d20 * E4) + d10 * d10 * P12 + d12 * (d00 * E3 + d20 * E5)) - P12
-    R11 = lam * (d11 * d11 * P04 + d10 * (d01 * E1 + d21 * E2) + d12 * (d21 * E3 + d01 * E5)) - P04
-    lS0 = lam * Sy0
-    lS1 = lam * Sy1
-    return (F2 * S0, F2 * Sx0, F2 * Sx1,
-            S0 * V0 + lS0 * W00 + lS1 * W10,
-            S0 * V1 + lS0 * W01 + lS1 * W11,
-            S0 * V2 + lS0 * W02 + lS1 * W12,
-            Sx0 * V0 + R00 * W00 + R01 * W10,
-            Sx0 * V1 + R00 * W01 + R01 * W11,
-            Sx0 * V2 + R00 * W02 + R01 * W12,
-            Sx1 * V0 + R10 * W00 + R11 * W10,
-            Sx1 * V1 + R10 * W01 + R11 * W11,
-            Sx1 * V2 + R10 * W02 + R11 * W12)
+    X00 = d00 * d00 * P03 + d10 * (d01 * E1 + d02 * E2) + d20 * (d02 * E4 + d01 * E5)
+    X01 = d00 * (d11 * E0 + d21 * E3) + d01 * d01 * P15 + d02 * (d21 * E2 + d11 * E4)
+    X10 = d11 * (d00 * E0 + d20 * E4) + d10 * d10 * P12 + d12 * (d00 * E3 + d20 * E5)
+    X11 = d11 * d11 * P04 + d10 * (d01 * E1 + d21 * E2) + d12 * (d21 * E3 + d01 * E5)
+    return S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, P03, P15, P12, P04
 
 
 @njit(cache=True, inline="always", fastmath=_FM)
-def _pair3_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk, TB, AE0, AE1):
-    """3-body (E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4).
+def pair3_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk, TB, AE0, AE1):
+    """3-body block of environment ``a`` of the fast pack ``PA`` (rows: E, F(3), S(6)) with
+    environment ``b`` of ``PB`` (columns: E if ``eb``, F(3)) added into ``blk`` (10, 4), at
+    unit signal variance; with ``grad`` also d/dlam of the force-force entries
+    ``blk[1:4, 1:4]`` into ``dblk`` (10, 4).  ``ea, fa, sa`` say which rows of a are needed.
 
-    ``TB`` (flat), ``AE0, AE1`` (2D) are scratch for the tables (see the module docstring).  ``mono``: all
-    triplets of both environments have the same species code (every permutation counts).
+    ``mono``: every triplet of both environments has one species code (every permutation
+    counts, no masks).  ``TB`` (flat), ``AE0``, ``AE1`` (2D) are scratch for the exponential
+    tables (module docstring).  Prediction calls it with ``eb=True, grad=False``, force
+    training with ``ea=sa=eb=False, fa=True``: passed as literals, numba inlines the
+    function into each driver and LLVM drops the branches that cannot be taken.
+
+    Per outer triplet t1 of a, the inner sums over the triplets of b are contracted into
+    ``B0 = sum F2 S0``, ``Bx_k = sum F2 Sx_k`` (only for the energy column of b),
+    ``A1_j = sum S0 V_j + lam sum_l Sy_l W_lj`` and
+    ``A2_kj = sum Sx_k V_j + sum_l (lam Sxy_kl - Sd_kl) W_lj`` (``V_j = sum_l dF2_l u_lj``,
+    ``W_lj = F2 u_lj`` of b), then contracted with the derivatives of F1 and the central
+    unit vectors (or stress weights) of t1.  d/dlam: every term is linear in the E_p and
+    ``dE_p/dlam = -D_p/2 E_p`` (``D_p`` the squared distance of permutation p), so the
+    derivative of an accumulator is the same accumulator over ``E'_p = -D_p/2 E_p`` plus
+    its explicit lam terms.
     """
     a0 = PA[_F_TOFF][a]
     a1 = a0 + PA[_F_TN][a]
@@ -396,7 +400,6 @@ def _pair3_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk, TB, AE0, AE1):
     J0 = PB[_F_I0][b0:b1]
     J1 = PB[_F_I1][b0:b1]
     FB = PB[_F_TF][b0:b1]
-    PCODE = PB[_F_PCODE]
     # tables: central-central, central(a)-cross(b), cross(a)-central(b); the squared
     # differences are laid out flat first so that the exponentials run in one long
     # (vectorised) loop
@@ -440,6 +443,7 @@ def _pair3_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk, TB, AE0, AE1):
     acode = PA[_F_CODE]
     au = PA[_F_TU]
     apsi = PA[_F_TPSI]
+    PCODE = PB[_F_PCODE]
     TV = PB[_F_TV]
     TW = PB[_F_TW]
     V0 = TV[0, b0:b1]
@@ -470,247 +474,11 @@ def _pair3_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk, TB, AE0, AE1):
         B0r = BT[i0]
         B1r = BT[i1]
         Cr = C[t1 - a0]
-        acc0 = 0.0
-        acc1 = 0.0
-        acc2 = 0.0
-        acc3 = 0.0
-        acc4 = 0.0
-        acc5 = 0.0
-        acc6 = 0.0
-        acc7 = 0.0
-        acc8 = 0.0
-        acc9 = 0.0
-        acc10 = 0.0
-        acc11 = 0.0
-        if mono:
-            for i in range(n):
-                y2 = Y2[i]
-                dd = X2 - y2
-                e22 = exp_neg(hl * dd * dd)
-                e00 = R00[i]
-                e01 = R01[i]
-                e10 = R10[i]
-                e11 = R11[i]
-                e02 = B0r[i]
-                e12 = B1r[i]
-                e20 = Cr[J0[i]]
-                e21 = Cr[J1[i]]
-                r = _tb_terms(lam, X0, X1, X2, Y0[i], Y1[i], y2, e00 * e11 * e22, e01 * e10 * e22,
-                              e02 * e10 * e21, e00 * e12 * e21, e02 * e11 * e20, e01 * e12 * e20, FB[i], V0[i], V1[i], V2[i], W00[i], W01[i], W02[i], W10[i], W11[i], W12[i])
-                acc0 += r[0]
-                acc1 += r[1]
-                acc2 += r[2]
-                acc3 += r[3]
-                acc4 += r[4]
-                acc5 += r[5]
-                acc6 += r[6]
-                acc7 += r[7]
-                acc8 += r[8]
-                acc9 += r[9]
-                acc10 += r[10]
-                acc11 += r[11]
-        else:
-            c1 = acode[t1]
-            for i in range(n):
-                y2 = Y2[i]
-                dd = X2 - y2
-                m0 = 1.0 if PC0[i] == c1 else 0.0
-                m1 = 1.0 if PC1[i] == c1 else 0.0
-                m2 = 1.0 if PC2[i] == c1 else 0.0
-                m3 = 1.0 if PC3[i] == c1 else 0.0
-                m4 = 1.0 if PC4[i] == c1 else 0.0
-                m5 = 1.0 if PC5[i] == c1 else 0.0
-                e22 = exp_neg(hl * dd * dd)
-                e00 = R00[i]
-                e01 = R01[i]
-                e10 = R10[i]
-                e11 = R11[i]
-                e02 = B0r[i]
-                e12 = B1r[i]
-                e20 = Cr[J0[i]]
-                e21 = Cr[J1[i]]
-                r = _tb_terms(lam, X0, X1, X2, Y0[i], Y1[i], y2, m0 * e00 * e11 * e22, m1 * e01 * e10 * e22,
-                              m2 * e02 * e10 * e21, m3 * e00 * e12 * e21, m4 * e02 * e11 * e20,
-                              m5 * e01 * e12 * e20, FB[i], V0[i], V1[i], V2[i], W00[i], W01[i], W02[i], W10[i], W11[i], W12[i])
-                acc0 += r[0]
-                acc1 += r[1]
-                acc2 += r[2]
-                acc3 += r[3]
-                acc4 += r[4]
-                acc5 += r[5]
-                acc6 += r[6]
-                acc7 += r[7]
-                acc8 += r[8]
-                acc9 += r[9]
-                acc10 += r[10]
-                acc11 += r[11]
-        F1 = aF[t1]
-        dF10 = adF0[t1]
-        dF11 = adF1[t1]
-        if ea:
-            blk[0, 0] += W3 * W3 * F1 * acc0
-            blk[0, 1] += W3 * F1 * acc3
-            blk[0, 2] += W3 * F1 * acc4
-            blk[0, 3] += W3 * F1 * acc5
-        if fa or sa:
-            lf = lam * F1
-            g10 = dF10 * acc0 - lf * acc1
-            g11 = dF11 * acc0 - lf * acc2
-            gf00 = dF10 * acc3 - lf * acc6
-            gf01 = dF10 * acc4 - lf * acc7
-            gf02 = dF10 * acc5 - lf * acc8
-            gf10 = dF11 * acc3 - lf * acc9
-            gf11 = dF11 * acc4 - lf * acc10
-            gf12 = dF11 * acc5 - lf * acc11
-            if fa:
-                for d in range(3):
-                    u0 = au[d, t1]
-                    u1 = au[3 + d, t1]
-                    blk[1 + d, 0] += W3 * (g10 * u0 + g11 * u1)
-                    blk[1 + d, 1] += u0 * gf00 + u1 * gf10
-                    blk[1 + d, 2] += u0 * gf01 + u1 * gf11
-                    blk[1 + d, 3] += u0 * gf02 + u1 * gf12
-            if sa:
-                for d in range(6):
-                    p0 = apsi[d, t1]
-                    p1 = apsi[6 + d, t1]
-                    blk[4 + d, 0] += W3 * (g10 * p0 + g11 * p1)
-                    blk[4 + d, 1] += p0 * gf00 + p1 * gf10
-                    blk[4 + d, 2] += p0 * gf01 + p1 * gf11
-                    blk[4 + d, 3] += p0 * gf02 + p1 * gf12
-
-
-
-@njit(cache=True, inline="always", fastmath=_FM)
-def _tb_sums(X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5):
-    """The permutation sums of :func:`_tb_terms` for one triplet pair: S0, Sx_k, Sy_l,
-    Sxy_kl and Sd_kl (same permutation numbering)."""
-    d00 = X0 - y0
-    d01 = X0 - y1
-    d02 = X0 - y2
-    d10 = X1 - y0
-    d11 = X1 - y1
-    d12 = X1 - y2
-    d20 = X2 - y0
-    d21 = X2 - y1
-    P03 = E0 + E3
-    P15 = E1 + E5
-    P24 = E2 + E4
-    P04 = E0 + E4
-    P12 = E1 + E2
-    P35 = E3 + E5
-    P45 = E4 + E5
-    P23 = E2 + E3
-    S0 = P03 + P15 + P24
-    Sx0 = d00 * P03 + d01 * P15 + d02 * P24
-    Sx1 = d11 * P04 + d10 * P12 + d12 * P35
-    Sy0 = d00 * P03 + d10 * P12 + d20 * P45
-    Sy1 = d11 * P04 + d01 * P15 + d21 * P23
-    X00 = d00 * d00 * P03 + d10 * (d01 * E1 + d02 * E2) + d20 * (d02 * E4 + d01 * E5)
-    X01 = d00 * (d11 * E0 + d21 * E3) + d01 * d01 * P15 + d02 * (d21 * E2 + d11 * E4)
-    X10 = d11 * (d00 * E0 + d20 * E4) + d10 * d10 * P12 + d12 * (d00 * E3 + d20 * E5)
-    X11 = d11 * d11 * P04 + d10 * (d01 * E1 + d21 * E2) + d12 * (d21 * E3 + d01 * E5)
-    return S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, P03, P15, P12, P04
-
-
-@njit(cache=True, inline="always", fastmath=_FM)
-def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
-    """3-body force-force 3x3 block of environments ``a`` (rows) and ``b`` (columns) of the
-    fast pack ``P`` added into ``blk`` (and d/dlam into ``dblk`` with ``grad``); the tables
-    as in :func:`_pair3_fast` (``TB``, ``AE0``, ``AE1`` scratch)."""
-    a0 = P[_F_TOFF][a]
-    a1 = a0 + P[_F_TN][a]
-    b0 = P[_F_TOFF][b]
-    b1 = P[_F_TOFF][b + 1]
-    n = b1 - b0
-    if P[_F_TN][b] == 0 or a1 == a0:
-        return
-    hl = -0.5 * lam
-    ua0 = P[_F_UOFF][a]
-    na = P[_F_UOFF][a + 1] - ua0
-    ub0 = P[_F_UOFF][b]
-    nb = P[_F_UOFF][b + 1] - ub0
-    ra = P[_F_UVAL][ua0:ua0 + na]
-    rb = P[_F_UVAL][ub0:ub0 + nb]
-    Y0 = P[_F_X0][b0:b1]
-    Y1 = P[_F_X1][b0:b1]
-    Y2 = P[_F_X2][b0:b1]
-    J0 = P[_F_I0][b0:b1]
-    J1 = P[_F_I1][b0:b1]
-    ax2 = P[_F_X2]
-    na_ = a1 - a0
-    oB = na * nb
-    oC = oB + na * n
-    nT = oC + na_ * nb
-    for p in range(na):
-        rp = ra[p]
-        for q in range(nb):
-            dd = rp - rb[q]
-            TB[p * nb + q] = dd * dd
-        for i in range(n):
-            dd = rp - Y2[i]
-            TB[oB + p * n + i] = dd * dd
-    for t in range(na_):
-        X2 = ax2[a0 + t]
-        for q in range(nb):
-            dd = X2 - rb[q]
-            TB[oC + t * nb + q] = dd * dd
-    for k in range(nT):
-        TB[k] = exp_neg(hl * TB[k])
-    A = TB[:oB].reshape((na, nb))
-    BT = TB[oB:oC].reshape((na, n))
-    C = TB[oC:nT].reshape((na_, nb))
-    for p in range(na):
-        Ar = A[p]
-        E0r = AE0[p]
-        E1r = AE1[p]
-        for i in range(n):
-            E0r[i] = Ar[J0[i]]
-            E1r[i] = Ar[J1[i]]
-    ax0 = P[_F_X0]
-    ax1 = P[_F_X1]
-    aF = P[_F_TF]
-    adF0 = P[_F_TDF0]
-    adF1 = P[_F_TDF1]
-    ai0 = P[_F_I0]
-    ai1 = P[_F_I1]
-    acode = P[_F_CODE]
-    au = P[_F_TU]
-    PCODE = P[_F_PCODE]
-    TV = P[_F_TV]
-    TW = P[_F_TW]
-    V0 = TV[0, b0:b1]
-    V1 = TV[1, b0:b1]
-    V2 = TV[2, b0:b1]
-    W00 = TW[0, b0:b1]
-    W01 = TW[1, b0:b1]
-    W02 = TW[2, b0:b1]
-    W10 = TW[3, b0:b1]
-    W11 = TW[4, b0:b1]
-    W12 = TW[5, b0:b1]
-    PC0 = PCODE[0, b0:b1]
-    PC1 = PCODE[1, b0:b1]
-    PC2 = PCODE[2, b0:b1]
-    PC3 = PCODE[3, b0:b1]
-    PC4 = PCODE[4, b0:b1]
-    PC5 = PCODE[5, b0:b1]
-    acc = np.zeros(9)
-    dacc = np.zeros(9)
-    for t1 in range(a0, a1):
-        X0 = ax0[t1]
-        X1 = ax1[t1]
-        X2 = ax2[t1]
-        i0 = ai0[t1]
-        i1 = ai1[t1]
-        R00 = AE0[i0]
-        R01 = AE1[i0]
-        R10 = AE0[i1]
-        R11 = AE1[i1]
-        B0r = BT[i0]
-        B1r = BT[i1]
-        Cr = C[t1 - a0]
         c1 = acode[t1]
-        # acc[j] = S0 V_j + lam sum_l Sy_l W_lj; acc[3 + 3k + j] = Sx_k V_j + sum_l R_kl W_lj
+        # eB0 = B0, eB1 = Bx_0, eB2 = Bx_1; a0_..a2_ = A1_j; a(3 + 3k + j)_ = A2_kj; g*: d/dlam
+        eB0 = 0.0
+        eB1 = 0.0
+        eB2 = 0.0
         a0_ = 0.0
         a1_ = 0.0
         a2_ = 0.0
@@ -759,6 +527,11 @@ def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
                     E5 *= 1.0 if PC5[i] == c1 else 0.0
                 S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, D00, D01, D10, D11 = _tb_sums(
                     X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5)
+                if eb:
+                    F2 = FB[i]
+                    eB0 += F2 * S0
+                    eB1 += F2 * Sx0
+                    eB2 += F2 * Sx1
                 v0 = V0[i]
                 v1 = V1[i]
                 v2 = V2[i]
@@ -843,6 +616,11 @@ def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
                     E5 *= 1.0 if PC5[i] == c1 else 0.0
                 S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, D00, D01, D10, D11 = _tb_sums(
                     X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5)
+                if eb:
+                    F2 = FB[i]
+                    eB0 += F2 * S0
+                    eB1 += F2 * Sx0
+                    eB2 += F2 * Sx1
                 v0 = V0[i]
                 v1 = V1[i]
                 v2 = V2[i]
@@ -867,37 +645,95 @@ def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
                 a6_ += Sx1 * v0 + Q10 * w00 + Q11 * w10
                 a7_ += Sx1 * v1 + Q10 * w01 + Q11 * w11
                 a8_ += Sx1 * v2 + Q10 * w02 + Q11 * w12
-        acc[0] = a0_
-        acc[1] = a1_
-        acc[2] = a2_
-        acc[3] = a3_
-        acc[4] = a4_
-        acc[5] = a5_
-        acc[6] = a6_
-        acc[7] = a7_
-        acc[8] = a8_
         F1 = aF[t1]
         dF10 = adF0[t1]
         dF11 = adF1[t1]
         lf = lam * F1
-        for j in range(3):
-            gf0 = dF10 * acc[j] - lf * acc[3 + j]
-            gf1 = dF11 * acc[j] - lf * acc[6 + j]
-            for d in range(3):
-                blk[d, j] += au[d, t1] * gf0 + au[3 + d, t1] * gf1
-        if grad:
-            dacc[0] = g0
-            dacc[1] = g1
-            dacc[2] = g2
-            dacc[3] = g3
-            dacc[4] = g4
-            dacc[5] = g5
-            dacc[6] = g6
-            dacc[7] = g7
-            dacc[8] = g8
-            for j in range(3):
-                dg0 = dF10 * dacc[j] - F1 * acc[3 + j] - lf * dacc[3 + j]
-                dg1 = dF11 * dacc[j] - F1 * acc[6 + j] - lf * dacc[6 + j]
+        if ea:
+            if eb:
+                blk[0, 0] += W3 * W3 * F1 * eB0
+            blk[0, 1] += W3 * F1 * a0_
+            blk[0, 2] += W3 * F1 * a1_
+            blk[0, 3] += W3 * F1 * a2_
+        if fa or sa:
+            g10 = dF10 * eB0 - lf * eB1
+            g11 = dF11 * eB0 - lf * eB2
+            gf00 = dF10 * a0_ - lf * a3_
+            gf01 = dF10 * a1_ - lf * a4_
+            gf02 = dF10 * a2_ - lf * a5_
+            gf10 = dF11 * a0_ - lf * a6_
+            gf11 = dF11 * a1_ - lf * a7_
+            gf12 = dF11 * a2_ - lf * a8_
+            if fa:
                 for d in range(3):
-                    dblk[d, j] += au[d, t1] * dg0 + au[3 + d, t1] * dg1
+                    u0 = au[d, t1]
+                    u1 = au[3 + d, t1]
+                    if eb:
+                        blk[1 + d, 0] += W3 * (g10 * u0 + g11 * u1)
+                    blk[1 + d, 1] += u0 * gf00 + u1 * gf10
+                    blk[1 + d, 2] += u0 * gf01 + u1 * gf11
+                    blk[1 + d, 3] += u0 * gf02 + u1 * gf12
+            if sa:
+                for d in range(6):
+                    p0 = apsi[d, t1]
+                    p1 = apsi[6 + d, t1]
+                    if eb:
+                        blk[4 + d, 0] += W3 * (g10 * p0 + g11 * p1)
+                    blk[4 + d, 1] += p0 * gf00 + p1 * gf10
+                    blk[4 + d, 2] += p0 * gf01 + p1 * gf11
+                    blk[4 + d, 3] += p0 * gf02 + p1 * gf12
+        if grad and fa:
+            dg00 = dF10 * g0 - F1 * a3_ - lf * g3
+            dg01 = dF10 * g1 - F1 * a4_ - lf * g4
+            dg02 = dF10 * g2 - F1 * a5_ - lf * g5
+            dg10 = dF11 * g0 - F1 * a6_ - lf * g6
+            dg11 = dF11 * g1 - F1 * a7_ - lf * g7
+            dg12 = dF11 * g2 - F1 * a8_ - lf * g8
+            for d in range(3):
+                u0 = au[d, t1]
+                u1 = au[3 + d, t1]
+                dblk[1 + d, 1] += u0 * dg00 + u1 * dg10
+                dblk[1 + d, 2] += u0 * dg01 + u1 * dg11
+                dblk[1 + d, 3] += u0 * dg02 + u1 * dg12
 
+
+# ---------------------------------------------------------------------------
+# former names of the optimised kernel (kept importable; the drivers call pair3_opt)
+# ---------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always", fastmath=_FM)
+def _pair3_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk, TB, AE0, AE1):
+    """(E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4): :func:`pair3_opt`."""
+    pair3_opt(a, b, PA, PB, lam, mono, ea, fa, sa, True, False, blk, blk, TB, AE0, AE1)
+
+
+@njit(cache=True, inline="always", fastmath=_FM)
+def _pair3_ff(a, b, P, lam, mono, grad, blk, dblk, TB, AE0, AE1):
+    """Force-force 3x3 block of environments ``a`` and ``b`` of one fast pack added into
+    ``blk`` (and d/dlam into ``dblk`` with ``grad``): :func:`pair3_opt`."""
+    full = np.zeros((10, 4))
+    dfull = np.zeros((10, 4))
+    pair3_opt(a, b, P, P, lam, mono, False, True, False, False, grad, full, dfull, TB, AE0, AE1)
+    for d in range(3):
+        for e in range(3):
+            blk[d, e] += full[1 + d, 1 + e]
+            dblk[d, e] += dfull[1 + d, 1 + e]
+
+
+@njit(cache=True, inline="always", fastmath=_FM)
+def _tb_terms(lam, X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5, F2, V0, V1, V2, W00, W01, W02, W10, W11, W12):
+    """One triplet pair's terms of the accumulators of :func:`pair3_opt`:
+    (B0, Bx_0, Bx_1, A1_0..2, A2_00..02, A2_10..12)."""
+    S0, Sx0, Sx1, Sy0, Sy1, X00, X01, X10, X11, D00, D01, D10, D11 = _tb_sums(
+        X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5)
+    lS0 = lam * Sy0
+    lS1 = lam * Sy1
+    R00 = lam * X00 - D00
+    R01 = lam * X01 - D01
+    R10 = lam * X10 - D10
+    R11 = lam * X11 - D11
+    return (F2 * S0, F2 * Sx0, F2 * Sx1,
+            S0 * V0 + lS0 * W00 + lS1 * W10, S0 * V1 + lS0 * W01 + lS1 * W11, S0 * V2 + lS0 * W02 + lS1 * W12,
+            Sx0 * V0 + R00 * W00 + R01 * W10, Sx0 * V1 + R00 * W01 + R01 * W11, Sx0 * V2 + R00 * W02 + R01 * W12,
+            Sx1 * V0 + R10 * W00 + R11 * W10, Sx1 * V1 + R10 * W01 + R11 * W11, Sx1 * V2 + R10 * W02 + R11 * W12)

@@ -16,12 +16,13 @@ Two implementations of the same numbers:
   (:func:`_twobody_scalars`).  Used by :func:`~.assemble.assemble` for any label kind;
   checked against a NumPy transcription of FLARE's kernels and finite differences in
   ``tests/learner``.
-* optimised -- on the padded fast pack: the four scalars are never stored; per bond m of a
-  the sums over the bonds of b are contracted on the fly into a few accumulators (``B0``,
-  ``Bd``, ``A1_j``, ``A2_j`` with ``V = df u``, ``W = f u`` of b), one pass, vectorised.
-  :func:`_pair2_fast` forms the (E, F, S) x (E, F) block that prediction needs,
-  :func:`_pair2_ff` the force-force 3x3 block and its ``lam`` derivative for training.  Both
-  agree with :func:`twobody_block` to round-off (1e-12 relative, tests/learner).
+* optimised -- :func:`pair2_opt`, on the padded fast pack: the four scalars are never
+  stored; per bond m of a the sums over the bonds of b are contracted on the fly into a few
+  accumulators (``B0``, ``Bd``, ``A1_j``, ``A2_j`` with ``V = df u``, ``W = f u`` of b), one
+  pass, vectorised.  It forms only what its two callers need: the (E, F, S) x (E, F) block
+  of prediction (:func:`~.covariance.prediction_covariance`) and the force-force block
+  with its ``lam`` derivative of training (:func:`~.covariance.force_covariance`).  It
+  agrees with :func:`twobody_block` to round-off (1e-12 relative, tests/learner).
 """
 
 from __future__ import annotations
@@ -198,9 +199,25 @@ def twobody_block(a, b, Pa, Pb, lam, ea, fa, sa, eb, fb, sb, grad, blk, dblk, bu
 
 
 @njit(cache=True, inline="always", fastmath=_FM)
-def _pair2_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk):
-    """2-body (E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4).  ``mono``: all
-    bonds of both environments have the same species pair (no mask needed)."""
+def pair2_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk):
+    """2-body block of environment ``a`` of the fast pack ``PA`` (rows: E, F(3), S(6)) with
+    environment ``b`` of ``PB`` (columns: E if ``eb``, F(3)) added into ``blk`` (10, 4), at
+    unit signal variance; with ``grad`` also d/dlam of the force-force entries
+    ``blk[1:4, 1:4]`` into ``dblk`` (10, 4).  ``ea, fa, sa`` say which rows of a are needed.
+
+    ``mono``: all bonds of both environments have the same species pair (no mask needed).
+    Prediction calls it with ``eb=True, grad=False``, force training with
+    ``ea=sa=eb=False, fa=True``: passed as literals, numba inlines the function into each
+    driver and LLVM drops the branches that cannot be taken.
+
+    Per bond m of a (length r1, weight f1), the sums over the bonds of b (r2, f2,
+    ``V = df2 u2``, ``W = f2 u2``) with ``ex = exp(-lam (r1 - r2)^2 / 2)``, ``dl = r1 - r2``:
+    ``B0 = sum f2 ex``, ``Bd = sum f2 ex dl`` (energy column of b only),
+    ``A1_j = sum ex V_j + lam ex dl W_j``, ``A2_j = sum ex dl V_j + (lam ex dl^2 - ex) W_j``;
+    then ``dk/dr1`` contracted with b's side is ``df1 A1 - lam f1 A2``.  d/dlam: every term
+    is linear in ex and ``dex/dlam = -dl^2/2 ex``, so the derivative of an accumulator is
+    the same accumulator over ``ex' = -dl^2/2 ex`` plus its explicit lam terms.
+    """
     a0 = PA[_F_BOFF][a]
     a1 = a0 + PA[_F_BN][a]
     b0 = PB[_F_BOFF][b]
@@ -235,121 +252,23 @@ def _pair2_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk):
         A20 = 0.0
         A21 = 0.0
         A22 = 0.0
-        if mono:
-            # padded entries have f = V = W = 0 and contribute exactly zero
-            for i in range(n):
-                dl = r1 - RB[i]
-                ex = exp_neg(hl * dl * dl)
-                ed = ex * dl
-                f2 = FB[i]
-                B0 += f2 * ex
-                Bd += f2 * ed
-                led = lam * ed
-                c2 = led * dl - ex
-                A10 += ex * V0[i] + led * W0[i]
-                A11 += ex * V1[i] + led * W1[i]
-                A12 += ex * V2[i] + led * W2_[i]
-                A20 += ed * V0[i] + c2 * W0[i]
-                A21 += ed * V1[i] + c2 * W1[i]
-                A22 += ed * V2[i] + c2 * W2_[i]
-        else:
-            for i in range(n):
-                dl = r1 - RB[i]
-                ex = (1.0 if CB[i] == c1 else 0.0) * exp_neg(hl * dl * dl)
-                ed = ex * dl
-                f2 = FB[i]
-                B0 += f2 * ex
-                Bd += f2 * ed
-                led = lam * ed
-                c2 = led * dl - ex
-                A10 += ex * V0[i] + led * W0[i]
-                A11 += ex * V1[i] + led * W1[i]
-                A12 += ex * V2[i] + led * W2_[i]
-                A20 += ed * V0[i] + c2 * W0[i]
-                A21 += ed * V1[i] + c2 * W1[i]
-                A22 += ed * V2[i] + c2 * W2_[i]
-        f1 = af[m]
-        df1 = adf[m]
-        if ea:
-            blk[0, 0] += W2 * W2 * f1 * B0
-            blk[0, 1] += W2 * f1 * A10
-            blk[0, 2] += W2 * f1 * A11
-            blk[0, 3] += W2 * f1 * A12
-        if fa or sa:
-            g1 = df1 * B0 - lam * f1 * Bd
-            lf = lam * f1
-            gf0 = df1 * A10 - lf * A20
-            gf1 = df1 * A11 - lf * A21
-            gf2 = df1 * A12 - lf * A22
-            if fa:
-                for d in range(3):
-                    u = au[d, m]
-                    blk[1 + d, 0] += W2 * g1 * u
-                    blk[1 + d, 1] += u * gf0
-                    blk[1 + d, 2] += u * gf1
-                    blk[1 + d, 3] += u * gf2
-            if sa:
-                for d in range(6):
-                    p = apsi[d, m]
-                    blk[4 + d, 0] += W2 * g1 * p
-                    blk[4 + d, 1] += p * gf0
-                    blk[4 + d, 2] += p * gf1
-                    blk[4 + d, 3] += p * gf2
-
-
-
-# Force-force block for training, with the length-scale derivative from the same sums:
-# every term is linear in the exponential ex, and dex/dlam = -dl^2/2 ex, so d/dlam of an
-# accumulator is the same accumulator over ex' = -dl^2/2 ex plus its explicit lam terms.
-
-
-@njit(cache=True, inline="always", fastmath=_FM)
-def _pair2_ff(a, b, P, lam, mono, grad, blk, dblk):
-    """2-body force-force 3x3 block of environments ``a`` (rows) and ``b`` (columns) of the
-    fast pack ``P`` added into ``blk`` (and d/dlam into ``dblk`` with ``grad``)."""
-    a0 = P[_F_BOFF][a]
-    a1 = a0 + P[_F_BN][a]
-    b0 = P[_F_BOFF][b]
-    b1 = P[_F_BOFF][b + 1]
-    n = b1 - b0
-    if P[_F_BN][b] == 0 or a1 == a0:
-        return
-    ar = P[_F_BR]
-    af = P[_F_BF]
-    adf = P[_F_BDF]
-    acode = P[_F_BCODE]
-    au = P[_F_BU]
-    RB = P[_F_BR][b0:b1]
-    CB = P[_F_BCODE][b0:b1]
-    V0 = P[_F_BV][0, b0:b1]
-    V1 = P[_F_BV][1, b0:b1]
-    V2 = P[_F_BV][2, b0:b1]
-    W0 = P[_F_BW][0, b0:b1]
-    W1 = P[_F_BW][1, b0:b1]
-    W2_ = P[_F_BW][2, b0:b1]
-    hl = -0.5 * lam
-    for m in range(a0, a1):
-        r1 = ar[m]
-        c1 = acode[m]
-        A10 = 0.0
-        A11 = 0.0
-        A12 = 0.0
-        A20 = 0.0
-        A21 = 0.0
-        A22 = 0.0
         dA10 = 0.0
         dA11 = 0.0
         dA12 = 0.0
         dA20 = 0.0
         dA21 = 0.0
         dA22 = 0.0
-        if grad:
+        if grad:  # two loops, as in the 3-body kernel (padded entries contribute exactly zero)
             for i in range(n):
                 dl = r1 - RB[i]
                 ex = exp_neg(hl * dl * dl)
                 if not mono:
                     ex *= 1.0 if CB[i] == c1 else 0.0
                 ed = ex * dl
+                if eb:
+                    f2 = FB[i]
+                    B0 += f2 * ex
+                    Bd += f2 * ed
                 led = lam * ed
                 c2 = led * dl - ex
                 A10 += ex * V0[i] + led * W0[i]
@@ -375,6 +294,10 @@ def _pair2_ff(a, b, P, lam, mono, grad, blk, dblk):
                 if not mono:
                     ex *= 1.0 if CB[i] == c1 else 0.0
                 ed = ex * dl
+                if eb:
+                    f2 = FB[i]
+                    B0 += f2 * ex
+                    Bd += f2 * ed
                 led = lam * ed
                 c2 = led * dl - ex
                 A10 += ex * V0[i] + led * W0[i]
@@ -386,21 +309,63 @@ def _pair2_ff(a, b, P, lam, mono, grad, blk, dblk):
         f1 = af[m]
         df1 = adf[m]
         lf = lam * f1
-        gf0 = df1 * A10 - lf * A20
-        gf1 = df1 * A11 - lf * A21
-        gf2 = df1 * A12 - lf * A22
-        for d in range(3):
-            u = au[d, m]
-            blk[d, 0] += u * gf0
-            blk[d, 1] += u * gf1
-            blk[d, 2] += u * gf2
-        if grad:
+        if ea:
+            if eb:
+                blk[0, 0] += W2 * W2 * f1 * B0
+            blk[0, 1] += W2 * f1 * A10
+            blk[0, 2] += W2 * f1 * A11
+            blk[0, 3] += W2 * f1 * A12
+        if fa or sa:
+            g1 = df1 * B0 - lf * Bd
+            gf0 = df1 * A10 - lf * A20
+            gf1 = df1 * A11 - lf * A21
+            gf2 = df1 * A12 - lf * A22
+            if fa:
+                for d in range(3):
+                    u = au[d, m]
+                    if eb:
+                        blk[1 + d, 0] += W2 * g1 * u
+                    blk[1 + d, 1] += u * gf0
+                    blk[1 + d, 2] += u * gf1
+                    blk[1 + d, 3] += u * gf2
+            if sa:
+                for d in range(6):
+                    p = apsi[d, m]
+                    if eb:
+                        blk[4 + d, 0] += W2 * g1 * p
+                    blk[4 + d, 1] += p * gf0
+                    blk[4 + d, 2] += p * gf1
+                    blk[4 + d, 3] += p * gf2
+        if grad and fa:
             dg0 = df1 * dA10 - f1 * A20 - lf * dA20
             dg1 = df1 * dA11 - f1 * A21 - lf * dA21
             dg2 = df1 * dA12 - f1 * A22 - lf * dA22
             for d in range(3):
                 u = au[d, m]
-                dblk[d, 0] += u * dg0
-                dblk[d, 1] += u * dg1
-                dblk[d, 2] += u * dg2
+                dblk[1 + d, 1] += u * dg0
+                dblk[1 + d, 2] += u * dg1
+                dblk[1 + d, 3] += u * dg2
 
+
+# ---------------------------------------------------------------------------
+# former names of the optimised kernel (kept importable; the drivers call pair2_opt)
+# ---------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always", fastmath=_FM)
+def _pair2_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk):
+    """(E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4): :func:`pair2_opt`."""
+    pair2_opt(a, b, PA, PB, lam, mono, ea, fa, sa, True, False, blk, blk)
+
+
+@njit(cache=True, inline="always", fastmath=_FM)
+def _pair2_ff(a, b, P, lam, mono, grad, blk, dblk):
+    """Force-force 3x3 block of environments ``a`` and ``b`` of one fast pack added into
+    ``blk`` (and d/dlam into ``dblk`` with ``grad``): :func:`pair2_opt`."""
+    full = np.zeros((10, 4))
+    dfull = np.zeros((10, 4))
+    pair2_opt(a, b, P, P, lam, mono, False, True, False, False, grad, full, dfull)
+    for d in range(3):
+        for e in range(3):
+            blk[d, e] += full[1 + d, 1 + e]
+            dblk[d, e] += dfull[1 + d, 1 + e]
