@@ -120,7 +120,8 @@ def _fingerprint() -> tuple:
 
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("gp.py", "kernels.py", "environment.py", "checkpoints.py"):
+    for name in ("gp.py", *sorted(f"kernels/{p.name}" for p in (here / "kernels").glob("*.py")), "environment.py",
+                 "checkpoints.py"):
         digest.update((here / name).read_bytes())
     return (("sources_sha256", digest.hexdigest()[:16]), ("numpy", np.__version__), ("scipy", scipy.__version__),
             ("numba", numba.__version__))

@@ -9,7 +9,12 @@ from the cache.  The on-the-fly loop turned those bits into different oracle dec
 * ``test_cold_and_warm_cache_agree`` runs one small prediction in a process with an empty
   ``NUMBA_CACHE_DIR`` and again in one with the cache it left, and compares bytes.
 * ``test_fastmath_kernels_are_entry_points_or_inlined`` checks the rule that prevents it
-  (see the comment at ``_FM`` in learner_service/kernels.py) without compiling anything.
+  (see the comment at ``_FM`` in learner_service/kernels/common.py) without compiling anything,
+  across the modules of the kernels package (an entry point inlines kernels of other files).
+* ``test_kernel_cache_stamp_covers_the_whole_package``: numba keys a cached function on its
+  own file only; the kernels package adds a digest of all its sources to the key
+  (learner_service/kernels/_numba_cache.py), so an edit of an inlined kernel in one file
+  cannot leave a stale compiled entry point of another file in the cache.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-NUMBA_MODULES = [ROOT / "learner_service" / "kernels.py", ROOT / "learner_service" / "environment.py"]
+KERNEL_MODULES = sorted((ROOT / "learner_service" / "kernels").glob("*.py"))
+NUMBA_MODULES = [*KERNEL_MODULES, ROOT / "learner_service" / "environment.py"]
 
 # a 2-species model small enough that the run is all compilation (with the code before the
 # fix, every one of these digests differed between the two runs): a force-only training set
@@ -107,13 +113,31 @@ def _njit_functions(tree: ast.Module) -> dict[str, dict]:
     return found
 
 
-@pytest.mark.parametrize("path", NUMBA_MODULES, ids=lambda p: p.name)
+def _package_functions(path: Path) -> dict[str, dict]:
+    """The njit functions a module can call: its own and, for a module of the kernels
+    package, those of every module of the package (they import each other's kernels)."""
+    if path not in KERNEL_MODULES:
+        return _njit_functions(ast.parse(path.read_text()))
+    funcs = {}
+    for other in KERNEL_MODULES:
+        for name, info in _njit_functions(ast.parse(other.read_text())).items():
+            assert name not in funcs, f"numba function {name} defined twice in the kernels package"
+            funcs[name] = info
+    return funcs
+
+
+def test_kernel_modules_are_found():
+    names = {p.name for p in KERNEL_MODULES}
+    assert {"common.py", "twobody.py", "threebody.py", "assemble.py", "covariance.py"} <= names
+
+
+@pytest.mark.parametrize("path", [p for p in NUMBA_MODULES if _njit_functions(ast.parse(p.read_text()))],
+                         ids=lambda p: p.name)
 def test_fastmath_kernels_are_entry_points_or_inlined(path):
-    tree = ast.parse(path.read_text())
-    funcs = _njit_functions(tree)
-    assert funcs, f"no numba functions found in {path}"
+    own = _njit_functions(ast.parse(path.read_text()))
+    funcs = _package_functions(path)
     problems = []
-    for name, info in funcs.items():
+    for name, info in own.items():
         kw = info["kw"]
         if kw.get("parallel", "False") != "False":
             problems.append(f"{name}: parallel=True (prange reductions depend on the thread count)")
@@ -128,3 +152,19 @@ def test_fastmath_kernels_are_entry_points_or_inlined(path):
             if fast and not inlined:
                 problems.append(f"{name} calls fastmath function {call.func.id}, which is not inline='always'")
     assert not problems, "\n".join(problems)
+
+
+def test_kernel_cache_stamp_covers_the_whole_package():
+    import hashlib
+
+    from learner_service.kernels import _numba_cache, covariance, packing
+
+    expected = hashlib.sha256()
+    for path in KERNEL_MODULES:
+        expected.update(path.name.encode() + b"\0" + path.read_bytes())
+    assert _numba_cache.package_digest() == expected.hexdigest()
+    for dispatcher in (covariance.prediction_covariance, covariance.force_covariance, packing._build_fast_pack):
+        locator = dispatcher._cache._impl.locator
+        assert isinstance(locator, _numba_cache.PackageSourceLocator), type(locator)
+        stamp = dispatcher._cache._cache_file._source_stamp
+        assert stamp[1] == expected.hexdigest()
