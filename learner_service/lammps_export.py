@@ -55,11 +55,11 @@ def write_uf3(model: MappedModel, path, author: str = "epicycle") -> Path:
     sym = [element_symbol(z) for z in model.species]
     lines: list[str] = []
     for (a, b), (knots, coef) in sorted(model.twobody.items()):
-        lines += [_header(author), f"2B {sym[a]} {sym[b]} 0 3 uk", f"{knots[-1]!r} {len(knots)}", _nums(knots),
+        lines += [_header(author), f"2B {sym[a]} {sym[b]} 0 3 uk", f"{float(knots[-1])!r} {len(knots)}", _nums(knots),
                   f"{len(coef)}", _nums(coef), "#"]
     for (c, a, b), (k1, k2, k3, coef) in sorted(model.threebody.items()):
         lines += [_header(author), f"3B {sym[c]} {sym[a]} {sym[b]} 0 3 uk",
-                  f"{k3[-1]!r} {k1[-1]!r} {k2[-1]!r} {len(k3)} {len(k2)} {len(k1)}",
+                  f"{float(k3[-1])!r} {float(k1[-1])!r} {float(k2[-1])!r} {len(k3)} {len(k2)} {len(k1)}",
                   _nums(k3), _nums(k2), _nums(k1), f"{coef.shape[0]} {coef.shape[1]} {coef.shape[2]}"]
         for i in range(coef.shape[0]):
             for j in range(coef.shape[1]):
@@ -93,8 +93,8 @@ def write_table(model: MappedModel, path, n_points: int = 2000, r_min: float = 0
         r[-1] = rc
         key = f"{sym[a]}_{sym[b]}"
         keys.append(key)
-        lines += [key, f"N {n_points} R {r_min!r} {rc!r}", ""]
-        lines += [f"{i + 1} {r[i]!r} {e[i]!r} {f[i]!r}" for i in range(n_points)]
+        lines += [key, f"N {n_points} R {float(r_min)!r} {rc!r}", ""]
+        lines += [f"{i + 1} {float(r[i])!r} {float(e[i])!r} {float(f[i])!r}" for i in range(n_points)]
         lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -111,7 +111,7 @@ def lammps_snippet(model: MappedModel, uf3_file: str, type_elements: Sequence[st
     unknown = [t for t in types if t not in sym]
     if unknown:
         raise InvalidInput(f"element(s) {unknown} are not in the mapped model's species {sym}")
-    lines = ["# Epicycle mapped GP -> LAMMPS (units metal)", "units metal", "newton on",
+    lines = ["# Epicycle mapped GP -> LAMMPS; needs 'units metal' (before the box) and 'newton on' (default)",
              f"# atom types: " + ", ".join(f"{i + 1}={e}" for i, e in enumerate(types)),
              f"pair_style uf3 {model.body_order}",
              f"pair_coeff * * {uf3_file} {' '.join(types)}"]
