@@ -406,13 +406,14 @@ def test_cli_map(tmp_path, capsys, al_model):
     gp.save(tmp_path / "gp.npz")
     write(tmp_path / "test.xyz", [_al_frame(300, rattle=0.2)])
     rc = main(["map", str(tmp_path / "gp.npz"), "--out", str(tmp_path / "out"), "--test", str(tmp_path / "test.xyz"),
-               "--spacing3", "0.4"])
+               "--spacing3", "0.4", "--variance"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "test frames" in text and "training environments" in text
     report = json.loads((tmp_path / "out" / "mapping.json").read_text())
     assert report["test_frames"]["max_meV_A"] < 5.0
-    for name in ("mapped.npz", "mapped.uf3", "mapped.lammps"):
+    assert report["variance"]["rank"] > 0 and report["variance"]["test_frames"]["atoms"] == 32
+    for name in ("mapped.npz", "mapped.uf3", "mapped.lammps", "mapped_variance.npz"):
         assert (tmp_path / "out" / name).exists()
     back = MappedModel.load(tmp_path / "out" / "mapped.npz")
     assert back.metadata["grid"]["spacing3_A"] == 0.4
