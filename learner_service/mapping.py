@@ -266,7 +266,8 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                     vals = threebody_energy(gp, c, a, b, grid.reshape(-1, 3), progress=progress).reshape(-1, n3)
                     F = np.zeros((n1, n1, n3))
                     F[i1, i2] = vals
-                    F[i2, i1] = vals
+                    if a == b:
+                        F[i2, i1] = vals
                     P1 = _lsq_operator(k12, x1, _free_columns(k12, float(r3[c, a]) if r3[c, a] < cut else None))
                     P2 = _lsq_operator(k12, x2, _free_columns(k12, float(r3[c, b]) if r3[c, b] < cut else None))
                     P3 = _lsq_operator(k3, x3, _free_columns(k3, float(r3[a, b])))
