@@ -450,3 +450,28 @@ def test_mapped_variance_of_a_twobody_model(tmp_path):
         assert np.abs(mapped / exact - 1).max() < 0.1
     back = MappedVariance.load(mv.save(tmp_path / "v.npz"))
     np.testing.assert_array_equal(back.atom_std(frames[1]), mv.atom_std(frames[1]))
+
+
+def test_mapped_calculator_nve_conserves_energy():
+    """Velocity Verlet on the mapped model (ASE MD through MappedCalculator): total energy drifts
+    by far less than the kinetic energy fluctuates -- forces are the energy's exact gradient."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from learner_service.calculator import MappedCalculator
+
+    model = _random_model([13, 29], seed=11)
+    atoms = _alloy(seed=12, rattle=0.02)
+    atoms.calc = MappedCalculator(model)
+    masses = atoms.get_masses()[:, None]  # Maxwell-Boltzmann momenta at 300 K
+    atoms.set_momenta(np.sqrt(masses * units.kB * 300) * np.random.default_rng(0).normal(size=(len(atoms), 3)))
+    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    e0 = atoms.get_total_energy()
+    kin = []
+    for _ in range(20):
+        dyn.run(10)
+        kin.append(atoms.get_kinetic_energy())
+    drift = abs(atoms.get_total_energy() - e0)
+    assert np.ptp(kin) > 0.05  # the system moves
+    assert drift < 0.02 * np.ptp(kin), (drift, np.ptp(kin))
+    assert atoms.get_stress().shape == (6,)
