@@ -31,7 +31,8 @@ from protos.errors import InvalidInput
 
 from .mapped import MappedModel, design_matrix
 
-__all__ = ["write_uf3", "write_table", "lammps_snippet", "export_lammps", "element_symbol"]
+__all__ = ["write_uf3", "write_table", "lammps_snippet", "export_lammps", "element_symbol", "uf3_compatible",
+           "UF3_MAX_LINE"]
 
 
 def element_symbol(z: int) -> str:
@@ -40,8 +41,67 @@ def element_symbol(z: int) -> str:
     return chemical_symbols[int(z)]
 
 
+#: LAMMPS's TextFileReader reads a uf3 potential through a 1024-character line buffer
+#: (``text_file_reader.cpp``: ``set_bufsize(1024)``; ``next_line(n)`` concatenates lines only
+#: within that buffer, ``skip_line`` skips one buffer-full): every knot vector, every 2-body
+#: coefficient vector and every row of 3-body r_jk coefficients must fit in 1023 characters.
+UF3_MAX_LINE = 1023
+#: decimals (absolute precision 10^-d eV) tried for coefficients, most first
+_DIGITS = (12, 11, 10, 9, 8, 7)
+
+
+def _fmt(values, digits: int) -> str:
+    return " ".join(f"{float(v):.{digits}g}" for v in np.asarray(values, dtype=np.float64).ravel())
+
+
 def _nums(values) -> str:
-    return " ".join(repr(float(v)) for v in np.asarray(values, dtype=np.float64).ravel())
+    """Knots and cutoffs: 12 significant digits (uniform_knots makes them exact)."""
+    return _fmt(values, 12)
+
+
+def _fixed(v: float, decimals: int) -> str:
+    text = f"{v:.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def _coef_line(values, where: str) -> tuple[str, np.ndarray]:
+    """The most precise line of ``values`` (fixed point, trailing zeros dropped: an absolute
+    precision in eV, and exact zeros cost two characters) that fits LAMMPS's buffer, and the
+    values it holds."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    for digits in _DIGITS:
+        line = " ".join(_fixed(float(v), digits) for v in values)
+        if len(line) <= UF3_MAX_LINE:
+            return line, np.array(line.split(), dtype=np.float64)
+    raise InvalidInput(f"{where}: {np.size(values)} coefficients do not fit LAMMPS's 1024-character uf3 line "
+                       f"buffer even at {_DIGITS[-1]} decimals; use a coarser knot spacing")
+
+
+def uf3_compatible(model: MappedModel) -> MappedModel:
+    """The model with its coefficients rounded exactly as :func:`write_uf3` writes them (so
+    our evaluator and LAMMPS use the same numbers); InvalidInput if a line cannot fit."""
+    sym = [element_symbol(z) for z in model.species]
+    two, three = {}, {}
+    for (a, b), (knots, coef) in model.twobody.items():
+        if len(_nums(knots)) > UF3_MAX_LINE:
+            raise InvalidInput(f"2-body {sym[a]}-{sym[b]}: {len(knots)} knots do not fit LAMMPS's uf3 line buffer; "
+                               f"use a coarser knot spacing")
+        two[(a, b)] = (knots, _coef_line(coef, f"2-body {sym[a]}-{sym[b]}")[1])
+    for (c, a, b), (k1, k2, k3, coef) in model.threebody.items():
+        name = f"3-body {sym[c]}-{sym[a]}-{sym[b]}"
+        for k in (k1, k2, k3):
+            if len(_nums(k)) > UF3_MAX_LINE:
+                raise InvalidInput(f"{name}: {len(k)} knots do not fit LAMMPS's uf3 line buffer")
+        rounded = np.empty_like(coef)
+        for i in range(coef.shape[0]):
+            for j in range(coef.shape[1]):
+                rounded[i, j] = _coef_line(coef[i, j], name)[1]
+        three[(c, a, b)] = (k1, k2, k3, rounded)
+    meta = dict(model.metadata)
+    meta["uf3_rounded"] = True
+    return MappedModel(model.species, two, three, meta)
 
 
 def _header(author: str) -> str:
@@ -50,20 +110,22 @@ def _header(author: str) -> str:
 
 
 def write_uf3(model: MappedModel, path, author: str = "epicycle") -> Path:
-    """One unified ``pair_style uf3`` potential file with every 2B (and 3B) block."""
+    """One unified ``pair_style uf3`` potential file with every 2B (and 3B) block.  Coefficients
+    are written in fixed point with the most decimals (12 .. 7) that fit LAMMPS's line buffer;
+    pass the model through :func:`uf3_compatible` first to evaluate exactly what LAMMPS reads."""
     path = Path(path)
     sym = [element_symbol(z) for z in model.species]
     lines: list[str] = []
     for (a, b), (knots, coef) in sorted(model.twobody.items()):
-        lines += [_header(author), f"2B {sym[a]} {sym[b]} 0 3 uk", f"{float(knots[-1])!r} {len(knots)}", _nums(knots),
-                  f"{len(coef)}", _nums(coef), "#"]
+        lines += [_header(author), f"2B {sym[a]} {sym[b]} 0 3 uk", f"{_nums(knots[-1:])} {len(knots)}", _nums(knots),
+                  f"{len(coef)}", _coef_line(coef, f"2-body {sym[a]}-{sym[b]}")[0], "#"]
     for (c, a, b), (k1, k2, k3, coef) in sorted(model.threebody.items()):
         lines += [_header(author), f"3B {sym[c]} {sym[a]} {sym[b]} 0 3 uk",
-                  f"{float(k3[-1])!r} {float(k1[-1])!r} {float(k2[-1])!r} {len(k3)} {len(k2)} {len(k1)}",
+                  f"{_nums(k3[-1:])} {_nums(k1[-1:])} {_nums(k2[-1:])} {len(k3)} {len(k2)} {len(k1)}",
                   _nums(k3), _nums(k2), _nums(k1), f"{coef.shape[0]} {coef.shape[1]} {coef.shape[2]}"]
         for i in range(coef.shape[0]):
             for j in range(coef.shape[1]):
-                lines.append(_nums(coef[i, j]))
+                lines.append(_coef_line(coef[i, j], f"3-body {sym[c]}-{sym[a]}-{sym[b]}")[0])
         lines.append("#")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

@@ -53,7 +53,8 @@ def uniform_knots(r_max: float, n_intervals: int, r_min: float = 0.0) -> np.ndar
         raise InvalidInput(f"a spline needs at least one knot interval, got {n_intervals}")
     if not (np.isfinite(r_max) and r_max > r_min):
         raise InvalidInput(f"spline range [{r_min}, {r_max}] Å is empty")
-    inner = np.linspace(r_min, r_max, n_intervals + 1)
+    # 12 significant digits: the knots print short and LAMMPS reads back the same doubles
+    inner = np.array([float(f"{v:.12g}") for v in np.linspace(r_min, r_max, n_intervals + 1)])
     return np.concatenate([[r_min] * 3, inner, [r_max] * 3]).astype(np.float64)
 
 

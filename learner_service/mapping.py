@@ -46,8 +46,11 @@ from .mapped import MappedModel, design_matrix, uniform_knots
 __all__ = ["map_gp", "twobody_energy", "threebody_energy", "DEFAULT_SPACING_2", "DEFAULT_SPACING_3",
            "DEFAULT_SPACING_JK", "DEFAULT_SAMPLES"]
 
-#: Å, knot spacing of the 2-body splines
+#: Å, knot spacing of the 2-body splines (coarsened to at most ``MAX_INTERVALS_2`` intervals)
 DEFAULT_SPACING_2 = 0.05
+#: LAMMPS reads a uf3 coefficient vector through a 1024-character buffer
+#: (:data:`learner_service.lammps_export.UF3_MAX_LINE`): 78 coefficients fit at 1e-9 eV
+MAX_INTERVALS_2 = 75
 #: Å, knot spacing of the 3-body splines' r_ij and r_ik axes
 DEFAULT_SPACING_3 = 0.2
 #: Å, knot spacing of the r_jk axis: finer, as the GP term has its cutoff kink (r3 - r_jk)^2
@@ -181,13 +184,18 @@ def _intervals(r_max: float, spacing: float) -> int:
 
 def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SPACING_3,
            samples: int = DEFAULT_SAMPLES, body_order: int | None = None,
-           log: Callable[[str], None] | None = None, spacing_jk: float | None = DEFAULT_SPACING_JK) -> MappedModel:
+           log: Callable[[str], None] | None = None, spacing_jk: float | None = DEFAULT_SPACING_JK,
+           uf3: bool = True) -> MappedModel:
     """The :class:`MappedModel` of an exact :class:`~learner_service.gp.GaussianProcess`.
 
     ``spacing2``/``spacing3``: knot spacing (Å) of the 2-/3-body splines (rounded down so that
     the cutoff is a knot); ``samples``: least-squares points per knot interval and axis (>= 1);
     ``spacing_jk``: knot spacing (Å) of the r_jk axis alone (None: ``spacing3``; UF3 allows a
     different uniform spacing per axis);
+    ``uf3``: keep the result writable as a LAMMPS ``pair_style uf3`` file -- at most
+    ``MAX_INTERVALS_2`` 2-body intervals and coefficients rounded as the file holds them
+    (:func:`learner_service.lammps_export.uf3_compatible`), so that LAMMPS and our evaluator use
+    the same numbers;
     ``body_order``: 2 drops the 3-body term (default: 3 if the GP has a 3-body kernel with a
     non-zero 3-body cutoff and signal, else 2).
     """
@@ -218,7 +226,8 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
             cut = float(r2[a, b])
             if body_order == 3:
                 cut = max(cut, float(r3[a, b]), float(r3[a].max()), float(r3[b].max()))
-            knots = uniform_knots(cut, _intervals(cut, spacing2))
+            knots = uniform_knots(cut, min(_intervals(cut, spacing2), max(MAX_INTERVALS_2, 4)) if uf3
+                                  else _intervals(cut, spacing2))
             x = _samples(knots, samples)
             y = twobody_energy(gp, a, b, x)
             y_ba = twobody_energy(gp, b, a, x) if a != b else y
@@ -226,7 +235,7 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                 (0.5 * (y + y_ba))
             twobody[(a, b)] = (knots, coef)
     log(f"2-body: {len(twobody)} pair spline(s), {len(knots) - 4} coefficients each "
-        f"({spacing2:g} Å knots), {time.perf_counter() - t0:.1f} s")
+        f"({float(knots[4] - knots[3]):.4g} Å knots), {time.perf_counter() - t0:.1f} s")
 
     # ---- 3-body: one tensor spline per centre c and neighbour pair a <= b
     threebody = {}
@@ -295,7 +304,12 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                  "body_order": body_order},
         "mapping_seconds": round(time.perf_counter() - t0, 3),
     }
-    return MappedModel(gp.species, twobody, threebody, meta)
+    model = MappedModel(gp.species, twobody, threebody, meta)
+    if uf3:
+        from .lammps_export import uf3_compatible
+
+        model = uf3_compatible(model)
+    return model
 
 
 def force_errors(gp, mapped: MappedModel, frames: Sequence) -> dict:

@@ -497,7 +497,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("map", help="map a GP to cubic splines and export LAMMPS pair_style uf3/table files")
     p.add_argument("model", help="model file written by 'fit' (or a learner model directory)")
     p.add_argument("--out", required=True, help="output directory (mapped.npz, mapped.uf3, mapped.lammps, ...)")
-    p.add_argument("--spacing2", type=float, default=None, help="2-body knot spacing in Å (default 0.05)")
+    p.add_argument("--spacing2", type=float, default=None, help="2-body knot spacing in Å (default 0.05, but at most 75 intervals)")
     p.add_argument("--spacing3", type=float, default=None,
                    help="3-body knot spacing along r_ij and r_ik in Å (default 0.2)")
     p.add_argument("--spacing-jk", type=float, default=None,

