@@ -372,7 +372,8 @@ def map_model(model_path, out_dir, spacing2=None, spacing3=None, spacing_jk=None
 
 def format_map_report(r: dict) -> str:
     g = r["grid"]
-    lines = [f"mapped {r['model']}: {g['body_order']}-body, knots {g['spacing2_A']:g} Å (2-body), "
+    used2 = ", ".join(f"{h:.4g}" for h in g.get("spacing2_used_A", [g["spacing2_A"]]))
+    lines = [f"mapped {r['model']}: {g['body_order']}-body, knots {used2} Å (2-body), "
              f"{g['spacing3_A']:g} Å (3-body r_ij, r_ik), {g['spacing_jk_A']:g} Å (r_jk), "
              f"{g['samples_per_interval']} samples per interval",
              "mapped - GP force error (meV/Å):"]
