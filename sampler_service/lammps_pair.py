@@ -131,6 +131,61 @@ class LammpsPairPotential:
         lines = [" ".join(resolved.get(tok, tok) for tok in str(line).split()) for line in coeff]
         return cls(str(data["pair_style"]), tuple(lines), tuple(data["elements"]), tuple(resolved.values()))
 
+    @classmethod
+    def from_snippet(cls, path: str | Path) -> "LammpsPairPotential":
+        """From a LAMMPS input snippet (e.g. the ``STEM.lammps`` that ``epicycle map`` writes, or
+        any file of ``pair_style`` / ``pair_coeff`` lines): files named in the pair_coeff lines
+        are found next to the snippet; the type → element order comes from a ``# atom types:
+        1=Al, 2=Cu`` comment, else from the element symbols that end a ``pair_coeff * *`` line.
+
+        A directory is accepted if it holds exactly one ``*.lammps`` snippet.
+        """
+        path = Path(path)
+        if path.is_dir():
+            found = sorted(path.glob("*.lammps"))
+            if len(found) != 1:
+                raise InvalidInput(f"{path} must hold exactly one *.lammps snippet (found {len(found)}); name the file")
+            path = found[0]
+        if not path.is_file():
+            raise InvalidInput(f"LAMMPS snippet {path} not found")
+        style, coeff, elements, files = None, [], None, []
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if line.startswith("#"):
+                body = line.lstrip("#").strip()
+                if body.startswith("atom types:") and elements is None:
+                    elements = [t.split("=", 1)[1].strip() for t in body[len("atom types:"):].split(",") if "=" in t]
+                continue
+            tokens = line.split("#", 1)[0].split()
+            if not tokens:
+                continue
+            if tokens[0] == "pair_style":
+                style = " ".join(tokens[1:])
+            elif tokens[0] == "pair_coeff":
+                out = []
+                for tok in tokens[1:]:
+                    candidate = path.parent / tok
+                    if candidate.is_file():
+                        files.append(str(candidate.resolve()))
+                        tok = str(candidate.resolve())
+                    elif _looks_like_file(tok):
+                        raise InvalidInput(f"{path}: the pair_coeff file {tok} was not found next to it "
+                                           f"(file(s) not found: {candidate})")
+                    out.append(tok)
+                coeff.append(" ".join(out))
+                if elements is None and tokens[1:3] == ["*", "*"]:
+                    tail = []
+                    for tok in reversed(tokens[3:]):
+                        if tok not in atomic_numbers:
+                            break
+                        tail.insert(0, tok)
+                    elements = tail or None
+        if style is None or not coeff:
+            raise InvalidInput(f"{path} has no pair_style and pair_coeff lines")
+        if not elements:
+            raise InvalidInput(f"{path}: cannot tell the element of each atom type (add '# atom types: 1=Al, ...')")
+        return cls(style, tuple(coeff), tuple(elements), tuple(dict.fromkeys(files)))
+
     def to_dict(self) -> dict[str, Any]:
         return {"pair_style": self.pair_style, "pair_coeff": list(self.pair_coeff),
                 "elements": list(self.elements), "files": list(self.files)}
@@ -174,6 +229,15 @@ class LammpsPairPotential:
         box = self._cache.pop("box", None)
         if box is not None:
             box.close()
+
+
+def _looks_like_file(token: str) -> bool:
+    """A pair_coeff argument that names a file (has a suffix or a path), not a number/type/keyword."""
+    try:
+        float(token)
+        return False
+    except ValueError:
+        return "/" in token or ("." in token and not token.startswith("."))
 
 
 class _Box:

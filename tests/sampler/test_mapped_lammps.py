@@ -185,3 +185,148 @@ class TestNativeEngine:
         with pytest.raises(InvalidInput, match="supplied forces are not supported"):
             e.supply_forces(evaluate(eam, atoms))
         e.close()
+
+
+# -- mapped models exported as pair_style uf3 -------------------------------------------------
+
+def morse(r, eps, a, r0):
+    return eps * (np.exp(-2 * a * (r - r0)) - 2 * np.exp(-a * (r - r0)))
+
+
+def synthetic_mapped(species=(13,), r2=5.2, r3=3.8, n2=26, n3=(7, 7, 14), three_body=True, seed=0):
+    """A MappedModel with a Morse-like pair spline per species pair and smooth random 3-body
+    splines (symmetric in r_ij, r_ik for equal neighbour species); the last three coefficients
+    along r (pair) and r_ij, r_ik (triplet) are zero, so every term goes to zero smoothly at its
+    cutoff.  The coefficients are arbitrary: what matters is that LAMMPS and our evaluator
+    compute the same function from them."""
+    from learner_service.mapped import MappedModel, design_matrix, uniform_knots
+
+    rng = np.random.default_rng(seed)
+    s = len(species)
+    two = {}
+    for a in range(s):
+        for b in range(a, s):
+            knots = uniform_knots(r2, n2)
+            r = np.linspace(0.8, r2, 400)
+            target = morse(r, 0.08 + 0.02 * (a + b), 1.3, 2.9 - 0.1 * (a + b)) * (1 - r / r2) ** 3
+            coef = np.linalg.lstsq(design_matrix(knots, r), target, rcond=None)[0]
+            coef[-3:] = 0.0
+            two[(a, b)] = (knots, coef)
+    three = {}
+    if three_body:
+        for c in range(s):
+            for a in range(s):
+                for b in range(a, s):
+                    k1, k2, k3 = uniform_knots(r3, n3[0]), uniform_knots(r3, n3[1]), uniform_knots(2 * r3, n3[2])
+                    coef = rng.normal(0.0, 0.01, (len(k1) - 4, len(k2) - 4, len(k3) - 4))
+                    if a == b:
+                        coef = 0.5 * (coef + coef.transpose(1, 0, 2))
+                    coef[-3:, :, :] = 0.0
+                    coef[:, -3:, :] = 0.0
+                    three[(c, a, b)] = (k1, k2, k3, coef)
+    return MappedModel(species, two, three, {"model_version": 7})
+
+
+def exported(model, tmp_path):
+    from learner_service.lammps_export import export_lammps
+
+    out = export_lammps(model, tmp_path)
+    return LammpsPairPotential.from_snippet(out["snippet"])
+
+
+def two_species(seed=0):
+    atoms = distorted_al(n=2, seed=seed, rattle=0.1)
+    rng = np.random.default_rng(seed)
+    numbers = atoms.numbers.copy()
+    numbers[rng.permutation(len(atoms))[: len(atoms) // 3]] = 29
+    atoms.numbers = numbers
+    return atoms
+
+
+def assert_same_prediction(lmp, ours, rel=1e-6):
+    """energy, forces and stress equal to ``rel`` of their scale"""
+    assert lmp.energy == pytest.approx(ours.energy, rel=rel, abs=rel)
+    scale_f = max(1.0, np.abs(ours.forces).max())
+    np.testing.assert_allclose(lmp.forces, ours.forces, rtol=0, atol=rel * scale_f)
+    scale_s = max(1e-3, np.abs(ours.stress).max())
+    np.testing.assert_allclose(lmp.stress, ours.stress, rtol=0, atol=rel * scale_s)
+
+
+class TestExportedUF3:
+    @pytest.mark.parametrize("three_body", [False, True], ids=["2-body", "2+3-body"])
+    def test_lammps_uf3_equals_our_evaluator_on_al(self, tmp_path, three_body):
+        from sampler_service.mapped_forces import MappedForceProvider
+
+        model = synthetic_mapped(three_body=three_body, seed=1)
+        pot = exported(model, tmp_path)
+        assert pot.pair_style == f"uf3 {2 + three_body}" and pot.elements == ("Al",)
+        ours = MappedForceProvider(model)
+        for seed in range(3):
+            atoms = distorted_al(n=2, seed=seed, rattle=0.12)
+            r_ours = ours.compute(atoms.positions, atoms.cell.array, atoms.numbers, atoms.pbc)
+            assert np.abs(r_ours.forces).max() > 0.05  # a non-trivial configuration
+            assert_same_prediction(evaluate(pot, atoms), r_ours)
+
+    def test_lammps_uf3_equals_our_evaluator_on_two_species(self, tmp_path):
+        from sampler_service.mapped_forces import MappedForceProvider
+
+        model = synthetic_mapped(species=(13, 29), seed=2)
+        pot = exported(model, tmp_path)
+        assert pot.elements == ("Al", "Cu")
+        ours = MappedForceProvider(model)
+        for seed in range(3):
+            atoms = two_species(seed)
+            assert set(atoms.numbers) == {13, 29}
+            assert_same_prediction(evaluate(pot, atoms),
+                                   ours.compute(atoms.positions, atoms.cell.array, atoms.numbers, atoms.pbc))
+
+    def test_in_process_mapped_md_matches_native_lammps_uf3(self, tmp_path):
+        """The built-in engine on MappedForceProvider and LAMMPS alone on the exported uf3 file
+        integrate the same trajectory."""
+        from sampler_service.mapped_forces import MappedForceProvider
+
+        model = synthetic_mapped(seed=3)
+        pot = exported(model, tmp_path)
+        atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(2)
+        atoms.rattle(0.03, seed=1)
+        frames = {}
+        for engine, provider in (("builtin", MappedForceProvider(model)), ("lammps", pot)):
+            e = create_engine(SamplerSettings(engine=engine, timestep_fs=2.0, initial_temperature_K=300.0, seed=5),
+                              provider, atoms)
+            out = []
+            e.run(30, frame_interval=10, on_frame=out.append)
+            frames[engine] = out
+            e.close()
+        for a, b in zip(frames["lammps"], frames["builtin"]):
+            assert a.step == b.step
+            assert a.energy == pytest.approx(b.energy, abs=1e-6)
+            np.testing.assert_allclose(a.velocities, b.velocities, atol=1e-7)
+            assert b.model_version == 7
+
+    def test_nve_on_exported_uf3_conserves_energy_over_10_ps(self, tmp_path):
+        """108 atoms, Δt = 2 fs, 5,000 steps of LAMMPS on the exported 2+3-body uf3 file."""
+        pot = exported(synthetic_mapped(seed=4), tmp_path)
+        atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(3)
+        e = create_engine(SamplerSettings(engine="lammps", timestep_fs=2.0, initial_temperature_K=600.0, seed=3),
+                          pot, atoms)
+        frames = []
+        e.run(5000, frame_interval=100, on_frame=frames.append)
+        total = np.array([f.observables.total_eV for f in frames[1:]]) / len(atoms)
+        temps = np.array([f.observables.temperature_K for f in frames])
+        assert temps[-10:].mean() > 100
+        slope = np.polyfit(np.arange(len(total)) * 0.2, total, 1)[0]  # eV/atom/ps
+        print(f"uf3 NVE 10 ps: drift {slope * 10 * 1e3:.2e} meV/atom over 10 ps, "
+              f"fluctuation {np.ptp(total) * 1e3:.3f} meV/atom, T {temps[-10:].mean():.0f} K")
+        assert np.ptp(total) < 2e-4
+        assert abs(slope) * 10 < 2e-5
+        e.close()
+
+    def test_snippet_errors(self, tmp_path):
+        (tmp_path / "a.lammps").write_text("pair_style uf3 2\npair_coeff * * missing.uf3 Al\n")
+        with pytest.raises(InvalidInput, match="not found.*missing.uf3|has no"):
+            LammpsPairPotential.from_snippet(tmp_path / "a.lammps")
+        (tmp_path / "b.lammps").write_text("# nothing here\n")
+        with pytest.raises(InvalidInput, match="exactly one"):
+            LammpsPairPotential.from_snippet(tmp_path)
+        with pytest.raises(InvalidInput, match="has no pair_style"):
+            LammpsPairPotential.from_snippet(tmp_path / "b.lammps")
