@@ -22,6 +22,7 @@ CLI_MODULES = (
     "coordinator.run_cli",       # run, report
     "coordinator.export",        # export (a run's labels as extended XYZ)
     "coordinator.probe_cli",     # probe (gRPC health, for exec probes)
+    "sampler_service.production",  # md (production MD on a mapped / stock LAMMPS potential)
 )
 
 

@@ -6,6 +6,8 @@ setup message.  Energies eV, forces eV/Å, stress eV/Å³, time fs.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from ase.build import bulk
@@ -330,3 +332,50 @@ class TestExportedUF3:
             LammpsPairPotential.from_snippet(tmp_path)
         with pytest.raises(InvalidInput, match="has no pair_style"):
             LammpsPairPotential.from_snippet(tmp_path / "b.lammps")
+
+
+class TestProductionCommand:
+    def map_dir(self, tmp_path):
+        """What `epicycle map --out DIR` writes: mapped.npz, mapped.uf3, mapped.lammps."""
+        from learner_service.lammps_export import export_lammps
+
+        model = synthetic_mapped(seed=5)
+        model.save(tmp_path / "mapped.npz")
+        export_lammps(model, tmp_path)
+        return tmp_path
+
+    @pytest.mark.parametrize("engine", ["lammps", "builtin"])
+    def test_epicycle_md_runs_a_map_directory(self, tmp_path, engine, capsys):
+        from coordinator.cli import main
+
+        d = self.map_dir(tmp_path / "map")
+        out = tmp_path / "md"
+        rc = main(["md", "--potential", str(d), "--engine", engine, "--repeat", "2", "--steps", "40",
+                   "--frame-interval", "10", "--out", str(out)])
+        assert rc == 0
+        summary = json.loads((out / "md.json").read_text())
+        assert summary["atoms"] == 32 and summary["steps"] == 40
+        assert summary["engine"] == ("LammpsPairEngine" if engine == "lammps" else "BuiltinEngine")
+        rows = (out / "thermo.csv").read_text().splitlines()
+        assert rows[0].startswith("step,") and [int(r.split(",")[0]) for r in rows[1:]] == [0, 10, 20, 30]
+        from ase.io import read
+
+        frames = read(out / "md.xyz", index=":")
+        assert len(frames) == 4 and frames[-1].info["step"] == 30
+        assert "done: 0.08 ps" in capsys.readouterr().out
+
+    def test_potential_specs_and_errors(self, tmp_path):
+        from sampler_service.mapped_forces import MappedForceProvider
+        from sampler_service.production import potential_from_config
+
+        d = self.map_dir(tmp_path)
+        assert isinstance(potential_from_config({"mapped": "."}, "builtin", d), MappedForceProvider)
+        assert isinstance(potential_from_config({"lammps": "mapped.lammps"}, "lammps", d), LammpsPairPotential)
+        with pytest.raises(InvalidInput, match="engine builtin"):
+            potential_from_config({"mapped": "."}, "lammps", d)
+        with pytest.raises(InvalidInput, match="needs engine lammps"):
+            potential_from_config({"lammps": "."}, "builtin", d)
+        with pytest.raises(InvalidInput, match="mapped model .*nothere.npz not found"):
+            potential_from_config({"mapped": "nothere.npz"}, "builtin", d)
+        with pytest.raises(InvalidInput, match="potential must be"):
+            potential_from_config({"gp": "x"}, "builtin", d)
