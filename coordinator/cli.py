@@ -18,7 +18,7 @@ from protos.errors import EpicycleError
 CLI_MODULES = (
     "coordinator.serve_cli",     # serve oracle|learner|sampler
     "oracle_service.cli",        # label
-    "learner_service.offline",   # fit, predict, evaluate
+    "learner_service.offline",   # fit, predict, evaluate, map
     "coordinator.run_cli",       # run, report
     "coordinator.export",        # export (a run's labels as extended XYZ)
     "coordinator.probe_cli",     # probe (gRPC health, for exec probes)

@@ -1,6 +1,6 @@
 """Offline commands: ``epicycle fit / predict / evaluate`` on extended-XYZ data sets.
 
-``register_cli(subparsers)`` adds the three sub-commands to an argparse
+``register_cli(subparsers)`` adds the sub-commands (``fit``, ``predict``, ``evaluate``, ``map``) to an argparse
 sub-parsers object; each sets ``func(args) -> int`` (exit status).  The work itself
 is in plain functions (:func:`fit_model`, :func:`predict_file`, :func:`evaluate_model`)
 so it can be used without argparse.  Units: eV, Å, eV/Å, eV/Å^3.
@@ -22,7 +22,7 @@ from .calibration import calibration_summary
 from .diagnostics import model_warnings
 from .gp import HYPERPARAMETER_UNITS, GaussianProcess
 
-__all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate_model"]
+__all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate_model", "map_model"]
 
 
 # ---------------------------------------------------------------------------
@@ -323,6 +323,59 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def map_model(model_path, out_dir, spacing2=None, spacing3=None, samples=None, body_order=None,
+              train_path=None, test_path=None, table_points=2000, log=print) -> dict:
+    """``epicycle map``: map a saved GP to splines, write ``DIR/mapped.npz`` (our format),
+    ``DIR/mapped.uf3`` (+ ``mapped.table`` for 2-body models) and ``DIR/mapped.lammps``, and
+    report mapped-vs-GP force errors (meV/Å) on the training environments and on the frames
+    of ``train_path`` / ``test_path``.  Returns the report (also saved as ``DIR/mapping.json``)."""
+    from .lammps_export import export_lammps
+    from .mapping import (DEFAULT_SAMPLES, DEFAULT_SPACING_2, DEFAULT_SPACING_3, force_errors, map_gp,
+                          training_environment_errors)
+
+    out_dir = Path(out_dir)
+    train_frames = read_frames(train_path) if train_path is not None else None
+    test_frames = read_frames(test_path) if test_path is not None else None
+    gp = GaussianProcess.load(model_path)
+    log(f"model: {gp}")
+    mapped = map_gp(gp, spacing2=DEFAULT_SPACING_2 if spacing2 is None else spacing2,
+                    spacing3=DEFAULT_SPACING_3 if spacing3 is None else spacing3,
+                    samples=DEFAULT_SAMPLES if samples is None else samples, body_order=body_order, log=log)
+    report = {"model": str(model_path), "grid": mapped.metadata["grid"]}
+    log("mapped-vs-GP forces on the training environments ...")
+    report["training_environments"] = training_environment_errors(gp, mapped)
+    for name, frames in (("train_frames", train_frames), ("test_frames", test_frames)):
+        if frames is not None:
+            log(f"mapped-vs-GP forces on {len(frames)} {name.replace('_', ' ')} ...")
+            report[name] = force_errors(gp, mapped, frames)
+    mapped.metadata["errors"] = {k: v for k, v in report.items() if k not in ("model", "grid")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"model": mapped.save(out_dir / "mapped.npz")}
+    files.update(export_lammps(mapped, out_dir, table_points=table_points))
+    report["files"] = {k: str(v) for k, v in files.items()}
+    (out_dir / "mapping.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_map_report(r: dict) -> str:
+    g = r["grid"]
+    lines = [f"mapped {r['model']}: {g['body_order']}-body, knots {g['spacing2_A']:g} Å (2-body), "
+             f"{g['spacing3_A']:g} Å (3-body), {g['samples_per_interval']} samples per interval",
+             "mapped - GP force error (meV/Å):"]
+    for key, label in (("training_environments", "training environments"), ("train_frames", "training frames"),
+                       ("test_frames", "test frames")):
+        e = r.get(key)
+        if e is None:
+            continue
+        if not e.get("components"):
+            lines.append(f"  {label:22s} n/a {e.get('note', '')}")
+            continue
+        lines.append(f"  {label:22s} max {e['max_meV_A']:.3f}  RMS {e['rms_meV_A']:.3f}  "
+                     f"({e['components']} components)")
+    lines.append("files: " + ", ".join(r["files"].values()))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------
 # argparse wiring
 # ---------------------------------------------------------------------------
@@ -371,6 +424,14 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_map(args) -> int:
+    report = map_model(args.model, args.out, spacing2=args.spacing2, spacing3=args.spacing3, samples=args.samples,
+                       body_order=args.body_order, train_path=args.train, test_path=args.test,
+                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if args.json else format_map_report(report))
+    return 0
+
+
 def register_cli(subparsers) -> None:
     """Add ``fit``, ``predict`` and ``evaluate`` to an argparse sub-parsers object."""
     p = subparsers.add_parser("fit", help="train a GP force field on labelled extended XYZ")
@@ -408,3 +469,16 @@ def register_cli(subparsers) -> None:
     p.add_argument("test", help="labelled test set (extended XYZ with forces)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_guard(_cmd_evaluate))
+
+    p = subparsers.add_parser("map", help="map a GP to cubic splines and export LAMMPS pair_style uf3/table files")
+    p.add_argument("model", help="model file written by 'fit' (or a learner model directory)")
+    p.add_argument("--out", required=True, help="output directory (mapped.npz, mapped.uf3, mapped.lammps, ...)")
+    p.add_argument("--spacing2", type=float, default=None, help="2-body knot spacing in Å (default 0.05)")
+    p.add_argument("--spacing3", type=float, default=None, help="3-body knot spacing in Å (default 0.2)")
+    p.add_argument("--samples", type=int, default=None, help="least-squares samples per knot interval (default 2)")
+    p.add_argument("--body-order", type=int, choices=(2, 3), default=None,
+                   help="2: map only the 2-body term (default: 3 if the model has a 3-body term)")
+    p.add_argument("--train", help="training frames (extended XYZ or run directory) to report errors on")
+    p.add_argument("--test", help="test frames (extended XYZ) to report mapped-vs-GP force errors on")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_guard(_cmd_map))
