@@ -243,7 +243,15 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                     # samples over whole axes: the GP term is 0 outside its cutoffs
                     x1 = x2 = _samples(k12, samples)
                     x3 = _samples(k3, samples)
-                    grid = np.stack(np.meshgrid(x1, x2, x3, indexing="ij"), axis=-1).reshape(-1, 3)
+                    n1, n3 = len(x1), len(x3)
+                    if a == b:  # phi3(r1, r2, r12) = phi3(r2, r1, r12): evaluate r1 <= r2 only
+                        i1, i2 = np.triu_indices(n1)
+                    else:
+                        i1, i2 = (g.ravel() for g in np.meshgrid(np.arange(n1), np.arange(n1), indexing="ij"))
+                    grid = np.empty((len(i1), n3, 3))
+                    grid[:, :, 0] = x1[i1, None]
+                    grid[:, :, 1] = x2[i2, None]
+                    grid[:, :, 2] = x3[None, :]
                     name = f"{gp.species[c]}-{gp.species[a]}-{gp.species[b]}"
                     last = [0.0]
 
@@ -253,7 +261,10 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                             last[0] = now
                             log(f"3-body {name}: {done}/{total} grid points")
 
-                    F = threebody_energy(gp, c, a, b, grid, progress=progress).reshape(len(x1), len(x2), len(x3))
+                    vals = threebody_energy(gp, c, a, b, grid.reshape(-1, 3), progress=progress).reshape(-1, n3)
+                    F = np.zeros((n1, n1, n3))
+                    F[i1, i2] = vals
+                    F[i2, i1] = vals
                     P1 = _lsq_operator(k12, x1, _free_columns(k12, float(r3[c, a]) if r3[c, a] < cut else None))
                     P2 = _lsq_operator(k12, x2, _free_columns(k12, float(r3[c, b]) if r3[c, b] < cut else None))
                     P3 = _lsq_operator(k3, x3, _free_columns(k3, float(r3[a, b])))
@@ -261,8 +272,8 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                     if a == b:
                         coef = 0.5 * (coef + coef.transpose(1, 0, 2))
                     threebody[(c, a, b)] = (k12, k12.copy(), k3, coef)
-                    log(f"3-body {name}: {shape[0]}x{shape[1]}x{shape[2]} coefficients from {F.size} GP "
-                        f"evaluations ({spacing3:g} Å knots), {time.perf_counter() - t1:.1f} s")
+                    log(f"3-body {name}: {shape[0]}x{shape[1]}x{shape[2]} coefficients from a {n1}x{n1}x{n3} "
+                        f"grid ({spacing3:g} Å knots), {time.perf_counter() - t1:.1f} s")
 
     meta = {
         "source": "epicycle exact GP",
