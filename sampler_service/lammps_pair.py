@@ -102,6 +102,9 @@ class LammpsPairPotential:
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
             raise InvalidInput(f"lammps potential: file(s) not found: {', '.join(missing)}")
+        if self.pair_style.split()[0] == "uf3":
+            for f in files:
+                _check_line_lengths(Path(f))
         object.__setattr__(self, "files", files)
 
     # -- construction -------------------------------------------------------------------
@@ -229,6 +232,23 @@ class LammpsPairPotential:
         box = self._cache.pop("box", None)
         if box is not None:
             box.close()
+
+
+#: LAMMPS's TextFileReader reads a potential file in lines of at most 1,024 bytes; ML-UF3 skips
+#: a knot line with one read, so a longer line desynchronises its reader, which then throws an
+#: exception that ends the whole process (std::terminate), not a LAMMPS error
+LAMMPS_MAX_LINE = 1023
+
+
+def _check_line_lengths(path: Path) -> None:
+    """Refuse a uf3 file LAMMPS cannot read (see :data:`LAMMPS_MAX_LINE`) with a clear error."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            if len(line.rstrip(b"\r\n")) >= LAMMPS_MAX_LINE:
+                raise InvalidInput(
+                    f"{path}, line {number}: {len(line.rstrip())} characters; LAMMPS's pair_style uf3 reads lines of "
+                    f"at most {LAMMPS_MAX_LINE - 1} (a longer knot line aborts the process): write knots with fewer "
+                    f"digits and spread coefficients over several lines")
 
 
 def _looks_like_file(token: str) -> bool:

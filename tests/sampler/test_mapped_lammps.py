@@ -282,6 +282,21 @@ class TestExportedUF3:
             assert_same_prediction(evaluate(pot, atoms),
                                    ours.compute(atoms.positions, atoms.cell.array, atoms.numbers, atoms.pbc))
 
+    @pytest.mark.xfail(strict=True, raises=InvalidInput,
+                       reason="learner_service.lammps_export writes one-line 17-digit knot/coefficient lines; at the "
+                              "default grid (0.05 Å / 0.2 Å knots) they exceed the 1,022 characters LAMMPS's uf3 reader "
+                              "takes (the guard in LammpsPairPotential refuses them instead of letting LAMMPS abort)")
+    def test_lammps_reads_the_export_at_the_default_grid(self, tmp_path):
+        """r2 = 6 Å at 0.05 Å knots (127 knots), r3 = 4 Å at 0.2 Å (20/20/40 intervals): the grid of
+        ``epicycle map``'s defaults; LAMMPS must read it and agree with our evaluator."""
+        from sampler_service.mapped_forces import MappedForceProvider
+
+        model = synthetic_mapped(r2=6.0, r3=4.0, n2=120, n3=(20, 20, 40), seed=6)
+        pot = exported(model, tmp_path)
+        atoms = distorted_al(n=2, seed=7, rattle=0.1)
+        assert_same_prediction(evaluate(pot, atoms), MappedForceProvider(model).compute(
+            atoms.positions, atoms.cell.array, atoms.numbers, atoms.pbc))
+
     def test_in_process_mapped_md_matches_native_lammps_uf3(self, tmp_path):
         """The built-in engine on MappedForceProvider and LAMMPS alone on the exported uf3 file
         integrate the same trajectory."""
