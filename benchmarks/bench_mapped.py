@@ -141,7 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--gp-steps", type=int, default=2, help="exact-GP MD steps per training-set size")
     ap.add_argument("--gp-sizes", default="100,1000", help="training environments of the exact GPs")
-    ap.add_argument("--out", default=None, help="keep the exported files here (default: a temporary directory)")
+    ap.add_argument("--out", default=None, help="keep the mapped models and exported files here (default: a temporary "
+                    "directory)")
+    ap.add_argument("--reuse", action="store_true", help="load the mapped models of an earlier run from --out")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.gp_steps = 100, 1, 1
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
     from sampler_service.lammps_pair import LammpsPairPotential
     from sampler_service.mapped_forces import MappedForceProvider
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}", flush=True)
     print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; LAMMPS steps {args.steps} x {args.repeats} rounds, "
           f"Δt {DT_FS} fs, 1,372 atoms")
     tmp = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_mapped_"))
@@ -171,7 +173,15 @@ def main(argv=None) -> int:
     mapped = {}
     for order in (2, 3):
         t0 = time.perf_counter()
-        m = map_gp(gps[100], body_order=order)
+        saved = tmp / f"al_{order}b.npz"
+        if args.reuse and saved.exists():
+            from learner_service.mapped import MappedModel
+
+            m = MappedModel.load(saved)
+            print(f"mapped {order}-body: reusing {saved}")
+        else:
+            m = map_gp(gps[100], body_order=order)
+            m.save(saved)
         err = force_errors(gps[100], m, test_frames) if order == 3 else None
         dt = time.perf_counter() - t0
         out = export_lammps(m, tmp / f"al_{order}b", stem=f"al_{order}b")
