@@ -297,6 +297,29 @@ class TestExportedUF3:
         assert_same_prediction(evaluate(pot, atoms), MappedForceProvider(model).compute(
             atoms.positions, atoms.cell.array, atoms.numbers, atoms.pbc))
 
+    def test_lammps_uf3_of_a_mapped_gp_is_the_gp_within_the_mapping_error(self, tmp_path):
+        """A real GP (EMT labels, 16 environments, r2 = 5 Å, r3 = 3.5 Å) mapped on a coarse grid
+        (0.2 Å / 0.4 Å knots, so the file stays within LAMMPS's line length and the test fast):
+        LAMMPS's forces differ from the GP's by the mapping error only, here < 5 meV/Å."""
+        from learner_service.datasets import perturbed_fcc_al
+        from learner_service.gp import GaussianProcess
+        from learner_service.mapping import map_gp
+
+        train = perturbed_fcc_al(1, seed=0)[0]
+        gp = GaussianProcess([13], (5.0, 3.5), {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04})
+        gp.add_structure(train, forces=train.get_forces(), atom_indices=list(range(16)))
+        gp.train()
+        model = map_gp(gp, spacing2=0.2, spacing3=0.4)
+        pot = exported(model, tmp_path)
+        for atoms in perturbed_fcc_al(2, seed=5):
+            f_gp = gp.predict(atoms).forces
+            f_map = model.predict(atoms).forces
+            f_lmp = evaluate(pot, atoms).forces
+            scale = np.abs(f_gp).max()
+            assert scale > 0.5
+            assert np.abs(f_lmp - f_map).max() <= 1e-6 * scale
+            assert np.abs(f_lmp - f_gp).max() < 5e-3
+
     def test_in_process_mapped_md_matches_native_lammps_uf3(self, tmp_path):
         """The built-in engine on MappedForceProvider and LAMMPS alone on the exported uf3 file
         integrate the same trajectory."""
