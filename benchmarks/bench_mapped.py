@@ -4,8 +4,9 @@ Models (trained offline here, seconds to minutes): exact GPs on EMT force labels
 cells of ``learner_service.datasets.perturbed_fcc_al`` (seed 0, ±5 % displacements), frames in
 order (``datasets.training_selection``) up to 100 and 1,000 training environments; r2 = 6 Å,
 r3 = 4 Å, the fixed hyperparameters of ``benchmarks/bench_predict.py`` (no ML-II fit).  The
-100-environment GP is mapped with ``learner_service.mapping.map_gp`` at the default grid (2-body
-and, separately, 2+3-body) and exported with ``learner_service.lammps_export`` as
+100-environment GP is mapped with ``learner_service.mapping.map_gp`` (2-body and, separately,
+2+3-body; 3-body knots at the default 0.2 Å, 2-body knots at 0.2 Å instead of the default 0.05 Å,
+the finest whose file LAMMPS's uf3 reader accepts at a 6 Å cut-off) and exported with ``learner_service.lammps_export`` as
 ``pair_style uf3`` files.  The reference EAM is Zhou–Johnson–Wadley Al
 (``sampler_service/eam_setfl.py``), tabulated into a temporary directory.
 
@@ -59,6 +60,10 @@ from sampler_service.forces import ForceResult  # noqa: E402
 from sampler_service.settings import SamplerSettings  # noqa: E402
 
 R2, R3 = 6.0, 4.0
+#: Å, 2-body knot spacing: LAMMPS's uf3 reader takes at most ~40 coefficients per 2-body spline
+#: (one 1,024-byte buffer, see sampler_service.lammps_pair.LAMMPS_MAX_LINE), so not map_gp's 0.05 Å
+#: default (123 coefficients at 6 Å); the 3-body grid is the default (0.2 Å)
+SPACING2 = 0.2
 HYPS = {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04}
 DT_FS = 2.0
 T0_K = 300.0
@@ -90,33 +95,6 @@ def al_cell(n: int):
     return bulk("Al", "fcc", a=4.05, cubic=True).repeat(n)
 
 
-def lammps_readable_uf3(path: Path) -> None:
-    """WORKAROUND (remove when learner_service.lammps_export does it): LAMMPS's uf3 reader takes
-    lines of at most 1,022 characters and reads each knot vector with one line read, so the
-    writer's one-line, 17-digit knot and coefficient lines at the default grid abort LAMMPS.  Here
-    knot lines are rewritten with 15 significant digits (uniform knots k·h: short) and
-    coefficient lines wrapped at 20 numbers (the reader joins lines until it has the count)."""
-    lines = path.read_text().splitlines()
-    out, i = [], 0
-    while i < len(lines):
-        line = lines[i]
-        out.append(line)
-        if line.startswith("#UF3 POT"):
-            kind = lines[i + 1].split()[0]
-            n_knot_lines = 1 if kind == "2B" else 3
-            out += lines[i + 1:i + 3]
-            for k in range(n_knot_lines):
-                out.append(" ".join(f"{float(t):.15g}" for t in lines[i + 3 + k].split()))
-            i += 3 + n_knot_lines
-            continue
-        if len(line) > 1000:
-            out.pop()
-            toks = line.split()
-            out += [" ".join(toks[j:j + 20]) for j in range(0, len(toks), 20)]
-        i += 1
-    path.write_text("\n".join(out) + "\n")
-
-
 def cpu_per_atom_step(engine, steps: int) -> float:
     engine.run(1, frame_interval=0)  # warm-up: LAMMPS setup / numba / first prediction
     c0 = time.process_time()
@@ -143,7 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gp-sizes", default="100,1000", help="training environments of the exact GPs")
     ap.add_argument("--out", default=None, help="keep the mapped models and exported files here (default: a temporary "
                     "directory)")
-    ap.add_argument("--reuse", action="store_true", help="load the mapped models of an earlier run from --out")
+    ap.add_argument("--reuse", action="store_true", help="load the GPs and mapped models of an earlier run from --out")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.repeats, args.gp_steps = 100, 1, 1
@@ -167,7 +145,13 @@ def main(argv=None) -> int:
     gps = {}
     for n in sorted(set(sizes + [100])):
         t0 = time.perf_counter()
+        saved = tmp / f"gp_{n}.npz"
+        if args.reuse and saved.exists():
+            gps[n] = GaussianProcess.load(saved)
+            print(f"GP {n} environments: reusing {saved}")
+            continue
         gps[n] = build_gp(frames, n)
+        gps[n].save(saved)
         print(f"GP {n} environments: trained in {time.perf_counter() - t0:.1f} s")
     test_frames = perturbed_fcc_al(3, seed=11)
     mapped = {}
@@ -180,12 +164,11 @@ def main(argv=None) -> int:
             m = MappedModel.load(saved)
             print(f"mapped {order}-body: reusing {saved}")
         else:
-            m = map_gp(gps[100], body_order=order)
+            m = map_gp(gps[100], body_order=order, spacing2=SPACING2)
             m.save(saved)
         err = force_errors(gps[100], m, test_frames) if order == 3 else None
         dt = time.perf_counter() - t0
         out = export_lammps(m, tmp / f"al_{order}b", stem=f"al_{order}b")
-        lammps_readable_uf3(out["uf3"])
         pot = LammpsPairPotential.from_snippet(out["snippet"])
         check = perturbed_fcc_al(1, seed=12)[0]
         r_lmp = pot.compute(check.positions, check.cell.array, check.numbers, check.pbc)

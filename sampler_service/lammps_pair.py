@@ -234,21 +234,47 @@ class LammpsPairPotential:
             box.close()
 
 
-#: LAMMPS's TextFileReader reads a potential file in lines of at most 1,024 bytes; ML-UF3 skips
-#: a knot line with one read, so a longer line desynchronises its reader, which then throws an
-#: exception that ends the whole process (std::terminate), not a LAMMPS error
+#: LAMMPS's TextFileReader reads potential files through one 1,024-byte buffer.  ML-UF3 reads each
+#: knot vector with one line read and each coefficient record (a 2B block's coefficients, one r_jk
+#: row of a 3B block) into that one buffer, even when it spans several lines: a longer knot line
+#: desynchronises the reader, which then throws past LAMMPS's error handler (std::terminate ends
+#: the process); a longer coefficient record makes it loop forever.
 LAMMPS_MAX_LINE = 1023
 
 
 def _check_line_lengths(path: Path) -> None:
-    """Refuse a uf3 file LAMMPS cannot read (see :data:`LAMMPS_MAX_LINE`) with a clear error."""
-    with open(path, "rb") as fh:
-        for number, line in enumerate(fh, start=1):
-            if len(line.rstrip(b"\r\n")) >= LAMMPS_MAX_LINE:
-                raise InvalidInput(
-                    f"{path}, line {number}: {len(line.rstrip())} characters; LAMMPS's pair_style uf3 reads lines of "
-                    f"at most {LAMMPS_MAX_LINE - 1} (a longer knot line aborts the process): write knots with fewer "
-                    f"digits and spread coefficients over several lines")
+    """Refuse a uf3 file that LAMMPS cannot read (see :data:`LAMMPS_MAX_LINE`) with a clear error."""
+    lines = path.read_text().splitlines()
+
+    def fail(number: int, length: int, what: str):
+        raise InvalidInput(
+            f"{path}, line {number}: {what} of {length} characters; LAMMPS's pair_style uf3 reads at most "
+            f"{LAMMPS_MAX_LINE - 1} (longer ones abort or hang LAMMPS): use fewer knots (a coarser grid) or "
+            f"shorter numbers")
+
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("#UF3 POT") and i + 1 < len(lines):
+            head = lines[i + 1].split()
+            n_knot_lines = 1 if head[:1] == ["2B"] else 3
+            for k in range(n_knot_lines):
+                j = i + 3 + k
+                if j < len(lines) and len(lines[j]) >= LAMMPS_MAX_LINE:
+                    fail(j + 1, len(lines[j]), "a knot line")
+            j = i + 3 + n_knot_lines  # the coefficient count / shape line
+            if head[:1] == ["2B"] and j < len(lines):
+                want, got, record, start = int(lines[j].split()[0]), 0, 0, j + 2
+                while got < want and j + 1 < len(lines):
+                    j += 1
+                    got += len(lines[j].split())
+                    record += len(lines[j]) + 1
+                if record >= LAMMPS_MAX_LINE:
+                    fail(start, record, "2-body coefficients")
+            i = j + 1
+            continue
+        if len(lines[i]) >= LAMMPS_MAX_LINE:
+            fail(i + 1, len(lines[i]), "a line")
+        i += 1
 
 
 def _looks_like_file(token: str) -> bool:

@@ -283,9 +283,9 @@ class TestExportedUF3:
                                    ours.compute(atoms.positions, atoms.cell.array, atoms.numbers, atoms.pbc))
 
     @pytest.mark.xfail(strict=True, raises=InvalidInput,
-                       reason="learner_service.lammps_export writes one-line 17-digit knot/coefficient lines; at the "
-                              "default grid (0.05 Å / 0.2 Å knots) they exceed the 1,022 characters LAMMPS's uf3 reader "
-                              "takes (the guard in LammpsPairPotential refuses them instead of letting LAMMPS abort)")
+                       reason="at map_gp's default 2-body grid (0.05 Å knots, 123 coefficients at 6 Å) lammps_export "
+                              "writes a knot line and a 2-body coefficient record longer than the 1,022 characters "
+                              "LAMMPS's uf3 reader takes (it then aborts or hangs; LammpsPairPotential refuses the file)")
     def test_lammps_reads_the_export_at_the_default_grid(self, tmp_path):
         """r2 = 6 Å at 0.05 Å knots (127 knots), r3 = 4 Å at 0.2 Å (20/20/40 intervals): the grid of
         ``epicycle map``'s defaults; LAMMPS must read it and agree with our evaluator."""
