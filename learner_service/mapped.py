@@ -152,6 +152,16 @@ def _evaluate(n_atoms, c_off, nb_atom, nb_vec, spec,
 
     Neighbours of atom i: ``c_off[i]:c_off[i+1]`` into ``nb_atom`` (atom index) and ``nb_vec``
     (vector centre -> neighbour image, Å)."""
+    max_nb = 0
+    for i in range(n_atoms):
+        max_nb = max(max_nb, c_off[i + 1] - c_off[i])
+    short = np.zeros(max_nb, np.int64)
+    cut3_centre = np.zeros(trip_id.shape[0])
+    for c in range(trip_id.shape[0]):
+        for a in range(trip_id.shape[1]):
+            for b in range(trip_id.shape[2]):
+                if trip_id[c, a, b] >= 0:
+                    cut3_centre[c] = max(cut3_centre[c], cut3[trip_id[c, a, b]])
     N1 = np.zeros(4)
     dN1 = np.zeros(4)
     N2 = np.zeros(4)
@@ -195,10 +205,21 @@ def _evaluate(n_atoms, c_off, nb_atom, nb_vec, spec,
             virial[0, 1] += g * vx * vy
         if not use3:
             continue
+        # short list: neighbours within the largest 3-body cutoff of this centre (pair_uf3's neighshort)
+        ns = 0
         for m in range(c_off[i], c_off[i + 1]):
+            vx = nb_vec[m, 0]
+            vy = nb_vec[m, 1]
+            vz = nb_vec[m, 2]
+            if vx * vx + vy * vy + vz * vz <= cut3_centre[si] * cut3_centre[si]:
+                short[ns] = m
+                ns += 1
+        for mi in range(ns):
+            m = short[mi]
             j = nb_atom[m]
             sj = spec[j]
-            for n in range(m + 1, c_off[i + 1]):
+            for ni in range(mi + 1, ns):
+                n = short[ni]
                 k = nb_atom[n]
                 sk = spec[k]
                 b = trip_id[si, sj, sk]

@@ -178,11 +178,13 @@ def _intervals(r_max: float, spacing: float) -> int:
 
 def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SPACING_3,
            samples: int = DEFAULT_SAMPLES, body_order: int | None = None,
-           log: Callable[[str], None] | None = None) -> MappedModel:
+           log: Callable[[str], None] | None = None, spacing_jk: float | None = None) -> MappedModel:
     """The :class:`MappedModel` of an exact :class:`~learner_service.gp.GaussianProcess`.
 
     ``spacing2``/``spacing3``: knot spacing (Å) of the 2-/3-body splines (rounded down so that
     the cutoff is a knot); ``samples``: least-squares points per knot interval and axis (>= 1);
+    ``spacing_jk``: knot spacing (Å) of the r_jk axis alone (default ``spacing3``; UF3 allows
+    a different uniform spacing per axis);
     ``body_order``: 2 drops the 3-body term (default: 3 if the GP has a 3-body kernel with a
     non-zero 3-body cutoff and signal, else 2).
     """
@@ -235,7 +237,7 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                     if cut <= 0:
                         cut = 1.0  # no 3-body term for this triplet: zero spline on a nominal range
                     k12 = uniform_knots(cut, n)
-                    k3 = uniform_knots(2 * cut, 2 * n)
+                    k3 = uniform_knots(2 * cut, 2 * (_intervals(cut, spacing_jk) if spacing_jk else n))
                     shape = (len(k12) - 4, len(k12) - 4, len(k3) - 4)
                     if min(r3[c, a], r3[c, b], r3[a, b]) <= 0:
                         threebody[(c, a, b)] = (k12, k12.copy(), k3, np.zeros(shape))
@@ -264,7 +266,8 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                     vals = threebody_energy(gp, c, a, b, grid.reshape(-1, 3), progress=progress).reshape(-1, n3)
                     F = np.zeros((n1, n1, n3))
                     F[i1, i2] = vals
-                    F[i2, i1] = vals
+                    if a == b:
+                        F[i2, i1] = vals
                     P1 = _lsq_operator(k12, x1, _free_columns(k12, float(r3[c, a]) if r3[c, a] < cut else None))
                     P2 = _lsq_operator(k12, x2, _free_columns(k12, float(r3[c, b]) if r3[c, b] < cut else None))
                     P3 = _lsq_operator(k3, x3, _free_columns(k3, float(r3[a, b])))

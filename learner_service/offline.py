@@ -324,7 +324,7 @@ def format_report(r: dict) -> str:
 
 
 def map_model(model_path, out_dir, spacing2=None, spacing3=None, samples=None, body_order=None,
-              train_path=None, test_path=None, table_points=2000, log=print) -> dict:
+              train_path=None, test_path=None, table_points=2000, variance=False, log=print) -> dict:
     """``epicycle map``: map a saved GP to splines, write ``DIR/mapped.npz`` (our format),
     ``DIR/mapped.uf3`` (+ ``mapped.table`` for 2-body models) and ``DIR/mapped.lammps``, and
     report mapped-vs-GP force errors (meV/Å) on the training environments and on the frames
@@ -348,10 +348,22 @@ def map_model(model_path, out_dir, spacing2=None, spacing3=None, samples=None, b
         if frames is not None:
             log(f"mapped-vs-GP forces on {len(frames)} {name.replace('_', ' ')} ...")
             report[name] = force_errors(gp, mapped, frames)
+    mv = None
+    if variance:
+        from .mapped_variance import map_variance, sigma_errors
+
+        log("mapping the 2-body force uncertainty ...")
+        mv = map_variance(gp)
+        report["variance"] = {"rank": mv.rank, "terms": "2-body"}
+        for name, frames in (("train_frames", train_frames), ("test_frames", test_frames)):
+            if frames is not None:
+                report["variance"][name] = sigma_errors(gp, mv, frames)
     mapped.metadata["errors"] = {k: v for k, v in report.items() if k not in ("model", "grid")}
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"model": mapped.save(out_dir / "mapped.npz")}
     files.update(export_lammps(mapped, out_dir, table_points=table_points))
+    if mv is not None:
+        files["variance"] = mv.save(out_dir / "mapped_variance.npz")
     report["files"] = {k: str(v) for k, v in files.items()}
     (out_dir / "mapping.json").write_text(json.dumps(report, indent=2))
     return report
@@ -372,6 +384,14 @@ def format_map_report(r: dict) -> str:
             continue
         lines.append(f"  {label:22s} max {e['max_meV_A']:.3f}  RMS {e['rms_meV_A']:.3f}  "
                      f"({e['components']} components)")
+    v = r.get("variance")
+    if v:
+        lines.append(f"mapped 2-body force σ (rank {v['rank']}) vs the exact GP atom σ:")
+        for key in ("train_frames", "test_frames"):
+            if key in v:
+                e = v[key]
+                lines.append(f"  {key.replace('_', ' '):22s} median |rel err| {e['median_rel_err']:.3f}  "
+                             f"max {e['max_rel_err']:.3f}  corr {e['corr']:.3f}  ({e['atoms']} atoms)")
     lines.append("files: " + ", ".join(r["files"].values()))
     return "\n".join(lines)
 
@@ -427,6 +447,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_map(args) -> int:
     report = map_model(args.model, args.out, spacing2=args.spacing2, spacing3=args.spacing3, samples=args.samples,
                        body_order=args.body_order, train_path=args.train, test_path=args.test,
+                       variance=args.variance,
                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else format_map_report(report))
     return 0
@@ -480,5 +501,7 @@ def register_cli(subparsers) -> None:
                    help="2: map only the 2-body term (default: 3 if the model has a 3-body term)")
     p.add_argument("--train", help="training frames (extended XYZ or run directory) to report errors on")
     p.add_argument("--test", help="test frames (extended XYZ) to report mapped-vs-GP force errors on")
+    p.add_argument("--variance", action="store_true",
+                   help="also map the (2-body) force uncertainty to mapped_variance.npz and report its error")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_guard(_cmd_map))

@@ -406,15 +406,47 @@ def test_cli_map(tmp_path, capsys, al_model):
     gp.save(tmp_path / "gp.npz")
     write(tmp_path / "test.xyz", [_al_frame(300, rattle=0.2)])
     rc = main(["map", str(tmp_path / "gp.npz"), "--out", str(tmp_path / "out"), "--test", str(tmp_path / "test.xyz"),
-               "--spacing3", "0.4"])
+               "--spacing3", "0.4", "--variance"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "test frames" in text and "training environments" in text
     report = json.loads((tmp_path / "out" / "mapping.json").read_text())
     assert report["test_frames"]["max_meV_A"] < 5.0
-    for name in ("mapped.npz", "mapped.uf3", "mapped.lammps"):
+    assert report["variance"]["rank"] > 0 and report["variance"]["test_frames"]["atoms"] == 32
+    for name in ("mapped.npz", "mapped.uf3", "mapped.lammps", "mapped_variance.npz"):
         assert (tmp_path / "out" / name).exists()
     back = MappedModel.load(tmp_path / "out" / "mapped.npz")
     assert back.metadata["grid"]["spacing3_A"] == 0.4
     assert main(["map", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o2")]) != 0
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# mapped uncertainty (2-body)
+# ---------------------------------------------------------------------------
+
+
+def test_mapped_variance_of_a_twobody_model(tmp_path):
+    """For a 2-body GP the mapped force σ is the exact GP σ up to the feature truncation: its
+    prior part equals the GP's prior force covariance, and atom σ agree within 10 %."""
+    from learner_service.environment import environments_of_atoms
+    from learner_service.kernels import prediction_blocks
+    from learner_service.mapped_variance import MappedVariance, _feature_forces, map_variance
+
+    gp = _small_gp([13], [_al_frame(s) for s in range(3)], cutoffs=(6.0, 0.0))
+    mv = map_variance(gp)
+    assert 5 <= mv.rank <= 60
+    frames = [_al_frame(0), _al_frame(100, rattle=0.2), _al_frame(101, rattle=0.4)]
+    # prior: D^T D against the GP's own prior 3x3 force block (M = I)
+    prior_model = MappedVariance(mv.species, mv.pairs, np.eye(mv.rank))
+    envs = environments_of_atoms(frames[1], gp.cutoffs)
+    h = gp.hyperparameters
+    P2 = prediction_blocks(gp._training_batch(), gp._training_groups(), envs, 1, h["ls2"], h["ls3"])[2]
+    ref = h["sig2"] ** 2 * P2
+    np.testing.assert_allclose(prior_model.force_cov(frames[1]), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    for fr in frames:
+        exact = gp.predict(fr).atom_std
+        mapped = mv.atom_std(fr)
+        assert np.abs(mapped / exact - 1).max() < 0.1
+    back = MappedVariance.load(mv.save(tmp_path / "v.npz"))
+    np.testing.assert_array_equal(back.atom_std(frames[1]), mv.atom_std(frames[1]))
