@@ -55,4 +55,30 @@ class MappedForceProvider:
                            model_version=self.model_version, atom_std=atom_std)
 
 
-__all__ = ["MappedForceProvider"]
+class MappedSigmaProvider:
+    """σ only, from a mapped variance (``learner_service.mapped_variance.MappedVariance`` or its
+    ``mapped_variance.npz``, written by ``epicycle map --variance``): ``atom_std`` (n,) eV/Å, the
+    rotation-invariant σ of each atom's force (2-body part of the GP's σ, see that module).
+    Forces and energy are zeros: give it as ``sigma`` to :class:`MappedForceProvider` or to the
+    native LAMMPS engine (:class:`~sampler_service.lammps_pair.LammpsPairEngine`), whose threshold
+    then stops production MD where the model extrapolates."""
+
+    def __init__(self, variance, noise: float | None = None) -> None:
+        from learner_service.mapped_variance import MappedVariance
+
+        if isinstance(variance, (str, Path)):
+            variance = MappedVariance.load(variance)
+        if not isinstance(variance, MappedVariance):
+            raise InvalidInput(f"MappedSigmaProvider needs a MappedVariance or its file, got {type(variance).__name__}")
+        self.variance = variance
+        self.noise = noise
+
+    def compute(self, positions, cell, numbers, pbc) -> ForceResult:
+        from ase import Atoms
+
+        atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
+        std = self.variance.atom_std(atoms)
+        return ForceResult(energy=None, forces=np.zeros((len(atoms), 3)), atom_std=std, noise=self.noise)
+
+
+__all__ = ["MappedForceProvider", "MappedSigmaProvider"]

@@ -89,8 +89,12 @@ def _structure(args) -> Any:
 
 def run_md(potential, atoms, engine: str = "lammps", ensemble: str = "nve", timestep_fs: float = 2.0,
            temperature_K: float = 300.0, steps: int = 5000, frame_interval: int = 100, seed: int = 1,
-           out_dir: str | Path | None = None, log=print) -> dict:
-    """Run production MD; write the trajectory and thermo log into ``out_dir``; return a summary."""
+           out_dir: str | Path | None = None, sigma=None, threshold: float | None = None, log=print) -> dict:
+    """Run production MD; write the trajectory and thermo log into ``out_dir``; return a summary.
+
+    ``sigma`` (a σ provider, e.g. :class:`~sampler_service.mapped_forces.MappedSigmaProvider`) and
+    ``threshold`` (eV/Å): stop where some atom's σ exceeds the threshold (checked every step by the
+    built-in engine, at every frame by LAMMPS); the summary says where (``stopped``)."""
     from ase.io import write
 
     from sampler_service.engines import create_engine
@@ -114,10 +118,16 @@ def run_md(potential, atoms, engine: str = "lammps", ensemble: str = "nve", time
         log(f"step {frame.step:>8d}  t {frame.time_fs / 1000:8.3f} ps  T {o.temperature_K:8.1f} K  "
             f"E_tot {o.total_eV / len(atoms):.6f} eV/atom")
 
+    if sigma is not None and engine == "builtin":
+        if not hasattr(potential, "sigma"):
+            raise InvalidInput("a σ provider runs with a mapped model (MappedForceProvider) on engine builtin")
+        potential.sigma = sigma
     engine_obj = create_engine(settings, potential, atoms)
+    if sigma is not None and engine == "lammps":
+        engine_obj.sigma = sigma
     try:
         w0, c0 = time.perf_counter(), time.process_time()
-        report = engine_obj.run(steps, frame_interval=frame_interval, on_frame=on_frame)
+        report = engine_obj.run(steps, threshold=threshold, frame_interval=frame_interval, on_frame=on_frame)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         drift = engine_obj.energy_drift()
     finally:
@@ -132,6 +142,9 @@ def run_md(potential, atoms, engine: str = "lammps", ensemble: str = "nve", time
         "energy_drift_meV_per_atom_ps": None if drift is None else drift * 1e3,
         "total_energy_range_meV_per_atom": float(np.ptp(total[1:]) * 1e3) if len(total) > 2 else None,
         "final_temperature_K": rows[-1][2] if rows else None,
+        "stopped": None if report.reason == "max_steps" else {
+            "reason": report.reason, "step": int(report.step), "max_atom_std_eV_A": report.max_std,
+            "atoms": report.uncertain_atoms.tolist()},
     }
     if out is not None:
         with open(out / "thermo.csv", "w") as fh:
@@ -148,9 +161,20 @@ def _cmd_md(args) -> int:
     steps = args.steps if args.steps is not None else int(round(args.ps * 1000.0 / args.timestep_fs))
     print(f"epicycle md: {len(atoms)} atoms, {args.engine} engine, {steps} steps of {args.timestep_fs} fs "
           f"({steps * args.timestep_fs / 1000:g} ps), {args.ensemble} from {args.temperature_K} K")
+    sigma = None
+    if args.variance:
+        from sampler_service.mapped_forces import MappedSigmaProvider
+
+        sigma = MappedSigmaProvider(args.variance)
+    if (args.threshold is None) != (sigma is None):
+        raise InvalidInput("--variance and --threshold go together (σ from the mapped variance, stop above threshold)")
     s = run_md(potential, atoms, engine=args.engine, ensemble=args.ensemble, timestep_fs=args.timestep_fs,
                temperature_K=args.temperature_K, steps=steps, frame_interval=args.frame_interval, seed=args.seed,
-               out_dir=args.out)
+               out_dir=args.out, sigma=sigma, threshold=args.threshold)
+    if s["stopped"] is not None:
+        st = s["stopped"]
+        print(f"stopped at step {st['step']}: {st['reason']} (max atom σ {st['max_atom_std_eV_A']:.3g} eV/Å > "
+              f"{args.threshold} eV/Å; atoms {st['atoms'][:10]})")
     drift = s["energy_drift_meV_per_atom_ps"]
     print(f"done: {s['simulated_ps']:g} ps in {s['wall_s']:.1f} s wall ({s['cpu_s_per_atom_step']:.2e} CPU s/atom/step); "
           f"energy drift {'n/a' if drift is None else f'{drift:.2e}'} meV/atom/ps"
@@ -178,6 +202,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--frame-interval", type=int, default=500, help="frames written every k steps")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="output directory (md.xyz, thermo.csv, md.json)")
+    p.add_argument("--variance", default=None,
+                   help="mapped_variance.npz (epicycle map --variance): watch each atom's σ (LAMMPS: at every frame)")
+    p.add_argument("--threshold", type=float, default=None, help="stop when an atom's mapped σ exceeds this, eV/Å")
     p.set_defaults(func=_cmd_md)
 
 

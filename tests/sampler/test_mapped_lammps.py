@@ -417,3 +417,37 @@ class TestProductionCommand:
             potential_from_config({"mapped": "nothere.npz"}, "builtin", d)
         with pytest.raises(InvalidInput, match="potential must be"):
             potential_from_config({"gp": "x"}, "builtin", d)
+
+
+class TestMappedSigmaInProduction:
+    def test_mapped_variance_stops_native_lammps_where_sigma_crosses(self, tmp_path):
+        """σ from ``epicycle map --variance``'s model watched by the native LAMMPS engine: the run
+        stops at the first frame whose largest mapped atom σ exceeds the threshold, and reports
+        that σ; with a threshold above every σ it runs to the end."""
+        from learner_service.datasets import perturbed_fcc_al
+        from learner_service.gp import GaussianProcess
+        from learner_service.mapped_variance import map_variance
+        from learner_service.mapping import map_gp
+        from sampler_service.mapped_forces import MappedSigmaProvider
+
+        train = perturbed_fcc_al(1, seed=0, delta=0.02)[0]
+        gp = GaussianProcess([13], (5.0, 3.5), {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04})
+        gp.add_structure(train, forces=train.get_forces(), atom_indices=list(range(8)))
+        gp.train()
+        pot = exported(map_gp(gp, spacing2=0.2, spacing3=0.4), tmp_path)
+        sigma = MappedSigmaProvider(map_variance(gp).save(tmp_path / "mapped_variance.npz"))
+        atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(2)
+        s = SamplerSettings(engine="lammps", timestep_fs=2.0, initial_temperature_K=900.0, seed=2)
+        sig = []
+        free = LammpsPairEngine(s, pot, atoms, sigma=sigma)
+        free.run(100, threshold=1e3, frame_interval=10,
+                 on_frame=lambda f: sig.append(float(f.atom_std.max())))
+        assert len(sig) == 10 and max(sig) > sig[0]  # atoms leave the lattice sites the model has seen
+        threshold = 0.5 * (sig[0] + max(sig))
+        first = next(i for i, v in enumerate(sig) if v > threshold)
+        e = LammpsPairEngine(s, pot, atoms, sigma=sigma)
+        report = e.run(100, threshold=threshold, frame_interval=10)
+        assert report.reason == "uncertain" and report.step == 10 * first
+        assert report.max_std == pytest.approx(sig[first], rel=1e-9)
+        free.close()
+        e.close()
