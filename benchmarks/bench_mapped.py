@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gp-sizes", default="100,1000", help="training environments of the exact GPs")
     ap.add_argument("--out", default=None, help="keep the mapped models and exported files here (default: a temporary "
                     "directory)")
+    ap.add_argument("--skin", type=float, default=None,
+                    help="LAMMPS neighbour skin, Å (default: the engine's NEIGHBOR_SKIN, 1 Å; LAMMPS's own default "
+                         "for metal units is 2 Å)")
     ap.add_argument("--reuse", action="store_true", help="load the GPs and mapped models of an earlier run from --out")
     args = ap.parse_args(argv)
     if args.quick:
@@ -134,6 +137,10 @@ def main(argv=None) -> int:
     from sampler_service.lammps_pair import LammpsPairPotential
     from sampler_service.mapped_forces import MappedForceProvider
 
+    if args.skin is not None:
+        import sampler_service.lammps_pair as lammps_pair
+
+        lammps_pair.NEIGHBOR_SKIN = args.skin
     print(f"machine: {machine()}", flush=True)
     print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; LAMMPS steps {args.steps} x {args.repeats} rounds, "
           f"Δt {DT_FS} fs, 1,372 atoms")
