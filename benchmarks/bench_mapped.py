@@ -183,7 +183,8 @@ def main(argv=None) -> int:
         assert abs(r_lmp.energy - r_ours.energy) <= 1e-6 * abs(r_ours.energy)
         assert np.abs(r_lmp.forces - r_ours.forces).max() <= 1e-6 * np.abs(r_ours.forces).max()
         mapped[order] = (m, pot)
-        msg = f"mapped {order}-body from the 100-env GP in {dt:.1f} s -> {out['uf3'].name}"
+        how = "loaded" if args.reuse and dt < 5 else "mapped"
+        msg = f"{how} {order}-body from the 100-env GP in {dt:.1f} s -> {out['uf3'].name}"
         if err is not None:
             msg += (f"; |F_mapped - F_GP| on 3 unseen frames: max {err['max_meV_A']:.2f} meV/Å, "
                     f"RMS {err['rms_meV_A']:.2f} meV/Å")
