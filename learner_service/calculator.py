@@ -14,7 +14,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from .gp import GaussianProcess
 
-__all__ = ["GPCalculator"]
+__all__ = ["GPCalculator", "MappedCalculator"]
 
 
 class GPCalculator(Calculator):
@@ -40,3 +40,28 @@ class GPCalculator(Calculator):
         }
         if pred.stress is not None:
             self.results["stress"] = pred.stress
+
+
+class MappedCalculator(Calculator):
+    """ASE calculator over a :class:`~learner_service.mapped.MappedModel` (the spline map of a
+    GP): ``energy``, ``free_energy``, ``energies``, ``forces``, ``stress`` (periodic cells) and,
+    with a :class:`~learner_service.mapped_variance.MappedVariance`, ``atom_std`` (n,) eV/Å --
+    the mapped 2-body force σ (docs/mapping.md says when it approximates the GP's)."""
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress", "atom_std"]
+
+    def __init__(self, model, variance=None, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+        self.variance = variance
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        want_stress = "stress" in properties and all(self.atoms.get_pbc())
+        pred = self.model.predict(self.atoms, stress=want_stress)
+        self.results = {"energy": pred.energy, "free_energy": pred.energy, "energies": pred.local_energies,
+                        "forces": pred.forces}
+        if pred.stress is not None:
+            self.results["stress"] = pred.stress
+        if self.variance is not None:
+            self.results["atom_std"] = self.variance.atom_std(self.atoms)

@@ -25,8 +25,8 @@ zero); on the ``r_jk`` axis (``[0, 2 r3]``, UF3's layout) every B-spline startin
 ``r3[a, b]`` is 0, so the spline is exactly zero past the cross cutoff.  Same-species blocks
 (``a == b``) are symmetrised in their first two axes.
 
-Default grid: ``DEFAULT_SPACING_2`` / ``DEFAULT_SPACING_3`` Å knot spacing (see docs/mapping.md
-for the errors they give).
+Default grid: ``DEFAULT_SPACING_2`` (2-body), ``DEFAULT_SPACING_3`` (3-body r_ij, r_ik) and
+``DEFAULT_SPACING_JK`` (3-body r_jk) Å knot spacing (docs/mapping.md: the errors they give).
 """
 
 from __future__ import annotations
@@ -44,12 +44,15 @@ from .kernels import prediction_blocks
 from .mapped import MappedModel, design_matrix, uniform_knots
 
 __all__ = ["map_gp", "twobody_energy", "threebody_energy", "DEFAULT_SPACING_2", "DEFAULT_SPACING_3",
-           "DEFAULT_SAMPLES"]
+           "DEFAULT_SPACING_JK", "DEFAULT_SAMPLES"]
 
 #: Å, knot spacing of the 2-body splines
 DEFAULT_SPACING_2 = 0.05
-#: Å, knot spacing of the 3-body splines (r_ij, r_ik and r_jk axes)
+#: Å, knot spacing of the 3-body splines' r_ij and r_ik axes
 DEFAULT_SPACING_3 = 0.2
+#: Å, knot spacing of the r_jk axis: finer, as the GP term has its cutoff kink (r3 - r_jk)^2
+#: inside this axis (UF3 runs it to 2 r3) where a cubic spline is C2
+DEFAULT_SPACING_JK = 0.1
 #: least-squares sample points per knot interval and axis
 DEFAULT_SAMPLES = 2
 #: test environments per kernel call (bounds the (rows, m, 4) blocks' memory)
@@ -178,13 +181,13 @@ def _intervals(r_max: float, spacing: float) -> int:
 
 def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SPACING_3,
            samples: int = DEFAULT_SAMPLES, body_order: int | None = None,
-           log: Callable[[str], None] | None = None, spacing_jk: float | None = None) -> MappedModel:
+           log: Callable[[str], None] | None = None, spacing_jk: float | None = DEFAULT_SPACING_JK) -> MappedModel:
     """The :class:`MappedModel` of an exact :class:`~learner_service.gp.GaussianProcess`.
 
     ``spacing2``/``spacing3``: knot spacing (Å) of the 2-/3-body splines (rounded down so that
     the cutoff is a knot); ``samples``: least-squares points per knot interval and axis (>= 1);
-    ``spacing_jk``: knot spacing (Å) of the r_jk axis alone (default ``spacing3``; UF3 allows
-    a different uniform spacing per axis);
+    ``spacing_jk``: knot spacing (Å) of the r_jk axis alone (None: ``spacing3``; UF3 allows a
+    different uniform spacing per axis);
     ``body_order``: 2 drops the 3-body term (default: 3 if the GP has a 3-body kernel with a
     non-zero 3-body cutoff and signal, else 2).
     """
@@ -276,7 +279,8 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                         coef = 0.5 * (coef + coef.transpose(1, 0, 2))
                     threebody[(c, a, b)] = (k12, k12.copy(), k3, coef)
                     log(f"3-body {name}: {shape[0]}x{shape[1]}x{shape[2]} coefficients from a {n1}x{n1}x{n3} "
-                        f"grid ({spacing3:g} Å knots), {time.perf_counter() - t1:.1f} s")
+                        f"grid ({spacing3:g} Å knots, {spacing_jk or spacing3:g} Å along r_jk), "
+                        f"{time.perf_counter() - t1:.1f} s")
 
     meta = {
         "source": "epicycle exact GP",
@@ -286,7 +290,8 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
         "hyperparameters": {k: float(v) for k, v in h.items()},
         "n_environments": int(gp.n_environments),
         "n_labels": int(gp.n_labels),
-        "grid": {"spacing2_A": float(spacing2), "spacing3_A": float(spacing3), "samples_per_interval": samples,
+        "grid": {"spacing2_A": float(spacing2), "spacing3_A": float(spacing3),
+                 "spacing_jk_A": float(spacing_jk or spacing3), "samples_per_interval": samples,
                  "body_order": body_order},
         "mapping_seconds": round(time.perf_counter() - t0, 3),
     }

@@ -323,15 +323,15 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def map_model(model_path, out_dir, spacing2=None, spacing3=None, samples=None, body_order=None,
+def map_model(model_path, out_dir, spacing2=None, spacing3=None, spacing_jk=None, samples=None, body_order=None,
               train_path=None, test_path=None, table_points=2000, variance=False, log=print) -> dict:
     """``epicycle map``: map a saved GP to splines, write ``DIR/mapped.npz`` (our format),
     ``DIR/mapped.uf3`` (+ ``mapped.table`` for 2-body models) and ``DIR/mapped.lammps``, and
     report mapped-vs-GP force errors (meV/Å) on the training environments and on the frames
     of ``train_path`` / ``test_path``.  Returns the report (also saved as ``DIR/mapping.json``)."""
     from .lammps_export import export_lammps
-    from .mapping import (DEFAULT_SAMPLES, DEFAULT_SPACING_2, DEFAULT_SPACING_3, force_errors, map_gp,
-                          training_environment_errors)
+    from .mapping import (DEFAULT_SAMPLES, DEFAULT_SPACING_2, DEFAULT_SPACING_3, DEFAULT_SPACING_JK, force_errors,
+                          map_gp, training_environment_errors)
 
     out_dir = Path(out_dir)
     train_frames = read_frames(train_path) if train_path is not None else None
@@ -340,6 +340,7 @@ def map_model(model_path, out_dir, spacing2=None, spacing3=None, samples=None, b
     log(f"model: {gp}")
     mapped = map_gp(gp, spacing2=DEFAULT_SPACING_2 if spacing2 is None else spacing2,
                     spacing3=DEFAULT_SPACING_3 if spacing3 is None else spacing3,
+                    spacing_jk=DEFAULT_SPACING_JK if spacing_jk is None else spacing_jk,
                     samples=DEFAULT_SAMPLES if samples is None else samples, body_order=body_order, log=log)
     report = {"model": str(model_path), "grid": mapped.metadata["grid"]}
     log("mapped-vs-GP forces on the training environments ...")
@@ -372,7 +373,8 @@ def map_model(model_path, out_dir, spacing2=None, spacing3=None, samples=None, b
 def format_map_report(r: dict) -> str:
     g = r["grid"]
     lines = [f"mapped {r['model']}: {g['body_order']}-body, knots {g['spacing2_A']:g} Å (2-body), "
-             f"{g['spacing3_A']:g} Å (3-body), {g['samples_per_interval']} samples per interval",
+             f"{g['spacing3_A']:g} Å (3-body r_ij, r_ik), {g['spacing_jk_A']:g} Å (r_jk), "
+             f"{g['samples_per_interval']} samples per interval",
              "mapped - GP force error (meV/Å):"]
     for key, label in (("training_environments", "training environments"), ("train_frames", "training frames"),
                        ("test_frames", "test frames")):
@@ -445,7 +447,8 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_map(args) -> int:
-    report = map_model(args.model, args.out, spacing2=args.spacing2, spacing3=args.spacing3, samples=args.samples,
+    report = map_model(args.model, args.out, spacing2=args.spacing2, spacing3=args.spacing3,
+                       spacing_jk=args.spacing_jk, samples=args.samples,
                        body_order=args.body_order, train_path=args.train, test_path=args.test,
                        variance=args.variance,
                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -495,7 +498,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("model", help="model file written by 'fit' (or a learner model directory)")
     p.add_argument("--out", required=True, help="output directory (mapped.npz, mapped.uf3, mapped.lammps, ...)")
     p.add_argument("--spacing2", type=float, default=None, help="2-body knot spacing in Å (default 0.05)")
-    p.add_argument("--spacing3", type=float, default=None, help="3-body knot spacing in Å (default 0.2)")
+    p.add_argument("--spacing3", type=float, default=None,
+                   help="3-body knot spacing along r_ij and r_ik in Å (default 0.2)")
+    p.add_argument("--spacing-jk", type=float, default=None,
+                   help="3-body knot spacing along r_jk in Å (default 0.1)")
     p.add_argument("--samples", type=int, default=None, help="least-squares samples per knot interval (default 2)")
     p.add_argument("--body-order", type=int, choices=(2, 3), default=None,
                    help="2: map only the 2-body term (default: 3 if the model has a 3-body term)")

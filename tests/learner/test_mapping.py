@@ -380,7 +380,7 @@ def test_two_species_and_species_without_data(tmp_path):
     the GP's prior mean); the Al terms still match the GP; Cu-containing frames agree too."""
     train = [_al_frame(s) for s in range(2)]
     gp = _small_gp([13, 29], train)
-    mapped = map_gp(gp, spacing3=0.4)
+    mapped = map_gp(gp, spacing3=0.4, spacing_jk=0.2)
     for (a, b), (_, c) in mapped.twobody.items():
         assert (np.abs(c).max() == 0) == (1 in (a, b))
     for key, (_, _, _, C) in mapped.threebody.items():
@@ -393,10 +393,10 @@ def test_two_species_and_species_without_data(tmp_path):
 def test_two_species_with_data():
     train = [_al_frame(s, cu=True) for s in range(2)]
     gp = _small_gp([13, 29], train, per_frame=8)
-    mapped = map_gp(gp, spacing3=0.4)
+    mapped = map_gp(gp, spacing3=0.4, spacing_jk=0.2)  # twice the default spacings: ~4x the error
     assert all(np.abs(C).max() > 0 for (_, _, _, C) in mapped.threebody.values())
     err = force_errors(gp, mapped, [_al_frame(70, rattle=0.2, cu=True)])
-    assert err["max_meV_A"] <= 3.0, err
+    assert err["max_meV_A"] <= 4.0, err
 
 
 def test_cli_map(tmp_path, capsys, al_model):
@@ -406,7 +406,7 @@ def test_cli_map(tmp_path, capsys, al_model):
     gp.save(tmp_path / "gp.npz")
     write(tmp_path / "test.xyz", [_al_frame(300, rattle=0.2)])
     rc = main(["map", str(tmp_path / "gp.npz"), "--out", str(tmp_path / "out"), "--test", str(tmp_path / "test.xyz"),
-               "--spacing3", "0.4", "--variance"])
+               "--spacing3", "0.4", "--spacing-jk", "0.2", "--variance"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "test frames" in text and "training environments" in text
@@ -450,3 +450,28 @@ def test_mapped_variance_of_a_twobody_model(tmp_path):
         assert np.abs(mapped / exact - 1).max() < 0.1
     back = MappedVariance.load(mv.save(tmp_path / "v.npz"))
     np.testing.assert_array_equal(back.atom_std(frames[1]), mv.atom_std(frames[1]))
+
+
+def test_mapped_calculator_nve_conserves_energy():
+    """Velocity Verlet on the mapped model (ASE MD through MappedCalculator): total energy drifts
+    by far less than the kinetic energy fluctuates -- forces are the energy's exact gradient."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    from learner_service.calculator import MappedCalculator
+
+    model = _random_model([13, 29], seed=11)
+    atoms = _alloy(seed=12, rattle=0.02)
+    atoms.calc = MappedCalculator(model)
+    masses = atoms.get_masses()[:, None]  # Maxwell-Boltzmann momenta at 300 K
+    atoms.set_momenta(np.sqrt(masses * units.kB * 300) * np.random.default_rng(0).normal(size=(len(atoms), 3)))
+    dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+    e0 = atoms.get_total_energy()
+    kin = []
+    for _ in range(20):
+        dyn.run(10)
+        kin.append(atoms.get_kinetic_energy())
+    drift = abs(atoms.get_total_energy() - e0)
+    assert np.ptp(kin) > 0.05  # the system moves
+    assert drift < 0.02 * np.ptp(kin), (drift, np.ptp(kin))
+    assert atoms.get_stress().shape == (6,)
