@@ -5,8 +5,8 @@ cells of ``learner_service.datasets.perturbed_fcc_al`` (seed 0, ±5 % displaceme
 order (``datasets.training_selection``) up to 100 and 1,000 training environments; r2 = 6 Å,
 r3 = 4 Å, the fixed hyperparameters of ``benchmarks/bench_predict.py`` (no ML-II fit).  The
 100-environment GP is mapped with ``learner_service.mapping.map_gp`` (2-body and, separately,
-2+3-body; 3-body knots at the default 0.2 Å, 2-body knots at 0.2 Å instead of the default 0.05 Å,
-the finest whose file LAMMPS's uf3 reader accepts at a 6 Å cut-off) and exported with ``learner_service.lammps_export`` as
+2+3-body; knots every 0.2 Å on every axis: 2-body and r_jk coarser than the defaults 0.05 Å and
+0.1 Å, the finest whose file LAMMPS's uf3 reader accepts at these cut-offs) and exported with ``learner_service.lammps_export`` as
 ``pair_style uf3`` files.  The reference EAM is Zhou–Johnson–Wadley Al
 (``sampler_service/eam_setfl.py``), tabulated into a temporary directory.
 
@@ -64,6 +64,9 @@ R2, R3 = 6.0, 4.0
 #: (one 1,024-byte buffer, see sampler_service.lammps_pair.LAMMPS_MAX_LINE), so not map_gp's 0.05 Å
 #: default (123 coefficients at 6 Å); the 3-body grid is the default (0.2 Å)
 SPACING2 = 0.2
+#: Å, 3-body r_jk knot spacing: 0.2 Å (the r_ij, r_ik spacing), not map_gp's 0.1 Å default, whose
+#: r_jk knot and coefficient lines (83 coefficients at r3 = 4 Å) LAMMPS's uf3 reader cannot take
+SPACING_JK = 0.2
 HYPS = {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04}
 DT_FS = 2.0
 T0_K = 300.0
@@ -171,7 +174,7 @@ def main(argv=None) -> int:
             m = MappedModel.load(saved)
             print(f"mapped {order}-body: reusing {saved}")
         else:
-            m = map_gp(gps[100], body_order=order, spacing2=SPACING2)
+            m = map_gp(gps[100], body_order=order, spacing2=SPACING2, spacing_jk=SPACING_JK)
             m.save(saved)
         err = force_errors(gps[100], m, test_frames) if order == 3 else None
         dt = time.perf_counter() - t0
