@@ -283,15 +283,17 @@ class TestExportedUF3:
                                    ours.compute(atoms.positions, atoms.cell.array, atoms.numbers, atoms.pbc))
 
     @pytest.mark.xfail(strict=True, raises=InvalidInput,
-                       reason="at map_gp's default 2-body grid (0.05 Å knots, 123 coefficients at 6 Å) lammps_export "
-                              "writes a knot line and a 2-body coefficient record longer than the 1,022 characters "
-                              "LAMMPS's uf3 reader takes (it then aborts or hangs; LammpsPairPotential refuses the file)")
+                       reason="at map_gp's default grid (2-body 0.05 Å knots: 123 coefficients at 6 Å; r_jk 0.1 Å: 83 "
+                              "per line at r3 = 4 Å) lammps_export writes knot lines and coefficient records longer "
+                              "than the 1,022 characters LAMMPS's uf3 reader takes (it then aborts or hangs; "
+                              "LammpsPairPotential refuses the file)")
     def test_lammps_reads_the_export_at_the_default_grid(self, tmp_path):
-        """r2 = 6 Å at 0.05 Å knots (127 knots), r3 = 4 Å at 0.2 Å (20/20/40 intervals): the grid of
-        ``epicycle map``'s defaults; LAMMPS must read it and agree with our evaluator."""
+        """r2 = 6 Å at 0.05 Å knots (127 knots), r3 = 4 Å at 0.2 Å and r_jk at 0.1 Å (20/20/80
+        intervals): the grid of ``epicycle map``'s defaults; LAMMPS must read it and agree with our
+        evaluator."""
         from sampler_service.mapped_forces import MappedForceProvider
 
-        model = synthetic_mapped(r2=6.0, r3=4.0, n2=120, n3=(20, 20, 40), seed=6)
+        model = synthetic_mapped(r2=6.0, r3=4.0, n2=120, n3=(20, 20, 80), seed=6)
         pot = exported(model, tmp_path)
         atoms = distorted_al(n=2, seed=7, rattle=0.1)
         assert_same_prediction(evaluate(pot, atoms), MappedForceProvider(model).compute(
@@ -309,7 +311,7 @@ class TestExportedUF3:
         gp = GaussianProcess([13], (5.0, 3.5), {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04})
         gp.add_structure(train, forces=train.get_forces(), atom_indices=list(range(16)))
         gp.train()
-        model = map_gp(gp, spacing2=0.2, spacing3=0.4)
+        model = map_gp(gp, spacing2=0.2, spacing3=0.4, spacing_jk=0.4)
         pot = exported(model, tmp_path)
         for atoms in perturbed_fcc_al(2, seed=5):
             f_gp = gp.predict(atoms).forces
@@ -434,7 +436,7 @@ class TestMappedSigmaInProduction:
         gp = GaussianProcess([13], (5.0, 3.5), {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04})
         gp.add_structure(train, forces=train.get_forces(), atom_indices=list(range(8)))
         gp.train()
-        pot = exported(map_gp(gp, spacing2=0.2, spacing3=0.4), tmp_path)
+        pot = exported(map_gp(gp, spacing2=0.2, spacing3=0.4, spacing_jk=0.4), tmp_path)
         sigma = MappedSigmaProvider(map_variance(gp).save(tmp_path / "mapped_variance.npz"))
         atoms = bulk("Al", "fcc", a=4.05, cubic=True).repeat(2)
         s = SamplerSettings(engine="lammps", timestep_fs=2.0, initial_temperature_K=900.0, seed=2)
