@@ -56,8 +56,11 @@ def create_engine(settings: SamplerSettings, provider: ForceProvider, atoms: Ato
     With ``engine=lammps`` and a :class:`~sampler_service.lammps_pair.LammpsPairPotential` as the
     provider, LAMMPS runs the pair style natively (no ``fix external`` callback).
     """
-    if settings.engine == "lammps" and type(provider).__name__ == "LammpsPairPotential":
-        return engine_class("lammps-pair")(settings, provider, atoms)
+    if settings.engine == "lammps":
+        from sampler_service.lammps_pair import LammpsPairPotential
+
+        if isinstance(provider, LammpsPairPotential):
+            return engine_class("lammps-pair")(settings, provider, atoms)
     return engine_class(settings.engine)(settings, provider, atoms)
 
 
