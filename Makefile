@@ -13,11 +13,12 @@ CODES_INPUTS := oracle_service/setup/install_system_packages.sh oracle_service/s
 	oracle_service/setup/gpaw_siteconfig.py tests/deploy/setup_tools.sh
 DEMO_PORT ?= 50151
 
-.PHONY: help venv codes test demo demo-oracle protos bench clean
+.PHONY: help venv codes test demo demo-oracle production-md protos bench clean
 
 help:
 	@echo "make demo    - on-the-fly training of the aluminium melt (examples/al_melt.yaml); writes runs/al-melt-*/report.md"
 	@echo "make demo-oracle - start an EMT oracle on 127.0.0.1:$(DEMO_PORT) and label examples/cu_rattled.xyz"
+	@echo "make production-md - map the newest demo model (runs/al-melt-*) and run 10 ps of 1,372-atom Al in LAMMPS"
 	@echo "make test    - run the test suite (creates $(VENV) on first use)"
 	@echo "make codes   - install QE, GPAW, CP2K, tblite, Prometheus, kubectl/kustomize (root or sudo; make test does it)"
 	@echo "make protos  - regenerate the Python gRPC code from protos/epicycle/v1/*.proto"
@@ -58,6 +59,14 @@ demo-oracle: venv
 	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null' EXIT; \
 	$(BIN)/epicycle label examples/cu_rattled.xyz --oracle 127.0.0.1:$(DEMO_PORT) --wait 60 --out out/cu_labelled.xyz; \
 	echo "labelled structures written to out/cu_labelled.xyz"
+
+# the model of the newest `make demo` run -> splines (epicycle map) -> 10 ps NVE of 1,372 Al atoms in LAMMPS
+production-md: venv
+	@set -e; run=$$(ls -td runs/al-melt-* 2>/dev/null | head -1); \
+	if [ -z "$$run" ]; then echo "no runs/al-melt-*: run 'make demo' first"; exit 1; fi; \
+	echo "model: $$run/learner"; \
+	$(BIN)/epicycle map $$run/learner --spacing2 0.2 --spacing-jk 0.2 --out $$run/map; \
+	$(BIN)/epicycle md --potential $$run/map --repeat 7 --ps 10 --out $$run/md
 
 bench: venv
 	$(BIN)/python benchmarks/bench_wire.py

@@ -23,6 +23,7 @@ CLI_MODULES = (
     "coordinator.export",        # export (a run's labels as extended XYZ)
     "coordinator.validate",      # validate (independent trajectory labelled by an oracle)
     "coordinator.probe_cli",     # probe (gRPC health, for exec probes)
+    "sampler_service.production",  # md (production MD on a mapped / stock LAMMPS potential)
 )
 
 

@@ -31,8 +31,16 @@ def _lammps() -> type[MDEngine]:
     return LammpsEngine
 
 
-#: engine name -> (lazy) class
-REGISTRY: dict[str, Callable[[], type[MDEngine]]] = {"builtin": _builtin, "lammps": _lammps}
+def _lammps_pair() -> type[MDEngine]:
+    from sampler_service.lammps_pair import LammpsPairEngine
+
+    return LammpsPairEngine
+
+
+#: engine name -> (lazy) class; "lammps-pair" (LAMMPS on a stock pair style, no learner) is chosen by
+#: create_engine when engine=lammps and the provider is a LammpsPairPotential
+REGISTRY: dict[str, Callable[[], type[MDEngine]]] = {"builtin": _builtin, "lammps": _lammps,
+                                                     "lammps-pair": _lammps_pair}
 
 
 def engine_class(name: str) -> type[MDEngine]:
@@ -43,7 +51,16 @@ def engine_class(name: str) -> type[MDEngine]:
 
 
 def create_engine(settings: SamplerSettings, provider: ForceProvider, atoms: Atoms) -> MDEngine:
-    """The engine named by ``settings.engine``, started from ``atoms``."""
+    """The engine named by ``settings.engine``, started from ``atoms``.
+
+    With ``engine=lammps`` and a :class:`~sampler_service.lammps_pair.LammpsPairPotential` as the
+    provider, LAMMPS runs the pair style natively (no ``fix external`` callback).
+    """
+    if settings.engine == "lammps":
+        from sampler_service.lammps_pair import LammpsPairPotential
+
+        if isinstance(provider, LammpsPairPotential):
+            return engine_class("lammps-pair")(settings, provider, atoms)
     return engine_class(settings.engine)(settings, provider, atoms)
 
 
