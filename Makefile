@@ -65,7 +65,7 @@ production-md: venv
 	@set -e; run=$$(ls -td runs/al-melt-* 2>/dev/null | head -1); \
 	if [ -z "$$run" ]; then echo "no runs/al-melt-*: run 'make demo' first"; exit 1; fi; \
 	echo "model: $$run/learner"; \
-	$(BIN)/epicycle map $$run/learner --spacing2 0.2 --spacing-jk 0.2 --out $$run/map; \
+	$(BIN)/epicycle map $$run/learner --out $$run/map; \
 	$(BIN)/epicycle md --potential $$run/map --repeat 7 --ps 10 --out $$run/md
 
 bench: venv

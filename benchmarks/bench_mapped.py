@@ -55,18 +55,14 @@ from ase.build import bulk  # noqa: E402
 
 from learner_service.datasets import perturbed_fcc_al, training_selection  # noqa: E402
 from learner_service.gp import GaussianProcess  # noqa: E402
-from sampler_service.engines import create_engine  # noqa: E402
-from sampler_service.forces import ForceResult  # noqa: E402
+from sampler_service.engine_registry import create_engine  # noqa: E402
+from sampler_service.force_providers import ForceResult  # noqa: E402
 from sampler_service.settings import SamplerSettings  # noqa: E402
 
 R2, R3 = 6.0, 4.0
-#: Å, 2-body knot spacing: LAMMPS's uf3 reader takes at most ~40 coefficients per 2-body spline
-#: (one 1,024-byte buffer, see sampler_service.lammps_pair.LAMMPS_MAX_LINE), so not map_gp's 0.05 Å
-#: default (123 coefficients at 6 Å); the 3-body grid is the default (0.2 Å)
-SPACING2 = 0.2
-#: Å, 3-body r_jk knot spacing: 0.2 Å (the r_ij, r_ik spacing), not map_gp's 0.1 Å default, whose
-#: r_jk knot and coefficient lines (83 coefficients at r3 = 4 Å) LAMMPS's uf3 reader cannot take
-SPACING_JK = 0.2
+# knot spacings (Å): map_gp's defaults (2-body 0.05 Å capped at 75 intervals, 3-body 0.2 Å, r_jk
+# 0.1 Å), which lammps_export writes within LAMMPS's uf3 line buffer.  B-spline evaluation touches 4
+# (4³) coefficients whatever the grid, so the spacing changes accuracy, not speed.
 HYPS = {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04}
 DT_FS = 2.0
 T0_K = 300.0
@@ -174,7 +170,7 @@ def main(argv=None) -> int:
             m = MappedModel.load(saved)
             print(f"mapped {order}-body: reusing {saved}")
         else:
-            m = map_gp(gps[100], body_order=order, spacing2=SPACING2, spacing_jk=SPACING_JK)
+            m = map_gp(gps[100], body_order=order)
             m.save(saved)
         err = force_errors(gps[100], m, test_frames) if order == 3 else None
         dt = time.perf_counter() - t0

@@ -174,7 +174,7 @@ def lammps_snippet(model: MappedModel, uf3_file: str, type_elements: Sequence[st
     if unknown:
         raise InvalidInput(f"element(s) {unknown} are not in the mapped model's species {sym}")
     lines = ["# Epicycle mapped GP -> LAMMPS; needs 'units metal' (before the box) and 'newton on' (default)",
-             f"# atom types: " + ", ".join(f"{i + 1}={e}" for i, e in enumerate(types)),
+             "# atom types: " + ", ".join(f"{i + 1}={e}" for i, e in enumerate(types)),
              f"pair_style uf3 {model.body_order}",
              f"pair_coeff * * {uf3_file} {' '.join(types)}"]
     if table_file is not None and table_keys is not None:

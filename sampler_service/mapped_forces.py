@@ -1,6 +1,6 @@
 """Forces from a mapped (spline) model in-process: production MD with the built-in engine.
 
-:class:`MappedForceProvider` is a :class:`~sampler_service.forces.ForceProvider` that calls
+:class:`MappedForceProvider` is a :class:`~sampler_service.force_providers.ForceProvider` that calls
 the Numba evaluator of :class:`learner_service.mapped.MappedModel` directly: no learner, no
 gRPC, no σ (unless ``sigma`` — a provider of a mapped variance — is given; its ``force_std`` /
 ``atom_std`` are attached to every result, so the engine's threshold applies).
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from protos.errors import InvalidInput
-from sampler_service.forces import ForceProvider, ForceResult
+from sampler_service.force_providers import ForceProvider, ForceResult
 
 
 class MappedForceProvider:

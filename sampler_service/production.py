@@ -25,7 +25,6 @@ E_tot eV, P GPa) and ``DIR/md.json`` (settings, timings, energy drift).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -97,7 +96,7 @@ def run_md(potential, atoms, engine: str = "lammps", ensemble: str = "nve", time
     built-in engine, at every frame by LAMMPS); the summary says where (``stopped``)."""
     from ase.io import write
 
-    from sampler_service.engines import create_engine
+    from sampler_service.engine_registry import create_engine
     from sampler_service.settings import SamplerSettings
 
     settings = SamplerSettings(engine=engine, ensemble=ensemble, timestep_fs=timestep_fs,

@@ -14,7 +14,7 @@ from ase.build import bulk
 
 from protos.errors import InvalidInput
 from sampler_service.eam_setfl import AL_FITTED, ZHOU_AL, fcc_energy_per_atom, write_setfl
-from sampler_service.engines import create_engine, engine_from_checkpoint
+from sampler_service.engine_registry import create_engine, engine_from_checkpoint
 from sampler_service.lammps_pair import LammpsPairEngine, LammpsPairPotential
 from sampler_service.settings import SamplerSettings
 
@@ -108,7 +108,7 @@ class TestNativeEngine:
             out[engine] = (e.positions(), e.velocities(), frames, report)
             e.close()
         assert isinstance(create_engine(SamplerSettings(engine="lammps"), eam, atoms), LammpsPairEngine)
-        (xb, vb, fb, rb), (xl, vl, fl, rl) = out["builtin"], out["lammps"]
+        (xb, _, fb, rb), (xl, _, fl, rl) = out["builtin"], out["lammps"]
         frac = np.linalg.solve(atoms.cell.array.T, (xl - xb).T).T  # both wrap, each in its own frame
         np.testing.assert_allclose((frac - np.round(frac)) @ atoms.cell.array, 0.0, atol=1e-6)
         # (the engines' velocities() differ between frames: the built-in one estimates v_n with the old forces)
@@ -163,7 +163,7 @@ class TestNativeEngine:
     def test_mapped_sigma_stops_the_run(self, eam):
         """With a σ provider (a mapped variance) the native engine stops at the first frame step
         whose σ crosses the threshold, before integrating it; without one a threshold is ignored."""
-        from sampler_service.forces import SigmaFunctionProvider, displacement_sigma
+        from sampler_service.force_providers import SigmaFunctionProvider, displacement_sigma
 
         atoms = distorted_al(seed=4, rattle=0.0)
         sigma = SigmaFunctionProvider(eam, displacement_sigma(atoms.positions, scale=1.0))
@@ -282,18 +282,13 @@ class TestExportedUF3:
             assert_same_prediction(evaluate(pot, atoms),
                                    ours.compute(atoms.positions, atoms.cell.array, atoms.numbers, atoms.pbc))
 
-    @pytest.mark.xfail(strict=True, raises=InvalidInput,
-                       reason="at map_gp's default grid (2-body 0.05 Å knots: 123 coefficients at 6 Å; r_jk 0.1 Å: 83 "
-                              "per line at r3 = 4 Å) lammps_export writes knot lines and coefficient records longer "
-                              "than the 1,022 characters LAMMPS's uf3 reader takes (it then aborts or hangs; "
-                              "LammpsPairPotential refuses the file)")
     def test_lammps_reads_the_export_at_the_default_grid(self, tmp_path):
-        """r2 = 6 Å at 0.05 Å knots (127 knots), r3 = 4 Å at 0.2 Å and r_jk at 0.1 Å (20/20/80
-        intervals): the grid of ``epicycle map``'s defaults; LAMMPS must read it and agree with our
-        evaluator."""
+        """The grid of ``epicycle map``'s defaults at r2 = 6 Å, r3 = 4 Å: 2-body 0.05 Å knots capped at 75
+        intervals (LAMMPS's uf3 reader takes 1,023 characters per line), r_ij, r_ik at 0.2 Å and r_jk at
+        0.1 Å (20/20/80 intervals); LAMMPS must read the export and agree with our evaluator."""
         from sampler_service.mapped_forces import MappedForceProvider
 
-        model = synthetic_mapped(r2=6.0, r3=4.0, n2=120, n3=(20, 20, 80), seed=6)
+        model = synthetic_mapped(r2=6.0, r3=4.0, n2=75, n3=(20, 20, 80), seed=6)
         pot = exported(model, tmp_path)
         atoms = distorted_al(n=2, seed=7, rattle=0.1)
         assert_same_prediction(evaluate(pot, atoms), MappedForceProvider(model).compute(
