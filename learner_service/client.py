@@ -153,6 +153,13 @@ class LearnerClient:
     def export_model(self) -> learner_pb2.ExportModelResponse:
         return self._call(self._stub.ExportModel, learner_pb2.ExportModelRequest(), self.timeout)
 
+    def map(self, spacing2: float | None = None, spacing3: float | None = None, spacing_jk: float | None = None,
+            samples: int | None = None, body_order: int | None = None) -> learner_pb2.MapResponse:
+        """The learner's ``Map`` RPC: its model mapped to splines (knot spacings in Å; None: defaults)."""
+        req = learner_pb2.MapRequest(spacing2=spacing2 or 0.0, spacing3=spacing3 or 0.0, spacing_jk=spacing_jk or 0.0,
+                                     samples=samples or 0, body_order=body_order or 0)
+        return self._call(self._stub.Map, req, self.train_timeout)
+
     def load_model(self, data: bytes) -> learner_pb2.ModelInfo:
         return self._call(self._stub.LoadModel, learner_pb2.LoadModelRequest(model=data), self.train_timeout)
 

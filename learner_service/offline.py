@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -312,20 +313,30 @@ def map_model(model_path, out_dir, spacing2=None, spacing3=None, spacing_jk=None
     ``DIR/mapped.uf3`` (+ ``mapped.table`` for 2-body models) and ``DIR/mapped.lammps``, and
     report mapped-vs-GP force errors (meV/Å) on the training environments and on the frames
     of ``train_path`` / ``test_path``.  Returns the report (also saved as ``DIR/mapping.json``)."""
+    train_frames = read_frames(train_path) if train_path is not None else None
+    test_frames = read_frames(test_path) if test_path is not None else None
+    gp = GaussianProcess.load(model_path)
+    log(f"model: {gp}")
+    return map_to_directory(gp, out_dir, str(model_path), spacing2=spacing2, spacing3=spacing3, spacing_jk=spacing_jk,
+                            samples=samples, body_order=body_order, train_frames=train_frames,
+                            test_frames=test_frames, table_points=table_points, variance=variance, log=log)
+
+
+def map_to_directory(gp, out_dir, source: str, spacing2=None, spacing3=None, spacing_jk=None, samples=None,
+                     body_order=None, train_frames=None, test_frames=None, table_points=2000, variance=False,
+                     log=print) -> dict:
+    """Map the exact GP ``gp`` and write the files of :func:`map_model` into ``out_dir`` (also the
+    learner's ``Map`` RPC, into a temporary directory).  ``source`` names the model in the report."""
     from .lammps_export import export_lammps
     from .mapping import (DEFAULT_SAMPLES, DEFAULT_SPACING_2, DEFAULT_SPACING_3, DEFAULT_SPACING_JK, force_errors,
                           map_gp, training_environment_errors)
 
     out_dir = Path(out_dir)
-    train_frames = read_frames(train_path) if train_path is not None else None
-    test_frames = read_frames(test_path) if test_path is not None else None
-    gp = GaussianProcess.load(model_path)
-    log(f"model: {gp}")
     mapped = map_gp(gp, spacing2=DEFAULT_SPACING_2 if spacing2 is None else spacing2,
                     spacing3=DEFAULT_SPACING_3 if spacing3 is None else spacing3,
                     spacing_jk=DEFAULT_SPACING_JK if spacing_jk is None else spacing_jk,
                     samples=DEFAULT_SAMPLES if samples is None else samples, body_order=body_order, log=log)
-    report = {"model": str(model_path), "grid": mapped.metadata["grid"]}
+    report = {"model": source, "grid": mapped.metadata["grid"]}
     log("mapped-vs-GP forces on the training environments ...")
     report["training_environments"] = training_environment_errors(gp, mapped)
     for name, frames in (("train_frames", train_frames), ("test_frames", test_frames)):
@@ -348,6 +359,35 @@ def map_model(model_path, out_dir, spacing2=None, spacing3=None, spacing_jk=None
     files.update(export_lammps(mapped, out_dir, table_points=table_points))
     if mv is not None:
         files["variance"] = mv.save(out_dir / "mapped_variance.npz")
+    report["files"] = {k: str(v) for k, v in files.items()}
+    (out_dir / "mapping.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def map_remote(address: str, out_dir, spacing2=None, spacing3=None, spacing_jk=None, samples=None,
+               body_order=None, log=print) -> dict:
+    """``epicycle map HOST:PORT``: the learner service maps the model it serves (its ``Map`` RPC);
+    the reply's files are written into ``out_dir`` as :func:`map_model` writes them."""
+    from .client import LearnerClient
+
+    client = LearnerClient(address)
+    try:
+        log(f"asking the learner at {address} to map its model ...")
+        reply = client.map(spacing2=spacing2, spacing3=spacing3, spacing_jk=spacing_jk, samples=samples,
+                           body_order=body_order)
+    finally:
+        client.close()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = json.loads(reply.report_json)
+    report["model"] = f"learner {address}, model version {reply.model_version}"
+    files = {"model": out_dir / "mapped.npz", "uf3": out_dir / "mapped.uf3", "snippet": out_dir / "mapped.lammps"}
+    files["model"].write_bytes(reply.mapped)
+    files["uf3"].write_text(reply.uf3)
+    files["snippet"].write_text(reply.snippet)
+    if reply.table:
+        files["table"] = out_dir / "mapped.table"
+        files["table"].write_text(reply.table)
     report["files"] = {k: str(v) for k, v in files.items()}
     (out_dir / "mapping.json").write_text(json.dumps(report, indent=2))
     return report
@@ -430,12 +470,27 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _is_address(text: str) -> bool:
+    host, sep, port = str(text).rpartition(":")
+    return bool(sep and host and port.isdigit()) and not Path(text).exists()
+
+
 def _cmd_map(args) -> int:
-    report = map_model(args.model, args.out, spacing2=args.spacing2, spacing3=args.spacing3,
-                       spacing_jk=args.spacing_jk, samples=args.samples,
-                       body_order=args.body_order, train_path=args.train, test_path=args.test,
-                       variance=args.variance,
-                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if _is_address(args.model):
+        extra = [flag for flag, given in (("--train", args.train), ("--test", args.test),
+                                          ("--variance", args.variance)) if given]
+        if extra:
+            raise InvalidInput(f"{', '.join(extra)} need a model file: with a learner address (HOST:PORT) the "
+                               f"learner maps its model and reports the errors on its training environments; "
+                               f"export the model (or use its checkpoint directory) to check other frames")
+        report = map_remote(args.model, args.out, spacing2=args.spacing2, spacing3=args.spacing3,
+                            spacing_jk=args.spacing_jk, samples=args.samples, body_order=args.body_order, log=log)
+    else:
+        report = map_model(args.model, args.out, spacing2=args.spacing2, spacing3=args.spacing3,
+                           spacing_jk=args.spacing_jk, samples=args.samples,
+                           body_order=args.body_order, train_path=args.train, test_path=args.test,
+                           variance=args.variance, log=log)
     print(json.dumps(report, indent=2) if args.json else format_map_report(report))
     return 0
 
@@ -504,8 +559,18 @@ def register_cli(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_guard(_cmd_evaluate))
 
-    p = subparsers.add_parser("map", help="map a GP to cubic splines and export LAMMPS pair_style uf3/table files")
-    p.add_argument("model", help="model file written by 'fit' (or a learner model directory)")
+    p = subparsers.add_parser(
+        "map", help="map a GP to cubic splines and export LAMMPS pair_style uf3/table files",
+        description="Fit cubic B-splines to the exact GP's 2- and 3-body local-energy mean (forces and stress are "
+        "exact derivatives of one energy), write mapped.npz (our evaluator: `epicycle md --engine builtin`), "
+        "mapped.uf3 for LAMMPS's stock pair_style uf3 (+ mapped.table for 2-body models) and the input snippet "
+        "mapped.lammps, and print the mapped-vs-GP force error (meV/Å) on the training environments and on "
+        "--train/--test frames. Knot spacings in Å; docs/mapping.md has the maths and the measured errors.\n\n"
+        "example (the model of a run, then 10 ps of 1,372 atoms in LAMMPS):\n"
+        "  epicycle map runs/melt/learner --out runs/al-map\n"
+        "  epicycle md --potential runs/al-map --repeat 7 --ps 10 --out runs/al-md")
+    p.add_argument("model", help="model file written by 'fit', a learner model directory, or the address HOST:PORT "
+                   "of a learner service (it maps the model it serves: the Map RPC)")
     p.add_argument("--out", required=True, help="output directory (mapped.npz, mapped.uf3, mapped.lammps, ...)")
     p.add_argument("--spacing2", type=float, default=None, help="2-body knot spacing in Å (default 0.05, but at most 75 intervals)")
     p.add_argument("--spacing3", type=float, default=None,

@@ -17,6 +17,7 @@ data batch, kept in memory until the next Checkpoint writes it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import tempfile
@@ -37,8 +38,6 @@ from protos.structures import StructureLimits, check_min_distance, check_structu
 from learner_service.checkpoints import INITIAL, DataItem, Lineage, ModelDirectory, apply_items, base_name
 from learner_service.defaults import HYPERPARAMETER_UNITS
 from learner_service.diagnostics import model_warnings
-
-#: units of the hyperparameters, for ModelInfo
 
 
 def _log(message: str) -> None:
@@ -588,6 +587,38 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         return learner_pb2.HoldVersionsResponse(held=held, missing=missing, newest=newest)
 
     # -- acquisition support --------------------------------------------------------------
+
+    def Map(self, request, context):
+        """The served model mapped to splines (learner_service/offline.py ``map_to_directory``)."""
+        self._ready()
+        from learner_service.gp import GaussianProcess
+        from learner_service.offline import map_to_directory
+
+        gp, version = self.store.snapshot()
+        if not isinstance(gp, GaussianProcess):
+            raise ModelError(f"Map: only the exact GP can be mapped to splines, this learner serves a "
+                             f"{type(gp).__name__}")
+        if gp.n_environments == 0:
+            raise ModelError("Map: the model has no training data yet (its mean is zero)")
+        for name in ("spacing2", "spacing3", "spacing_jk"):
+            value = getattr(request, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise InvalidInput(f"Map: {name} must be a spacing in Å > 0 (0: the default), got {value}")
+        if request.body_order not in (0, 2, 3):
+            raise InvalidInput(f"Map: body_order must be 2 or 3 (0: the model's), got {request.body_order}")
+        if request.samples < 0:
+            raise InvalidInput(f"Map: samples must be >= 1 (0: the default), got {request.samples}")
+        with tempfile.TemporaryDirectory() as tmp:
+            report = map_to_directory(
+                gp, tmp, f"learner model version {version}", spacing2=request.spacing2 or None,
+                spacing3=request.spacing3 or None, spacing_jk=request.spacing_jk or None,
+                samples=request.samples or None, body_order=request.body_order or None, log=_log)
+            files = report.pop("files")
+            reply = learner_pb2.MapResponse(
+                model_version=version, mapped=Path(files["model"]).read_bytes(), uf3=Path(files["uf3"]).read_text(),
+                snippet=Path(files["snippet"]).read_text(), report_json=json.dumps(report),
+                table=Path(files["table"]).read_text() if "table" in files else "")
+        return reply
 
     def KernelDistances(self, request, context):
         """Kernel distances of the requested atoms' environments (see GaussianProcess.kernel_distances)."""

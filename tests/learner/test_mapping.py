@@ -421,6 +421,53 @@ def test_cli_map(tmp_path, capsys, al_model):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_learner_map_rpc_over_grpc(tmp_path, capsys, al_model):
+    """``epicycle map HOST:PORT``: a real learner service on 127.0.0.1 maps the model it serves (the Map
+    RPC); the files it sends back are the model's mapping (forces within the mapping error of the served
+    GP's predictions on an unseen frame), and bad requests get clear errors with the right status."""
+    from coordinator.cli import main
+    from learner_service.client import LearnerClient
+    from learner_service.server import LearnerServiceConfig, start_learner_server
+    from protos import errors
+
+    gp, train, _ = al_model
+    running = start_learner_server(LearnerServiceConfig(species=(13,), cutoffs=(6.0, 4.0),
+                                                        hyperparameters=dict(gp.hyperparameters)))
+    try:
+        with LearnerClient(running.address) as c:
+            c.wait_ready(120)
+            with pytest.raises(errors.EpicycleError, match=r"no training data.*FAILED_PRECONDITION"):
+                c.map()
+            rng = np.random.default_rng(0)
+            for a in train:
+                c.add_data(a, forces=a.get_forces(), atom_indices=rng.choice(len(a), 6, replace=False))
+            with pytest.raises(errors.InvalidInput, match="body_order"):
+                c.map(body_order=4)
+            with pytest.raises(errors.InvalidInput, match="spacing2"):
+                c.map(spacing2=float("nan"))
+            version = c.info().model_version
+            rc = main(["map", running.address, "--out", str(tmp_path / "out"), "--spacing3", "0.4",
+                       "--spacing-jk", "0.2"])
+            assert rc == 0, capsys.readouterr().err
+            assert "training environments" in capsys.readouterr().out
+            report = json.loads((tmp_path / "out" / "mapping.json").read_text())
+            assert report["model"].endswith(f"model version {version}")
+            assert report["training_environments"]["environments"] == 3 * 6
+            mapped = MappedModel.load(tmp_path / "out" / "mapped.npz")
+            assert mapped.metadata["grid"]["spacing3_A"] == 0.4
+            probe = _al_frame(400, rattle=0.2)
+            served = c.predict(probe)
+            np.testing.assert_allclose(mapped.predict(probe).forces, served.forces, atol=5e-3)
+            for name in ("mapped.uf3", "mapped.lammps"):
+                assert (tmp_path / "out" / name).stat().st_size > 0
+            assert "pair_style uf3 3" in (tmp_path / "out" / "mapped.lammps").read_text()
+        # options that need the model itself are refused with a learner address
+        assert main(["map", running.address, "--out", str(tmp_path / "o2"), "--variance"]) != 0
+        assert "need a model file" in capsys.readouterr().err
+    finally:
+        running.stop(grace=0)
+
+
 # ---------------------------------------------------------------------------
 # mapped uncertainty (2-body)
 # ---------------------------------------------------------------------------

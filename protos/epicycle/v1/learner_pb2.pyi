@@ -228,3 +228,33 @@ class KernelDistancesResponse(_message.Message):
     atom_indices: _containers.RepeatedScalarFieldContainer[int]
     model_version: int
     def __init__(self, d_train: _Optional[_Union[_common_pb2.Array, _Mapping]] = ..., d_within: _Optional[_Union[_common_pb2.Array, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class MapRequest(_message.Message):
+    __slots__ = ("spacing2", "spacing3", "spacing_jk", "samples", "body_order")
+    SPACING2_FIELD_NUMBER: _ClassVar[int]
+    SPACING3_FIELD_NUMBER: _ClassVar[int]
+    SPACING_JK_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BODY_ORDER_FIELD_NUMBER: _ClassVar[int]
+    spacing2: float
+    spacing3: float
+    spacing_jk: float
+    samples: int
+    body_order: int
+    def __init__(self, spacing2: _Optional[float] = ..., spacing3: _Optional[float] = ..., spacing_jk: _Optional[float] = ..., samples: _Optional[int] = ..., body_order: _Optional[int] = ...) -> None: ...
+
+class MapResponse(_message.Message):
+    __slots__ = ("model_version", "mapped", "uf3", "table", "snippet", "report_json")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_FIELD_NUMBER: _ClassVar[int]
+    UF3_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    SNIPPET_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    model_version: int
+    mapped: bytes
+    uf3: str
+    table: str
+    snippet: str
+    report_json: str
+    def __init__(self, model_version: _Optional[int] = ..., mapped: _Optional[bytes] = ..., uf3: _Optional[str] = ..., table: _Optional[str] = ..., snippet: _Optional[str] = ..., report_json: _Optional[str] = ...) -> None: ...

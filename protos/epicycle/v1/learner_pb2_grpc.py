@@ -89,6 +89,11 @@ class LearnerStub:
                 request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsRequest.SerializeToString,
                 response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsResponse.FromString,
                 _registered_method=True)
+        self.Map = channel.unary_unary(
+                '/epicycle.v1.Learner/Map',
+                request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.MapRequest.SerializeToString,
+                response_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.MapResponse.FromString,
+                _registered_method=True)
         self.KernelDistances = channel.unary_unary(
                 '/epicycle.v1.Learner/KernelDistances',
                 request_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.KernelDistancesRequest.SerializeToString,
@@ -190,9 +195,19 @@ class LearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Map(self, request, context):
+        """Map the served model's mean to cubic B-splines (docs/mapping.md): the mapped model,
+        the LAMMPS `pair_style uf3` file (+ `pair_style table` for 2-body models), the input
+        snippet, and the mapped-vs-GP force error on the training environments.  The reply
+        grows with species and grid, not with the training set.  Exact GP only
+        (FAILED_PRECONDITION for a sparse model).  Seconds to minutes: give it a deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def KernelDistances(self, request, context):
-        """(Mapping the mean to cubic splines will be added as a new RPC.)
-        Distances of atomic environments in the model's own local-energy kernel: of each
+        """Distances of atomic environments in the model's own local-energy kernel: of each
         requested atom to the nearest training environment, and among the requested atoms
         (farthest-point sampling and exploration bonuses of the acquisition policy).
         """
@@ -257,6 +272,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.HoldVersions,
                     request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsRequest.FromString,
                     response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsResponse.SerializeToString,
+            ),
+            'Map': grpc.unary_unary_rpc_method_handler(
+                    servicer.Map,
+                    request_deserializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.MapRequest.FromString,
+                    response_serializer=protos_dot_epicycle_dot_v1_dot_learner__pb2.MapResponse.SerializeToString,
             ),
             'KernelDistances': grpc.unary_unary_rpc_method_handler(
                     servicer.KernelDistances,
@@ -561,6 +581,33 @@ class Learner:
             '/epicycle.v1.Learner/HoldVersions',
             protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsRequest.SerializeToString,
             protos_dot_epicycle_dot_v1_dot_learner__pb2.HoldVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Map(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epicycle.v1.Learner/Map',
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.MapRequest.SerializeToString,
+            protos_dot_epicycle_dot_v1_dot_learner__pb2.MapResponse.FromString,
             options,
             channel_credentials,
             insecure,
