@@ -210,7 +210,7 @@ class ModelStore:
                         and live.files[:len(lineage.files)] == lineage.files):
                     try:
                         gp = current.truncated(manifest["counts"], manifest["hyperparameters"], manifest["factor"])
-                        gp._version = int(manifest["gp_version"])
+                        gp.set_version(int(manifest["gp_version"]))
                     except ModelError:
                         gp = None
                 if gp is None:
@@ -288,6 +288,8 @@ def model_info(gp, version: int, checkpoint_id: str = "") -> learner_pb2.ModelIn
         ready=True,
         checkpoint_id=checkpoint_id,
         warnings=model_warnings(gp),
+        model_kind=gp.kind,
+        n_inducing=int(getattr(gp, "n_inducing", 0)),
     )
     return info
 
@@ -537,19 +539,19 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
 
     def ExportModel(self, request, context):
         self._ready()
-        from learner_service.gp import FORMAT_VERSION
+        from learner_service.model import model_format_version
 
         gp, version = self.store.snapshot()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.npz"
             gp.save(path)
             data = path.read_bytes()
-        return learner_pb2.ExportModelResponse(model=data, format="epicycle-gp", format_version=FORMAT_VERSION,
-                                               model_version=version)
+        return learner_pb2.ExportModelResponse(model=data, format=gp.format_name,
+                                               format_version=model_format_version(gp), model_version=version)
 
     def LoadModel(self, request, context):
         self._ready()
-        from learner_service.gp import GaussianProcess
+        from learner_service.model import load_model
 
         if not request.model:
             raise InvalidInput("model is empty")
@@ -557,7 +559,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             path = Path(tmp) / "model.npz"
             path.write_bytes(request.model)
             try:
-                gp = GaussianProcess.load(path)
+                gp = load_model(path)
             except (InvalidInput, ModelError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a corrupt upload is the client's problem
