@@ -547,7 +547,10 @@ class SparseGaussianProcess(Hyperparameters):
         diagR = np.abs(np.diag(R))
         if not (np.isfinite(alpha).all() and diagR.min() > 0):
             raise ModelError("the sparse GP's QR factor is singular: " + _CHOL_HINT)
-        lml = (-0.5 * (b @ b - qtb @ qtb) - 0.5 * np.log(lam).sum() - np.log(diagR).sum()
+        # |b|² − |Qᵀ[b;0]|² = |[b;0] − Aα|² (Aα = QQᵀ[b;0]): the residual form has no cancellation
+        resid = b - ((s2 * F2 + s3 * F3) @ alpha) * isq
+        quad = resid @ resid + np.sum((L.T @ alpha) ** 2)
+        lml = (-0.5 * quad - 0.5 * np.log(lam).sum() - np.log(diagR).sum()
                + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
         self._factor = _Factor(key, L, R, alpha, float(lml))
         return self._factor
@@ -586,9 +589,11 @@ class SparseGaussianProcess(Hyperparameters):
         KlT = (Kfu / lam[:, None]).T  # K_Uf Λ⁻¹ (mu, n)
         Gt = solve_triangular(R, KlT, trans="T", lower=False, check_finite=False)  # Gᵀ = R⁻ᵀ K_Uf Λ⁻¹
         Gty = Gt @ y
-        value = (-0.5 * (y @ (y / lam) - Gty @ Gty) - 0.5 * np.log(lam).sum() - np.log(diagR).sum()
-                 + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
-        a = y / lam - Gt.T @ Gty  # C⁻¹ y
+        alpha = solve_triangular(R, Gty, lower=False, check_finite=False)  # Σ K_Uf Λ⁻¹ y
+        r = y - Kfu @ alpha  # C⁻¹ y = Λ⁻¹ (y − K_fU α), and yᵀC⁻¹y = |Λ^-½ r|² + |Lᵀα|² (no cancellation)
+        value = (-0.5 * (r @ (r / lam) + np.sum((L.T @ alpha) ** 2)) - 0.5 * np.log(lam).sum()
+                 - np.log(diagR).sum() + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
+        a = r / lam  # C⁻¹ y
         B = cho_solve((L, True), Kfu.T, check_finite=False)  # K̃⁻¹ K_Uf (mu, n)
         Ba = B @ a
         CiBt = B.T / lam[:, None] - Gt.T @ (Gt @ B.T)  # C⁻¹ Bᵀ (n, mu)
@@ -648,12 +653,17 @@ class SparseGaussianProcess(Hyperparameters):
 
         def fun(x):
             evals[0] += 1
+            penalty = (abs(best["f"]) + 1e6 if math.isfinite(best["f"]) else 1e30), np.zeros(len(x))
+            if not np.isfinite(x).all():
+                return penalty
             hyps = dict(self._hyps)
             hyps.update({k: from_x(v) for k, v in zip(names, x)})
             try:
                 value, grad = self._lml_and_grad(hyps)
             except ModelError:
-                return (abs(best["f"]) + 1e6 if math.isfinite(best["f"]) else 1e30), np.zeros(len(x))
+                return penalty
+            if not (math.isfinite(value) and np.isfinite(grad).all()):  # K_UU near-singular at these values
+                return penalty
             f = -value
             if f < best["f"]:
                 best.update(f=f, x=np.array(x))

@@ -122,10 +122,10 @@ SPARSE_MELT = {
     "oracle": {"backend": "emt"},
     "learner": {"model": "sparse", "cutoffs": [5.0, 3.5],
                 "hyperparameters": {"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05},
-                "optimize": {"every": 1, "until_calls": 6, "max_iterations": 20}},
+                "optimize": {"every": 0}},
     "sampler": {"ensemble": "nve", "timestep_fs": 5.0, "temperature_K": 300.0,
                 "schedule": [[300.0, 1500.0]], "steps": 160, "frame_interval": 5, "checkpoint_interval": 40},
-    "policy": {"sigma_factor": 1.0, "initial_atoms": 4, "atoms_per_call": 1},
+    "policy": {"absolute_threshold": 0.12, "initial_atoms": 4, "atoms_per_call": 1},
 }
 
 
