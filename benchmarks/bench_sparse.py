@@ -33,10 +33,10 @@ example's settings otherwise).  Afterwards the model after k calls is rebuilt fr
 directory (its labels, its training atoms, the hyperparameters of its latest optimisation at or
 before k) and measured on the common held-out EMT trajectory of ``bench_learning_curves.py``:
 force RMSE, mean z² and 2σ coverage with σ² = epistemic + σn².  A third curve, "sparse on the
-exact run's frames", trains a sparse model on every label of the frames the exact run labelled
-(inducing: the exact run's selected atoms; hyperparameters optimised on its own likelihood at
-each k, ≤ 30 iterations, log space) -- the accuracy per call of using every label, with the
-frames the exact model chose.
+exact run's frames", trains a sparse model on every label of the frames the exact run labelled,
+forces only (inducing: ``learner.sparse`` applied to those frames; the exact run's
+hyperparameters at k) -- the accuracy per call of using every force, with the frames the exact
+model chose and its kernel.
 
     .venv/bin/python benchmarks/bench_sparse.py --otf [--systems al_melt,cu3au] [--seeds 2] [--labels 16]
 """
@@ -172,7 +172,8 @@ def machine():
         pass
 
 
-def otf_run(system: str, kind: str, seed: int, labels: int, work: Path, sparse: dict | None = None) -> Path:
+def otf_run(system: str, kind: str, seed: int, labels: int, work: Path, sparse: dict | None = None,
+            until_calls: int | None = None) -> Path:
     """One on-the-fly run of the example of ``system`` with ``learner.model: kind``."""
     import yaml
 
@@ -184,6 +185,8 @@ def otf_run(system: str, kind: str, seed: int, labels: int, work: Path, sparse: 
     if kind == "sparse" and sparse:
         data["learner"]["sparse"] = dict(sparse)
     data.setdefault("stop", {})["max_labels"] = labels
+    if until_calls is not None:
+        data["learner"].setdefault("optimize", {})["until_calls"] = until_calls
     data["sampler"]["steps"] = max(int(data["sampler"]["steps"]), 1500)  # long enough to spend the budget
     cfg = work / f"{data['name']}.yaml"
     cfg.write_text(yaml.safe_dump(data))
@@ -228,19 +231,17 @@ def otf_curves(run_dir: Path, ks, frames, forces, same_frames_sparse: dict | Non
         if k > len(labels):
             break
         hyps = dict(config.learner.hyperparameters)
-        if not same_frames_sparse:
-            for idx in sorted(optimised):
-                if idx < k:
-                    hyps = optimised[idx]
+        for idx in sorted(optimised):
+            if idx < k:
+                hyps = optimised[idx]
         sp = same_frames_sparse if same_frames_sparse is not None else dict(config.learner.sparse.__dict__)
         settings = SparseSettings(**{k: v for k, v in sp.items() if k in SparseSettings.__dataclass_fields__})
         model = create_model(kind, species, config.learner.cutoffs, hyperparameters=hyps, sparse=settings)
-        every = kind == "sparse"
+        # the run's own labels: a sparse run used each call's energy too; the sparse model on an
+        # exact run's frames takes every force (no energy: the exact run has no energy noise fitted)
+        energy = (kind == "sparse" and same_frames_sparse is None) or config.learner.use_energy
         for lab, sel in zip(labels[:k], state.training_atoms[:k]):
-            model.add_frame(lab.atoms(), forces=lab.forces, selected=sel,
-                            energy=lab.energy if (every or config.learner.use_energy) else None)
-        if same_frames_sparse is not None:
-            model.optimize(max_iterations=30)
+            model.add_frame(lab.atoms(), forces=lab.forces, selected=sel, energy=lab.energy if energy else None)
         model.train()
         out[k] = _held_metrics(model, frames, forces)
     return out
@@ -253,10 +254,11 @@ def otf_main(args) -> None:
     from bench_learning_curves import held_out
 
     ks = sorted({k for k in (1, 2, 4, 6, 8, 12, 16, 24, 32, args.labels) if k <= args.labels})
+    print(f"optimize.until_calls: {args.until_calls or 'as the example'}")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_sparse_otf_"))
     work.mkdir(parents=True, exist_ok=True)
     summary = {}
-    sparse = {"inducing_rule": args.sparse_rule, "per_call": args.per_frame}
+    sparse = {"inducing_rule": args.sparse_rule, "per_call": args.per_frame, "functionals": args.functionals}
     print(f"sparse settings: {sparse} (learner.sparse); budget {args.labels} calls; seeds {args.seeds}")
     for system in args.systems.split(","):
         frames, forces = held_out(system)
@@ -264,7 +266,7 @@ def otf_main(args) -> None:
         calls = {"exact": [], "sparse": []}
         for seed in range(args.seeds):
             for kind in ("exact", "sparse"):
-                rd = otf_run(system, kind, seed, args.labels, work, sparse)
+                rd = otf_run(system, kind, seed, args.labels, work, sparse, args.until_calls)
                 curves[kind].append(otf_curves(rd, ks, frames, forces))
                 st = json.loads((rd / "state.json").read_text())
                 calls[kind].append((st["oracle_calls"], (st.get("walkers") or {}).get("w0", {}).get("step")))
@@ -308,6 +310,8 @@ def main(argv=None):
     ap.add_argument("--no-exact", action="store_true")
     ap.add_argument("--scale-probe", action="store_true", help="only the unit costs and the extrapolation")
     ap.add_argument("--otf", action="store_true", help="exact vs sparse on-the-fly runs (module docstring)")
+    ap.add_argument("--until-calls", type=int, default=None,
+                    help="--otf: learner.optimize.until_calls of both runs (default: the example's)")
     ap.add_argument("--sparse-rule", default="acquisition", choices=("acquisition", "variance"),
                     help="--otf: learner.sparse.inducing_rule (variance: up to --per-frame per call)")
     ap.add_argument("--systems", default="al_melt,cu3au")
