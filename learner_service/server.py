@@ -245,7 +245,9 @@ class LearnerMetrics:
         for name, value, help_text in (
             ("epicycle_learner_model_version", version, "Version of the served model."),
             ("epicycle_learner_training_environments", gp.n_environments, "Environments in the training set."),
-            ("epicycle_learner_training_labels", gp.n_labels, "Rows of the covariance matrix."),
+            ("epicycle_learner_training_labels", gp.n_labels, "Training labels (force components, energies, stresses)."),
+            ("epicycle_learner_inducing_environments", getattr(gp, "n_inducing", 0),
+             "Inducing environments of a sparse model (0: the exact GP)."),
             ("epicycle_learner_noise_ev_per_angstrom", dict(gp.hyperparameters).get("noise", 0.0),
              "Force noise σn, eV/Å."),
             ("epicycle_learner_last_update_seconds", self.store.last_update_seconds,
