@@ -264,7 +264,7 @@ def otf_main(args) -> None:
         frames, forces = held_out(system)
         curves = {"exact": [], "sparse": [], "sparse on the exact run's frames": []}
         calls = {"exact": [], "sparse": []}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             for kind in ("exact", "sparse"):
                 rd = otf_run(system, kind, seed, args.labels, work, sparse, args.until_calls)
                 curves[kind].append(otf_curves(rd, ks, frames, forces))
@@ -316,6 +316,7 @@ def main(argv=None):
                     help="--otf: learner.sparse.inducing_rule (variance: up to --per-frame per call)")
     ap.add_argument("--systems", default="al_melt,cu3au")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--labels", type=int, default=16, help="oracle-call budget per on-the-fly run")
     ap.add_argument("--keep", help="keep the run directories here")
     ap.add_argument("--json", help="write the --otf curves to this file")
