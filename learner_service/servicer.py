@@ -1,8 +1,9 @@
 """gRPC adapter for the Learner service, and the versioned model store it serves.
 
-:class:`ModelStore` holds the current Gaussian process and its version.
-Writers (AddData, AddDataBatch, Optimize, LoadModel, RestoreCheckpoint) are
-serialised and work on a *clone* (:meth:`GaussianProcess.clone`: new containers,
+:class:`ModelStore` holds the current model and its version; the store and the
+servicer use only the :class:`learner_service.model.LearnerModel` interface (the
+exact or the sparse GP).  Writers (AddData, AddDataBatch, Optimize, LoadModel, RestoreCheckpoint) are
+serialised and work on a *clone* (:meth:`LearnerModel.clone`: new containers,
 shared arrays, which are never modified in place); the clone replaces the served
 model atomically when it is ready, and the version goes up by one.  Readers
 (Predict, PredictStream) take a snapshot reference, so a prediction always sees
