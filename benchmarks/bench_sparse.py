@@ -25,11 +25,26 @@ iterations) is timed at ``--optimize-at`` N.  Prints machine information first.
 
     .venv/bin/python benchmarks/bench_sparse.py [--sizes 1,2,4,8,16,32] [--per-frame 4] [--tolerance 0]
                                                 [--functionals energy|energy_force] [--optimize-at 4]
+
+``--otf``: accuracy per oracle call from on-the-fly runs (Al melt ``examples/al_melt.yaml`` and
+Cu3Au ``examples/cu3au.yaml``, EMT oracle, ``stop.max_labels`` = ``--labels`` calls, ``--seeds``
+seeds).  Per system and seed: one run with ``learner.model: exact`` and one with ``sparse`` (the
+example's settings otherwise).  Afterwards the model after k calls is rebuilt from each run
+directory (its labels, its training atoms, the hyperparameters of its latest optimisation at or
+before k) and measured on the common held-out EMT trajectory of ``bench_learning_curves.py``:
+force RMSE, mean z² and 2σ coverage with σ² = epistemic + σn².  A third curve, "sparse on the
+exact run's frames", trains a sparse model on every label of the frames the exact run labelled,
+forces only (inducing: ``learner.sparse`` applied to those frames; the exact run's
+hyperparameters at k) -- the accuracy per call of using every force, with the frames the exact
+model chose and its kernel.
+
+    .venv/bin/python benchmarks/bench_sparse.py --otf [--systems al_melt,cu3au] [--seeds 2] [--labels 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -157,6 +172,132 @@ def machine():
         pass
 
 
+def otf_run(system: str, kind: str, seed: int, labels: int, work: Path, sparse: dict | None = None,
+            until_calls: int | None = None) -> Path:
+    """One on-the-fly run of the example of ``system`` with ``learner.model: kind``."""
+    import yaml
+
+    from bench_learning_curves import ROOT, SYSTEMS
+
+    data = yaml.safe_load((ROOT / SYSTEMS[system]["config"]).read_text())
+    data.update(seed=seed, name=f"{system}-{kind}-{seed}")
+    data["learner"]["model"] = kind
+    if kind == "sparse" and sparse:
+        data["learner"]["sparse"] = dict(sparse)
+    data.setdefault("stop", {})["max_labels"] = labels
+    if until_calls is not None:
+        data["learner"].setdefault("optimize", {})["until_calls"] = until_calls
+    data["sampler"]["steps"] = max(int(data["sampler"]["steps"]), 1500)  # long enough to spend the budget
+    cfg = work / f"{data['name']}.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    run_dir = work / data["name"]
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "run", str(cfg), "--run-dir", str(run_dir),
+                           "--no-report"], cwd=work, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{data['name']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    print(f"  run {data['name']}: {time.perf_counter() - t:.0f} s wall; {proc.stdout.strip().splitlines()[-1]}",
+          flush=True)
+    return run_dir
+
+
+def _held_metrics(model, frames, forces) -> dict:
+    preds = [model.predict(a) for a in frames]
+    err = np.array([p.forces for p in preds]) - forces
+    var = np.array([p.force_std ** 2 for p in preds]) + model.noise ** 2
+    z2 = err ** 2 / var
+    return {"rmse": float(np.sqrt(np.mean(err ** 2))), "z2": float(np.mean(z2)), "cover2": float(np.mean(z2 <= 4.0))}
+
+
+def otf_curves(run_dir: Path, ks, frames, forces, same_frames_sparse: dict | None = None) -> dict:
+    """{k: metrics} of the model of ``run_dir`` after k calls, rebuilt (see the module docstring);
+    with ``same_frames_sparse`` a sparse model on every label of that run's frames instead."""
+    from coordinator.config import load_config
+    from coordinator.rundir import RunDirectory
+    from learner_service.model import SparseSettings, create_model
+
+    rd = RunDirectory.open(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    state = rd.load_state()
+    events = list(rd.events())
+    optimised = {e["label"]: e["hyperparameters"] for e in events if e["event"] == "optimize"}
+    species = sorted({int(z) for a in frames for z in a.numbers})
+    labels = [rd.read_label(i) for batch in state.apply_batches for i in batch]
+    rd.close()
+    kind = "sparse" if same_frames_sparse else config.learner.model
+    out = {}
+    for k in ks:
+        if k > len(labels):
+            break
+        hyps = dict(config.learner.hyperparameters)
+        for idx in sorted(optimised):
+            if idx < k:
+                hyps = optimised[idx]
+        sp = same_frames_sparse if same_frames_sparse is not None else dict(config.learner.sparse.__dict__)
+        settings = SparseSettings(**{k: v for k, v in sp.items() if k in SparseSettings.__dataclass_fields__})
+        model = create_model(kind, species, config.learner.cutoffs, hyperparameters=hyps, sparse=settings)
+        # the run's own labels: a sparse run used each call's energy too; the sparse model on an
+        # exact run's frames takes every force (no energy: the exact run has no energy noise fitted)
+        energy = (kind == "sparse" and same_frames_sparse is None) or config.learner.use_energy
+        for lab, sel in zip(labels[:k], state.training_atoms[:k]):
+            model.add_frame(lab.atoms(), forces=lab.forces, selected=sel, energy=lab.energy if energy else None)
+        model.train()
+        out[k] = _held_metrics(model, frames, forces)
+    return out
+
+
+def otf_main(args) -> None:
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_learning_curves import held_out
+
+    ks = sorted({k for k in (1, 2, 4, 6, 8, 12, 16, 24, 32, args.labels) if k <= args.labels})
+    print(f"optimize.until_calls: {args.until_calls or 'as the example'}")
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_sparse_otf_"))
+    work.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    sparse = {"inducing_rule": args.sparse_rule, "per_call": args.per_frame, "functionals": args.functionals}
+    print(f"sparse settings: {sparse} (learner.sparse); budget {args.labels} calls; seeds {args.seeds}")
+    for system in args.systems.split(","):
+        frames, forces = held_out(system)
+        curves = {"exact": [], "sparse": [], "sparse on the exact run's frames": []}
+        calls = {"exact": [], "sparse": []}
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            for kind in ("exact", "sparse"):
+                rd = otf_run(system, kind, seed, args.labels, work, sparse, args.until_calls)
+                curves[kind].append(otf_curves(rd, ks, frames, forces))
+                st = json.loads((rd / "state.json").read_text())
+                calls[kind].append((st["oracle_calls"], (st.get("walkers") or {}).get("w0", {}).get("step")))
+                if kind == "exact":
+                    curves["sparse on the exact run's frames"].append(otf_curves(rd, ks, frames, forces, sparse))
+        print(f"\n### {system}: median over {args.seeds} seeds (held-out: {len(frames)} frames)\n")
+        print("| k calls | " + " | ".join(f"{n}: RMSE eV/Å · z² · 2σ" for n in curves) + " |")
+        print("|---:|" + "---:|" * len(curves))
+        med = {}
+        for k in ks:
+            cells = []
+            for name, cs in curves.items():
+                vals = [c[k] for c in cs if k in c]
+                if not vals:
+                    cells.append("—")
+                    continue
+                m = {q: statistics.median(v[q] for v in vals) for q in ("rmse", "z2", "cover2")}
+                med.setdefault(name, {})[k] = m
+                cells.append(f"{m['rmse']:.4f} · {m['z2']:.2f} · {100 * m['cover2']:.0f} %")
+            print(f"| {k} | " + " | ".join(cells) + " |")
+        final = med["exact"][max(med["exact"])]["rmse"]
+        for name in ("sparse", "sparse on the exact run's frames"):
+            reach = next((k for k in sorted(med.get(name, {})) if med[name][k]["rmse"] <= final), None)
+            print(f"exact after {max(med['exact'])} calls: {final:.4f} eV/Å; {name} reaches it after "
+                  f"{reach if reach is not None else 'more than ' + str(max(med.get(name, {0: 0})))} calls")
+        print(f"(oracle calls, MD step of the last frame) per seed: {calls}")
+        summary[system] = {"curves": curves, "calls": calls}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,2,4,8,16,32")
@@ -168,7 +309,22 @@ def main(argv=None):
     ap.add_argument("--optimize-at", type=int, default=0, help="also optimise the sparse model at this N (slow)")
     ap.add_argument("--no-exact", action="store_true")
     ap.add_argument("--scale-probe", action="store_true", help="only the unit costs and the extrapolation")
+    ap.add_argument("--otf", action="store_true", help="exact vs sparse on-the-fly runs (module docstring)")
+    ap.add_argument("--until-calls", type=int, default=None,
+                    help="--otf: learner.optimize.until_calls of both runs (default: the example's)")
+    ap.add_argument("--sparse-rule", default="acquisition", choices=("acquisition", "variance"),
+                    help="--otf: learner.sparse.inducing_rule (variance: up to --per-frame per call)")
+    ap.add_argument("--systems", default="al_melt,cu3au")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--labels", type=int, default=16, help="oracle-call budget per on-the-fly run")
+    ap.add_argument("--keep", help="keep the run directories here")
+    ap.add_argument("--json", help="write the --otf curves to this file")
     args = ap.parse_args(argv)
+    if args.otf:
+        machine()
+        otf_main(args)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     machine()
     print(f"inducing: {args.functionals} functionals, up to {args.per_frame} per frame, tolerance {args.tolerance:g}")

@@ -71,8 +71,22 @@ class OptimizeConfig:
 
 
 @dataclass(frozen=True)
+class SparseLearnerConfig:
+    """``learner.sparse:`` — settings of a new sparse model (learner_service/model.py SparseSettings)."""
+
+    max_inducing: int | None = None          # at most this many inducing environments (None: no cap)
+    inducing_rule: str = "acquisition"       # acquisition: the selected atoms; variance: the model's own pick
+    per_call: int = 4                        # variance rule: at most this many per oracle call
+    functionals: str = "energy"              # inducing variables: energy (FLARE 1.x) or energy_force
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     address: str | None = None               # remote learner; None: embedded
+    # exact (full GP), sparse (every label of every call; learner.sparse), or the path of a saved
+    # model file to start from (its kind read from the file; relative to the config file)
+    model: str = "exact"
+    sparse: SparseLearnerConfig = SparseLearnerConfig()
     cutoffs: tuple[float, float] = (6.0, 4.0)  # (r2, r3), Å
     hyperparameters: Mapping[str, float] = field(
         default_factory=lambda: dict(DEFAULT_HYPERPARAMETERS))  # the one set (learner_service/defaults.py)
@@ -428,6 +442,11 @@ def load_config(path: str | Path) -> RunConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    learner = data.get("learner") if isinstance(data, Mapping) else None
+    model = learner.get("model") if isinstance(learner, Mapping) else None
+    if isinstance(model, str) and model not in ("exact", "sparse") and not Path(model).is_absolute():
+        # a model file is relative to the config file, as structure files are
+        data = {**data, "learner": {**learner, "model": str(path.parent / model)}}
     config = parse_config(data)
 
     def relative_to_config(s: StructureConfig | None) -> StructureConfig | None:
@@ -458,6 +477,42 @@ def check_data_paths(config: RunConfig) -> None:
 # --------------------------------------------------------------------------- semantic checks
 
 
+def learner_model_kind(le: LearnerConfig) -> str:
+    """The kind of model a run's learner serves: ``exact`` or ``sparse`` (a model file: its kind)."""
+    if le.model in ("exact", "sparse"):
+        return le.model
+    from learner_service.model import model_file_kind
+
+    return model_file_kind(le.model)
+
+
+def learner_model_file(le: LearnerConfig) -> Path | None:
+    """The model file a run starts from (``learner.model`` a path), else None."""
+    return None if le.model in ("exact", "sparse") else Path(le.model)
+
+
+def _validate_learner_model(le: LearnerConfig, need) -> None:
+    from protos.errors import InvalidInput, NotFound
+
+    if le.model not in ("exact", "sparse"):
+        need(Path(le.model).is_file(), f"learner.model: expected exact, sparse or the path of a saved model file; "
+                                       f"{le.model!r} is neither (no such file)")
+        try:
+            learner_model_kind(le)
+        except (InvalidInput, NotFound) as exc:
+            need(False, f"learner.model: {exc}")
+        need(le.address is None, "learner.model: a model file starts an embedded learner; a remote learner "
+                                 "(learner.address) loads its model with `epicycle serve learner --model FILE`")
+    sp = le.sparse
+    need(sp.max_inducing is None or sp.max_inducing >= 1,
+         f"learner.sparse.max_inducing: must be >= 1 (or omitted: no cap), got {sp.max_inducing}")
+    need(sp.inducing_rule in ("acquisition", "variance"),
+         f"learner.sparse.inducing_rule: allowed acquisition, variance, got {sp.inducing_rule!r}")
+    need(sp.per_call >= 1, f"learner.sparse.per_call: must be >= 1, got {sp.per_call}")
+    need(sp.functionals in ("energy", "energy_force"),
+         f"learner.sparse.functionals: allowed energy, energy_force, got {sp.functionals!r}")
+
+
 def validate(c: RunConfig) -> None:
     from coordinator.policies import ACQUISITION, UPDATE
 
@@ -478,6 +533,7 @@ def validate(c: RunConfig) -> None:
         need(o.backend in available_backends(),
              f"oracle.backend: unknown backend {o.backend!r}; allowed: {', '.join(available_backends())}")
     le = c.learner
+    _validate_learner_model(le, need)
     need(all(x > 0 for x in le.cutoffs), f"learner.cutoffs: must be positive lengths in Å, got {list(le.cutoffs)}")
     need(le.cutoffs[1] <= le.cutoffs[0],
          f"learner.cutoffs: the 3-body cutoff ({le.cutoffs[1]} Å) must not exceed the 2-body cutoff ({le.cutoffs[0]} Å)")

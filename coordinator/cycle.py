@@ -1287,10 +1287,21 @@ class OnTheFlyRun:
 
     def _item(self, label: StoredLabel) -> dict:
         le = self.config.learner
+        every = self._every_label()
         selection = label.selection if label.selection is not None else initial_atoms(self.config, len(label.numbers))
         return {"atoms": label.atoms(), "forces": label.forces, "atom_indices": selection, "energy": label.energy,
-                "stress": label.stress, "use_energy": le.use_energy and label.energy is not None,
-                "use_stress": le.use_stress and label.stress is not None}
+                "stress": label.stress, "use_energy": (le.use_energy or every) and label.energy is not None,
+                "use_stress": (le.use_stress or every) and label.stress is not None}
+
+    def _every_label(self) -> bool:
+        """A sparse learner (``learner.model``) takes every label of a call: all forces (the learner
+        does that), and the energy and stress the oracle returned."""
+        kind = getattr(self, "_learner_kind", None)
+        if kind is None:
+            from coordinator.config import learner_model_kind
+
+            kind = self._learner_kind = learner_model_kind(self.config.learner)
+        return kind == "sparse"
 
     def _optimize_on_schedule(self, before: int, after: int, log_event: bool = True, label=None):
         """Re-optimise once if the schedule (every N-th label, up to until_calls) falls in (before, after]."""

@@ -56,11 +56,12 @@ class InProcessLearner:
 
     def __init__(self, species: Iterable[int], cutoffs: tuple[float, float] = (6.0, 4.0),
                  hyperparameters: Mapping[str, float] | None = None, model_dir: str | Path | None = None,
-                 keep_checkpoints: int = 5, predict_threads: int | None = 1) -> None:
+                 keep_checkpoints: int = 5, predict_threads: int | None = 1, model: Mapping | None = None) -> None:
         from learner_service.server import LearnerServiceConfig, build_store
         from learner_service.servicer import LearnerServicer
 
         kwargs = {} if hyperparameters is None else {"hyperparameters": dict(hyperparameters)}
+        kwargs.update(model or {})
         cfg = LearnerServiceConfig(species=tuple(int(z) for z in species), cutoffs=tuple(cutoffs),
                                    model_dir=None if model_dir is None else Path(model_dir),
                                    keep_checkpoints=keep_checkpoints, predict_threads=predict_threads,
@@ -74,11 +75,14 @@ class InProcessLearner:
 
     @classmethod
     def for_run(cls, config, run_dir, **kwargs) -> "InProcessLearner":
-        """The learner an embedded run would start: the run's species, ``learner.cutoffs`` and
-        ``learner.hyperparameters``, its model directory ``<run dir>/learner``."""
+        """The learner an embedded run would start: the run's species, ``learner.cutoffs``,
+        ``learner.hyperparameters`` and ``learner.model`` (kind or model file), its model
+        directory ``<run dir>/learner``."""
         from coordinator.cycle import run_species
+        from coordinator.services import learner_model_settings
 
         le = config.learner
+        kwargs.setdefault("model", learner_model_settings(le))
         return cls(run_species(config), tuple(le.cutoffs), dict(le.hyperparameters),
                    model_dir=Path(run_dir.path) / "learner", **kwargs)
 

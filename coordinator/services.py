@@ -161,7 +161,8 @@ def start_services(config: RunConfig, species: list[int], learner_dir=None) -> S
             le = config.learner
             s = start_learner_server(LearnerServiceConfig(species=tuple(species), cutoffs=tuple(le.cutoffs),
                                                           hyperparameters=dict(le.hyperparameters),
-                                                          model_dir=learner_dir, server=server_config(2)))
+                                                          model_dir=learner_dir, server=server_config(2),
+                                                          **learner_model_settings(le)))
             servers.append(s)
             metrics["learner"] = s.metrics_port
             learner_address = s.address
@@ -185,3 +186,17 @@ def start_services(config: RunConfig, species: list[int], learner_dir=None) -> S
     workers = len(config.oracle.addresses) if config.oracle.addresses else config.oracle.workers
     return Services(oracle=pool, learner_address=learner_address, sampler_addresses=sampler_addresses,
                     servers=servers, metrics_ports=metrics, oracle_workers=max(1, workers), tls=client_tls)
+
+
+def learner_model_settings(le) -> dict:
+    """The ``LearnerServiceConfig`` arguments of ``learner.model`` / ``learner.sparse`` (a run's
+    :class:`coordinator.config.LearnerConfig`): the kind of a new model and its sparse settings,
+    or the model file to start from."""
+    from coordinator.config import learner_model_file
+    from learner_service.model import SparseSettings
+
+    sp = le.sparse
+    path = learner_model_file(le)
+    return {"model_kind": "exact" if path is not None else le.model, "model_path": path,
+            "sparse": SparseSettings(max_inducing=sp.max_inducing, inducing_rule=sp.inducing_rule,
+                                     per_call=sp.per_call, functionals=sp.functionals)}

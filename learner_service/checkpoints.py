@@ -20,10 +20,12 @@ The latest ``keep`` manifests are kept; data files referenced by none of them ar
 Restoring checkpoint k supersedes the checkpoints after k: their data batches beyond k's are
 overwritten by the next data batches of the restored model.
 
-The manifest's ``factor`` is :attr:`GaussianProcess.factor_history`: a full factorisation
-(row count, hyperparameters, the kernel segments K was assembled from) or a model file
-load, then block extensions at given row counts.  :meth:`ModelDirectory.rebuild` re-adds the
-data in the same order and replays that history (:meth:`GaussianProcess._replay_state`).
+The manifest names the model's kind and settings (``model``: exact or sparse,
+:mod:`learner_service.model`); its ``factor`` is the model's ``factor_history`` -- for the exact
+GP a full factorisation (row count, hyperparameters, the kernel segments K was assembled from)
+or a model file load, then block extensions at given row counts; for the sparse GP the blocks
+its K_fU cache was built in.  :meth:`ModelDirectory.rebuild` re-adds the data in the same order
+and replays that history (:meth:`LearnerModel.rebuild_factor`).
 Rebuilding costs what the original factorisations cost (one kernel build and Cholesky at the
 last full factorisation plus every extension since), and prints progress.
 """
@@ -78,12 +80,13 @@ class DataItem:
 
 
 def apply_items(gp, items: Sequence[DataItem]) -> None:
-    """Add ``items`` to ``gp`` in order, exactly as the servicer's AddData does (the one
-    place that turns a data item into ``add_structure`` arguments, so a rebuild repeats it)."""
+    """Add ``items`` to the model ``gp`` in order, exactly as the servicer's AddData does (the one
+    place that turns a data item into :meth:`LearnerModel.add_frame` arguments, so a rebuild
+    repeats it).  The model decides what of the frame enters it (learner_service/model.py)."""
     for it in items:
-        gp.add_structure(it.atoms, forces=it.forces, atom_indices=[int(i) for i in it.atom_indices],
-                         energy=it.energy if it.use_energy else None,
-                         stress=it.stress if it.use_stress else None)
+        gp.add_frame(it.atoms, forces=it.forces, selected=[int(i) for i in it.atom_indices],
+                     energy=it.energy if it.use_energy else None,
+                     stress=it.stress if it.use_stress else None)
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,8 @@ def _fingerprint() -> tuple:
 
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for name in ("gp.py", *sorted(f"kernels/{p.name}" for p in (here / "kernels").glob("*.py")), "environment.py",
-                 "checkpoints.py"):
+    for name in ("gp.py", "sparse_gp.py", *sorted(f"kernels/{p.name}" for p in (here / "kernels").glob("*.py")),
+                 "environment.py", "checkpoints.py"):
         digest.update((here / name).read_bytes())
     return (("sources_sha256", digest.hexdigest()[:16]), ("numpy", np.__version__), ("scipy", scipy.__version__),
             ("numba", numba.__version__))
@@ -307,16 +310,21 @@ class ModelDirectory:
         """The model of ``manifest``, rebuilt from its base file and data batches by
         replaying its factor history: bit for bit the model that wrote it."""
         from learner_service.environment import Cutoffs
-        from learner_service.gp import GaussianProcess
+        from learner_service.model import create_model, load_model
 
         t0 = time.perf_counter()
         lineage = Lineage.from_json(manifest["lineage"])
         hyps = {k: float(v) for k, v in manifest["hyperparameters"].items()}
+        model = manifest.get("model") or {"kind": "exact", "settings": {}}
         if lineage.base:
-            gp = GaussianProcess.load(self.data / lineage.base)
+            gp = load_model(self.data / lineage.base)
         else:
-            gp = GaussianProcess(manifest["species"], manifest["cutoffs"], hyperparameters=hyps,
-                                 pair_cutoffs=Cutoffs.parse_pair_dict(manifest.get("pair_cutoffs")))
+            gp = create_model(model["kind"], manifest["species"], manifest["cutoffs"], hyperparameters=hyps,
+                              pair_cutoffs=Cutoffs.parse_pair_dict(manifest.get("pair_cutoffs")),
+                              settings=model.get("settings"))
+        if gp.kind != model["kind"]:
+            raise ModelError(f"checkpoint {manifest['id']}: the manifest names a {model['kind']} model, its base "
+                             f"file {lineage.base} holds a {gp.kind} one")
         gp.kernel_cache_max_rows = int(kernel_cache_max_rows or manifest["kernel_cache_max_rows"])
         if len(lineage.files) != lineage.end - lineage.first:
             raise ModelError(f"checkpoint {manifest['id']}: data batches {lineage.first}..{lineage.end - 1} but "
@@ -343,9 +351,8 @@ class ModelDirectory:
         if manifest.get("code") not in (None, code) and progress:
             progress(f"checkpoint {manifest['id']} was written by other code ({manifest['code']}; this is {code}): "
                      f"the rebuilt model equals it to round-off, not bit for bit")
-        gp._set_hyps(hyps)
-        gp._replay_state(manifest["factor"], progress)
-        gp._version = int(manifest["gp_version"])
+        gp.rebuild_factor(hyps, manifest["factor"], progress)
+        gp.set_version(int(manifest["gp_version"]))
         if progress:
             progress(f"checkpoint {manifest['id']} rebuilt in {time.perf_counter() - t0:.1f} s")
         return gp
@@ -385,6 +392,7 @@ class ModelDirectory:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model_version": int(model_version),
             "gp_version": int(gp.version),
+            "model": {"kind": gp.kind, "settings": gp.settings()},
             "species": [int(z) for z in gp.species],
             "cutoffs": [float(gp.cutoffs.r2), float(gp.cutoffs.r3)],
             "pair_cutoffs": gp.cutoffs.pair_dict(),

@@ -54,7 +54,7 @@ def shortest_triplet_r3(batch) -> float | None:
 
 def descriptor_warnings(gp) -> list[str]:
     """Warnings for an empty or nearly empty 2- or 3-body descriptor of ``gp``'s training data."""
-    batch = gp._training_batch()
+    batch = gp.training_environments()
     m = len(batch)
     if m == 0:
         return []

@@ -932,6 +932,41 @@ class GaussianProcess(Hyperparameters):
         finally:
             self._labels, self._kinds = saved_labels, saved_kinds
 
+    # -- the LearnerModel interface (learner_service/model.py) ---------------------------
+
+    kind = "exact"
+    format_name = "epicycle-gp"
+
+    def settings(self) -> dict:
+        """Constructor settings beyond species, cutoffs and hyperparameters (none)."""
+        return {}
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._labels)
+
+    def training_environments(self) -> EnvironmentBatch:
+        """Every stored training environment (force environments and those of energy/stress labels)."""
+        return self._training_batch()
+
+    def add_frame(self, atoms, forces=None, selected: Iterable[int] = (), energy: float | None = None,
+                  stress=None) -> int:
+        """One oracle call's frame: the force labels of the atoms ``selected`` by the acquisition
+        (the rest of the frame's forces are not used -- each added environment costs O(N²)),
+        and the energy and stress if given."""
+        return self.add_structure(atoms, forces=forces, atom_indices=[int(i) for i in selected],
+                                  energy=energy, stress=stress)
+
+    def set_version(self, version: int) -> None:
+        self._version = int(version)
+
+    def rebuild_factor(self, hyperparameters: Mapping[str, float], history: Mapping,
+                       progress: Callable[[str], None] | None = None) -> None:
+        """Set ``hyperparameters`` (no version change) and rebuild the factor as ``history``
+        (:attr:`factor_history` of the model that wrote it) says, bit for bit."""
+        self._set_hyps(hyperparameters)
+        self._replay_state(history, progress)
+
     def clone(self) -> "GaussianProcess":
         """A copy for a writer: shares every numpy array with this model (training
         environments, kernel cache, Cholesky factor -- none of them is ever modified in place,

@@ -23,6 +23,7 @@ from .diagnostics import model_warnings
 from .defaults import HYPERPARAMETER_UNITS
 from .gp import GaussianProcess
 from .labelled_data import frame_forces, read_frames, read_labelled
+from .model import MODEL_KINDS, load_model
 
 __all__ = ["register_cli", "read_frames", "fit_model", "predict_file", "evaluate_model", "map_model"]
 
@@ -83,6 +84,7 @@ def fit_model(
     prior: str = "data",
     restarts: int = 3,
     holdout: float = 0.2,
+    model: str = "exact",
 ):
     """Build a GP from labelled data, optimise its hyperparameters, save it to ``out``.
 
@@ -100,8 +102,20 @@ def fit_model(
     (:func:`learner_service.model_selection.holdout_split`, seeded by ``seed``); after the
     selection they are added to the model, so the saved model is trained on every selected atom
     (the held-out numbers printed are those of the model without them).  Returns ``(gp, result)``.
+
+    ``model="sparse"``: a sparse GP (learner_service/sparse_gp.py) takes every force of every
+    frame (and the energies/stresses asked for) as labels; the selected atoms (``atoms`` /
+    ``atoms_per_frame``, default all) become its inducing environments; its hyperparameters are
+    the maximum of its own (DTC) likelihood (no prior, no held-out selection -- those are the
+    exact GP's model selection).
     """
     from .model_selection import holdout_split, map_optimize
+
+    if model == "sparse":
+        return _fit_sparse(train_path, cutoffs, atoms, atoms_per_frame, energy, stress, max_iterations, optimize,
+                           seed, hyperparameters, out, log)
+    if model != "exact":
+        raise InvalidInput(f"--model must be exact or sparse, got {model!r}")
 
     if not 0.0 <= holdout < 1.0:
         raise InvalidInput(f"--holdout must be in [0, 1), got {holdout}")
@@ -196,13 +210,58 @@ def fit_model(
     return gp, result
 
 
+def _fit_sparse(train_path, cutoffs, atoms, atoms_per_frame, energy, stress, max_iterations, optimize, seed,
+                hyperparameters, out, log):
+    """:func:`fit_model` with ``model="sparse"``."""
+    from .model import create_model
+
+    frames = read_frames(train_path)
+    species = sorted({int(z) for f in frames for z in f.get_atomic_numbers()})
+    gp = create_model("sparse", species, cutoffs, hyperparameters=hyperparameters)
+    rng = np.random.default_rng(seed)
+    for k, frame in enumerate(frames):
+        forces, e, s = _labels(frame, train_path, k, energy, stress)
+        n = len(frame)
+        if atoms is not None:
+            bad = [i for i in atoms if not 0 <= i < n]
+            if bad:
+                raise InvalidInput(f"--atoms {bad} out of range for frame {k} with {n} atoms")
+            idx = list(atoms)
+        elif atoms_per_frame is not None:
+            idx = sorted(rng.choice(n, size=min(atoms_per_frame, n), replace=False).tolist())
+        else:
+            idx = list(range(n))
+        gp.add_frame(frame, forces=forces, selected=idx, energy=e, stress=s)
+    log(f"training set (sparse GP): {len(frames)} frames, {gp.n_labels} labels (every force"
+        f"{', energies' if energy else ''}{', stresses' if stress else ''}), {gp.n_inducing} inducing environments, "
+        f"species {species}, cutoffs r2={gp.cutoffs.r2} Å r3={gp.cutoffs.r3} Å")
+    result = None
+    if optimize:
+        result = gp.optimize(max_iterations=max_iterations)
+        log(("optimisation converged" if result.converged else "optimisation did NOT converge")
+            + f" after {result.iterations} iterations ({result.seconds:.1f} s): {result.message}")
+    gp.train()
+    log("hyperparameters:")
+    at_bounds = result.at_bounds if result is not None else {}
+    for name in gp.hyperparameter_names:
+        flag = f"   <- at its {at_bounds[name]} bound" if name in at_bounds else ""
+        log(f"  {name:13s} = {gp.hyperparameters[name]:.6g} {HYPERPARAMETER_UNITS.get(name, '')}{flag}")
+    log(f"log marginal likelihood (DTC): {gp.log_likelihood():.6f}")
+    for warning in model_warnings(gp, result):
+        log(f"WARNING: {warning}")
+    if out is not None:
+        gp.save(out)
+        log(f"model written to {out}")
+    return gp, result
+
+
 def predict_file(model_path, in_path, out_path, log=print) -> int:
     """Predict every frame of ``in_path``; write forces, energy, per-atom ``force_std`` (n, 3)
     and the rotation-invariant ``atom_std`` (n,), eV/Å (docs/uncertainty.md)."""
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.io import write
 
-    gp = GaussianProcess.load(model_path)
+    gp = load_model(model_path)
     frames = read_frames(in_path)
     for warning in model_warnings(gp):
         log(f"WARNING: {warning}")
@@ -237,7 +296,7 @@ def evaluate_model(model_path, test_path) -> dict:
     model), a reliability curve, and the variance scale s (σ_cal = s·σ, MAP with a prior
     centred at 1).
     """
-    gp = GaussianProcess.load(model_path)
+    gp = load_model(model_path)
     frames = read_frames(test_path)
     errs, refs, stds, numbers = [], [], [], []
     for k, frame in enumerate(frames):
@@ -455,6 +514,7 @@ def _cmd_fit(args) -> int:
         prior=args.prior,
         restarts=args.restarts,
         holdout=args.holdout,
+        model=args.model,
     )
     return 0
 
@@ -530,6 +590,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--holdout", type=float, default=0.2,
                    help="share of the frames (of the atoms, with one frame) held out for the validation check "
                         "(default 0.2; 0: none); they join the model after the selection")
+    p.add_argument("--model", choices=MODEL_KINDS, default="exact",
+                   help="exact: the full GP on the selected atoms' forces (default); sparse: a sparse GP on every "
+                        "force of every frame, the selected atoms (--atoms / --atoms-per-frame, default all) as its "
+                        "inducing environments")
     p.add_argument("--out", required=True, help="model file to write (.npz)")
     p.set_defaults(func=_guard(_cmd_fit))
 

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from learner_service.defaults import DEFAULT_HYPERPARAMETERS  # the one set: fit, run, serve
+from learner_service.model import MODEL_KINDS, SparseSettings
 from protos.epicycle.v1 import learner_pb2, learner_pb2_grpc
 from protos.errors import InvalidInput
 from protos.server import RunningServer, ServerConfig, create_server
@@ -35,6 +36,8 @@ class LearnerServiceConfig:
 
     species: tuple[int, ...] = ()
     cutoffs: tuple[float, float] = (6.0, 4.0)               # (r2, r3), Å
+    model_kind: str = "exact"                                 # a new model: exact | sparse (learner_service/model.py)
+    sparse: SparseSettings = SparseSettings()                 # settings of a new sparse model
     hyperparameters: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_HYPERPARAMETERS))
     energy_noise: float | None = None                         # eV
     stress_noise: float | None = None                         # eV/Å³
@@ -50,6 +53,8 @@ class LearnerServiceConfig:
     server: ServerConfig = ServerConfig()
 
     def __post_init__(self) -> None:
+        if self.model_kind not in MODEL_KINDS:
+            raise InvalidInput(f"learner model kind must be one of {', '.join(MODEL_KINDS)}, got {self.model_kind!r}")
         if self.keep_checkpoints < 1:
             raise InvalidInput(f"learner keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.kernel_cache_max_rows is not None and self.kernel_cache_max_rows < 0:
@@ -68,15 +73,17 @@ class LearnerServiceConfig:
 
 
 def build_model(config: LearnerServiceConfig):
-    from learner_service.gp import GaussianProcess
+    """The configured model: loaded from ``model_path`` (its kind read from the file), else a new
+    empty model of ``model_kind``."""
+    from learner_service.model import create_model, load_model
 
     if config.model_path is not None:
         if not Path(config.model_path).is_file():
             raise InvalidInput(f"learner model file not found: {config.model_path}")
-        return GaussianProcess.load(config.model_path)
-    return GaussianProcess(species=list(config.species), cutoffs=tuple(config.cutoffs),
-                           hyperparameters=dict(config.hyperparameters),
-                           energy_noise=config.energy_noise, stress_noise=config.stress_noise)
+        return load_model(config.model_path)
+    return create_model(config.model_kind, list(config.species), tuple(config.cutoffs),
+                        hyperparameters=dict(config.hyperparameters), energy_noise=config.energy_noise,
+                        stress_noise=config.stress_noise, sparse=config.sparse)
 
 
 def build_store(config: LearnerServiceConfig, defer_rebuild: bool = False):
@@ -101,14 +108,20 @@ def build_store(config: LearnerServiceConfig, defer_rebuild: bool = False):
     served, lineage, checkpoint_id, manifest = initial, None, "", None
     if latest is not None:
         manifest = md.read_manifest(latest)
+        kind = (manifest.get("model") or {}).get("kind", "exact")
+        if initial is not None and config.model_path is None and initial.kind != kind:
+            raise InvalidInput(f"learner: model directory {config.model_dir} holds a {kind} model, but a new "
+                               f"{initial.kind} model was asked for; start with --model-kind {kind} (or an "
+                               f"empty model directory)")
         if initial is None:
-            from learner_service.gp import GaussianProcess
             from learner_service.environment import Cutoffs
+            from learner_service.model import create_model
 
-            initial = GaussianProcess(manifest["species"], manifest["cutoffs"],
-                                      hyperparameters=dict(config.hyperparameters),
-                                      energy_noise=config.energy_noise, stress_noise=config.stress_noise,
-                                      pair_cutoffs=Cutoffs.parse_pair_dict(manifest.get("pair_cutoffs")))
+            initial = create_model(kind, manifest["species"], manifest["cutoffs"],
+                                   hyperparameters=dict(config.hyperparameters),
+                                   energy_noise=config.energy_noise, stress_noise=config.stress_noise,
+                                   pair_cutoffs=Cutoffs.parse_pair_dict(manifest.get("pair_cutoffs")),
+                                   settings=(manifest.get("model") or {}).get("settings"))
     served = served if served is not None else initial
 
     def configure(model):
@@ -232,7 +245,9 @@ class LearnerMetrics:
         for name, value, help_text in (
             ("epicycle_learner_model_version", version, "Version of the served model."),
             ("epicycle_learner_training_environments", gp.n_environments, "Environments in the training set."),
-            ("epicycle_learner_training_labels", gp.n_labels, "Rows of the covariance matrix."),
+            ("epicycle_learner_training_labels", gp.n_labels, "Training labels (force components, energies, stresses)."),
+            ("epicycle_learner_inducing_environments", getattr(gp, "n_inducing", 0),
+             "Inducing environments of a sparse model (0: the exact GP)."),
             ("epicycle_learner_noise_ev_per_angstrom", dict(gp.hyperparameters).get("noise", 0.0),
              "Force noise σn, eV/Å."),
             ("epicycle_learner_last_update_seconds", self.store.last_update_seconds,
@@ -254,7 +269,7 @@ class LearnerMetrics:
 
 
 def start_learner_server(config: LearnerServiceConfig, registry: CollectorRegistry | None = None) -> RunningServer:
-    from learner_service.servicer import LearnerServicer, ModelStore
+    from learner_service.servicer import LearnerServicer
 
     registry = registry if registry is not None else CollectorRegistry()
     store, rebuild = build_store(config, defer_rebuild=True)
@@ -300,7 +315,17 @@ def _species(text: str) -> tuple[int, ...]:
 def register_serve_cli(p: argparse.ArgumentParser) -> None:
     p.add_argument("--species", default="", help="elements of a new model, e.g. Al,Cu (or atomic numbers)")
     p.add_argument("--cutoffs", default="6.0,4.0", help="2- and 3-body cutoffs, Å (default 6.0,4.0)")
-    p.add_argument("--model", type=Path, help="load this saved model instead of starting empty")
+    p.add_argument("--model", type=Path, help="load this saved model instead of starting empty (its kind, "
+                                              "exact or sparse, is read from the file)")
+    p.add_argument("--model-kind", choices=MODEL_KINDS, default="exact",
+                   help="kind of a new model: exact (full GP; each oracle call adds the selected atoms' forces) or "
+                        "sparse (every force, energy and stress of a call; the selected atoms become inducing "
+                        "environments). Default exact")
+    p.add_argument("--max-inducing", type=int, default=None,
+                   help="sparse: at most this many inducing environments in total (default: no cap)")
+    p.add_argument("--inducing-rule", choices=("acquisition", "variance"), default="acquisition",
+                   help="sparse: inducing environments are the atoms the acquisition selected (acquisition) or "
+                        "the model's own pick by local-energy residual variance (variance). Default acquisition")
     p.add_argument("--hyperparameters", default="",
                    help="sig2,ls2,sig3,ls3,noise (eV, Å, eV, Å, eV/Å) of a new model")
     p.add_argument("--max-iterations", type=int, default=200, help="default iteration cap of Optimize")
@@ -329,6 +354,9 @@ def serve_learner(args: argparse.Namespace) -> int:
             raise InvalidInput("--hyperparameters needs 5 values: sig2,ls2,sig3,ls3,noise")
         hyps = dict(zip(("sig2", "ls2", "sig3", "ls3", "noise"), values))
     config = LearnerServiceConfig(species=_species(args.species), cutoffs=cutoffs, hyperparameters=hyps,
+                                  model_kind=args.model_kind,
+                                  sparse=SparseSettings(max_inducing=args.max_inducing,
+                                                        inducing_rule=args.inducing_rule),
                                   model_path=args.model, max_iterations=args.max_iterations,
                                   model_dir=args.model_dir, keep_checkpoints=args.keep_checkpoints,
                                   kernel_cache_max_rows=args.kernel_cache_max_rows,

@@ -1,8 +1,9 @@
 """gRPC adapter for the Learner service, and the versioned model store it serves.
 
-:class:`ModelStore` holds the current Gaussian process and its version.
-Writers (AddData, AddDataBatch, Optimize, LoadModel, RestoreCheckpoint) are
-serialised and work on a *clone* (:meth:`GaussianProcess.clone`: new containers,
+:class:`ModelStore` holds the current model and its version; the store and the
+servicer use only the :class:`learner_service.model.LearnerModel` interface (the
+exact or the sparse GP).  Writers (AddData, AddDataBatch, Optimize, LoadModel, RestoreCheckpoint) are
+serialised and work on a *clone* (:meth:`LearnerModel.clone`: new containers,
 shared arrays, which are never modified in place); the clone replaces the served
 model atomically when it is ready, and the version goes up by one.  Readers
 (Predict, PredictStream) take a snapshot reference, so a prediction always sees
@@ -208,7 +209,7 @@ class ModelStore:
                         and live.files[:len(lineage.files)] == lineage.files):
                     try:
                         gp = current.truncated(manifest["counts"], manifest["hyperparameters"], manifest["factor"])
-                        gp._version = int(manifest["gp_version"])
+                        gp.set_version(int(manifest["gp_version"]))
                     except ModelError:
                         gp = None
                 if gp is None:
@@ -286,6 +287,8 @@ def model_info(gp, version: int, checkpoint_id: str = "") -> learner_pb2.ModelIn
         ready=True,
         checkpoint_id=checkpoint_id,
         warnings=model_warnings(gp),
+        model_kind=gp.kind,
+        n_inducing=int(getattr(gp, "n_inducing", 0)),
     )
     return info
 
@@ -535,19 +538,19 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
 
     def ExportModel(self, request, context):
         self._ready()
-        from learner_service.gp import FORMAT_VERSION
+        from learner_service.model import model_format_version
 
         gp, version = self.store.snapshot()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.npz"
             gp.save(path)
             data = path.read_bytes()
-        return learner_pb2.ExportModelResponse(model=data, format="epicycle-gp", format_version=FORMAT_VERSION,
-                                               model_version=version)
+        return learner_pb2.ExportModelResponse(model=data, format=gp.format_name,
+                                               format_version=model_format_version(gp), model_version=version)
 
     def LoadModel(self, request, context):
         self._ready()
-        from learner_service.gp import GaussianProcess
+        from learner_service.model import load_model
 
         if not request.model:
             raise InvalidInput("model is empty")
@@ -555,7 +558,7 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             path = Path(tmp) / "model.npz"
             path.write_bytes(request.model)
             try:
-                gp = GaussianProcess.load(path)
+                gp = load_model(path)
             except (InvalidInput, ModelError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a corrupt upload is the client's problem

@@ -57,6 +57,7 @@ chosen environments explicitly.  The inducing set is kept when hyperparameters c
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -75,14 +76,18 @@ from .defaults import HYPERPARAMETER_UNITS
 from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .gp import (BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
                  DEFAULT_STRESS_NOISE, Hyperparameters, OptimizationResult, Prediction,
-                 _ENERGY, _FORCE, _STRESS, _bound_note, _Group, default_predict_threads, serial_blas)
+                 _ENERGY, _FORCE, _STRESS, _bound_note, _Group, atom_std_of, default_predict_threads, serial_blas)
 from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks, prediction_blocks
 
-__all__ = ["SparseGaussianProcess", "SparsePrediction", "FORMAT_NAME", "FORMAT_VERSION", "INDUCING_FUNCTIONALS"]
+__all__ = ["SparseGaussianProcess", "SparsePrediction", "FORMAT_NAME", "FORMAT_VERSION", "INDUCING_FUNCTIONALS",
+           "INDUCING_RULES"]
 
 FORMAT_NAME = "epicycle-sgp"
 FORMAT_VERSION = 1
 INDUCING_FUNCTIONALS = ("energy", "energy_force")
+#: how :meth:`SparseGaussianProcess.add_frame` picks a frame's inducing environments: the atoms the
+#: acquisition chose (``atom_indices``), or the model's own local-energy residual-variance rule
+INDUCING_RULES = ("acquisition", "variance")
 DEFAULT_JITTER = 1e-8  # relative to diag(K_UU)
 DEFAULT_INDUCING_PER_STRUCTURE = 4
 DEFAULT_INDUCING_TOLERANCE = 1e-6  # residual / prior variance of a candidate's local energy (EMT Al: 1e-3 stopped at 2)
@@ -146,7 +151,13 @@ class SparseGaussianProcess(Hyperparameters):
         jitter: float = DEFAULT_JITTER,
         inducing_per_structure: int = DEFAULT_INDUCING_PER_STRUCTURE,
         inducing_tolerance: float = DEFAULT_INDUCING_TOLERANCE,
+        max_inducing: int | None = None,
+        inducing_rule: str = "acquisition",
     ) -> None:
+        if inducing_rule not in INDUCING_RULES:
+            raise InvalidInput(f"inducing_rule must be one of {INDUCING_RULES}, got {inducing_rule!r}")
+        if max_inducing is not None and int(max_inducing) < 1:
+            raise InvalidInput(f"max_inducing must be >= 1 (or None: no cap), got {max_inducing}")
         if inducing_functionals not in INDUCING_FUNCTIONALS:
             raise InvalidInput(f"inducing_functionals must be one of {INDUCING_FUNCTIONALS}, "
                                f"got {inducing_functionals!r}")
@@ -160,6 +171,8 @@ class SparseGaussianProcess(Hyperparameters):
         self.jitter = float(jitter)
         self.inducing_per_structure = int(inducing_per_structure)
         self.inducing_tolerance = float(inducing_tolerance)
+        self.max_inducing = None if max_inducing is None else int(max_inducing)
+        self.inducing_rule = inducing_rule
         self._hyps = dict(DEFAULT_HYPERPARAMETERS)
         self._hyps["energy_noise"] = DEFAULT_ENERGY_NOISE if energy_noise is None else float(energy_noise)
         self._hyps["stress_noise"] = DEFAULT_STRESS_NOISE if stress_noise is None else float(stress_noise)
@@ -181,6 +194,11 @@ class SparseGaussianProcess(Hyperparameters):
         self._Kfu = (np.zeros((0, 0)), np.zeros((0, 0)))
         self._Kuu = (np.zeros((0, 0)), np.zeros((0, 0)))
         self._factor: _Factor | None = None
+        #: (rows, inducing) at which the K_fU cache was built or extended since its last reset: the
+        #: factor history a checkpoint records, so a rebuild forms K_fU in the same blocks (bit for bit)
+        self._kfu_log: list[tuple[int, int]] = []
+        #: the exact GP's kernel-cache setting; the sparse model's caches are O(n m), always kept
+        self.kernel_cache_max_rows = 0
         #: threads for the covariances with the inducing set (bitwise identical results for any number)
         self.predict_threads = default_predict_threads()
 
@@ -393,36 +411,47 @@ class SparseGaussianProcess(Hyperparameters):
     def _unit_kernels(self):
         """Unit-variance ``(K2_fU, K3_fU), (K2_UU, K3_UU)`` at the current length scales, extending
         the cache by new training rows and new inducing columns."""
-        n, mu = len(self._labels), self._n_inducing * self._u_width
         self._kuu_unit()  # also drops the caches of other length scales
-        U = self._inducing_batch()
-        r0, c0 = self._Kfu[0].shape
-        if (r0, c0) != (n, mu):
-            train = self._training_batch()
-            out = []
-            for old in self._Kfu:
-                K = np.zeros((n, mu))
-                K[:r0, :c0] = old
-                out.append(K)
-            if c0 < mu and r0:  # new inducing columns for the old rows
-                m0 = c0 // self._u_width
-                k2, k3 = self._cov(train, _label_groups(self._groups_below(r0)),
-                                   U.subset(np.arange(m0, self._n_inducing)))
-                out[0][:r0, c0:], out[1][:r0, c0:] = k2, k3
-            if r0 < n:  # new rows against every inducing column
-                new = [g for g in self._groups if g.rows.max() >= r0]
-                e0 = int(min(g.envs.min() for g in new))
-                sub = self._prefix_from(train, e0)
-                k2, k3 = self._cov(sub, _label_groups(_shift(new, r0, e0)), U)
-                out[0][r0:, :], out[1][r0:, :] = k2, k3
-            self._Kfu = tuple(out)
+        self._grow_kfu(len(self._labels), self._n_inducing)
         return self._Kfu, self._Kuu
+
+    def _grow_kfu(self, n: int, m_ind: int) -> None:
+        """Extend the K_fU cache to the first ``n`` label rows and ``m_ind`` inducing environments
+        (a prefix of the data: what the cache was at an earlier time; see :attr:`factor_history`)."""
+        mu = m_ind * self._u_width
+        r0, c0 = self._Kfu[0].shape
+        if (r0, c0) == (n, mu):
+            return
+        if r0 > n or c0 > mu:
+            raise ModelError(f"K_fU cache holds {r0} x {c0}; cannot shrink it to {n} x {mu}")
+        U = self._inducing_batch()
+        if m_ind != self._n_inducing:
+            U = U.subset(np.arange(m_ind))
+        train = self._training_batch()
+        out = []
+        for old in self._Kfu:
+            K = np.zeros((n, mu))
+            K[:r0, :c0] = old
+            out.append(K)
+        if c0 < mu and r0:  # new inducing columns for the old rows
+            m0 = c0 // self._u_width
+            k2, k3 = self._cov(train, _label_groups(self._groups_below(r0)), U.subset(np.arange(m0, m_ind)))
+            out[0][:r0, c0:], out[1][:r0, c0:] = k2, k3
+        if r0 < n:  # new rows against every inducing column
+            new = [g for g in self._groups if r0 <= g.rows.max() < n]
+            e0 = int(min(g.envs.min() for g in new))
+            sub = self._prefix_from(train, e0)
+            k2, k3 = self._cov(sub, _label_groups(_shift(new, r0, e0)), U)
+            out[0][r0:, :], out[1][r0:, :] = k2, k3
+        self._Kfu = tuple(out)
+        self._kfu_log.append((int(n), int(m_ind)))
 
     def _kuu_unit(self):
         """Unit-variance ``(K2_UU, K3_UU)`` at the current length scales (cached)."""
         ls = (self._hyps["ls2"], self._hyps["ls3"])
         if self._k_ls != ls:
             self._k_ls = ls
+            self._kfu_log = []
             self._Kfu = (np.zeros((0, 0)), np.zeros((0, 0)))
             self._Kuu = (np.zeros((0, 0)), np.zeros((0, 0)))
         if self._Kuu[0].shape[0] != self._n_inducing * self._u_width:
@@ -519,7 +548,10 @@ class SparseGaussianProcess(Hyperparameters):
         diagR = np.abs(np.diag(R))
         if not (np.isfinite(alpha).all() and diagR.min() > 0):
             raise ModelError("the sparse GP's QR factor is singular: " + _CHOL_HINT)
-        lml = (-0.5 * (b @ b - qtb @ qtb) - 0.5 * np.log(lam).sum() - np.log(diagR).sum()
+        # |b|² − |Qᵀ[b;0]|² = |[b;0] − Aα|² (Aα = QQᵀ[b;0]): the residual form has no cancellation
+        resid = b - ((s2 * F2 + s3 * F3) @ alpha) * isq
+        quad = resid @ resid + np.sum((L.T @ alpha) ** 2)
+        lml = (-0.5 * quad - 0.5 * np.log(lam).sum() - np.log(diagR).sum()
                + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
         self._factor = _Factor(key, L, R, alpha, float(lml))
         return self._factor
@@ -558,9 +590,11 @@ class SparseGaussianProcess(Hyperparameters):
         KlT = (Kfu / lam[:, None]).T  # K_Uf Λ⁻¹ (mu, n)
         Gt = solve_triangular(R, KlT, trans="T", lower=False, check_finite=False)  # Gᵀ = R⁻ᵀ K_Uf Λ⁻¹
         Gty = Gt @ y
-        value = (-0.5 * (y @ (y / lam) - Gty @ Gty) - 0.5 * np.log(lam).sum() - np.log(diagR).sum()
-                 + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
-        a = y / lam - Gt.T @ Gty  # C⁻¹ y
+        alpha = solve_triangular(R, Gty, lower=False, check_finite=False)  # Σ K_Uf Λ⁻¹ y
+        r = y - Kfu @ alpha  # C⁻¹ y = Λ⁻¹ (y − K_fU α), and yᵀC⁻¹y = |Λ^-½ r|² + |Lᵀα|² (no cancellation)
+        value = (-0.5 * (r @ (r / lam) + np.sum((L.T @ alpha) ** 2)) - 0.5 * np.log(lam).sum()
+                 - np.log(diagR).sum() + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
+        a = r / lam  # C⁻¹ y
         B = cho_solve((L, True), Kfu.T, check_finite=False)  # K̃⁻¹ K_Uf (mu, n)
         Ba = B @ a
         CiBt = B.T / lam[:, None] - Gt.T @ (Gt @ B.T)  # C⁻¹ Bᵀ (n, mu)
@@ -585,8 +619,10 @@ class SparseGaussianProcess(Hyperparameters):
 
     def optimize(self, max_iterations: int = 200, fix: Iterable[str] = (),
                  bounds: Mapping[str, tuple[float, float]] | None = None, gtol: float = 1e-4, ftol: float = 1e-10,
-                 progress: Callable[[int, float, dict], None] | None = None) -> OptimizationResult:
-        """Maximise the DTC log marginal likelihood with L-BFGS-B over log-hyperparameters (boxes
+                 progress: Callable[[int, float, dict], None] | None = None,
+                 space: str = "log") -> OptimizationResult:
+        """Maximise the DTC log marginal likelihood with L-BFGS-B over log-hyperparameters
+        (``space="linear"``: over θ, as the exact GP's option of that name; no upper edges then) (boxes
         :data:`learner_service.gp.DEFAULT_BOUNDS` unless ``bounds``); the inducing set is held.
         Reaching ``max_iterations`` is reported as *not* converged; hyperparameters that end on an
         edge of their box are named in ``at_bounds``."""
@@ -599,42 +635,54 @@ class SparseGaussianProcess(Hyperparameters):
         names = [k for k in self.hyperparameter_names if k not in set(fix)]
         if not names:
             raise InvalidInput("every hyperparameter is fixed; nothing to optimise")
+        if space not in ("log", "linear"):
+            raise InvalidInput(f"space must be 'log' or 'linear', got {space!r}")
+        log_space = space == "log"
+        to_x = np.log if log_space else np.asarray
+        from_x = math.exp if log_space else float
         box = dict(DEFAULT_BOUNDS)
+        if not log_space:
+            box = {k: (lo, math.inf) for k, (lo, _) in box.items()}
         box.update(bounds or {})
         all_names = list(self.hyperparameter_names)
         idx = [all_names.index(k) for k in names]
-        x0 = np.log([min(max(self._hyps[k], box[k][0]), box[k][1]) for k in names])
-        xb = [(math.log(box[k][0]), math.log(box[k][1])) for k in names]
+        x0 = to_x(np.array([min(max(self._hyps[k], box[k][0]), box[k][1]) for k in names], dtype=float))
+        xb = [tuple(float(v) for v in to_x(np.array(box[k], dtype=float))) for k in names]
         best = {"f": math.inf, "x": x0.copy()}
         evals = [0]
         t0 = time.perf_counter()
 
         def fun(x):
             evals[0] += 1
+            penalty = (abs(best["f"]) + 1e6 if math.isfinite(best["f"]) else 1e30), np.zeros(len(x))
+            if not np.isfinite(x).all():
+                return penalty
             hyps = dict(self._hyps)
-            hyps.update({k: math.exp(v) for k, v in zip(names, x)})
+            hyps.update({k: from_x(v) for k, v in zip(names, x)})
             try:
                 value, grad = self._lml_and_grad(hyps)
             except ModelError:
-                return (abs(best["f"]) + 1e6 if math.isfinite(best["f"]) else 1e30), np.zeros(len(x))
+                return penalty
+            if not (math.isfinite(value) and np.isfinite(grad).all()):  # K_UU near-singular at these values
+                return penalty
             f = -value
             if f < best["f"]:
                 best.update(f=f, x=np.array(x))
-            return f, -grad[idx] * np.exp(x)
+            return f, -grad[idx] * (np.exp(x) if log_space else 1.0)
 
         it = [0]
 
         def callback(xk):
             it[0] += 1
             if progress is not None:
-                progress(it[0], -best["f"], {k: math.exp(v) for k, v in zip(names, xk)})
+                progress(it[0], -best["f"], {k: from_x(v) for k, v in zip(names, xk)})
 
         res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=xb, callback=callback,
                        options={"maxiter": int(max_iterations), "gtol": gtol, "ftol": ftol,
                                 "maxfun": 20 * int(max_iterations) + 20, "maxls": 30})
         if not math.isfinite(best["f"]):
             raise ModelError("no hyperparameters tried gave a positive-definite K_UU; " + _CHOL_HINT)
-        self._hyps.update({k: math.exp(v) for k, v in zip(names, best["x"])})
+        self._hyps.update({k: from_x(v) for k, v in zip(names, best["x"])})
         self._version += 1
         value, grad = self._lml_and_grad(self._hyps)
         hit_cap = int(res.nit) >= max_iterations or res.status == 1
@@ -673,10 +721,13 @@ class SparseGaussianProcess(Hyperparameters):
         O(n²) environment pairs for the prior of the total energy."""
         return self._predict(atoms, stress, energy_std=True)
 
+    @property
+    def ready(self) -> bool:
+        """Whether the model has labels and inducing environments (else it predicts its prior)."""
+        return bool(self._labels) and self._n_inducing > 0
+
     @serial_blas
     def _predict(self, atoms, stress: bool, energy_std: bool, condition_on: Sequence[tuple] = ()) -> SparsePrediction:
-        st = self._factorize()
-        R = self._conditioned_R(st.R, condition_on) if condition_on else st.R
         n = len(atoms)
         cell = atoms.get_cell().array
         pbc = atoms.get_pbc()
@@ -686,22 +737,35 @@ class SparseGaussianProcess(Hyperparameters):
         envs = build_environments(atoms.get_positions(), atoms.get_atomic_numbers(), cell, pbc, self.cutoffs)
         h = self._hyps
         s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
-        U, ug = self._inducing_batch(), self._u_groups()
+        ready = self.ready
+        if ready:
+            st = self._factorize()
+            R = self._conditioned_R(st.R, condition_on) if condition_on else st.R
+            U, ug = self._inducing_batch(), self._u_groups()
+        else:  # no data or no inducing set yet: the prior (mean 0, σ the prior σ), as the exact GP's empty model
+            U, ug = EnvironmentBatch.empty(), self._u_groups(0, 0)
         # covariances of the inducing functionals with (E, Fx, Fy, Fz) of every test environment
         k2, k3, p2, p3 = prediction_blocks(U, ug, envs, len(self.species), h["ls2"], h["ls3"],
                                            threads=self.predict_threads)
         Ks = s2 * k2 + s3 * k3  # (mu, n, 4)
         mu = Ks.shape[0]
-        mean = (Ks.reshape(mu, 4 * n).T @ st.alpha).reshape(n, 4)
+        mean = (Ks.reshape(mu, 4 * n).T @ st.alpha).reshape(n, 4) if ready else np.zeros((n, 4))
         cols = [Ks[:, :, 1:4].reshape(mu, 3 * n)]
         if energy_std:  # columns: 3n force components, n local energies, 1 total energy
             cols += [Ks[:, :, 0], Ks[:, :, 0].sum(axis=1)[:, None]]
         cols = np.concatenate(cols, axis=1)
-        V1 = solve_triangular(st.L, cols, lower=True, check_finite=False)
-        V2 = solve_triangular(R, cols, trans="T", lower=False, check_finite=False)
+        if ready:
+            V1 = solve_triangular(st.L, cols, lower=True, check_finite=False)
+            V2 = solve_triangular(R, cols, trans="T", lower=False, check_finite=False)
+        else:
+            V1 = V2 = np.zeros((0, cols.shape[1]))
         explained = np.einsum("ij,ij->j", V1, V1) - np.einsum("ij,ij->j", V2, V2)
-        # prior force variances: the diagonal of each atom's 3×3 prior block (prediction_blocks gives the blocks)
-        prior = [np.diagonal(s2 * p2 + s3 * p3, axis1=1, axis2=2).ravel()]
+        # each atom's 3×3 force covariance: its prior block (prediction_blocks) minus the explained block
+        pf = s2 * p2 + s3 * p3  # (n, 3, 3)
+        W1, W2 = V1[:, :3 * n].reshape(-1, n, 3), V2[:, :3 * n].reshape(-1, n, 3)
+        force_cov = pf - np.einsum("kia,kib->iab", W1, W1) + np.einsum("kia,kib->iab", W2, W2)
+        force_cov = 0.5 * (force_cov + np.swapaxes(force_cov, 1, 2))
+        prior = [np.diagonal(pf, axis1=1, axis2=2).ravel()]
         if energy_std:
             g = LabelGroups.per_environment(np.arange(n), energy=True, force=False)
             e2, e3, _, _ = prediction_blocks(envs, g, envs, len(self.species), h["ls2"], h["ls3"],
@@ -713,13 +777,16 @@ class SparseGaussianProcess(Hyperparameters):
         local = mean[:, 0].copy()
         stress_out = None
         if stress:
-            sg = LabelGroups.per_environment(np.arange(n), energy=False, force=False, stress=True)
-            c2, c3 = kernel_blocks(U, ug, sg, h["ls2"], h["ls3"], batch_b=envs)
-            partial = ((s2 * c2 + s3 * c3).T @ st.alpha).reshape(n, 6)
-            stress_out = -partial.sum(axis=0) / volume
+            if ready:
+                sg = LabelGroups.per_environment(np.arange(n), energy=False, force=False, stress=True)
+                c2, c3 = kernel_blocks(U, ug, sg, h["ls2"], h["ls3"], batch_b=envs)
+                partial = ((s2 * c2 + s3 * c3).T @ st.alpha).reshape(n, 6)
+                stress_out = -partial.sum(axis=0) / volume
+            else:
+                stress_out = np.zeros(6)
         pred = Prediction(forces=mean[:, 1:4].copy(), force_std=np.sqrt(np.abs(force_var)), force_var=force_var,
                           energy=float(local.sum()), local_energies=local, stress=stress_out, noise=self.noise,
-                          model_version=self._version)
+                          model_version=self._version, force_cov=force_cov, atom_std=atom_std_of(force_cov))
         if not energy_std:
             return SparsePrediction(pred, float("nan"), np.full(n, np.nan))
         return SparsePrediction(pred, float(math.sqrt(abs(var[-1]))), np.sqrt(np.abs(var[3 * n:4 * n])))
@@ -747,6 +814,133 @@ class SparseGaussianProcess(Hyperparameters):
         mu = R.shape[0]
         return np.triu(qr(np.vstack(rows), mode="r", overwrite_a=True, check_finite=False)[0][:mu, :mu])
 
+    # ------------------------------------------------------------------ the LearnerModel interface
+
+    kind = "sparse"
+    format_name = FORMAT_NAME
+
+    def settings(self) -> dict:
+        """The constructor settings beyond species, cutoffs and hyperparameters (JSON-ready)."""
+        return {"inducing_functionals": self.inducing_functionals, "jitter": self.jitter,
+                "inducing_per_structure": self.inducing_per_structure,
+                "inducing_tolerance": self.inducing_tolerance, "max_inducing": self.max_inducing,
+                "inducing_rule": self.inducing_rule}
+
+    @property
+    def n_energy_labels(self) -> int:
+        return int(sum(1 for k in self._kinds if k == _ENERGY))
+
+    def training_environments(self) -> EnvironmentBatch:
+        """Every stored training environment (force environments and those of energy/stress labels)."""
+        return self._training_batch()
+
+    def add_frame(self, atoms, forces=None, selected: Iterable[int] = (), energy: float | None = None,
+                  stress=None) -> int:
+        """One oracle call's frame: *every* force (all atoms), the energy and the stress given
+        become labels; the inducing environments added are the atoms ``selected`` by the
+        acquisition (``inducing_rule="acquisition"``) or the model's own residual-variance pick
+        among all atoms (``"variance"``), never more than ``max_inducing`` in total.  Returns
+        the number of labels added."""
+        selected = np.asarray(list(selected), dtype=np.int64)
+        if self.inducing_rule == "acquisition":
+            pick = selected
+        else:
+            envs = build_environments(atoms.get_positions(), atoms.get_atomic_numbers(), atoms.get_cell().array,
+                                      atoms.get_pbc(), self.cutoffs)
+            pick = self.select_inducing(envs)
+        if self.max_inducing is not None:
+            pick = pick[:max(0, self.max_inducing - self._n_inducing)]
+        return self.add_structure(atoms, forces=forces, atom_indices=None, energy=energy, stress=stress,
+                                  inducing=[int(i) for i in pick])
+
+    def set_version(self, version: int) -> None:
+        self._version = int(version)
+
+    def clone(self) -> "SparseGaussianProcess":
+        """A copy for a writer: shares every array (never modified in place, only replaced) and
+        copies the containers that adding data or setting hyperparameters mutate."""
+        new = copy.copy(self)
+        new._hyps = dict(self._hyps)
+        new._train_parts = list(self._train_parts)
+        new._inducing_parts = list(self._inducing_parts)
+        new._groups = list(self._groups)
+        new._labels = list(self._labels)
+        new._kinds = list(self._kinds)
+        new._kfu_log = list(self._kfu_log)
+        return new
+
+    def data_counts(self) -> dict:
+        """Sizes of the data (labels, label groups, stored environments, force environments,
+        inducing environments): a prefix of the data is named by these."""
+        return {"labels": len(self._labels), "groups": len(self._groups), "environments": self._n_train_envs,
+                "force_environments": self._n_force_envs, "inducing": self._n_inducing}
+
+    def truncated(self, counts, hyperparameters, history) -> "SparseGaussianProcess":
+        """Not available for the sparse model (its factor is not a leading block of a later one):
+        :class:`ModelError`, so the store rebuilds the checkpoint from its data."""
+        raise ModelError("the sparse GP restores a checkpoint by rebuilding it from its data")
+
+    @property
+    def factor_history(self) -> dict:
+        """How the K_fU cache was built since its last reset (JSON-ready): the ``(rows, inducing)``
+        at each extension, at the current length scales.  The factor itself is one QR of the
+        cache, so replaying these blocks (:meth:`rebuild_factor`) makes a rebuilt model predict bit
+        for bit like this one."""
+        current = self._k_ls == (self._hyps["ls2"], self._hyps["ls3"])
+        return {"kind": self.kind, "kfu": [[r, m] for r, m in self._kfu_log] if current else []}
+
+    def rebuild_factor(self, hyperparameters: Mapping[str, float], history: Mapping,
+                       progress: Callable[[str], None] | None = None) -> None:
+        """Set ``hyperparameters`` (no version change) and rebuild the K_fU cache in the blocks
+        ``history`` (:attr:`factor_history` of the model that wrote it) lists, on the same data."""
+        self._set_hyps(hyperparameters)
+        if history.get("kind", self.kind) != self.kind:
+            raise ModelError(f"the checkpoint's factor history is of a {history.get('kind')} model, not a sparse one")
+        log = [(int(r), int(m)) for r, m in history.get("kfu") or []]
+        if log and (log[-1][0] > len(self._labels) or log[-1][1] > self._n_inducing):
+            raise ModelError(f"factor history reaches {log[-1]} (rows, inducing) but the data have "
+                             f"({len(self._labels)}, {self._n_inducing})")
+        self._k_ls = None  # (a factor loaded with a base file stays: its key says whether it is current)
+        self._kuu_unit()
+        t0 = time.perf_counter()
+        for k, (r, m) in enumerate(log):
+            self._grow_kfu(r, m)
+            if progress and (k % 20 == 19 or k == len(log) - 1):
+                progress(f"K_fU block {k + 1}/{len(log)} ({r} rows, {m} inducing, {time.perf_counter() - t0:.1f} s)")
+
+    def kernel_distances(self, atoms, atom_indices: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Distances in the local-energy kernel, eV, as :meth:`GaussianProcess.kernel_distances`,
+        with ``d_train[i]`` the distance to the nearest *inducing* environment (the sparse
+        model's representers; ``inf`` without any)."""
+        n = len(atoms)
+        idx = np.arange(n) if atom_indices is None else np.asarray(list(atom_indices), dtype=np.int64)
+        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+            raise InvalidInput(f"atom indices {idx.tolist()} out of range for {n} atoms")
+        m = len(idx)
+        if m == 0:
+            return np.zeros(0), np.zeros((0, 0))
+        h = self._hyps
+        s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
+        envs = build_environments(atoms.get_positions(), atoms.get_atomic_numbers(), atoms.get_cell().array,
+                                  atoms.get_pbc(), self.cutoffs, idx)
+        w2, w3 = self._cov(envs, LabelGroups.per_environment(np.arange(m), energy=True, force=False), envs, 1)
+        kw = s2 * w2 + s3 * w3
+        kw = 0.5 * (kw + kw.T)
+        kxx = np.diag(kw).copy()
+        d_within = np.sqrt(np.maximum(kxx[:, None] + kxx[None, :] - 2.0 * kw, 0.0))
+        np.fill_diagonal(d_within, 0.0)
+        if not self._n_inducing:
+            return np.full(m, np.inf), d_within
+        U = self._inducing_batch()
+        t2, t3 = self._cov(U, LabelGroups.per_environment(np.arange(self._n_inducing), energy=True, force=False),
+                           envs, 1)
+        kt = s2 * t2 + s3 * t3  # (M, m) eV²
+        U2, U3 = self._kuu_unit()  # the local energy is the first functional of each inducing environment
+        w = self._u_width
+        kyy = s2 * np.diag(U2)[::w] + s3 * np.diag(U3)[::w]
+        d2 = kyy[:, None] + kxx[None, :] - 2.0 * kt
+        return np.sqrt(np.maximum(d2.min(axis=0), 0.0)), d_within
+
     # ------------------------------------------------------------------ persistence
 
     def save(self, path) -> Path:
@@ -759,7 +953,8 @@ class SparseGaussianProcess(Hyperparameters):
             "cutoffs": [self.cutoffs.r2, self.cutoffs.r3], "pair_cutoffs": self.cutoffs.pair_dict(),
             "hyperparameters": self.hyperparameters, "inducing_functionals": self.inducing_functionals,
             "jitter": self.jitter, "inducing_per_structure": self.inducing_per_structure,
-            "inducing_tolerance": self.inducing_tolerance, "n_environments": self._n_force_envs,
+            "inducing_tolerance": self.inducing_tolerance, "max_inducing": self.max_inducing,
+            "inducing_rule": self.inducing_rule, "n_environments": self._n_force_envs,
             "n_labels": self.n_labels, "n_inducing": self._n_inducing, "units": HYPERPARAMETER_UNITS,
         }
         arrays = {f"env_{k}": v for k, v in self._training_batch().arrays().items()}
@@ -786,7 +981,7 @@ class SparseGaussianProcess(Hyperparameters):
         return path
 
     @classmethod
-    def load(cls, path) -> "SparseGaussianProcess":
+    def load(cls, path, progress: Callable[[str], None] | None = None) -> "SparseGaussianProcess":
         path = Path(path)
         if not path.exists():
             raise NotFound(f"model file {path} does not exist")
@@ -804,7 +999,8 @@ class SparseGaussianProcess(Hyperparameters):
                   pair_cutoffs=Cutoffs.parse_pair_dict(meta.get("pair_cutoffs")),
                   inducing_functionals=meta["inducing_functionals"], jitter=meta["jitter"],
                   inducing_per_structure=meta["inducing_per_structure"],
-                  inducing_tolerance=meta["inducing_tolerance"])
+                  inducing_tolerance=meta["inducing_tolerance"], max_inducing=meta.get("max_inducing"),
+                  inducing_rule=meta.get("inducing_rule", "acquisition"))
         sgp._train = EnvironmentBatch.from_arrays({k[4:]: data[k] for k in data.files if k.startswith("env_")})
         sgp._n_train_envs = len(sgp._train)
         sgp._inducing = EnvironmentBatch.from_arrays({k[4:]: data[k] for k in data.files if k.startswith("ind_")})

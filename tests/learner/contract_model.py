@@ -157,3 +157,85 @@ class LearnerModelContract:
                 assert grad[i] == pytest.approx(num, rel=1e-4, abs=1e-6 * abs(lml)), name
         finally:
             model.set_hyperparameters(base)
+
+    # -- the LearnerModel interface (learner_service/model.py) that the store and servicer use --
+
+    def test_implements_the_learner_model_interface_and_files_name_their_kind(self, model, contract_factory,
+                                                                              tmp_path):
+        from learner_service.model import MODEL_KINDS, LearnerModel, load_model, model_file_kind
+
+        assert isinstance(model, LearnerModel) and model.kind in MODEL_KINDS and model.ready
+        path = model.save(tmp_path / "m.npz")
+        assert model_file_kind(path) == model.kind
+        other = load_model(path)
+        assert type(other) is type(model) and other.settings() == model.settings()
+        at = contract_factory.test_frame
+        assert np.array_equal(other.predict(at).forces, model.predict(at).forces)
+
+    def test_prediction_carries_each_atoms_force_covariance(self, model, contract_factory):
+        at = contract_factory.test_frame
+        p = model.predict(at)
+        assert p.force_cov.shape == (len(at), 3, 3) and p.atom_std.shape == (len(at),)
+        np.testing.assert_allclose(np.diagonal(p.force_cov, axis1=1, axis2=2), p.force_var, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(p.force_cov, np.swapaxes(p.force_cov, 1, 2), rtol=0, atol=1e-13)
+        assert np.all(np.linalg.eigvalsh(p.force_cov) > -1e-10)
+        trace = np.trace(p.force_cov, axis1=1, axis2=2)
+        assert np.all(p.force_std.max(axis=1) <= p.atom_std + 1e-12) and np.all(p.atom_std <= np.sqrt(trace) + 1e-12)
+        # the covariance rotates with the structure (C -> R C Rᵀ): atom_std does not change
+        R = Rotation.from_euler("xyz", [0.3, -0.7, 1.1]).as_matrix()
+        rot = at.copy()
+        rot.positions = at.positions @ R.T
+        rot.cell = at.cell.array @ R.T
+        q = model.predict(rot)
+        np.testing.assert_allclose(q.force_cov, R @ p.force_cov @ R.T, atol=1e-9)
+        np.testing.assert_allclose(q.atom_std, p.atom_std, rtol=1e-6)
+
+    def test_a_clone_is_independent_of_its_original(self, model, contract_factory):
+        at = contract_factory.test_frame
+        before = model.predict(at)
+        n, v = model.n_labels, model.version
+        c = model.clone()
+        frame = alcu_frame(21)
+        c.add_frame(frame, forces=frame.get_forces(), selected=[1, 2], energy=frame.get_potential_energy())
+        c.predict(at)
+        assert c.n_labels > n and model.n_labels == n and model.version == v
+        assert np.array_equal(model.predict(at).forces, before.forces)
+
+    def test_a_model_rebuilt_from_its_data_and_factor_history_predicts_bit_for_bit(self, model, contract_factory):
+        """What a learner checkpoint stores (the data, hyperparameters, factor history) rebuilds the
+        model exactly, even when it was built up with predictions between additions."""
+        from learner_service.environment import Cutoffs
+        from learner_service.model import create_model
+
+        def empty():
+            return create_model(model.kind, list(model.species), [model.cutoffs.r2, model.cutoffs.r3],
+                                hyperparameters=model.hyperparameters,
+                                pair_cutoffs=Cutoffs.parse_pair_dict(model.cutoffs.pair_dict()),
+                                settings=model.settings())
+
+        at = contract_factory.test_frame
+        frames = [alcu_frame(s) for s in (30, 31, 32)]
+        a = empty()
+        for k, frame in enumerate(frames):
+            a.add_frame(frame, forces=frame.get_forces(), selected=[k, k + 2], energy=frame.get_potential_energy())
+            a.predict(at)  # the factor (and any kernel cache) is built step by step
+        history, counts, hyps = a.factor_history, a.data_counts(), a.hyperparameters
+        b = empty()
+        for k, frame in enumerate(frames):
+            b.add_frame(frame, forces=frame.get_forces(), selected=[k, k + 2], energy=frame.get_potential_energy())
+        assert b.data_counts() == counts
+        b.rebuild_factor(hyps, history)
+        p, q = a.predict(at, stress=True), b.predict(at, stress=True)
+        for name in ("forces", "force_std", "local_energies", "stress", "atom_std"):
+            assert np.array_equal(getattr(p, name), getattr(q, name)), name
+
+    def test_kernel_distances_are_a_pseudometric(self, model, contract_factory):
+        at = contract_factory.test_frame
+        d_train, d_within = model.kernel_distances(at, [0, 1, 2, 3, 4])
+        assert d_train.shape == (5,) and d_within.shape == (5, 5)
+        assert np.all(np.isfinite(d_train)) and np.all(d_train >= 0)
+        np.testing.assert_allclose(d_within, d_within.T, atol=1e-12)
+        assert np.all(np.diag(d_within) == 0)
+        for i in range(5):
+            for j in range(5):
+                assert np.all(d_within[i, j] <= d_within[i, :] + d_within[:, j] + 1e-9)

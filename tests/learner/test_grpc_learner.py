@@ -349,3 +349,48 @@ def test_predict_over_the_atom_limit_and_close_atoms_in_a_stream(strict) -> None
         next(replies)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "atoms 3 (Al) and 8 (Al) are 0.2 Å apart" in info.value.details()
+
+
+def test_a_sparse_learner_takes_every_force_and_exports_and_loads_by_format(tmp_path) -> None:
+    """``model_kind="sparse"`` over gRPC: AddData adds every force of the structure (and its
+    energy), atom_indices become inducing environments; the exported file is an ``epicycle-sgp``
+    model, and LoadModel into an exact learner serves it as sparse (kind read from the file).
+    A checkpoint of the sparse learner is restored by a new learner on the same directory."""
+    from learner_service.model import SparseSettings
+
+    cfg = LearnerServiceConfig(species=(13,), cutoffs=(5.0, 3.5), hyperparameters=HYPS, model_kind="sparse",
+                               sparse=SparseSettings(max_inducing=5), model_dir=tmp_path / "m")
+    sparse = start_learner_server(cfg)
+    exact = start_learner_server(LearnerServiceConfig(species=(13,), cutoffs=(5.0, 3.5), hyperparameters=HYPS))
+    try:
+        with LearnerClient(sparse.address) as c, LearnerClient(exact.address) as e:
+            c.wait_ready(120)
+            e.wait_ready(120)
+            assert c.info().model_kind == "sparse" and e.info().model_kind == "exact"
+            for seed, idx in ((1, [0, 5, 10]), (2, [3, 4, 6])):
+                atoms = al32(seed)
+                en, f, _ = emt_labels(atoms)
+                c.add_data(atoms, forces=f, atom_indices=idx, energy=en, use_energy=True)
+            info = c.info()
+            assert info.n_labels == 2 * (3 * 32 + 1) and info.n_environments == 64
+            assert info.n_inducing == 5  # max_inducing caps the second call's three at two
+            probe = al32(9)
+            p = c.predict(probe)
+            cp = c.checkpoint()
+            model = c.export_model()
+            assert model.format == "epicycle-sgp"
+            loaded = e.load_model(model.model)
+            assert loaded.model_kind == "sparse" and loaded.n_labels == info.n_labels
+            np.testing.assert_array_equal(e.predict(probe).forces, p.forces)
+    finally:
+        sparse.stop(grace=0)
+        exact.stop(grace=0)
+    again = start_learner_server(LearnerServiceConfig(model_dir=tmp_path / "m", model_kind="sparse"))
+    try:
+        with LearnerClient(again.address) as c:
+            c.wait_ready(120)
+            info = c.info()
+            assert info.model_kind == "sparse" and info.checkpoint_id == cp.checkpoint_id
+            np.testing.assert_array_equal(c.predict(probe).forces, p.forces)
+    finally:
+        again.stop(grace=0)

@@ -92,3 +92,25 @@ def test_fit_flags_hyperparameters_on_a_bound(tmp_path, capsys):
     assert "ended on a bound" in out and "noise at its lower bound 0.001 eV/Å" in out
     noise_line = next(line for line in out.splitlines() if line.strip().startswith("noise "))
     assert "at its lower bound" in noise_line
+
+
+def test_fit_model_sparse_uses_every_force_and_the_selected_atoms_as_inducing(tmp_path, capsys):
+    """``epicycle fit --model sparse``: every force component of every frame is a label, the
+    selected atoms are the inducing environments; predict and evaluate read the sparse file."""
+    from learner_service.model import load_model, model_file_kind
+
+    frames = perturbed_fcc_al(2, seed=1)
+    write(tmp_path / "train.xyz", frames)
+    write(tmp_path / "test.xyz", perturbed_fcc_al(1, seed=2))
+    model = tmp_path / "sparse.npz"
+    assert _run(["fit", str(tmp_path / "train.xyz"), "--cutoffs", "5.0,3.5", "--atoms-per-frame", "6",
+                 "--energy", "--max-iterations", "20", "--model", "sparse", "--out", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "sparse GP" in out and "inducing environments" in out
+    assert model_file_kind(model) == "sparse"
+    gp = load_model(model)
+    n = sum(len(f) for f in frames)
+    assert gp.n_labels == 3 * n + len(frames) and gp.n_inducing == 6 * len(frames)
+    assert _run(["evaluate", str(model), str(tmp_path / "test.xyz"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["force_components"] == 96 and 0 < report["rmse"] < report["p95_abs_force"]

@@ -151,11 +151,25 @@ def test_selection_picks_largest_residual_and_skips_known_environments():
     assert len(sel) > 0
 
 
-def test_errors_name_the_problem(tmp_path):
-    sgp = SparseGaussianProcess(SPECIES, CUTOFFS, HYPS)
-    with pytest.raises(ModelError, match="no training data"):
-        sgp.predict(alcu_frame(0))
+def test_empty_model_predicts_the_prior_of_the_exact_gp():
+    """Without data (or without inducing environments) the sparse model is its prior, the same
+    prior as the exact GP's: zero mean, the kernel's per-atom 3×3 force covariance."""
     at = alcu_frame(0)
+    empty = SparseGaussianProcess(SPECIES, CUTOFFS, HYPS)
+    no_inducing = SparseGaussianProcess(SPECIES, CUTOFFS, HYPS)
+    no_inducing.add_structure(at, forces=at.get_forces(), inducing=None)
+    exact = GaussianProcess(SPECIES, CUTOFFS, HYPS).predict(at, stress=True)
+    for sgp in (empty, no_inducing):
+        assert not sgp.ready
+        p = sgp.predict(at, stress=True)
+        assert np.all(p.forces == 0) and p.energy == 0 and np.all(p.stress == 0)
+        np.testing.assert_allclose(p.force_cov, exact.force_cov, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(p.atom_std, exact.atom_std, rtol=1e-10)
+
+
+def test_errors_name_the_problem(tmp_path):
+    at = alcu_frame(0)
+    sgp = SparseGaussianProcess(SPECIES, CUTOFFS, HYPS)
     sgp.add_structure(at, forces=at.get_forces(), inducing=None)
     with pytest.raises(ModelError, match="inducing set is empty"):
         sgp.train()

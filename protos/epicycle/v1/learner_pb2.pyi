@@ -118,7 +118,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "hyperparameters", "noise_std", "n_environments", "n_labels", "species", "cutoff_two_body", "cutoff_three_body", "log_likelihood", "ready", "checkpoint_id", "warnings")
+    __slots__ = ("model_version", "hyperparameters", "noise_std", "n_environments", "n_labels", "species", "cutoff_two_body", "cutoff_three_body", "log_likelihood", "ready", "checkpoint_id", "warnings", "model_kind", "n_inducing")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HYPERPARAMETERS_FIELD_NUMBER: _ClassVar[int]
     NOISE_STD_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,8 @@ class ModelInfo(_message.Message):
     READY_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ID_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
+    N_INDUCING_FIELD_NUMBER: _ClassVar[int]
     model_version: int
     hyperparameters: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hyperparameter]
     noise_std: float
@@ -143,7 +145,9 @@ class ModelInfo(_message.Message):
     ready: bool
     checkpoint_id: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_version: _Optional[int] = ..., hyperparameters: _Optional[_Iterable[_Union[_common_pb2.Hyperparameter, _Mapping]]] = ..., noise_std: _Optional[float] = ..., n_environments: _Optional[int] = ..., n_labels: _Optional[int] = ..., species: _Optional[_Iterable[int]] = ..., cutoff_two_body: _Optional[float] = ..., cutoff_three_body: _Optional[float] = ..., log_likelihood: _Optional[float] = ..., ready: _Optional[bool] = ..., checkpoint_id: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    model_kind: str
+    n_inducing: int
+    def __init__(self, model_version: _Optional[int] = ..., hyperparameters: _Optional[_Iterable[_Union[_common_pb2.Hyperparameter, _Mapping]]] = ..., noise_std: _Optional[float] = ..., n_environments: _Optional[int] = ..., n_labels: _Optional[int] = ..., species: _Optional[_Iterable[int]] = ..., cutoff_two_body: _Optional[float] = ..., cutoff_three_body: _Optional[float] = ..., log_likelihood: _Optional[float] = ..., ready: _Optional[bool] = ..., checkpoint_id: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., model_kind: _Optional[str] = ..., n_inducing: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()
