@@ -215,17 +215,20 @@ def _fit_sparse(train_path, cutoffs, atoms, atoms_per_frame, energy, stress, max
     """:func:`fit_model` with ``model="sparse"``."""
     from .model import create_model
 
-    frames = read_frames(train_path)
-    species = sorted({int(z) for f in frames for z in f.get_atomic_numbers()})
+    data = read_labelled(train_path)
+    for line in data.summary_lines():
+        log(f"data: {line}")
+    frames, species = data.frames, data.species
     gp = create_model("sparse", species, cutoffs, hyperparameters=hyperparameters)
     rng = np.random.default_rng(seed)
     for k, frame in enumerate(frames):
-        forces, e, s = _labels(frame, train_path, k, energy, stress)
+        source, index = data.origins[k]
+        forces, e, s = _labels(frame, source, index, energy, stress)
         n = len(frame)
         if atoms is not None:
             bad = [i for i in atoms if not 0 <= i < n]
             if bad:
-                raise InvalidInput(f"--atoms {bad} out of range for frame {k} with {n} atoms")
+                raise InvalidInput(f"--atoms {bad} out of range for frame {index} of {source} with {n} atoms")
             idx = list(atoms)
         elif atoms_per_frame is not None:
             idx = sorted(rng.choice(n, size=min(atoms_per_frame, n), replace=False).tolist())
