@@ -68,6 +68,20 @@ def _parse_cutoffs(text: str) -> tuple[float, float]:
 # ---------------------------------------------------------------------------
 
 
+def _selected_atoms(n: int, atoms, atoms_per_frame, rng, where: str) -> list[int]:
+    """The atoms of one frame that ``fit`` trains on (exact GP) or makes inducing (sparse GP):
+    ``--atoms`` (checked against the frame's ``n`` atoms), ``--atoms-per-frame`` drawn with
+    ``rng``, or every atom."""
+    if atoms is not None:
+        bad = [i for i in atoms if not 0 <= i < n]
+        if bad:
+            raise InvalidInput(f"--atoms {bad} out of range for {where} with {n} atoms")
+        return list(atoms)
+    if atoms_per_frame is not None:
+        return sorted(rng.choice(n, size=min(atoms_per_frame, n), replace=False).tolist())
+    return list(range(n))
+
+
 def fit_model(
     train_path,
     cutoffs: Sequence[float],
@@ -131,16 +145,7 @@ def fit_model(
     for k, frame in enumerate(frames):
         source, index = data.origins[k]
         forces, e, s = _labels(frame, source, index, energy, stress)
-        n = len(frame)
-        if atoms is not None:
-            bad = [i for i in atoms if not 0 <= i < n]
-            if bad:
-                raise InvalidInput(f"--atoms {bad} out of range for frame {index} of {source} with {n} atoms")
-            idx = list(atoms)
-        elif atoms_per_frame is not None:
-            idx = sorted(rng.choice(n, size=min(atoms_per_frame, n), replace=False).tolist())
-        else:
-            idx = list(range(n))
+        idx = _selected_atoms(len(frame), atoms, atoms_per_frame, rng, f"frame {index} of {source}")
         selections.append(idx)
         labels.append((forces, e, s))
     train, held_idx = selections, [[] for _ in frames]
@@ -224,16 +229,7 @@ def _fit_sparse(train_path, cutoffs, atoms, atoms_per_frame, energy, stress, max
     for k, frame in enumerate(frames):
         source, index = data.origins[k]
         forces, e, s = _labels(frame, source, index, energy, stress)
-        n = len(frame)
-        if atoms is not None:
-            bad = [i for i in atoms if not 0 <= i < n]
-            if bad:
-                raise InvalidInput(f"--atoms {bad} out of range for frame {index} of {source} with {n} atoms")
-            idx = list(atoms)
-        elif atoms_per_frame is not None:
-            idx = sorted(rng.choice(n, size=min(atoms_per_frame, n), replace=False).tolist())
-        else:
-            idx = list(range(n))
+        idx = _selected_atoms(len(frame), atoms, atoms_per_frame, rng, f"frame {index} of {source}")
         gp.add_frame(frame, forces=forces, selected=idx, energy=e, stress=s)
     log(f"training set (sparse GP): {len(frames)} frames, {gp.n_labels} labels (every force"
         f"{', energies' if energy else ''}{', stresses' if stress else ''}), {gp.n_inducing} inducing environments, "
