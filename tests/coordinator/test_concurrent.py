@@ -124,13 +124,13 @@ def free_port() -> int:
 
 @pytest.fixture
 def oracle_processes(tmp_path: Path):
-    """Two real oracle processes (EMT with 1 s of latency each, as a stand-in for DFT)."""
+    """Two real oracle processes (EMT with 2 s of latency each, as a stand-in for DFT)."""
     procs, addresses = [], []
     for _ in range(2):
         port = free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "coordinator.cli", "serve", "oracle", "--backend", "emt", "--port", str(port),
-             "--set", "latency_s=1.0"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+             "--set", "latency_s=2.0"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         addresses.append(f"127.0.0.1:{port}")
     yield addresses
@@ -170,12 +170,12 @@ def test_kill_with_labels_in_flight_loses_no_written_label(tmp_path: Path, oracl
                 break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before a label was in flight: " + proc.stderr.read().decode()[-2000:]
-    time.sleep(0.2)  # inside the 1 s oracle latency: the request is still being computed
-    before = {p.name: p.read_bytes() for p in (run_dir / "labels").glob("label_*.npz")}
+    # at once, well inside the 2 s oracle latency: the request is still being computed (a sleep here, or a
+    # snapshot of the labels taken before the kill, raced with labels arriving under load)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert {p.name: p.read_bytes() for p in (run_dir / "labels").glob("label_*.npz")} == before
-    assert killed_in_flight >= 1
+    before = {p.name: p.read_bytes() for p in (run_dir / "labels").glob("label_*.npz")}
+    assert killed_in_flight >= 1 and len(before) >= 3
 
     final = cli("run", "--resume", str(run_dir), "--no-report", cwd=tmp_path)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-3000:]
