@@ -299,6 +299,46 @@ def default_predict_threads() -> int:
     return min(2, os.cpu_count() or 1)
 
 
+def checked_labels(atoms, forces, atom_indices, energy, stress):
+    """Validate the labels of one structure for ``add_structure`` (exact and sparse GP): returns
+    ``(forces (n, 3) or None, idx, energy or None, stress (6,) or None)`` with ``idx`` the atoms
+    whose force labels are used (default all; none without forces) and a (3, 3) stress turned into
+    ASE Voigt order.  Raises :class:`InvalidInput` naming what is wrong."""
+    n = len(atoms)
+    if forces is None and energy is None and stress is None:
+        raise InvalidInput("add_structure needs forces, an energy or a stress")
+    if n == 0:
+        raise InvalidInput("the structure has no atoms")
+    if forces is not None:
+        forces = np.asarray(forces, dtype=np.float64)
+        if forces.shape != (n, 3):
+            raise InvalidInput(f"forces must have shape ({n}, 3) for {n} atoms, got {forces.shape}")
+        idx = np.arange(n) if atom_indices is None else np.asarray(list(atom_indices), dtype=np.int64)
+        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+            raise InvalidInput(f"atom indices {idx.tolist()} out of range for {n} atoms")
+        if len(set(idx.tolist())) != len(idx):
+            raise InvalidInput("atom indices contain duplicates")
+        if not np.isfinite(forces[idx]).all():
+            raise InvalidInput("forces contain NaN or infinite values")
+    else:
+        idx = np.zeros(0, np.int64)
+    if stress is not None:
+        stress = np.asarray(stress, dtype=np.float64)
+        if stress.shape == (3, 3):
+            stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+        if stress.shape != (6,) or not np.isfinite(stress).all():
+            raise InvalidInput("stress must be 6 finite numbers (xx yy zz yz xz xy, eV/Å^3) or a 3x3 matrix")
+        if not np.all(atoms.get_pbc()):
+            raise InvalidInput("a stress label needs a fully periodic cell")
+        if abs(np.linalg.det(atoms.get_cell().array)) < 1e-12:
+            raise InvalidInput("a stress label needs a cell with non-zero volume")
+    if energy is not None:
+        energy = float(energy)
+        if not math.isfinite(energy):
+            raise InvalidInput("energy is not finite")
+    return forces, idx, energy, stress
+
+
 class Hyperparameters:
     """The hyperparameter bookkeeping both learner models share (the exact GP here and the sparse GP in
     learner_service/sparse_gp.py): ``_hyps`` the values, ``_kinds`` the label kind of every training row
@@ -458,48 +498,18 @@ class GaussianProcess(Hyperparameters):
         ``stress`` (6,) ASE Voigt or (3, 3), eV/Å^3, ASE sign.  Returns the number of
         labels added.
         """
-        n = len(atoms)
         numbers = atoms.get_atomic_numbers()
         positions = atoms.get_positions()
         cell = atoms.get_cell().array
         pbc = atoms.get_pbc()
-        if forces is None and energy is None and stress is None:
-            raise InvalidInput("add_structure needs forces, an energy or a stress")
-        if n == 0:
-            raise InvalidInput("the structure has no atoms")
+        forces, idx, energy, stress = checked_labels(atoms, forces, atom_indices, energy, stress)
         new_groups: list[_Group] = []
         new_labels: list[float] = []
         new_kinds: list[int] = []
         row = len(self._labels)
         env_base = self._n_env_total
         parts: list[EnvironmentBatch] = []
-
-        if forces is not None:
-            forces = np.asarray(forces, dtype=np.float64)
-            if forces.shape != (n, 3):
-                raise InvalidInput(f"forces must have shape ({n}, 3) for {n} atoms, got {forces.shape}")
-            idx = np.arange(n) if atom_indices is None else np.asarray(list(atom_indices), dtype=np.int64)
-            if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
-                raise InvalidInput(f"atom indices {idx.tolist()} out of range for {n} atoms")
-            if len(set(idx.tolist())) != len(idx):
-                raise InvalidInput("atom indices contain duplicates")
-            if not np.isfinite(forces[idx]).all():
-                raise InvalidInput("forces contain NaN or infinite values")
-        else:
-            idx = np.zeros(0, np.int64)
         need_all = energy is not None or stress is not None
-        if stress is not None:
-            stress = np.asarray(stress, dtype=np.float64)
-            if stress.shape == (3, 3):
-                stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
-            if stress.shape != (6,) or not np.isfinite(stress).all():
-                raise InvalidInput("stress must be 6 finite numbers (xx yy zz yz xz xy, eV/Å^3) or a 3x3 matrix")
-            if not np.all(pbc):
-                raise InvalidInput("a stress label needs a fully periodic cell")
-        if energy is not None:
-            energy = float(energy)
-            if not math.isfinite(energy):
-                raise InvalidInput("energy is not finite")
 
         if need_all:
             all_envs = build_environments(positions, numbers, cell, pbc, self.cutoffs)
@@ -527,9 +537,7 @@ class GaussianProcess(Hyperparameters):
                 new_labels.append(energy)
                 new_kinds.append(_ENERGY)
             if stress is not None:
-                volume = abs(np.linalg.det(cell))
-                if volume < 1e-12:
-                    raise InvalidInput("a stress label needs a cell with non-zero volume")
+                volume = abs(np.linalg.det(cell))  # > 0: checked_labels
                 rows[4:10] = row + np.arange(6)
                 row += 6
                 scale[4:10] = -1.0 / volume

@@ -76,7 +76,7 @@ from .defaults import HYPERPARAMETER_UNITS
 from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .gp import (BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
                  DEFAULT_STRESS_NOISE, Hyperparameters, OptimizationResult, Prediction,
-                 _ENERGY, _FORCE, _STRESS, _bound_note, _Group, atom_std_of, default_predict_threads, serial_blas)
+                 _ENERGY, _FORCE, _STRESS, _bound_note, _Group, atom_std_of, checked_labels, default_predict_threads, serial_blas)
 from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks, prediction_blocks
 
 __all__ = ["SparseGaussianProcess", "SparsePrediction", "FORMAT_NAME", "FORMAT_VERSION", "INDUCING_FUNCTIONALS",
@@ -263,40 +263,9 @@ class SparseGaussianProcess(Hyperparameters):
         indices adds those, ``None`` or ``()`` adds none.
         """
         n = len(atoms)
-        if forces is None and energy is None and stress is None:
-            raise InvalidInput("add_structure needs forces, an energy or a stress")
-        if n == 0:
-            raise InvalidInput("the structure has no atoms")
+        forces, idx, energy, stress = checked_labels(atoms, forces, atom_indices, energy, stress)
         pbc = atoms.get_pbc()
         cell = atoms.get_cell().array
-        if forces is not None:
-            forces = np.asarray(forces, dtype=np.float64)
-            if forces.shape != (n, 3):
-                raise InvalidInput(f"forces must have shape ({n}, 3) for {n} atoms, got {forces.shape}")
-            idx = np.arange(n) if atom_indices is None else np.asarray(list(atom_indices), dtype=np.int64)
-            if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
-                raise InvalidInput(f"atom indices {idx.tolist()} out of range for {n} atoms")
-            if len(set(idx.tolist())) != len(idx):
-                raise InvalidInput("atom indices contain duplicates")
-            if not np.isfinite(forces[idx]).all():
-                raise InvalidInput("forces contain NaN or infinite values")
-        else:
-            idx = np.zeros(0, np.int64)
-        if stress is not None:
-            stress = np.asarray(stress, dtype=np.float64)
-            if stress.shape == (3, 3):
-                stress = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
-            if stress.shape != (6,) or not np.isfinite(stress).all():
-                raise InvalidInput("stress must be 6 finite numbers (xx yy zz yz xz xy, eV/Å^3) or a 3x3 matrix")
-            if not np.all(pbc):
-                raise InvalidInput("a stress label needs a fully periodic cell")
-            volume = abs(np.linalg.det(cell))
-            if volume < 1e-12:
-                raise InvalidInput("a stress label needs a cell with non-zero volume")
-        if energy is not None:
-            energy = float(energy)
-            if not math.isfinite(energy):
-                raise InvalidInput("energy is not finite")
         if isinstance(inducing, str):
             if inducing != "auto":
                 raise InvalidInput(f"inducing must be 'auto', atom indices or None, got {inducing!r}")
@@ -333,7 +302,7 @@ class SparseGaussianProcess(Hyperparameters):
             if stress is not None:
                 rows[4:10] = row + np.arange(6)
                 row += 6
-                scale[4:10] = -1.0 / volume
+                scale[4:10] = -1.0 / abs(np.linalg.det(cell))  # > 0: checked_labels
                 labels.extend(stress.tolist())
                 kinds.extend([_STRESS] * 6)
             groups.append(_Group("structure", base + np.arange(n), rows, scale))
