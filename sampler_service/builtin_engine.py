@@ -51,6 +51,14 @@ from sampler_service.settings import SamplerSettings
 SCHEDULE_EPS_FS = 1e-6
 
 
+def applied_schedule_events(schedule, time_fs: float, step: int, timestep_fs: float) -> int:
+    """How many events of ``schedule`` ((time fs, T K), sorted) an engine at ``step`` / ``time_fs``
+    has applied: those due at the start of the last step integrated, at time - Δt (a schedule
+    replaced mid-run keeps the events already past; ``set_schedule`` of every engine)."""
+    last_start = time_fs - timestep_fs if step > 0 else -float("inf")
+    return sum(1 for t, _ in schedule if t <= last_start + SCHEDULE_EPS_FS)
+
+
 def atoms_arrays(atoms: Atoms) -> tuple[np.ndarray, ...]:
     """(positions, numbers, cell, pbc, masses, velocities Å/fs) of ASE Atoms, validated."""
     if not isinstance(atoms, Atoms):
@@ -142,9 +150,7 @@ class BuiltinEngine(MDEngine):
     def set_schedule(self, schedule) -> None:
         schedule = tuple((float(t), float(temp)) for t, temp in schedule)
         self.settings = self.settings.replace(schedule=schedule)
-        # applied so far: the events due at the start of the last step integrated, at time - Δt
-        last_start = self._time - self.settings.timestep_fs if self._step > 0 else -float("inf")
-        self._schedule_index = sum(1 for t, _ in schedule if t <= last_start + SCHEDULE_EPS_FS)
+        self._schedule_index = applied_schedule_events(schedule, self._time, self._step, self.settings.timestep_fs)
 
     def supply_forces(self, result: ForceResult) -> None:
         self._supplied = self._checked_supplied(result)

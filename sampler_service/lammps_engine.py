@@ -82,7 +82,7 @@ from ase import Atoms, units
 from protos.errors import InvalidInput, SetupError
 from sampler_service import checkpoint as ckpt
 from sampler_service import dynamics as dyn
-from sampler_service.builtin_engine import SCHEDULE_EPS_FS, atoms_arrays
+from sampler_service.builtin_engine import SCHEDULE_EPS_FS, applied_schedule_events, atoms_arrays
 from sampler_service.engine_interface import (
     DriftTracker,
     Frame,
@@ -331,9 +331,7 @@ class LammpsEngine(MDEngine):
     def set_schedule(self, schedule) -> None:
         schedule = tuple((float(t), float(temp)) for t, temp in schedule)
         self.settings = self.settings.replace(schedule=schedule)
-        # applied so far: the events due at the start of the last step integrated, at time - Δt
-        last_start = self._time - self.settings.timestep_fs if self._step > 0 else -float("inf")
-        self._schedule_index = sum(1 for t, _ in schedule if t <= last_start + SCHEDULE_EPS_FS)
+        self._schedule_index = applied_schedule_events(schedule, self._time, self._step, self.settings.timestep_fs)
 
     def supply_forces(self, result: ForceResult) -> None:
         self._supplied = self._checked_supplied(result)
