@@ -295,6 +295,35 @@ def _evaluate(n_atoms, c_off, nb_atom, nb_vec, spec,
 # ---------------------------------------------------------------------------
 
 
+def save_tagged_npz(path, arrays: dict, meta: dict) -> Path:
+    """Write ``arrays`` and the JSON header ``meta`` (with its ``format`` tag) as one compressed
+    ``.npz``, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    arrays = dict(arrays, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_tagged_npz(path, fmt: str, what: str):
+    """``(arrays, meta)`` of a file written by :func:`save_tagged_npz` whose format tag is ``fmt``;
+    :class:`NotFound` / :class:`InvalidInput` naming ``what`` otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFound(f"{what} file {path} does not exist")
+    try:
+        data = np.load(path, allow_pickle=False)
+        meta = json.loads(bytes(data["meta"]).decode())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"{path} is not an Epicycle {what} file: {exc}") from exc
+    if meta.get("format") != fmt:
+        raise InvalidInput(f"{path} is not an Epicycle {what} file (format {meta.get('format')!r})")
+    return data, meta
+
+
 @dataclass
 class MappedPrediction:
     """Energy (eV), local energies (n,) eV, forces (n, 3) eV/Å, stress (6,) eV/Å^3 (ASE Voigt) or None."""
@@ -487,26 +516,11 @@ class MappedModel:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "species": list(self.species),
                 "twobody": two, "threebody": three, "metadata": self.metadata,
                 "units": {"energy": "eV", "length": "Å"}}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        tmp.replace(path)
-        return path
+        return save_tagged_npz(path, arrays, meta)
 
     @classmethod
     def load(cls, path) -> "MappedModel":
-        path = Path(path)
-        if not path.exists():
-            raise NotFound(f"mapped model file {path} does not exist")
-        try:
-            data = np.load(path, allow_pickle=False)
-            meta = json.loads(bytes(data["meta"]).decode())
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-            raise InvalidInput(f"{path} is not an Epicycle mapped model file: {exc}") from exc
-        if meta.get("format") != FORMAT:
-            raise InvalidInput(f"{path} is not an Epicycle mapped model file (format {meta.get('format')!r})")
+        data, meta = load_tagged_npz(path, FORMAT, "mapped model")
         if meta.get("format_version") != FORMAT_VERSION:
             raise InvalidInput(f"{path} has mapped format_version {meta.get('format_version')!r}; "
                                f"this Epicycle reads version {FORMAT_VERSION}")

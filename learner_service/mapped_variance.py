@@ -26,18 +26,16 @@ covariance, :func:`learner_service.gp.atom_std_of`).  Units: eV/Å.
 
 from __future__ import annotations
 
-import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
 from numba import njit
 from scipy.linalg import solve_triangular
 
-from protos.errors import InvalidInput, NotFound
+from protos.errors import InvalidInput
 
 from .environment import neighbour_pairs, species_indices
-from .mapped import _basis, _span, uniform_knots
+from .mapped import _basis, _span, load_tagged_npz, save_tagged_npz, uniform_knots
 
 __all__ = ["MappedVariance", "map_variance", "sigma_errors"]
 
@@ -150,25 +148,15 @@ class MappedVariance:
             arrays[f"pair_{a}_{b}_coef"] = c
         meta = {"format": _FORMAT, "format_version": 1, "species": list(self.species),
                 "pairs": [list(k) for k in self.pairs], "metadata": self.metadata}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        return path
+        return save_tagged_npz(path, arrays, meta)
 
     @classmethod
     def load(cls, path) -> "MappedVariance":
-        path = Path(path)
-        if not path.exists():
-            raise NotFound(f"mapped variance file {path} does not exist")
+        data, meta = load_tagged_npz(path, _FORMAT, "mapped variance")
         try:
-            data = np.load(path, allow_pickle=False)
-            meta = json.loads(bytes(data["meta"]).decode())
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"format {meta.get('format')!r}")
             pairs = {(a, b): (data[f"pair_{a}_{b}_knots"], data[f"pair_{a}_{b}_coef"]) for a, b in meta["pairs"]}
             return cls(meta["species"], pairs, data["M"], meta.get("metadata"))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        except (KeyError, ValueError) as exc:
             raise InvalidInput(f"{path} is not an Epicycle mapped variance file: {exc}") from exc
 
 
