@@ -200,13 +200,18 @@ def fit_model(
                                      energy=e if whole else None, stress=s if whole else None)
             log(f"held-out atoms added to the model: {gp.n_environments} environments")
     gp.train()
-    lml = gp.log_likelihood()
+    return _report_and_save(gp, result, f"log marginal likelihood: {gp.log_likelihood():.6f}", out, log)
+
+
+def _report_and_save(gp, result, likelihood_line: str, out, log):
+    """The end of ``fit``: the hyperparameters (flagging those at a bound), the likelihood, the
+    model's warnings; the model written to ``out``.  Returns ``(gp, result)``."""
     at_bounds = result.at_bounds if result is not None else {}
     log("hyperparameters:")
     for name in gp.hyperparameter_names:
         flag = f"   <- at its {at_bounds[name]} bound" if name in at_bounds else ""
         log(f"  {name:13s} = {gp.hyperparameters[name]:.6g} {HYPERPARAMETER_UNITS.get(name, '')}{flag}")
-    log(f"log marginal likelihood: {lml:.6f}")
+    log(likelihood_line)
     for warning in model_warnings(gp, result):
         log(f"WARNING: {warning}")
     if out is not None:
@@ -240,18 +245,7 @@ def _fit_sparse(train_path, cutoffs, atoms, atoms_per_frame, energy, stress, max
         log(("optimisation converged" if result.converged else "optimisation did NOT converge")
             + f" after {result.iterations} iterations ({result.seconds:.1f} s): {result.message}")
     gp.train()
-    log("hyperparameters:")
-    at_bounds = result.at_bounds if result is not None else {}
-    for name in gp.hyperparameter_names:
-        flag = f"   <- at its {at_bounds[name]} bound" if name in at_bounds else ""
-        log(f"  {name:13s} = {gp.hyperparameters[name]:.6g} {HYPERPARAMETER_UNITS.get(name, '')}{flag}")
-    log(f"log marginal likelihood (DTC): {gp.log_likelihood():.6f}")
-    for warning in model_warnings(gp, result):
-        log(f"WARNING: {warning}")
-    if out is not None:
-        gp.save(out)
-        log(f"model written to {out}")
-    return gp, result
+    return _report_and_save(gp, result, f"log marginal likelihood (DTC): {gp.log_likelihood():.6f}", out, log)
 
 
 def predict_file(model_path, in_path, out_path, log=print) -> int:
