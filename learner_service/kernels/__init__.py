@@ -25,9 +25,9 @@ from .packing import (_F_BCODE, _F_BDF, _F_BF, _F_BMONO, _F_BN, _F_BOFF, _F_BPSI
                       _F_TF, _F_TN, _F_TOFF, _F_TPSI, _F_TU, _F_TV, _F_TW, _F_UOFF, _F_UVAL, _F_X0, _F_X1, _F_X2,
                       _PAD, LabelGroups, _build_fast_pack, _central_distance_index, _padded_offsets, pack,
                       pack_fast)
-from .threebody import (_pair3_ff, _pair3_fast, pair3_opt, _perm, _perm_grad, _tb_sums, _tb_terms,  # noqa: E402, F401
+from .threebody import (pair3_opt, _perm, _perm_grad, _tb_sums,  # noqa: E402, F401
                         _threebody_scalars, _threebody_scalars_grad, threebody_block)
-from .twobody import (_pair2_fast, _pair2_ff, pair2_opt, _twobody_scalars, _twobody_scalars_grad,  # noqa: E402, F401
+from .twobody import (pair2_opt, _twobody_scalars, _twobody_scalars_grad,  # noqa: E402, F401
                       twobody_block)
 
 __all__ = ["E_ROW", "F_ROWS", "S_ROWS", "N_FUNCTIONALS", "W2", "W3", "exp_neg", "LabelGroups", "pack", "pack_fast",

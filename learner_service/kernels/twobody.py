@@ -345,27 +345,3 @@ def pair2_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk):
                 dblk[1 + d, 1] += u * dg0
                 dblk[1 + d, 2] += u * dg1
                 dblk[1 + d, 3] += u * dg2
-
-
-# ---------------------------------------------------------------------------
-# former names of the optimised kernel (kept importable; the drivers call pair2_opt)
-# ---------------------------------------------------------------------------
-
-
-@njit(cache=True, inline="always", fastmath=_FM)
-def _pair2_fast(a, b, PA, PB, lam, mono, ea, fa, sa, blk):
-    """(E, F, S of a) x (E, F of b) block added into ``blk`` (10, 4): :func:`pair2_opt`."""
-    pair2_opt(a, b, PA, PB, lam, mono, ea, fa, sa, True, False, blk, blk)
-
-
-@njit(cache=True, inline="always", fastmath=_FM)
-def _pair2_ff(a, b, P, lam, mono, grad, blk, dblk):
-    """Force-force 3x3 block of environments ``a`` and ``b`` of one fast pack added into
-    ``blk`` (and d/dlam into ``dblk`` with ``grad``): :func:`pair2_opt`."""
-    full = np.zeros((10, 4))
-    dfull = np.zeros((10, 4))
-    pair2_opt(a, b, P, P, lam, mono, False, True, False, False, grad, full, dfull)
-    for d in range(3):
-        for e in range(3):
-            blk[d, e] += full[1 + d, 1 + e]
-            dblk[d, e] += dfull[1 + d, 1 + e]
