@@ -589,20 +589,14 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         held, missing, newest = self.store.hold(request.model_versions)
         return learner_pb2.HoldVersionsResponse(held=held, missing=missing, newest=newest)
 
-    # -- acquisition support --------------------------------------------------------------
-
     def Map(self, request, context):
         """The served model mapped to splines (learner_service/offline.py ``map_to_directory``)."""
         self._ready()
-        from learner_service.gp import GaussianProcess
         from learner_service.offline import map_to_directory
 
         gp, version = self.store.snapshot()
-        if not isinstance(gp, GaussianProcess):
-            raise ModelError(f"Map: only the exact GP can be mapped to splines, this learner serves a "
-                             f"{type(gp).__name__}")
-        if gp.n_environments == 0:
-            raise ModelError("Map: the model has no training data yet (its mean is zero)")
+        if gp.kind != "exact":
+            raise ModelError(f"Map: only the exact GP can be mapped to splines, this learner serves a {gp.kind} model")
         for name in ("spacing2", "spacing3", "spacing_jk"):
             value = getattr(request, name)
             if not (np.isfinite(value) and value >= 0):
@@ -622,6 +616,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
                 snippet=Path(files["snippet"]).read_text(), report_json=json.dumps(report),
                 table=Path(files["table"]).read_text() if "table" in files else "")
         return reply
+
+    # -- acquisition support --------------------------------------------------------------
 
     def KernelDistances(self, request, context):
         """Kernel distances of the requested atoms' environments (see GaussianProcess.kernel_distances)."""
