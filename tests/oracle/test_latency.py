@@ -77,8 +77,12 @@ def test_latency_occupies_a_worker_slot() -> None:
     started = time.perf_counter()
     threads = [threading.Thread(target=lambda s=s: results.append(service.label(structure("emt", s))))
                for s in (1, 2)]
-    for t in threads:
-        t.start()
+    # start the second request only once the first holds the worker: otherwise both can be
+    # admitted before either takes the slot, and "2 queued" is then a true (but racy) reading
+    threads[0].start()
+    while service.stats()["in_flight"] < 1 and threads[0].is_alive():
+        time.sleep(0.001)
+    threads[1].start()
     seen = {"in_flight": 0, "queued": 0}
     while any(t.is_alive() for t in threads):
         stats = service.stats()
