@@ -1,8 +1,10 @@
 """``learner.data``: the labelled structures a run's training set starts from.
 
 Before the first oracle call of a new run, the frames of every ``learner.data`` input (extended
-XYZ files, run directories; :mod:`learner_service.labelled_data`) go to the learner in one
-AddDataBatch.  Atoms: those a per-atom boolean ``training`` array marks (what a run directory, and
+XYZ files, run directories; :mod:`learner_service.labelled_data`) go to the learner in
+AddDataBatch calls of at most :data:`MAX_BATCH_BYTES` each (estimated wire size; one batch for the
+usual few hundred frames, several for tens of thousands, so no message reaches gRPC's 64 MiB
+limit).  Atoms: those a per-atom boolean ``training`` array marks (what a run directory, and
 ``epicycle export`` of it, record: the atoms whose environments that run trained on; a frame with
 the array but no atom marked is skipped), else every atom of the frame.  Energies and stresses are
 trained on when the frame has them and ``learner.use_energy`` / ``use_stress`` is set.
@@ -22,6 +24,33 @@ import numpy as np
 from ase import Atoms
 
 from protos.errors import InvalidInput
+
+
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+_BYTES_PER_ATOM = 64      # positions and forces (6 doubles), the atomic number and a training index
+_BYTES_PER_FRAME = 512    # cell, pbc, energy, stress, flags and message framing
+
+
+def wire_bytes(item: dict) -> int:
+    """An upper estimate of one AddDataBatch item's serialised size, bytes."""
+    return _BYTES_PER_FRAME + _BYTES_PER_ATOM * len(item["atoms"])
+
+
+def batches(items: list[dict], max_bytes: int = MAX_BATCH_BYTES) -> list[list[dict]]:
+    """``items`` in order, cut into consecutive batches of at most ``max_bytes`` (estimated by
+    :func:`wire_bytes`; an item larger than that goes alone)."""
+    if max_bytes <= 0:
+        raise InvalidInput(f"max_bytes must be > 0, got {max_bytes}")
+    out: list[list[dict]] = []
+    size = 0
+    for item in items:
+        b = wire_bytes(item)
+        if not out or size + b > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += b
+    return out
 
 
 @dataclass
@@ -74,11 +103,12 @@ def seed_species(config) -> set[int]:
     return set(read_labelled(config.learner.data).species) if config.learner.data else set()
 
 
-def seed_learner(config, learner, rd, progress, rebuilding: bool = False) -> None:
+def seed_learner(config, learner, rd, progress, rebuilding: bool = False, max_bytes: int = MAX_BATCH_BYTES) -> None:
     """Add ``learner.data`` to the learner (nothing without it); record it in the event log.
 
     ``rebuilding``: the learner is rebuilt from the run's labels; the inputs must hold what they held
-    when the run started.
+    when the run started.  ``max_bytes``: the size of one AddDataBatch (:func:`batches`).  Both callers
+    start from the learner's initial (empty) model, so a seeding cut short by a failure is redone whole.
     """
     if not config.learner.data:
         return
@@ -94,8 +124,14 @@ def seed_learner(config, learner, rd, progress, rebuilding: bool = False) -> Non
             progress.line(f"  {line}")
         if seed.skipped:
             progress.line(f"  {seed.skipped} frame(s) skipped: no atom marked 'training'")
-    reply = learner.add_data_batch(seed.items)
+    chunks = batches(seed.items, max_bytes)
+    for k, chunk in enumerate(chunks):
+        reply = learner.add_data_batch(chunk)
+        if len(chunks) > 1:
+            progress.line(f"  sent batch {k + 1}/{len(chunks)} ({len(chunk)} frames; "
+                          f"{int(reply.n_environments)} environments in the model)")
     rd.event("training_seeded", sources=list(config.learner.data), frames=len(seed.items), skipped=seed.skipped,
+             batches=len(chunks),
              environments=seed.environments, n_environments=int(reply.n_environments),
              model_version=int(reply.model_version), digest=seed.digest, rebuilding=rebuilding,
              summary=seed.summary)
