@@ -92,6 +92,9 @@ def summarize(run_dir: Path, wall_seconds: float | None = None) -> dict:
         "optimisations_not_converged": sum(1 for e in optim if not e.get("converged", True)),
         "oracle_call_steps": [e["step"] for e in calls],
         "resumed": sum(1 for e in events if e["event"] == "resumed"),
+        # learner.data: the training set the run started from (the first seeding; a rebuild repeats it)
+        "training_seeded": next(({k: e.get(k) for k in ("sources", "frames", "environments", "summary")}
+                                 for e in events if e["event"] == "training_seeded"), None),
         "trials": trials,
         "calibration": ([e for e in events if e["event"] == "calibration"] or [None])[-1],
         "model_warnings": ([e for e in events if e["event"] == "model_warnings"] or [{"warnings": []}])[-1]["warnings"],
@@ -233,6 +236,8 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> Path
         f"| oracle calls | {summary['oracle_calls']} |",
         f"| oracle time | {summary['oracle_seconds_total']:.1f} s |",
         f"| training environments | {summary['training_environments']} |",
+        *([f"| started from (learner.data) | {_seed_text(summary['training_seeded'])} |"]
+          if summary.get("training_seeded") else []),
         f"| noise σn | {_fmt(summary['noise_ev_per_angstrom'])} eV/Å |",
         f"| final threshold | {_fmt(summary['threshold_ev_per_angstrom'])} eV/Å"
         f"{' (' + summary['threshold_rule'] + ')' if summary.get('threshold_rule') else ''} |",
@@ -306,7 +311,9 @@ def heldout_validation(run_dir: Path) -> tuple[dict, list[str]] | None:
                 f"uncertain about: read this as an in-run check; `epicycle validate` runs an independent "
                 f"trajectory (seed 004, Table 1)")
     lines = ["## Validation on held-out labels", "", f"Validation of {what}.", ""]
-    lines += v.table_lines(metrics)
+    temps = [float(a.info["temperature_K"]) for a in frames if a.info.get("temperature_K")]
+    metrics["mean_temperature_K"] = float(np.mean(temps)) if temps else None
+    lines += v.table_lines(metrics, metrics["mean_temperature_K"])
     lines += ["", "![validation parity](validation_parity.png)", "",
               "![validation reliability](validation_reliability.png)", ""]
     return metrics, lines
@@ -323,6 +330,11 @@ def kept_frames(events) -> list[dict]:
             w, step = e.get("walker"), e.get("step", 0)
             kept = [f for f in kept if f.get("walker") != w or f["step"] <= step]
     return kept
+
+
+def _seed_text(seed: dict) -> str:
+    return (f"{seed['environments']} environments from {seed['frames']} frame(s) of "
+            f"{', '.join(f'`{p}`' for p in seed['sources'])}")
 
 
 def _calibration_text(c: dict) -> str:

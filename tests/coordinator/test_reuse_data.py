@@ -195,6 +195,11 @@ def test_a_run_starts_from_another_runs_labels_and_a_file(tmp_path) -> None:
     refused = cli("run", "--resume", str(run_dir), "--set", "sampler.steps=42", "--no-report", cwd=tmp_path)
     assert refused.returncode == 2 and "learner.data changed since the run started" in refused.stderr
     write(tmp_path / "extra.xyz", [*al, cu_frame(2)], format="extxyz")
+    # the report says what the run started from
+    assert cli("report", str(run_dir), cwd=tmp_path).returncode == 0
+    report = (run_dir / "report.md").read_text()
+    assert (f"| started from (learner.data) | {seeded['environments']} environments from "
+            f"{seeded['frames']} frame(s) of `{tmp_path / 'source'}`, `{tmp_path / 'extra.xyz'}` |") in report
 
     # and `epicycle fit` reads both kinds of input too
     fit = cli("fit", "source", "extra.xyz", "--cutoffs", "5.0,3.5", "--no-optimize", "--atoms", "0,1",

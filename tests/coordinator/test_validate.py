@@ -334,16 +334,18 @@ def test_the_report_block_reads_the_predictions_without_importing_the_gp(tmp_pat
         ref = rng.normal(size=(8, 3))
         a = labelled_frame(ref, ref + 0.01 * rng.normal(size=(8, 3)), np.full((8, 3), 0.01), 0.01)
         a.arrays["validate"] = np.arange(8) % 2 == 0
-        a.info.update(heldout="atoms not trained on", final_model_version=7)
+        a.info.update(heldout="atoms not trained on", final_model_version=7, temperature_K=300.0 + 100 * k)
         frames.append(a)
     write(tmp_path / "heldout.xyz", frames, format="extxyz")
     code = ("import json, sys; from coordinator.report import heldout_validation; "
             f"m, lines = heldout_validation({str(tmp_path)!r}); "
             "print(json.dumps([m['forces']['components'], m['model_version'], "
-            "[k for k in sys.modules if k == 'numba' or k.startswith('learner_service.gp')]]))")
+            "[k for k in sys.modules if k == 'numba' or k.startswith('learner_service.gp')], "
+            "m['mean_temperature_K'], lines]))")
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    components, version, heavy = json.loads(proc.stdout.strip().splitlines()[-1])
+    components, version, heavy, mean_t, lines = json.loads(proc.stdout.strip().splitlines()[-1])
     assert components == 3 * 4 * 3 and version == 7 and heavy == []
+    assert mean_t == 400.0 and any(line.startswith(f"| 3 | {components} | 400 |") for line in lines)
     assert (tmp_path / "validation_parity.png").is_file() and (tmp_path / "validation_reliability.png").is_file()
