@@ -531,17 +531,16 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             def change(g):
                 return g.optimize(**kwargs)
         result, version = self.store.update(change)
+        gp, _ = self.store.snapshot()
+        if method == "map":  # the search ran on the kept atoms: report (and export) the served model's likelihood
+            value = gp.log_likelihood(gradient=False)
+            result = dataclasses.replace(result, log_likelihood=float(value[0] if isinstance(value, tuple) else value))
         self.store.last_optimize = result
         seconds = time.perf_counter() - started
         self.observer.optimized(seconds, result)
-        gp, _ = self.store.snapshot()
-        log_likelihood = result.log_likelihood
-        if method == "map":  # the search ran on the kept atoms; report the served model's likelihood
-            value = gp.log_likelihood(gradient=False)
-            log_likelihood = value[0] if isinstance(value, tuple) else value
         return learner_pb2.OptimizeResponse(
             hyperparameters=hyperparameters_to_proto(dict(gp.hyperparameters)),
-            log_likelihood=float(log_likelihood), iterations=int(result.iterations),
+            log_likelihood=float(result.log_likelihood), iterations=int(result.iterations),
             converged=bool(result.converged), message=str(result.message),
             seconds=seconds, model_version=version, at_bounds=sorted(result.at_bounds))
 

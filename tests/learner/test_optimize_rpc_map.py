@@ -163,3 +163,64 @@ def test_a_model_loaded_from_a_file_is_searched_without_a_check_and_says_so(tmp_
     served = {h.name: h.value for h in reply.hyperparameters}
     for name in ("sig2", "ls2", "sig3", "ls3", "noise"):
         assert served[name] == pytest.approx(want[name], rel=1e-6), name
+
+
+def test_the_gp_remembers_its_frames_through_clone_and_truncation_but_not_through_a_model_file(tmp_path) -> None:
+    data = frames()
+    gp = GaussianProcess([13], CUTOFFS, hyperparameters=HYPS)
+    assert gp.labelled_frames() == ()
+    for atoms, forces, idx in data[:2]:
+        gp.add_structure(atoms, forces=forces, atom_indices=idx)
+    gp.train()
+    counts, hyps, history = gp.data_counts(), gp.hyperparameters, gp.factor_history
+    for atoms, forces, idx in data[2:]:
+        gp.add_structure(atoms, forces=forces, atom_indices=idx)
+    gp.train()
+    got = gp.labelled_frames()
+    assert len(got) == 4
+    for f, (atoms, forces, idx) in zip(got, data):
+        np.testing.assert_array_equal(f.atoms().positions, atoms.positions)
+        np.testing.assert_array_equal(f.atoms().numbers, atoms.numbers)
+        np.testing.assert_array_equal(f.forces, forces)
+        assert f.atom_indices.tolist() == idx and f.energy is None and f.stress is None
+    # a model re-trained from the remembered frames is the model itself
+    again = gp.empty_copy()
+    for f in got:
+        again.add_structure(f.atoms(), forces=f.forces, atom_indices=f.atom_indices)
+    np.testing.assert_array_equal(again.labels, gp.labels)
+    assert again.log_likelihood() == pytest.approx(gp.log_likelihood(), rel=1e-12)
+    assert len(gp.truncated(counts, hyps, history).labelled_frames()) == 2
+    clone = gp.clone()
+    clone.add_structure(*data[0][:2], atom_indices=[31])
+    assert len(clone.labelled_frames()) == 5 and len(gp.labelled_frames()) == 4
+    gp.save(tmp_path / "m.npz")
+    loaded = GaussianProcess.load(tmp_path / "m.npz")
+    assert loaded.labelled_frames() is None  # environments only: the frames are unknown
+    loaded.add_structure(*data[0][:2], atom_indices=[31])
+    assert loaded.labelled_frames() is None
+
+
+def test_a_learner_rebuilt_from_its_model_directory_still_holds_frames_out(tmp_path) -> None:
+    """A resumed run's learner rebuilds its model from its checkpoint (the frames re-added): map keeps its
+    held-out check, and selects what the uninterrupted learner selects."""
+    data = frames()
+    first = _server(model_dir=tmp_path / "m")
+    try:
+        with LearnerClient(first.address) as c:
+            c.wait_ready(120)
+            for atoms, forces, idx in data:
+                c.add_data(atoms, forces=forces, atom_indices=idx)
+            c.checkpoint()
+            want = c.optimize(method="map", restarts=0, seed=2, holdout=0.25)
+    finally:
+        first.stop(grace=0)
+    again = start_learner_server(LearnerServiceConfig(model_dir=tmp_path / "m"))
+    try:
+        with LearnerClient(again.address) as c:
+            c.wait_ready(120)
+            got = c.optimize(method="map", restarts=0, seed=2, holdout=0.25)
+    finally:
+        again.stop(grace=0)
+    assert "whole frame" in got.message and got.message == want.message
+    assert {h.name: h.value for h in got.hyperparameters} == pytest.approx(
+        {h.name: h.value for h in want.hyperparameters}, rel=1e-9)
