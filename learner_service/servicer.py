@@ -357,6 +357,8 @@ class ServicerObserver:
 
 #: OptimizeRequest.method values ("" means "ml")
 OPTIMIZE_METHODS = ("ml", "map")
+#: most prior draws of one "map" Optimize (each is screened with one kernel build)
+MAX_MAP_RESTARTS = 100
 
 #: most atoms of one KernelDistances request: its (m, m) float64 answer is then 32 MiB
 MAX_KERNEL_DISTANCE_ATOMS = 2048
@@ -561,8 +563,8 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
             raise InvalidInput(f"space {request.space!r} applies to method 'ml'; method 'map' searches in log θ")
         restarts = request.restarts if request.HasField("restarts") else DEFAULT_RESTARTS
         holdout = request.holdout if request.HasField("holdout") else DEFAULT_HOLDOUT
-        if restarts < 0:
-            raise InvalidInput(f"restarts must be >= 0, got {restarts}")
+        if not 0 <= restarts <= MAX_MAP_RESTARTS:
+            raise InvalidInput(f"restarts must be in [0, {MAX_MAP_RESTARTS}] (each costs a kernel build), got {restarts}")
         if not (math.isfinite(holdout) and 0.0 <= holdout < 1.0):
             raise InvalidInput(f"holdout must be in [0, 1) (a share of the frames), got {holdout}")
         unknown = set(request.fixed) - set(gp.hyperparameter_names)

@@ -112,6 +112,7 @@ def test_bad_methods_and_map_settings_are_invalid_arguments_naming_the_problem()
             assert code == grpc.StatusCode.INVALID_ARGUMENT and "'mapp'" in text and "map" in text
             cases = [(learner_pb2.OptimizeRequest(method="map", holdout=1.0), "holdout"),
                      (learner_pb2.OptimizeRequest(method="map", restarts=-1), "restarts"),
+                     (learner_pb2.OptimizeRequest(method="map", restarts=2**31 - 1), "restarts"),
                      (learner_pb2.OptimizeRequest(method="map", tolerance=1e-3), "tolerance"),
                      (learner_pb2.OptimizeRequest(method="map", space="linear"), "space"),
                      (learner_pb2.OptimizeRequest(method="map", fixed=["ls9"]), "ls9"),
