@@ -14,6 +14,7 @@ total time spent in Optimize (the events' ``seconds``, wall), the optimisations 
 converging, and the raw mean z² of σ at the run's oracle calls (its last ``calibration`` event).
 
 Usage: PYTHONPATH=. python benchmarks/bench_optimize_method.py [--seeds 3] [--labels 20] [--systems al_melt]
+                                                              [--methods ml,map] [--holdout 0.2]
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from benchmarks.bench_learning_curves import SYSTEMS, held_out, learning_curve
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_one(system: str, method: str, seed: int, labels: int, work: Path) -> Path:
+def run_one(system: str, method: str, seed: int, labels: int, work: Path, holdout: float | None = None) -> Path:
     data = yaml.safe_load((ROOT / SYSTEMS[system]["config"]).read_text())
     data["seed"] = seed
-    data["name"] = f"{system}-{method}-{seed}"
+    data["name"] = f"{system}-{method}-{seed}" + (f"-h{holdout:g}" if holdout is not None else "")
     data["learner"].setdefault("optimize", {})["method"] = method
+    if holdout is not None and method == "map":
+        data["learner"]["optimize"]["holdout"] = holdout
     data.setdefault("stop", {})["max_labels"] = labels
     data["sampler"]["steps"] = max(int(data["sampler"]["steps"]), 1500)  # long enough to spend the budget
     cfg = work / f"{data['name']}.yaml"
@@ -69,6 +72,7 @@ def main() -> int:
     ap.add_argument("--methods", default="ml,map", help="comma-separated learner.optimize.method values")
     ap.add_argument("--seeds", type=int, default=3, help="runs per system and method (seeds 0..n-1)")
     ap.add_argument("--labels", type=int, default=20, help="oracle-call budget per run")
+    ap.add_argument("--holdout", type=float, help="learner.optimize.holdout of the map runs (default: the config's, 0.2)")
     ap.add_argument("--keep", help="keep the run directories here")
     args = ap.parse_args()
     methods = args.methods.split(",")
@@ -84,7 +88,7 @@ def main() -> int:
             for seed in range(args.seeds):
                 for m in methods:
                     t0 = time.perf_counter()
-                    run_dir = run_one(system, m, seed, args.labels, work)
+                    run_dir = run_one(system, m, seed, args.labels, work, args.holdout)
                     curve = learning_curve(run_dir, ks, frames, forces)
                     curves[m].append(curve)
                     f = run_facts(run_dir)
