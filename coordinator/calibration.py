@@ -69,14 +69,23 @@ def epistemic_scale(residuals, epistemic_std, noise, prior_alpha: float = DEFAUL
 
 
 class OnlineCalibration:
-    """The calibration points of a run, added label by label; O(3 n_atoms) numbers per label."""
+    """The calibration points of a run, added label by label; O(3 n_atoms) numbers per label.
+
+    Bookkeeping is O(new points) per label: the residuals r, epistemic variances e = σ_ep² and noise
+    variances ν = σn² live in three preallocated buffers that double when full (amortised O(1) per
+    point; :meth:`arrays` returns views of the filled part, no concatenation).  The scale s is still
+    the exact MAP over *all* points (:func:`epistemic_scale`, one O(N) 1-D search per new label) and is
+    computed once per label however often :meth:`scale` / :meth:`summary` are asked."""
+
+    #: points the buffers hold before their first growth (a 32-atom frame is 96)
+    INITIAL_CAPACITY = 1024
 
     def __init__(self, prior_alpha: float = DEFAULT_PRIOR_ALPHA) -> None:
         self.prior_alpha = prior_alpha
-        self._r: list[np.ndarray] = []
-        self._e: list[np.ndarray] = []
-        self._nu: list[np.ndarray] = []
+        self._buf = np.empty((3, self.INITIAL_CAPACITY))   # rows: r, e, ν
+        self._n = 0
         self.labels = 0
+        self._scale_memo: tuple[int, float] | None = None  # (labels, s)
         self._memo: tuple[int, float | None, dict] | None = None  # (labels, scale asked, summary)
 
     def add(self, predicted_forces, oracle_forces, epistemic_std, noise: float) -> None:
@@ -87,30 +96,47 @@ class OnlineCalibration:
             raise InvalidInput(f"calibration: forces and σ of a label differ in shape ({r.size} vs {e.size})")
         if not math.isfinite(noise) or noise < 0:
             raise InvalidInput(f"calibration: σn must be finite and >= 0, got {noise!r}")
-        self._r.append(r)
-        self._e.append(e)
-        self._nu.append(np.full(r.shape, float(noise) ** 2))
+        n, m = self._n, r.size
+        if n + m > self._buf.shape[1]:
+            grown = np.empty((3, max(2 * self._buf.shape[1], n + m)))
+            grown[:, :n] = self._buf[:, :n]
+            self._buf = grown
+        self._buf[0, n:n + m] = r
+        self._buf[1, n:n + m] = e
+        self._buf[2, n:n + m] = float(noise) ** 2
+        self._n = n + m
         self.labels += 1
 
     def __len__(self) -> int:
         return self.labels
 
+    @property
+    def points(self) -> int:
+        """Force components added so far."""
+        return self._n
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not self._r:
-            return np.zeros(0), np.zeros(0), np.zeros(0)
-        return np.concatenate(self._r), np.concatenate(self._e), np.concatenate(self._nu)
+        """``(r, σ_ep², σn²)`` of every point, read-only views (valid until the next :meth:`add`)."""
+        out = []
+        for row in self._buf[:, :self._n]:
+            view = row.view()
+            view.flags.writeable = False
+            out.append(view)
+        return out[0], out[1], out[2]
 
     def scale(self) -> float:
-        """s (1 with no points: the prior's mode)."""
-        if not self._r:
+        """s (1 with no points: the prior's mode); fitted once per label."""
+        if not self._n:
             return 1.0
-        r, e, nu = self.arrays()
-        return epistemic_scale(r, np.sqrt(e), np.sqrt(nu), self.prior_alpha)
+        if self._scale_memo is None or self._scale_memo[0] != self.labels:
+            r, e, nu = self.arrays()
+            self._scale_memo = (self.labels, epistemic_scale(r, np.sqrt(e), np.sqrt(nu), self.prior_alpha))
+        return self._scale_memo[1]
 
     def summary(self, scale: float | None = None) -> dict:
         """Mean z², 1σ/2σ coverage and the reliability curve with the model's σ (``raw``) and with s·σ_ep
         (``scaled``), and s itself."""
-        if not self._r:
+        if not self._n:
             return {"labels": 0}
         if self._memo is not None and self._memo[:2] == (self.labels, scale):
             return self._memo[2]  # asked again before the next label (acquisition, re-ranking)

@@ -66,8 +66,13 @@ class OptimizeConfig:
     # {name: [lower, upper]} replacing the learner's default boxes (units of each hyperparameter:
     # sig eV, ls Å, noise eV/Å), e.g. noise: [0.002, 1.0] for a floor on σn and so on k·σn
     bounds: Mapping[str, Any] = field(default_factory=dict)
-    # search space of L-BFGS-B: "linear" (θ, FLARE 0.2.4's on-the-fly optimiser) or "log" (log θ)
+    # search space of L-BFGS-B: "linear" (θ, FLARE 0.2.4's on-the-fly optimiser) or "log" (log θ); method ml
     space: str = "linear"
+    # "ml": maximise the likelihood (ML-II); "map": data-derived prior, restarts, held-out check on the
+    # model's own frames (OptimizeRequest.method; exact GP only)
+    method: str = "ml"
+    restarts: int = 3          # map: prior draws besides the prior centre and the current values
+    holdout: float = 0.2       # map: share of the labelled frames held out for the check (0: none)
 
 
 @dataclass(frozen=True)
@@ -550,6 +555,15 @@ def validate(c: RunConfig) -> None:
          f"learner.optimize.max_iterations: must be >= 1, got {le.optimize.max_iterations}")
     need(le.optimize.space in ("linear", "log"),
          f"learner.optimize.space: allowed linear, log, got {le.optimize.space!r}")
+    need(le.optimize.method in ("ml", "map"), f"learner.optimize.method: allowed ml, map, got {le.optimize.method!r}")
+    need(isinstance(le.optimize.restarts, int) and le.optimize.restarts >= 0,
+         f"learner.optimize.restarts: must be an integer >= 0, got {le.optimize.restarts!r}")
+    need(isinstance(le.optimize.holdout, (int, float)) and 0 <= le.optimize.holdout < 1,
+         f"learner.optimize.holdout: must be in [0, 1) (a share of the frames), got {le.optimize.holdout!r}")
+    if le.optimize.method == "map" and le.optimize.every:
+        need(learner_model_kind(le) == "exact",
+             f"learner.optimize.method: map (prior, restarts, held-out check) is for the exact GP; this run's "
+             f"learner is {learner_model_kind(le)} (learner.model): use ml")
     allowed_b = allowed_h | ({"energy_noise"} if le.use_energy else set()) | ({"stress_noise"} if le.use_stress else set())
     for k, v in le.optimize.bounds.items():
         need(k in allowed_b, f"learner.optimize.bounds: unknown hyperparameter {k!r}; allowed: {sorted(allowed_b)}")

@@ -1308,8 +1308,12 @@ class OnTheFlyRun:
         opt = self.config.learner.optimize
         if not opt.every or not any(k % opt.every == 0 and k <= opt.until_calls for k in range(before + 1, after + 1)):
             return None
-        result = self.learner.optimize(max_iterations=opt.max_iterations,
-                                       bounds={k: tuple(v) for k, v in opt.bounds.items()}, space=opt.space)
+        bounds = {k: tuple(v) for k, v in opt.bounds.items()}
+        if opt.method == "map":  # prior, restarts, held-out check on the learner's own frames
+            result = self.learner.optimize(max_iterations=opt.max_iterations, bounds=bounds, method="map",
+                                           restarts=opt.restarts, holdout=opt.holdout, seed=self.config.seed)
+        else:
+            result = self.learner.optimize(max_iterations=opt.max_iterations, bounds=bounds, space=opt.space)
         if log_event:
             hyps = {h.name: h.value for h in result.hyperparameters}
             self.rd.event("optimize", label=label.index, step=label.step, time_fs=label.time_fs,

@@ -35,7 +35,7 @@ import numpy as np
 from ase import Atoms
 
 from coordinator.ports import Ports
-from learner_service.client import LearnerClient, RemotePrediction, prediction_from_proto
+from learner_service.client import LearnerClient, RemotePrediction, optimize_request, prediction_from_proto
 from oracle_service.base import Labels
 from oracle_service.client import LabelResult
 from protos import wire
@@ -122,11 +122,9 @@ class InProcessLearner:
 
     def optimize(self, max_iterations: int = 0, tolerance: float = 0.0,
                  bounds: Mapping[str, tuple[float, float]] | None = None,
-                 fixed: Iterable[str] = (), space: str = "") -> learner_pb2.OptimizeResponse:
-        req = learner_pb2.OptimizeRequest(max_iterations=max_iterations, tolerance=tolerance, fixed=list(fixed),
-                                          space=space)
-        for name, (lo, hi) in (bounds or {}).items():
-            req.bounds.add(name=name, lower=lo, upper=hi)
+                 fixed: Iterable[str] = (), space: str = "", method: str = "", restarts: int | None = None,
+                 seed: int = 0, holdout: float | None = None) -> learner_pb2.OptimizeResponse:
+        req = optimize_request(max_iterations, tolerance, bounds, fixed, space, method, restarts, seed, holdout)
         reply = self.servicer.Optimize(req, None)
         self._remember()
         return reply

@@ -53,7 +53,9 @@ class LearnerPort(Protocol):
 
     def optimize(self, max_iterations: int = 0, tolerance: float = 0.0,
                  bounds: Mapping[str, tuple[float, float]] | None = None,
-                 fixed: Iterable[str] = (), space: str = "") -> learner_pb2.OptimizeResponse: ...
+                 fixed: Iterable[str] = (), space: str = "", method: str = "", restarts: int | None = None,
+                 seed: int = 0, holdout: float | None = None) -> learner_pb2.OptimizeResponse:
+        """``method`` "ml" (or "") or "map" (``restarts``, ``seed``, ``holdout``: OptimizeRequest)."""
 
     def checkpoint(self) -> learner_pb2.CheckpointResponse: ...
 

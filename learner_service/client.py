@@ -120,13 +120,13 @@ class LearnerClient:
 
     def optimize(self, max_iterations: int = 0, tolerance: float = 0.0,
                  bounds: Mapping[str, tuple[float, float]] | None = None,
-                 fixed: Iterable[str] = (), space: str = "") -> learner_pb2.OptimizeResponse:
-        """Maximise the likelihood; ``bounds`` {name: (lower, upper)} replace the learner's default boxes;
-        ``space`` "log" or "linear" ("": the learner's default, log)."""
-        req = learner_pb2.OptimizeRequest(max_iterations=max_iterations, tolerance=tolerance, fixed=list(fixed),
-                                          space=space)
-        for name, (lo, hi) in (bounds or {}).items():
-            req.bounds.add(name=name, lower=lo, upper=hi)
+                 fixed: Iterable[str] = (), space: str = "", method: str = "", restarts: int | None = None,
+                 seed: int = 0, holdout: float | None = None) -> learner_pb2.OptimizeResponse:
+        """Fit the hyperparameters; ``bounds`` {name: (lower, upper)} replace the learner's default boxes.
+        ``method`` "ml" ("": ML-II; ``space`` "log" or "linear", "": log) or "map" (prior, ``restarts``
+        prior draws, a held-out check on a ``holdout`` share of the model's frames, ``seed``; None: the
+        learner's defaults 3 and 0.2) -- see OptimizeRequest in protos/epicycle/v1/learner.proto."""
+        req = optimize_request(max_iterations, tolerance, bounds, fixed, space, method, restarts, seed, holdout)
         return self._call(self._stub.Optimize, req, self.train_timeout)
 
     def hold_versions(self, versions: Iterable[int]) -> learner_pb2.HoldVersionsResponse:
@@ -229,3 +229,19 @@ class PredictionStream:
                 pass
         except grpc.RpcError:
             pass
+
+
+def optimize_request(max_iterations: int = 0, tolerance: float = 0.0,
+                     bounds: Mapping[str, tuple[float, float]] | None = None, fixed: Iterable[str] = (),
+                     space: str = "", method: str = "", restarts: int | None = None, seed: int = 0,
+                     holdout: float | None = None) -> learner_pb2.OptimizeRequest:
+    """The OptimizeRequest of :meth:`LearnerClient.optimize` (also the in-process learner's)."""
+    req = learner_pb2.OptimizeRequest(max_iterations=max_iterations, tolerance=tolerance, fixed=list(fixed),
+                                      space=space, method=method, seed=int(seed))
+    if restarts is not None:
+        req.restarts = int(restarts)
+    if holdout is not None:
+        req.holdout = float(holdout)
+    for name, (lo, hi) in (bounds or {}).items():
+        req.bounds.add(name=name, lower=lo, upper=hi)
+    return req

@@ -53,7 +53,8 @@ from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .kernels import (N_FUNCTIONALS, LabelGroups, force_kernel_blocks, forward_substitution, kernel_blocks,
                       prediction_blocks)
 
-__all__ = ["GaussianProcess", "Prediction", "OptimizationResult", "FORMAT_VERSION", "BASE_HYPERPARAMETERS"]
+__all__ = ["GaussianProcess", "Prediction", "OptimizationResult", "LabelledFrame", "FORMAT_VERSION",
+           "BASE_HYPERPARAMETERS"]
 
 FORMAT_VERSION = 1
 BASE_HYPERPARAMETERS = ("sig2", "ls2", "sig3", "ls3", "noise")
@@ -192,6 +193,31 @@ class _Group:
     envs: np.ndarray  # environment indices into the training batch
     rows: np.ndarray  # (10,) output row per functional, -1 unused
     scale: np.ndarray  # (10,)
+
+
+@dataclass(frozen=True)
+class LabelledFrame:
+    """One structure's data as :meth:`GaussianProcess.add_structure` received it (Å, eV, eV/Å,
+    eV/Å³): the structure (``numbers``, ``positions``, ``cell``, ``pbc``), its ``forces`` (n, 3) or
+    None, ``atom_indices`` the atoms whose force labels were trained on, ``energy``, ``stress`` (6,)
+    or None; ``groups``: the model's label-group count after it was added.  O(n_atoms) numbers."""
+
+    numbers: np.ndarray
+    positions: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    forces: np.ndarray | None
+    atom_indices: np.ndarray
+    energy: float | None
+    stress: np.ndarray | None
+    groups_before: int
+    groups: int
+
+    def atoms(self):
+        """The structure as an ``ase.Atoms``."""
+        from ase import Atoms
+
+        return Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
 
 
 @dataclass
@@ -416,6 +442,8 @@ class GaussianProcess(Hyperparameters):
         self._batch_parts: list[EnvironmentBatch] = []
         self._n_env_total = 0
         self._groups: list[_Group] = []
+        #: the frames add_structure received, in order (not saved in model files: see labelled_frames)
+        self._frames: list[LabelledFrame] = []
         self._labels: list[float] = []
         self._kinds: list[int] = []
         self._n_force_envs = 0
@@ -555,9 +583,33 @@ class GaussianProcess(Hyperparameters):
         self._labels.extend(new_labels)
         self._kinds.extend(new_kinds)
         self._n_force_envs += len(idx)
+        self._frames.append(LabelledFrame(
+            np.array(numbers), np.array(positions), np.array(cell), np.array(pbc),
+            None if forces is None else np.array(forces), np.array(idx), energy,
+            None if stress is None else np.array(stress), len(self._groups) - len(new_groups), len(self._groups)))
         self._grad_cache = None  # its matrices no longer match the data
         self._version += 1
         return len(new_labels)
+
+    def labelled_frames(self) -> tuple[LabelledFrame, ...] | None:
+        """Every frame of the training data as it was added (in order), or None if some data did not
+        come through :meth:`add_structure` in this process's lineage of the model -- a model loaded from a
+        file (:meth:`save` keeps environments, not structures).  A model rebuilt from a learner's model
+        directory re-adds its frames, so it has them."""
+        frames = self._frames
+        if not self._groups:
+            return ()
+        if not frames or frames[0].groups_before != 0 or frames[-1].groups != len(self._groups):
+            return None
+        return tuple(frames)
+
+    def empty_copy(self) -> "GaussianProcess":
+        """A model with this one's species, cutoffs, hyperparameters and settings, and no data."""
+        new = GaussianProcess(self.species, (self.cutoffs.r2, self.cutoffs.r3), hyperparameters=self._hyps,
+                              pair_cutoffs=Cutoffs.parse_pair_dict(self.cutoffs.pair_dict()),
+                              kernel_cache_max_rows=self.kernel_cache_max_rows)
+        new.predict_threads = self.predict_threads
+        return new
 
     # ------------------------------------------------------------------
     # covariance and factorisation
@@ -984,6 +1036,7 @@ class GaussianProcess(Hyperparameters):
         new._hyps = dict(self._hyps)
         new._batch_parts = list(self._batch_parts)
         new._groups = list(self._groups)
+        new._frames = list(self._frames)
         new._labels = list(self._labels)
         new._kinds = list(self._kinds)
         new.__dict__.pop("_groups_cache", None)
@@ -1017,6 +1070,7 @@ class GaussianProcess(Hyperparameters):
         new._batch_parts = []
         new._n_env_total = n_env
         new._groups = self._groups[:int(counts["groups"])]
+        new._frames = [f for f in self._frames if f.groups <= int(counts["groups"])]
         new._labels = self._labels[:n]
         new._kinds = self._kinds[:n]
         new._n_force_envs = int(counts["force_environments"])

@@ -355,6 +355,11 @@ class ServicerObserver:
         """Optimize finished in ``seconds`` (``result``: the GP's optimisation result)."""
 
 
+#: OptimizeRequest.method values ("" means "ml")
+OPTIMIZE_METHODS = ("ml", "map")
+#: most prior draws of one "map" Optimize (each is screened with one kernel build)
+MAX_MAP_RESTARTS = 100
+
 #: most atoms of one KernelDistances request: its (m, m) float64 answer is then 32 MiB
 MAX_KERNEL_DISTANCE_ATOMS = 2048
 
@@ -500,28 +505,79 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         return self._add([self._data_item(gp, item, f"items[{k}].") for k, item in enumerate(request.items)])
 
     def Optimize(self, request, context):
+        """method "ml" (or empty): ``LearnerModel.optimize`` (ML-II); "map": prior, restarts and a held-out
+        check on the model's own frames (:func:`learner_service.served_selection.map_select`)."""
         self._ready()
+        method = request.method or "ml"
+        if method not in OPTIMIZE_METHODS:
+            raise InvalidInput(f"method: unknown optimisation method {request.method!r}; allowed: "
+                               f"{', '.join(OPTIMIZE_METHODS)}")
         if request.max_iterations < 0 or request.tolerance < 0:
             raise InvalidInput("max_iterations and tolerance must be >= 0")
         gp, _ = self.store.snapshot()
         if not gp.n_labels:
             raise ModelError("cannot optimise hyperparameters without training data; call AddData first")
-        max_it = request.max_iterations or self.default_max_iterations
+        bounds = bounds_from_proto(request.bounds, gp.hyperparameter_names)
         started = time.perf_counter()
-        kwargs = {"max_iterations": max_it, "bounds": bounds_from_proto(request.bounds, gp.hyperparameter_names),
-                  "fix": tuple(request.fixed), "space": request.space or "log"}
-        if request.tolerance:
-            kwargs["ftol"] = request.tolerance
-        result, version = self.store.update(lambda g: g.optimize(**kwargs))
+        if method == "map":
+            change = self._map_change(request, gp, bounds)
+        else:
+            for name in ("restarts", "holdout"):
+                if request.HasField(name):
+                    raise InvalidInput(f"{name} applies to method 'map', not {method!r}")
+            kwargs = {"max_iterations": request.max_iterations or self.default_max_iterations, "bounds": bounds,
+                      "fix": tuple(request.fixed), "space": request.space or "log"}
+            if request.tolerance:
+                kwargs["ftol"] = request.tolerance
+
+            def change(g):
+                return g.optimize(**kwargs)
+        result, version = self.store.update(change)
+        gp, _ = self.store.snapshot()
+        if method == "map":  # the search ran on the kept atoms: report (and export) the served model's likelihood
+            value = gp.log_likelihood(gradient=False)
+            result = dataclasses.replace(result, log_likelihood=float(value[0] if isinstance(value, tuple) else value))
         self.store.last_optimize = result
         seconds = time.perf_counter() - started
         self.observer.optimized(seconds, result)
-        gp, _ = self.store.snapshot()
         return learner_pb2.OptimizeResponse(
             hyperparameters=hyperparameters_to_proto(dict(gp.hyperparameters)),
             log_likelihood=float(result.log_likelihood), iterations=int(result.iterations),
             converged=bool(result.converged), message=str(result.message),
             seconds=seconds, model_version=version, at_bounds=sorted(result.at_bounds))
+
+    @staticmethod
+    def _map_change(request, gp, bounds):
+        """The store update of method "map" (request checked here, before the writer lock)."""
+        from learner_service.served_selection import (DEFAULT_HOLDOUT, DEFAULT_MAP_ITERATIONS, DEFAULT_RESTARTS,
+                                                      map_select)
+
+        if gp.kind != "exact":
+            raise ModelError(f"method 'map' (prior, restarts, held-out check) is for the exact GP; this learner "
+                             f"serves a {gp.kind} model, whose hyperparameters maximise its own likelihood: "
+                             f"use method 'ml'")
+        if request.tolerance:
+            raise InvalidInput("tolerance applies to method 'ml'; method 'map' stops on its gradient "
+                               "(max_iterations caps it)")
+        if request.space not in ("", "log"):
+            raise InvalidInput(f"space {request.space!r} applies to method 'ml'; method 'map' searches in log θ")
+        restarts = request.restarts if request.HasField("restarts") else DEFAULT_RESTARTS
+        holdout = request.holdout if request.HasField("holdout") else DEFAULT_HOLDOUT
+        if not 0 <= restarts <= MAX_MAP_RESTARTS:
+            raise InvalidInput(f"restarts must be in [0, {MAX_MAP_RESTARTS}] (each costs a kernel build), got {restarts}")
+        if not (math.isfinite(holdout) and 0.0 <= holdout < 1.0):
+            raise InvalidInput(f"holdout must be in [0, 1) (a share of the frames), got {holdout}")
+        unknown = set(request.fixed) - set(gp.hyperparameter_names)
+        if unknown:
+            raise InvalidInput(f"fixed: unknown hyperparameter(s) {sorted(unknown)}; this model has "
+                               f"{', '.join(gp.hyperparameter_names)}")
+        kwargs = {"restarts": int(restarts), "seed": int(request.seed), "holdout": float(holdout),
+                  "max_iterations": request.max_iterations or DEFAULT_MAP_ITERATIONS, "bounds": bounds,
+                  "fix": tuple(request.fixed)}
+
+        def change(g):
+            return map_select(g, **kwargs)
+        return change
 
     # -- model management -----------------------------------------------------------------
 

@@ -80,18 +80,26 @@ class HyperparameterBounds(_message.Message):
     def __init__(self, name: _Optional[str] = ..., lower: _Optional[float] = ..., upper: _Optional[float] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
-    __slots__ = ("max_iterations", "tolerance", "bounds", "fixed", "space")
+    __slots__ = ("max_iterations", "tolerance", "bounds", "fixed", "space", "method", "restarts", "seed", "holdout")
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     FIXED_FIELD_NUMBER: _ClassVar[int]
     SPACE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
     max_iterations: int
     tolerance: float
     bounds: _containers.RepeatedCompositeFieldContainer[HyperparameterBounds]
     fixed: _containers.RepeatedScalarFieldContainer[str]
     space: str
-    def __init__(self, max_iterations: _Optional[int] = ..., tolerance: _Optional[float] = ..., bounds: _Optional[_Iterable[_Union[HyperparameterBounds, _Mapping]]] = ..., fixed: _Optional[_Iterable[str]] = ..., space: _Optional[str] = ...) -> None: ...
+    method: str
+    restarts: int
+    seed: int
+    holdout: float
+    def __init__(self, max_iterations: _Optional[int] = ..., tolerance: _Optional[float] = ..., bounds: _Optional[_Iterable[_Union[HyperparameterBounds, _Mapping]]] = ..., fixed: _Optional[_Iterable[str]] = ..., space: _Optional[str] = ..., method: _Optional[str] = ..., restarts: _Optional[int] = ..., seed: _Optional[int] = ..., holdout: _Optional[float] = ...) -> None: ...
 
 class OptimizeResponse(_message.Message):
     __slots__ = ("hyperparameters", "log_likelihood", "iterations", "converged", "message", "seconds", "model_version", "at_bounds")

@@ -140,7 +140,7 @@ class LearnerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Optimize(self, request, context):
-        """Optimise hyperparameters by maximising the log marginal likelihood.
+        """Optimise hyperparameters: maximum likelihood (method "ml") or MAP with a held-out check (method "map").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
