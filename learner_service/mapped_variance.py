@@ -94,7 +94,7 @@ def _feature_forces(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_off
 @njit(cache=True)
 def _energy_features(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_off, coef, c_off2, col_off, n_cols,
                      cut, use3, pid3, knots3, k_off3, coef3, c_off3, n1_3, r3mat, blk_off, ent_p, ent_q, ent_r,
-                     ent_col, ent_w, col3, V):
+                     ent_col, ent_w, bc_off, bc_col, col3, V):
     """V (n, R): per atom i, the 2-body features summed over its bonds (columns ``col_off``)
     and the 3-body orbit features summed over its triplets (columns ``col3 + ent_col``)."""
     S = r3mat.shape[0]
@@ -182,7 +182,7 @@ def _energy_features(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_of
 
 @njit(cache=True)
 def _feature_forces3(n_atoms, c_off, nb_atom, nb_vec, spec, pid3, knots3, k_off3, coef3, c_off3, n1_3, r3mat,
-                     blk_off, ent_p, ent_q, ent_r, ent_col, ent_w, col3, rank3, D):
+                     blk_off, ent_p, ent_q, ent_r, ent_col, ent_w, bc_off, bc_col, col3, rank3, D):
     """D (n, R, 3), 3-body columns ``col3 + ent_col``: -d/dx of the sum over every centre's
     triplets of the orbit features (the "forces" of the models phi = z_O)."""
     S = r3mat.shape[0]
@@ -259,32 +259,38 @@ def _feature_forces3(n_atoms, c_off, nb_atom, nb_vec, spec, pid3, knots3, k_off3
                     de3[q] = dv
                 b = (si * S + sj) * S + sk
                 lo, hi = blk_off[b], blk_off[b + 1]
-                for e in range(lo, hi):
-                    G1[ent_col[e]] = 0.0
-                    G2[ent_col[e]] = 0.0
-                    G3[ent_col[e]] = 0.0
-                for e in range(lo, hi):
+                for cc in range(bc_off[b], bc_off[b + 1]):  # the block's orbit columns
+                    G1[bc_col[cc]] = 0.0
+                    G2[bc_col[cc]] = 0.0
+                    G3[bc_col[cc]] = 0.0
+                pp = -1
+                qq = -1
+                a12 = 0.0
+                d1 = 0.0
+                d2 = 0.0
+                for e in range(lo, hi):  # entries sorted by (p, q, r): the (p, q) factors change rarely
+                    if ent_p[e] != pp or ent_q[e] != qq:
+                        pp = ent_p[e]
+                        qq = ent_q[e]
+                        a12 = Enb[mi, pp] * Enb[ni, qq]
+                        d1 = dEnb[mi, pp] * Enb[ni, qq]
+                        d2 = Enb[mi, pp] * dEnb[ni, qq]
+                    c = ent_col[e]
                     w = ent_w[e]
-                    a1 = Enb[mi, ent_p[e]]
-                    a2 = Enb[ni, ent_q[e]]
-                    a3 = e3[ent_r[e]]
-                    G1[ent_col[e]] += w * dEnb[mi, ent_p[e]] * a2 * a3
-                    G2[ent_col[e]] += w * a1 * dEnb[ni, ent_q[e]] * a3
-                    G3[ent_col[e]] += w * a1 * a2 * de3[ent_r[e]]
+                    rr = ent_r[e]
+                    a3 = w * e3[rr]
+                    G1[c] += d1 * a3
+                    G2[c] += d2 * a3
+                    G3[c] += w * a12 * de3[rr]
                 u1x, u1y, u1z = nb_vec[m, 0] / r1, nb_vec[m, 1] / r1, nb_vec[m, 2] / r1
                 u2x, u2y, u2z = nb_vec[n, 0] / r2, nb_vec[n, 1] / r2, nb_vec[n, 2] / r2
                 inv3 = 1.0 / r12 if r12 > 0.0 else 0.0
                 u3x, u3y, u3z = x3 * inv3, y3 * inv3, z3 * inv3
-                for e in range(lo, hi):
-                    c = ent_col[e]
+                for cc in range(bc_off[b], bc_off[b + 1]):
+                    c = bc_col[cc]
                     g1 = G1[c]
                     g2 = G2[c]
                     g3 = G3[c]
-                    if g1 == 0.0 and g2 == 0.0 and g3 == 0.0:
-                        continue
-                    G1[c] = 0.0  # each column once
-                    G2[c] = 0.0
-                    G3[c] = 0.0
                     col = col3 + c
                     D[i, col, 0] += g1 * u1x + g2 * u2x
                     D[i, col, 1] += g1 * u1y + g2 * u2y
@@ -378,7 +384,8 @@ class MappedVariance:
                 z = np.zeros(1, np.int64)
                 self._packed3 = (False, np.zeros((s, s), np.int64), np.zeros(8), np.array([0, 8], np.int64),
                                  np.zeros((4, 1)), z, np.ones(1, np.int64), np.zeros((s, s)),
-                                 np.zeros(s ** 3 + 1, np.int64), z, z, z, z, np.zeros(1), self.rank2)
+                                 np.zeros(s ** 3 + 1, np.int64), z, z, z, z, np.zeros(1), np.zeros(s ** 3 + 1, np.int64),
+                                 z, self.rank2)
                 return self._packed3
             pid = np.zeros((s, s), np.int64)
             knots, k_off, coefs, c_off, n1 = [], [0], [], [0], []
@@ -393,12 +400,15 @@ class MappedVariance:
                 c_off.append(c_off[-1] + c.shape[0])
                 n1.append(c.shape[1])
             ent = tb["entries"]
-            order = np.argsort(ent["block"], kind="stable")
+            order = np.lexsort((ent["r"], ent["q"], ent["p"], ent["block"]))  # by block, then p, q, r
             blk_off = np.searchsorted(ent["block"][order], np.arange(s ** 3 + 1)).astype(np.int64)
+            cols = [np.unique(ent["col"][order][blk_off[b]:blk_off[b + 1]]) for b in range(s ** 3)]
+            bc_off = np.concatenate([[0], np.cumsum([len(c) for c in cols])]).astype(np.int64)
+            bc_col = np.concatenate(cols).astype(np.int64) if cols else np.zeros(0, np.int64)
             self._packed3 = (True, pid, np.concatenate(knots), np.asarray(k_off, np.int64), np.vstack(coefs),
                              np.asarray(c_off, np.int64), np.asarray(n1, np.int64), tb["r3"], blk_off,
                              *(np.ascontiguousarray(ent[k][order], dtype=np.int64) for k in ("p", "q", "r", "col")),
-                             np.ascontiguousarray(ent["w"][order], dtype=np.float64), self.rank2)
+                             np.ascontiguousarray(ent["w"][order], dtype=np.float64), bc_off, bc_col, self.rank2)
         return self._packed3
 
     def _neighbours(self, atoms, r_max):
