@@ -667,8 +667,8 @@ def _threebody_features(gp, spacing: float, rtol3: float, n_points: int, seed: i
                 pts.append(rng.uniform(0.0, 1.0, (n_points, 3)) * np.asarray(rc))
                 pts = np.vstack(pts)
                 pts = pts[(pts[:, 0] < rc[0]) & (pts[:, 1] < rc[1]) & (pts[:, 2] < rc[2])]
-                for lo in range(0, len(pts), 2048):
-                    chunk = pts[lo:lo + 2048]
+                for lo in range(0, len(pts), 512):  # bounds the (rows, 512, 4) covariance blocks
+                    chunk = pts[lo:lo + 512]
                     G = h["sig3"] ** 2 * prediction_blocks(
                         train, groups, _triplet_batch(c, a, b, chunk, rc, S), S, h["ls2"], h["ls3"], use2=False,
                         threads=gp.predict_threads)[1][:, :, 0]
@@ -679,7 +679,7 @@ def _threebody_features(gp, spacing: float, rtol3: float, n_points: int, seed: i
     return tb, A3
 
 
-def map_variance(gp, spacing: float = 0.05, samples: int = 2, rtol: float = 1e-9, quantity: str = "force",
+def map_variance(gp, spacing: float = 0.05, samples: int = 2, rtol: float = 1e-12, quantity: str = "force",
                  rtol3: float = 1e-12, spacing3: float = 0.05, n_points: int = 3000, seed: int = 0,
                  threebody: bool | None = None) -> MappedVariance:
     """The :class:`MappedVariance` of an exact GP.
