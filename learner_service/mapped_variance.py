@@ -13,32 +13,35 @@ like the mean.  Then for a training label row ``cov(row, E1(c)) = sum_q A[row, q
 
     cov(F_i, F_i | data) = D_i^T M D_i,   M = (I + A^T N^-1 A)^-1,   N = sig3^2 K3 + diag(σn^2)
 
-(the posterior covariance of the feature weights w ~ N(0, I) of the labels y = A w + f3 + noise;
+(2-body features only, ``threebody=False``: the posterior covariance of the feature weights
+w ~ N(0, I) of the labels y = A w + f3 + noise;
 equal to ``I - A^T K_y^-1 A`` by Woodbury, but without its catastrophic cancellation), an
 R x R matrix computed once.  Per step this costs R 1-D spline derivatives
 per bond (the basis is shared) and a (3 x R)(R x R)(R x 3) product per atom.
 
-The 3-body part is not mapped for the force σ (its features would be 3-D splines of rank
-several hundred).  For 2+3-body GPs the module maps the **local-energy** σ instead
-(``quantity="local_energy"``, :func:`map_variance` default then): the GP restricted to 2- and
-3-body clusters is a Bayesian linear regression on
+2+3-body GPs (``threebody=True``, the default when the GP has a 3-body term): the GP is a
+Bayesian linear regression on the 2-body features ``h_q`` and on 3-body features
 
-* 2-body features ``h_q`` (as above, bonds of atom i), and
-* 3-body features ``z_O(t) = sqrt(6 c3 / |O|) sum_{(s,p,q,r) in O} e^{s_ij}_p(r_ij) e^{s_ik}_q(r_ik) e^{s_jk}_r(r_jk)``:
-  the triplet kernel ``c3 sum_P prod_k f(x_k) f(y_Pk) exp(-lam (x_k - y_Pk)^2 / 2)``
-  (``c3 = sig3^2 W3^2``) is a permutation sum of products of one 1-D kernel per species pair,
-  whose Mercer features ``e_p`` (1-D splines) turn each product into a tensor product; the sum
-  over the 6 permutations is ``6 x`` the projector onto permutation orbits ``O`` of the
-  feature indices (species block, p, q, r), so one feature per orbit.  Products of 1-D
-  eigenvalues below ``rtol3`` of the largest are dropped (the rank R3).
+    z_O(t) = sqrt(6 c3 / |O|) sum_{(s,p,q,r) in O} e^{s_ij}_p(r_ij) e^{s_ik}_q(r_ik) e^{s_jk}_r(r_jk):
 
-With ``v_i = [sum_bonds h(r_ij), sum_triplets z(t)]`` (R) the local-energy σ of atom i is
-``sqrt(v_i^T M v_i)`` with ``M = (I + A^T N^-1 A)^-1``, ``A = [A2, A3]`` the features'
-functionals on the training rows (A3 by least squares from the GP's covariances of the
-training rows with single triplets) and ``N = diag(σn^2)``.  ``A A^T`` reproduces the GP's
-training kernel (``metadata["kernel_rel_err"]``).  Per step: R 1-D splines per bond, the
-kept tensor products per triplet, one R x R quadratic form per atom (docs/mapping.md: cost
-and error against the exact local-energy σ, :func:`exact_local_energy_std`).
+the triplet kernel ``c3 sum_P prod_k f(x_k) f(y_Pk) exp(-lam (x_k - y_Pk)^2 / 2)``
+(``c3 = sig3^2 W3^2``) is a sum over the 6 relabellings P of products of one 1-D kernel per
+species pair, whose Mercer features ``e_p`` (1-D splines) turn each product into a tensor
+product; the permutation sum is 6 x the projector onto the orbits O of the feature indices
+(species block, p, q, r), so one feature per orbit.  Products of 1-D eigenvalues below
+``rtol3`` of the largest are dropped (rank R3).  ``A = [A2, A3]`` (A3 by least squares from
+the GP's covariances of its training rows with single triplets), ``N = diag(σn^2)``, one joint
+M (so the 2-/3-body cross terms are in), and
+
+* the force σ (``quantity="force"``, default): ``D_i`` gets the 3-body columns
+  ``-d/dx_i sum_j sum_{t in env j} z_O(t)`` (:func:`_feature_forces3`);
+* the local-energy σ (``quantity="local_energy"``): ``sqrt(v_i^T M v_i)`` with
+  ``v_i = [sum_bonds h, sum_triplets z]`` (:func:`_energy_features`) -- cheaper, but with force
+  labels only it hardly follows the force σ (docs/mapping.md).
+
+``A A^T`` reproduces the GP's training kernel (``metadata["kernel_rel_err"]``).  Per step: R
+1-D splines per bond, the kept tensor products per triplet, a (3 x R)(R x R)(R x 3) product per
+atom.  docs/mapping.md: derivation, rank vs error against the exact σ vs cost.
 """
 
 from __future__ import annotations
