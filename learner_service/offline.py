@@ -399,9 +399,9 @@ def map_to_directory(gp, out_dir, source: str, spacing2=None, spacing3=None, spa
     if variance:
         from .mapped_variance import map_variance, sigma_errors
 
-        log("mapping the 2-body force uncertainty ...")
+        log("mapping the force uncertainty ...")
         mv = map_variance(gp)
-        report["variance"] = {"rank": mv.rank, "terms": "2-body"}
+        report["variance"] = {"rank": mv.rank, "terms": mv.metadata["terms"], "unit": mv.unit}
         for name, frames in (("train_frames", train_frames), ("test_frames", test_frames)):
             if frames is not None:
                 report["variance"][name] = sigma_errors(gp, mv, frames)
@@ -464,7 +464,7 @@ def format_map_report(r: dict) -> str:
                      f"({e['components']} components)")
     v = r.get("variance")
     if v:
-        lines.append(f"mapped 2-body force σ (rank {v['rank']}) vs the exact GP atom σ:")
+        lines.append(f"mapped {v.get('terms', '2-body')} force σ (rank {v['rank']}) vs the exact GP atom σ:")
         for key in ("train_frames", "test_frames"):
             if key in v:
                 e = v[key]
@@ -640,6 +640,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--train", help="training frames (extended XYZ or run directory) to report errors on")
     p.add_argument("--test", help="test frames (extended XYZ) to report mapped-vs-GP force errors on")
     p.add_argument("--variance", action="store_true",
-                   help="also map the (2-body) force uncertainty to mapped_variance.npz and report its error")
+                   help="also map the force uncertainty (2- and 3-body) to mapped_variance.npz and report its error")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_guard(_cmd_map))

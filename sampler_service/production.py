@@ -91,9 +91,12 @@ def run_md(potential, atoms, engine: str = "lammps", ensemble: str = "nve", time
            out_dir: str | Path | None = None, sigma=None, threshold: float | None = None, log=print) -> dict:
     """Run production MD; write the trajectory and thermo log into ``out_dir``; return a summary.
 
-    ``sigma`` (a σ provider, e.g. :class:`~sampler_service.mapped_forces.MappedSigmaProvider`) and
-    ``threshold`` (eV/Å): stop where some atom's σ exceeds the threshold (checked every step by the
-    built-in engine, at every frame by LAMMPS); the summary says where (``stopped``)."""
+    ``sigma`` (a σ provider, e.g. :class:`~sampler_service.mapped_forces.MappedSigmaProvider`, for
+    2- and 2+3-body models) and ``threshold`` (in the σ's unit: eV/Å for the mapped force σ, eV
+    for a local-energy variance): stop where some atom's σ exceeds the threshold (checked every
+    step by the built-in engine, at every frame by LAMMPS); the summary says where (``stopped``).
+    With ``sigma`` every frame's largest atom σ is logged and written to ``thermo.csv``
+    (``max_sigma``) and the summary's ``max_sigma``."""
     from ase.io import write
 
     from sampler_service.engine_registry import create_engine
@@ -103,6 +106,8 @@ def run_md(potential, atoms, engine: str = "lammps", ensemble: str = "nve", time
                                temperature_K=temperature_K, initial_temperature_K=temperature_K, seed=seed)
     out = Path(out_dir) if out_dir is not None else None
     rows = []
+    sig_max = []
+    unit = getattr(getattr(sigma, "variance", None), "unit", "eV/Å")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         traj = out / "md.xyz"
@@ -114,8 +119,12 @@ def run_md(potential, atoms, engine: str = "lammps", ensemble: str = "nve", time
                      o.pressure_GPa if o.pressure_GPa is not None else float("nan")))
         if out is not None:
             write(traj, frame.to_atoms(), format="extxyz", append=True)
+        extra = ""
+        if sigma is not None:
+            sig_max.append(float(np.max(frame.atom_std, initial=0.0)) if frame.atom_std is not None else float("nan"))
+            extra = f"  max σ {sig_max[-1]:.4g} {unit}"
         log(f"step {frame.step:>8d}  t {frame.time_fs / 1000:8.3f} ps  T {o.temperature_K:8.1f} K  "
-            f"E_tot {o.total_eV / len(atoms):.6f} eV/atom")
+            f"E_tot {o.total_eV / len(atoms):.6f} eV/atom{extra}")
 
     if sigma is not None and engine == "builtin":
         if not hasattr(potential, "sigma"):
@@ -143,12 +152,16 @@ def run_md(potential, atoms, engine: str = "lammps", ensemble: str = "nve", time
         "final_temperature_K": rows[-1][2] if rows else None,
         "stopped": None if report.reason == "max_steps" else {
             "reason": report.reason, "step": int(report.step), "max_atom_std_eV_A": report.max_std,
-            "atoms": report.uncertain_atoms.tolist()},
+            "atoms": report.uncertain_atoms.tolist(), "unit": unit},
     }
+    if sigma is not None:
+        summary["max_sigma"] = {"unit": unit, "max": float(np.nanmax(sig_max)) if sig_max else None}
     if out is not None:
         with open(out / "thermo.csv", "w") as fh:
-            fh.write("step,time_fs,temperature_K,potential_eV,kinetic_eV,total_eV,pressure_GPa\n")
-            for r in rows:
+            fh.write("step,time_fs,temperature_K,potential_eV,kinetic_eV,total_eV,pressure_GPa"
+                     + (",max_sigma" if sigma is not None else "") + "\n")
+            for k, r in enumerate(rows):
+                r = r + ((sig_max[k],) if sigma is not None else ())
                 fh.write(",".join(repr(float(x)) if i else str(int(x)) for i, x in enumerate(r)) + "\n")
         (out / "md.json").write_text(json.dumps({**summary, "settings": settings.to_dict()}, indent=2))
     return summary
@@ -172,8 +185,8 @@ def _cmd_md(args) -> int:
                out_dir=args.out, sigma=sigma, threshold=args.threshold)
     if s["stopped"] is not None:
         st = s["stopped"]
-        print(f"stopped at step {st['step']}: {st['reason']} (max atom σ {st['max_atom_std_eV_A']:.3g} eV/Å > "
-              f"{args.threshold} eV/Å; atoms {st['atoms'][:10]})")
+        print(f"stopped at step {st['step']}: {st['reason']} (max atom σ {st['max_atom_std_eV_A']:.3g} {st['unit']} > "
+              f"{args.threshold} {st['unit']}; atoms {st['atoms'][:10]})")
     drift = s["energy_drift_meV_per_atom_ps"]
     print(f"done: {s['simulated_ps']:g} ps in {s['wall_s']:.1f} s wall ({s['cpu_s_per_atom_step']:.2e} CPU s/atom/step); "
           f"energy drift {'n/a' if drift is None else f'{drift:.2e}'} meV/atom/ps"
@@ -211,8 +224,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--seed", type=int, default=1, help="seed of the initial velocities (and the Langevin noise)")
     p.add_argument("--out", default=None, help="output directory (md.xyz, thermo.csv, md.json)")
     p.add_argument("--variance", default=None,
-                   help="mapped_variance.npz (epicycle map --variance): watch each atom's σ (LAMMPS: at every frame)")
-    p.add_argument("--threshold", type=float, default=None, help="stop when an atom's mapped σ exceeds this, eV/Å")
+                   help="mapped_variance.npz (epicycle map --variance; 2- and 2+3-body models): watch each atom's σ "
+                        "(LAMMPS: at every frame), logged and written to thermo.csv")
+    p.add_argument("--threshold", type=float, default=None, help="stop when an atom's mapped σ exceeds this, eV/Å (the force σ; eV for a "
+                   "local-energy variance)")
     p.set_defaults(func=_cmd_md)
 
 

@@ -448,3 +448,39 @@ class TestMappedSigmaInProduction:
         assert report.max_std == pytest.approx(sig[first], rel=1e-9)
         free.close()
         e.close()
+
+    def test_epicycle_md_records_the_mapped_sigma_of_a_threebody_model(self, tmp_path, capsys):
+        """``epicycle md --variance`` with a 2+3-body model (3-body features in the mapped σ): every
+        frame's largest σ goes to the log and thermo.csv, and is the mapped σ of that frame's atoms."""
+        from ase.io import read
+
+        from coordinator.cli import main
+        from learner_service.datasets import perturbed_fcc_al
+        from learner_service.gp import GaussianProcess
+        from learner_service.mapped_variance import MappedVariance, map_variance
+        from learner_service.mapping import map_gp
+
+        train = perturbed_fcc_al(1, seed=0, delta=0.02)[0]
+        gp = GaussianProcess([13], (5.0, 3.5), {"sig2": 0.20, "ls2": 0.90, "sig3": 0.02, "ls3": 0.75, "noise": 0.04})
+        gp.add_structure(train, forces=train.get_forces(), atom_indices=list(range(8)))
+        gp.train()
+        d = tmp_path / "map"
+        d.mkdir()
+        map_gp(gp, spacing2=0.2, spacing3=0.4, spacing_jk=0.4).save(d / "mapped.npz")
+        mv = map_variance(gp)
+        assert mv.metadata["terms"] == "2+3-body"
+        mv.save(tmp_path / "mapped_variance.npz")
+        out = tmp_path / "md"
+        rc = main(["md", "--potential", str(d), "--engine", "builtin", "--repeat", "2", "--steps", "20",
+                   "--frame-interval", "10", "--temperature-K", "600", "--variance",
+                   str(tmp_path / "mapped_variance.npz"), "--threshold", "100", "--out", str(out)])
+        assert rc == 0
+        assert "max σ" in capsys.readouterr().out
+        rows = (out / "thermo.csv").read_text().splitlines()
+        assert rows[0].endswith(",max_sigma")
+        frames = read(out / "md.xyz", index=":")
+        back = MappedVariance.load(tmp_path / "mapped_variance.npz")
+        for row, frame in zip(rows[1:], frames):
+            assert float(row.split(",")[-1]) == pytest.approx(back.atom_std(frame).max(), rel=1e-6)  # xyz digits
+        summary = json.loads((out / "md.json").read_text())
+        assert summary["max_sigma"]["unit"] == "eV/Å" and summary["max_sigma"]["max"] > 0
