@@ -59,6 +59,11 @@ def _nums(values) -> str:
     return _fmt(values, 12)
 
 
+def fits_uf3_line(knots) -> bool:
+    """Whether a knot vector fits on one line of a pair_style uf3 file (LAMMPS's line buffer)."""
+    return len(_nums(knots)) <= UF3_MAX_LINE
+
+
 def _fixed(v: float, decimals: int) -> str:
     text = f"{v:.{decimals}f}"
     if "." in text:

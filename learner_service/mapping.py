@@ -56,6 +56,11 @@ DEFAULT_SPACING_3 = 0.2
 #: Å, knot spacing of the r_jk axis: finer, as the GP term has its cutoff kink (r3 - r_jk)^2
 #: inside this axis (UF3 runs it to 2 r3) where a cubic spline is C2
 DEFAULT_SPACING_JK = 0.1
+#: meV/Å, largest mapped-vs-GP force error ``epicycle map`` accepts before refining the default grid
+DEFAULT_TOLERANCE_MEV = 1.0
+#: factor applied to the default knot spacings at each refinement, and the most refinements
+REFINE_FACTOR = 0.75
+MAX_REFINEMENTS = 3
 #: least-squares sample points per knot interval and axis
 DEFAULT_SAMPLES = 2
 #: test environments per kernel call (bounds the (rows, m, 4) blocks' memory)
@@ -182,6 +187,12 @@ def _intervals(r_max: float, spacing: float) -> int:
     return max(4, int(math.ceil(r_max / spacing - 1e-9)))
 
 
+def threebody_knots(cut: float, spacing3: float, spacing_jk: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Knots of a 3-body spline with cutoff ``cut`` (Å): (r_ij and r_ik axes, r_jk axis over [0, 2·cut])."""
+    n = _intervals(cut, spacing3)
+    return uniform_knots(cut, n), uniform_knots(2 * cut, 2 * (_intervals(cut, spacing_jk) if spacing_jk else n))
+
+
 def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SPACING_3,
            samples: int = DEFAULT_SAMPLES, body_order: int | None = None,
            log: Callable[[str], None] | None = None, spacing_jk: float | None = DEFAULT_SPACING_JK,
@@ -245,11 +256,10 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
                 for b in range(a, S):
                     t1 = time.perf_counter()
                     cut = float(max(r3[c, a], r3[c, b]))
-                    n = _intervals(cut, spacing3) if cut > 0 else 4
                     if cut <= 0:
-                        cut = 1.0  # no 3-body term for this triplet: zero spline on a nominal range
-                    k12 = uniform_knots(cut, n)
-                    k3 = uniform_knots(2 * cut, 2 * (_intervals(cut, spacing_jk) if spacing_jk else n))
+                        k12, k3 = threebody_knots(1.0, 0.25, None)  # no 3-body term: zero spline, nominal range
+                    else:
+                        k12, k3 = threebody_knots(cut, spacing3, spacing_jk)
                     shape = (len(k12) - 4, len(k12) - 4, len(k3) - 4)
                     if min(r3[c, a], r3[c, b], r3[a, b]) <= 0:
                         threebody[(c, a, b)] = (k12, k12.copy(), k3, np.zeros(shape))

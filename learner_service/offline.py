@@ -360,7 +360,7 @@ def format_report(r: dict) -> str:
 
 
 def map_model(model_path, out_dir, spacing2=None, spacing3=None, spacing_jk=None, samples=None, body_order=None,
-              train_path=None, test_path=None, table_points=2000, variance=False, log=print) -> dict:
+              train_path=None, test_path=None, table_points=2000, variance=False, tolerance=None, log=print) -> dict:
     """``epicycle map``: map a saved GP to splines, write ``DIR/mapped.npz`` (our format),
     ``DIR/mapped.uf3`` (+ ``mapped.table`` for 2-body models) and ``DIR/mapped.lammps``, and
     report mapped-vs-GP force errors (meV/Å) on the training environments and on the frames
@@ -371,30 +371,76 @@ def map_model(model_path, out_dir, spacing2=None, spacing3=None, spacing_jk=None
     log(f"model: {gp}")
     return map_to_directory(gp, out_dir, str(model_path), spacing2=spacing2, spacing3=spacing3, spacing_jk=spacing_jk,
                             samples=samples, body_order=body_order, train_frames=train_frames,
-                            test_frames=test_frames, table_points=table_points, variance=variance, log=log)
+                            test_frames=test_frames, table_points=table_points, variance=variance,
+                            tolerance=tolerance, log=log)
 
 
 def map_to_directory(gp, out_dir, source: str, spacing2=None, spacing3=None, spacing_jk=None, samples=None,
                      body_order=None, train_frames=None, test_frames=None, table_points=2000, variance=False,
-                     log=print) -> dict:
+                     tolerance=None, log=print) -> dict:
     """Map the exact GP ``gp`` and write the files of :func:`map_model` into ``out_dir`` (also the
-    learner's ``Map`` RPC, into a temporary directory).  ``source`` names the model in the report."""
-    from .lammps_export import export_lammps
-    from .mapping import (DEFAULT_SAMPLES, DEFAULT_SPACING_2, DEFAULT_SPACING_3, DEFAULT_SPACING_JK, force_errors,
-                          map_gp, training_environment_errors)
+    learner's ``Map`` RPC, into a temporary directory).  ``source`` names the model in the report.
 
+    ``tolerance`` (meV/Å; None: :data:`learner_service.mapping.DEFAULT_TOLERANCE_MEV`): while the
+    largest mapped-vs-GP force error measured (training environments, ``train_frames``,
+    ``test_frames``) exceeds it, the knot spacings that were *not* given are refined by
+    :data:`~learner_service.mapping.REFINE_FACTOR` and the model is mapped again, at most
+    :data:`~learner_service.mapping.MAX_REFINEMENTS` times (the error of a cubic spline falls as
+    spacing⁴; a 3-D grid costs spacing⁻³); the report says whether the tolerance was met."""
+    from .lammps_export import export_lammps, fits_uf3_line
+    from .mapping import (DEFAULT_SAMPLES, DEFAULT_SPACING_2, DEFAULT_SPACING_3, DEFAULT_SPACING_JK,
+                          DEFAULT_TOLERANCE_MEV, MAX_REFINEMENTS, REFINE_FACTOR, force_errors, map_gp,
+                          threebody_knots, training_environment_errors)
+
+    tolerance = DEFAULT_TOLERANCE_MEV if tolerance is None else float(tolerance)
+    if not (tolerance > 0 and math.isfinite(tolerance)):
+        raise InvalidInput(f"mapping tolerance must be a positive number of meV/Å, got {tolerance}")
     out_dir = Path(out_dir)
-    mapped = map_gp(gp, spacing2=DEFAULT_SPACING_2 if spacing2 is None else spacing2,
-                    spacing3=DEFAULT_SPACING_3 if spacing3 is None else spacing3,
-                    spacing_jk=DEFAULT_SPACING_JK if spacing_jk is None else spacing_jk,
-                    samples=DEFAULT_SAMPLES if samples is None else samples, body_order=body_order, log=log)
-    report = {"model": source, "grid": mapped.metadata["grid"]}
-    log("mapped-vs-GP forces on the training environments ...")
-    report["training_environments"] = training_environment_errors(gp, mapped)
-    for name, frames in (("train_frames", train_frames), ("test_frames", test_frames)):
-        if frames is not None:
-            log(f"mapped-vs-GP forces on {len(frames)} {name.replace('_', ' ')} ...")
-            report[name] = force_errors(gp, mapped, frames)
+    given = {"spacing2": spacing2, "spacing3": spacing3, "spacing_jk": spacing_jk}
+    grid = {"spacing2": DEFAULT_SPACING_2 if spacing2 is None else spacing2,
+            "spacing3": DEFAULT_SPACING_3 if spacing3 is None else spacing3,
+            "spacing_jk": DEFAULT_SPACING_JK if spacing_jk is None else spacing_jk}
+    free = [k for k, v in given.items() if v is None]
+    attempts = []
+    while True:
+        mapped = map_gp(gp, **grid, samples=DEFAULT_SAMPLES if samples is None else samples, body_order=body_order,
+                        log=log)
+        report = {"model": source, "grid": mapped.metadata["grid"]}
+        log("mapped-vs-GP forces on the training environments ...")
+        report["training_environments"] = training_environment_errors(gp, mapped)
+        for name, frames in (("train_frames", train_frames), ("test_frames", test_frames)):
+            if frames is not None:
+                log(f"mapped-vs-GP forces on {len(frames)} {name.replace('_', ' ')} ...")
+                report[name] = force_errors(gp, mapped, frames)
+        measured = [report[k]["max_meV_A"] for k in ("training_environments", "train_frames", "test_frames")
+                    if k in report and report[k].get("components")]
+        worst = max(measured) if measured else float("nan")
+        attempts.append({**{k: float(v) for k, v in grid.items()}, "max_meV_A": worst})
+        # axes that cannot be refined further for LAMMPS's uf3 line buffer stay as they are
+        if "spacing2" in free and min(mapped.metadata["grid"]["spacing2_used_A"]) > grid["spacing2"] * (1 + 1e-9):
+            free.remove("spacing2")  # at its interval cap: a finer request changes nothing
+        if mapped.threebody:
+            cut3 = max(float(k12[-1]) for k12, _, _, _ in mapped.threebody.values())
+            finer = {k: grid[k] * REFINE_FACTOR for k in ("spacing3", "spacing_jk")}
+            k12, k3 = threebody_knots(cut3, finer["spacing3"], finer["spacing_jk"])
+            for name, knots in (("spacing3", k12), ("spacing_jk", k3)):
+                if name in free and not fits_uf3_line(knots):
+                    free.remove(name)
+        if not (worst > tolerance) or not free or len(attempts) > MAX_REFINEMENTS:
+            break
+        log(f"largest mapped-vs-GP force error {worst:.3f} meV/Å > tolerance {tolerance:g} meV/Å: refining the "
+            f"default knot spacing ({', '.join(free)}) by {REFINE_FACTOR:g} and mapping again "
+            f"({len(attempts)}/{MAX_REFINEMENTS})")
+        for k in free:
+            grid[k] *= REFINE_FACTOR
+    met = bool(worst <= tolerance) if measured else None
+    report["tolerance"] = {"meV_A": tolerance, "met": met, "attempts": attempts,
+                           "refined": free if len(attempts) > 1 else []}
+    if met is False:
+        log(f"WARNING: the mapped-vs-GP force error {worst:.3f} meV/Å is above the tolerance {tolerance:g} meV/Å"
+            + (f" after {len(attempts) - 1} refinement(s)" if free and len(attempts) > 1 else
+               " (the knot spacings were given, so they were not refined)" if not free else "")
+            + "; finer knots (--spacing2/--spacing3/--spacing-jk) may not fit LAMMPS's uf3 line buffer")
     mv = None
     if variance:
         from .mapped_variance import map_variance, sigma_errors
@@ -462,6 +508,11 @@ def format_map_report(r: dict) -> str:
             continue
         lines.append(f"  {label:22s} max {e['max_meV_A']:.3f}  RMS {e['rms_meV_A']:.3f}  "
                      f"({e['components']} components)")
+    t = r.get("tolerance")
+    if t and t.get("met") is not None:
+        tries = len(t["attempts"])
+        lines.append(f"tolerance {t['meV_A']:g} meV/Å: {'met' if t['met'] else 'NOT met'}"
+                     + (f" after refining {', '.join(t['refined'])} {tries - 1} time(s)" if tries > 1 else ""))
     v = r.get("variance")
     if v:
         lines.append(f"mapped {v.get('terms', '2-body')} force σ (rank {v['rank']}) vs the exact GP atom σ:")
@@ -532,7 +583,8 @@ def _cmd_map(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if _is_address(args.model):
         extra = [flag for flag, given in (("--train", args.train), ("--test", args.test),
-                                          ("--variance", args.variance)) if given]
+                                          ("--variance", args.variance),
+                                          ("--tolerance", args.tolerance is not None)) if given]
         if extra:
             raise InvalidInput(f"{', '.join(extra)} need a model file: with a learner address (HOST:PORT) the "
                                f"learner maps its model and reports the errors on its training environments; "
@@ -543,7 +595,7 @@ def _cmd_map(args) -> int:
         report = map_model(args.model, args.out, spacing2=args.spacing2, spacing3=args.spacing3,
                            spacing_jk=args.spacing_jk, samples=args.samples,
                            body_order=args.body_order, train_path=args.train, test_path=args.test,
-                           variance=args.variance, log=log)
+                           variance=args.variance, tolerance=args.tolerance, log=log)
     print(json.dumps(report, indent=2) if args.json else format_map_report(report))
     return 0
 
@@ -639,6 +691,9 @@ def register_cli(subparsers) -> None:
                    help="2: map only the 2-body term (default: 3 if the model has a 3-body term)")
     p.add_argument("--train", help="training frames (extended XYZ or run directory) to report errors on")
     p.add_argument("--test", help="test frames (extended XYZ) to report mapped-vs-GP force errors on")
+    p.add_argument("--tolerance", type=float, default=None, metavar="MEV",
+                   help="largest mapped-vs-GP force error in meV/Å (default 1); above it, the knot spacings not "
+                   "given are refined by 0.75 and the model mapped again (at most 3 times)")
     p.add_argument("--variance", action="store_true",
                    help="also map the force uncertainty (2- and 3-body) to mapped_variance.npz and report its error")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

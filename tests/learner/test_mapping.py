@@ -574,3 +574,38 @@ def test_per_pair_cutoffs_and_energy_labels():
     assert err["max_meV_A"] <= 4.0, err  # twice the default spacings (2.3 measured)
     test = _al_frame(71, rattle=0.2, cu=True)
     assert mapped.predict(test).energy == pytest.approx(gp.predict(test).energy, abs=2e-3 * len(test))
+
+
+def test_default_grid_is_refined_until_the_tolerance_is_met(tmp_path):
+    """The knot spacings not given are refined (×0.75) while the measured force error exceeds the tolerance;
+    given spacings are never changed, and a miss is reported, not hidden.  A short-ranged 3-body term
+    (ls3 = 0.75 Å) is where the default grid's error comes from the r_ij/r_ik knots."""
+    from learner_service.mapping import DEFAULT_SPACING_3
+    from learner_service.offline import map_to_directory
+
+    train = [_al_frame(s) for s in range(2)]
+    gp = GaussianProcess([13], (6.0, 4.0), hyperparameters=dict(sig2=0.2, ls2=0.9, sig3=0.02, ls3=0.75, noise=0.04))
+    for a in train:
+        gp.add_structure(a, forces=a.get_forces(), atom_indices=[0, 7, 19])
+    gp.train()
+    e0 = training_environment_errors(gp, map_gp(gp, log=lambda s: None))["max_meV_A"]
+    assert e0 > 0
+    logs = []
+    report = map_to_directory(gp, tmp_path / "fine", "al", tolerance=0.6 * e0, log=logs.append)
+    t = report["tolerance"]
+    assert t["met"] and len(t["attempts"]) >= 2 and any("refining" in line for line in logs)
+    assert t["attempts"][0]["max_meV_A"] == pytest.approx(e0)  # the first attempt is the default grid
+    assert report["training_environments"]["max_meV_A"] <= 0.6 * e0
+    assert report["grid"]["spacing3_A"] < DEFAULT_SPACING_3
+    back = MappedModel.load(tmp_path / "fine" / "mapped.npz")  # the files hold the refined mapping
+    assert back.metadata["grid"]["spacing3_A"] == report["grid"]["spacing3_A"]
+    assert training_environment_errors(gp, back)["max_meV_A"] <= 0.6 * e0
+
+    # spacings given: mapped once at exactly those, and the miss is a warning in the log and the report
+    logs = []
+    report = map_to_directory(gp, tmp_path / "given", "al", spacing2=0.1, spacing3=0.4, spacing_jk=0.2,
+                              tolerance=0.6 * e0, log=logs.append)
+    assert report["tolerance"]["met"] is False and len(report["tolerance"]["attempts"]) == 1
+    assert report["grid"]["spacing3_A"] == 0.4 and any(line.startswith("WARNING") for line in logs)
+    with pytest.raises(InvalidInput, match="tolerance"):
+        map_to_directory(gp, tmp_path / "bad", "al", tolerance=0.0)
