@@ -235,6 +235,7 @@ def plot(table: dict, modes, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker.NullFormatter below)
 
     systems = sorted({k[0] for k in table}, key=lambda s: (s != "Al", s))
     fig, axes = plt.subplots(len(systems), len(modes), figsize=(4.2 * len(modes), 3.4 * len(systems)),
@@ -252,6 +253,7 @@ def plot(table: dict, modes, path: str) -> None:
             ax.loglog(ns, get("rms_cal"), "D-", color="tab:red", label="RMS σ_cal (s from val)")
             ax.set_xticks(ns)
             ax.set_xticklabels([str(n) for n in ns])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("training frames")
             ax.set_ylabel("eV/Å")
             ax.set_title(f"{system}, {mode}")
