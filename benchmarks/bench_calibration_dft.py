@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--splits", type=int, default=3, help="random train/validation/test splits (medians over them)")
     p.add_argument("--train", default="2,4,8", help="training set sizes, frames")
     p.add_argument("--val-frames", type=int, default=8, help="frames that fit s")
-    p.add_argument("--modes", default=",".join(MODES), help="fit (epicycle fit's MAP), fixed (start values), ml2")
+    p.add_argument("--modes", default="fit,fixed,ml2",
+                   help="fit (epicycle fit's MAP), fixed (start values), ml2 (--prior none), ml2-nocheck (also --holdout 0)")
     p.add_argument("--json", help="append every run as a JSON line to this file")
     args = p.parse_args(argv)
     temps = [float(x) for x in args.temperatures.split(",")]
