@@ -17,6 +17,8 @@ has z = r/σ ~ N(0, 1).
       s² = (S + n₀) / (n + n₀),   n₀ = 2(α + 1),
 
   i.e. the prior acts as n₀ extra residuals with z² = 1 (default α = 5: n₀ = 12).
+* :func:`heldout_calibration`: s of σ_cal = sqrt(s²σ_ep² + σn²) (only the epistemic part scaled, as
+  in a run) fitted on one set of held-out residuals and judged on another (the test set).
 
 The residuals are treated as independent; the three force components of one atom and the
 atoms of one frame are correlated, so with few frames read n as an upper bound of the
@@ -33,7 +35,7 @@ import numpy as np
 from protos.errors import InvalidInput
 
 __all__ = ["CalibrationSummary", "calibration_summary", "reliability_curve", "variance_scale",
-           "DEFAULT_PRIOR_ALPHA", "DEFAULT_LEVELS"]
+           "HeldoutCalibration", "heldout_calibration", "DEFAULT_PRIOR_ALPHA", "DEFAULT_LEVELS"]
 
 #: shape α of the inverse-gamma prior on s² (scale β = α + 1, mode 1): worth n₀ = 2(α+1) = 12 residuals
 DEFAULT_PRIOR_ALPHA = 5.0
@@ -123,4 +125,83 @@ def calibration_summary(residuals, sigma, levels=DEFAULT_LEVELS,
         miscalibration_area=float(np.mean(np.abs(observed - expected))),
         variance_scale=variance_scale(residuals, sigma, prior_alpha),
         prior_count=2.0 * (prior_alpha + 1.0),
+    )
+
+
+# ---------------------------------------------------------------------------
+# held-out calibration: s fitted on one set of residuals, judged on another
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldoutCalibration:
+    """σ_cal = sqrt(s²σ_ep² + σn²) with s fitted on the ``fit`` residuals and judged on the ``test``
+    residuals (two disjoint sets; eV/Å).  ``raw``/``scaled``: :func:`calibration_summary` of the test
+    residuals against the model's total σ and against σ_cal; ``rmse`` and the RMS of σ_ep, of the
+    total σ and of σ_cal over the test components; ``fit_n``/``test_n`` the numbers of residuals."""
+
+    scale: float
+    fit_n: int
+    test_n: int
+    rmse: float
+    rms_sigma_epistemic: float
+    rms_sigma_total: float
+    rms_sigma_calibrated: float
+    raw: CalibrationSummary
+    scaled: CalibrationSummary
+
+    @property
+    def ratio(self) -> float:
+        """RMS σ_cal / RMSE (1: σ_cal on the scale of the test errors)."""
+        return self.rms_sigma_calibrated / self.rmse if self.rmse > 0 else math.inf
+
+    def as_dict(self) -> dict:
+        return {"scale": self.scale, "fit_n": self.fit_n, "test_n": self.test_n, "rmse": self.rmse,
+                "rms_sigma_epistemic": self.rms_sigma_epistemic, "rms_sigma_total": self.rms_sigma_total,
+                "rms_sigma_calibrated": self.rms_sigma_calibrated, "ratio": self.ratio,
+                "raw": self.raw.as_dict(), "scaled": self.scaled.as_dict()}
+
+
+def _triple(name: str, data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        r, e, nu = data
+    except (TypeError, ValueError):
+        raise InvalidInput(f"calibration: {name} must be (residuals, epistemic σ, σn)") from None
+    r = np.asarray(r, dtype=np.float64).reshape(-1)
+    e = np.asarray(e, dtype=np.float64).reshape(-1)
+    if r.shape != e.shape:
+        raise InvalidInput(f"calibration: {name} has {r.size} residuals but {e.size} σ values (they must pair up)")
+    if r.size == 0:
+        raise InvalidInput(f"calibration: {name} has no residuals")
+    nu = np.broadcast_to(np.asarray(nu, dtype=np.float64), r.shape).reshape(-1)
+    if not (np.all(np.isfinite(nu)) and np.all(nu >= 0)):
+        raise InvalidInput(f"calibration: {name} σn must be finite and >= 0")
+    return r, e, nu
+
+
+def heldout_calibration(fit, test, prior_alpha: float = DEFAULT_PRIOR_ALPHA) -> HeldoutCalibration:
+    """Fit s of σ_cal = sqrt(s²σ_ep² + σn²) on ``fit`` and judge it on ``test``.
+
+    ``fit`` and ``test`` are each ``(residuals, epistemic σ, σn)``: residual r = prediction − reference
+    per force component, the model's epistemic σ of that component, and the model's noise σn (scalar
+    or per component), eV/Å.  s is the MAP of r ~ N(0, s²σ_ep² + σn²) under the inverse-gamma prior
+    IG(α, α + 1) on s² (:func:`coordinator.calibration.epistemic_scale`, the estimate a run uses).
+    The two sets must not overlap (the caller's duty: residuals of data the model did not train on,
+    and a test set that did not choose s); with ``fit`` = ``test`` this is the in-sample calibration.
+    """
+    from coordinator.calibration import epistemic_scale  # the one estimator of s (run and offline)
+
+    rf, ef, nf = _triple("fit", fit)
+    rt, et, nt = _triple("test", test)
+    s = epistemic_scale(rf, ef, nf, prior_alpha)
+    total = np.sqrt(et * et + nt * nt)
+    cal = np.sqrt((s * et) ** 2 + nt * nt)
+    return HeldoutCalibration(
+        scale=float(s), fit_n=int(rf.size), test_n=int(rt.size),
+        rmse=float(np.sqrt(np.mean(rt * rt))),
+        rms_sigma_epistemic=float(np.sqrt(np.mean(et * et))),
+        rms_sigma_total=float(np.sqrt(np.mean(total * total))),
+        rms_sigma_calibrated=float(np.sqrt(np.mean(cal * cal))),
+        raw=calibration_summary(rt, total, prior_alpha=prior_alpha),
+        scaled=calibration_summary(rt, cal, prior_alpha=prior_alpha),
     )
