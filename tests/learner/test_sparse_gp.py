@@ -253,3 +253,22 @@ def test_condition_on_equals_adding_the_force_labels():
     np.testing.assert_allclose(pc.force_var, pa.force_var, rtol=1e-8, atol=1e-12)
     assert (pc.force_var <= p0.force_var * (1 + 1e-12)).all() and (pc.force_var < p0.force_var).any()
     np.testing.assert_array_equal(pc.forces, p0.forces)
+
+
+@pytest.mark.parametrize("mode", ["energy", "energy_force"])
+def test_fast_gradient_kernels_equal_the_reference_kernels(mode):
+    """K_fU, K_UU and their length-scale derivatives through the optimised driver
+    (inducing_gradient_blocks) equal the reference driver (kernel_blocks, grad=True) for force,
+    energy and stress rows of a two-species system."""
+    from learner_service.kernels import inducing_gradient_blocks, kernel_blocks
+    from learner_service.sparse_gp import _label_groups
+
+    sgp, _, _ = _sparse(0.04, mode=mode)
+    train, U = sgp._training_batch(), sgp._inducing_batch()
+    for batch, groups in ((train, _label_groups(sgp._groups)), (U, sgp._u_groups())):
+        ref = kernel_blocks(batch, groups, sgp._u_groups(), 0.8, 0.7, grad=True, batch_b=U)
+        fast = inducing_gradient_blocks(batch, groups, U, len(SPECIES), 0.8, 0.7, threads=2)
+        for r, f in zip(ref, fast):
+            f = f[:, :, 0] if mode == "energy" else f.reshape(len(f), -1)
+            assert np.abs(r).max() > 0
+            np.testing.assert_allclose(f, r, rtol=1e-9, atol=1e-11 * np.abs(r).max())
