@@ -77,7 +77,7 @@ from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .gp import (BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
                  DEFAULT_STRESS_NOISE, Hyperparameters, OptimizationResult, Prediction,
                  _ENERGY, _FORCE, _STRESS, _bound_note, _Group, atom_std_of, checked_labels, default_predict_threads, serial_blas)
-from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks, prediction_blocks
+from .kernels import N_FUNCTIONALS, LabelGroups, inducing_gradient_blocks, kernel_blocks, prediction_blocks
 
 __all__ = ["SparseGaussianProcess", "SparsePrediction", "FORMAT_NAME", "FORMAT_VERSION", "INDUCING_FUNCTIONALS",
            "INDUCING_RULES"]
@@ -537,52 +537,90 @@ class SparseGaussianProcess(Hyperparameters):
             return self._factorize().lml
         return self._lml_and_grad(self._hyps)
 
-    @serial_blas
-    def _lml_and_grad(self, h: Mapping[str, float]):
-        ls = (h["ls2"], h["ls3"])
+    def _gradient_kernels(self, ls2: float, ls3: float, cache: dict | None = None):
+        """Unit-variance ``F2, F3, dF2, dF3`` (K_fU and its d/dls2, d/dls3, n x mu) and ``U2, U3,
+        dU2, dU3`` (K_UU likewise) at the current length scales, through the optimised driver;
+        kept in ``cache`` (one entry: the last length scales and data sizes) so that evaluations
+        that change only signal or noise hyperparameters reuse them."""
+        key = (float(ls2), float(ls3), len(self._labels), self._n_inducing, self.inducing_functionals)
+        if cache is not None and cache.get("key") == key:
+            return cache["kernels"]
+        if cache is not None:
+            cache.clear()  # free the previous length scales' arrays before forming the new ones
         train, U = self._training_batch(), self._inducing_batch()
-        F2, F3, dF2, dF3 = kernel_blocks(train, _label_groups(self._groups), self._u_groups(), *ls, grad=True,
-                                         batch_b=U)
-        U2, U3, dU2, dU3 = kernel_blocks(U, self._u_groups(), None, *ls, grad=True)
+        w = self._u_width
+        out = []
+        for batch, groups in ((train, _label_groups(self._groups)), (U, self._u_groups())):
+            blocks = inducing_gradient_blocks(batch, groups, U, len(self.species), key[0], key[1],
+                                              threads=self.predict_threads)
+            for K in blocks:
+                out.append(np.ascontiguousarray(K[:, :, 0]) if w == 1 else K.reshape(len(K), -1))
+            del blocks
+        for k in range(4, 8):  # K_UU and its derivatives are symmetric up to round-off
+            out[k] = 0.5 * (out[k] + out[k].T)
+        if cache is not None:
+            cache.update(key=key, kernels=tuple(out))
+        return tuple(out)
+
+    @serial_blas
+    def _lml_and_grad(self, h: Mapping[str, float], cache: dict | None = None):
+        """Value and gradient of the log marginal likelihood at hyperparameters ``h``.
+
+        With K = K_fU, K̃ = K̃_UU, Σ = (K̃ + KᵀΛ⁻¹K)⁻¹ = R⁻¹R⁻ᵀ, α = Σ KᵀΛ⁻¹y and a = C⁻¹y =
+        Λ⁻¹(y − Kα): Kᵀa = K̃α, so B a = α (B = K̃⁻¹Kᵀ), and C⁻¹Bᵀ = Λ⁻¹KΣ, B C⁻¹ Bᵀ = K̃⁻¹ − Σ.
+        Hence W Bᵀ = a αᵀ − Λ⁻¹KΣ and B W Bᵀ = ααᵀ − K̃⁻¹ + Σ (module docstring for W), and each
+        kernel hyperparameter costs two O(n mu) contractions; memory: the eight cached kernel
+        arrays (four n x mu), K, and the QR's A (or Λ⁻¹KΣ), nothing n x n."""
+        F2, F3, dF2, dF3, U2, U3, dU2, dU3 = self._gradient_kernels(h["ls2"], h["ls3"], cache)
         s2, s3 = h["sig2"], h["sig3"]
-        Kfu = s2 ** 2 * F2 + s3 ** 2 * F3
-        Kuu = self._jittered(s2 ** 2 * U2 + s3 ** 2 * U3)
-        L = self._cholesky(Kuu)
+        L = self._cholesky(self._jittered(s2 ** 2 * U2 + s3 ** 2 * U3))
         lam = self._noise_var(h)
-        n, mu = Kfu.shape
+        n, mu = F2.shape
         y = self.labels
-        A = np.vstack([Kfu / np.sqrt(lam)[:, None], L.T])
-        R = np.triu(qr(A, mode="r", overwrite_a=True, check_finite=False)[0][:mu, :mu])
+        K = s2 ** 2 * F2
+        K += s3 ** 2 * F3
+        isq = 1.0 / np.sqrt(lam)
+        A = np.empty((n + mu, mu))
+        np.multiply(K, isq[:, None], out=A[:n])
+        A[n:] = L.T
+        bQ, R = qr_multiply(A, np.concatenate([y * isq, np.zeros(mu)])[None, :], mode="right", overwrite_a=True)
+        del A
+        R = np.triu(R[:mu, :mu])
         diagR = np.abs(np.diag(R))
         if not diagR.min() > 0:
             raise ModelError("the sparse GP's QR factor is singular: " + _CHOL_HINT)
-        KlT = (Kfu / lam[:, None]).T  # K_Uf Λ⁻¹ (mu, n)
-        Gt = solve_triangular(R, KlT, trans="T", lower=False, check_finite=False)  # Gᵀ = R⁻ᵀ K_Uf Λ⁻¹
-        Gty = Gt @ y
-        alpha = solve_triangular(R, Gty, lower=False, check_finite=False)  # Σ K_Uf Λ⁻¹ y
-        r = y - Kfu @ alpha  # C⁻¹ y = Λ⁻¹ (y − K_fU α), and yᵀC⁻¹y = |Λ^-½ r|² + |Lᵀα|² (no cancellation)
+        alpha = solve_triangular(R, bQ[0, :mu], lower=False, check_finite=False)
+        r = y - K @ alpha  # C⁻¹ y = Λ⁻¹ (y − K_fU α), and yᵀC⁻¹y = |Λ^-½ r|² + |Lᵀα|² (no cancellation)
         value = (-0.5 * (r @ (r / lam) + np.sum((L.T @ alpha) ** 2)) - 0.5 * np.log(lam).sum()
                  - np.log(diagR).sum() + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
-        a = r / lam  # C⁻¹ y
-        B = cho_solve((L, True), Kfu.T, check_finite=False)  # K̃⁻¹ K_Uf (mu, n)
-        Ba = B @ a
-        CiBt = B.T / lam[:, None] - Gt.T @ (Gt @ B.T)  # C⁻¹ Bᵀ (n, mu)
-        WBt = np.outer(a, Ba) - CiBt
-        BWBt = np.outer(Ba, Ba) - B @ CiBt
-        diagW = a * a - (1.0 / lam - np.einsum("ij,ij->j", Gt, Gt))
+        a = r / lam
+        # Gᵀ = R⁻ᵀ Kᵀ Λ⁻¹ (mu x n, in place of K), then Pᵀ = R⁻¹ Gᵀ = (Λ⁻¹ K Σ)ᵀ in place of Gᵀ
+        K *= (1.0 / lam)[:, None]
+        Gt = solve_triangular(R, K.T, trans="T", lower=False, check_finite=False, overwrite_b=True)
+        del K
+        diag_ci = 1.0 / lam - np.einsum("ij,ij->j", Gt, Gt)  # diag C⁻¹
+        P = solve_triangular(R, Gt, lower=False, check_finite=False, overwrite_b=True).T  # Λ⁻¹KΣ (n, mu)
+        del Gt
+        Rinv = solve_triangular(R, np.eye(mu), lower=False, check_finite=False)
+        M = np.outer(alpha, alpha) - cho_solve((L, True), np.eye(mu), check_finite=False) + Rinv @ Rinv.T  # B W Bᵀ
+
+        def tr_wb(X):  # tr(W ∂K B) for ∂K = X: aᵀ X α − <Λ⁻¹KΣ, X>
+            return a @ (X @ alpha) - np.einsum("ij,ij->", P, X)
+
+        diag_w = a * a - diag_ci
         kinds = np.asarray(self._kinds)
         grad = []
         for name in self.hyperparameter_names:
             if name in ("sig2", "sig3"):
                 s = h[name]
                 dF, dU = (F2, U2) if name == "sig2" else (F3, U3)
-                g = np.vdot(WBt, 2 * s * dF) - 0.5 * np.vdot(BWBt, self._jittered(2 * s * dU))
+                g = 2 * s * tr_wb(dF) - 0.5 * np.vdot(M, self._jittered(2 * s * dU))
             elif name in ("ls2", "ls3"):
                 s = s2 if name == "ls2" else s3
                 dF, dU = (dF2, dU2) if name == "ls2" else (dF3, dU3)
-                g = np.vdot(WBt, s * s * dF) - 0.5 * np.vdot(BWBt, self._jittered(s * s * dU))
+                g = s * s * tr_wb(dF) - 0.5 * np.vdot(M, self._jittered(s * s * dU))
             else:
-                g = 0.5 * diagW[kinds == _NOISE_KIND[name]].sum() * 2 * h[name]
+                g = 0.5 * diag_w[kinds == _NOISE_KIND[name]].sum() * 2 * h[name]
             grad.append(float(g))
         return float(value), np.asarray(grad)
 
@@ -619,6 +657,7 @@ class SparseGaussianProcess(Hyperparameters):
         xb = [tuple(float(v) for v in to_x(np.array(box[k], dtype=float))) for k in names]
         best = {"f": math.inf, "x": x0.copy()}
         evals = [0]
+        cache: dict = {}  # the kernels at the last length scales (reused when only sig/noise moved)
         t0 = time.perf_counter()
 
         def fun(x):
@@ -629,7 +668,7 @@ class SparseGaussianProcess(Hyperparameters):
             hyps = dict(self._hyps)
             hyps.update({k: from_x(v) for k, v in zip(names, x)})
             try:
-                value, grad = self._lml_and_grad(hyps)
+                value, grad = self._lml_and_grad(hyps, cache)
             except ModelError:
                 return penalty
             if not (math.isfinite(value) and np.isfinite(grad).all()):  # K_UU near-singular at these values
@@ -653,7 +692,8 @@ class SparseGaussianProcess(Hyperparameters):
             raise ModelError("no hyperparameters tried gave a positive-definite K_UU; " + _CHOL_HINT)
         self._hyps.update({k: from_x(v) for k, v in zip(names, best["x"])})
         self._version += 1
-        value, grad = self._lml_and_grad(self._hyps)
+        value, grad = self._lml_and_grad(self._hyps, cache)
+        cache.clear()
         hit_cap = int(res.nit) >= max_iterations or res.status == 1
         converged = bool(res.success) and not hit_cap
         message = str(res.message)

@@ -18,7 +18,7 @@ from .assemble import assemble, kernel_blocks  # noqa: E402, F401
 from .common import (_FM, _LN2_HI, _LN2_LO, _LOG2E, E_ROW, F_ROWS, N_FUNCTIONALS, S_ROWS, W2, W3,  # noqa: E402, F401
                      _bits_to_float, _dot, _rsum, exp_neg)
 from .covariance import (_EXECUTORS, _executor, force_covariance, force_kernel_blocks,  # noqa: E402, F401
-                         inducing_covariance_grad, inducing_gradient_blocks, prediction_blocks,
+                         inducing_gradient_blocks, prediction_blocks,
                          prediction_covariance)
 from .linalg import forward_substitution  # noqa: E402, F401
 from .packing import (_F_BCODE, _F_BDF, _F_BF, _F_BMONO, _F_BN, _F_BOFF, _F_BPSI, _F_BR, _F_BSPEC,  # noqa: E402, F401
