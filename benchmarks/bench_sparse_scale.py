@@ -10,7 +10,8 @@ every atom, with ``--energy-stress`` also the energy and the six stresses) until
 force labels are held, and inducing environments (atoms spread evenly over the new frames) until
 INDUCING are held.  Reported per step, CPU seconds (time.process_time, this process and its numba
 threads): ``add`` (add_structure of the new frames, total and per frame), ``train`` (K_fU extended
-by the new rows and columns, then the QR), one likelihood + gradient, ``optimise`` (L-BFGS-B
+by the new rows and columns, then the QR), ``+1 frame`` (one more frame added and trained, as an
+on-the-fly step: its K_fU rows and a full QR), one likelihood + gradient, ``optimise`` (L-BFGS-B
 capped at ``--opt-iterations``), predict of one fixed 32-atom test frame (median of
 ``--repeats``, per atom), the peak RSS so far (ru_maxrss) and the model's own arrays (K_fU cache,
 K_UU, factor, environments).  Steps with the same INDUCING and growing LABELS show whether the
@@ -150,7 +151,7 @@ def compare(n_labels, m, repeats):
     h = sgp.hyperparameters
     print(f"\ncompare: {sgp.n_labels} labels (forces, energies, stresses of {len(frames)} frames), "
           f"{sgp.n_inducing} inducing environments")
-    sgp._lml_and_grad(h)  # warm-up (numba compile / cache load) of both paths on a small copy would differ: do both once
+    sgp._lml_and_grad(h)  # warm-up: numba compile or cache load of both paths
     old_lml_and_grad(sgp, h)
     t_old, t_new = [], []
     for _ in range(repeats):
@@ -171,14 +172,15 @@ def compare(n_labels, m, repeats):
 
 
 def scale(steps, energy_stress, opt_iterations, repeats, target):
-    n_frames = -(-max(n for n, _ in steps) // (3 * ATOMS))
+    n_frames = -(-max(n for n, _ in steps) // (3 * ATOMS)) + len(steps)
     t, frames = cpu(perturbed_fcc_al, n_frames, seed=0)
     test = perturbed_fcc_al(1, seed=1)[0]
     print(f"\n{n_frames} EMT frames labelled in {t:.1f} s CPU; energy+stress labels: {energy_stress}")
     sgp = SparseGaussianProcess([13], (R2, R3), dict(HYPS), inducing_per_structure=0)
     rows, used = [], 0
     hdr = (f"{'F labels':>8} {'labels':>7} {'m':>5} {'frames':>6} {'add s':>7} {'add/frame ms':>12} {'train s':>8} "
-           f"{'lml+grad s':>10} {'opt s':>8} {'evals':>5} {'pred ms/atom':>12} {'RSS GiB':>8} {'model MiB':>9} "
+           f"{'+1 frame s':>10} {'lml+grad s':>10} {'opt s':>8} {'evals':>5} {'pred ms/atom':>12} {'RSS GiB':>8} "
+           f"{'model MiB':>9} "
            f"{'est. grad GiB':>13}")
     print(hdr)
     for n_force, m in steps:
@@ -203,19 +205,25 @@ def scale(steps, energy_stress, opt_iterations, repeats, target):
             evals = res.evaluations
             sgp.set_hyperparameters(HYPS)  # the next step starts from the same point
             sgp.train()
+        # one more frame as an on-the-fly step adds it: its labels, new K_fU rows, a full QR
+        t_inc, _ = cpu(add_frame, sgp, frames[used], 0, energy_stress)
+        used += 1
+        t, _ = cpu(sgp.train)
+        t_inc += t
         sgp.predict(test)
         ts = [cpu(sgp.predict, test)[0] for _ in range(repeats)]
         t_pred = statistics.median(ts)
         n, mu = sgp.n_labels, sgp.n_inducing
         est = 8 * n * mu * 8 / 2 ** 30  # the K_fU cache (2), the gradient's cache (4), K, A
         print(f"{3 * ATOMS * used:>8} {n:>7} {mu:>5} {used:>6} {t_add:>7.2f} {1e3 * t_add / max(1, len(new)):>12.1f} "
-              f"{t_train:>8.2f} {t_grad:>10.2f} {t_opt:>8.2f} {evals:>5} {1e3 * t_pred / len(test):>12.3f} "
+              f"{t_train:>8.2f} {t_inc:>10.2f} {t_grad:>10.2f} {t_opt:>8.2f} {evals:>5} "
+              f"{1e3 * t_pred / len(test):>12.3f} "
               f"{rss_gib():>8.2f} {model_bytes(sgp) / 2 ** 20:>9.1f} {est:>13.2f}", flush=True)
         rows.append((n, mu, t_train, t_grad, t_opt, evals))
     nt, mt = target
     X = np.array([[n * m, n * m * m] for n, m, *_ in rows], dtype=float)
-    print(f"\nfit t = a·n·m + b·n·m² (non-negative least squares over the steps), extrapolated to {nt} labels, m = {mt} "
-          f"(EXTRAPOLATED, not measured):")
+    print(f"\nfit t = a·n·m + b·n·m² (non-negative least squares over the steps), extrapolated to {nt} labels, "
+          f"m = {mt} (EXTRAPOLATED, not measured):")
     for name, col in (("train (K_fU once + QR)", 2), ("likelihood + gradient", 3)):
         coef, _ = nnls(X, np.array([r[col] for r in rows]))
         pred = coef @ [nt * mt, nt * mt * mt]

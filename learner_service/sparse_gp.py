@@ -396,7 +396,6 @@ class SparseGaussianProcess(Hyperparameters):
         U = self._inducing_batch()
         if m_ind != self._n_inducing:
             U = U.subset(np.arange(m_ind))
-        train = self._training_batch()
         out = []
         for old in self._Kfu:
             K = np.zeros((n, mu))
@@ -404,16 +403,55 @@ class SparseGaussianProcess(Hyperparameters):
             out.append(K)
         if c0 < mu and r0:  # new inducing columns for the old rows
             m0 = c0 // self._u_width
-            k2, k3 = self._cov(train, _label_groups(self._groups_below(r0)), U.subset(np.arange(m0, m_ind)))
+            k2, k3 = self._row_blocks(self._groups_below(r0), 0, r0, U.subset(np.arange(m0, m_ind)), self._pred2, 2)
             out[0][:r0, c0:], out[1][:r0, c0:] = k2, k3
+            del k2, k3
         if r0 < n:  # new rows against every inducing column
             new = [g for g in self._groups if r0 <= g.rows.max() < n]
-            e0 = int(min(g.envs.min() for g in new))
-            sub = self._prefix_from(train, e0)
-            k2, k3 = self._cov(sub, _label_groups(_shift(new, r0, e0)), U)
+            k2, k3 = self._row_blocks(new, r0, n - r0, U, self._pred2, 2)
             out[0][r0:, :], out[1][r0:, :] = k2, k3
+            del k2, k3
         self._Kfu = tuple(out)
         self._kfu_log.append((int(n), int(m_ind)))
+
+    def _pred2(self, batch: EnvironmentBatch, groups: LabelGroups, U: EnvironmentBatch):
+        """(K2, K3) (rows, len(U), 4) through the fast prediction kernels, current length scales."""
+        return prediction_blocks(batch, groups, U, len(self.species), self._hyps["ls2"], self._hyps["ls3"],
+                                 threads=self.predict_threads)[:2]
+
+    def _row_blocks(self, groups: Sequence[_Group], r0: int, n_rows: int, U: EnvironmentBatch, driver,
+                    n_out: int) -> list[np.ndarray]:
+        """``n_out`` arrays (n_rows, width * len(U)): ``driver(batch, label_groups, U)`` (a kernel
+        front end returning (rows, len(U), 4) blocks) for the label ``groups`` (rows ``r0`` ..
+        ``r0 + n_rows``), evaluated over consecutive runs of groups of at most ~2^22 output
+        entries each, so that the (rows, m, 4) blocks never exist for all rows at once (at 50,000
+        labels and m = 2,000 that would be 3.2 GB per array).  Each row depends only on its own
+        group, so the result does not depend on the runs."""
+        w = self._u_width
+        m = len(U)
+        outs = [np.zeros((n_rows, w * m)) for _ in range(n_out)]
+        if not groups or not m:
+            return outs
+        limit = max(10, (1 << 22) // (4 * m))
+        train = self._training_batch()
+        run: list[_Group] = []
+        rows_in_run = 0
+        for k, g in enumerate(groups):
+            run.append(g)
+            rows_in_run += int((g.rows >= 0).sum())
+            if rows_in_run < limit and k < len(groups) - 1:
+                continue
+            lo = int(min(x.rows[x.rows >= 0].min() for x in run))
+            hi = int(max(x.rows.max() for x in run)) + 1
+            e0 = int(min(x.envs.min() for x in run))
+            e1 = int(max(x.envs.max() for x in run)) + 1
+            sub = train if (e0, e1) == (0, len(train)) else train.subset(np.arange(e0, e1))
+            blocks = driver(sub, _label_groups(_shift(run, lo, e0)), U)
+            for out, K in zip(outs, blocks):
+                out[lo - r0:hi - r0] = K[:, :, 0] if w == 1 else K.reshape(len(K), -1)
+            del blocks
+            run, rows_in_run = [], 0
+        return outs
 
     def _kuu_unit(self):
         """Unit-variance ``(K2_UU, K3_UU)`` at the current length scales (cached)."""
@@ -443,10 +481,6 @@ class SparseGaussianProcess(Hyperparameters):
 
     def _groups_below(self, rows: int) -> list[_Group]:
         return [g for g in self._groups if g.rows.max() < rows]
-
-    @staticmethod
-    def _prefix_from(batch: EnvironmentBatch, e0: int) -> EnvironmentBatch:
-        return batch if e0 == 0 else batch.subset(np.arange(e0, len(batch)))
 
     def _jittered(self, K: np.ndarray) -> np.ndarray:
         K = K.copy()
@@ -505,8 +539,10 @@ class SparseGaussianProcess(Hyperparameters):
         lam = self._noise_var(h)
         isq = 1.0 / np.sqrt(lam)
         n, mu = F2.shape
-        A = np.empty((n + mu, mu))
-        np.multiply(s2 * F2 + s3 * F3, isq[:, None], out=A[:n])
+        A = np.empty((n + mu, mu), order="F")  # LAPACK's order: the QR then works in place
+        for lo in range(0, n, 4096):  # A = [Λ^-½ K_fU; Lᵀ] without n x m temporaries
+            hi = min(n, lo + 4096)
+            np.multiply(s2 * F2[lo:hi] + s3 * F3[lo:hi], isq[lo:hi, None], out=A[lo:hi])
         A[n:] = L.T
         b = self.labels * isq
         # Householder QR of A applied to [b; 0] without forming Q (O((n+mu) mu) memory)
@@ -518,7 +554,7 @@ class SparseGaussianProcess(Hyperparameters):
         if not (np.isfinite(alpha).all() and diagR.min() > 0):
             raise ModelError("the sparse GP's QR factor is singular: " + _CHOL_HINT)
         # |b|² − |Qᵀ[b;0]|² = |[b;0] − Aα|² (Aα = QQᵀ[b;0]): the residual form has no cancellation
-        resid = b - ((s2 * F2 + s3 * F3) @ alpha) * isq
+        resid = b - (s2 * (F2 @ alpha) + s3 * (F3 @ alpha)) * isq
         quad = resid @ resid + np.sum((L.T @ alpha) ** 2)
         lml = (-0.5 * quad - 0.5 * np.log(lam).sum() - np.log(diagR).sum()
                + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
@@ -547,15 +583,16 @@ class SparseGaussianProcess(Hyperparameters):
             return cache["kernels"]
         if cache is not None:
             cache.clear()  # free the previous length scales' arrays before forming the new ones
-        train, U = self._training_batch(), self._inducing_batch()
+        U = self._inducing_batch()
         w = self._u_width
-        out = []
-        for batch, groups in ((train, _label_groups(self._groups)), (U, self._u_groups())):
-            blocks = inducing_gradient_blocks(batch, groups, U, len(self.species), key[0], key[1],
-                                              threads=self.predict_threads)
-            for K in blocks:
-                out.append(np.ascontiguousarray(K[:, :, 0]) if w == 1 else K.reshape(len(K), -1))
-            del blocks
+
+        def driver(batch, groups, test):
+            return inducing_gradient_blocks(batch, groups, test, len(self.species), key[0], key[1],
+                                            threads=self.predict_threads)
+
+        out = self._row_blocks(self._groups, 0, len(self._labels), U, driver, 4)
+        for K in driver(U, self._u_groups(), U):
+            out.append(np.ascontiguousarray(K[:, :, 0]) if w == 1 else K.reshape(len(K), -1))
         for k in range(4, 8):  # K_UU and its derivatives are symmetric up to round-off
             out[k] = 0.5 * (out[k] + out[k].T)
         if cache is not None:
@@ -578,9 +615,10 @@ class SparseGaussianProcess(Hyperparameters):
         n, mu = F2.shape
         y = self.labels
         K = s2 ** 2 * F2
-        K += s3 ** 2 * F3
+        for lo in range(0, n, 4096):  # no n x m temporary
+            K[lo:lo + 4096] += s3 ** 2 * F3[lo:lo + 4096]
         isq = 1.0 / np.sqrt(lam)
-        A = np.empty((n + mu, mu))
+        A = np.empty((n + mu, mu), order="F")  # LAPACK's order: the QR then works in place
         np.multiply(K, isq[:, None], out=A[:n])
         A[n:] = L.T
         bQ, R = qr_multiply(A, np.concatenate([y * isq, np.zeros(mu)])[None, :], mode="right", overwrite_a=True)
