@@ -575,7 +575,7 @@ class SparseGaussianProcess(Hyperparameters):
 
     def _gradient_kernels(self, ls2: float, ls3: float, cache: dict | None = None):
         """Unit-variance ``F2, F3, dF2, dF3`` (K_fU and its d/dls2, d/dls3, n x mu) and ``U2, U3,
-        dU2, dU3`` (K_UU likewise) at the current length scales, through the optimised driver;
+        dU2, dU3`` (K_UU likewise) at length scales ``ls2``, ``ls3`` (Å), through the optimised driver;
         kept in ``cache`` (one entry: the last length scales and data sizes) so that evaluations
         that change only signal or noise hyperparameters reuse them."""
         key = (float(ls2), float(ls3), len(self._labels), self._n_inducing, self.inducing_functionals)
