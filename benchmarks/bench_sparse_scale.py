@@ -18,12 +18,17 @@ K_UU, factor, environments).  Steps with the same INDUCING and growing LABELS sh
 prediction cost depends on the number of labels.  A non-negative least-squares fit ``t = a n m + b n m²`` of
 the gradient, train and optimise times extrapolates to ``--target`` (stated as extrapolated).
 
+``--memory-probe LABELS:INDUCING``: the gradient's linear algebra alone at a size whose kernels
+would take hours (random kernel arrays handed in through the optimiser's cache): its peak
+allocation (tracemalloc) in units of n×m float64 arrays, and its CPU time.
+
 ``--compare LABELS:INDUCING``: the likelihood + gradient through the former code path (reference
 kernels, the B = K̃⁻¹K_Uf algebra; kept below as :func:`old_lml_and_grad`) and the current one,
 alternating, ``--repeats`` times each, CPU-time medians and their ratio, and the gradients' largest
 relative difference (with energy and stress labels, as an on-the-fly run has them).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_sparse_scale.py --compare 3000:200 --repeats 3
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_sparse_scale.py --memory-probe 20000:500
     PYTHONPATH=. .venv/bin/python benchmarks/bench_sparse_scale.py \\
         --schedule 1000:100,2000:100,4000:100,4000:200,8000:400 [--energy-stress] [--target 50000:2000]
 """
@@ -232,6 +237,36 @@ def scale(steps, energy_stress, opt_iterations, repeats, target):
           f"{8 * nt * mt * 8 / 2 ** 30:.1f} GiB (+ m×m matrices, {5 * mt * mt * 8 / 2 ** 30:.2f} GiB)")
 
 
+def memory_probe(n_labels, m):
+    """Peak of the arrays one likelihood + gradient allocates (tracemalloc sees numpy's buffers) at
+    ``n_labels`` force labels and ``m`` inducing environments, with the kernel arrays supplied
+    (random, K_UU positive definite) so that the size is reachable without hours of kernels: the
+    algebra's own memory and CPU time at that size; the cached kernels (4 n×m + 4 m×m) come on top."""
+    import tracemalloc
+
+    frames = perturbed_fcc_al(-(-n_labels // (3 * ATOMS)), seed=0, label=False)
+    sgp = SparseGaussianProcess([13], (R2, R3), dict(HYPS), inducing_per_structure=0)
+    rng = np.random.default_rng(0)
+    per = -(-m // len(frames))
+    for at in frames:
+        k = min(per, m - sgp.n_inducing)
+        sgp.add_structure(at, forces=rng.normal(0, 0.3, (len(at), 3)), inducing=list(range(k)) if k else None)
+    n, mu = sgp.n_labels, sgp.n_inducing
+    X = rng.random((mu, mu + 10))
+    U = X @ X.T / mu + np.eye(mu)
+    F = [rng.random((n, mu)) * 0.1 for _ in range(4)]
+    kernels = (F[0], F[1], F[2], F[3], U, 0.1 * U, 0.01 * U, 0.001 * U)
+    key = (HYPS["ls2"], HYPS["ls3"], n, mu, sgp.inducing_functionals)
+    tracemalloc.start()
+    t, (v, g) = cpu(sgp._lml_and_grad, sgp.hyperparameters, {"key": key, "kernels": kernels})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"\nmemory probe: {n} labels, m = {mu}: algebra of one likelihood + gradient {t:.1f} s CPU, "
+          f"peak allocation {peak / 2 ** 30:.3f} GiB = {peak / (8 * n * mu):.2f} n×m arrays "
+          f"(+ the 4 cached n×m kernel arrays = {4 * 8 * n * mu / 2 ** 30:.3f} GiB); finite: {np.isfinite(g).all()}; "
+          f"process peak RSS {rss_gib():.2f} GiB")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--schedule", default="1000:100,2000:100,4000:100,4000:200,8000:400",
@@ -241,10 +276,15 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3, help="repeats of predict (and of --compare), medians")
     ap.add_argument("--target", default="50000:2000", help="LABELS:INDUCING to extrapolate to")
     ap.add_argument("--compare", help="LABELS:INDUCING: old vs new likelihood + gradient only")
+    ap.add_argument("--memory-probe", help="LABELS:INDUCING: memory and CPU of the gradient's algebra only "
+                                           "(kernel arrays supplied; see memory_probe)")
     args = ap.parse_args(argv)
     machine()
     if args.compare:
         compare(*parse_steps(args.compare)[0], args.repeats)
+        return
+    if args.memory_probe:
+        memory_probe(*parse_steps(args.memory_probe)[0])
         return
     scale(parse_steps(args.schedule), args.energy_stress, args.opt_iterations, args.repeats,
           parse_steps(args.target)[0])
