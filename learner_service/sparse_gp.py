@@ -77,7 +77,7 @@ from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .gp import (BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
                  DEFAULT_STRESS_NOISE, Hyperparameters, OptimizationResult, Prediction,
                  _ENERGY, _FORCE, _STRESS, _bound_note, _Group, atom_std_of, checked_labels, default_predict_threads, serial_blas)
-from .kernels import N_FUNCTIONALS, LabelGroups, kernel_blocks, prediction_blocks
+from .kernels import N_FUNCTIONALS, LabelGroups, inducing_gradient_blocks, kernel_blocks, prediction_blocks
 
 __all__ = ["SparseGaussianProcess", "SparsePrediction", "FORMAT_NAME", "FORMAT_VERSION", "INDUCING_FUNCTIONALS",
            "INDUCING_RULES"]
@@ -396,7 +396,6 @@ class SparseGaussianProcess(Hyperparameters):
         U = self._inducing_batch()
         if m_ind != self._n_inducing:
             U = U.subset(np.arange(m_ind))
-        train = self._training_batch()
         out = []
         for old in self._Kfu:
             K = np.zeros((n, mu))
@@ -404,16 +403,55 @@ class SparseGaussianProcess(Hyperparameters):
             out.append(K)
         if c0 < mu and r0:  # new inducing columns for the old rows
             m0 = c0 // self._u_width
-            k2, k3 = self._cov(train, _label_groups(self._groups_below(r0)), U.subset(np.arange(m0, m_ind)))
+            k2, k3 = self._row_blocks(self._groups_below(r0), 0, r0, U.subset(np.arange(m0, m_ind)), self._pred2, 2)
             out[0][:r0, c0:], out[1][:r0, c0:] = k2, k3
+            del k2, k3
         if r0 < n:  # new rows against every inducing column
             new = [g for g in self._groups if r0 <= g.rows.max() < n]
-            e0 = int(min(g.envs.min() for g in new))
-            sub = self._prefix_from(train, e0)
-            k2, k3 = self._cov(sub, _label_groups(_shift(new, r0, e0)), U)
+            k2, k3 = self._row_blocks(new, r0, n - r0, U, self._pred2, 2)
             out[0][r0:, :], out[1][r0:, :] = k2, k3
+            del k2, k3
         self._Kfu = tuple(out)
         self._kfu_log.append((int(n), int(m_ind)))
+
+    def _pred2(self, batch: EnvironmentBatch, groups: LabelGroups, U: EnvironmentBatch):
+        """(K2, K3) (rows, len(U), 4) through the fast prediction kernels, current length scales."""
+        return prediction_blocks(batch, groups, U, len(self.species), self._hyps["ls2"], self._hyps["ls3"],
+                                 threads=self.predict_threads)[:2]
+
+    def _row_blocks(self, groups: Sequence[_Group], r0: int, n_rows: int, U: EnvironmentBatch, driver,
+                    n_out: int) -> list[np.ndarray]:
+        """``n_out`` arrays (n_rows, width * len(U)): ``driver(batch, label_groups, U)`` (a kernel
+        front end returning (rows, len(U), 4) blocks) for the label ``groups`` (rows ``r0`` ..
+        ``r0 + n_rows``), evaluated over consecutive runs of groups of at most ~2^22 output
+        entries each, so that the (rows, m, 4) blocks never exist for all rows at once (at 50,000
+        labels and m = 2,000 that would be 3.2 GB per array).  Each row depends only on its own
+        group, so the result does not depend on the runs."""
+        w = self._u_width
+        m = len(U)
+        outs = [np.zeros((n_rows, w * m)) for _ in range(n_out)]
+        if not groups or not m:
+            return outs
+        limit = max(10, (1 << 22) // (4 * m))
+        train = self._training_batch()
+        run: list[_Group] = []
+        rows_in_run = 0
+        for k, g in enumerate(groups):
+            run.append(g)
+            rows_in_run += int((g.rows >= 0).sum())
+            if rows_in_run < limit and k < len(groups) - 1:
+                continue
+            lo = int(min(x.rows[x.rows >= 0].min() for x in run))
+            hi = int(max(x.rows.max() for x in run)) + 1
+            e0 = int(min(x.envs.min() for x in run))
+            e1 = int(max(x.envs.max() for x in run)) + 1
+            sub = train if (e0, e1) == (0, len(train)) else train.subset(np.arange(e0, e1))
+            blocks = driver(sub, _label_groups(_shift(run, lo, e0)), U)
+            for out, K in zip(outs, blocks):
+                out[lo - r0:hi - r0] = K[:, :, 0] if w == 1 else K.reshape(len(K), -1)
+            del blocks
+            run, rows_in_run = [], 0
+        return outs
 
     def _kuu_unit(self):
         """Unit-variance ``(K2_UU, K3_UU)`` at the current length scales (cached)."""
@@ -443,10 +481,6 @@ class SparseGaussianProcess(Hyperparameters):
 
     def _groups_below(self, rows: int) -> list[_Group]:
         return [g for g in self._groups if g.rows.max() < rows]
-
-    @staticmethod
-    def _prefix_from(batch: EnvironmentBatch, e0: int) -> EnvironmentBatch:
-        return batch if e0 == 0 else batch.subset(np.arange(e0, len(batch)))
 
     def _jittered(self, K: np.ndarray) -> np.ndarray:
         K = K.copy()
@@ -505,8 +539,10 @@ class SparseGaussianProcess(Hyperparameters):
         lam = self._noise_var(h)
         isq = 1.0 / np.sqrt(lam)
         n, mu = F2.shape
-        A = np.empty((n + mu, mu))
-        np.multiply(s2 * F2 + s3 * F3, isq[:, None], out=A[:n])
+        A = np.empty((n + mu, mu), order="F")  # LAPACK's order: the QR then works in place
+        for lo in range(0, n, 4096):  # A = [Λ^-½ K_fU; Lᵀ] without n x m temporaries
+            hi = min(n, lo + 4096)
+            np.multiply(s2 * F2[lo:hi] + s3 * F3[lo:hi], isq[lo:hi, None], out=A[lo:hi])
         A[n:] = L.T
         b = self.labels * isq
         # Householder QR of A applied to [b; 0] without forming Q (O((n+mu) mu) memory)
@@ -518,7 +554,7 @@ class SparseGaussianProcess(Hyperparameters):
         if not (np.isfinite(alpha).all() and diagR.min() > 0):
             raise ModelError("the sparse GP's QR factor is singular: " + _CHOL_HINT)
         # |b|² − |Qᵀ[b;0]|² = |[b;0] − Aα|² (Aα = QQᵀ[b;0]): the residual form has no cancellation
-        resid = b - ((s2 * F2 + s3 * F3) @ alpha) * isq
+        resid = b - (s2 * (F2 @ alpha) + s3 * (F3 @ alpha)) * isq
         quad = resid @ resid + np.sum((L.T @ alpha) ** 2)
         lml = (-0.5 * quad - 0.5 * np.log(lam).sum() - np.log(diagR).sum()
                + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
@@ -537,52 +573,92 @@ class SparseGaussianProcess(Hyperparameters):
             return self._factorize().lml
         return self._lml_and_grad(self._hyps)
 
+    def _gradient_kernels(self, ls2: float, ls3: float, cache: dict | None = None):
+        """Unit-variance ``F2, F3, dF2, dF3`` (K_fU and its d/dls2, d/dls3, n x mu) and ``U2, U3,
+        dU2, dU3`` (K_UU likewise) at length scales ``ls2``, ``ls3`` (Å), through the optimised driver;
+        kept in ``cache`` (one entry: the last length scales and data sizes) so that evaluations
+        that change only signal or noise hyperparameters reuse them."""
+        key = (float(ls2), float(ls3), len(self._labels), self._n_inducing, self.inducing_functionals)
+        if cache is not None and cache.get("key") == key:
+            return cache["kernels"]
+        if cache is not None:
+            cache.clear()  # free the previous length scales' arrays before forming the new ones
+        U = self._inducing_batch()
+        w = self._u_width
+
+        def driver(batch, groups, test):
+            return inducing_gradient_blocks(batch, groups, test, len(self.species), key[0], key[1],
+                                            threads=self.predict_threads)
+
+        out = self._row_blocks(self._groups, 0, len(self._labels), U, driver, 4)
+        for K in driver(U, self._u_groups(), U):
+            out.append(np.ascontiguousarray(K[:, :, 0]) if w == 1 else K.reshape(len(K), -1))
+        for k in range(4, 8):  # K_UU and its derivatives are symmetric up to round-off
+            out[k] = 0.5 * (out[k] + out[k].T)
+        if cache is not None:
+            cache.update(key=key, kernels=tuple(out))
+        return tuple(out)
+
     @serial_blas
-    def _lml_and_grad(self, h: Mapping[str, float]):
-        ls = (h["ls2"], h["ls3"])
-        train, U = self._training_batch(), self._inducing_batch()
-        F2, F3, dF2, dF3 = kernel_blocks(train, _label_groups(self._groups), self._u_groups(), *ls, grad=True,
-                                         batch_b=U)
-        U2, U3, dU2, dU3 = kernel_blocks(U, self._u_groups(), None, *ls, grad=True)
+    def _lml_and_grad(self, h: Mapping[str, float], cache: dict | None = None):
+        """Value and gradient of the log marginal likelihood at hyperparameters ``h``.
+
+        With K = K_fU, K̃ = K̃_UU, Σ = (K̃ + KᵀΛ⁻¹K)⁻¹ = R⁻¹R⁻ᵀ, α = Σ KᵀΛ⁻¹y and a = C⁻¹y =
+        Λ⁻¹(y − Kα): Kᵀa = K̃α, so B a = α (B = K̃⁻¹Kᵀ), and C⁻¹Bᵀ = Λ⁻¹KΣ, B C⁻¹ Bᵀ = K̃⁻¹ − Σ.
+        Hence W Bᵀ = a αᵀ − Λ⁻¹KΣ and B W Bᵀ = ααᵀ − K̃⁻¹ + Σ (module docstring for W), and each
+        kernel hyperparameter costs two O(n mu) contractions; memory: the eight cached kernel
+        arrays (four n x mu), K, and the QR's A (or Λ⁻¹KΣ), nothing n x n."""
+        F2, F3, dF2, dF3, U2, U3, dU2, dU3 = self._gradient_kernels(h["ls2"], h["ls3"], cache)
         s2, s3 = h["sig2"], h["sig3"]
-        Kfu = s2 ** 2 * F2 + s3 ** 2 * F3
-        Kuu = self._jittered(s2 ** 2 * U2 + s3 ** 2 * U3)
-        L = self._cholesky(Kuu)
+        L = self._cholesky(self._jittered(s2 ** 2 * U2 + s3 ** 2 * U3))
         lam = self._noise_var(h)
-        n, mu = Kfu.shape
+        n, mu = F2.shape
         y = self.labels
-        A = np.vstack([Kfu / np.sqrt(lam)[:, None], L.T])
-        R = np.triu(qr(A, mode="r", overwrite_a=True, check_finite=False)[0][:mu, :mu])
+        K = s2 ** 2 * F2
+        for lo in range(0, n, 4096):  # no n x m temporary
+            K[lo:lo + 4096] += s3 ** 2 * F3[lo:lo + 4096]
+        isq = 1.0 / np.sqrt(lam)
+        A = np.empty((n + mu, mu), order="F")  # LAPACK's order: the QR then works in place
+        np.multiply(K, isq[:, None], out=A[:n])
+        A[n:] = L.T
+        bQ, R = qr_multiply(A, np.concatenate([y * isq, np.zeros(mu)])[None, :], mode="right", overwrite_a=True)
+        del A
+        R = np.triu(R[:mu, :mu])
         diagR = np.abs(np.diag(R))
         if not diagR.min() > 0:
             raise ModelError("the sparse GP's QR factor is singular: " + _CHOL_HINT)
-        KlT = (Kfu / lam[:, None]).T  # K_Uf Λ⁻¹ (mu, n)
-        Gt = solve_triangular(R, KlT, trans="T", lower=False, check_finite=False)  # Gᵀ = R⁻ᵀ K_Uf Λ⁻¹
-        Gty = Gt @ y
-        alpha = solve_triangular(R, Gty, lower=False, check_finite=False)  # Σ K_Uf Λ⁻¹ y
-        r = y - Kfu @ alpha  # C⁻¹ y = Λ⁻¹ (y − K_fU α), and yᵀC⁻¹y = |Λ^-½ r|² + |Lᵀα|² (no cancellation)
+        alpha = solve_triangular(R, bQ[0, :mu], lower=False, check_finite=False)
+        r = y - K @ alpha  # C⁻¹ y = Λ⁻¹ (y − K_fU α), and yᵀC⁻¹y = |Λ^-½ r|² + |Lᵀα|² (no cancellation)
         value = (-0.5 * (r @ (r / lam) + np.sum((L.T @ alpha) ** 2)) - 0.5 * np.log(lam).sum()
                  - np.log(diagR).sum() + np.log(np.diag(L)).sum() - 0.5 * n * math.log(2 * math.pi))
-        a = r / lam  # C⁻¹ y
-        B = cho_solve((L, True), Kfu.T, check_finite=False)  # K̃⁻¹ K_Uf (mu, n)
-        Ba = B @ a
-        CiBt = B.T / lam[:, None] - Gt.T @ (Gt @ B.T)  # C⁻¹ Bᵀ (n, mu)
-        WBt = np.outer(a, Ba) - CiBt
-        BWBt = np.outer(Ba, Ba) - B @ CiBt
-        diagW = a * a - (1.0 / lam - np.einsum("ij,ij->j", Gt, Gt))
+        a = r / lam
+        # Gᵀ = R⁻ᵀ Kᵀ Λ⁻¹ (mu x n, in place of K), then Pᵀ = R⁻¹ Gᵀ = (Λ⁻¹ K Σ)ᵀ in place of Gᵀ
+        K *= (1.0 / lam)[:, None]
+        Gt = solve_triangular(R, K.T, trans="T", lower=False, check_finite=False, overwrite_b=True)
+        del K
+        diag_ci = 1.0 / lam - np.einsum("ij,ij->j", Gt, Gt)  # diag C⁻¹
+        P = solve_triangular(R, Gt, lower=False, check_finite=False, overwrite_b=True).T  # Λ⁻¹KΣ (n, mu)
+        del Gt
+        Rinv = solve_triangular(R, np.eye(mu), lower=False, check_finite=False)
+        M = np.outer(alpha, alpha) - cho_solve((L, True), np.eye(mu), check_finite=False) + Rinv @ Rinv.T  # B W Bᵀ
+
+        def tr_wb(X):  # tr(W ∂K B) for ∂K = X: aᵀ X α − <Λ⁻¹KΣ, X>
+            return a @ (X @ alpha) - np.einsum("ij,ij->", P, X)
+
+        diag_w = a * a - diag_ci
         kinds = np.asarray(self._kinds)
         grad = []
         for name in self.hyperparameter_names:
             if name in ("sig2", "sig3"):
                 s = h[name]
                 dF, dU = (F2, U2) if name == "sig2" else (F3, U3)
-                g = np.vdot(WBt, 2 * s * dF) - 0.5 * np.vdot(BWBt, self._jittered(2 * s * dU))
+                g = 2 * s * tr_wb(dF) - 0.5 * np.vdot(M, self._jittered(2 * s * dU))
             elif name in ("ls2", "ls3"):
                 s = s2 if name == "ls2" else s3
                 dF, dU = (dF2, dU2) if name == "ls2" else (dF3, dU3)
-                g = np.vdot(WBt, s * s * dF) - 0.5 * np.vdot(BWBt, self._jittered(s * s * dU))
+                g = s * s * tr_wb(dF) - 0.5 * np.vdot(M, self._jittered(s * s * dU))
             else:
-                g = 0.5 * diagW[kinds == _NOISE_KIND[name]].sum() * 2 * h[name]
+                g = 0.5 * diag_w[kinds == _NOISE_KIND[name]].sum() * 2 * h[name]
             grad.append(float(g))
         return float(value), np.asarray(grad)
 
@@ -619,6 +695,7 @@ class SparseGaussianProcess(Hyperparameters):
         xb = [tuple(float(v) for v in to_x(np.array(box[k], dtype=float))) for k in names]
         best = {"f": math.inf, "x": x0.copy()}
         evals = [0]
+        cache: dict = {}  # the kernels at the last length scales (reused when only sig/noise moved)
         t0 = time.perf_counter()
 
         def fun(x):
@@ -629,7 +706,7 @@ class SparseGaussianProcess(Hyperparameters):
             hyps = dict(self._hyps)
             hyps.update({k: from_x(v) for k, v in zip(names, x)})
             try:
-                value, grad = self._lml_and_grad(hyps)
+                value, grad = self._lml_and_grad(hyps, cache)
             except ModelError:
                 return penalty
             if not (math.isfinite(value) and np.isfinite(grad).all()):  # K_UU near-singular at these values
@@ -653,7 +730,8 @@ class SparseGaussianProcess(Hyperparameters):
             raise ModelError("no hyperparameters tried gave a positive-definite K_UU; " + _CHOL_HINT)
         self._hyps.update({k: from_x(v) for k, v in zip(names, best["x"])})
         self._version += 1
-        value, grad = self._lml_and_grad(self._hyps)
+        value, grad = self._lml_and_grad(self._hyps, cache)
+        cache.clear()
         hit_cap = int(res.nit) >= max_iterations or res.status == 1
         converged = bool(res.success) and not hit_cap
         message = str(res.message)

@@ -18,7 +18,8 @@ from .assemble import assemble, kernel_blocks  # noqa: E402, F401
 from .common import (_FM, _LN2_HI, _LN2_LO, _LOG2E, E_ROW, F_ROWS, N_FUNCTIONALS, S_ROWS, W2, W3,  # noqa: E402, F401
                      _bits_to_float, _dot, _rsum, exp_neg)
 from .covariance import (_EXECUTORS, _executor, force_covariance, force_kernel_blocks,  # noqa: E402, F401
-                         prediction_blocks, prediction_covariance)
+                         inducing_gradient_blocks, prediction_blocks,
+                         prediction_covariance)
 from .linalg import forward_substitution  # noqa: E402, F401
 from .packing import (_F_BCODE, _F_BDF, _F_BF, _F_BMONO, _F_BN, _F_BOFF, _F_BPSI, _F_BR, _F_BSPEC,  # noqa: E402, F401
                       _F_BU, _F_BV, _F_BW, _F_CODE, _F_CSPEC, _F_I0, _F_I1, _F_MONO, _F_PCODE, _F_TDF0, _F_TDF1,
@@ -32,4 +33,4 @@ from .twobody import (pair2_opt, _twobody_scalars, _twobody_scalars_grad,  # noq
 
 __all__ = ["E_ROW", "F_ROWS", "S_ROWS", "N_FUNCTIONALS", "W2", "W3", "exp_neg", "LabelGroups", "pack", "pack_fast",
            "twobody_block", "threebody_block", "assemble", "kernel_blocks", "prediction_covariance",
-           "prediction_blocks", "force_covariance", "force_kernel_blocks", "forward_substitution"]
+           "prediction_blocks", "inducing_gradient_blocks", "force_covariance", "force_kernel_blocks", "forward_substitution"]

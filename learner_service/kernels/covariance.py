@@ -156,6 +156,108 @@ def prediction_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, us
     return K2, K3, P2, P3
 
 
+@njit(cache=True, nogil=True, fastmath=_FM)
+def inducing_covariance_grad(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2, use3, b_lo, b_hi,
+                             K2, K3, dK2, dK3):
+    """Covariance of the label groups of ``PA`` (any mix of E, F, S rows, as
+    :func:`prediction_covariance`) with (E, Fx, Fy, Fz) of the environments ``b_lo <= b < b_hi``
+    of ``PB``, and its derivatives by ``ls2``/``ls3`` (Å): adds into ``K2``/``K3`` and
+    ``dK2``/``dK3`` (n_rows, m, 4), unit signal variance.  The sparse GP's likelihood gradient
+    (K_fU and K_UU with their length-scale derivatives).  Releases the GIL."""
+    lam2 = 1.0 / (ls2 * ls2)
+    lam3 = 1.0 / (ls3 * ls3)
+    dlam2 = -2.0 / (ls2 * ls2 * ls2)
+    dlam3 = -2.0 / (ls3 * ls3 * ls3)
+    n_g = g_ptr.shape[0] - 1
+    mu = 1
+    mt = 1
+    for a in range(PA[_F_CSPEC].shape[0]):
+        mu = max(mu, PA[_F_UOFF][a + 1] - PA[_F_UOFF][a])
+        mt = max(mt, PA[_F_TOFF][a + 1] - PA[_F_TOFF][a])
+    for b in range(b_lo, b_hi):
+        mu = max(mu, PB[_F_UOFF][b + 1] - PB[_F_UOFF][b])
+        mt = max(mt, PB[_F_TOFF][b + 1] - PB[_F_TOFF][b])
+    ca = PA[_F_MONO][0]
+    cb = PB[_F_MONO][0]
+    mono = ca != -2 and cb != -2 and (ca == cb or ca == -1 or cb == -1)
+    ba = PA[_F_BMONO][0]
+    bb = PB[_F_BMONO][0]
+    mono2 = ba != -2 and bb != -2 and (ba == bb or ba == -1 or bb == -1)
+    TB = np.empty(mu * mu + 2 * mu * mt)
+    AE0 = np.empty((mu, mt))
+    AE1 = np.empty((mu, mt))
+    blk2 = np.zeros((10, 4))
+    blk3 = np.zeros((10, 4))
+    dblk2 = np.zeros((10, 4))
+    dblk3 = np.zeros((10, 4))
+    for b in range(b_lo, b_hi):
+        for g in range(n_g):
+            blk2[:, :] = 0.0
+            blk3[:, :] = 0.0
+            dblk2[:, :] = 0.0
+            dblk3[:, :] = 0.0
+            ea = g_rows[g, 0] >= 0
+            fa = (g_rows[g, 1] >= 0) or (g_rows[g, 2] >= 0) or (g_rows[g, 3] >= 0)
+            sa = False
+            for t in range(4, 10):
+                if g_rows[g, t] >= 0:
+                    sa = True
+            for ia in range(g_ptr[g], g_ptr[g + 1]):
+                a = g_env[ia]
+                if use2:
+                    pair2_opt(a, b, PA, PB, lam2, mono2, ea, fa, sa, True, True, blk2, dblk2)
+                if use3:
+                    pair3_opt(a, b, PA, PB, lam3, mono, ea, fa, sa, True, True, blk3, dblk3, TB, AE0, AE1)
+            for i in range(10):
+                r = g_rows[g, i]
+                if r < 0:
+                    continue
+                w = g_scale[g, i]
+                for j in range(4):
+                    K2[r, b, j] += w * blk2[i, j]
+                    K3[r, b, j] += w * blk3[i, j]
+                    dK2[r, b, j] += w * dblk2[i, j] * dlam2
+                    dK3[r, b, j] += w * dblk3[i, j] * dlam3
+
+
+def inducing_gradient_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, use2=True, use3=True,
+                             threads=1):
+    """Python front end of :func:`inducing_covariance_grad` (``threads`` > 1 splits the
+    environments of ``test_batch`` over that many threads).  Returns ``(K2, K3, dK2_dls2,
+    dK3_dls3)``, each (groups.n_rows, len(test_batch), 4); ``K*`` equal to those of
+    :func:`prediction_blocks`, all equal to the corresponding entries of
+    :func:`~.assemble.kernel_blocks` (``grad=True``) to round-off."""
+    m = len(test_batch)
+    out = [np.zeros((groups.n_rows, m, 4)) for _ in range(4)]
+    if m == 0 or not len(batch) or not groups.n_rows:
+        return tuple(out)
+    PB = pack_fast(test_batch, n_species)
+    PA = pack_fast(batch, n_species)
+    args = (PA, PB, groups.ptr, groups.env, groups.rows, groups.scale, float(ls2), float(ls3), bool(use2),
+            bool(use3))
+    threads = max(1, min(int(threads or 1), m))
+    if threads == 1:
+        inducing_covariance_grad(*args, 0, m, *out)
+    else:
+        size = max(2, -(-m // (4 * threads)))
+        chunks = iter([(lo, min(lo + size, m)) for lo in range(0, m, size)])
+        lock = threading.Lock()
+
+        def work():
+            while True:
+                with lock:
+                    c = next(chunks, None)
+                if c is None:
+                    return
+                inducing_covariance_grad(*args, c[0], c[1], *out)
+
+        futures = [_executor(threads - 1).submit(work) for _ in range(threads - 1)]
+        work()
+        for f in futures:
+            f.result()
+    return tuple(out)
+
+
 @njit(cache=True, fastmath=_FM)
 def force_covariance(P, env_a, env_b, symmetric, ls2, ls3, use2, use3, grad, K2, K3, dK2, dK3):
     """Force-force covariance of the environments ``env_a`` (rows ``3 k + d``) and

@@ -361,8 +361,9 @@ def _tb_sums(X0, X1, X2, y0, y1, y2, E0, E1, E2, E3, E4, E5):
 def pair3_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk, TB, AE0, AE1):
     """3-body block of environment ``a`` of the fast pack ``PA`` (rows: E, F(3), S(6)) with
     environment ``b`` of ``PB`` (columns: E if ``eb``, F(3)) added into ``blk`` (10, 4), at
-    unit signal variance; with ``grad`` also d/dlam of the force-force entries
-    ``blk[1:4, 1:4]`` into ``dblk`` (10, 4).  ``ea, fa, sa`` say which rows of a are needed.
+    unit signal variance; with ``grad`` also d/dlam of the entries into ``dblk`` (10, 4) (the
+    force-force entries ``blk[1:4, 1:4]`` for force training; every row and column asked for
+    when ``ea``, ``sa`` or ``eb``, for the sparse GP).  ``ea, fa, sa`` say which rows of a are needed.
 
     ``mono``: every triplet of both environments has one species code (every permutation
     counts, no masks).  ``TB`` (flat), ``AE0``, ``AE1`` (2D) are scratch for the exponential
@@ -497,6 +498,9 @@ def pair3_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk, TB, AE0,
         g6 = 0.0
         g7 = 0.0
         g8 = 0.0
+        deB0 = 0.0
+        deB1 = 0.0
+        deB2 = 0.0
         if grad:  # two loops: a grad branch inside the loop kept the plain one from vectorising (1.5x)
             for i in range(n):
                 y0 = Y0[i]
@@ -571,6 +575,10 @@ def pair3_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk, TB, AE0,
                     -0.5 * (q00 + q11 + q22) * E0, -0.5 * (q01 + q10 + q22) * E1,
                     -0.5 * (q02 + q10 + q21) * E2, -0.5 * (q00 + q12 + q21) * E3,
                     -0.5 * (q02 + q11 + q20) * E4, -0.5 * (q01 + q12 + q20) * E5)
+                if eb:
+                    deB0 += F2 * T0
+                    deB1 += F2 * Tx0
+                    deB2 += F2 * Tx1
                 m0 = lam * Ty0 + Sy0
                 m1 = lam * Ty1 + Sy1
                 U00 = lam * Z00 - F00 + X00
@@ -695,3 +703,30 @@ def pair3_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk, TB, AE0,
                 dblk[1 + d, 1] += u0 * dg00 + u1 * dg10
                 dblk[1 + d, 2] += u0 * dg01 + u1 * dg11
                 dblk[1 + d, 3] += u0 * dg02 + u1 * dg12
+        if grad and (ea or sa or eb):  # the rest of the block (sparse GP likelihood gradient)
+            if ea:
+                if eb:
+                    dblk[0, 0] += W3 * W3 * F1 * deB0
+                dblk[0, 1] += W3 * F1 * g0
+                dblk[0, 2] += W3 * F1 * g1
+                dblk[0, 3] += W3 * F1 * g2
+            dgE0 = dF10 * deB0 - F1 * eB1 - lf * deB1
+            dgE1 = dF11 * deB0 - F1 * eB2 - lf * deB2
+            if fa and eb:
+                for d in range(3):
+                    dblk[1 + d, 0] += W3 * (dgE0 * au[d, t1] + dgE1 * au[3 + d, t1])
+            if sa:
+                sg00 = dF10 * g0 - F1 * a3_ - lf * g3
+                sg01 = dF10 * g1 - F1 * a4_ - lf * g4
+                sg02 = dF10 * g2 - F1 * a5_ - lf * g5
+                sg10 = dF11 * g0 - F1 * a6_ - lf * g6
+                sg11 = dF11 * g1 - F1 * a7_ - lf * g7
+                sg12 = dF11 * g2 - F1 * a8_ - lf * g8
+                for d in range(6):
+                    p0 = apsi[d, t1]
+                    p1 = apsi[6 + d, t1]
+                    if eb:
+                        dblk[4 + d, 0] += W3 * (dgE0 * p0 + dgE1 * p1)
+                    dblk[4 + d, 1] += p0 * sg00 + p1 * sg10
+                    dblk[4 + d, 2] += p0 * sg01 + p1 * sg11
+                    dblk[4 + d, 3] += p0 * sg02 + p1 * sg12

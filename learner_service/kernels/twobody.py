@@ -202,8 +202,9 @@ def twobody_block(a, b, Pa, Pb, lam, ea, fa, sa, eb, fb, sb, grad, blk, dblk, bu
 def pair2_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk):
     """2-body block of environment ``a`` of the fast pack ``PA`` (rows: E, F(3), S(6)) with
     environment ``b`` of ``PB`` (columns: E if ``eb``, F(3)) added into ``blk`` (10, 4), at
-    unit signal variance; with ``grad`` also d/dlam of the force-force entries
-    ``blk[1:4, 1:4]`` into ``dblk`` (10, 4).  ``ea, fa, sa`` say which rows of a are needed.
+    unit signal variance; with ``grad`` also d/dlam of the entries into ``dblk`` (10, 4) (the
+    force-force entries ``blk[1:4, 1:4]`` for force training; every row and column asked for
+    when ``ea``, ``sa`` or ``eb``, for the sparse GP).  ``ea, fa, sa`` say which rows of a are needed.
 
     ``mono``: all bonds of both environments have the same species pair (no mask needed).
     Prediction calls it with ``eb=True, grad=False``, force training with
@@ -258,6 +259,8 @@ def pair2_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk):
         dA20 = 0.0
         dA21 = 0.0
         dA22 = 0.0
+        dB0 = 0.0
+        dBd = 0.0
         if grad:  # two loops, as in the 3-body kernel (padded entries contribute exactly zero)
             for i in range(n):
                 dl = r1 - RB[i]
@@ -279,6 +282,9 @@ def pair2_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk):
                 A22 += ed * V2[i] + c2 * W2_[i]
                 exd = -0.5 * dl * dl * ex
                 edd = exd * dl
+                if eb:
+                    dB0 += f2 * exd
+                    dBd += f2 * edd
                 dled = ed + lam * edd
                 dc2 = dled * dl - exd
                 dA10 += exd * V0[i] + dled * W0[i]
@@ -345,3 +351,25 @@ def pair2_opt(a, b, PA, PB, lam, mono, ea, fa, sa, eb, grad, blk, dblk):
                 dblk[1 + d, 1] += u * dg0
                 dblk[1 + d, 2] += u * dg1
                 dblk[1 + d, 3] += u * dg2
+        if grad and (ea or sa or eb):  # the rest of the block (sparse GP likelihood gradient)
+            if ea:
+                if eb:
+                    dblk[0, 0] += W2 * W2 * f1 * dB0
+                dblk[0, 1] += W2 * f1 * dA10
+                dblk[0, 2] += W2 * f1 * dA11
+                dblk[0, 3] += W2 * f1 * dA12
+            dgE = df1 * dB0 - f1 * Bd - lf * dBd
+            if fa and eb:
+                for d in range(3):
+                    dblk[1 + d, 0] += W2 * dgE * au[d, m]
+            if sa:
+                sg0 = df1 * dA10 - f1 * A20 - lf * dA20
+                sg1 = df1 * dA11 - f1 * A21 - lf * dA21
+                sg2 = df1 * dA12 - f1 * A22 - lf * dA22
+                for d in range(6):
+                    p = apsi[d, m]
+                    if eb:
+                        dblk[4 + d, 0] += W2 * dgE * p
+                    dblk[4 + d, 1] += p * sg0
+                    dblk[4 + d, 2] += p * sg1
+                    dblk[4 + d, 3] += p * sg2

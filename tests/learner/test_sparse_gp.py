@@ -253,3 +253,51 @@ def test_condition_on_equals_adding_the_force_labels():
     np.testing.assert_allclose(pc.force_var, pa.force_var, rtol=1e-8, atol=1e-12)
     assert (pc.force_var <= p0.force_var * (1 + 1e-12)).all() and (pc.force_var < p0.force_var).any()
     np.testing.assert_array_equal(pc.forces, p0.forces)
+
+
+@pytest.mark.parametrize("mode", ["energy", "energy_force"])
+def test_fast_gradient_kernels_equal_the_reference_kernels(mode):
+    """K_fU, K_UU and their length-scale derivatives through the optimised driver
+    (inducing_gradient_blocks) equal the reference driver (kernel_blocks, grad=True) for force,
+    energy and stress rows of a two-species system."""
+    from learner_service.kernels import inducing_gradient_blocks, kernel_blocks
+    from learner_service.sparse_gp import _label_groups
+
+    sgp, _, _ = _sparse(0.04, mode=mode)
+    train, U = sgp._training_batch(), sgp._inducing_batch()
+    for batch, groups in ((train, _label_groups(sgp._groups)), (U, sgp._u_groups())):
+        ref = kernel_blocks(batch, groups, sgp._u_groups(), 0.8, 0.7, grad=True, batch_b=U)
+        fast = inducing_gradient_blocks(batch, groups, U, len(SPECIES), 0.8, 0.7, threads=2)
+        for r, f in zip(ref, fast):
+            f = f[:, :, 0] if mode == "energy" else f.reshape(len(f), -1)
+            assert np.abs(r).max() > 0
+            np.testing.assert_allclose(f, r, rtol=1e-9, atol=1e-11 * np.abs(r).max())
+
+
+def test_likelihood_gradient_matches_finite_differences_at_a_larger_size():
+    """Six 32-atom Al frames, every force, energy and stress (618 labels), 24 local-energy inducing
+    environments: the analytic gradient equals central differences of the likelihood, and the
+    kernel cache of the optimiser (reused when only signal/noise change) gives the same numbers."""
+    from learner_service.datasets import perturbed_fcc_al
+
+    sgp = SparseGaussianProcess([13], (5.0, 3.5), HYPS, energy_noise=0.05, stress_noise=0.005,
+                                inducing_per_structure=0)
+    for at in perturbed_fcc_al(6, seed=3):
+        sgp.add_structure(at, forces=at.get_forces(), energy=at.get_potential_energy(), stress=at.get_stress(),
+                          inducing=[0, 9, 18, 27])
+    base = sgp.hyperparameters
+    lml, grad = sgp.log_likelihood(gradient=True)
+    assert lml == pytest.approx(sgp.log_likelihood(), rel=1e-9)
+    for i, name in enumerate(sgp.hyperparameter_names):
+        h = 1e-3 * base[name]  # the likelihood carries ~1e-9 relative round-off: smaller steps measure that
+        vals = [sgp.log_likelihood(hyperparameters={**base, name: base[name] + s}) for s in (h, -h)]
+        num = (vals[0] - vals[1]) / (2 * h)
+        assert grad[i] == pytest.approx(num, rel=2e-4, abs=1e-8 * abs(lml)), name
+    sgp.set_hyperparameters(base)
+    cache = {}
+    for sig2 in (0.2, 0.3):  # the second call reuses the cached kernels (same length scales)
+        h = {**base, "sig2": sig2}
+        v, g = sgp._lml_and_grad(h, cache)
+        v0, g0 = sgp._lml_and_grad(h)
+        assert v == v0 and np.array_equal(g, g0)
+    assert cache["key"][:2] == (base["ls2"], base["ls3"])
