@@ -70,6 +70,10 @@ class OptimizeConfig:
     space: str = "linear"
 
 
+#: ``learner.sparse.labels``: which labels of each oracle call a sparse model trains on
+SPARSE_LABELS = ("forces", "forces+energy", "all")
+
+
 @dataclass(frozen=True)
 class SparseLearnerConfig:
     """``learner.sparse:`` — settings of a new sparse model (learner_service/model.py SparseSettings)."""
@@ -78,6 +82,9 @@ class SparseLearnerConfig:
     inducing_rule: str = "acquisition"       # acquisition: the selected atoms; variance: the model's own pick
     per_call: int = 4                        # variance rule: at most this many per oracle call
     functionals: str = "energy"              # inducing variables: energy (FLARE 1.x) or energy_force
+    # the labels of each oracle call the sparse model trains on: every force, plus the energy
+    # (forces+energy), plus the stress when the oracle computed it (all)
+    labels: str = "all"
 
 
 @dataclass(frozen=True)
@@ -511,6 +518,15 @@ def _validate_learner_model(le: LearnerConfig, need) -> None:
     need(sp.per_call >= 1, f"learner.sparse.per_call: must be >= 1, got {sp.per_call}")
     need(sp.functionals in ("energy", "energy_force"),
          f"learner.sparse.functionals: allowed energy, energy_force, got {sp.functionals!r}")
+    need(sp.labels in SPARSE_LABELS,
+         f"learner.sparse.labels: allowed {', '.join(SPARSE_LABELS)}, got {sp.labels!r}")
+    if le.model == "sparse":
+        need(not (le.use_energy and sp.labels == "forces"),
+             "learner.use_energy: true contradicts learner.sparse.labels: forces (a sparse model takes the labels "
+             "learner.sparse.labels names; use forces+energy or all)")
+        need(not (le.use_stress and sp.labels != "all"),
+             f"learner.use_stress: true contradicts learner.sparse.labels: {sp.labels} (a sparse model takes the "
+             f"labels learner.sparse.labels names; use all)")
 
 
 def validate(c: RunConfig) -> None:
