@@ -183,7 +183,9 @@ def otf_run(system: str, kind: str, seed: int, labels: int, work: Path, sparse: 
     data.update(seed=seed, name=f"{system}-{kind}-{seed}")
     data["learner"]["model"] = kind
     if kind == "sparse" and sparse:
-        data["learner"]["sparse"] = dict(sparse)
+        data["learner"]["sparse"] = {k: v for k, v in sparse.items() if not k.startswith("_")}
+        if sparse.get("_calibration_scale"):  # the threshold on s·σ, s fitted at the calls
+            data["calibration"] = {"scale": True}
     data.setdefault("stop", {})["max_labels"] = labels
     if until_calls is not None:
         data["learner"].setdefault("optimize", {})["until_calls"] = until_calls
@@ -296,6 +298,10 @@ def otf_main(args) -> None:
     summary = {}
     sparse = {"inducing_rule": args.sparse_rule, "per_call": args.per_frame, "functionals": args.functionals,
               "labels": args.sparse_labels}
+    if args.sparse_rule == "variance":
+        sparse["tolerance"] = args.tolerance
+    if args.calibration_scale:
+        sparse["_calibration_scale"] = True
     kinds = args.kinds.split(",")
     print(f"sparse settings: {sparse} (learner.sparse); budget {args.labels} calls; seeds {args.seeds}; "
           f"runs {kinds}")
@@ -403,7 +409,8 @@ def main(argv=None):
     ap.add_argument("--per-frame", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--tolerance", type=float, default=0.0,
-                    help="inducing_tolerance: residual/prior local-energy variance below which no environment is added")
+                    help="inducing_tolerance: residual/prior local-energy variance below which no environment is added "
+                         "(--otf with --sparse-rule variance: learner.sparse.tolerance)")
     ap.add_argument("--functionals", default="energy", choices=("energy", "energy_force"))
     ap.add_argument("--optimize-at", type=int, default=0, help="also optimise the sparse model at this N (slow)")
     ap.add_argument("--no-exact", action="store_true")
@@ -415,6 +422,8 @@ def main(argv=None):
                     help="--otf: learner.sparse.inducing_rule (variance: up to --per-frame per call)")
     ap.add_argument("--sparse-labels", default="all", choices=("forces", "forces+energy", "all"),
                     help="--otf: learner.sparse.labels of the sparse runs")
+    ap.add_argument("--calibration-scale", action="store_true",
+                    help="--otf: the sparse runs with calibration.scale (threshold on s·σ, s fitted at the calls)")
     ap.add_argument("--kinds", default="exact,sparse", help="--otf: which runs (comma-separated: exact, sparse)")
     ap.add_argument("--runs-only", action="store_true", help="--otf: only the runs (kept with --keep), no curves")
     ap.add_argument("--no-same-frames", dest="same_frames", action="store_false",

@@ -81,6 +81,7 @@ class SparseLearnerConfig:
     max_inducing: int | None = None          # at most this many inducing environments (None: no cap)
     inducing_rule: str = "acquisition"       # acquisition: the selected atoms; variance: the model's own pick
     per_call: int = 4                        # variance rule: at most this many per oracle call
+    tolerance: float = 1e-6                  # variance rule: ... while the residual/prior local-energy variance exceeds this
     functionals: str = "energy"              # inducing variables: energy (FLARE 1.x) or energy_force
     # the labels of each oracle call the sparse model trains on: every force, plus the energy
     # (forces+energy), plus the stress when the oracle computed it (all)
@@ -516,6 +517,7 @@ def _validate_learner_model(le: LearnerConfig, need) -> None:
     need(sp.inducing_rule in ("acquisition", "variance"),
          f"learner.sparse.inducing_rule: allowed acquisition, variance, got {sp.inducing_rule!r}")
     need(sp.per_call >= 1, f"learner.sparse.per_call: must be >= 1, got {sp.per_call}")
+    need(0 <= sp.tolerance < 1, f"learner.sparse.tolerance: must be in [0, 1), got {sp.tolerance}")
     need(sp.functionals in ("energy", "energy_force"),
          f"learner.sparse.functionals: allowed energy, energy_force, got {sp.functionals!r}")
     need(sp.labels in SPARSE_LABELS,

@@ -144,8 +144,14 @@ def test_sparse_labels_are_validated(trajectory):
     with pytest.raises(ConfigError, match="learner.use_stress: true contradicts learner.sparse.labels"):
         parse_config({**config_for(trajectory),
                       "learner": {"model": "sparse", "use_stress": True, "sparse": {"labels": "forces+energy"}}})
-    cfg = parse_config({**config_for(trajectory), "learner": {"model": "sparse", "sparse": {"labels": "forces+energy"}}})
+    with pytest.raises(ConfigError, match="learner.sparse.tolerance: must be in \\[0, 1\\)"):
+        parse_config({**config_for(trajectory), "learner": {"model": "sparse", "sparse": {"tolerance": -0.1}}})
+    cfg = parse_config({**config_for(trajectory),
+                        "learner": {"model": "sparse", "sparse": {"labels": "forces+energy", "tolerance": 0}}})
     assert cfg.learner.sparse.labels == "forces+energy"
+    from coordinator.services import learner_model_settings
+
+    assert learner_model_settings(cfg.learner)["sparse"].kwargs()["inducing_tolerance"] == 0.0
 
 
 # --------------------------------------------------------------------------- embedded over gRPC
