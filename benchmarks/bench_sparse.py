@@ -39,6 +39,15 @@ hyperparameters at k) -- the accuracy per call of using every force, with the fr
 model chose and its kernel.
 
     .venv/bin/python benchmarks/bench_sparse.py --otf [--systems al_melt,cu3au] [--seeds 2] [--labels 16]
+        [--sparse-labels forces|forces+energy|all] [--keep DIR]
+
+Per seed it prints the first k at which the sparse run's RMSE is at or below the exact run's after the
+whole budget (the issue's goal: k <= budget / 2), and z², 2σ coverage at the budget.  Runs kept with
+``--keep`` are reused when their config is the same.
+
+``--diagnose DIR``: for each kept pair ``SYSTEM-exact-SEED`` / ``SYSTEM-sparse-SEED`` in DIR, sparse
+models rebuilt with one factor swapped at a time -- the frames (either run's), the hyperparameters
+(either run's at k), the energy labels (with or without) -- to tell why one run learns more per call.
 """
 
 from __future__ import annotations
@@ -183,14 +192,21 @@ def otf_run(system: str, kind: str, seed: int, labels: int, work: Path, sparse: 
     data.update(seed=seed, name=f"{system}-{kind}-{seed}")
     data["learner"]["model"] = kind
     if kind == "sparse" and sparse:
-        data["learner"]["sparse"] = dict(sparse)
+        data["learner"]["sparse"] = {k: v for k, v in sparse.items() if not k.startswith("_")}
+        if sparse.get("_calibration_scale"):  # the threshold on s·σ, s fitted at the calls
+            data["calibration"] = {"scale": True}
     data.setdefault("stop", {})["max_labels"] = labels
     if until_calls is not None:
         data["learner"].setdefault("optimize", {})["until_calls"] = until_calls
     data["sampler"]["steps"] = max(int(data["sampler"]["steps"]), 1500)  # long enough to spend the budget
     cfg = work / f"{data['name']}.yaml"
-    cfg.write_text(yaml.safe_dump(data))
     run_dir = work / data["name"]
+    if (run_dir / "state.json").is_file() and cfg.is_file() and yaml.safe_load(cfg.read_text()) == data:
+        st = json.loads((run_dir / "state.json").read_text())
+        if st.get("oracle_calls") == labels:
+            print(f"  run {data['name']}: kept from an earlier invocation (same config, {labels} calls)", flush=True)
+            return run_dir
+    cfg.write_text(yaml.safe_dump(data))
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "run", str(cfg), "--run-dir", str(run_dir),
                            "--no-report"], cwd=work, capture_output=True, text=True,
@@ -210,41 +226,71 @@ def _held_metrics(model, frames, forces) -> dict:
     return {"rmse": float(np.sqrt(np.mean(err ** 2))), "z2": float(np.mean(z2)), "cover2": float(np.mean(z2 <= 4.0))}
 
 
-def otf_curves(run_dir: Path, ks, frames, forces, same_frames_sparse: dict | None = None) -> dict:
-    """{k: metrics} of the model of ``run_dir`` after k calls, rebuilt (see the module docstring);
-    with ``same_frames_sparse`` a sparse model on every label of that run's frames instead."""
+def _run_record(run_dir: Path) -> dict:
+    """A run directory's labels (in training order), selections, optimised hyperparameters by label
+    index, config, and the MD step of each call."""
     from coordinator.config import load_config
     from coordinator.rundir import RunDirectory
-    from learner_service.model import SparseSettings, create_model
 
     rd = RunDirectory.open(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    state = rd.load_state()
-    events = list(rd.events())
-    optimised = {e["label"]: e["hyperparameters"] for e in events if e["event"] == "optimize"}
+    try:
+        config = load_config(run_dir / "config.yaml")
+        state = rd.load_state()
+        events = list(rd.events())
+        labels = [rd.read_label(i) for batch in state.apply_batches for i in batch]
+    finally:
+        rd.close()
+    return {"config": config, "labels": labels, "selections": list(state.training_atoms),
+            "optimised": {e["label"]: e["hyperparameters"] for e in events if e["event"] == "optimize"},
+            "steps": [lab.step for lab in labels]}
+
+
+def hyps_at(record: dict, k: int) -> dict:
+    """The hyperparameters a run used after k calls: its latest optimisation before the k-th label."""
+    hyps = dict(record["config"].learner.hyperparameters)
+    for idx in sorted(record["optimised"]):
+        if idx < k:
+            hyps = record["optimised"][idx]
+    return hyps
+
+
+def rebuilt_curve(frames_run: dict, ks, frames, forces, kind: str = "sparse", sparse: dict | None = None,
+                  hyps_run: dict | None = None, energy: bool = False, fixed_hyps: dict | None = None) -> dict:
+    """{k: held-out metrics} of a ``kind`` model trained on the labels of ``frames_run``'s first k
+    calls (every force for sparse, the selected atoms' for exact; with ``energy`` each call's energy
+    too), inducing = ``sparse`` settings on those frames, hyperparameters of ``hyps_run`` at k
+    (default: ``frames_run``'s) or ``fixed_hyps``."""
+    from learner_service.model import SparseSettings, create_model
+
+    hyps_run = hyps_run or frames_run
+    config = frames_run["config"]
     species = sorted({int(z) for a in frames for z in a.numbers})
-    labels = [rd.read_label(i) for batch in state.apply_batches for i in batch]
-    rd.close()
-    kind = "sparse" if same_frames_sparse else config.learner.model
+    sp = sparse if sparse is not None else dict(config.learner.sparse.__dict__)
+    settings = SparseSettings(**{k: v for k, v in sp.items() if k in SparseSettings.__dataclass_fields__})
     out = {}
+    labels = frames_run["labels"]
     for k in ks:
         if k > len(labels):
             break
-        hyps = dict(config.learner.hyperparameters)
-        for idx in sorted(optimised):
-            if idx < k:
-                hyps = optimised[idx]
-        sp = same_frames_sparse if same_frames_sparse is not None else dict(config.learner.sparse.__dict__)
-        settings = SparseSettings(**{k: v for k, v in sp.items() if k in SparseSettings.__dataclass_fields__})
+        hyps = dict(fixed_hyps) if fixed_hyps else hyps_at(hyps_run, k)
         model = create_model(kind, species, config.learner.cutoffs, hyperparameters=hyps, sparse=settings)
-        # the run's own labels: a sparse run used each call's energy too; the sparse model on an
-        # exact run's frames takes every force (no energy: the exact run has no energy noise fitted)
-        energy = (kind == "sparse" and same_frames_sparse is None) or config.learner.use_energy
-        for lab, sel in zip(labels[:k], state.training_atoms[:k]):
+        for lab, sel in zip(labels[:k], frames_run["selections"][:k]):
             model.add_frame(lab.atoms(), forces=lab.forces, selected=sel, energy=lab.energy if energy else None)
         model.train()
         out[k] = _held_metrics(model, frames, forces)
     return out
+
+
+def otf_curves(run_dir: Path, ks, frames, forces, same_frames_sparse: dict | None = None) -> dict:
+    """{k: metrics} of the model of ``run_dir`` after k calls, rebuilt (see the module docstring);
+    with ``same_frames_sparse`` a sparse model on every force of that run's frames instead."""
+    rec = _run_record(run_dir)
+    if same_frames_sparse is not None:
+        return rebuilt_curve(rec, ks, frames, forces, "sparse", same_frames_sparse)
+    le = rec["config"].learner
+    # the run's own labels: a sparse run used each call's energy as learner.sparse.labels says
+    energy = le.use_energy or (le.model == "sparse" and getattr(le.sparse, "labels", "all") != "forces")
+    return rebuilt_curve(rec, ks, frames, forces, le.model, None, energy=energy)
 
 
 def otf_main(args) -> None:
@@ -253,30 +299,44 @@ def otf_main(args) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_learning_curves import held_out
 
-    ks = sorted({k for k in (1, 2, 4, 6, 8, 12, 16, 24, 32, args.labels) if k <= args.labels})
+    table_ks = sorted({k for k in (1, 2, 4, 6, 8, 12, 16, 24, 32, args.labels) if k <= args.labels})
+    ks = list(range(1, args.labels + 1))  # every k: calls to reach exact's final RMSE per seed
     print(f"optimize.until_calls: {args.until_calls or 'as the example'}")
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_sparse_otf_"))
     work.mkdir(parents=True, exist_ok=True)
     summary = {}
-    sparse = {"inducing_rule": args.sparse_rule, "per_call": args.per_frame, "functionals": args.functionals}
-    print(f"sparse settings: {sparse} (learner.sparse); budget {args.labels} calls; seeds {args.seeds}")
+    sparse = {"inducing_rule": args.sparse_rule, "per_call": args.per_frame, "functionals": args.functionals,
+              "labels": args.sparse_labels}
+    if args.sparse_rule == "variance":
+        sparse["tolerance"] = args.tolerance
+    if args.calibration_scale:
+        sparse["_calibration_scale"] = True
+    kinds = args.kinds.split(",")
+    print(f"sparse settings: {sparse} (learner.sparse); budget {args.labels} calls; seeds {args.seeds}; "
+          f"runs {kinds}")
     for system in args.systems.split(","):
         frames, forces = held_out(system)
         curves = {"exact": [], "sparse": [], "sparse on the exact run's frames": []}
         calls = {"exact": [], "sparse": []}
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for kind in ("exact", "sparse"):
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        for seed in seeds:
+            for kind in kinds:
                 rd = otf_run(system, kind, seed, args.labels, work, sparse, args.until_calls)
-                curves[kind].append(otf_curves(rd, ks, frames, forces))
+                if args.runs_only:
+                    continue
+                # every k for the sparse run (calls to reach exact's final RMSE), the table's k otherwise
+                curves[kind].append(otf_curves(rd, ks if kind == "sparse" else table_ks, frames, forces))
                 st = json.loads((rd / "state.json").read_text())
                 calls[kind].append((st["oracle_calls"], (st.get("walkers") or {}).get("w0", {}).get("step")))
-                if kind == "exact":
-                    curves["sparse on the exact run's frames"].append(otf_curves(rd, ks, frames, forces, sparse))
+                if kind == "exact" and args.same_frames:
+                    curves["sparse on the exact run's frames"].append(otf_curves(rd, table_ks, frames, forces, sparse))
+        if args.runs_only:
+            continue
+        curves = {k: v for k, v in curves.items() if v}
         print(f"\n### {system}: median over {args.seeds} seeds (held-out: {len(frames)} frames)\n")
         print("| k calls | " + " | ".join(f"{n}: RMSE eV/Å · z² · 2σ" for n in curves) + " |")
         print("|---:|" + "---:|" * len(curves))
-        med = {}
-        for k in ks:
+        for k in table_ks:
             cells = []
             for name, cs in curves.items():
                 vals = [c[k] for c in cs if k in c]
@@ -284,18 +344,74 @@ def otf_main(args) -> None:
                     cells.append("—")
                     continue
                 m = {q: statistics.median(v[q] for v in vals) for q in ("rmse", "z2", "cover2")}
-                med.setdefault(name, {})[k] = m
                 cells.append(f"{m['rmse']:.4f} · {m['z2']:.2f} · {100 * m['cover2']:.0f} %")
             print(f"| {k} | " + " | ".join(cells) + " |")
-        final = med["exact"][max(med["exact"])]["rmse"]
-        for name in ("sparse", "sparse on the exact run's frames"):
-            reach = next((k for k in sorted(med.get(name, {})) if med[name][k]["rmse"] <= final), None)
-            print(f"exact after {max(med['exact'])} calls: {final:.4f} eV/Å; {name} reaches it after "
-                  f"{reach if reach is not None else 'more than ' + str(max(med.get(name, {0: 0})))} calls")
+        if "exact" in curves:
+            print(f"\nper seed: exact's RMSE after {args.labels} calls, and the first k at which each sparse "
+                  f"curve is at or below it (goal: k <= {args.labels // 2})")
+            for i, seed in enumerate(seeds):
+                final = curves["exact"][i][args.labels]
+                parts = [f"seed {seed}: exact {final['rmse']:.4f} eV/Å (z² {final['z2']:.2f}, 2σ "
+                         f"{100 * final['cover2']:.0f} %)"]
+                for name in ("sparse", "sparse on the exact run's frames"):
+                    if name not in curves:
+                        continue
+                    c = curves[name][i]
+                    reach = next((k for k in ks if k in c and c[k]["rmse"] <= final["rmse"]), None)
+                    last = c[max(c)]
+                    parts.append(f"{name}: reaches it at k = {reach if reach else '>' + str(max(c))}"
+                                 f"{'' if name == 'sparse' else ' (of the table k)'}; after "
+                                 f"{max(c)}: {last['rmse']:.4f} eV/Å, z² {last['z2']:.2f}, 2σ "
+                                 f"{100 * last['cover2']:.0f} %")
+                print("; ".join(parts))
         print(f"(oracle calls, MD step of the last frame) per seed: {calls}")
         summary[system] = {"curves": curves, "calls": calls}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+
+
+def diagnose(work: Path, ks) -> None:
+    """Why a sparse run learns less per call than a sparse model on the exact run's frames: for each
+    pair of run directories ``SYSTEM-exact-SEED`` / ``SYSTEM-sparse-SEED`` in ``work``, sparse models
+    rebuilt with each factor swapped in turn -- frames (the sparse run's or the exact run's),
+    hyperparameters (either run's at k), energy labels (with or without)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_learning_curves import held_out
+
+    for exact_dir in sorted(work.glob("*-exact-*")):
+        if not exact_dir.is_dir():
+            continue
+        system, seed = exact_dir.name.split("-exact-")
+        sparse_dir = work / f"{system}-sparse-{seed}"
+        if not sparse_dir.is_dir():
+            continue
+        frames, forces = held_out(system)
+        ex, sp = _run_record(exact_dir), _run_record(sparse_dir)
+        settings = dict(sp["config"].learner.sparse.__dict__)
+        sp_energy = getattr(sp["config"].learner.sparse, "labels", "all") != "forces"
+        curves = {
+            "exact run": rebuilt_curve(ex, ks, frames, forces, "exact"),
+            f"sparse run (own frames, own hyps, energy {sp_energy})": rebuilt_curve(sp, ks, frames, forces, "sparse",
+                                                                                   energy=sp_energy),
+            "own frames, own hyps, forces": rebuilt_curve(sp, ks, frames, forces, "sparse"),
+            "own frames, exact's hyps, forces": rebuilt_curve(sp, ks, frames, forces, "sparse", hyps_run=ex),
+            "exact's frames, exact's hyps, forces": rebuilt_curve(ex, ks, frames, forces, "sparse", settings),
+            "exact's frames, exact's hyps, energy": rebuilt_curve(ex, ks, frames, forces, "sparse", settings,
+                                                                  energy=True),
+            "exact's frames, sparse run's hyps, forces": rebuilt_curve(ex, ks, frames, forces, "sparse", settings,
+                                                                       hyps_run=sp),
+        }
+        print(f"\n### diagnosis {system} seed {seed}: RMSE eV/Å · mean z² · 2σ coverage\n")
+        print("| k | " + " | ".join(curves) + " |")
+        print("|---:|" + "---:|" * len(curves))
+        for k in ks:
+            cells = [f"{c[k]['rmse']:.4f} · {c[k]['z2']:.2f} · {100 * c[k]['cover2']:.0f} %" if k in c else "—"
+                     for c in curves.values()]
+            print(f"| {k} | " + " | ".join(cells) + " |")
+        for name, rec in (("exact", ex), ("sparse", sp)):
+            last = hyps_at(rec, max(ks) + 1)
+            print(f"{name} run: MD steps of the calls {rec['steps']}; hyperparameters after the last "
+                  f"optimisation: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
 
 
 def main(argv=None):
@@ -304,7 +420,8 @@ def main(argv=None):
     ap.add_argument("--per-frame", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--tolerance", type=float, default=0.0,
-                    help="inducing_tolerance: residual/prior local-energy variance below which no environment is added")
+                    help="inducing_tolerance: residual/prior local-energy variance below which no environment is added "
+                         "(--otf with --sparse-rule variance: learner.sparse.tolerance)")
     ap.add_argument("--functionals", default="energy", choices=("energy", "energy_force"))
     ap.add_argument("--optimize-at", type=int, default=0, help="also optimise the sparse model at this N (slow)")
     ap.add_argument("--no-exact", action="store_true")
@@ -314,13 +431,27 @@ def main(argv=None):
                     help="--otf: learner.optimize.until_calls of both runs (default: the example's)")
     ap.add_argument("--sparse-rule", default="acquisition", choices=("acquisition", "variance"),
                     help="--otf: learner.sparse.inducing_rule (variance: up to --per-frame per call)")
+    ap.add_argument("--sparse-labels", default="all", choices=("forces", "forces+energy", "all"),
+                    help="--otf: learner.sparse.labels of the sparse runs")
+    ap.add_argument("--calibration-scale", action="store_true",
+                    help="--otf: the sparse runs with calibration.scale (threshold on s·σ, s fitted at the calls)")
+    ap.add_argument("--kinds", default="exact,sparse", help="--otf: which runs (comma-separated: exact, sparse)")
+    ap.add_argument("--runs-only", action="store_true", help="--otf: only the runs (kept with --keep), no curves")
+    ap.add_argument("--no-same-frames", dest="same_frames", action="store_false",
+                    help="--otf: skip the curve of a sparse model on the exact run's frames")
     ap.add_argument("--systems", default="al_melt,cu3au")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--labels", type=int, default=16, help="oracle-call budget per on-the-fly run")
     ap.add_argument("--keep", help="keep the run directories here")
     ap.add_argument("--json", help="write the --otf curves to this file")
+    ap.add_argument("--diagnose", help="only the factor-by-factor rebuild of the run pairs kept in this directory "
+                                       "(an earlier --otf --keep DIR)")
     args = ap.parse_args(argv)
+    if args.diagnose:
+        diagnose(Path(args.diagnose), sorted({k for k in (1, 2, 4, 6, 8, 12, 16, 24, 32, args.labels)
+                                              if k <= args.labels}))
+        return
     if args.otf:
         machine()
         otf_main(args)

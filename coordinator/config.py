@@ -75,6 +75,10 @@ class OptimizeConfig:
     holdout: float = 0.2       # map: share of the labelled frames held out for the check (0: none)
 
 
+#: ``learner.sparse.labels``: which labels of each oracle call a sparse model trains on
+SPARSE_LABELS = ("forces", "forces+energy", "all")
+
+
 @dataclass(frozen=True)
 class SparseLearnerConfig:
     """``learner.sparse:`` — settings of a new sparse model (learner_service/model.py SparseSettings)."""
@@ -82,7 +86,11 @@ class SparseLearnerConfig:
     max_inducing: int | None = None          # at most this many inducing environments (None: no cap)
     inducing_rule: str = "acquisition"       # acquisition: the selected atoms; variance: the model's own pick
     per_call: int = 4                        # variance rule: at most this many per oracle call
+    tolerance: float = 1e-6                  # variance rule: ... while the residual/prior local-energy variance exceeds this
     functionals: str = "energy"              # inducing variables: energy (FLARE 1.x) or energy_force
+    # the labels of each oracle call the sparse model trains on: every force, plus the energy
+    # (forces+energy), plus the stress when the oracle computed it (all)
+    labels: str = "all"
 
 
 @dataclass(frozen=True)
@@ -514,8 +522,18 @@ def _validate_learner_model(le: LearnerConfig, need) -> None:
     need(sp.inducing_rule in ("acquisition", "variance"),
          f"learner.sparse.inducing_rule: allowed acquisition, variance, got {sp.inducing_rule!r}")
     need(sp.per_call >= 1, f"learner.sparse.per_call: must be >= 1, got {sp.per_call}")
+    need(0 <= sp.tolerance < 1, f"learner.sparse.tolerance: must be in [0, 1), got {sp.tolerance}")
     need(sp.functionals in ("energy", "energy_force"),
          f"learner.sparse.functionals: allowed energy, energy_force, got {sp.functionals!r}")
+    need(sp.labels in SPARSE_LABELS,
+         f"learner.sparse.labels: allowed {', '.join(SPARSE_LABELS)}, got {sp.labels!r}")
+    if le.model == "sparse":
+        need(not (le.use_energy and sp.labels == "forces"),
+             "learner.use_energy: true contradicts learner.sparse.labels: forces (a sparse model takes the labels "
+             "learner.sparse.labels names; use forces+energy or all)")
+        need(not (le.use_stress and sp.labels != "all"),
+             f"learner.use_stress: true contradicts learner.sparse.labels: {sp.labels} (a sparse model takes the "
+             f"labels learner.sparse.labels names; use all)")
 
 
 def validate(c: RunConfig) -> None:

@@ -1288,14 +1288,18 @@ class OnTheFlyRun:
     def _item(self, label: StoredLabel) -> dict:
         le = self.config.learner
         every = self._every_label()
+        sparse_labels = le.sparse.labels if every else ""
         selection = label.selection if label.selection is not None else initial_atoms(self.config, len(label.numbers))
+        energy = le.use_energy or sparse_labels in ("forces+energy", "all")
+        stress = le.use_stress or sparse_labels == "all"
         return {"atoms": label.atoms(), "forces": label.forces, "atom_indices": selection, "energy": label.energy,
-                "stress": label.stress, "use_energy": (le.use_energy or every) and label.energy is not None,
-                "use_stress": (le.use_stress or every) and label.stress is not None}
+                "stress": label.stress, "use_energy": energy and label.energy is not None,
+                "use_stress": stress and label.stress is not None}
 
     def _every_label(self) -> bool:
         """A sparse learner (``learner.model``) takes every label of a call: all forces (the learner
-        does that), and the energy and stress the oracle returned."""
+        does that), and -- as ``learner.sparse.labels`` says -- the energy and the stress the oracle
+        returned."""
         kind = getattr(self, "_learner_kind", None)
         if kind is None:
             from coordinator.config import learner_model_kind

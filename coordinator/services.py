@@ -199,4 +199,4 @@ def learner_model_settings(le) -> dict:
     path = learner_model_file(le)
     return {"model_kind": "exact" if path is not None else le.model, "model_path": path,
             "sparse": SparseSettings(max_inducing=sp.max_inducing, inducing_rule=sp.inducing_rule,
-                                     per_call=sp.per_call, functionals=sp.functionals)}
+                                     per_call=sp.per_call, tolerance=sp.tolerance, functionals=sp.functionals)}

@@ -18,11 +18,12 @@ import pytest
 import yaml
 
 from coordinator.config import ConfigError, parse_config
-from coordinator.rundir import RunDirectory
 from learner_service.model import load_model, model_file_kind
 from learner_service.sparse_gp import SparseGaussianProcess
 
-from tests.coordinator.test_replay import BrokenOracle, config_for, events, replay, trajectory  # noqa: F401
+from tests.coordinator.test_replay import BrokenOracle, config_for, events, replay, trajectory
+
+_FIXTURES = (trajectory,)  # pytest fixture used by name below
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,6 +112,46 @@ def test_learner_model_is_validated_with_messages_that_name_the_key(trajectory, 
         parse_config({**config_for(trajectory), "learner": {"model": "sparse", "sparse": {"max_inducing": 0}}})
     with pytest.raises(ConfigError, match="learner.sparse.inducing_rule"):
         parse_config({**config_for(trajectory), "learner": {"model": "sparse", "sparse": {"inducing_rule": "fps"}}})
+
+
+def test_sparse_labels_forces_trains_on_every_force_and_no_energy(trajectory, tmp_path):
+    """``learner.sparse.labels: forces``: each call adds its 32 x 3 forces and nothing else; the
+    model's mean then equals a sparse model built offline from those forces alone (not with energies)."""
+    data = sparse_config(trajectory)
+    data["learner"]["sparse"] = {"labels": "forces"}
+    state, rd, ports = replay(tmp_path, data, trajectory)
+    final = ports.learner.history[max(ports.learner.history)]
+    assert state.oracle_calls >= 2
+    assert final.n_labels == state.oracle_calls * 3 * 32 and final.n_energy_labels == 0
+    labels = [rd.read_label(k) for k in range(state.oracle_calls)]
+    offline = SparseGaussianProcess(final.species, (final.cutoffs.r2, final.cutoffs.r3), final.hyperparameters)
+    with_energy = SparseGaussianProcess(final.species, (final.cutoffs.r2, final.cutoffs.r3), final.hyperparameters)
+    for lab in labels:
+        offline.add_frame(lab.atoms(), forces=lab.forces, selected=lab.selection)
+        with_energy.add_frame(lab.atoms(), forces=lab.forces, selected=lab.selection, energy=lab.energy)
+    probe = labels[-1].atoms()
+    got = final.train().predict(probe).forces
+    assert np.allclose(got, offline.train().predict(probe).forces, rtol=1e-8, atol=1e-10)
+    assert not np.allclose(got, with_energy.train().predict(probe).forces, rtol=1e-6, atol=1e-8)
+
+
+def test_sparse_labels_are_validated(trajectory):
+    with pytest.raises(ConfigError, match="learner.sparse.labels: allowed forces, forces\\+energy, all"):
+        parse_config({**config_for(trajectory), "learner": {"model": "sparse", "sparse": {"labels": "energy"}}})
+    with pytest.raises(ConfigError, match="learner.use_energy: true contradicts learner.sparse.labels: forces"):
+        parse_config({**config_for(trajectory),
+                      "learner": {"model": "sparse", "use_energy": True, "sparse": {"labels": "forces"}}})
+    with pytest.raises(ConfigError, match="learner.use_stress: true contradicts learner.sparse.labels"):
+        parse_config({**config_for(trajectory),
+                      "learner": {"model": "sparse", "use_stress": True, "sparse": {"labels": "forces+energy"}}})
+    with pytest.raises(ConfigError, match="learner.sparse.tolerance: must be in \\[0, 1\\)"):
+        parse_config({**config_for(trajectory), "learner": {"model": "sparse", "sparse": {"tolerance": -0.1}}})
+    cfg = parse_config({**config_for(trajectory),
+                        "learner": {"model": "sparse", "sparse": {"labels": "forces+energy", "tolerance": 0}}})
+    assert cfg.learner.sparse.labels == "forces+energy"
+    from coordinator.services import learner_model_settings
+
+    assert learner_model_settings(cfg.learner)["sparse"].kwargs()["inducing_tolerance"] == 0.0
 
 
 # --------------------------------------------------------------------------- embedded over gRPC
