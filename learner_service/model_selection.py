@@ -16,10 +16,12 @@ hyperparameters that interpolate the training labels but generalise badly.  This
   (Eq. 7 with dK/dls, plus the prior's term).  Restarts: the data-derived centre, the model's
   current values and ``restarts`` draws from the prior (seeded), screened in the cheap inner
   space, the best started in the outer search;
-* a held-out check (:func:`validation_metrics`): force RMSE (eV/Å) and mean Gaussian log
-  likelihood of held-out force components under the total predictive σ; the selection rule
-  (:func:`map_optimize`) keeps the best MAP candidate whose held-out RMSE is not worse than the
-  start values' by more than ``validation_tolerance`` (relative).
+* the selection rule (:func:`map_optimize`): every candidate (the start values, each screened
+  restart, the outer optima) is scored by leave-one-frame-out cross-validation in closed form
+  (:func:`block_cv_metrics`; frames recovered from the data by :func:`training_frames`), the
+  criterion the worst held-out frame's force RMSE; the best is kept if it beats the start values
+  by ``validation_tolerance``, else the start values stay.  Optional held-out frames
+  (``validation``, :func:`validation_metrics`) are extra folds.
 
 Units: sig2, sig3 eV; ls2, ls3 Å; noise eV/Å; energy_noise eV; stress_noise eV/Å^3.
 """
@@ -43,7 +45,8 @@ from .gp import (_CHOLESKY_HINT, _ENERGY, _FORCE, _STRESS, BOUND_RTOL, DEFAULT_B
 from .kernels import force_kernel_blocks
 
 __all__ = ["HyperPrior", "data_prior", "log_prior", "map_optimize", "validation_metrics", "holdout_split", "DataScales",
-           "data_scales"]
+           "data_scales", "training_frames", "row_frames", "reciprocal_bonds", "cv_blocks", "block_cv_metrics",
+           "lofo_metrics"]
 
 _SIGNALS = ("sig2", "sig3")
 _LENGTHS = ("ls2", "ls3")
@@ -210,6 +213,8 @@ class _Kernels:
     dK3: np.ndarray
     y: np.ndarray
     kinds: np.ndarray
+    frames: np.ndarray | None = None   # frame id of every row (:func:`row_frames`)
+    blocks: list | None = None         # the cross-validation's held-out blocks of rows (:func:`cv_blocks`)
 
 
 def _factor_eval(kern: _Kernels, hyps: Mapping[str, float], need_inverse: bool = True):
@@ -362,12 +367,15 @@ class _KernelSource:
     """Builds :class:`_Kernels` at given length scales for all training rows, or -- forces-only
     data above ``subset_envs`` environments -- for a seeded random subset of them."""
 
-    def __init__(self, gp: GaussianProcess, subset_envs: int | None, seed: int):
+    def __init__(self, gp: GaussianProcess, subset_envs: int | None, seed: int, extrapolation: bool = True):
         self.gp = gp
         self.kinds_all = np.asarray(gp._kinds, dtype=np.int64)
         self.y_all = gp.labels
         envs = gp._force_label_envs()
         self.subset = None
+        self.frames_all, envs_all = _row_frames_envs(gp)
+        bonds = reciprocal_bonds(gp)
+        self.blocks_all = cv_blocks(self.frames_all, envs_all, bonds, extrapolation)
         if subset_envs is not None and envs is not None and len(envs) > subset_envs:
             rng = np.random.default_rng([seed, 13])
             self.subset = np.sort(rng.choice(len(envs), size=subset_envs, replace=False))
@@ -375,6 +383,8 @@ class _KernelSource:
             rows = (3 * self.subset[:, None] + np.arange(3)[None, :]).ravel()
             self.y_sub = self.y_all[rows]
             self.kinds_sub = self.kinds_all[rows]
+            self.frames_sub = self.frames_all[rows]
+            self.blocks_sub = cv_blocks(self.frames_sub, envs_all[rows], bonds, extrapolation)
 
     @property
     def n_subset(self) -> int | None:
@@ -392,10 +402,12 @@ class _KernelSource:
         gp = self.gp
         if self.subset is None or full:
             K2, K3, dK2, dK3 = gp._segment_blocks(0, gp.n_labels, tuple(ls), grad=True)
-            return _Kernels(tuple(ls), K2, K3, dK2, dK3, self.y_all, self.kinds_all)
+            return _Kernels(tuple(ls), K2, K3, dK2, dK3, self.y_all, self.kinds_all, self.frames_all,
+                            self.blocks_all)
         K2, K3, dK2, dK3 = force_kernel_blocks(gp._training_batch(), len(gp.species), self.sub_envs, None,
                                                ls[0], ls[1], grad=True)
-        return _Kernels(tuple(ls), K2, K3, dK2, dK3, self.y_sub, self.kinds_sub)
+        return _Kernels(tuple(ls), K2, K3, dK2, dK3, self.y_sub, self.kinds_sub, self.frames_sub,
+                        self.blocks_sub)
 
 
 # ---------------------------------------------------------------------------
@@ -418,9 +430,154 @@ def validation_metrics(gp: GaussianProcess, validation: Sequence[tuple]) -> dict
     if not errs:
         raise InvalidInput("the validation set has no atoms")
     e, v = np.concatenate(errs), np.concatenate(var)
-    return {"rmse": float(np.sqrt(np.mean(e ** 2))),
+    return {"rmse": float(np.sqrt(np.mean(e ** 2))), "max_error": float(np.abs(e).max()),
             "log_likelihood": float(np.mean(-0.5 * e ** 2 / v - 0.5 * np.log(2 * math.pi * v))),
             "rms_sigma": float(np.sqrt(np.mean(v))), "components": int(e.size)}
+
+
+# ---------------------------------------------------------------------------
+# leave-one-frame-out cross-validation (the selection rule)
+# ---------------------------------------------------------------------------
+
+
+def reciprocal_bonds(gp: GaussianProcess) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of training environments ``(a, b, r)`` whose central atoms are each other's neighbours
+    at distance r (Å): atom i's environment has the bond i->j and atom j's the bond j->i with the
+    opposite displacement vector (each component to 1e-6 Å) -- the two atoms are from one
+    structure.  a < b; a bond to a
+    periodic image of the atom itself gives no pair."""
+    batch = gp._training_batch()
+    n = len(batch)
+    if n == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, np.zeros(0)
+    env = np.repeat(np.arange(n), np.diff(batch.bond_offsets))
+    i = batch.center_atom[env]
+    j = batch.bond_atom
+    # the bond vector centre -> neighbour, oriented from the lower to the higher atom index: i->j
+    # and j->i give the same vector, so two frames collide only if an atom pair has the same
+    # displacement to 1e-6 Å in all three components (the distance alone collided: 160 frames of
+    # ±5 % Al merged into 112)
+    v = np.rint(batch.bond_r[:, None] * batch.bond_u * np.where(i < j, 1.0, -1.0)[:, None] * 1e6).astype(np.int64)
+    keys = np.vstack([np.minimum(i, j), np.maximum(i, j), v.T])
+    order = np.lexsort(keys[::-1])
+    ks = keys[:, order]
+    same = np.all(ks[:, 1:] == ks[:, :-1], axis=0)
+    a, b = env[order][:-1][same], env[order][1:][same]
+    r = batch.bond_r[order][:-1][same]
+    keep = a != b
+    a, b, r = a[keep], b[keep], r[keep]
+    return np.minimum(a, b), np.maximum(a, b), r
+
+
+def training_frames(gp: GaussianProcess) -> np.ndarray:
+    """Frame id (0, 1, ...) of every training environment, recovered from the data alone:
+    environments tied by a reciprocal bond (:func:`reciprocal_bonds`) are from one structure;
+    connected environments form a frame, numbered in order of their first environment.  (A frame
+    whose labelled atoms share no bond -- one labelled atom, or atoms farther apart than r2 --
+    splits into several; two identical structures merge.)"""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(gp._training_batch())
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    a, b, _ = reciprocal_bonds(gp)
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first)).astype(np.int64)[inverse]
+
+
+def row_frames(gp: GaussianProcess) -> np.ndarray:
+    """Frame id (:func:`training_frames`) of every training label row."""
+    return _row_frames_envs(gp)[0]
+
+
+def _row_frames_envs(gp: GaussianProcess):
+    """(frame id of every label row, environment of every force row (-1 for energy/stress rows))."""
+    frames = training_frames(gp)
+    out = np.full(gp.n_labels, -1, dtype=np.int64)
+    envs = np.full(gp.n_labels, -1, dtype=np.int64)
+    for g in gp._groups:
+        r = g.rows[g.rows >= 0]
+        out[r] = frames[g.envs[0]]
+        if g.kind == "force":
+            envs[r] = g.envs[0]
+    return out, envs
+
+
+def cv_blocks(frames: np.ndarray, envs: np.ndarray, bonds, extrapolation: bool = True) -> list[tuple[str, np.ndarray]]:
+    """The held-out blocks of the cross-validation for training rows with frame ids ``frames``
+    and force environments ``envs`` (-1: not a force row): every frame (if there are two or
+    more), and with ``extrapolation`` per frame its closest pair of labelled atoms
+    (:func:`reciprocal_bonds` ``bonds``), both atoms' force rows held out together.  Removing
+    both environments removes that pair distance from the 2-body training data, so the block
+    asks the model to extrapolate to a distance shorter than those it keeps, as a new frame
+    does when its closest approach is closer than the training set's; the more data, the
+    smaller the gap to the next-closest pair and the milder the extrapolation."""
+    blocks = []
+    ids = [f for f in np.unique(frames) if np.any((frames == f) & (envs >= 0))]
+    if len(ids) >= 2:
+        blocks += [(f"frame {f}", np.flatnonzero(frames == f)) for f in ids]
+    if extrapolation:
+        a, b, r = bonds
+        present = np.zeros(int(max(envs.max(initial=-1), a.max(initial=-1), b.max(initial=-1))) + 1, dtype=bool)
+        present[envs[envs >= 0]] = True
+        ok = present[a] & present[b] if len(a) else np.zeros(0, dtype=bool)
+        env_frame = {int(e): int(f) for e, f in zip(envs, frames) if e >= 0}
+        best = {}
+        for x, y, d in zip(a[ok], b[ok], r[ok]):
+            f = env_frame[int(x)]
+            if f not in best or d < best[f][2]:
+                best[f] = (int(x), int(y), float(d))
+        for f in sorted(best):
+            x, y, d = best[f]
+            rows = np.flatnonzero((envs == x) | (envs == y))
+            if len(rows) < len(envs):
+                blocks.append((f"closest pair of frame {f} ({d:.3f} Å)", rows))
+    return blocks
+
+
+def block_cv_metrics(kern: "_Kernels", hyps: Mapping[str, float], blocks) -> list[dict] | None:
+    """Predictions of each block's force rows by the model trained on all other rows, in closed
+    form from K_y^-1 (block version of Rasmussen & Williams Eq. 5.12): with A = (K_y^-1)_II for
+    the rows I of a block, the residual y_I - μ_I(trained without I) = A^-1 α_I and its
+    covariance (noise included) is A^-1.  Returns per block ``{"frame" (its label), "rmse",
+    "max_error" (eV/Å), "nlpd" (mean negative log predictive density per force component,
+    nats), "components"}``; None without blocks or if K_y is not positive definite."""
+    if not blocks:
+        return None
+    try:
+        _, alpha, Kinv = _factor_eval(kern, hyps)
+    except ModelError:
+        return None
+    out = []
+    for label, rows in blocks:
+        B = Kinv[np.ix_(rows, rows)]
+        A = np.tril(B) + np.tril(B, -1).T
+        try:
+            c = np.linalg.cholesky(A)
+        except np.linalg.LinAlgError:
+            return None
+        r = np.linalg.solve(c.T, np.linalg.solve(c, alpha[rows]))
+        cinv = np.linalg.solve(c, np.eye(len(rows)))
+        var = np.einsum("ij,ij->j", cinv, cinv)   # diag(A^-1)
+        m = kern.kinds[rows] == _FORCE
+        if not m.any():
+            continue
+        e, v = r[m], var[m]
+        out.append({"frame": label, "rmse": float(np.sqrt(np.mean(e ** 2))), "max_error": float(np.abs(e).max()),
+                    "nlpd": float(np.mean(0.5 * e ** 2 / v + 0.5 * np.log(2 * math.pi * v))),
+                    "components": int(m.sum())})
+    return out or None
+
+
+def lofo_metrics(kern: "_Kernels", hyps: Mapping[str, float], frames: np.ndarray) -> list[dict] | None:
+    """Leave-one-frame-out metrics (:func:`block_cv_metrics` with every frame a block); None if
+    fewer than two frames have force rows."""
+    blocks = cv_blocks(frames, np.where(kern.kinds == _FORCE, 0, -1), None, extrapolation=False)
+    return block_cv_metrics(kern, hyps, blocks)
 
 
 def holdout_split(selections: Sequence[Sequence[int]], share: float, seed: int):
@@ -473,6 +630,9 @@ def map_optimize(
     gtol: float = 0.05,
     max_validated: int = 2,
     progress: Callable[[str], None] | None = None,
+    selection: str = "cv",
+    criterion: str = "worst",
+    extrapolation: bool = False,
 ) -> OptimizationResult:
     """Maximise log p(y|θ) + log p(log θ) (``prior="data"``: :func:`data_prior`; ``None`` or
     ``"none"``: ML-II) and set the model's hyperparameters to the selected optimum.
@@ -486,10 +646,22 @@ def map_optimize(
     Restarts: the prior centre, the current values and ``restarts`` draws from the prior
     (``numpy.random.default_rng(seed)``), each screened by its profiled objective (one kernel
     build, inner search from that start); the outer search starts from the best.
-    Selection rule (with ``validation``, see :func:`validation_metrics`): candidates (the outer
-    optimum, then the screened restarts) in order of the MAP objective; the first whose held-out
-    RMSE is at most (1 + ``validation_tolerance``) x the start values' is kept; if none is, the
-    start values are kept (a warning says so).
+    With ``selection="cv"`` (default) the outer search also runs from the start values' length
+    scales (the maximum a local optimiser such as FLARE's reaches).
+
+    Selection rule (``selection="cv"``): the candidates are the start values, every screened
+    restart (inner optimum at its length scales) and the outer optima.  Each is scored on
+    held-out blocks of the rows the search used: every training frame in turn (two or more
+    frames; :func:`cv_blocks`, closed form :func:`block_cv_metrics`), with ``extrapolation``
+    also each frame's closest labelled pair, plus each ``validation`` tuple (a frame not trained
+    on, :func:`validation_metrics` at the candidate on the search data).  ``criterion``:
+    ``"worst"`` (default) the largest held-out frame force RMSE, ``"max_error"`` the largest
+    component error, ``"rmse"`` pooled, ``"nlpd"`` mean negative log predictive density (see
+    :func:`_fold_score`).  The best-scoring candidate (ties: higher objective) is kept if its
+    score is below the start values' by ``validation_tolerance`` (relative); else the start
+    values are kept.  Without any held-out block (one frame, no ``validation``) the start values
+    are kept with a warning.  ``selection="objective"``: the highest objective (plain MAP/ML-II).
+    ``max_validated`` is accepted for compatibility and unused.
     """
     if not gp.n_labels:
         raise ModelError("the model has no training data to optimise on")
@@ -497,6 +669,10 @@ def map_optimize(
         raise InvalidInput("max_iterations must be >= 1")
     if restarts < 0:
         raise InvalidInput("restarts must be >= 0")
+    if selection not in ("cv", "objective"):
+        raise InvalidInput(f"selection must be 'cv' or 'objective', got {selection!r}")
+    if criterion not in CRITERIA:
+        raise InvalidInput(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
     if gp.n_labels > gp.kernel_cache_max_rows:
         # the all-data step holds K2, K3, dK2, dK3, K_y and its inverse: 6 n² floats (10.8 GB at 15,000 rows)
         raise ModelError(f"{gp.n_labels} training rows exceed the kernel cache limit {gp.kernel_cache_max_rows}: the "
@@ -536,9 +712,18 @@ def map_optimize(
         for n in names:
             h[n] = math.exp(rng.normal(math.log(draw_prior.centre[n]), draw_prior.width[n]))
         starts.append((f"draw {k + 1}", clip(h)))
-    source = _KernelSource(gp, subset_envs, seed)
+    source = _KernelSource(gp, subset_envs, seed, extrapolation)
     if source.n_subset:
         log(f"length scales searched on {source.n_subset} of {gp.n_environments} environments (seeded subset)")
+
+    # every candidate is scored where its kernel is at hand (nothing kept beyond the search's kernels)
+    use_cv = selection == "cv"
+    candidates = []
+
+    def add_candidate(label, J, h, kern, origin=None):
+        folds = block_cv_metrics(kern, h, kern.blocks) if use_cv else None
+        candidates.append({"label": label, "objective": float(J), "hyperparameters": dict(h), "folds": folds,
+                           "origin": origin})
 
     # screening: one kernel build per start, inner search from that start and from the centre's
     # signal/noise values (restarts in the inner space cost no kernel)
@@ -557,56 +742,79 @@ def map_optimize(
             if ok:
                 break  # a converged inner search; the second start only when the first failed
         screened.append({"start": label, "objective": best[0], "hyperparameters": best[1]})
+        add_candidate(f"restart {label}", best[0], best[1], kern)
+        if label == "current":
+            try:  # the start values themselves, unoptimised: always a candidate
+                lml0 = _factor_eval(kern, start, need_inverse=False)[0]
+                add_candidate("start values", lml0 + log_prior(prior, start, names)[0], start, kern)
+            except ModelError:
+                log("  start values: covariance not positive definite, not a candidate")
         log(f"  restart {label:12s}: ls2={h['ls2']:.4g} Å ls3={h['ls3']:.4g} Å -> objective {best[0]:.4f}   "
             f"[start {k_start + 1}/{len(starts)}: {pace(screen0, k_start + 1, len(starts))}]")
     order = sorted(range(len(screened)), key=lambda i: -screened[i]["objective"])
-    first = screened[order[0]]["hyperparameters"]
 
-    # outer search over log(ls2, ls3) with the envelope gradient
+    # outer search over log(ls2, ls3) with the envelope gradient, from the best screened start and
+    # (cross-validated selection) also from the start values' length scales: the likelihood can
+    # have several maxima (a narrow ls2 that interpolates, a broad one that extrapolates), and
+    # the one nearest the start is the one a local optimiser (FLARE's) would return
     counter.phase = "outer"
-    state = {"hyps": dict(first), "best": (-math.inf, dict(first)), "kern": None}
-    outer0 = time.perf_counter()
-    iterations = [0]   # L-BFGS-B iterations completed (for the progress lines)
+    outer_starts = [order[0]]
+    current = next(i for i, s in enumerate(screened) if s["start"] == "current")
+    if use_cv and current != order[0]:
+        outer_starts.append(current)
 
-    def outer(x):
-        counter.outer_evaluations += 1
-        h = dict(state["hyps"])
-        h.update({n: math.exp(v) for n, v in zip(outer_names, x)})
-        kern = source.build([h["ls2"], h["ls3"]], counter)
-        try:
-            J, hopt, ok, msg = _inner_optimize(kern, h, inner_names, prior, box, counter, first_step=0.3)
-            if not ok:  # warm start failed: also from the centre's signal variances and noises
-                J2, h2, ok2, _ = _inner_optimize(kern, {**h, **{n: centre[n] for n in inner_names}}, inner_names,
-                                                 prior, box, counter)
-                if J2 > J:
-                    J, hopt = J2, h2
-            _, alpha, Kinv = _factor_eval(kern, hopt)
-        except ModelError:
-            return 1e30, np.zeros(len(x))
-        lp, glp = log_prior(prior, hopt, outer_names)
-        g = _grad_log(kern, hopt, outer_names, alpha, Kinv) + glp
-        state["hyps"] = hopt
-        if J > state["best"][0]:
-            state["best"] = (J, dict(hopt))
-        log(f"  outer {counter.outer_evaluations:3d}: ls2={hopt['ls2']:.4g} Å ls3={hopt['ls3']:.4g} Å "
-            f"sig2={hopt['sig2']:.4g} sig3={hopt['sig3']:.4g} noise={hopt['noise']:.4g} -> objective {J:.4f}   "
-            f"[{_duration(time.perf_counter() - outer0)}, "
-            f"{(time.perf_counter() - outer0) / counter.outer_evaluations:.2g} s per evaluation; "
-            f"{iterations[0]} of at most {max_iterations} iterations done]")
-        return -J, -g
+    def run_outer(first):
+        state = {"hyps": dict(first), "best": (-math.inf, dict(first)), "kern": None}
+        outer0 = time.perf_counter()
+        iterations = [0]   # L-BFGS-B iterations completed (for the progress lines)
+        n_eval = [0]
 
-    message, status, nit = "no length scale optimised", 0, 0
-    if outer_names:
+        def outer(x):
+            counter.outer_evaluations += 1
+            n_eval[0] += 1
+            h = dict(state["hyps"])
+            h.update({n: math.exp(v) for n, v in zip(outer_names, x)})
+            kern = source.build([h["ls2"], h["ls3"]], counter)
+            try:
+                J, hopt, ok, msg = _inner_optimize(kern, h, inner_names, prior, box, counter, first_step=0.3)
+                if not ok:  # warm start failed: also from the centre's signal variances and noises
+                    J2, h2, ok2, _ = _inner_optimize(kern, {**h, **{n: centre[n] for n in inner_names}},
+                                                     inner_names, prior, box, counter)
+                    if J2 > J:
+                        J, hopt = J2, h2
+                _, alpha, Kinv = _factor_eval(kern, hopt)
+            except ModelError:
+                return 1e30, np.zeros(len(x))
+            lp, glp = log_prior(prior, hopt, outer_names)
+            g = _grad_log(kern, hopt, outer_names, alpha, Kinv) + glp
+            state["hyps"] = hopt
+            if J > state["best"][0]:
+                state["best"], state["kern"] = (J, dict(hopt)), kern
+            log(f"  outer {counter.outer_evaluations:3d}: ls2={hopt['ls2']:.4g} Å ls3={hopt['ls3']:.4g} Å "
+                f"sig2={hopt['sig2']:.4g} sig3={hopt['sig3']:.4g} noise={hopt['noise']:.4g} -> objective {J:.4f}   "
+                f"[{_duration(time.perf_counter() - outer0)}, "
+                f"{(time.perf_counter() - outer0) / n_eval[0]:.2g} s per evaluation; "
+                f"{iterations[0]} of at most {max_iterations} iterations done]")
+            return -J, -g
+
         x0 = np.log([first[n] for n in outer_names])
         xb = [(math.log(box[n][0]), math.log(box[n][1])) for n in outer_names]
         res, _ = _scaled_lbfgsb(outer, x0, xb, {"maxiter": int(max_iterations), "gtol": gtol, "ftol": 1e-8,
                                                  "maxls": 20, "maxfun": 3 * int(max_iterations) + 5},
                                 callback=lambda _x: iterations.__setitem__(0, iterations[0] + 1))
-        message, status, nit = str(res.message), int(res.status), int(res.nit)
-    J_best, h_best = state["best"] if outer_names else (screened[order[0]]["objective"], first)
-    candidates = [("outer optimum", J_best, h_best)] + [
-        (f"restart {screened[i]['start']}", screened[i]["objective"], screened[i]["hyperparameters"])
-        for i in order]
+        return state, (str(res.message), int(res.status), int(res.nit))
+
+    runs_info = {}
+    if outer_names:
+        for i in outer_starts:
+            label = f"optimum from {screened[i]['start']}"
+            log(f"  length-scale search from restart {screened[i]['start']}")
+            state, info = run_outer(screened[i]["hyperparameters"])
+            runs_info[label] = info
+            if state["kern"] is not None:
+                add_candidate(label, state["best"][0], state["best"][1], state["kern"], origin=label)
+    main_label = f"optimum from {screened[order[0]]['start']}"
+    message, status, nit = runs_info.get(main_label, ("no length scale optimised", 0, 0))
 
     # on all data at a candidate's length scales (the signal variances and noises re-optimised there
     # when the search used a subset), installed in the model with its kernel cache
@@ -627,41 +835,26 @@ def map_optimize(
         gp._factorize()
         return hopt, lml, lp, g
 
-    counter.phase = "all data"
+    # the selection rule
+    counter.phase = "selection"
     warnings = []
-    validation_report = {}
-    chosen_label = candidates[0][0]
-    if not validation:
-        h_final, lml, lp, g = finish(candidates[0][2])
-    else:
-        start_metrics = _metrics_at(gp, start, validation)
-        validation_report["start values"] = start_metrics
-        limit = start_metrics["rmse"] * (1 + validation_tolerance)
-        picked = None
-        seen = []
-        for label, J, h in candidates:
-            key = (round(math.log(h["ls2"]), 4), round(math.log(h["ls3"]), 4))
-            if key in seen:
-                continue
-            seen.append(key)
-            h_final, lml, lp, g = finish(h)
-            m = validation_metrics(gp, validation)
-            m["hyperparameters"] = {nm: float(gp._hyps[nm]) for nm in gp.hyperparameter_names}
-            validation_report[label] = m
-            log(f"  held-out check {label}: RMSE {m['rmse']:.5f} eV/Å (start values {start_metrics['rmse']:.5f})")
-            if m["rmse"] <= limit:
-                picked = label
-                break
-            if len(seen) >= max_validated:
-                break
-        if picked is None:
-            warnings.append(f"no optimum predicts the held-out atoms within {100 * validation_tolerance:.0f} % of the "
-                            f"start values' RMSE ({start_metrics['rmse']:.4g} eV/Å): kept the start values")
-            chosen_label = "start values"
-            h_final, lml, lp, g = finish(dict(start), optimise=False)
-        else:
-            chosen_label = picked
+    chosen = _select(candidates, criterion, validation_tolerance, validation, gp, use_cv, log)
+    validation_report = {c["label"]: _candidate_report(c) for c in candidates}
+    chosen_label = chosen["label"]
+    if use_cv:
+        validation_report["criterion"] = criterion
         validation_report["selected"] = chosen_label
+        if chosen.get("score") is None:
+            warnings.append("fewer than two training frames with force labels and no held-out frames: no "
+                            "out-of-frame check was possible, so the start values were kept (add a frame for a "
+                            "cross-validated choice)")
+    if chosen["origin"] in runs_info:
+        message, status, nit = runs_info[chosen["origin"]]
+    counter.phase = "all data"
+    if chosen_label == "start values":
+        h_final, lml, lp, g = finish(dict(start), optimise=False)
+    else:
+        h_final, lml, lp, g = finish(chosen["hyperparameters"])
     J_final = lml + lp
 
     # convergence, honestly
@@ -714,3 +907,63 @@ def _metrics_at(gp: GaussianProcess, hyps: Mapping[str, float], validation) -> d
     m = validation_metrics(work, validation)
     m["hyperparameters"] = {n: float(hyps[n]) for n in gp.hyperparameter_names}
     return m
+
+
+CRITERIA = ("worst", "max_error", "rmse", "nlpd")
+
+
+def _fold_score(folds, criterion: str):
+    """The selection criterion over out-of-sample folds (None without folds): ``"worst"`` the
+    largest per-frame force RMSE, ``"rmse"`` the pooled RMSE, ``"nlpd"`` the mean negative log
+    predictive density per force component."""
+    if not folds:
+        return None
+    n = np.array([f["components"] for f in folds], dtype=float)
+    if criterion == "worst":
+        return max(f["rmse"] for f in folds)
+    if criterion == "max_error":
+        return max(f["max_error"] for f in folds)
+    if criterion == "rmse":
+        return float(np.sqrt(np.sum(n * np.array([f["rmse"] for f in folds]) ** 2) / n.sum()))
+    return float(np.sum(n * np.array([f["nlpd"] for f in folds])) / n.sum())
+
+
+def _select(candidates, criterion, tolerance, validation, gp, use_cv, log) -> dict:
+    """The selection rule of :func:`map_optimize` (see there)."""
+    if not use_cv:
+        return max(candidates, key=lambda c: c["objective"])
+    for c in candidates:
+        folds = list(c["folds"] or [])
+        for v in validation or ():
+            m = _metrics_at(gp, c["hyperparameters"], [v])
+            folds.append({"frame": "held out", "rmse": m["rmse"], "nlpd": -m["log_likelihood"],
+                          "max_error": m["max_error"], "components": m["components"]})
+        c["all_folds"] = folds
+        c["score"] = _fold_score(folds, criterion)
+        if c["score"] is not None:
+            log(f"  candidate {c['label']:26s}: ls2={c['hyperparameters']['ls2']:.4g} Å "
+                f"noise={c['hyperparameters']['noise']:.3g} eV/Å objective {c['objective']:.3f}, "
+                f"{len(folds)} held-out frames: worst RMSE {max(f['rmse'] for f in folds):.5f} eV/Å, "
+                f"criterion ({criterion}) {c['score']:.5g}")
+    scored = [c for c in candidates if c["score"] is not None]
+    if not scored:  # one frame: nothing to validate on, no evidence to leave the start values
+        return next((c for c in candidates if c["label"] == "start values"),
+                    max(candidates, key=lambda c: c["objective"]))
+    best = min(scored, key=lambda c: (c["score"], -c["objective"]))
+    start = next((c for c in scored if c["label"] == "start values"), None)
+    if start is not None and best["score"] > start["score"] - tolerance * abs(start["score"]):
+        return start   # not better than the start values by the margin: no evidence to leave them
+    return best
+
+
+def _candidate_report(c) -> dict:
+    out = {"objective": c["objective"], "hyperparameters": {k: float(v) for k, v in c["hyperparameters"].items()},
+           "score": c.get("score")}
+    folds = c.get("all_folds") or c["folds"] or []
+    if folds:
+        out["folds"] = [{k: f[k] for k in ("frame", "rmse", "max_error", "nlpd", "components")} for f in folds]
+        out["worst_rmse"] = max(f["rmse"] for f in folds)
+        out["max_error"] = max(f["max_error"] for f in folds)
+        out["rmse"] = _fold_score(folds, "rmse")
+        out["nlpd"] = _fold_score(folds, "nlpd")
+    return out

@@ -97,8 +97,9 @@ def fit_model(
     log=print,
     prior: str = "data",
     restarts: int = 3,
-    holdout: float = 0.2,
+    holdout: float = 0.0,
     model: str = "exact",
+    selection: str = "cv",
 ):
     """Build a GP from labelled data, optimise its hyperparameters, save it to ``out``.
 
@@ -110,9 +111,11 @@ def fit_model(
     Start values: ``hyperparameters`` or the one default set (learner_service/defaults.py, the
     same as ``epicycle run``'s).  ``prior="data"``: MAP with the data-derived prior and
     ``restarts`` prior draws (:func:`learner_service.model_selection.map_optimize`); ``"none"``:
-    plain ML-II (the same nested search without the prior).  ``holdout``: share of the frames
-    (two or more frames; else of the one frame's selected atoms) held out of the training set
-    during the search and used for the held-out check
+    plain ML-II (the same nested search without the prior).  ``selection="cv"``: the choice among
+    the optima and the start values cross-validates on the training frames (each held out in
+    turn, inside ``map_optimize``); ``"objective"``: the highest objective.
+    ``holdout`` (default 0): share of the frames (two or more frames; else of the one frame's
+    selected atoms) also held out of the training set during the search as extra validation frames
     (:func:`learner_service.model_selection.holdout_split`, seeded by ``seed``); after the
     selection they are added to the model, so the saved model is trained on every selected atom
     (the held-out numbers printed are those of the model without them).  Returns ``(gp, result)``.
@@ -177,7 +180,7 @@ def fit_model(
                 if line.split()[0] in gp.hyperparameter_names:
                     log("  prior " + line)
         result = map_optimize(gp, prior=prior, restarts=restarts, seed=seed, max_iterations=max_iterations,
-                              validation=held or None, progress=log)
+                              validation=held or None, progress=log, selection=selection)
         log(("optimisation converged" if result.converged else "optimisation did NOT converge")
             + f" after {result.iterations} iterations ({result.kernel_builds} kernel builds, "
               f"{result.cpu_seconds:.1f} s CPU): {result.message}")
@@ -185,12 +188,13 @@ def fit_model(
             log(f"WARNING: {w}")
         if result.validation:
             for name, m in result.validation.items():
-                if name == "selected" or m is None:
+                if not isinstance(m, dict) or "folds" not in m:
                     continue
-                log(f"held-out check, {name}: force RMSE {m['rmse']:.5f} eV/Å, mean log likelihood "
-                    f"{m['log_likelihood']:.4f} per component, RMS total σ {m['rms_sigma']:.5f} eV/Å")
-            log(f"selected: {result.selected} (rule: best objective among candidates whose held-out RMSE is "
-                f"within 2 % of the start values')")
+                log(f"held-out check, {name}: {len(m['folds'])} frames held out in turn, worst force RMSE "
+                    f"{m['worst_rmse']:.5f} eV/Å, pooled {m['rmse']:.5f} eV/Å, mean -log density "
+                    f"{m['nlpd']:.4f} per component")
+            log(f"selected: {result.selected} (rule: the candidate with the smallest worst held-out frame RMSE "
+                f"if it beats the start values' by 2 %, else the start values)")
         if held:
             for k, frame in enumerate(frames):
                 if held_idx[k]:
@@ -559,6 +563,7 @@ def _cmd_fit(args) -> int:
         restarts=args.restarts,
         holdout=args.holdout,
         model=args.model,
+        selection=args.selection,
     )
     return 0
 
@@ -632,9 +637,14 @@ def register_cli(subparsers) -> None:
                         "default) or 'none' (type-II maximum likelihood, as FLARE)")
     p.add_argument("--restarts", type=int, default=3, help="prior draws tried besides the prior centre and the "
                    "start values (default 3)")
-    p.add_argument("--holdout", type=float, default=0.2,
-                   help="share of the frames (of the atoms, with one frame) held out for the validation check "
-                        "(default 0.2; 0: none); they join the model after the selection")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="share of the frames (of the atoms, with one frame) also held out of the search as extra "
+                        "validation frames (default 0: the selection already holds out every training frame in "
+                        "turn); they join the model after the selection")
+    p.add_argument("--selection", choices=("cv", "objective"), default="cv",
+                   help="how the hyperparameters are chosen among the likelihood's maxima and the start values: "
+                        "'cv' (default) by leave-one-frame-out cross-validation (worst held-out frame force RMSE; "
+                        "one frame: the start values stay); 'objective': the highest MAP/ML-II objective")
     p.add_argument("--model", choices=MODEL_KINDS, default="exact",
                    help="exact: the full GP on the selected atoms' forces (default); sparse: a sparse GP on every "
                         "force of every frame, the selected atoms (--atoms / --atoms-per-frame, default all) as its "

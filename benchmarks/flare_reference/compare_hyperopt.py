@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         gf = ours(train, fh)
         flare_rmse = validation_metrics(gf, test)
         ml = ours(train, DEFAULT_HYPERPARAMETERS)
-        r_ml = map_optimize(ml, prior="none", restarts=3, seed=0)
+        r_ml = map_optimize(ml, prior="none", restarts=3, seed=0, selection="objective")
         mp = ours(train, DEFAULT_HYPERPARAMETERS)
         r_mp = map_optimize(mp, prior="data", restarts=3, seed=0)
         fixed = ours(train, DEFAULT_HYPERPARAMETERS)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
               + ", ".join(f"{k}={v:.4g}" for k, v in fh.items()))
         print(f"  ours ML-II     lml {r_ml.log_likelihood:.3f}; "
               + ", ".join(f"{k}={r_ml.hyperparameters[k]:.4g}" for k in fp.HYP_NAMES))
-        print(f"  ours MAP       lml {r_mp.log_likelihood:.3f}; "
+        print(f"  ours MAP       lml {r_mp.log_likelihood:.3f} (selected: {r_mp.selected}); "
               + ", ".join(f"{k}={r_mp.hyperparameters[k]:.4g}" for k in fp.HYP_NAMES))
         for name, g in (("FLARE ML-II", gf), ("ours ML-II", ml), ("ours MAP", mp), ("start values", fixed)):
             m = flare_rmse if g is gf else validation_metrics(g, test)

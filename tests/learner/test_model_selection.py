@@ -127,7 +127,7 @@ def test_converged_search_has_no_warning_and_prior_none_is_ml2():
     the ls3 box edge)."""
     fix = ("sig3", "ls3")
     gp = _model()
-    res = map_optimize(gp, prior="none", restarts=1, max_iterations=50, fix=fix, gtol=1e-3)
+    res = map_optimize(gp, prior="none", restarts=1, max_iterations=50, fix=fix, gtol=1e-3, selection="objective")
     assert res.converged and not res.warnings and res.objective == "ml" and res.log_prior == 0.0
     flat = _model()
     ref = flat.optimize(max_iterations=200, fix=fix)
@@ -194,13 +194,14 @@ def test_fit_prints_capped_search_as_warning_and_the_held_out_check(tmp_path, ca
     parser = argparse.ArgumentParser(prog="epicycle")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["fit", str(tmp_path / "train.xyz"), "--cutoffs", "5.0,3.5", "--atoms-per-frame", "10",
-                              "--max-iterations", "1", "--out", str(tmp_path / "m.npz")])
+                              "--max-iterations", "1", "--holdout", "0.2", "--out", str(tmp_path / "m.npz")])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     warning = next(line for line in out.splitlines() if line.startswith("WARNING: length-scale search stopped"))
     assert "iteration cap 1" in warning and "|gradient| (log θ) = " in warning
     assert "WARNING: hyperparameter optimisation did not converge after" in out  # learner_service.diagnostics
-    assert "held-out check, start values: force RMSE" in out and "selected:" in out
+    # one frame trained on and one held out: the held-out frame is the one fold of every candidate
+    assert "held-out check, start values: 1 frames held out in turn, worst force RMSE" in out and "selected:" in out
     assert "held out for the validation check: 10 atoms, 1 whole frame(s)" in out  # 20 % of 2 frames: 1
     assert "held-out atoms added to the model: 20 environments" in out
     assert "prior ls2" in out and "start values: sig2=1" in out

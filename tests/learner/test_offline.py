@@ -83,11 +83,14 @@ def test_clear_errors(tmp_path, capsys):
 def test_fit_flags_hyperparameters_on_a_bound(tmp_path, capsys):
     """The same frame twice with identical (noise-free EMT) labels: the likelihood grows without
     limit as σn -> 0, so σn ends on the lower edge of its box, and `fit` says so.  (`--holdout 0`:
-    the held-out check would hold one copy out, and the search would not see the duplicate.)"""
+    the held-out check would hold one copy out, and the search would not see the duplicate;
+    `--selection objective`: the two copies are one structure, so the cross-validated rule would
+    keep the start values.)"""
     frame = perturbed_fcc_al(1, seed=1)
     write(tmp_path / "twice.xyz", frame + frame)
     assert _run(["fit", str(tmp_path / "twice.xyz"), "--cutoffs", "5.0,3.5", "--atoms", "0,1,2",
-                 "--max-iterations", "60", "--holdout", "0", "--out", str(tmp_path / "m.npz")]) == 0
+                 "--max-iterations", "60", "--holdout", "0", "--selection", "objective",
+                 "--out", str(tmp_path / "m.npz")]) == 0
     out = capsys.readouterr().out
     assert "ended on a bound" in out and "noise at its lower bound 0.001 eV/Å" in out
     noise_line = next(line for line in out.splitlines() if line.strip().startswith("noise "))
