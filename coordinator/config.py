@@ -72,7 +72,7 @@ class OptimizeConfig:
     # model's own frames (OptimizeRequest.method; exact GP only)
     method: str = "ml"
     restarts: int = 3          # map: prior draws besides the prior centre and the current values
-    holdout: float = 0.2       # map: share of the labelled frames held out for the check (0: none)
+    holdout: float = 0.0       # map: share of the frames kept out of the search as extra folds (0: none)
 
 
 #: ``learner.sparse.labels``: which labels of each oracle call a sparse model trains on

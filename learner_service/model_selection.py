@@ -471,17 +471,27 @@ def reciprocal_bonds(gp: GaussianProcess) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def training_frames(gp: GaussianProcess) -> np.ndarray:
-    """Frame id (0, 1, ...) of every training environment, recovered from the data alone:
-    environments tied by a reciprocal bond (:func:`reciprocal_bonds`) are from one structure;
-    connected environments form a frame, numbered in order of their first environment.  (A frame
-    whose labelled atoms share no bond -- one labelled atom, or atoms farther apart than r2 --
-    splits into several; two identical structures merge.)"""
+    """Frame id (0, 1, ...) of every training environment.  The structures the model was given
+    (:meth:`GaussianProcess.labelled_frames`) when it has them; else (a model loaded from a file)
+    recovered from the data alone: environments tied by a reciprocal bond
+    (:func:`reciprocal_bonds`) are from one structure; connected environments form a frame,
+    numbered in order of their first environment.  (Recovered, a frame whose labelled atoms share
+    no bond -- one labelled atom, or atoms farther apart than r2 -- splits into several; two
+    identical structures merge.)"""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     n = len(gp._training_batch())
     if n == 0:
         return np.zeros(0, dtype=np.int64)
+    recorded = gp.labelled_frames()
+    if recorded:
+        out = np.full(n, -1, dtype=np.int64)
+        for k, frame in enumerate(recorded):
+            for g in gp._groups[frame.groups_before:frame.groups]:
+                out[g.envs] = k
+        if np.all(out >= 0):
+            return out
     a, b, _ = reciprocal_bonds(gp)
     graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)

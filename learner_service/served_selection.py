@@ -26,8 +26,9 @@ __all__ = ["map_select", "frame_split", "DEFAULT_MAP_ITERATIONS", "DEFAULT_RESTA
 DEFAULT_MAP_ITERATIONS = 20
 #: prior draws besides the prior centre and the current values (as ``epicycle fit --restarts``)
 DEFAULT_RESTARTS = 3
-#: share of the frames held out (of the atoms with one frame), as ``epicycle fit --holdout``
-DEFAULT_HOLDOUT = 0.2
+#: share of the frames held out besides the cross-validation (of the atoms with one frame), as
+#: ``epicycle fit --holdout`` (0: the selection rule's leave-one-frame-out folds alone)
+DEFAULT_HOLDOUT = 0.0
 
 
 def frame_split(gp, holdout: float, seed: int):
@@ -38,19 +39,21 @@ def frame_split(gp, holdout: float, seed: int):
     energy/stress); ``validation``: ``[(atoms, held atom indices, forces (n, 3) eV/Å), ...]`` as
     :func:`map_optimize` takes it, empty if nothing is held out; ``note``: one line for the
     response.  ``holdout`` 0 or a model whose frames are unknown (loaded from a file): the model
-    itself (a clone), no validation, and the note says why."""
+    itself (a clone), no validation (map_optimize's cross-validation still holds out every frame in
+    turn), and the note says so."""
     if not 0.0 <= holdout < 1.0:
         raise InvalidInput(f"holdout must be in [0, 1) (a share of the frames), got {holdout}")
     frames = gp.labelled_frames()
-    if holdout == 0.0:
-        return gp.clone(), [], "no held-out check (holdout 0)"
     if frames is None:
-        return gp.clone(), [], ("no held-out check: part of the training data was loaded from a model file, "
-                                "which keeps environments, not the frames to hold out")
+        return gp.clone(), [], ("no extra held-out frames: part of the training data was loaded from a model file, "
+                                "which keeps environments, not structures (the cross-validation's frames are "
+                                "recovered from the environments)")
+    if holdout == 0.0:
+        return gp.clone(), [], f"cross-validation over the model's {len(frames)} frame(s), no extra held-out frames"
     selections = [f.atom_indices.tolist() for f in frames]
     train, held = holdout_split(selections, holdout, seed)
     if not any(held):
-        return gp.clone(), [], (f"no held-out check: {sum(map(len, selections))} trained atom(s) in "
+        return gp.clone(), [], (f"no extra held-out frames: {sum(map(len, selections))} trained atom(s) in "
                                 f"{len(frames)} frame(s) are too few to hold any out")
     sub = gp.empty_copy()
     validation = []

@@ -29,7 +29,7 @@ MAP_MELT = {
                              "holdout": 0.3}},
     "sampler": {"ensemble": "nve", "timestep_fs": 5.0, "temperature_K": 300.0,
                 "schedule": [[300.0, 1500.0]], "steps": 160, "frame_interval": 5, "checkpoint_interval": 40},
-    "policy": {"absolute_threshold": 0.12, "initial_atoms": 4, "atoms_per_call": 2},
+    "policy": {"absolute_threshold": 0.06, "initial_atoms": 4, "atoms_per_call": 2},
 }
 
 

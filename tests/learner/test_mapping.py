@@ -478,7 +478,7 @@ def test_mapped_variance_of_a_twobody_model(tmp_path):
     prior part equals the GP's prior force covariance, and atom σ agree within 10 %."""
     from learner_service.environment import environments_of_atoms
     from learner_service.kernels import prediction_blocks
-    from learner_service.mapped_variance import MappedVariance, _feature_forces, map_variance
+    from learner_service.mapped_variance import MappedVariance, map_variance
 
     gp = _small_gp([13], [_al_frame(s) for s in range(3)], cutoffs=(6.0, 0.0))
     mv = map_variance(gp)

@@ -24,20 +24,38 @@ def _gp(frames, atoms=range(12), hyps=None):
     return gp
 
 
-def test_training_frames_are_recovered_from_the_environments():
-    """Environments of one add_structure call share reciprocal bonds (i->j and j->i at the same
-    distance); different frames do not.  One atom per frame: one frame per atom."""
+def _from_file(gp, path):
+    """The same model saved and loaded: it keeps its environments, not the structures they came from."""
+    gp.save(path)
+    back = GaussianProcess.load(path)
+    assert back.labelled_frames() is None
+    return back
+
+
+def test_training_frames_are_the_structures_the_model_was_given(tmp_path):
     frames = perturbed_fcc_al(3, seed=2)
     gp = _gp(frames, atoms=[0, 1, 2, 3])
-    assert training_frames(gp).tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert row_frames(gp).tolist() == [0] * 12 + [1] * 12 + [2] * 12
-    gp.add_structure(frames[0], forces=frames[0].get_forces(), atom_indices=[3])  # frame 0 again: same structure
-    assert training_frames(gp)[-1] == 0
+    gp.add_structure(frames[0], forces=frames[0].get_forces(), atom_indices=[5])  # frame 0 again: a new call
+    assert training_frames(gp).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3]
     single = _gp(perturbed_fcc_al(3, seed=4), atoms=[7])
+    assert training_frames(single).tolist() == [0, 1, 2]
+
+
+def test_training_frames_are_recovered_from_the_environments(tmp_path):
+    """A model from a file: environments of one structure share reciprocal bonds (i->j and j->i at
+    the same distance); different frames do not.  One atom per frame: one frame per atom."""
+    frames = perturbed_fcc_al(3, seed=2)
+    gp = _gp(frames, atoms=[0, 1, 2, 3])
+    loaded = _from_file(gp, tmp_path / "a.npz")
+    assert training_frames(loaded).tolist() == [0] * 4 + [1] * 4 + [2] * 4 == training_frames(gp).tolist()
+    assert row_frames(loaded).tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    gp.add_structure(frames[0], forces=frames[0].get_forces(), atom_indices=[3])  # frame 0 again: same structure
+    assert training_frames(_from_file(gp, tmp_path / "b.npz"))[-1] == 0
+    single = _from_file(_gp(perturbed_fcc_al(3, seed=4), atoms=[7]), tmp_path / "c.npz")
     assert training_frames(single).tolist() == [0, 1, 2]
     # many frames of the same cell: atom pairs repeat with nearly equal distances; the key is the
     # bond vector, so none merge (with the distance alone to 1e-6 Å, 160 frames merged into 112)
-    many = _gp(perturbed_fcc_al(160, seed=3), atoms=range(32))
+    many = _from_file(_gp(perturbed_fcc_al(160, seed=3), atoms=range(32)), tmp_path / "d.npz")
     assert np.array_equal(training_frames(many), np.repeat(np.arange(160), 32))
 
 

@@ -144,7 +144,7 @@ def test_map_on_a_sparse_learner_is_refused_not_ignored() -> None:
 
 def test_a_model_loaded_from_a_file_is_searched_without_a_check_and_says_so(tmp_path) -> None:
     """A model file keeps environments, not frames: map still runs (prior, restarts) on all data and the
-    reply says that no held-out check was made -- the same hyperparameters as map_optimize without one."""
+    reply says that no frames were held out beyond the cross-validation -- the same hyperparameters as map_optimize."""
     data = frames()
     gp = GaussianProcess([13], CUTOFFS, hyperparameters=HYPS)
     for atoms, forces, idx in data:
@@ -158,7 +158,7 @@ def test_a_model_loaded_from_a_file_is_searched_without_a_check_and_says_so(tmp_
             reply = c.optimize(method="map", restarts=0, seed=1)
     finally:
         running.stop(grace=0)
-    assert "no held-out check" in reply.message and "model file" in reply.message
+    assert "no extra held-out frames" in reply.message and "model file" in reply.message
     want = map_optimize(GaussianProcess.load(tmp_path / "m.npz"), prior="data", restarts=0, seed=1,
                         max_iterations=20).hyperparameters
     served = {h.name: h.value for h in reply.hyperparameters}
