@@ -63,11 +63,31 @@ _FORMAT = "epicycle-mapped-variance"
 
 
 @njit(cache=True)
+def _splines_at(knots, k_off, coef, c_off, p, n, r, N, dN, v, dv):
+    """The ``n`` feature splines of set ``p`` (knots ``knots[k_off[p]:k_off[p + 1]]``, coefficient
+    rows from ``c_off[p]``) and their r-derivatives at ``r``, into ``v[:n]``, ``dv[:n]``."""
+    t = knots[k_off[p]:k_off[p + 1]]
+    l = _span(t, r)
+    _basis(t, l, r, N, dN)
+    base = c_off[p] + l - 3
+    for q in range(n):
+        a0 = 0.0
+        a1 = 0.0
+        for a in range(4):
+            a0 += coef[base + a, q] * N[a]
+            a1 += coef[base + a, q] * dN[a]
+        v[q] = a0
+        dv[q] = a1
+
+
+@njit(cache=True)
 def _feature_forces(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_off, coef, c_off2, col_off, n_cols,
                     cut, D):
     """D (n, R, 3): -d/dx_i of sum over ordered bonds of the feature splines h_q."""
     N = np.zeros(4)
     dN = np.zeros(4)
+    v = np.zeros(coef.shape[1])
+    dv = np.zeros(coef.shape[1])
     for i in range(n_atoms):
         for m in range(c_off[i], c_off[i + 1]):
             j = nb_atom[m]
@@ -76,16 +96,10 @@ def _feature_forces(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_off
             r = np.sqrt(vx * vx + vy * vy + vz * vz)
             if r >= cut[p]:
                 continue
-            t = knots[k_off[p]:k_off[p + 1]]
-            l = _span(t, r)
-            _basis(t, l, r, N, dN)
-            base = c_off2[p] + l - 3
+            _splines_at(knots, k_off, coef, c_off2, p, n_cols[p], r, N, dN, v, dv)
             for q in range(n_cols[p]):
                 col = col_off[p] + q
-                de = 0.0
-                for a in range(4):
-                    de += coef[base + a, q] * dN[a]
-                g = de / r
+                g = dv[q] / r
                 D[i, col, 0] += g * vx
                 D[i, col, 1] += g * vy
                 D[i, col, 2] += g * vz
@@ -111,7 +125,11 @@ def _energy_features(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_of
         n1max = max(n1max, n1_3[p])
     short = np.zeros(max_nb, np.int64)
     Enb = np.zeros((max_nb, n1max))
+    dEnb = np.zeros((max_nb, n1max))
     e3 = np.zeros(n1max)
+    de3 = np.zeros(n1max)
+    v2 = np.zeros(coef.shape[1])
+    dv2 = np.zeros(coef.shape[1])
     rmax3 = np.zeros(S)
     for a in range(S):
         for b in range(S):
@@ -125,15 +143,9 @@ def _energy_features(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_of
             r = np.sqrt(vx * vx + vy * vy + vz * vz)
             if r >= cut[p]:
                 continue
-            t = knots[k_off[p]:k_off[p + 1]]
-            l = _span(t, r)
-            _basis(t, l, r, N, dN)
-            base = c_off2[p] + l - 3
+            _splines_at(knots, k_off, coef, c_off2, p, n_cols[p], r, N, dN, v2, dv2)
             for q in range(n_cols[p]):
-                v = 0.0
-                for a in range(4):
-                    v += coef[base + a, q] * N[a]
-                V[i, col_off[p] + q] += v
+                V[i, col_off[p] + q] += v2[q]
         if not use3:
             continue
         ns = 0
@@ -145,15 +157,7 @@ def _energy_features(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_of
             if r >= rc:
                 continue
             p = pid3[si, sj]
-            t = knots3[k_off3[p]:k_off3[p + 1]]
-            l = _span(t, r)
-            _basis(t, l, r, N, dN)
-            base = c_off3[p] + l - 3
-            for q in range(n1_3[p]):
-                v = 0.0
-                for a in range(4):
-                    v += coef3[base + a, q] * N[a]
-                Enb[ns, q] = v
+            _splines_at(knots3, k_off3, coef3, c_off3, p, n1_3[p], r, N, dN, Enb[ns], dEnb[ns])
             short[ns] = m
             ns += 1
         for mi in range(ns):
@@ -168,16 +172,7 @@ def _energy_features(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_of
                 r = np.sqrt(x3 * x3 + y3 * y3 + z3 * z3)
                 if r >= r3mat[sj, sk] or r3mat[si, sk] <= 0.0:
                     continue
-                p = pid3[sj, sk]
-                t = knots3[k_off3[p]:k_off3[p + 1]]
-                l = _span(t, r)
-                _basis(t, l, r, N, dN)
-                base = c_off3[p] + l - 3
-                for q in range(n1_3[p]):
-                    v = 0.0
-                    for a in range(4):
-                        v += coef3[base + a, q] * N[a]
-                    e3[q] = v
+                _splines_at(knots3, k_off3, coef3, c_off3, pid3[sj, sk], n1_3[pid3[sj, sk]], r, N, dN, e3, de3)
                 b = (si * S + sj) * S + sk
                 for e in range(blk_off[b], blk_off[b + 1]):
                     V[i, col3 + ent_col[e]] += ent_w[e] * Enb[mi, ent_p[e]] * Enb[ni, ent_q[e]] * e3[ent_r[e]]
@@ -216,18 +211,7 @@ def _feature_forces3(n_atoms, c_off, nb_atom, nb_vec, spec, pid3, knots3, k_off3
             if r >= r3mat[si, sj]:
                 continue
             p = pid3[si, sj]
-            t = knots3[k_off3[p]:k_off3[p + 1]]
-            l = _span(t, r)
-            _basis(t, l, r, N, dN)
-            base = c_off3[p] + l - 3
-            for q in range(n1_3[p]):
-                v = 0.0
-                dv = 0.0
-                for a in range(4):
-                    v += coef3[base + a, q] * N[a]
-                    dv += coef3[base + a, q] * dN[a]
-                Enb[ns, q] = v
-                dEnb[ns, q] = dv
+            _splines_at(knots3, k_off3, coef3, c_off3, p, n1_3[p], r, N, dN, Enb[ns], dEnb[ns])
             short[ns] = m
             rs[ns] = r
             ns += 1
@@ -248,18 +232,7 @@ def _feature_forces3(n_atoms, c_off, nb_atom, nb_vec, spec, pid3, knots3, k_off3
                     continue
                 r2 = rs[ni]
                 p = pid3[sj, sk]
-                t = knots3[k_off3[p]:k_off3[p + 1]]
-                l = _span(t, r12)
-                _basis(t, l, r12, N, dN)
-                base = c_off3[p] + l - 3
-                for q in range(n1_3[p]):
-                    v = 0.0
-                    dv = 0.0
-                    for a in range(4):
-                        v += coef3[base + a, q] * N[a]
-                        dv += coef3[base + a, q] * dN[a]
-                    e3[q] = v
-                    de3[q] = dv
+                _splines_at(knots3, k_off3, coef3, c_off3, p, n1_3[p], r12, N, dN, e3, de3)
                 b = (si * S + sj) * S + sk
                 lo, hi = blk_off[b], blk_off[b + 1]
                 for cc in range(bc_off[b], bc_off[b + 1]):  # the block's orbit columns
