@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .common import _FM
+from .common import _FM, row_kinds
 from .packing import pack
 from .threebody import threebody_block
 from .twobody import twobody_block
@@ -67,21 +67,11 @@ def assemble(Pa, Pb, ga_ptr, ga_env, ga_rows, ga_scale, gb_ptr, gb_env, gb_rows,
     dblk2 = np.zeros((10, 10))
     dblk3 = np.zeros((10, 10))
     for ga in range(n_ga):
-        ea = ga_rows[ga, 0] >= 0
-        fa = (ga_rows[ga, 1] >= 0) or (ga_rows[ga, 2] >= 0) or (ga_rows[ga, 3] >= 0)
-        sa = False
-        for t in range(4, 10):
-            if ga_rows[ga, t] >= 0:
-                sa = True
+        ea, fa, sa = row_kinds(ga_rows, ga)
         start = ga if (symmetric or diagonal) else 0
         stop = ga + 1 if diagonal else n_gb
         for gb in range(start, stop):
-            eb = gb_rows[gb, 0] >= 0
-            fb = (gb_rows[gb, 1] >= 0) or (gb_rows[gb, 2] >= 0) or (gb_rows[gb, 3] >= 0)
-            sb = False
-            for t in range(4, 10):
-                if gb_rows[gb, t] >= 0:
-                    sb = True
+            eb, fb, sb = row_kinds(gb_rows, gb)
             blk2[:, :] = 0.0
             blk3[:, :] = 0.0
             dblk2[:, :] = 0.0

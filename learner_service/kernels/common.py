@@ -119,3 +119,16 @@ def _rsum(buf, row, n):
         s += buf[row, i]
     return s
 
+
+
+@njit(cache=True, inline="always")
+def row_kinds(rows, g):
+    """Which functionals label group ``g`` has (``rows[g]``: 10 output rows, -1 unused):
+    ``(energy, any force component, any stress component)``."""
+    e = rows[g, 0] >= 0
+    f = (rows[g, 1] >= 0) or (rows[g, 2] >= 0) or (rows[g, 3] >= 0)
+    s = False
+    for t in range(4, 10):
+        if rows[g, t] >= 0:
+            s = True
+    return e, f, s

@@ -22,10 +22,32 @@ import threading
 import numpy as np
 from numba import njit
 
-from .common import _FM
+from .common import _FM, row_kinds
 from .packing import _F_BMONO, _F_CSPEC, _F_MONO, _F_TOFF, _F_UOFF, LabelGroups, pack_fast
 from .threebody import pair3_opt
 from .twobody import pair2_opt
+
+
+@njit(cache=True, nogil=True)
+def _pair_scratch(PA, PB, b_lo, b_hi):
+    """For the optimised pair kernels between every environment of ``PA`` and environments
+    ``b_lo <= b < b_hi`` of ``PB``: whether the pair is single-species for the 3-body and the
+    2-body terms, and the 3-body scratch arrays sized for the largest environments."""
+    mu = 1
+    mt = 1
+    for a in range(PA[_F_CSPEC].shape[0]):
+        mu = max(mu, PA[_F_UOFF][a + 1] - PA[_F_UOFF][a])
+        mt = max(mt, PA[_F_TOFF][a + 1] - PA[_F_TOFF][a])
+    for b in range(b_lo, b_hi):
+        mu = max(mu, PB[_F_UOFF][b + 1] - PB[_F_UOFF][b])
+        mt = max(mt, PB[_F_TOFF][b + 1] - PB[_F_TOFF][b])
+    ca = PA[_F_MONO][0]
+    cb = PB[_F_MONO][0]
+    mono = ca != -2 and cb != -2 and (ca == cb or ca == -1 or cb == -1)
+    ba = PA[_F_BMONO][0]
+    bb = PB[_F_BMONO][0]
+    mono2 = ba != -2 and bb != -2 and (ba == bb or ba == -1 or bb == -1)
+    return mono, mono2, np.empty(mu * mu + 2 * mu * mt), np.empty((mu, mt)), np.empty((mu, mt))
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -42,24 +64,7 @@ def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2,
     lam2 = 1.0 / (ls2 * ls2)
     lam3 = 1.0 / (ls3 * ls3)
     n_g = g_ptr.shape[0] - 1
-    # scratch sizes
-    mu = 1
-    mt = 1
-    for a in range(PA[_F_CSPEC].shape[0]):
-        mu = max(mu, PA[_F_UOFF][a + 1] - PA[_F_UOFF][a])
-        mt = max(mt, PA[_F_TOFF][a + 1] - PA[_F_TOFF][a])
-    for b in range(b_lo, b_hi):
-        mu = max(mu, PB[_F_UOFF][b + 1] - PB[_F_UOFF][b])
-        mt = max(mt, PB[_F_TOFF][b + 1] - PB[_F_TOFF][b])
-    ca = PA[_F_MONO][0]
-    cb = PB[_F_MONO][0]
-    mono_ab = ca != -2 and cb != -2 and (ca == cb or ca == -1 or cb == -1)
-    ba = PA[_F_BMONO][0]
-    bb = PB[_F_BMONO][0]
-    mono2_ab = ba != -2 and bb != -2 and (ba == bb or ba == -1 or bb == -1)
-    TB = np.empty(mu * mu + 2 * mu * mt)
-    AE0 = np.empty((mu, mt))
-    AE1 = np.empty((mu, mt))
+    mono_ab, mono2_ab, TB, AE0, AE1 = _pair_scratch(PA, PB, b_lo, b_hi)
     blk2 = np.zeros((10, 4))
     blk3 = np.zeros((10, 4))
     for b in range(b_lo, b_hi):
@@ -69,12 +74,7 @@ def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2,
             blk3[:, :] = 0.0
             if g < n_g:
                 PX = PA
-                ea = g_rows[g, 0] >= 0
-                fa = (g_rows[g, 1] >= 0) or (g_rows[g, 2] >= 0) or (g_rows[g, 3] >= 0)
-                sa = False
-                for t in range(4, 10):
-                    if g_rows[g, t] >= 0:
-                        sa = True
+                ea, fa, sa = row_kinds(g_rows, g)
                 mono = mono_ab
                 mono2 = mono2_ab
                 i_lo = g_ptr[g]
@@ -84,8 +84,8 @@ def prediction_covariance(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, use2,
                 ea = False
                 fa = True
                 sa = False
-                mono = cb != -2
-                mono2 = bb != -2
+                mono = PB[_F_MONO][0] != -2
+                mono2 = PB[_F_BMONO][0] != -2
                 i_lo = 0
                 i_hi = 1
             for ia in range(i_lo, i_hi):
@@ -169,23 +169,7 @@ def inducing_covariance_grad(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, us
     dlam2 = -2.0 / (ls2 * ls2 * ls2)
     dlam3 = -2.0 / (ls3 * ls3 * ls3)
     n_g = g_ptr.shape[0] - 1
-    mu = 1
-    mt = 1
-    for a in range(PA[_F_CSPEC].shape[0]):
-        mu = max(mu, PA[_F_UOFF][a + 1] - PA[_F_UOFF][a])
-        mt = max(mt, PA[_F_TOFF][a + 1] - PA[_F_TOFF][a])
-    for b in range(b_lo, b_hi):
-        mu = max(mu, PB[_F_UOFF][b + 1] - PB[_F_UOFF][b])
-        mt = max(mt, PB[_F_TOFF][b + 1] - PB[_F_TOFF][b])
-    ca = PA[_F_MONO][0]
-    cb = PB[_F_MONO][0]
-    mono = ca != -2 and cb != -2 and (ca == cb or ca == -1 or cb == -1)
-    ba = PA[_F_BMONO][0]
-    bb = PB[_F_BMONO][0]
-    mono2 = ba != -2 and bb != -2 and (ba == bb or ba == -1 or bb == -1)
-    TB = np.empty(mu * mu + 2 * mu * mt)
-    AE0 = np.empty((mu, mt))
-    AE1 = np.empty((mu, mt))
+    mono, mono2, TB, AE0, AE1 = _pair_scratch(PA, PB, b_lo, b_hi)
     blk2 = np.zeros((10, 4))
     blk3 = np.zeros((10, 4))
     dblk2 = np.zeros((10, 4))
@@ -196,12 +180,7 @@ def inducing_covariance_grad(PA, PB, g_ptr, g_env, g_rows, g_scale, ls2, ls3, us
             blk3[:, :] = 0.0
             dblk2[:, :] = 0.0
             dblk3[:, :] = 0.0
-            ea = g_rows[g, 0] >= 0
-            fa = (g_rows[g, 1] >= 0) or (g_rows[g, 2] >= 0) or (g_rows[g, 3] >= 0)
-            sa = False
-            for t in range(4, 10):
-                if g_rows[g, t] >= 0:
-                    sa = True
+            ea, fa, sa = row_kinds(g_rows, g)
             for ia in range(g_ptr[g], g_ptr[g + 1]):
                 a = g_env[ia]
                 if use2:
@@ -268,16 +247,7 @@ def force_covariance(P, env_a, env_b, symmetric, ls2, ls3, use2, use3, grad, K2,
     lam3 = 1.0 / (ls3 * ls3)
     dlam2 = -2.0 / (ls2 * ls2 * ls2)
     dlam3 = -2.0 / (ls3 * ls3 * ls3)
-    mu = 1
-    mt = 1
-    for e in range(P[_F_CSPEC].shape[0]):
-        mu = max(mu, P[_F_UOFF][e + 1] - P[_F_UOFF][e])
-        mt = max(mt, P[_F_TOFF][e + 1] - P[_F_TOFF][e])
-    mono3 = P[_F_MONO][0] != -2
-    mono2 = P[_F_BMONO][0] != -2
-    TB = np.empty(mu * mu + 2 * mu * mt)
-    AE0 = np.empty((mu, mt))
-    AE1 = np.empty((mu, mt))
+    mono3, mono2, TB, AE0, AE1 = _pair_scratch(P, P, 0, 0)  # sized over every environment of P
     # (10, 4) blocks of the optimised kernels; only the force-force part [1:4, 1:4] is formed
     blk2 = np.zeros((10, 4))
     blk3 = np.zeros((10, 4))
