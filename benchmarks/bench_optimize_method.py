@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--methods", default="ml,map", help="comma-separated learner.optimize.method values")
     ap.add_argument("--seeds", type=int, default=3, help="runs per system and method (seeds 0..n-1)")
     ap.add_argument("--labels", type=int, default=20, help="oracle-call budget per run")
-    ap.add_argument("--holdout", type=float, help="learner.optimize.holdout of the map runs (default: the config's, 0.2)")
+    ap.add_argument("--holdout", type=float, help="learner.optimize.holdout of the map runs (default: the config's, 0)")
     ap.add_argument("--keep", help="keep the run directories here")
     args = ap.parse_args()
     methods = args.methods.split(",")
