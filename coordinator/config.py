@@ -499,6 +499,15 @@ def learner_model_kind(le: LearnerConfig) -> str:
     return model_file_kind(le.model)
 
 
+def trained_labels(le: LearnerConfig) -> tuple[bool, bool]:
+    """``(energy, stress)``: whether a run's learner trains on the total energies and stresses of its
+    labels -- ``use_energy`` / ``use_stress``; a sparse model also on the energy when
+    ``learner.sparse.labels`` is ``forces+energy`` or ``all`` (stresses: ``all`` takes them when the
+    oracle computes them, i.e. with ``use_stress``)."""
+    sparse = le.sparse.labels if learner_model_kind(le) == "sparse" else ""
+    return bool(le.use_energy or sparse in ("forces+energy", "all")), bool(le.use_stress)
+
+
 def learner_model_file(le: LearnerConfig) -> Path | None:
     """The model file a run starts from (``learner.model`` a path), else None."""
     return None if le.model in ("exact", "sparse") else Path(le.model)

@@ -660,10 +660,9 @@ class OnTheFlyRun:
         (coordinator/validate.py); a failure here is logged, never a failed run."""
         from coordinator.validate import HELDOUT_XYZ, record_heldout
 
-        le = self.config.learner
+        energy, stress = self._trained_labels()
         try:
-            kind, n = record_heldout(self.rd.path, self.learner.predict, use_energy=le.use_energy,
-                                     use_stress=le.use_stress)
+            kind, n = record_heldout(self.rd.path, self.learner.predict, use_energy=energy, use_stress=stress)
         except (EpicycleError, OSError) as exc:
             self.rd.event("heldout_failed", error=str(exc))
             self.progress.line(f"held-out validation not recorded: {exc}")
@@ -1286,26 +1285,22 @@ class OnTheFlyRun:
     # -- training updates ------------------------------------------------------------------
 
     def _item(self, label: StoredLabel) -> dict:
-        le = self.config.learner
-        every = self._every_label()
-        sparse_labels = le.sparse.labels if every else ""
         selection = label.selection if label.selection is not None else initial_atoms(self.config, len(label.numbers))
-        energy = le.use_energy or sparse_labels in ("forces+energy", "all")
-        stress = le.use_stress or sparse_labels == "all"
+        energy, stress = self._trained_labels()
         return {"atoms": label.atoms(), "forces": label.forces, "atom_indices": selection, "energy": label.energy,
                 "stress": label.stress, "use_energy": energy and label.energy is not None,
                 "use_stress": stress and label.stress is not None}
 
-    def _every_label(self) -> bool:
-        """A sparse learner (``learner.model``) takes every label of a call: all forces (the learner
-        does that), and -- as ``learner.sparse.labels`` says -- the energy and the stress the oracle
-        returned."""
-        kind = getattr(self, "_learner_kind", None)
-        if kind is None:
-            from coordinator.config import learner_model_kind
+    def _trained_labels(self) -> tuple[bool, bool]:
+        """``(energy, stress)`` the learner trains on (:func:`coordinator.config.trained_labels`; a
+        sparse learner takes every force of a call, and the energy and stress as
+        ``learner.sparse.labels`` says).  Computed once: a model file's kind is read from the file."""
+        got = getattr(self, "_trained", None)
+        if got is None:
+            from coordinator.config import trained_labels
 
-            kind = self._learner_kind = learner_model_kind(self.config.learner)
-        return kind == "sparse"
+            got = self._trained = trained_labels(self.config.learner)
+        return got
 
     def _optimize_on_schedule(self, before: int, after: int, log_event: bool = True, label=None):
         """Re-optimise once if the schedule (every N-th label, up to until_calls) falls in (before, after]."""

@@ -7,7 +7,8 @@ usual few hundred frames, several for tens of thousands, so no message reaches g
 limit).  Atoms: those a per-atom boolean ``training`` array marks (what a run directory, and
 ``epicycle export`` of it, record: the atoms whose environments that run trained on; a frame with
 the array but no atom marked is skipped), else every atom of the frame.  Energies and stresses are
-trained on when the frame has them and ``learner.use_energy`` / ``use_stress`` is set.
+trained on when the frame has them and the run trains on them (``learner.use_energy`` / ``use_stress``,
+and for a sparse model ``learner.sparse.labels``: :func:`coordinator.config.trained_labels`).
 
 The learner's checkpoints hold the seeded data from the first label on, so a resumed run does
 not read the inputs again; only a learner rebuilt from the run's labels (its checkpoints lost)
@@ -66,7 +67,10 @@ def seed_data(config) -> SeedData:
     """The AddDataBatch items of ``config.learner.data`` (see the module docstring)."""
     from learner_service.labelled_data import frame_forces, read_labelled
 
+    from coordinator.config import trained_labels
+
     le = config.learner
+    use_energy, use_stress = trained_labels(le)
     data = read_labelled(le.data)
     items, skipped, h = [], 0, hashlib.sha256()
     for frame in data.frames:
@@ -82,8 +86,8 @@ def seed_data(config) -> SeedData:
         item = {"atoms": atoms, "forces": forces, "atom_indices": idx,
                 "energy": None if energy is None else float(energy),
                 "stress": None if stress is None else np.asarray(stress, dtype=float),
-                "use_energy": bool(le.use_energy and energy is not None),
-                "use_stress": bool(le.use_stress and stress is not None)}
+                "use_energy": bool(use_energy and energy is not None),
+                "use_stress": bool(use_stress and stress is not None)}
         for a in (atoms.numbers.astype(np.int64), atoms.positions, atoms.cell.array, forces, np.asarray(idx),
                   np.asarray([np.nan if energy is None else energy]),
                   np.zeros(0) if stress is None else item["stress"]):

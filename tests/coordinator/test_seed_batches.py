@@ -29,7 +29,8 @@ class Lines:
 
 
 def config_for(paths) -> SimpleNamespace:
-    return SimpleNamespace(learner=SimpleNamespace(data=[str(p) for p in paths], use_energy=True, use_stress=True))
+    return SimpleNamespace(learner=SimpleNamespace(data=[str(p) for p in paths], use_energy=True, use_stress=True,
+                                                   model="exact", sparse=SimpleNamespace(labels="all")))
 
 
 @pytest.mark.parametrize("repeat", [1, 2, 4])

@@ -154,6 +154,22 @@ def test_sparse_labels_are_validated(trajectory):
     assert learner_model_settings(cfg.learner)["sparse"].kwargs()["inducing_tolerance"] == 0.0
 
 
+@pytest.mark.parametrize("learner, energy, stress", [
+    ({}, False, False),
+    ({"use_energy": True, "use_stress": True}, True, True),
+    ({"model": "sparse"}, True, False),  # labels: all (default) -- stresses only with use_stress
+    ({"model": "sparse", "use_stress": True}, True, True),
+    ({"model": "sparse", "sparse": {"labels": "forces+energy"}}, True, False),
+    ({"model": "sparse", "sparse": {"labels": "forces"}}, False, False),
+])
+def test_one_rule_says_which_labels_a_run_trains_on(trajectory, learner, energy, stress):
+    """The cycle's labels, the seeded training set (learner.data) and the held-out block follow one rule."""
+    from coordinator.config import trained_labels
+
+    cfg = parse_config({**config_for(trajectory), "learner": learner})
+    assert trained_labels(cfg.learner) == (energy, stress)
+
+
 # --------------------------------------------------------------------------- embedded over gRPC
 
 SPARSE_MELT = {
