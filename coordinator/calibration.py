@@ -31,41 +31,9 @@ import math
 
 import numpy as np
 
-from learner_service.calibration import calibration_summary
+# the one estimator of s, shared with the offline calibration on held-out frames (heldout_calibration)
+from learner_service.calibration import DEFAULT_PRIOR_ALPHA, calibration_summary, epistemic_scale  # noqa: F401
 from protos.errors import InvalidInput
-
-#: prior shape α of IG(α, α + 1) on s²: worth n₀ = 2(α + 1) residuals with z² = 1
-DEFAULT_PRIOR_ALPHA = 5.0
-#: the search range of s (a wider miscalibration is reported at the edge)
-SCALE_RANGE = (0.01, 100.0)
-
-
-def epistemic_scale(residuals, epistemic_std, noise, prior_alpha: float = DEFAULT_PRIOR_ALPHA) -> float:
-    """MAP of s in r ~ N(0, s²·σ_ep² + σn²) under s² ~ IG(α, α + 1); arrays of one shape (σn may be a
-    scalar), eV/Å."""
-    from scipy.optimize import minimize_scalar
-
-    r2 = np.square(np.asarray(residuals, dtype=np.float64)).reshape(-1)
-    e = np.square(np.asarray(epistemic_std, dtype=np.float64)).reshape(-1)
-    nu = np.broadcast_to(np.square(np.asarray(noise, dtype=np.float64)), np.shape(e)).reshape(-1)
-    if r2.shape != e.shape:
-        raise InvalidInput(f"calibration: {r2.size} residuals but {e.size} σ values (they must pair up)")
-    if not (math.isfinite(prior_alpha) and prior_alpha >= 0):
-        raise InvalidInput(f"calibration prior α must be finite and >= 0, got {prior_alpha!r}")
-    if not (np.all(np.isfinite(r2)) and np.all(np.isfinite(e)) and np.all(np.isfinite(nu))):
-        raise InvalidInput("calibration: residuals, σ and σn must be finite")
-    keep = (e + nu) > 0
-    r2, e, nu = r2[keep], e[keep], nu[keep]
-    alpha, beta = prior_alpha, prior_alpha + 1.0
-
-    def neg_log_post(log_t: float) -> float:
-        t = math.exp(log_t)
-        v = t * e + nu
-        return float(0.5 * np.sum(np.log(v) + r2 / v) + (alpha + 1.0) * log_t + beta / t)
-
-    lo, hi = (2 * math.log(x) for x in SCALE_RANGE)
-    res = minimize_scalar(neg_log_post, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
-    return math.sqrt(math.exp(float(res.x)))
 
 
 class OnlineCalibration:

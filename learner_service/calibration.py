@@ -34,7 +34,7 @@ import numpy as np
 
 from protos.errors import InvalidInput
 
-__all__ = ["CalibrationSummary", "calibration_summary", "reliability_curve", "variance_scale",
+__all__ = ["CalibrationSummary", "calibration_summary", "reliability_curve", "variance_scale", "epistemic_scale",
            "HeldoutCalibration", "heldout_calibration", "DEFAULT_PRIOR_ALPHA", "DEFAULT_LEVELS"]
 
 #: shape α of the inverse-gamma prior on s² (scale β = α + 1, mode 1): worth n₀ = 2(α+1) = 12 residuals
@@ -42,6 +42,37 @@ DEFAULT_PRIOR_ALPHA = 5.0
 
 #: central probabilities of the reliability curve
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.6827, 0.7, 0.8, 0.9, 0.9545, 0.99)
+
+#: the search range of s (a wider miscalibration is reported at the edge)
+SCALE_RANGE = (0.01, 100.0)
+
+
+def epistemic_scale(residuals, epistemic_std, noise, prior_alpha: float = DEFAULT_PRIOR_ALPHA) -> float:
+    """MAP of s in r ~ N(0, s²·σ_ep² + σn²) under s² ~ IG(α, α + 1); arrays of one shape (σn may be a
+    scalar), eV/Å."""
+    from scipy.optimize import minimize_scalar
+
+    r2 = np.square(np.asarray(residuals, dtype=np.float64)).reshape(-1)
+    e = np.square(np.asarray(epistemic_std, dtype=np.float64)).reshape(-1)
+    nu = np.broadcast_to(np.square(np.asarray(noise, dtype=np.float64)), np.shape(e)).reshape(-1)
+    if r2.shape != e.shape:
+        raise InvalidInput(f"calibration: {r2.size} residuals but {e.size} σ values (they must pair up)")
+    if not (math.isfinite(prior_alpha) and prior_alpha >= 0):
+        raise InvalidInput(f"calibration prior α must be finite and >= 0, got {prior_alpha!r}")
+    if not (np.all(np.isfinite(r2)) and np.all(np.isfinite(e)) and np.all(np.isfinite(nu))):
+        raise InvalidInput("calibration: residuals, σ and σn must be finite")
+    keep = (e + nu) > 0
+    r2, e, nu = r2[keep], e[keep], nu[keep]
+    alpha, beta = prior_alpha, prior_alpha + 1.0
+
+    def neg_log_post(log_t: float) -> float:
+        t = math.exp(log_t)
+        v = t * e + nu
+        return float(0.5 * np.sum(np.log(v) + r2 / v) + (alpha + 1.0) * log_t + beta / t)
+
+    lo, hi = (2 * math.log(x) for x in SCALE_RANGE)
+    res = minimize_scalar(neg_log_post, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
+    return math.sqrt(math.exp(float(res.x)))
 
 
 @dataclass(frozen=True)
@@ -185,11 +216,10 @@ def heldout_calibration(fit, test, prior_alpha: float = DEFAULT_PRIOR_ALPHA) -> 
     ``fit`` and ``test`` are each ``(residuals, epistemic σ, σn)``: residual r = prediction − reference
     per force component, the model's epistemic σ of that component, and the model's noise σn (scalar
     or per component), eV/Å.  s is the MAP of r ~ N(0, s²σ_ep² + σn²) under the inverse-gamma prior
-    IG(α, α + 1) on s² (:func:`coordinator.calibration.epistemic_scale`, the estimate a run uses).
+    IG(α, α + 1) on s² (:func:`epistemic_scale`, the estimate a run uses).
     The two sets must not overlap (the caller's duty: residuals of data the model did not train on,
     and a test set that did not choose s); with ``fit`` = ``test`` this is the in-sample calibration.
     """
-    from coordinator.calibration import epistemic_scale  # the one estimator of s (run and offline)
 
     rf, ef, nf = _triple("fit", fit)
     rt, et, nt = _triple("test", test)
