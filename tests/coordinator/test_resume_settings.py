@@ -39,6 +39,8 @@ def test_assignments_are_parsed_as_yaml_and_only_mutable_keys_pass() -> None:
     assert parse_assignments(["sampler.steps=200", "sampler.schedule=[[100, 900]]", "stop.max_labels=5"]) == [
         ("sampler.steps", 200), ("sampler.schedule", [[100, 900]]), ("stop.max_labels", 5)]
     assert ("policy.trial.max_retries", 1) in parse_assignments(["policy.trial.max_retries=1"])  # a .* section
+    assert parse_assignments(["learner.optimize.method=map", "learner.optimize.restarts=2"]) == [
+        ("learner.optimize.method", "map"), ("learner.optimize.restarts", 2)]  # the method steers what comes next
     for bad, message in (("learner.cutoffs=[4, 3]", "cannot change in the middle of a run"),
                          ("sampler.timestep_fs=2", "cannot change"), ("structure.a=4.1", "cannot change"),
                          ("sampler.steps", "KEY=VALUE"), ("sampler.steps=[1,", "not valid YAML")):
