@@ -81,6 +81,18 @@ def _splines_at(knots, k_off, coef, c_off, p, n, r, N, dN, v, dv):
 
 
 @njit(cache=True)
+def _scratch_sizes(n_atoms, c_off, n1_3):
+    """(most neighbours of an atom, most 1-D 3-body features of a species pair), each at least 1."""
+    max_nb = 1
+    n1max = 1
+    for i in range(n_atoms):
+        max_nb = max(max_nb, c_off[i + 1] - c_off[i])
+    for p in range(n1_3.shape[0]):
+        n1max = max(n1max, n1_3[p])
+    return max_nb, n1max
+
+
+@njit(cache=True)
 def _feature_forces(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_off, coef, c_off2, col_off, n_cols,
                     cut, D):
     """D (n, R, 3): -d/dx_i of sum over ordered bonds of the feature splines h_q."""
@@ -117,12 +129,7 @@ def _energy_features(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_of
     S = r3mat.shape[0]
     N = np.zeros(4)
     dN = np.zeros(4)
-    max_nb = 1
-    n1max = 1
-    for i in range(n_atoms):
-        max_nb = max(max_nb, c_off[i + 1] - c_off[i])
-    for p in range(n1_3.shape[0]):
-        n1max = max(n1max, n1_3[p])
+    max_nb, n1max = _scratch_sizes(n_atoms, c_off, n1_3)
     short = np.zeros(max_nb, np.int64)
     Enb = np.zeros((max_nb, n1max))
     dEnb = np.zeros((max_nb, n1max))
@@ -186,12 +193,7 @@ def _feature_forces3(n_atoms, c_off, nb_atom, nb_vec, spec, pid3, knots3, k_off3
     S = r3mat.shape[0]
     N = np.zeros(4)
     dN = np.zeros(4)
-    max_nb = 1
-    n1max = 1
-    for i in range(n_atoms):
-        max_nb = max(max_nb, c_off[i + 1] - c_off[i])
-    for p in range(n1_3.shape[0]):
-        n1max = max(n1max, n1_3[p])
+    max_nb, n1max = _scratch_sizes(n_atoms, c_off, n1_3)
     short = np.zeros(max_nb, np.int64)
     rs = np.zeros(max_nb)
     Enb = np.zeros((max_nb, n1max))

@@ -131,29 +131,35 @@ def prediction_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=1.0, us
     PA = pack_fast(batch, n_species) if len(batch) else PB
     g = groups if len(batch) else LabelGroups.concatenate([])
     args = (PA, PB, g.ptr, g.env, g.rows, g.scale, float(ls2), float(ls3), bool(use2), bool(use3))
+    _over_ranges(prediction_covariance, args, (K2, K3, P2, P3), m, threads)
+    return K2, K3, P2, P3
+
+
+def _over_ranges(kernel, args, out, m: int, threads) -> None:
+    """``kernel(*args, lo, hi, *out)`` over the environments ``0 <= b < m``: at once, or with
+    ``threads`` > 1 in ranges handed out on demand (the kernels release the GIL, and each range
+    writes its own columns of ``out``); the calling thread works too, so a descheduled worker
+    delays only its own range."""
     threads = max(1, min(int(threads or 1), m))
     if threads == 1:
-        prediction_covariance(*args, 0, m, K2, K3, P2, P3)
-    else:
-        # ranges of test environments handed out on demand (the kernel releases the GIL);
-        # the calling thread works too, so a descheduled worker delays only its own chunk
-        size = max(2, -(-m // (4 * threads)))
-        chunks = iter([(lo, min(lo + size, m)) for lo in range(0, m, size)])
-        lock = threading.Lock()
+        kernel(*args, 0, m, *out)
+        return
+    size = max(2, -(-m // (4 * threads)))
+    chunks = iter([(lo, min(lo + size, m)) for lo in range(0, m, size)])
+    lock = threading.Lock()
 
-        def work():
-            while True:
-                with lock:
-                    c = next(chunks, None)
-                if c is None:
-                    return
-                prediction_covariance(*args, c[0], c[1], K2, K3, P2, P3)
+    def work():
+        while True:
+            with lock:
+                c = next(chunks, None)
+            if c is None:
+                return
+            kernel(*args, c[0], c[1], *out)
 
-        futures = [_executor(threads - 1).submit(work) for _ in range(threads - 1)]
-        work()
-        for f in futures:
-            f.result()
-    return K2, K3, P2, P3
+    futures = [_executor(threads - 1).submit(work) for _ in range(threads - 1)]
+    work()
+    for f in futures:
+        f.result()
 
 
 @njit(cache=True, nogil=True, fastmath=_FM)
@@ -214,26 +220,7 @@ def inducing_gradient_blocks(batch, groups, test_batch, n_species, ls2=1.0, ls3=
     PA = pack_fast(batch, n_species)
     args = (PA, PB, groups.ptr, groups.env, groups.rows, groups.scale, float(ls2), float(ls3), bool(use2),
             bool(use3))
-    threads = max(1, min(int(threads or 1), m))
-    if threads == 1:
-        inducing_covariance_grad(*args, 0, m, *out)
-    else:
-        size = max(2, -(-m // (4 * threads)))
-        chunks = iter([(lo, min(lo + size, m)) for lo in range(0, m, size)])
-        lock = threading.Lock()
-
-        def work():
-            while True:
-                with lock:
-                    c = next(chunks, None)
-                if c is None:
-                    return
-                inducing_covariance_grad(*args, c[0], c[1], *out)
-
-        futures = [_executor(threads - 1).submit(work) for _ in range(threads - 1)]
-        work()
-        for f in futures:
-            f.result()
+    _over_ranges(inducing_covariance_grad, args, out, m, threads)
     return tuple(out)
 
 
