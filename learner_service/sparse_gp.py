@@ -61,7 +61,6 @@ import copy
 import json
 import math
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -70,7 +69,7 @@ import numpy as np
 from scipy.linalg import LinAlgError, cho_solve, cholesky, qr, qr_multiply, solve_triangular
 from scipy.optimize import minimize
 
-from protos.errors import InvalidInput, ModelError, NotFound
+from protos.errors import InvalidInput, ModelError
 
 from .defaults import HYPERPARAMETER_UNITS
 from .environment import Cutoffs, EnvironmentBatch, build_environments
@@ -1029,16 +1028,10 @@ class SparseGaussianProcess(Hyperparameters):
 
     @classmethod
     def load(cls, path, progress: Callable[[str], None] | None = None) -> "SparseGaussianProcess":
+        from .mapped import load_tagged_npz
+
         path = Path(path)
-        if not path.exists():
-            raise NotFound(f"model file {path} does not exist")
-        try:
-            data = np.load(path, allow_pickle=False)
-            meta = json.loads(bytes(data["meta"]).decode())
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-            raise InvalidInput(f"{path} is not an Epicycle sparse GP model file: {exc}") from exc
-        if meta.get("format") != FORMAT_NAME:
-            raise InvalidInput(f"{path} is not an Epicycle sparse GP model file (format {meta.get('format')!r})")
+        data, meta = load_tagged_npz(path, FORMAT_NAME, "sparse GP model")
         if meta.get("format_version") != FORMAT_VERSION:
             raise InvalidInput(f"{path} has sparse model format_version {meta.get('format_version')!r}; "
                                f"this Epicycle reads version {FORMAT_VERSION}")
