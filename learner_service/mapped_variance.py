@@ -92,6 +92,25 @@ def _scratch_sizes(n_atoms, c_off, n1_3):
     return max_nb, n1max
 
 
+def _stack_splines(n_species: int, splines: dict, missing: int):
+    """One packed array set of per-species-pair spline bases ``{(a, b): (knots, coef (n, q))}``:
+    ``(pair id (S, S) symmetric, ``missing`` where absent), knots, knot offsets, coefficient rows
+    padded to the widest q, row offsets, q per pair)``, pairs in sorted order."""
+    pair_id = np.full((n_species, n_species), missing, np.int64)
+    items = sorted(splines.items())
+    width = max([c.shape[1] for _, (_k, c) in items] + [1])
+    coefs = []
+    for p, ((a, b), (_k, c)) in enumerate(items):
+        pair_id[a, b] = pair_id[b, a] = p
+        pad = np.zeros((c.shape[0], width))
+        pad[:, :c.shape[1]] = c
+        coefs.append(pad)
+    k_off = np.concatenate([[0], np.cumsum([len(k) for _, (k, _c) in items])]).astype(np.int64)
+    c_off = np.concatenate([[0], np.cumsum([c.shape[0] for _, (_k, c) in items])]).astype(np.int64)
+    return (pair_id, np.concatenate([k for _, (k, _c) in items]), k_off, np.vstack(coefs), c_off,
+            np.asarray([c.shape[1] for _, (_k, c) in items], np.int64))
+
+
 @njit(cache=True)
 def _feature_forces(n_atoms, c_off, nb_atom, nb_vec, spec, pair_id, knots, k_off, coef, c_off2, col_off, n_cols,
                     cut, D):
@@ -333,24 +352,10 @@ class MappedVariance:
 
     def _pack(self):
         if self._packed is None:
-            s = len(self.species)
-            pair_id = np.full((s, s), -1, np.int64)
-            knots, k_off, coefs, c_off, col_off, n_cols, cut = [], [0], [], [0], [0], [], []
-            width = max([c.shape[1] for _, c in self.pairs.values()] + [1])
-            for p, ((a, b), (k, c)) in enumerate(sorted(self.pairs.items())):
-                pair_id[a, b] = pair_id[b, a] = p
-                knots.append(k)
-                k_off.append(k_off[-1] + len(k))
-                pad = np.zeros((c.shape[0], width))
-                pad[:, :c.shape[1]] = c
-                coefs.append(pad)
-                c_off.append(c_off[-1] + c.shape[0])
-                n_cols.append(c.shape[1])
-                col_off.append(col_off[-1] + c.shape[1])
-                cut.append(k[-1])
-            self._packed = (pair_id, np.concatenate(knots), np.asarray(k_off, np.int64), np.vstack(coefs),
-                            np.asarray(c_off, np.int64), np.asarray(col_off[:-1], np.int64),
-                            np.asarray(n_cols, np.int64), np.asarray(cut))
+            pair_id, knots, k_off, coefs, c_off, n_cols = _stack_splines(len(self.species), self.pairs, -1)
+            col_off = np.concatenate([[0], np.cumsum(n_cols)[:-1]]).astype(np.int64)
+            cut = np.asarray([k[-1] for _, (k, _c) in sorted(self.pairs.items())])
+            self._packed = (pair_id, knots, k_off, coefs, c_off, col_off, n_cols, cut)
         return self._packed
 
     def _pack3(self):
@@ -365,26 +370,14 @@ class MappedVariance:
                                  np.zeros(s ** 3 + 1, np.int64), z, z, z, z, np.zeros(1), np.zeros(s ** 3 + 1, np.int64),
                                  z, self.rank2)
                 return self._packed3
-            pid = np.zeros((s, s), np.int64)
-            knots, k_off, coefs, c_off, n1 = [], [0], [], [0], []
-            width = max(c.shape[1] for _, c in tb["bases"].values())
-            for p, ((a, b), (k, c)) in enumerate(sorted(tb["bases"].items())):
-                pid[a, b] = pid[b, a] = p
-                knots.append(k)
-                k_off.append(k_off[-1] + len(k))
-                pad = np.zeros((c.shape[0], width))
-                pad[:, :c.shape[1]] = c
-                coefs.append(pad)
-                c_off.append(c_off[-1] + c.shape[0])
-                n1.append(c.shape[1])
+            pid, knots, k_off, coefs, c_off, n1 = _stack_splines(s, tb["bases"], 0)
             ent = tb["entries"]
             order = np.lexsort((ent["r"], ent["q"], ent["p"], ent["block"]))  # by block, then p, q, r
             blk_off = np.searchsorted(ent["block"][order], np.arange(s ** 3 + 1)).astype(np.int64)
             cols = [np.unique(ent["col"][order][blk_off[b]:blk_off[b + 1]]) for b in range(s ** 3)]
             bc_off = np.concatenate([[0], np.cumsum([len(c) for c in cols])]).astype(np.int64)
             bc_col = np.concatenate(cols).astype(np.int64) if cols else np.zeros(0, np.int64)
-            self._packed3 = (True, pid, np.concatenate(knots), np.asarray(k_off, np.int64), np.vstack(coefs),
-                             np.asarray(c_off, np.int64), np.asarray(n1, np.int64), tb["r3"], blk_off,
+            self._packed3 = (True, pid, knots, k_off, coefs, c_off, n1, tb["r3"], blk_off,
                              *(np.ascontiguousarray(ent[k][order], dtype=np.int64) for k in ("p", "q", "r", "col")),
                              np.ascontiguousarray(ent["w"][order], dtype=np.float64), bc_off, bc_col, self.rank2)
         return self._packed3
