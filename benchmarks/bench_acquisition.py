@@ -44,7 +44,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution  # noqa: E4
 from ase.md.verlet import VelocityVerlet  # noqa: E402
 
 from coordinator.acquisition import (ACQUISITION, AcquisitionContext, AcquisitionSettings, Candidate,  # noqa: E402
-                                     GPModelView, per_atom_sigma)
+                                     GPModelView, KernelDistances, per_atom_sigma)
 from learner_service.gp import GaussianProcess  # noqa: E402
 
 HYPS = {"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05}
@@ -191,6 +191,18 @@ def summarise(out: list, rules) -> None:
 # --------------------------------------------------------------------------- cost
 
 
+class _FullMatrixView(GPModelView):
+    """The former way of farthest-point sampling, for comparison: the first question computes
+    d_train and the whole (m, m) matrix, later rows are read from it."""
+
+    def kernel_distances(self, atoms, atom_indices=None, rows=None, train=True):
+        if train:
+            self._full = super().kernel_distances(atoms, atom_indices)
+            return KernelDistances(self._full.d_train, self._full.d_within[list(rows)] if rows is not None
+                                   else self._full.d_within)
+        return KernelDistances(np.zeros(0), self._full.d_within[list(rows)])
+
+
 def cost(args) -> None:
     from learner_service.client import LearnerClient
     from learner_service.server import LearnerServiceConfig, start_learner_server
@@ -203,9 +215,10 @@ def cost(args) -> None:
     gp = model("al")
     gp.predict_threads = 1
     probe = frames[-1]
-    big = probe.repeat((2, 2, 1))  # 128 atoms
-    print("training envs | frame atoms | predict ms | KernelDistances in-process ms | over gRPC ms | "
-          "select ms (atoms_per_call 1 / 4): max_sigma, fps, info_gain")
+    big = {128: probe.repeat((2, 2, 1)), 256: probe.repeat((2, 2, 2))}
+    print("training envs | frame atoms | predict ms | KernelDistances in-process ms: full (m, m) matrix, "
+          "d_train only, one row | over gRPC: d_train only, one row | select ms (atoms_per_call 1 / 4): "
+          "max_sigma, fps from the full matrix (before), fps row by row (now), info_gain")
     k = 0
     for target in (50, 200, 800):
         while gp.n_environments < target:
@@ -216,7 +229,7 @@ def cost(args) -> None:
             k += 1
         gp.train()
         view = GPModelView(gp)
-        for frame in ((probe, big) if target < 800 else (probe,)):
+        for frame in ((probe, big[128], big[256]) if target < 800 else (probe,)):
             def median_ms(fn, repeats=args.repeats):
                 fn()  # warm (caches, JIT)
                 times = []
@@ -227,18 +240,22 @@ def cost(args) -> None:
                 return 1000 * statistics.median(times)
 
             pred = median_ms(lambda: gp.predict(frame))
-            local = median_ms(lambda: gp.kernel_distances(frame))
-            remote = median_ms(lambda: client.kernel_distances(frame))
+            full = median_ms(lambda: gp.kernel_distances(frame))
+            local = median_ms(lambda: gp.kernel_distances(frame, rows=[]))
+            row = median_ms(lambda: gp.kernel_distances(frame, rows=[0], train=False))
+            remote = median_ms(lambda: client.kernel_distances(frame, rows=[]))
+            remote_row = median_ms(lambda: client.kernel_distances(frame, rows=[0], train=False))
             sigma = per_atom_sigma(gp.predict(frame).force_std)
             sel = []
-            for rule in ("max_sigma", "fps", "info_gain"):
+            for rule, v in (("max_sigma", view), ("fps", _FullMatrixView(gp)), ("fps", view), ("info_gain", view)):
                 for n in (1, 4):
-                    ctx = AcquisitionContext(model=view, noise=gp.noise, threshold=gp.noise,
+                    ctx = AcquisitionContext(model=v, noise=gp.noise, threshold=gp.noise,
                                              settings=AcquisitionSettings(atoms_per_call=n))
                     sel.append(median_ms(lambda: ACQUISITION[rule]().select(Candidate(frame, sigma), ctx),
                                          max(1, args.repeats // 2)))
-            print(f"{gp.n_environments:5d} | {len(frame):4d} | {pred:8.1f} | {local:8.1f} | {remote:8.1f} | "
-                  + ", ".join(f"{sel[i]:.1f}/{sel[i + 1]:.1f}" for i in range(0, 6, 2)), flush=True)
+            print(f"{gp.n_environments:5d} | {len(frame):4d} | {pred:8.1f} | {full:8.1f}, {local:8.1f}, {row:6.1f} | "
+                  f"{remote:8.1f}, {remote_row:6.1f} | "
+                  + ", ".join(f"{sel[i]:.1f}/{sel[i + 1]:.1f}" for i in range(0, 8, 2)), flush=True)
     client.close()
     running.stop(0)
 

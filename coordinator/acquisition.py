@@ -14,7 +14,8 @@ was picked with) and one *frame score* that ranks queued frames against each oth
 
 The model view answers two questions in the GP's own terms (:class:`ModelView`):
 
-* kernel distances of the frame's atoms to the training set and among themselves, with
+* kernel distances of the frame's atoms to the training set and from chosen atoms to all of
+  them (the rows of the atoms a rule picks, one question per pick: never the n × n matrix), with
   k(x, y) = sig2² k2(x, y) + sig3² k3(x, y) the covariance of the local energies of two
   environments (eV²) and d(x, y) = sqrt(k(x, x) + k(y, y) − 2 k(x, y)) in eV;
 * the per-atom σ of the frame conditioned on extra environments (as if their force labels
@@ -66,8 +67,9 @@ def per_atom_sigma(force_std: np.ndarray, atom_std: np.ndarray | None = None) ->
 class KernelDistances:
     """Distances in the model's local-energy kernel, eV (see the module docstring).
 
-    ``d_train`` (m,): min over training environments of d(x_i, y) (inf with no training data);
-    ``d_within`` (m, m): d(x_i, x_j) among the m atoms asked for (zero diagonal)."""
+    ``d_train`` (m,): min over training environments of d(x_i, y) (inf with no training data;
+    empty when not asked for); ``d_within`` (r, m): d(x_a, x_j) from the r atoms ``rows`` asked
+    for to the m atoms measured (zero where a = j)."""
 
     d_train: np.ndarray
     d_within: np.ndarray
@@ -76,8 +78,10 @@ class KernelDistances:
 class ModelView(Protocol):
     """A read-only view of the learner's model for acquisition rules."""
 
-    def kernel_distances(self, atoms, atom_indices: Sequence[int] | None = None) -> KernelDistances:
-        """Kernel distances of the atoms ``atom_indices`` (None: all) of ``atoms``."""
+    def kernel_distances(self, atoms, atom_indices: Sequence[int] | None = None,
+                         rows: Sequence[int] | None = None, train: bool = True) -> KernelDistances:
+        """Kernel distances of the atoms ``atom_indices`` (None: all) of ``atoms``: to the
+        training set (``train``) and from the atoms ``rows`` (None: all of them; ``[]``: none)."""
         ...
 
     def conditional_sigma(self, atoms, condition_on: Sequence[tuple]) -> np.ndarray:
@@ -92,8 +96,8 @@ class GPModelView:
     def __init__(self, gp) -> None:
         self.gp = gp
 
-    def kernel_distances(self, atoms, atom_indices=None) -> KernelDistances:
-        d_train, d_within = self.gp.kernel_distances(atoms, atom_indices)
+    def kernel_distances(self, atoms, atom_indices=None, rows=None, train=True) -> KernelDistances:
+        d_train, d_within = self.gp.kernel_distances(atoms, atom_indices, rows=rows, train=train)
         return KernelDistances(np.asarray(d_train), np.asarray(d_within))
 
     def conditional_sigma(self, atoms, condition_on) -> np.ndarray:
@@ -108,8 +112,8 @@ class LearnerModelView:
     def __init__(self, client) -> None:
         self.client = client
 
-    def kernel_distances(self, atoms, atom_indices=None) -> KernelDistances:
-        d_train, d_within = self.client.kernel_distances(atoms, atom_indices)
+    def kernel_distances(self, atoms, atom_indices=None, rows=None, train=True) -> KernelDistances:
+        d_train, d_within = self.client.kernel_distances(atoms, atom_indices, rows=rows, train=train)
         return KernelDistances(np.asarray(d_train), np.asarray(d_within))
 
     def conditional_sigma(self, atoms, condition_on) -> np.ndarray:
@@ -213,8 +217,8 @@ class ScaledModelView:
     def __init__(self, view, scale: float) -> None:
         self.view, self.scale = view, float(scale)
 
-    def kernel_distances(self, atoms, atom_indices=None):
-        return self.view.kernel_distances(atoms, atom_indices)
+    def kernel_distances(self, atoms, atom_indices=None, rows=None, train=True):
+        return self.view.kernel_distances(atoms, atom_indices, rows=rows, train=train)
 
     def conditional_sigma(self, atoms, condition_on) -> np.ndarray:
         return self.scale * np.asarray(self.view.conditional_sigma(atoms, condition_on))
@@ -305,33 +309,42 @@ def _bonus(cand: Candidate, ctx: AcquisitionContext, dist: _FrameDistances | Non
     return np.where(np.isfinite(d), beta * d, 0.0)
 
 
-#: kernel distances are asked for at most this many atoms of a frame (the learner's limit per
-#: request): in larger frames those of largest σ; the others count as known (d = 0)
+#: kernel distances are asked for at most this many atoms of a frame, which bounds a selection's
+#: distance work at (N training + picks) × 2048 kernel evaluations: in larger frames the atoms of
+#: largest σ; the others count as known (d = 0)
 MAX_DISTANCE_ATOMS = 2048
 
 
 class _FrameDistances:
-    """Kernel distances of a candidate's n atoms, of which only ``idx`` (None: all) were measured:
-    ``d_train`` (n,) eV (0 — known — for atoms not measured) and ``row(i)`` (n,) = d(x_i, ·)
-    (inf where not measured: no information), without forming an (n, n) matrix."""
+    """Kernel distances of a candidate's n atoms, of which only ``idx`` (None: all) are measured:
+    ``d_train`` (n,) eV (0 -- known -- for atoms not measured) and ``row(i)`` (n,) = d(x_i, ·)
+    (inf where not measured: no information), asked of the model view atom by atom (one row per
+    picked atom: n kernel evaluations, where the n × n matrix would cost n²)."""
 
-    def __init__(self, n: int, dist: KernelDistances, idx: np.ndarray | None) -> None:
-        self.n, self.dist, self.idx = n, dist, idx
+    def __init__(self, cand: Candidate, view: ModelView, d_train: np.ndarray, idx: np.ndarray | None) -> None:
+        n = len(cand.atoms)
+        self.atoms, self.view, self.n, self.idx = cand.atoms, view, n, idx
         if idx is None:
-            self.d_train = np.asarray(dist.d_train, dtype=np.float64)
+            self.d_train = np.asarray(d_train, dtype=np.float64)
             self._pos = None
         else:
             self.d_train = np.zeros(n)
-            self.d_train[idx] = dist.d_train
+            self.d_train[idx] = d_train
             self._pos = np.full(n, -1, dtype=np.int64)
             self._pos[idx] = np.arange(len(idx))
 
     def row(self, i: int) -> np.ndarray:
-        if self._pos is None:
-            return np.asarray(self.dist.d_within[i], dtype=np.float64)
+        if self._pos is not None and self._pos[i] < 0:
+            return np.full(self.n, np.inf)
+        m = self.n if self.idx is None else len(self.idx)
+        d = np.asarray(self.view.kernel_distances(self.atoms, None if self.idx is None else self.idx.tolist(),
+                                                  rows=[int(i)], train=False).d_within)
+        if d.shape != (1, m):
+            raise InvalidInput(f"model view returned a kernel-distance row of shape {d.shape} for {m} atoms")
+        if self.idx is None:
+            return d[0].astype(np.float64)
         out = np.full(self.n, np.inf)
-        if self._pos[i] >= 0:
-            out[self.idx] = self.dist.d_within[self._pos[i]]
+        out[self.idx] = d[0]
         return out
 
 
@@ -344,12 +357,11 @@ def _distances(cand: Candidate, ctx: AcquisitionContext, needed: bool) -> _Frame
     idx = None
     if n > MAX_DISTANCE_ATOMS:
         idx = np.sort(np.argsort(-cand.sigma, kind="stable")[:MAX_DISTANCE_ATOMS])
-    dist = ctx.model.kernel_distances(cand.atoms, None if idx is None else idx.tolist())
+    dist = ctx.model.kernel_distances(cand.atoms, None if idx is None else idx.tolist(), rows=[])
     m = n if idx is None else len(idx)
-    if np.shape(dist.d_train) != (m,) or np.shape(dist.d_within) != (m, m):
-        raise InvalidInput(f"model view returned kernel distances of shapes {np.shape(dist.d_train)}, "
-                           f"{np.shape(dist.d_within)} for {m} atoms")
-    return _FrameDistances(n, dist, idx)
+    if np.shape(dist.d_train) != (m,):
+        raise InvalidInput(f"model view returned d_train of shape {np.shape(dist.d_train)} for {m} atoms")
+    return _FrameDistances(cand, ctx.model, dist.d_train, idx)
 
 
 class _Static(_Scorer):
@@ -368,22 +380,27 @@ class _RandomOrder(_Static):
 
 
 class _FPS(_Scorer):
-    """D_i = min(d_train_i, min over picked j of d_ij) (+ bonus)."""
+    """D_i = min(d_train_i, min over picked j of d_ij) (+ bonus).  A picked atom's row of
+    distances is asked for when the next pick needs it (none after the last pick)."""
 
     def __init__(self, dist: _FrameDistances, bonus: np.ndarray, sigma: np.ndarray) -> None:
         self.dist = dist
         self.D = np.array(dist.d_train, dtype=np.float64)
         self.bonus = bonus
         self._sigma = sigma
+        self._pending: list[int] = []
 
     def scores(self):
+        for i in self._pending:
+            self.D = np.minimum(self.D, self.dist.row(i))
+        self._pending = []
         return self.D + self.bonus
 
     def sigma(self):
         return self._sigma
 
     def picked(self, i):
-        self.D = np.minimum(self.D, self.dist.row(i))
+        self._pending.append(i)
 
 
 class _InfoGain(_Scorer):

@@ -35,7 +35,8 @@ import numpy as np
 from ase import Atoms
 
 from coordinator.ports import Ports
-from learner_service.client import LearnerClient, RemotePrediction, optimize_request, prediction_from_proto
+from learner_service.client import (LearnerClient, RemotePrediction, kernel_distances_from_proto,
+                                    kernel_distances_request, optimize_request, prediction_from_proto)
 from oracle_service.base import Labels
 from oracle_service.client import LabelResult
 from protos import wire
@@ -132,15 +133,11 @@ class InProcessLearner:
     def checkpoint(self) -> learner_pb2.CheckpointResponse:
         return self.servicer.Checkpoint(learner_pb2.CheckpointRequest(), None)
 
-    def kernel_distances(self, atoms: Atoms, atom_indices: Iterable[int] | None = None):
-        """``(d_train (m,), d_within (m, m))`` in eV, as :meth:`LearnerClient.kernel_distances`."""
-        req = learner_pb2.KernelDistancesRequest(
-            atom_indices=[] if atom_indices is None else [int(i) for i in atom_indices])
-        wire.structure_to_proto(atoms, out=req.structure, velocities=False)
-        reply = self.servicer.KernelDistances(req, None)
-        m = len(reply.atom_indices)
-        return (wire.decode_array(reply.d_train, "d_train", (m,), "<f8"),
-                wire.decode_array(reply.d_within, "d_within", (m, m), "<f8"))
+    def kernel_distances(self, atoms: Atoms, atom_indices: Iterable[int] | None = None,
+                         rows: Iterable[int] | None = None, train: bool = True):
+        """``(d_train (m,), d_within (r, m))`` in eV, as :meth:`LearnerClient.kernel_distances`."""
+        reply = self.servicer.KernelDistances(kernel_distances_request(atoms, atom_indices, rows, train), None)
+        return kernel_distances_from_proto(reply, train)
 
     def hold_versions(self, versions: Iterable[int]) -> learner_pb2.HoldVersionsResponse:
         req = learner_pb2.HoldVersionsRequest(model_versions=sorted({int(v) for v in versions if int(v) > 0}))

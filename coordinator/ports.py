@@ -63,8 +63,10 @@ class LearnerPort(Protocol):
 
     def hold_versions(self, versions: Iterable[int]) -> learner_pb2.HoldVersionsResponse: ...
 
-    def kernel_distances(self, atoms: Atoms, atom_indices: Iterable[int] | None = None) -> tuple:
-        """``(d_train (m,), d_within (m, m))`` eV in the model's local-energy kernel (acquisition)."""
+    def kernel_distances(self, atoms: Atoms, atom_indices: Iterable[int] | None = None,
+                         rows: Iterable[int] | None = None, train: bool = True) -> tuple:
+        """``(d_train (m,), d_within (r, m))`` eV in the model's local-energy kernel (acquisition):
+        ``rows`` the atoms whose distances to all m are wanted (None: all); ``train=False``: no d_train."""
 
     def close(self) -> None: ...
 

@@ -134,18 +134,14 @@ class LearnerClient:
         req = learner_pb2.HoldVersionsRequest(model_versions=sorted({int(v) for v in versions if int(v) > 0}))
         return self._call(self._stub.HoldVersions, req, self.timeout)
 
-    def kernel_distances(self, atoms: Atoms, atom_indices: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(d_train (m,), d_within (m, m))`` in eV: distances of the environments of the atoms
+    def kernel_distances(self, atoms: Atoms, atom_indices: Iterable[int] | None = None,
+                         rows: Iterable[int] | None = None, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(d_train (m,), d_within (r, m))`` in eV: distances of the environments of the atoms
         ``atom_indices`` of ``atoms`` (None: all) in the model's local-energy kernel, to the
-        nearest training environment (inf: no training data) and among themselves (the
-        learner's ``GaussianProcess.kernel_distances``)."""
-        req = learner_pb2.KernelDistancesRequest(
-            atom_indices=[] if atom_indices is None else [int(i) for i in atom_indices])
-        wire.structure_to_proto(atoms, out=req.structure, velocities=False)
-        reply = self._call(self._stub.KernelDistances, req, self.timeout)
-        m = len(reply.atom_indices)
-        return (wire.decode_array(reply.d_train, "d_train", (m,), "<f8"),
-                wire.decode_array(reply.d_within, "d_within", (m, m), "<f8"))
+        nearest training environment (inf: no training data; empty with ``train=False``) and from
+        the atoms ``rows`` (None: all m) to the m (the learner's ``GaussianProcess.kernel_distances``)."""
+        req = kernel_distances_request(atoms, atom_indices, rows, train)
+        return kernel_distances_from_proto(self._call(self._stub.KernelDistances, req, self.timeout), train)
 
     def info(self) -> learner_pb2.ModelInfo:
         return self._call(self._stub.GetModelInfo, learner_pb2.GetModelInfoRequest(), self.timeout)
@@ -229,6 +225,26 @@ class PredictionStream:
                 pass
         except grpc.RpcError:
             pass
+
+
+def kernel_distances_request(atoms: Atoms, atom_indices: Iterable[int] | None = None,
+                             rows: Iterable[int] | None = None, train: bool = True
+                             ) -> learner_pb2.KernelDistancesRequest:
+    """The KernelDistancesRequest of :meth:`LearnerClient.kernel_distances` (also the in-process learner's)."""
+    req = learner_pb2.KernelDistancesRequest(
+        atom_indices=[] if atom_indices is None else [int(i) for i in atom_indices], skip_train=not train)
+    if rows is not None:
+        req.within.atoms.extend(int(i) for i in rows)
+    wire.structure_to_proto(atoms, out=req.structure, velocities=False)
+    return req
+
+
+def kernel_distances_from_proto(reply: learner_pb2.KernelDistancesResponse,
+                                train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(d_train, d_within)`` of a KernelDistancesResponse, shapes checked."""
+    m, r = len(reply.atom_indices), len(reply.within_rows)
+    return (wire.decode_array(reply.d_train, "d_train", (m if train else 0,), "<f8"),
+            wire.decode_array(reply.d_within, "d_within", (r, m), "<f8"))
 
 
 def optimize_request(max_iterations: int = 0, tolerance: float = 0.0,

@@ -1502,8 +1502,9 @@ class GaussianProcess(Hyperparameters):
     # kernel distances (acquisition: farthest-point sampling, exploration bonus)
     # ------------------------------------------------------------------
 
-    def kernel_distances(self, atoms, atom_indices: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Distances in this model's own local-energy kernel, eV: ``(d_train (m,), d_within (m, m))``.
+    def kernel_distances(self, atoms, atom_indices: Iterable[int] | None = None, rows: Iterable[int] | None = None,
+                         train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Distances in this model's own local-energy kernel, eV: ``(d_train (m,), d_within (r, m))``.
 
         For two atomic environments x, y with local energies E_x, E_y the kernel is
         k(x, y) = cov(E_x, E_y) = sig2² k2(x, y) + sig3² k3(x, y) (eV²; the 2- and 3-body
@@ -1511,38 +1512,33 @@ class GaussianProcess(Hyperparameters):
         d(x, y) = sqrt(k(x, x) + k(y, y) - 2 k(x, y)): the distance of x and y in the kernel's
         feature space, a pseudo-metric (d ≥ 0, symmetric, triangle inequality; d = 0 for
         symmetry-equivalent environments).  ``d_train[i]`` is min over the *force* training
-        environments y of d(x_i, y) (``inf`` without training environments), ``d_within[i, j]``
-        = d(x_i, x_j) among the ``m`` atoms ``atom_indices`` of ``atoms`` (default: all), in that
-        order.  Does not change the model.
+        environments y of d(x_i, y) (``inf`` without training environments; empty with
+        ``train=False``) for the ``m`` atoms ``atom_indices`` of ``atoms`` (default: all), in that
+        order.  ``d_within[a, j]`` = d(x_rows[a], x_j): ``rows`` are atoms among ``atom_indices``
+        (None: all of them, an (m, m) matrix; ``[]``: none) -- farthest-point sampling asks for
+        the row of each atom it picks, never for the m² matrix.  Does not change the model.
         """
-        n = len(atoms)
-        idx = np.arange(n) if atom_indices is None else np.asarray(list(atom_indices), dtype=np.int64)
-        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
-            raise InvalidInput(f"atom indices {idx.tolist()} out of range for {n} atoms")
+        idx, pos = distance_request(len(atoms), atom_indices, rows)
         m = len(idx)
         if m == 0:
-            return np.zeros(0), np.zeros((0, 0))
+            return np.zeros(0), np.zeros((len(pos), 0))
         h = self._hyps
         s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
         ls2, ls3 = h["ls2"], h["ls3"]
         n_species = len(self.species)
         envs = build_environments(atoms.get_positions(), atoms.get_atomic_numbers(), atoms.get_cell().array,
                                   atoms.get_pbc(), self.cutoffs, idx)
-        energy_rows = LabelGroups.per_environment(np.arange(m), energy=True, force=False)
-        W2, W3, _, _ = prediction_blocks(envs, energy_rows, envs, n_species, ls2, ls3, threads=self.predict_threads)
-        kw = s2 * W2[:, :, 0] + s3 * W3[:, :, 0]          # (m, m) eV²
-        kw = 0.5 * (kw + kw.T)                            # the kernels are symmetric to round-off only
-        kxx = np.diag(kw).copy()
-        d_within = np.sqrt(np.maximum(kxx[:, None] + kxx[None, :] - 2.0 * kw, 0.0))
-        np.fill_diagonal(d_within, 0.0)
-        train = np.array([g.envs[0] for g in self._groups if g.kind == "force"], dtype=np.int64)
-        if not len(train):
+        kxx, d_within = within_distances(envs, pos, s2, s3, ls2, ls3, n_species, self.predict_threads)
+        if not train:
+            return np.zeros(0), d_within
+        train_envs = np.array([g.envs[0] for g in self._groups if g.kind == "force"], dtype=np.int64)
+        if not len(train_envs):
             return np.full(m, np.inf), d_within
         batch = self._training_batch()
-        T2, T3, _, _ = prediction_blocks(batch, LabelGroups.per_environment(train, energy=True, force=False), envs,
-                                         n_species, ls2, ls3, threads=self.predict_threads)
+        T2, T3, _, _ = prediction_blocks(batch, LabelGroups.per_environment(train_envs, energy=True, force=False),
+                                         envs, n_species, ls2, ls3, threads=self.predict_threads)
         kt = s2 * T2[:, :, 0] + s3 * T3[:, :, 0]          # (N, m) eV²
-        u2, u3 = self._training_self_energy_kernels(train)
+        u2, u3 = self._training_self_energy_kernels(train_envs)
         kyy = s2 * u2 + s3 * u3                           # (N,) eV²
         d2 = kyy[:, None] + kxx[None, :] - 2.0 * kt
         return np.sqrt(np.maximum(d2.min(axis=0), 0.0)), d_within
@@ -1562,14 +1558,10 @@ class GaussianProcess(Hyperparameters):
             done = len(cached[1])
             parts2.append(cached[2])
             parts3.append(cached[3])
-        batch = self._training_batch()
-        chunk = 512  # the diagonal mode fills a (chunk, chunk) matrix
-        for lo in range(done, len(train), chunk):
-            sel = train[lo:lo + chunk]
-            groups = LabelGroups.per_environment(sel, energy=True, force=False)
-            D2, D3 = kernel_blocks(batch, groups, None, ls[0], ls[1], diagonal=True)
-            parts2.append(np.diag(D2).copy())
-            parts3.append(np.diag(D3).copy())
+        if done < len(train):
+            u2, u3 = self_energy_unit(self._training_batch(), train[done:], ls[0], ls[1])
+            parts2.append(u2)
+            parts3.append(u3)
         u2 = np.concatenate(parts2) if parts2 else np.zeros(0)
         u3 = np.concatenate(parts3) if parts3 else np.zeros(0)
         self._self_energy_cache = (ls, train.copy(), u2, u3)
@@ -1699,3 +1691,61 @@ class GaussianProcess(Hyperparameters):
         hyps = ", ".join(f"{k}={self._hyps[k]:.4g}" for k in self.hyperparameter_names)
         return (f"GaussianProcess(species={list(self.species)}, cutoffs=({self.cutoffs.r2}, {self.cutoffs.r3}), "
                 f"{self.n_environments} environments, {self.n_labels} labels, {hyps})")
+
+
+# ---------------------------------------------------------------------------
+# local-energy kernel distances (acquisition), shared by the exact and the sparse GP
+# ---------------------------------------------------------------------------
+
+def distance_request(n_atoms: int, atom_indices: Iterable[int] | None,
+                     rows: Iterable[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Checked ``(idx, pos)`` of a kernel-distance question: ``idx`` the atoms measured (None:
+    all ``n_atoms``), ``pos`` the positions within ``idx`` of the atoms ``rows`` whose d_within
+    rows are wanted (None: every one of ``idx``)."""
+    idx = np.arange(n_atoms) if atom_indices is None else np.asarray(list(atom_indices), dtype=np.int64)
+    if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n_atoms)):
+        raise InvalidInput(f"atom indices {idx.tolist()} out of range for {n_atoms} atoms")
+    if rows is None:
+        return idx, np.arange(len(idx))
+    wanted = np.asarray(list(rows), dtype=np.int64)
+    where = {int(a): k for k, a in enumerate(idx)}
+    missing = [int(a) for a in wanted if int(a) not in where]
+    if wanted.ndim != 1 or missing:
+        raise InvalidInput(f"rows {missing or wanted.tolist()} are not among the atoms measured "
+                           f"({'all' if atom_indices is None else idx.tolist()})")
+    return idx, np.array([where[int(a)] for a in wanted], dtype=np.int64)
+
+
+def self_energy_unit(batch: EnvironmentBatch, envs: np.ndarray, ls2: float, ls3: float,
+                     chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-variance k2(x, x), k3(x, x) of the local energies of the environments ``envs`` of
+    ``batch``, each (len(envs),); in chunks, since the diagonal mode fills a (chunk, chunk) matrix."""
+    parts2, parts3 = [np.zeros(0)], [np.zeros(0)]
+    for lo in range(0, len(envs), chunk):
+        groups = LabelGroups.per_environment(np.asarray(envs[lo:lo + chunk]), energy=True, force=False)
+        D2, D3 = kernel_blocks(batch, groups, None, ls2, ls3, diagonal=True)
+        parts2.append(np.diag(D2).copy())
+        parts3.append(np.diag(D3).copy())
+    return np.concatenate(parts2), np.concatenate(parts3)
+
+
+def within_distances(envs: EnvironmentBatch, pos: np.ndarray, s2: float, s3: float, ls2: float, ls3: float,
+                     n_species: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``(kxx (m,) eV², d (len(pos), m) eV)`` for the m environments ``envs``: their local-energy
+    self-covariances k(x, x) = s2 k2 + s3 k3 and the kernel distances of the environments ``pos``
+    to all m (``d[a, pos[a]] = 0``).  Costs m + len(pos)·m kernel evaluations, never m² unless
+    every row is asked for (then the matrix is symmetrised: the kernels are symmetric to
+    round-off only)."""
+    m = len(envs)
+    u2, u3 = self_energy_unit(envs, np.arange(m), ls2, ls3)
+    kxx = s2 * u2 + s3 * u3
+    if not len(pos):
+        return kxx, np.zeros((0, m))
+    W2, W3, _, _ = prediction_blocks(envs, LabelGroups.per_environment(pos, energy=True, force=False), envs,
+                                     n_species, ls2, ls3, threads=threads)
+    kw = s2 * W2[:, :, 0] + s3 * W3[:, :, 0]              # (r, m) eV²
+    if len(pos) == m and np.array_equal(pos, np.arange(m)):
+        kw = 0.5 * (kw + kw.T)
+    d = np.sqrt(np.maximum(kxx[pos][:, None] + kxx[None, :] - 2.0 * kw, 0.0))
+    d[np.arange(len(pos)), pos] = 0.0
+    return kxx, d

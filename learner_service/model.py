@@ -101,8 +101,9 @@ class LearnerModel(Protocol):
         force covariance and ``atom_std``, local and total energy, stress; σ conditioned on
         ``condition_on`` force labels as if added."""
 
-    def kernel_distances(self, atoms, atom_indices=None) -> tuple[np.ndarray, np.ndarray]:
-        """Local-energy kernel distances, eV: to the model's representers, and among the atoms."""
+    def kernel_distances(self, atoms, atom_indices=None, rows=None, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Local-energy kernel distances, eV: ``d_train`` (m,) to the model's representers (empty
+        with ``train=False``), and ``d_within`` (r, m) from the atoms ``rows`` (None: all m) to the m."""
 
     # -- likelihood and hyperparameters ----------------------------------------------
     def log_likelihood(self, gradient: bool = False, hyperparameters: Mapping[str, float] | None = None): ...

@@ -360,8 +360,9 @@ OPTIMIZE_METHODS = ("ml", "map")
 #: most prior draws of one "map" Optimize (each is screened with one kernel build)
 MAX_MAP_RESTARTS = 100
 
-#: most atoms of one KernelDistances request: its (m, m) float64 answer is then 32 MiB
-MAX_KERNEL_DISTANCE_ATOMS = 2048
+#: most entries of one KernelDistances answer's d_within (r rows × m atoms; the full m × m
+#: matrix of 2,048 atoms): 32 MiB of float64
+MAX_KERNEL_DISTANCE_ENTRIES = 2048 * 2048
 
 #: defaults of the structure checks (LearnerServiceConfig.min_distance / max_atoms)
 DEFAULT_MIN_DISTANCE = 0.5   # Å
@@ -685,11 +686,21 @@ class LearnerServicer(learner_pb2_grpc.LearnerServicer):
         idx = _indices(request.atom_indices, len(atoms), "atom_indices")
         if not idx.size:
             idx = np.arange(len(atoms))
-        if idx.size > MAX_KERNEL_DISTANCE_ATOMS:
-            raise InvalidInput(f"KernelDistances: {idx.size} atoms asked for; at most {MAX_KERNEL_DISTANCE_ATOMS} per "
-                               f"request (d_within is m x m): name them in atom_indices")
-        d_train, d_within = gp.kernel_distances(atoms, idx)
-        reply = learner_pb2.KernelDistancesResponse(atom_indices=[int(i) for i in idx], model_version=version)
+        rows = None
+        if request.HasField("within"):
+            rows = _indices(request.within.atoms, len(atoms), "within.atoms")
+            outside = np.setdiff1d(rows, idx)
+            if outside.size:
+                raise InvalidInput(f"KernelDistances: within.atoms {outside.tolist()} are not among the atoms "
+                                   f"measured (atom_indices)")
+        n_rows = idx.size if rows is None else rows.size
+        if n_rows * idx.size > MAX_KERNEL_DISTANCE_ENTRIES:
+            raise InvalidInput(f"KernelDistances: d_within would have {n_rows} x {idx.size} entries; at most "
+                               f"{MAX_KERNEL_DISTANCE_ENTRIES} per request: ask for fewer atoms (atom_indices) or "
+                               f"only the rows needed (within.atoms)")
+        d_train, d_within = gp.kernel_distances(atoms, idx, rows=rows, train=not request.skip_train)
+        reply = learner_pb2.KernelDistancesResponse(atom_indices=[int(i) for i in idx], model_version=version,
+                                                    within_rows=[int(i) for i in (idx if rows is None else rows)])
         wire.encode_array(d_train, "<f8", reply.d_train)
         wire.encode_array(d_within, "<f8", reply.d_within)
         return reply

@@ -75,7 +75,8 @@ from .defaults import HYPERPARAMETER_UNITS
 from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .gp import (BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
                  DEFAULT_STRESS_NOISE, Hyperparameters, OptimizationResult, Prediction,
-                 _ENERGY, _FORCE, _STRESS, _bound_note, _Group, atom_std_of, checked_labels, default_predict_threads, serial_blas)
+                 _ENERGY, _FORCE, _STRESS, _bound_note, _Group, atom_std_of, checked_labels, default_predict_threads, distance_request,
+                 serial_blas, within_distances)
 from .kernels import N_FUNCTIONALS, LabelGroups, inducing_gradient_blocks, kernel_blocks, prediction_blocks
 
 __all__ = ["SparseGaussianProcess", "SparsePrediction", "FORMAT_NAME", "FORMAT_VERSION", "INDUCING_FUNCTIONALS",
@@ -954,27 +955,23 @@ class SparseGaussianProcess(Hyperparameters):
             if progress and (k % 20 == 19 or k == len(log) - 1):
                 progress(f"K_fU block {k + 1}/{len(log)} ({r} rows, {m} inducing, {time.perf_counter() - t0:.1f} s)")
 
-    def kernel_distances(self, atoms, atom_indices: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def kernel_distances(self, atoms, atom_indices: Iterable[int] | None = None, rows: Iterable[int] | None = None,
+                         train: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Distances in the local-energy kernel, eV, as :meth:`GaussianProcess.kernel_distances`,
         with ``d_train[i]`` the distance to the nearest *inducing* environment (the sparse
         model's representers; ``inf`` without any)."""
-        n = len(atoms)
-        idx = np.arange(n) if atom_indices is None else np.asarray(list(atom_indices), dtype=np.int64)
-        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
-            raise InvalidInput(f"atom indices {idx.tolist()} out of range for {n} atoms")
+        idx, pos = distance_request(len(atoms), atom_indices, rows)
         m = len(idx)
         if m == 0:
-            return np.zeros(0), np.zeros((0, 0))
+            return np.zeros(0), np.zeros((len(pos), 0))
         h = self._hyps
         s2, s3 = h["sig2"] ** 2, h["sig3"] ** 2
         envs = build_environments(atoms.get_positions(), atoms.get_atomic_numbers(), atoms.get_cell().array,
                                   atoms.get_pbc(), self.cutoffs, idx)
-        w2, w3 = self._cov(envs, LabelGroups.per_environment(np.arange(m), energy=True, force=False), envs, 1)
-        kw = s2 * w2 + s3 * w3
-        kw = 0.5 * (kw + kw.T)
-        kxx = np.diag(kw).copy()
-        d_within = np.sqrt(np.maximum(kxx[:, None] + kxx[None, :] - 2.0 * kw, 0.0))
-        np.fill_diagonal(d_within, 0.0)
+        kxx, d_within = within_distances(envs, pos, s2, s3, h["ls2"], h["ls3"], len(self.species),
+                                         self.predict_threads)
+        if not train:
+            return np.zeros(0), d_within
         if not self._n_inducing:
             return np.full(m, np.inf), d_within
         U = self._inducing_batch()

@@ -116,6 +116,45 @@ def test_fps_is_farthest_point_sampling_in_the_kernel_metric(gp, view) -> None:
     assert sel.frame_score == pytest.approx(d.d_train.max())
 
 
+def test_fps_asks_for_the_rows_of_its_picks_never_the_whole_matrix(gp, view) -> None:
+    """One question for d_train (no rows), then one row per pick that a later pick needs: with
+    k atoms per call k − 1 rows of n distances, where the (n, n) matrix would cost n² kernel
+    evaluations (and n² numbers on the wire)."""
+    asked = []
+
+    class Spy:
+        def kernel_distances(self, atoms, atom_indices=None, rows=None, train=True):
+            got = view.kernel_distances(atoms, atom_indices, rows=rows, train=train)
+            asked.append((None if rows is None else list(rows), train, np.shape(got.d_within)))
+            return got
+
+        def conditional_sigma(self, atoms, condition_on):
+            return view.conditional_sigma(atoms, condition_on)
+
+    cand = candidate(gp, al32(7, 0.3))
+    for k in (1, 4):
+        asked.clear()
+        sel = select("fps", cand, ctx(Spy(), gp, atoms_per_call=k))
+        assert asked == [([], True, (0, 32))] + [([int(i)], False, (1, 32)) for i in sel.order[:k - 1]]
+    # max_sigma with an exploration bonus needs d_train only
+    asked.clear()
+    select("max_sigma", cand, ctx(Spy(), gp, atoms_per_call=3, exploration_bonus=0.5))
+    assert asked == [([], True, (0, 32))]
+
+
+def test_kernel_distance_rows_are_the_rows_of_the_full_matrix(gp, view) -> None:
+    frame = al32(11, 0.3)
+    full = view.kernel_distances(frame)
+    rows = view.kernel_distances(frame, rows=[5, 0, 31], train=False)
+    assert rows.d_train.shape == (0,)
+    np.testing.assert_allclose(rows.d_within, full.d_within[[5, 0, 31]], rtol=1e-10, atol=1e-12)
+    sub = view.kernel_distances(frame, [3, 9, 20], rows=[20])
+    np.testing.assert_allclose(sub.d_within, full.d_within[np.ix_([20], [3, 9, 20])], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(sub.d_train, full.d_train[[3, 9, 20]], rtol=1e-12)
+    with pytest.raises(InvalidInput, match=r"rows \[4\] are not among the atoms measured"):
+        view.kernel_distances(frame, [3, 9], rows=[4])
+
+
 def test_info_gain_conditioning_lowers_the_twin_sigma(gp, view) -> None:
     cand = candidate(gp, twin_frame())
     sel = select("info_gain", cand, ctx(view, gp, atoms_per_call=2))
@@ -134,8 +173,8 @@ def test_info_gain_asks_for_one_conditioned_prediction_per_pick_after_the_first(
     calls = []
 
     class Spy:
-        def kernel_distances(self, atoms, atom_indices=None):
-            return view.kernel_distances(atoms, atom_indices)
+        def kernel_distances(self, atoms, atom_indices=None, rows=None, train=True):
+            return view.kernel_distances(atoms, atom_indices, rows=rows, train=train)
 
         def conditional_sigma(self, atoms, condition_on):
             calls.append([list(idx) for _, idx in condition_on])
@@ -244,14 +283,14 @@ def test_large_frames_measure_distances_for_their_most_uncertain_atoms(gp, view,
     asked = []
 
     class Spy:
-        def kernel_distances(self, atoms, atom_indices=None):
+        def kernel_distances(self, atoms, atom_indices=None, rows=None, train=True):
             asked.append(atom_indices)
-            return view.kernel_distances(atoms, atom_indices)
+            return view.kernel_distances(atoms, atom_indices, rows=rows, train=train)
 
     monkeypatch.setattr(acquisition, "MAX_DISTANCE_ATOMS", 8)
     sel = select("fps", cand, ctx(Spy(), gp, atoms_per_call=3))
     top = sorted(np.argsort(-cand.sigma)[:8].tolist())
-    assert asked == [top]
+    assert asked == [top] * 3  # d_train, then the rows of the first two picks
     assert set(sel.atoms.tolist()) <= set(top)
     # the same as fps on the eight atoms alone
     sub = view.kernel_distances(cand.atoms, top)
@@ -275,10 +314,12 @@ class _FakeView:
     def __init__(self, n: int) -> None:
         self.n = n
 
-    def kernel_distances(self, atoms, atom_indices=None):
+    def kernel_distances(self, atoms, atom_indices=None, rows=None, train=True):
         from coordinator.acquisition import KernelDistances
 
-        return KernelDistances(np.ones(self.n), np.ones((self.n, self.n)) - np.eye(self.n))
+        full = np.ones((self.n, self.n)) - np.eye(self.n)
+        return KernelDistances(np.ones(self.n) if train else np.zeros(0),
+                               full if rows is None else full[list(rows)])
 
     def conditional_sigma(self, atoms, condition_on):
         return np.full(self.n, 0.5)
@@ -325,9 +366,11 @@ def test_the_kernel_distances_rpc_answers_as_the_in_process_view(gp, view) -> No
             train = al32(1, 0.08)
             train.calc = EMT()
             client.add_data(train, forces=train.get_forces(), atom_indices=[3, 12, 25])
-            for idx in (None, [4, 0, 9]):
-                got = remote.kernel_distances(frame, idx)
-                want = view.kernel_distances(frame, idx)
+            for idx, rows, train in ((None, None, True), ([4, 0, 9], None, True), ([4, 0, 9], [9], False),
+                                     (None, [], True)):
+                got = remote.kernel_distances(frame, idx, rows=rows, train=train)
+                want = view.kernel_distances(frame, idx, rows=rows, train=train)
+                assert got.d_within.shape == want.d_within.shape and got.d_train.shape == want.d_train.shape
                 np.testing.assert_allclose(got.d_train, want.d_train, rtol=1e-12, atol=0)
                 np.testing.assert_allclose(got.d_within, want.d_within, rtol=1e-12, atol=1e-15)
             np.testing.assert_allclose(remote.conditional_sigma(frame, [(frame, [2])]),
@@ -342,13 +385,17 @@ def test_the_kernel_distances_rpc_answers_as_the_in_process_view(gp, view) -> No
                 client.kernel_distances(frame, [40])
             import learner_service.servicer as servicer
 
-            limit = servicer.MAX_KERNEL_DISTANCE_ATOMS
-            servicer.MAX_KERNEL_DISTANCE_ATOMS = 4
+            with pytest.raises(InvalidInput, match=r"within.atoms \[7\] are not among the atoms measured"):
+                client.kernel_distances(frame, [0, 1], rows=[7])
+            limit = servicer.MAX_KERNEL_DISTANCE_ENTRIES
+            servicer.MAX_KERNEL_DISTANCE_ENTRIES = 16
             try:
-                with pytest.raises(InvalidInput, match="5 atoms asked for; at most 4 per request"):
+                with pytest.raises(InvalidInput, match="d_within would have 5 x 5 entries; at most 16 per request"):
                     client.kernel_distances(frame, [0, 1, 2, 3, 4])
+                # one row of many atoms fits where the square matrix does not
+                assert client.kernel_distances(frame, list(range(16)), rows=[3])[1].shape == (1, 16)
             finally:
-                servicer.MAX_KERNEL_DISTANCE_ATOMS = limit
+                servicer.MAX_KERNEL_DISTANCE_ENTRIES = limit
     finally:
         running.stop(grace=0)
 

@@ -239,3 +239,10 @@ class LearnerModelContract:
         for i in range(5):
             for j in range(5):
                 assert np.all(d_within[i, j] <= d_within[i, :] + d_within[:, j] + 1e-9)
+        # the rows of chosen atoms (what farthest-point sampling asks for) are rows of that matrix
+        none, rows = model.kernel_distances(at, [0, 1, 2, 3, 4], rows=[3, 0], train=False)
+        assert none.shape == (0,) and rows.shape == (2, 5)
+        np.testing.assert_allclose(rows, d_within[[3, 0]], rtol=1e-10, atol=1e-12)
+        only_train, empty = model.kernel_distances(at, [0, 1, 2, 3, 4], rows=[])
+        assert empty.shape == (0, 5)
+        np.testing.assert_array_equal(only_train, d_train)

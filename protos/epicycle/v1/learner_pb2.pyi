@@ -222,24 +222,36 @@ class HoldVersionsResponse(_message.Message):
     def __init__(self, held: _Optional[_Iterable[int]] = ..., missing: _Optional[_Iterable[int]] = ..., newest: _Optional[int] = ...) -> None: ...
 
 class KernelDistancesRequest(_message.Message):
-    __slots__ = ("structure", "atom_indices")
+    __slots__ = ("structure", "atom_indices", "within", "skip_train")
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
+    WITHIN_FIELD_NUMBER: _ClassVar[int]
+    SKIP_TRAIN_FIELD_NUMBER: _ClassVar[int]
     structure: _common_pb2.Structure
     atom_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    within: KernelDistanceRows
+    skip_train: bool
+    def __init__(self, structure: _Optional[_Union[_common_pb2.Structure, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ..., within: _Optional[_Union[KernelDistanceRows, _Mapping]] = ..., skip_train: _Optional[bool] = ...) -> None: ...
+
+class KernelDistanceRows(_message.Message):
+    __slots__ = ("atoms",)
+    ATOMS_FIELD_NUMBER: _ClassVar[int]
+    atoms: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, atoms: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KernelDistancesResponse(_message.Message):
-    __slots__ = ("d_train", "d_within", "atom_indices", "model_version")
+    __slots__ = ("d_train", "d_within", "atom_indices", "model_version", "within_rows")
     D_TRAIN_FIELD_NUMBER: _ClassVar[int]
     D_WITHIN_FIELD_NUMBER: _ClassVar[int]
     ATOM_INDICES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WITHIN_ROWS_FIELD_NUMBER: _ClassVar[int]
     d_train: _common_pb2.Array
     d_within: _common_pb2.Array
     atom_indices: _containers.RepeatedScalarFieldContainer[int]
     model_version: int
-    def __init__(self, d_train: _Optional[_Union[_common_pb2.Array, _Mapping]] = ..., d_within: _Optional[_Union[_common_pb2.Array, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    within_rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, d_train: _Optional[_Union[_common_pb2.Array, _Mapping]] = ..., d_within: _Optional[_Union[_common_pb2.Array, _Mapping]] = ..., atom_indices: _Optional[_Iterable[int]] = ..., model_version: _Optional[int] = ..., within_rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class MapRequest(_message.Message):
     __slots__ = ("spacing2", "spacing3", "spacing_jk", "samples", "body_order")
