@@ -75,8 +75,8 @@ from .defaults import HYPERPARAMETER_UNITS
 from .environment import Cutoffs, EnvironmentBatch, build_environments
 from .gp import (BOUND_RTOL, DEFAULT_BOUNDS, DEFAULT_ENERGY_NOISE, DEFAULT_HYPERPARAMETERS,
                  DEFAULT_STRESS_NOISE, Hyperparameters, OptimizationResult, Prediction,
-                 _ENERGY, _FORCE, _STRESS, _bound_note, _Group, atom_std_of, checked_labels, default_predict_threads, distance_request,
-                 serial_blas, within_distances)
+                 _ENERGY, _FORCE, _STRESS, _bound_note, _Group, atom_std_of, checked_labels, default_predict_threads,
+                 distance_request, serial_blas, within_distances)
 from .kernels import N_FUNCTIONALS, LabelGroups, inducing_gradient_blocks, kernel_blocks, prediction_blocks
 
 __all__ = ["SparseGaussianProcess", "SparsePrediction", "FORMAT_NAME", "FORMAT_VERSION", "INDUCING_FUNCTIONALS",
