@@ -146,14 +146,16 @@ class SparseSettings:
     ``inducing_rule``: ``acquisition`` (the atoms the acquisition selected at each oracle call
     become inducing environments) or ``variance`` (the model's own pick among all atoms of the
     frame: largest residual variance of the local energy, ``per_call`` at most, while above
-    ``tolerance`` × its prior variance); ``functionals``: ``energy`` (one inducing variable per
-    environment, FLARE 1.x) or ``energy_force``; ``jitter``: relative jitter of K_UU."""
+    ``tolerance`` × its prior variance); ``functionals``: ``energy_force`` (the local energy and the
+    three force components of each inducing environment: the DTC force σ then gates MD like the
+    exact GP's) or ``energy`` (one inducing variable per environment, FLARE 1.x; its force σ keeps
+    a large prior part); ``jitter``: relative jitter of K_UU."""
 
     max_inducing: int | None = None
     inducing_rule: str = "acquisition"
     per_call: int = 4
     tolerance: float = 1e-6
-    functionals: str = "energy"
+    functionals: str = "energy_force"
     jitter: float = 1e-8
 
     def kwargs(self) -> dict:

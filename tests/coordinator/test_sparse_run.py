@@ -42,9 +42,9 @@ def test_sparse_replay_trains_on_every_label_and_calls_where_the_model_was_uncer
     learner = ports.learner
     final = learner.history[max(learner.history)]
     assert isinstance(final, SparseGaussianProcess)
-    # every force of every labelled frame (32 atoms x 3) and its energy are labels ...
+    # every force of every labelled frame (32 atoms x 3) is a label (the default labels: forces) ...
     n_atoms = 32
-    assert final.n_labels == state.oracle_calls * (3 * n_atoms + 1)
+    assert final.n_labels == state.oracle_calls * 3 * n_atoms and final.n_energy_labels == 0
     assert final.n_environments == state.oracle_calls * n_atoms
     # ... and exactly the selected atoms are the inducing environments
     selected = [rd.read_label(k).selection for k in range(state.oracle_calls)]
@@ -98,7 +98,7 @@ def test_a_run_starts_from_a_saved_model_of_either_kind(trajectory, tmp_path):
     assert isinstance(start, SparseGaussianProcess) and start.n_labels == load_model(model_path).n_labels
     assert again.oracle_calls < state.oracle_calls
     final = ports2.learner.history[max(ports2.learner.history)]
-    assert final.n_labels == start.n_labels + again.oracle_calls * (3 * 32 + 1)
+    assert final.n_labels == start.n_labels + again.oracle_calls * 3 * 32
 
 
 def test_learner_model_is_validated_with_messages_that_name_the_key(trajectory, tmp_path):
@@ -124,8 +124,10 @@ def test_sparse_labels_forces_trains_on_every_force_and_no_energy(trajectory, tm
     assert state.oracle_calls >= 2
     assert final.n_labels == state.oracle_calls * 3 * 32 and final.n_energy_labels == 0
     labels = [rd.read_label(k) for k in range(state.oracle_calls)]
-    offline = SparseGaussianProcess(final.species, (final.cutoffs.r2, final.cutoffs.r3), final.hyperparameters)
-    with_energy = SparseGaussianProcess(final.species, (final.cutoffs.r2, final.cutoffs.r3), final.hyperparameters)
+    assert final.inducing_functionals == "energy_force"  # the default
+    offline, with_energy = (SparseGaussianProcess(final.species, (final.cutoffs.r2, final.cutoffs.r3),
+                                                  final.hyperparameters, inducing_functionals="energy_force")
+                            for _ in range(2))
     for lab in labels:
         offline.add_frame(lab.atoms(), forces=lab.forces, selected=lab.selection)
         with_energy.add_frame(lab.atoms(), forces=lab.forces, selected=lab.selection, energy=lab.energy)
@@ -157,8 +159,9 @@ def test_sparse_labels_are_validated(trajectory):
 @pytest.mark.parametrize("learner, energy, stress", [
     ({}, False, False),
     ({"use_energy": True, "use_stress": True}, True, True),
-    ({"model": "sparse"}, True, False),  # labels: all (default) -- stresses only with use_stress
-    ({"model": "sparse", "use_stress": True}, True, True),
+    ({"model": "sparse"}, False, False),  # labels: forces (default)
+    ({"model": "sparse", "sparse": {"labels": "all"}}, True, False),  # stresses only with use_stress
+    ({"model": "sparse", "use_stress": True, "sparse": {"labels": "all"}}, True, True),
     ({"model": "sparse", "sparse": {"labels": "forces+energy"}}, True, False),
     ({"model": "sparse", "sparse": {"labels": "forces"}}, False, False),
 ])
@@ -177,9 +180,11 @@ SPARSE_MELT = {
     "seed": 3,
     "structure": {"generator": "fcc", "element": "Al", "a": 4.05, "repeat": [2, 2, 2], "rattle": 0.02},
     "oracle": {"backend": "emt"},
+    # not the defaults: FLARE 1.x's local-energy inducing variables and each call's energy as a label,
+    # so the non-default path runs end to end too (the replays above use the defaults)
     "learner": {"model": "sparse", "cutoffs": [5.0, 3.5],
                 "hyperparameters": {"sig2": 1.0, "ls2": 1.0, "sig3": 0.05, "ls3": 1.0, "noise": 0.05},
-                "optimize": {"every": 0}},
+                "optimize": {"every": 0}, "sparse": {"functionals": "energy", "labels": "forces+energy"}},
     "sampler": {"ensemble": "nve", "timestep_fs": 5.0, "temperature_K": 300.0,
                 "schedule": [[300.0, 1500.0]], "steps": 160, "frame_interval": 5, "checkpoint_interval": 40},
     "policy": {"absolute_threshold": 0.12, "initial_atoms": 4, "atoms_per_call": 1},
