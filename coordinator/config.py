@@ -92,9 +92,10 @@ class SparseLearnerConfig:
     # so a relative threshold calls the oracle at every step -- BENCHMARKS.md, issue 16)
     functionals: str = "energy_force"
     # the labels of each oracle call the sparse model trains on: every force, plus the energy
-    # (forces+energy), plus the stress when the oracle computed it (all).  Default forces: a total
-    # energy carries each species' unknown reference, which the zero-mean kernel must fit (measured:
-    # the Al melt reached the exact GP's 12-call RMSE in 3 of 3 seeds with forces, 1 of 3 with energies)
+    # (forces+energy), plus the stress when the oracle computed it (all).  Default forces: with each
+    # call's energy the DTC likelihood drove energy_noise to its floor and fitted the hyperparameters
+    # to the energies (measured: the Al melt reached the exact GP's 12-call RMSE in 3 of 3 seeds with
+    # forces, 1 of 3 with energies; BENCHMARKS.md, issue 16)
     labels: str = "forces"
 
 

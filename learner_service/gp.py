@@ -411,6 +411,59 @@ class Hyperparameters:
     def noise(self) -> float:
         return float(self._hyps["noise"])
 
+    # -- the energy reference: the prior mean of the local energies ---------------------
+    #
+    # A total energy from DFT carries each species' reference (QE with PBE pseudopotentials: about
+    # -57 eV per Al atom), which a zero-mean kernel of prior scale sig2 ~ 1 eV cannot fit without
+    # wrecking the forces.  Both models therefore use a prior mean for the local energy of an atom of
+    # species s, mu_s (eV/atom): the least-squares fit of the energy labels by their compositions,
+    # E_k ~ sum_s n_ks mu_s (minimum-norm when the compositions do not determine every mu_s, e.g. one
+    # composition throughout: then only the per-frame sum is fixed, which is all that frame's
+    # composition needs).  The GP models E - sum n mu; forces and stresses are unaffected (a constant
+    # per atom has no position or strain derivative); predicted local energies are mu_s + GP.
+    # Deterministic in the data, so a rebuilt model has the same mu.  No energy labels: mu = 0.
+
+    def _energy_design(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, counts)``: the training row of every energy label and its structure's atom count
+        per species, (k,) and (k, n_species); cached per data size (data only grow)."""
+        key = (len(self._labels), len(self._groups))
+        cached = getattr(self, "_energy_design_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        n_species = len(self.species)
+        rows, counts = [], []
+        species = None
+        for g in self._groups:
+            if g.kind == "structure" and g.rows[0] >= 0:
+                if species is None:
+                    species = self._training_batch().center_species
+                rows.append(int(g.rows[0]))
+                counts.append(np.bincount(species[g.envs], minlength=n_species))
+        out = (np.asarray(rows, dtype=np.int64), np.asarray(counts, dtype=np.float64).reshape(-1, n_species))
+        self._energy_design_cache = (key, *out)
+        return out
+
+    @property
+    def energy_reference(self) -> np.ndarray:
+        """The prior mean of the local energy per species, mu_s (n_species,) eV/atom, in the
+        order of :attr:`species` (zeros without energy labels); see the comment above."""
+        rows, counts = self._energy_design()
+        if not len(rows):
+            return np.zeros(len(self.species))
+        return np.linalg.lstsq(counts, self.labels[rows], rcond=None)[0]
+
+    def _targets(self) -> np.ndarray:
+        """The labels the GP models: the energy labels less sum_s n_s mu_s, the rest as given."""
+        y = np.array(self.labels, dtype=np.float64)
+        rows, counts = self._energy_design()
+        if len(rows):
+            y[rows] -= counts @ self.energy_reference
+        return y
+
+    def _reference_of(self, center_species: np.ndarray) -> np.ndarray:
+        """mu of each environment's species (eV), added to its predicted local energy."""
+        return self.energy_reference[np.asarray(center_species, dtype=np.int64)]
+
 
 class GaussianProcess(Hyperparameters):
     """2+3-body GP force field.
@@ -824,7 +877,7 @@ class GaussianProcess(Hyperparameters):
             L = np.ascontiguousarray(self._cholesky(Ky, overwrite=True))
             del Ky
             log = ({"op": "full", "rows": n, "hyps": dict(self._hyps), "kernel": [[int(r), k] for r, k in segments]},)
-        alpha = _alpha_of(L, self.labels)
+        alpha = _alpha_of(L, self._targets())
         self._state = _State(key, n, L, alpha, log)
         return self._state
 
@@ -970,7 +1023,7 @@ class GaussianProcess(Hyperparameters):
             m = int(event["rows"])
             if progress and (k % 10 == 0 or k == len(log) - 1):
                 progress(f"extension {k}/{len(log) - 1} ({m} rows, {time.perf_counter() - t0:.1f} s)")
-        alpha = _alpha_of(L, self.labels)
+        alpha = _alpha_of(L, self._targets())
         self._state = _State(self._state_key(), n, L, alpha, tuple(dict(e) for e in log))
         want = [[int(r), k] for r, k in (history.get("kernel_cache") or [])]
         have = [[int(r), k] for r, k in self._k_segments]
@@ -1079,7 +1132,7 @@ class GaussianProcess(Hyperparameters):
             if new._state_key() != st.key:
                 raise ModelError("the requested hyperparameters are not those of this model's factor")
             L = np.ascontiguousarray(st.L[:n, :n])
-            new._state = _State(st.key, n, L, _alpha_of(L, new.labels), tuple(log))
+            new._state = _State(st.key, n, L, _alpha_of(L, new._targets()), tuple(log))
         else:
             new._state = None
         want = [[int(r), k] for r, k in history.get("kernel_cache") or []]
@@ -1122,7 +1175,7 @@ class GaussianProcess(Hyperparameters):
         return value, grad
 
     def _lml(self, L, alpha) -> float:
-        y = self.labels
+        y = self._targets()
         return float(-0.5 * y @ alpha - np.log(np.diag(L)).sum() - 0.5 * len(y) * math.log(2 * math.pi))
 
     def _grad_kernels(self):
@@ -1147,7 +1200,7 @@ class GaussianProcess(Hyperparameters):
         dK2, dK3 = self._grad_kernels()
         Ky = self._ky(hyps)
         L = self._cholesky(Ky)
-        y = self.labels
+        y = self._targets()
         alpha = cho_solve((L, True), y, check_finite=False)
         value = self._lml(L, alpha)
         Kinv = cho_solve((L, True), np.eye(len(y)), check_finite=False)
@@ -1390,7 +1443,7 @@ class GaussianProcess(Hyperparameters):
         force_cov[idx] = cov
         atom_std[idx] = atom_std_of(cov)
         force_var = np.ascontiguousarray(np.diagonal(force_cov, axis1=1, axis2=2))
-        local[idx] = mean[:, 0]
+        local[idx] = mean[:, 0] + self._reference_of(envs.center_species)
         if subset:
             energy = float("nan")
         else:

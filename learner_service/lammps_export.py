@@ -182,6 +182,11 @@ def lammps_snippet(model: MappedModel, uf3_file: str, type_elements: Sequence[st
              "# atom types: " + ", ".join(f"{i + 1}={e}" for i, e in enumerate(types)),
              f"pair_style uf3 {model.body_order}",
              f"pair_coeff * * {uf3_file} {' '.join(types)}"]
+    ref = model.energy_reference
+    if np.any(ref != 0):
+        lines[2:2] = ["# LAMMPS energies lack the model's per-atom energy reference (uf3 has no 1-body term; "
+                      "forces and stress are unaffected), eV/atom: "
+                      + ", ".join(f"{s} {mu:.6f}" for s, mu in zip(sym, ref))]
     if table_file is not None and table_keys is not None:
         lines += ["", "# alternative for this 2-body model (tabulated, interpolated by LAMMPS):",
                   f"# pair_style table spline {n_points}"]

@@ -344,7 +344,11 @@ class MappedModel:
       coefficients of shape ``(len(knots_ij) - 4, len(knots_ik) - 4, len(knots_jk) - 4)``; the
       3-body cutoff of the block is ``knots_ij[-1]`` (= ``knots_ik[-1]`` = ``knots_jk[-1] / 2``).
       Empty when the model is 2-body only.
-    * ``metadata``: JSON-serialisable (source model version, hyperparameters, grid, errors).
+    * ``metadata``: JSON-serialisable (source model version, hyperparameters, grid, errors);
+      ``metadata["energy_reference_eV"]`` {atomic number: mu}: the source GP's prior mean of the
+      local energy per species (eV/atom, learner_service/gp.py), added to every local energy.  A
+      constant per atom, so forces and stress do not see it; LAMMPS's ``pair_style uf3`` has no
+      1-body term, so LAMMPS energies lack sum_s n_s mu_s (the export's snippet states it).
     """
 
     species: tuple[int, ...]
@@ -483,11 +487,18 @@ class MappedModel:
                       P["pair_id"], P["knots"], P["k_off"], P["coef2"], P["c2_off"], P["cut2"],
                       P["trip_id"], P["trip_swap"], P["k3_id"], P["coef3"], P["c3_off"], P["c3_shape"],
                       P["cut3"], bool(self.threebody), energies, forces, virial)
+        energies += self.energy_reference[spec]
         s = None
         if stress:
             v = virial
             s = np.array([v[0, 0], v[1, 1], v[2, 2], v[1, 2], v[0, 2], v[0, 1]]) / volume
         return MappedPrediction(float(energies.sum()), energies, forces, s)
+
+    @property
+    def energy_reference(self) -> np.ndarray:
+        """mu per species index (eV/atom; zeros unless the metadata gives it)."""
+        ref = {int(z): float(v) for z, v in (self.metadata.get("energy_reference_eV") or {}).items()}
+        return np.array([ref.get(z, 0.0) for z in self.species])
 
     def predict(self, atoms, stress: bool = False) -> MappedPrediction:
         """:meth:`evaluate` for an ``ase.Atoms``."""

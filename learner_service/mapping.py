@@ -307,6 +307,7 @@ def map_gp(gp, spacing2: float = DEFAULT_SPACING_2, spacing3: float = DEFAULT_SP
         "species": list(gp.species),
         "cutoffs": {"twobody": gp.cutoffs.r2, "threebody": gp.cutoffs.r3, "pairs": gp.cutoffs.pair_dict()},
         "hyperparameters": {k: float(v) for k, v in h.items()},
+        "energy_reference_eV": {str(z): float(mu) for z, mu in zip(gp.species, gp.energy_reference)},
         "n_environments": int(gp.n_environments),
         "n_labels": int(gp.n_labels),
         "grid": {"spacing2_A": float(spacing2),

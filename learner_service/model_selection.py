@@ -370,7 +370,7 @@ class _KernelSource:
     def __init__(self, gp: GaussianProcess, subset_envs: int | None, seed: int, extrapolation: bool = True):
         self.gp = gp
         self.kinds_all = np.asarray(gp._kinds, dtype=np.int64)
-        self.y_all = gp.labels
+        self.y_all = gp._targets()  # energies less the energy reference
         envs = gp._force_label_envs()
         self.subset = None
         self.frames_all, envs_all = _row_frames_envs(gp)

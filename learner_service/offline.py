@@ -216,6 +216,12 @@ def _report_and_save(gp, result, likelihood_line: str, out, log):
         flag = f"   <- at its {at_bounds[name]} bound" if name in at_bounds else ""
         log(f"  {name:13s} = {gp.hyperparameters[name]:.6g} {HYPERPARAMETER_UNITS.get(name, '')}{flag}")
     log(likelihood_line)
+    if gp.n_energy_labels:
+        from ase.data import chemical_symbols
+
+        log("energy reference (prior mean of the local energy, least squares over the energy labels): "
+            + ", ".join(f"{chemical_symbols[z]} {mu:.6f}" for z, mu in zip(gp.species, gp.energy_reference))
+            + " eV/atom")
     for warning in model_warnings(gp, result):
         log(f"WARNING: {warning}")
     if out is not None:

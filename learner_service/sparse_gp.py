@@ -544,7 +544,7 @@ class SparseGaussianProcess(Hyperparameters):
             hi = min(n, lo + 4096)
             np.multiply(s2 * F2[lo:hi] + s3 * F3[lo:hi], isq[lo:hi, None], out=A[lo:hi])
         A[n:] = L.T
-        b = self.labels * isq
+        b = self._targets() * isq  # energies less the energy reference (gp.Hyperparameters)
         # Householder QR of A applied to [b; 0] without forming Q (O((n+mu) mu) memory)
         bQ, R = qr_multiply(A, np.concatenate([b, np.zeros(mu)])[None, :], mode="right", overwrite_a=True)
         qtb = bQ[0, :mu]
@@ -613,7 +613,7 @@ class SparseGaussianProcess(Hyperparameters):
         L = self._cholesky(self._jittered(s2 ** 2 * U2 + s3 ** 2 * U3))
         lam = self._noise_var(h)
         n, mu = F2.shape
-        y = self.labels
+        y = self._targets()
         K = s2 ** 2 * F2
         for lo in range(0, n, 4096):  # no n x m temporary
             K[lo:lo + 4096] += s3 ** 2 * F3[lo:lo + 4096]
@@ -821,7 +821,7 @@ class SparseGaussianProcess(Hyperparameters):
             prior += [np.diag(Kee), [0.5 * (Kee + Kee.T).sum()]]
         var = np.concatenate(prior) - explained
         force_var = var[:3 * n].reshape(n, 3)
-        local = mean[:, 0].copy()
+        local = mean[:, 0] + self._reference_of(envs.center_species)
         stress_out = None
         if stress:
             if ready:

@@ -40,9 +40,11 @@ def alcu_frame(seed: int, a: float = 3.9, delta: float = 0.06):
 
 @dataclass
 class ContractFactory:
-    """``trained(noise)``: a trained model with force, energy and stress labels at force noise
-    ``noise`` (eV/Å), returned as ``(model, frames, force_atoms)`` -- ``force_atoms[k]`` the atoms
-    of ``frames[k]`` whose force labels the model holds; ``test_frame`` a structure not trained on."""
+    """``trained(noise, energy_shift=None)``: a trained model with force, energy and stress labels at
+    force noise ``noise`` (eV/Å), returned as ``(model, frames, force_atoms)`` -- ``force_atoms[k]``
+    the atoms of ``frames[k]`` whose force labels the model holds; ``energy_shift`` {Z: c}: every
+    energy label raised by c eV per atom of element Z (another energy zero); ``test_frame`` a
+    structure not trained on."""
 
     trained: Callable[[float], tuple]
     test_frame: object
@@ -68,6 +70,20 @@ class LearnerModelContract:
         assert p.energy == pytest.approx(p.local_energies.sum(), rel=1e-12, abs=1e-12)
         assert p.noise == pytest.approx(model.hyperparameters["noise"])
         assert model.predict(at).stress is None
+
+    def test_the_energy_zero_is_arbitrary(self, model, contract_factory):
+        """Energy labels with another per-species zero (a DFT code's total energies carry one: about
+        -57 eV per Al atom in QE with PBE pseudopotentials) shift the predicted energy by exactly
+        sum_s n_s c_s and change nothing else -- forces, σ, stress, the likelihood."""
+        shift = {13: -57.3, 29: -1310.8}
+        other = contract_factory.trained(contract_factory.base_noise, energy_shift=shift)[0]
+        at = contract_factory.test_frame
+        p, q = model.predict(at, stress=True), other.predict(at, stress=True)
+        assert q.energy - p.energy == pytest.approx(sum(shift[int(z)] for z in at.numbers), abs=1e-8)
+        np.testing.assert_allclose(q.forces, p.forces, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(q.force_std, p.force_std, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(q.stress, p.stress, rtol=0, atol=1e-10)
+        assert other.log_likelihood() == pytest.approx(model.log_likelihood(), rel=1e-9, abs=1e-7)
 
     def test_predict_does_not_change_the_model(self, model, contract_factory):
         v = model.version

@@ -559,16 +559,19 @@ def test_lammps_pair_style_uf3_reproduces_the_evaluator(tmp_path, three):
 
 def test_per_pair_cutoffs_and_energy_labels():
     """Per-species-pair 2- and 3-body cutoffs (block cutoff = the larger of its two bonds', the
-    spline zero past each bond's own) and a model with energy labels map like the others."""
+    spline zero past each bond's own) and a model with energy labels map like the others -- energies
+    on a DFT-like zero (tens to a thousand eV per atom), whose per-species reference the mapped
+    model carries."""
     train = [_al_frame(s, cu=True) for s in range(2)]
     gp = GaussianProcess([13, 29], (6.0, 4.0), hyperparameters=dict(sig2=1.0, ls2=1.0, sig3=0.05, ls3=1.0, noise=0.05),
                          pair_cutoffs={"twobody": {(29, 29): 5.0}, "threebody": {(13, 29): 3.5}})
     rng = np.random.default_rng(0)
     for a in train:
         gp.add_structure(a, forces=a.get_forces(), atom_indices=rng.choice(len(a), 8, replace=False),
-                         energy=a.get_potential_energy())
+                         energy=a.get_potential_energy() + sum({13: -57.3, 29: -1310.8}[int(z)] for z in a.numbers))
     gp.train()
     mapped = map_gp(gp, spacing3=0.4, spacing_jk=0.2)
+    assert mapped.energy_reference.tolist() == gp.energy_reference.tolist()
     assert mapped.cutoff2(1, 1) == 5.0 and mapped.cutoff3(0, 1, 1) == 3.5 and mapped.cutoff3(1, 0, 1) == 4.0
     err = force_errors(gp, mapped, [_al_frame(70, rattle=0.2, cu=True)])
     assert err["max_meV_A"] <= 4.0, err  # twice the default spacings (2.3 measured)
