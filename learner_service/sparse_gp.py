@@ -97,6 +97,24 @@ _CHOL_HINT = ("K_UU (the inducing environments' covariance) is not positive defi
               "remove duplicate inducing environments")
 
 
+#: n × mu float64 arrays that one likelihood gradient allocates beyond the model's own K_fU cache
+#: (the four gradient kernels, K, the QR's A and the solves' work; 6.2 measured by
+#: ``benchmarks/bench_sparse_scale.py --memory-probe``), for the memory check before optimising
+GRADIENT_ARRAYS = 6.5
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 @dataclass(frozen=True)
 class SparsePrediction:
     """:class:`~learner_service.gp.Prediction` plus the energy uncertainties it has no fields for:
@@ -571,7 +589,23 @@ class SparseGaussianProcess(Hyperparameters):
         self._check_ready()
         if not gradient:
             return self._factorize().lml
+        self._check_gradient_memory()
         return self._lml_and_grad(self._hyps)
+
+    def _check_gradient_memory(self) -> None:
+        """Refuse, with the numbers and the ways out, a likelihood gradient that cannot fit in the
+        memory available now (it would be killed by the kernel half-way); the model is unchanged."""
+        n, mu = len(self._labels), self._n_inducing * self._u_width
+        need = GRADIENT_ARRAYS * 8 * n * mu
+        avail = available_memory()
+        if avail is not None and need > avail:
+            raise ModelError(
+                f"the sparse likelihood gradient at {n} labels x {mu} inducing variables ({self._n_inducing} "
+                f"environments x {self._u_width} functionals) needs about {need / 2 ** 30:.1f} GiB "
+                f"({GRADIENT_ARRAYS} arrays of n x mu float64) and {avail / 2 ** 30:.1f} GiB are available: "
+                f"use learner.sparse.functionals: energy (1 inducing variable per environment instead of 4), "
+                f"a smaller learner.sparse.max_inducing, or keep the hyperparameters (learner.optimize.every: 0); "
+                f"the model and its hyperparameters are unchanged")
 
     def _gradient_kernels(self, ls2: float, ls3: float, cache: dict | None = None):
         """Unit-variance ``F2, F3, dF2, dF3`` (K_fU and its d/dls2, d/dls3, n x mu) and ``U2, U3,
@@ -682,6 +716,7 @@ class SparseGaussianProcess(Hyperparameters):
             raise InvalidInput("every hyperparameter is fixed; nothing to optimise")
         if space not in ("log", "linear"):
             raise InvalidInput(f"space must be 'log' or 'linear', got {space!r}")
+        self._check_gradient_memory()
         log_space = space == "log"
         to_x = np.log if log_space else np.asarray
         from_x = math.exp if log_space else float

@@ -306,3 +306,24 @@ def test_likelihood_gradient_matches_finite_differences_at_a_larger_size():
         v0, g0 = sgp._lml_and_grad(h)
         assert v == v0 and np.array_equal(g, g0)
     assert cache["key"][:2] == (base["ls2"], base["ls3"])
+
+
+def test_a_likelihood_gradient_that_cannot_fit_in_memory_is_refused_before_it_starts(monkeypatch):
+    """At 50,000 labels x 2,000 energy_force environments the gradient needs ~25 GiB: refused with
+    the numbers and the ways out, before anything is allocated; the model is unchanged and serves."""
+    import learner_service.sparse_gp as sg
+
+    assert sg.available_memory() > 0  # Linux: MemAvailable is read
+    sgp, _, _ = _sparse(0.04)
+    hyps, version = sgp.hyperparameters, sgp.version
+    need = sg.GRADIENT_ARRAYS * 8 * sgp.n_labels * sgp.n_inducing * 4
+    monkeypatch.setattr(sg, "available_memory", lambda: int(need) - 1)
+    for call in (lambda: sgp.optimize(max_iterations=5), lambda: sgp.log_likelihood(gradient=True)):
+        with pytest.raises(ModelError, match=rf"at {sgp.n_labels} labels x {sgp.n_inducing * 4} inducing variables "
+                                             r"\(8 environments x 4 functionals\) needs about .* GiB .*"
+                                             r"learner.sparse.functionals: energy"):
+            call()
+    assert sgp.hyperparameters == hyps and sgp.version == version
+    assert np.isfinite(sgp.predict(alcu_frame(9)).forces).all()
+    monkeypatch.setattr(sg, "available_memory", lambda: int(need) + 1)
+    assert np.isfinite(sgp.log_likelihood(gradient=True)[1]).all()
