@@ -11,7 +11,10 @@ Labels are force components of single environments, and optionally total energie
 (eV) and stresses (eV/Å^3, ASE Voigt order and sign) of whole structures.  Each label
 type has its own noise: ``noise`` (eV/Å, optimised as in FLARE), ``energy_noise``
 (eV, default 0.01 as FLARE's) and ``stress_noise`` (eV/Å^3, default 0.001); the last
-two are hyperparameters only when such labels are present.
+two are hyperparameters only when such labels are present.  Energies are modelled relative
+to a per-species reference, the prior mean of the local energy (:attr:`Hyperparameters.energy_reference`,
+fitted to the energy labels by least squares; FLARE 0.2.4's GP has a zero mean, which is
+the same when no energy is a label).
 
 Work is kept: adding data computes only the new columns of the covariance and extends
 the Cholesky factor by blocks; changing only signal variances or noises rescales the
