@@ -371,7 +371,8 @@ def checked_labels(atoms, forces, atom_indices, energy, stress):
 class Hyperparameters:
     """The hyperparameter bookkeeping both learner models share (the exact GP here and the sparse GP in
     learner_service/sparse_gp.py): ``_hyps`` the values, ``_kinds`` the label kind of every training row
-    (which decides whether energy/stress noises exist), ``_version`` bumped on every change."""
+    (which decides whether energy/stress noises exist), ``_version`` bumped on every change; and the
+    prior mean both put on the local energy (:attr:`energy_reference`)."""
 
     _hyps: dict
     _kinds: list
