@@ -427,13 +427,14 @@ class Hyperparameters:
     # per atom has no position or strain derivative); predicted local energies are mu_s + GP.
     # Deterministic in the data, so a rebuilt model has the same mu.  No energy labels: mu = 0.
 
-    def _energy_design(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows, counts)``: the training row of every energy label and its structure's atom count
-        per species, (k,) and (k, n_species); cached per data size (data only grow)."""
+    def _energy_design(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rows, counts, mu)``: the training row of every energy label, its structure's atom count
+        per species, (k,) and (k, n_species), and the reference mu (n_species,); computed once per
+        data size (data only grow), so a prediction only reads it."""
         key = (len(self._labels), len(self._groups))
         cached = getattr(self, "_energy_design_cache", None)
         if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
+            return cached[1]
         n_species = len(self.species)
         rows, counts = [], []
         species = None
@@ -443,30 +444,32 @@ class Hyperparameters:
                     species = self._training_batch().center_species
                 rows.append(int(g.rows[0]))
                 counts.append(np.bincount(species[g.envs], minlength=n_species))
-        out = (np.asarray(rows, dtype=np.int64), np.asarray(counts, dtype=np.float64).reshape(-1, n_species))
-        self._energy_design_cache = (key, *out)
-        return out
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = np.asarray(counts, dtype=np.float64).reshape(-1, n_species)
+        mu = np.zeros(n_species)
+        if len(rows):
+            energies = np.array([self._labels[r] for r in rows], dtype=np.float64)
+            mu = np.linalg.lstsq(counts, energies, rcond=None)[0]
+        self._energy_design_cache = (key, (rows, counts, mu))
+        return rows, counts, mu
 
     @property
     def energy_reference(self) -> np.ndarray:
         """The prior mean of the local energy per species, mu_s (n_species,) eV/atom, in the
         order of :attr:`species` (zeros without energy labels); see the comment above."""
-        rows, counts = self._energy_design()
-        if not len(rows):
-            return np.zeros(len(self.species))
-        return np.linalg.lstsq(counts, self.labels[rows], rcond=None)[0]
+        return self._energy_design()[2].copy()
 
     def _targets(self) -> np.ndarray:
         """The labels the GP models: the energy labels less sum_s n_s mu_s, the rest as given."""
         y = np.array(self.labels, dtype=np.float64)
-        rows, counts = self._energy_design()
+        rows, counts, mu = self._energy_design()
         if len(rows):
-            y[rows] -= counts @ self.energy_reference
+            y[rows] -= counts @ mu
         return y
 
     def _reference_of(self, center_species: np.ndarray) -> np.ndarray:
         """mu of each environment's species (eV), added to its predicted local energy."""
-        return self.energy_reference[np.asarray(center_species, dtype=np.int64)]
+        return self._energy_design()[2][np.asarray(center_species, dtype=np.int64)]
 
 
 class GaussianProcess(Hyperparameters):
@@ -1767,7 +1770,7 @@ def distance_request(n_atoms: int, atom_indices: Iterable[int] | None,
     wanted = np.asarray(list(rows), dtype=np.int64)
     where = {int(a): k for k, a in enumerate(idx)}
     missing = [int(a) for a in wanted if int(a) not in where]
-    if wanted.ndim != 1 or missing:
+    if missing:
         raise InvalidInput(f"rows {missing or wanted.tolist()} are not among the atoms measured "
                            f"({'all' if atom_indices is None else idx.tolist()})")
     return idx, np.array([where[int(a)] for a in wanted], dtype=np.int64)

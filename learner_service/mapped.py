@@ -460,6 +460,7 @@ class MappedModel:
             trip_id=trip_id, trip_swap=trip_swap, k3_id=k3_id,
             coef3=np.concatenate(coef3) if coef3 else np.zeros(0), c3_off=np.asarray(c3_off, np.int64),
             c3_shape=c3_shape, cut3=np.asarray(cut3) if cut3 else np.zeros(1),
+            energy_ref=self.energy_reference,
         )
         return self._packed
 
@@ -487,7 +488,7 @@ class MappedModel:
                       P["pair_id"], P["knots"], P["k_off"], P["coef2"], P["c2_off"], P["cut2"],
                       P["trip_id"], P["trip_swap"], P["k3_id"], P["coef3"], P["c3_off"], P["c3_shape"],
                       P["cut3"], bool(self.threebody), energies, forces, virial)
-        energies += self.energy_reference[spec]
+            energies += P["energy_ref"][spec]
         s = None
         if stress:
             v = virial
